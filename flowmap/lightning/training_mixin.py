@@ -1,0 +1,146 @@
+"""What every flowmap LightningModule shares: AdamW with warm-up, EMA updates after each step, a guard
+that skips non-finite steps and stops after K in a row, gradient-norm logging, and RNG state in the
+checkpoint (so a resumed run draws the same noise as an uninterrupted one)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowmap.ema import ema_update
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite`` consecutive steps with a non-finite loss or gradient."""
+
+
+class TrainingMixin:
+    """Mixed into LightningModules that define ``ema_pairs()``, ``trainable_parameters()`` and hparams
+    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``max_nonfinite``."""
+
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module, float]]:
+        return []
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        raise NotImplementedError
+
+    def check_batch(self, x0: Tensor, cond: Tensor | None) -> None:
+        shape = tuple(getattr(self, "data_shape", ()))
+        if shape and tuple(x0.shape[1:]) != shape:
+            raise ValueError(f"the data has shape {tuple(x0.shape[1:])} per sample, the model expects {shape}")
+        if cond is not None and int(getattr(self, "num_classes", 0)) == 0:
+            raise ValueError("the data has class labels but the model is unconditional (num_classes=0)")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        warmup = max(int(hp.warmup_steps), 0)
+        decay = getattr(hp, "lr_decay", "none")
+        total = int(getattr(getattr(self, "trainer", None), "max_steps", -1) or -1)
+        if decay not in ("none", "cosine"):
+            raise ValueError(f"lr_decay must be 'none' or 'cosine', got {decay!r}")
+        if decay == "cosine" and total <= 0:
+            raise ValueError("lr_decay='cosine' needs trainer.max_steps")
+
+        def factor(step: int) -> float:
+            f = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            if decay == "cosine":  # half-cosine from 1 to 0.05 after the warm-up (Loshchilov & Hutter 2017)
+                p = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+                f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Run forward/backward, then step only if every gradient is finite (DDP averages gradients
+        before this point, so all ranks take the same decision)."""
+        loss = optimizer_closure() if optimizer_closure is not None else None
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if loss is not None:
+            finite = finite and bool(torch.isfinite(loss).all())
+        if finite:
+            self.nonfinite_in_a_row = 0
+            optimizer.step()
+            self.update_emas()  # here, not in on_train_batch_end: a checkpoint callback saved there would miss it
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            if self.nonfinite_in_a_row >= int(self.hparams.max_nonfinite):
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} training steps in a row had a non-finite loss or gradient "
+                    f"(step {self.global_step}); lower the learning rate, enable gradient clipping, or check the data"
+                )
+        self.log("train/skipped_steps", float(self.nonfinite_total))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm())
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def update_emas(self) -> None:
+        """EMA / target updates after each optimizer step (Lightning calls callbacks such as ModelCheckpoint
+        before the module's own on_train_batch_end, so updating there would leave the step's update out of
+        the checkpoint and break exact resume)."""
+        for target, source, decay in self.ema_pairs():
+            ema_update(target, source, decay(self.global_step) if callable(decay) else float(decay))
+
+    # --- exact resume: RNG and guard counters travel with the checkpoint ----------------------------
+    def on_fit_start(self) -> None:
+        """Give each DDP rank its own noise stream (seed_everything seeds every rank alike, so ranks would
+        otherwise draw the same times and noise for different data)."""
+        world = int(getattr(self.trainer, "world_size", 1) or 1)
+        if world > 1 and getattr(self, "_pending_rng", None) is None:
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * int(self.trainer.global_rank))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every rank's torch RNG state (called on all ranks; rank 0 writes the gathered copy)
+        own = torch.get_rng_state()
+        world = int(getattr(getattr(self, "trainer", None), "world_size", 1) or 1)
+        all_states = self.all_gather(own.to(self.device)).cpu() if world > 1 else own[None]
+        checkpoint["flowmap_rng"] = {
+            "torch": own,
+            "torch_per_rank": all_states,
+            "numpy": _numpy_state_to_torch(np.random.get_state()),
+            "python": random.getstate(),
+            "nonfinite": (self.nonfinite_in_a_row, self.nonfinite_total),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("flowmap_rng")
+        if state is None:
+            return
+        self._pending_rng = state
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_pending_rng", None)
+        if state is not None:
+            per_rank = state.get("torch_per_rank")
+            rank = int(getattr(self.trainer, "global_rank", 0))
+            torch.set_rng_state(per_rank[rank].clone() if per_rank is not None and rank < len(per_rank) else state["torch"])
+            np.random.set_state(_numpy_state_from_torch(state["numpy"]))
+            random.setstate(state["python"])
+            self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
+            self._pending_rng = None
+
+
+def _numpy_state_to_torch(state: tuple) -> dict:
+    """numpy's RNG state without numpy arrays (checkpoints load with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_torch(state: dict) -> tuple:
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])

@@ -1,0 +1,42 @@
+"""The contract every objective keeps (see docs/architecture.md).
+
+An objective is an ``nn.Module`` only so that learned loss parameters (sCM's adaptive-weight
+log-variance) are optimized and checkpointed with the student; most hold no parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.types import LossOutput, Teacher
+
+
+class Objective(nn.Module):
+    """Subclasses set ``name``, ``needs_teacher``, ``uses_target`` and implement ``forward``.
+
+    forward(*, student, teacher, target, x0, cond, step) -> LossOutput with a per-sample loss (B,).
+    ``student``/``target`` are ``FlowMap``s (target = EMA copy, no grad), ``teacher`` a ``Teacher``
+    (velocity on the linear axis) or None, ``x0`` (B, *data_shape), ``cond`` (B,) or None, ``step``
+    the global step (curricula are pure functions of it). Noise and times come from torch's global RNG."""
+
+    name: str = "objective"
+    needs_teacher: bool = False
+    uses_target: bool = False
+
+    def target_decay(self, step: int) -> float:
+        """EMA decay of the target network at ``step`` (only when ``uses_target``)."""
+        return 0.0
+
+    def to_config(self) -> dict:
+        """JSON-able hyperparameters (recorded in exported checkpoints)."""
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"
+                                      and isinstance(v, (int, float, str, bool, type(None), list, tuple))}}
+
+
+def mask_nonfinite(target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask samples whose regression target is not finite: returns (target with non-finite rows
+    zeroed, finite mask (B,), count of masked samples). Objectives multiply their per-sample loss by
+    the mask and log ``nonfinite_targets`` so bad targets are counted, never trained on."""
+    finite = torch.isfinite(target.flatten(1)).all(dim=1)
+    clean = torch.where(finite.view(-1, *([1] * (target.dim() - 1))), target, torch.zeros_like(target))
+    return clean, finite, (~finite).sum()

@@ -1,0 +1,388 @@
+"""Discrete-time consistency models on the flow-map student: CD, improved CT and Easy Consistency Tuning.
+
+The consistency function of the papers is the student's jump to the data end of the path,
+
+    f_theta(x, t) = X_theta(x, s=t, t=0) = x - t u_theta(x, t, 0)          (f(x, 0) = x by construction)
+
+so the boundary condition f(x, eps) = x (Song et al. 2023, Eq. 3-5) holds exactly at t = 0 and no
+c_skip / c_out is needed (``ConsistencyBoundary`` is still available as a parametrization).
+
+Change of variables. The papers use the variance-exploding path x = x0 + sigma z with noise level
+sigma; on our linear path x_t = (1 - t) x0 + t eps the same point is x_lin = x_ve / (1 + sigma) at
+
+    t = sigma / (1 + sigma),        sigma = t / (1 - t)
+
+and the consistency function is unchanged (it returns data). Times are drawn in sigma, as in the
+papers, and mapped; weights stay in sigma units. The largest discrete noise level sigma_max is moved to
+t = 1 (pure noise on the linear path), as ``time_grids.edm_grid`` does, so a student learns X(eps, 1, 0).
+
+Every loss is   lambda * d(f_theta(x_t, t), sg f_theta-(x_r, r)),   r < t,
+with d the squared L2 norm or pseudo-Huber d(a, b) = sqrt(||a - b||^2 + c^2) - c (Song & Dhariwal
+2023, Sec. 3.3), and the three methods differ in how (x_t, t, x_r, r) are drawn:
+
+    CD    x_r = one Euler / Heun teacher step from x_t      grid neighbours           (Song et al. 2023, Alg. 2)
+    iCT   x_r = (1 - r) x0 + r eps  (shared eps)             lognormal over a grid      (Song & Dhariwal 2023)
+          whose size N(k) doubles on a curriculum
+    ECT   as iCT (or a teacher step)                         t ~ lognormal, r = t - dt(t, step), dt shrinking
+                                                                                        (Geng et al. 2024)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.objectives.base import Objective, mask_nonfinite
+from flowmap.objectives.common import check_guidance, check_source, draw_guidance, times_like
+from flowmap.time_grids import GRIDS, make_grid
+from flowmap.types import LossOutput, Teacher, expand_like
+
+METRICS = ("l2", "pseudo_huber")
+SOLVERS = ("euler", "heun")
+HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sqrt(d)
+
+
+# --- small shared pieces ----------------------------------------------------------------------------
+
+
+def sigma_to_t(sigma: Tensor) -> Tensor:
+    """Noise level of the VE path -> time of the linear path: t = sigma / (1 + sigma) (inf -> 1)."""
+    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+
+
+def t_to_sigma(t: Tensor) -> Tensor:
+    """sigma = t / (1 - t) (t = 1 -> inf)."""
+    return t / (1 - t)
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """Increasing (n,) float64 noise levels (Karras et al. 2022, Eq. 5; Song et al. 2023, Sec. 5):
+    sigma_i = (sigma_min^(1/rho) + (i-1)/(n-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..n."""
+    if n < 2:
+        raise ValueError(f"a discretization needs at least 2 noise levels, got {n}")
+    i = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+
+
+def consistency_fn(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None = None) -> Tensor:
+    """f(x, t) = X(x, s=t, t=0): (B, *data_shape)."""
+    zero = torch.zeros_like(t)
+    return model(x, t, zero, cond, w) if w is not None else model(x, t, zero, cond)
+
+
+def teacher_step(teacher: Teacher, x: Tensor, t: Tensor, r: Tensor, method: str = "heun", cond: Tensor | None = None,
+                 guidance: float | Tensor = 1.0) -> Tensor:
+    """One ODE step of the teacher from time t to time r (per-sample (B,) times), under no_grad.
+
+    euler:  x_r = x + (r - t) v(x, t)
+    heun:   x_r = x + (r - t) / 2 (v(x, t) + v(x_e, r)),  x_e = x + (r - t) v(x, t)    (Karras et al. 2022, Alg. 1)"""
+    if method not in SOLVERS:
+        raise ValueError(f"unknown teacher step {method!r}; choose from {list(SOLVERS)}")
+    g = guidance if cond is not None else 1.0
+    with torch.no_grad():
+        h = expand_like(r - t, x)
+        v = teacher.velocity(x, t, cond, guidance=g).to(x.dtype)
+        x_euler = x + h * v
+        if method == "euler":
+            return x_euler
+        v_next = teacher.velocity(x_euler, r, cond, guidance=g).to(x.dtype)
+        return x + 0.5 * h * (v + v_next)
+
+
+def check_metric(metric: str, huber_c: float | None) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown consistency metric {metric!r}; choose from {list(METRICS)}")
+    if huber_c is not None and huber_c <= 0:
+        raise ValueError(f"the pseudo-Huber constant must be > 0, got huber_c={huber_c}")
+
+
+def distance(a: Tensor, b: Tensor, metric: str, huber_c: float | None) -> Tensor:
+    """Per-sample d(a, b) (B,), computed in float32 or wider.
+
+    l2:            d = ||a - b||^2                            (Song et al. 2023, Sec. 3)
+    pseudo_huber:  d = sqrt(||a - b||^2 + c^2) - c,  c = 0.00054 sqrt(dim) unless given
+                                                              (Song & Dhariwal 2023, Sec. 3.3)"""
+    delta = (a - b).flatten(1)
+    delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
+    sq = delta.pow(2).sum(1)
+    if metric == "l2":
+        return sq
+    c = huber_c if huber_c is not None else HUBER_C_PER_SQRT_DIM * math.sqrt(delta.shape[1])
+    return torch.sqrt(sq + c * c) - c
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_step(step: int) -> int:
+    if step < 0:
+        raise ValueError(f"the training step must be >= 0, got {step}")
+    return int(step)
+
+
+class _Consistency(Objective):
+    """Shared loss of the three methods: lambda * d(f_theta(x_t, t), sg f_theta-(x_r, r)) with the target
+    network theta- = EMA of theta (decay ``target_ema``; 0 = stop-gradient student, Song & Dhariwal 2023, Sec. 3.2)."""
+
+    uses_target = True
+
+    def __init__(self, metric: str, huber_c: float | None, target_ema: float, guidance: float) -> None:
+        super().__init__()
+        check_metric(metric, huber_c)
+        if not 0.0 <= target_ema < 1.0:
+            raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
+        self.metric, self.huber_c = metric, huber_c
+        self.target_ema = float(target_ema)
+        self.guidance = float(guidance)
+
+    def target_decay(self, step: int) -> float:
+        """mu of theta- <- mu theta- + (1 - mu) theta (Song et al. 2023, Eq. 8)."""
+        return self.target_ema
+
+    def consistency_loss(self, student: nn.Module, target: nn.Module | None, x_t: Tensor, t: Tensor, x_r: Tensor, r: Tensor,
+                         cond: Tensor | None, w: Tensor | None, weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(per-sample loss (B,), logs). x_t, x_r: (B, *data_shape); t > r: (B,); weight lambda: (B,)."""
+        if target is None:
+            if self.target_ema != 0.0:
+                raise ValueError(f"objective {self.name!r} with target_ema={self.target_ema} needs an EMA target network")
+            target = student  # decay 0: theta- = sg(theta)
+        with torch.no_grad():
+            f_target = consistency_fn(target, x_r, r, cond, w)
+        f_target, finite, n_bad = mask_nonfinite(f_target)
+        f_student = consistency_fn(student, x_t, t, cond, w)
+        d = distance(f_student, f_target, self.metric, self.huber_c)
+        loss = weight.to(d.dtype) * d * finite
+        D = f_student[0].numel()
+        gap = (f_student.detach() - f_target).flatten(1)
+        logs = {"mse": gap.pow(2).sum(1) / D * finite, "weight": weight.detach().float(), "t": t.detach().float(),
+                "dt": (t - r).detach().float(), "nonfinite_targets": n_bad.float()}
+        return loss, logs
+
+
+def _weights_in_sigma(kind: str, sigma_t: Tensor, sigma_r: Tensor, sigma_data: float) -> Tensor:
+    """lambda in the papers' units: ``inverse_dsigma`` 1 / (sigma_t - sigma_r) (Song & Dhariwal 2023, Sec. 3.1;
+    Geng et al. 2024), ``snr`` 1 / sigma_t^2 + 1 / sigma_data^2 (SNR + k of Geng et al.'s released ECT loss), ``uniform`` 1 (Song et al. 2023)."""
+    if kind == "uniform":
+        return torch.ones_like(sigma_t)
+    if kind == "inverse_dsigma":
+        gap = sigma_t - sigma_r
+        return torch.where(gap > 0, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), torch.zeros_like(gap))  # no gap, no signal
+    if kind == "snr":
+        return 1.0 / sigma_t**2 + 1.0 / sigma_data**2
+    raise ValueError(f"unknown consistency weighting {kind!r}; choose from ['inverse_dsigma', 'snr', 'uniform']")
+
+
+# --- consistency distillation --------------------------------------------------------------------------
+
+
+class ConsistencyDistillation(_Consistency):
+    """CD (Song et al. 2023, Alg. 2) on a decreasing time grid 1 = t_0 > ... > t_N = 0:
+
+        n ~ U{0, ..., N-1},  x_{t_n} = (1 - t_n) x0 + t_n eps
+        x_hat = Phi_teacher(x_{t_n}; t_n -> t_{n+1})              (one Euler or Heun step, Eq. 6)
+        L = d(f_theta(x_{t_n}, t_n), sg f_theta-(x_hat, t_{n+1}))    (Eq. 7; lambda = 1)
+
+    Defaults suit the 2-D mixtures (a short uniform grid converges fastest there); the paper's image setting
+    is steps=18, grid="edm", target_ema=0.95 (LPIPS or l2 metric).
+
+    Args:
+        steps: N, intervals of the grid (paper: 18); grid: ``uniform``, ``edm`` (rho-spaced noise levels, the
+            paper's) or ``logsnr`` (``time_grids``); rho: the EDM grid's exponent.
+        solver: the teacher's step, ``heun`` (paper) or ``euler``.
+        metric: ``l2`` (squared L2) or ``pseudo_huber``; huber_c: its c (default 0.00054 sqrt(dim)).
+        target_ema: EMA decay mu of the target network (paper: 0.95 on ImageNet/LSUN; 0 is allowed).
+        guidance: classifier-free guidance scale of the teacher when labels are given (baked into the student,
+            or fed to it when it was built with ``guidance_input``).
+    """
+
+    name = "cd"
+    needs_teacher = True
+
+    def __init__(self, steps: int = 8, grid: str = "uniform", rho: float = 7.0, solver: str = "heun", metric: str = "l2",
+                 huber_c: float | None = None, target_ema: float = 0.9, guidance: float = 1.0,
+                 guidance_max: float | None = None) -> None:
+        super().__init__(metric, huber_c, target_ema, guidance)
+        check_guidance("teacher", guidance, guidance_max)  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
+        self.guidance_max = guidance_max
+        self.steps = check_count("steps", steps, 1)
+        if grid not in GRIDS:
+            raise ValueError(f"unknown time grid {grid!r}; choose from {sorted(GRIDS)}")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+        self.grid, self.rho, self.solver = grid, float(rho), solver
+        self.register_buffer("times", make_grid(grid, steps, **({"rho": rho} if grid == "edm" else {})).double(), persistent=False)
+
+    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
+                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        check_step(step)
+        if teacher is None:
+            raise ValueError("consistency distillation ('cd') needs a teacher; use 'ict' or 'ect' to train from data")
+        B = x0.shape[0]
+        n = torch.randint(0, self.steps, (B,), device=x0.device)
+        grid = self.times.to(x0.device)
+        t, r = times_like(grid[n], x0), times_like(grid[n + 1], x0)
+        eps = torch.randn_like(x0)
+        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
+        x_r = teacher_step(teacher, x_t, t, r, self.solver, cond, w_teacher)
+        loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, torch.ones_like(t))
+        return LossOutput(loss=loss, logs=logs)
+
+
+# --- improved consistency training -----------------------------------------------------------------------
+
+
+class ImprovedConsistencyTraining(_Consistency):
+    """iCT (Song & Dhariwal 2023): consistency training from data, no teacher.
+
+        N(k) = min(s0 2^floor(k / K'), s1) + 1,  K' = floor(K / (log2 floor(s1 / s0) + 1))      (Sec. 3.4)
+        sigma_1 < ... < sigma_N(k): Karras noise levels (sigma_min, sigma_max, rho)
+        p(i) ~ erf((ln sigma_{i+1} - P_mean) / (sqrt2 P_std)) - erf((ln sigma_i - P_mean) / (sqrt2 P_std))  (Sec. 3.5)
+        x_{sigma} = x0 + sigma z  <->  x_t = (1 - t) x0 + t eps, same eps for both levels
+        L = 1 / (sigma_{i+1} - sigma_i) d(f_theta(x_{i+1}, t_{i+1}), sg f_theta(x_i, t_i))          (Sec. 3.1-3.3)
+
+    The target is the stop-gradient student (``target_ema`` = 0, Sec. 3.2).
+
+    Args:
+        total_steps: K, the training length the curriculum spans; s0, s1: initial and final discretization
+            steps (paper: 10, 1280; on the 2-D mixtures 8, 256 did best in short runs); sigma_min, sigma_max, rho: Karras levels; p_mean, p_std: the lognormal
+            (paper: -1.1, 2.0); metric, huber_c: as in CD (paper: pseudo-Huber, c = 0.00054 sqrt(dim));
+            weighting: ``inverse_dsigma`` (paper), ``snr`` or ``uniform``.
+    """
+
+    name = "ict"
+    needs_teacher = False
+
+    def __init__(self, total_steps: int = 4000, s0: int = 8, s1: int = 256, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, p_mean: float = -1.1, p_std: float = 2.0, metric: str = "pseudo_huber",
+                 huber_c: float | None = None, weighting: str = "inverse_dsigma", sigma_data: float = 0.5,
+                 target_ema: float = 0.0) -> None:
+        super().__init__(metric, huber_c, target_ema, 1.0)
+        self.total_steps = check_count("total_steps", total_steps, 1)
+        self.s0 = check_count("s0", s0, 1)
+        self.s1 = check_count("s1", s1, 1)
+        if s1 < s0:
+            raise ValueError(f"the curriculum must grow: s1={s1} < s0={s0}")
+        if not 0 < sigma_min < sigma_max or rho <= 0 or p_std <= 0:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, rho > 0 and p_std > 0; got {sigma_min}, {sigma_max}, {rho}, {p_std}")
+        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.weighting, self.sigma_data = weighting, float(sigma_data)
+
+    def discretization_steps(self, step: int) -> int:
+        """N(k): the number of noise levels at training step k (a pure function of k)."""
+        k = check_step(step)
+        k_prime = max(1, math.floor(self.total_steps / (math.log2(math.floor(self.s1 / self.s0)) + 1)))
+        return min(self.s0 * 2 ** (k // k_prime), self.s1) + 1
+
+    def sigmas(self, step: int) -> Tensor:
+        """The (N(k),) increasing Karras noise levels at step k (float64)."""
+        return karras_sigmas(self.discretization_steps(step), self.sigma_min, self.sigma_max, self.rho)
+
+    def interval_probs(self, sigmas: Tensor) -> Tensor:
+        """(N - 1,) probabilities of the intervals [sigma_i, sigma_{i+1}] under ln sigma ~ N(P_mean, P_std^2)."""
+        cdf = torch.special.erf((torch.log(sigmas) - self.p_mean) / (math.sqrt(2.0) * self.p_std))
+        p = cdf[1:] - cdf[:-1]
+        return p / p.sum()
+
+    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
+                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        B = x0.shape[0]
+        sigmas = self.sigmas(step)
+        i = torch.multinomial(self.interval_probs(sigmas), B, replacement=True)
+        sig_r, sig_t = sigmas[i], sigmas[i + 1]
+        times = sigma_to_t(sigmas)
+        times[-1] = 1.0  # sigma_max -> pure noise on the linear path
+        t, r = times_like(times[i + 1].to(x0.device), x0), times_like(times[i].to(x0.device), x0)
+        eps = torch.randn_like(x0)
+        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+        x_r = expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
+        weight = _weights_in_sigma(self.weighting, sig_t, sig_r, self.sigma_data).to(x0.device)
+        w_student, _ = draw_guidance(student, B, x0.device, 1.0, None)
+        loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, weight)
+        logs["discretization_steps"] = torch.tensor(float(len(sigmas) - 1))
+        return LossOutput(loss=loss, logs=logs)
+
+
+# --- easy consistency tuning -----------------------------------------------------------------------------
+
+
+class EasyConsistencyTuning(_Consistency):
+    """ECT (Geng et al. 2024, "Consistency Models Made Easy"): continuous-time consistency tuning with a
+    shrinking gap, best started from a diffusion / flow-matching teacher (``init_from_teacher``).
+
+        sigma_t ~ lognormal(P_mean, P_std)
+        sigma_r = max(0, sigma_t (1 - n(sigma_t) / q^(a+1))),  n(sigma) = 1 + k sigmoid(-b sigma),  a = floor(step / stage_steps)
+        x_r = (1 - r) x0 + r eps  (shared eps; ``source='data'``)   or   one teacher step x_t -> r  (``source='teacher'``)
+        L = lambda(sigma_t, sigma_r) d(f_theta(x_t, t), sg f_theta(x_r, r)),  lambda = 1 / (sigma_t - sigma_r)
+
+    At the first stages r is often 0, where f(x_r, 0) = x0: the loss is then denoising (diffusion
+    pretraining is the dt = t end of consistency training); each stage divides dt by q.
+
+    Args:
+        stage_steps: d, training steps per stage; q, k, b: the mapping function (paper: q = 2, k = 8, b = 1);
+        p_mean, p_std: lognormal of sigma_t (paper: -1.1, 2.0); metric, huber_c: as in iCT;
+        weighting: ``inverse_dsigma`` (paper), ``snr`` (1/sigma^2 + 1/sigma_data^2) or ``uniform``;
+        source: ``data`` (shared noise) or ``teacher`` (x_r by one ``solver`` step of the teacher);
+        target_ema: 0 = stop-gradient student (paper); guidance: teacher CFG scale (``source='teacher'``).
+    """
+
+    name = "ect"
+
+    def __init__(self, stage_steps: int = 300, q: float = 2.0, k: float = 8.0, b: float = 1.0, p_mean: float = -1.1,
+                 p_std: float = 2.0, metric: str = "pseudo_huber", huber_c: float | None = None,
+                 weighting: str = "inverse_dsigma", sigma_data: float = 0.5, source: str = "data", solver: str = "heun",
+                 target_ema: float = 0.0, guidance: float = 1.0) -> None:
+        super().__init__(metric, huber_c, target_ema, guidance)
+        self.stage_steps = check_count("stage_steps", stage_steps, 1)
+        if q <= 1 or k < 0 or b < 0 or p_std <= 0:
+            raise ValueError(f"the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); got q={q}, k={k}, b={b}, p_std={p_std}")
+        self.source = check_source(source)
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+        if source == "data" and guidance != 1.0:
+            raise ValueError("guidance applies to a teacher's step (source='teacher'), not to training from data")
+        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        self.q, self.k, self.b = float(q), float(k), float(b)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.weighting, self.sigma_data = weighting, float(sigma_data)
+        self.solver = solver
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.source == "teacher"
+
+    def stage(self, step: int) -> int:
+        """a = floor(step / stage_steps) (a pure function of the step)."""
+        return check_step(step) // self.stage_steps
+
+    def r_of_t(self, sigma_t: Tensor, step: int) -> Tensor:
+        """The mapping function: sigma_r = max(0, sigma_t (1 - n(sigma_t) / q^(a+1)))."""
+        n = 1 + self.k * torch.sigmoid(-self.b * sigma_t)
+        return (sigma_t * (1 - n / self.q ** (self.stage(step) + 1))).clamp_min(0.0)
+
+    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
+                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        B = x0.shape[0]
+        sig_t = torch.exp(self.p_mean + self.p_std * torch.randn(B, device=x0.device, dtype=torch.float64))
+        sig_r = self.r_of_t(sig_t, step)
+        t, r = times_like(sigma_to_t(sig_t), x0), times_like(sigma_to_t(sig_r), x0)
+        eps = torch.randn_like(x0)
+        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, None)
+        if self.source == "teacher":
+            if teacher is None:
+                raise ValueError("ECT with source='teacher' needs a teacher (or use source='data')")
+            x_r = teacher_step(teacher, x_t, t, r, self.solver, cond, w_teacher)
+        else:
+            x_r = expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
+        weight = _weights_in_sigma(self.weighting, sig_t, sig_r, self.sigma_data)
+        loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, weight)
+        logs["stage"] = torch.tensor(float(self.stage(step)))
+        return LossOutput(loss=loss, logs=logs)

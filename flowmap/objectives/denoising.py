@@ -1,0 +1,82 @@
+"""Teacher training: denoising / flow matching on any affine path with any prediction target.
+
+    x_t = alpha(t) x0 + sigma(t) eps                                  (the path)
+    target = from_x0_eps(x0, eps, prediction, x_t, t, path)          (eps, x0, v, velocity or score)
+    L = || net(x_t, t, t, c) - target ||^2                            (Ho et al. 2020, Eq. 14;
+                                                                      Lipman et al. 2023, Eq. 23)
+
+Label dropout (Ho & Salimans 2022, Sec. 3.2) replaces a share ``p_uncond`` of labels by the null label.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.paths import AffinePath, build_path
+from flowmap.predictions import check_prediction, from_x0_eps
+from flowmap.types import LossOutput, null_label
+
+
+def sample_training_times(batch: int, device: torch.device, kind: str, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4) -> Tensor:
+    """Training times (B,): ``uniform`` on [t_min, 1 - t_min] or ``logit_normal`` (Esser et al. 2024, Eq. 19)."""
+    if kind == "uniform":
+        t = torch.rand(batch, device=device)
+    elif kind == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(batch, device=device))
+    else:
+        raise ValueError(f"unknown time sampling {kind!r} (uniform, logit_normal)")
+    return t.clamp(t_min, 1.0 - t_min)
+
+
+def drop_labels(cond: Tensor | None, num_classes: int, p_uncond: float) -> Tensor | None:
+    """Replace a share p_uncond of labels by the null label (classifier-free guidance training)."""
+    if cond is None or p_uncond <= 0:
+        return cond
+    drop = torch.rand(cond.shape, device=cond.device) < p_uncond
+    return torch.where(drop, torch.full_like(cond, null_label(num_classes)), cond)
+
+
+class DenoisingLoss(nn.Module):
+    """Per-sample regression loss of ``net`` onto the chosen prediction target on ``path``."""
+
+    name = "denoising"
+
+    def __init__(
+        self,
+        path: AffinePath | dict | str = "linear",
+        prediction: str = "velocity",
+        time_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        p_uncond: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.path = build_path(path)
+        self.prediction = check_prediction(prediction)
+        self.time_sampling = time_sampling
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.p_uncond = p_uncond
+        sample_training_times(1, torch.device("cpu"), time_sampling)  # validate the name now
+
+    def forward(self, net: nn.Module, x0: Tensor, cond: Tensor | None = None) -> LossOutput:
+        B = x0.shape[0]
+        t = sample_training_times(B, x0.device, self.time_sampling, self.logit_mean, self.logit_std)
+        eps = torch.randn_like(x0)
+        x_t = self.path.sample(x0, eps, t)
+        target = from_x0_eps(x0, eps, self.prediction, x_t, t, self.path)
+        c = drop_labels(cond, int(getattr(net, "num_classes", 0)), self.p_uncond)
+        pred = net(x_t, t, t, c)
+        loss = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return LossOutput(loss=loss, logs={"loss": loss.detach(), "t_mean": t.mean()})
+
+    def to_config(self) -> dict:
+        return {
+            "path": self.path.to_config(),
+            "prediction": self.prediction,
+            "time_sampling": self.time_sampling,
+            "p_uncond": self.p_uncond,
+        }
+
+

@@ -1,0 +1,177 @@
+"""Progressive distillation (Salimans & Ho 2022, Alg. 2) on the flow-map student.
+
+Round r teaches the student N_r = N0 / 2^r steps: one student jump over 1/N_r equals two jumps of the
+previous round's model over 1/(2 N_r),
+
+    t = i / N_r,  i ~ U{1, ..., N_r},  t' = t - 1 / (2 N_r),  t'' = t - 1 / N_r
+    x_t = (1 - t) x0 + t eps
+    x'' = X_prev(X_prev(x_t, t, t'), t', t'')                        (Alg. 2: two DDIM steps of the teacher)
+    L = || u_theta(x_t, t, t'') - (x'' - x_t) / (t'' - t) ||^2         (the target as an average velocity)
+
+The last term is ||X_theta(x_t, t, t'') - x''||^2 N_r^2: the paper's x-space target with a weight that keeps
+every round on the velocity scale. Round 0's X_prev is the teacher itself (one Euler step,
+``EulerFlowMap``, or one Heun step); later rounds use a frozen snapshot of the student taken at the round
+boundary. The schedule (round, N_r) is a pure function of the global step; the snapshot is a submodule of
+the objective, so it lives in the checkpoint's state dict, never trains (requires_grad False) and is
+restored on resume. After the last round (N = 1) the student is a one-step sampler X(eps, 1, 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.ema import frozen_copy
+from flowmap.objectives.base import Objective, mask_nonfinite
+from flowmap.objectives.common import check_guidance, draw_guidance, times_like
+from flowmap.objectives.consistency import SOLVERS, check_count, check_step, teacher_step
+from flowmap.types import LossOutput, Teacher, expand_like
+
+SNAPSHOT = "round_teacher"
+
+
+def average_velocity(model: nn.Module, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
+    """u(x, s, t) of a ``FlowMap``; for any other flow map, (X(x, s, t) - x) / (t - s)."""
+    if hasattr(model, "average_velocity"):
+        return model.average_velocity(x, s, t, cond, w) if w is not None else model.average_velocity(x, s, t, cond)
+    X = model(x, s, t, cond, w) if w is not None else model(x, s, t, cond)
+    return (X - x) / expand_like(t - s, x)
+
+
+class ProgressiveDistillation(Objective):
+    """Progressive distillation with rounds N0, N0/2, ..., 1 student steps; per-sample loss (B,).
+
+    Args:
+        initial_steps: N0, the first round's student step count (a power of two); the round-0 teacher takes 2 N0 steps.
+        steps_per_round: training steps of each round after the first.
+        first_round_steps: training steps of round 0 (default ``steps_per_round``); a student trained from
+            scratch (no teacher weights to start from) needs a longer first round.
+        solver: the round-0 teacher step, ``euler`` (the teacher as ``EulerFlowMap``) or ``heun``.
+        guidance: teacher CFG scale when labels are given (baked into the student, or fed to a student with
+            ``guidance_input``).
+    """
+
+    name = "pd"
+    needs_teacher = True
+    uses_target = False
+
+    def __init__(self, initial_steps: int = 8, steps_per_round: int = 500, first_round_steps: int | None = None, solver: str = "heun",
+                 guidance: float = 1.0, guidance_max: float | None = None) -> None:
+        super().__init__()
+        check_guidance("teacher", guidance, guidance_max)  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
+        self.guidance_max = guidance_max
+        check_count("initial_steps", initial_steps, 1)
+        if initial_steps & (initial_steps - 1):
+            raise ValueError(f"initial_steps (N0) must be a power of two so that rounds halve it down to 1, got {initial_steps}")
+        self.initial_steps = initial_steps
+        self.steps_per_round = check_count("steps_per_round", steps_per_round, 1)
+        self.first_round_steps = steps_per_round if first_round_steps is None else check_count("first_round_steps", first_round_steps, 1)
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+        self.solver = solver
+        self.guidance = float(guidance)
+        self.register_module(SNAPSHOT, None)  # the frozen round teacher (rounds >= 1), built at the round boundary
+        self.register_buffer("snapshot_round", torch.zeros((), dtype=torch.long))  # round whose teacher the snapshot is
+        self._pending: dict[str, Tensor] | None = None
+
+    # --- the schedule: pure functions of the step ------------------------------------------------------
+    @property
+    def num_rounds(self) -> int:
+        """log2(N0) + 1 rounds: N0, N0/2, ..., 1."""
+        return int(math.log2(self.initial_steps)) + 1
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps until the last round (N = 1) is complete."""
+        return self.first_round_steps + (self.num_rounds - 1) * self.steps_per_round
+
+    def rounds(self, step: int) -> int:
+        """The round index r at ``step`` (0-based; stays at the last round after ``total_steps``):
+        round 0 spans [0, F), round r >= 1 spans [F + (r - 1) S, F + r S) with F = first_round_steps, S = steps_per_round."""
+        k = check_step(step)
+        if k < self.first_round_steps:
+            return 0
+        return min(1 + (k - self.first_round_steps) // self.steps_per_round, self.num_rounds - 1)
+
+    def current_steps(self, step: int) -> int:
+        """N_r: the student's step count being distilled at ``step``."""
+        return self.initial_steps >> self.rounds(step)
+
+    # --- the round teacher ---------------------------------------------------------------------------
+    def advance(self, student: nn.Module, step: int) -> None:
+        """Snapshot ``student`` as the round teacher when ``step`` enters a new round (call before the loss;
+        ``forward`` does). A snapshot is a frozen copy; it stays put until the next round boundary."""
+        r = self.rounds(step)
+        if self._pending is not None:
+            self._restore(student)
+        have = int(self.snapshot_round)
+        if r > have or (r > 0 and self.round_teacher is None):
+            snap = frozen_copy(student)
+            for p in snap.parameters():
+                p.grad = None
+            self.round_teacher = snap
+            self.snapshot_round.fill_(r)
+        elif 0 < r < have:
+            raise ValueError(f"step {step} is in round {r}, but the round teacher is already the snapshot of round {have}; "
+                             "a run cannot go back to an earlier round")
+
+    def _restore(self, student: nn.Module) -> None:
+        snap = frozen_copy(student)
+        snap.load_state_dict(self._pending)
+        for p in snap.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        self.round_teacher = snap
+        self._pending = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """A checkpoint may hold a snapshot that this fresh objective has not built yet: keep its tensors and
+        rebuild the snapshot from the student's architecture at the next ``advance``."""
+        key = prefix + SNAPSHOT + "."
+        pending = {k[len(key):]: v for k, v in state_dict.items() if k.startswith(key)}
+        if self.round_teacher is None and pending:
+            self._pending = pending
+        elif self.round_teacher is not None and not pending:
+            self.round_teacher = None  # the checkpoint predates the first snapshot
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if self._pending is not None:
+            unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(key)]
+
+    def previous_jump(self, teacher: Teacher, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w_student: Tensor | None,
+                      w_teacher: float | Tensor, r: int) -> Tensor:
+        """One jump s -> t of the previous round's model (the teacher in round 0), under no_grad."""
+        with torch.no_grad():
+            if r == 0:
+                return teacher_step(teacher, x, s, t, self.solver, cond, w_teacher)
+            snap = self.round_teacher
+            return snap(x, s, t, cond, w_student) if w_student is not None else snap(x, s, t, cond)
+
+    # --- the loss ----------------------------------------------------------------------------------------
+    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
+                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        if teacher is None:
+            raise ValueError("progressive distillation ('pd') needs a teacher for its first round")
+        self.advance(student, step)
+        r = self.rounds(step)
+        N = self.initial_steps >> r
+        B = x0.shape[0]
+        i = torch.randint(1, N + 1, (B,), device=x0.device)
+        t = times_like(i / N, x0)
+        t_mid = times_like((i - 0.5) / N, x0)
+        t_end = times_like((i - 1.0) / N, x0)
+        eps = torch.randn_like(x0)
+        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
+        x_mid = self.previous_jump(teacher, x_t, t, t_mid, cond, w_student, w_teacher, r)
+        x_end = self.previous_jump(teacher, x_mid, t_mid, t_end, cond, w_student, w_teacher, r)
+        u_target = (x_end - x_t) / expand_like(t_end - t, x_t)  # average velocity of the two jumps
+        u_target, finite, n_bad = mask_nonfinite(u_target)
+        u = average_velocity(student, x_t, t, t_end, cond, w_student)
+        delta = (u - u_target).flatten(1)
+        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
+        loss = delta.pow(2).mean(1) * finite
+        return LossOutput(loss=loss, logs={"mse": loss.detach(), "round": torch.tensor(float(r)),
+                                           "student_steps": torch.tensor(float(N)), "t": t.detach().float(),
+                                           "nonfinite_targets": n_bad.float()})

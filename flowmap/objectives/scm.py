@@ -1,0 +1,236 @@
+"""Continuous-time consistency models, sCD and sCT (Lu & Song 2024, "Simplifying, Stabilizing and Scaling
+Continuous-Time Consistency Models"), on the flow-map student through the change of path.
+
+TrigFlow (Sec. 3): x_theta = cos(theta) x0 + sin(theta) z, z ~ N(0, sigma_d^2 I), theta in [0, pi/2],
+and the consistency model f(x, theta) = cos(theta) x - sin(theta) sigma_d F(x / sigma_d, theta) (Sec. 3).
+TrigFlow is the affine path alpha = cos(theta), sigma = sigma_d sin(theta) (``TrigFlowPath``, path time
+tau = 2 theta / pi), so the change of path (``flowmap.paths.to_linear``) puts it on our linear axis:
+    D = cos(theta) + sigma_d sin(theta),   x_lin = x / D,   t_lin = sigma_d sin(theta) / D
+and the consistency function is our student's jump to the data, f(x, theta) = X(x_lin, t_lin, 0)
+= x_lin - t_lin u(x_lin, t_lin, 0). Solving that parametrization for F (using cos(theta) D - 1 = sin(theta) D'):
+    F(x, theta) = (x D' / sigma_d + u(x_lin, t_lin, 0)) / D,        D' = dD/dtheta = sigma_d cos(theta) - sin(theta)
+finite at theta = 0 (no division by sin). The proposal tan(theta) = e^tau / sigma_d, tau ~ N(P_mean, P_std^2)
+(Sec. 4.2) is t_lin = sigmoid(tau) on the linear axis: a logit-normal time, whatever sigma_d.
+
+Training (Algorithm 1: the continuous-time CM gradient with the tricks of Sec. 4.2):
+    dx/dtheta = cos(theta) z - sin(theta) x0                         (sCT: conditional velocity)
+    dx/dtheta = velocity_from_linear(v_teacher) * dtau/dtheta           (sCD: teacher's PF-ODE in TrigFlow time)
+    dF^-/dtheta = JVP of F_{theta^-} along (dx/dtheta, 1)              (no-grad float32 pass, theta^- = sg(theta))
+    g = -cos^2(theta) (sigma_d F^- - dx/dtheta) - r cos(theta) sin(theta) (x + sigma_d dF^-/dtheta)
+        (= cos(theta) df^-/dtheta at r = 1; r = min(1, step / warmup) is the tangent warm-up)
+    g <- g / (||g|| + c),  c = 0.1                                       (tangent normalization)
+    L = e^{w_phi(theta)} / dim ||F_theta - F^- - g||^2 - w_phi(theta)      (adaptive weighting, learned log-variance)
+The log-variance w_phi is a small network over time held by the objective (an ``nn.Module``), so its
+parameters are optimized and checkpointed with the student.
+
+DDP: the JVP runs on the student handed in (the inner ``FlowMap``; Lightning's DDP wraps the whole
+LightningModule, so ``training_step`` already runs inside the synchronized forward) under no_grad, and the
+student is called exactly once with grad; ``flowmap.jvp.require_inner`` refuses a DDP-wrapped student.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, require_inner
+from flowmap.nets.embeddings import FourierTime
+from flowmap.objectives.base import Objective, mask_nonfinite
+from flowmap.objectives.common import check_guidance, draw_guidance, instantaneous_velocity, times_like
+from flowmap.objectives.denoising import drop_labels
+from flowmap.paths import AffinePath, to_linear, velocity_from_linear
+from flowmap.types import LossOutput, expand_like
+
+
+@dataclass(frozen=True)
+class TrigFlowPath(AffinePath):
+    """TrigFlow with data scale sigma_d in data units (Lu & Song 2024, Sec. 3): alpha = cos(theta),
+    sigma = sigma_d sin(theta), theta = pi tau / 2 for the path time tau in [0, 1]. With sigma_d = 1 it is
+    ``flowmap.paths.CosinePath``."""
+
+    sigma_data: float = 0.5
+    name: str = field(default="trigflow_sd", init=False)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.cos(0.5 * math.pi * t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_data * torch.sin(0.5 * math.pi * t)
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return 0.5 * math.pi * self.sigma_data * torch.cos(0.5 * math.pi * t)
+
+    def t_from_ratio(self, r: Tensor) -> Tensor:
+        return torch.atan(r / self.sigma_data) * (2.0 / math.pi)
+
+
+class LogVariance(nn.Module):
+    """w_phi(t_lin): (B,) -> (B,), Fourier features and a small MLP whose last layer starts at zero (w = 0)."""
+
+    def __init__(self, dim: int = 64, scale: float = 100.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(FourierTime(dim, scale=scale), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.net(t)[:, 0]
+
+
+class _SCM(Objective):
+    """sCM on the flow-map student (use ``SCD`` or ``SCT``); per-sample loss (B,).
+
+    Args:
+        sigma_data: TrigFlow's data scale sigma_d (paper: 0.5 for images in [-1, 1]).
+        p_mean, p_std: proposal tan(theta) = e^tau / sigma_d, tau ~ N(p_mean, p_std^2) (paper: -1.0, 1.4).
+        tangent_warmup: steps of the tangent warm-up r = min(1, step / warmup) (0 = off; paper: 10k).
+        tangent_c: c of the tangent normalization g / (||g|| + c) (paper: 0.1); None = off.
+        adaptive: learn the log-variance weighting w_phi (else w = 0).
+        guidance, guidance_max, p_uncond: CFG folded into the teacher's velocity (sCD only); label dropout.
+        jvp_backend: ``"func"`` or ``"fd"``; fd_eps: its step.
+    """
+
+    name = "scm"
+    uses_target = False
+    source = "data"
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        p_mean: float = -1.0,
+        p_std: float = 1.4,
+        tangent_warmup: int = 1000,
+        tangent_c: float | None = 0.1,
+        adaptive: bool = True,
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+        p_uncond: float = 0.0,
+        jvp_backend: str = "func",
+        fd_eps: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        if not p_std > 0:
+            raise ValueError(f"p_std must be positive, got {p_std}")
+        if not isinstance(tangent_warmup, int) or tangent_warmup < 0:
+            raise ValueError(f"tangent_warmup must be a non-negative int (steps), got {tangent_warmup!r}")
+        if tangent_c is not None and not tangent_c > 0:
+            raise ValueError(f"tangent_c must be positive or None, got {tangent_c}")
+        check_guidance(self.source, guidance, guidance_max)
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
+        self.sigma_data = float(sigma_data)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.tangent_warmup = tangent_warmup
+        self.tangent_c = tangent_c
+        self.adaptive = bool(adaptive)
+        self.guidance, self.guidance_max = float(guidance), guidance_max
+        self.p_uncond = float(p_uncond)
+        self.jvp_backend = check_backend(jvp_backend)
+        self.fd_eps = fd_eps
+        self.path = TrigFlowPath(self.sigma_data)
+        self.logvar = LogVariance() if self.adaptive else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.source == "teacher"
+
+    def warmup(self, step: int) -> float:
+        """r = min(1, step / warmup): the weight of the tangent's second term (Sec. 4.2)."""
+        return 1.0 if self.tangent_warmup == 0 else min(1.0, step / self.tangent_warmup)
+
+    def sample_angles(self, batch: int, x0: Tensor) -> Tensor:
+        """theta = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2). (B,)"""
+        tau = self.p_mean + self.p_std * torch.randn(batch, device=x0.device)
+        theta = times_like(torch.atan(torch.exp(tau) / self.sigma_data), x0)
+        if self.jvp_backend == "fd":  # keep theta +- h inside [0, pi/2] for the central difference
+            h = self.fd_eps or FD_EPS.get(compute_dtype(theta.dtype), 5e-5)
+            theta = theta.clamp(h, 0.5 * math.pi - h)
+        return theta
+
+    def trig_F(self, student: nn.Module, x: Tensor, theta: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
+        """F(x, theta) = (x D' / sigma_d + u(x_lin, t_lin, 0)) / D through the change of path. (B, *data_shape)"""
+        tau = theta * (2.0 / math.pi)
+        x_lin, t_lin = to_linear(x, tau, self.path)
+        u = student.average_velocity(x_lin, t_lin.clamp(0.0, 1.0), torch.zeros_like(t_lin), cond, w)
+        D = self.path.alpha(tau) + self.path.sigma(tau)
+        dD = self.sigma_data * torch.cos(theta) - torch.sin(theta)
+        return (x * expand_like(dD / self.sigma_data, x) + u.to(x.dtype)) / expand_like(D, x)
+
+    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        student = require_inner(student)
+        B = x0.shape[0]
+        sd = self.sigma_data
+        theta = self.sample_angles(B, x0)
+        cos, sin = expand_like(torch.cos(theta), x0), expand_like(torch.sin(theta), x0)
+        z = sd * torch.randn_like(x0)
+        x = cos * x0 + sin * z  # TrigFlow x_theta
+        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
+        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
+        dx = self.velocity(teacher, x, theta, x0, z, cond, w_teacher)  # dx/dtheta
+
+        F_fn = lambda x_, th_: self.trig_F(student, x_, th_, cond, w_student)  # noqa: E731
+        _, dF = jvp(F_fn, (x, theta), (dx, torch.ones_like(theta)), self.jvp_backend, self.fd_eps, primal_out=False)
+
+        F = self.trig_F(student, x, theta, cond, w_student)  # the one with-grad forward
+        F_minus = F.detach()
+        r = self.warmup(step)
+        g = -cos**2 * (sd * F_minus - dx) - r * cos * sin * (x + sd * dF.to(x.dtype))  # = cos(theta) df^-/dtheta at r = 1
+        g, finite, n_bad = mask_nonfinite(g)
+        g_norm = g.flatten(1).norm(dim=1)
+        if self.tangent_c is not None:
+            g = g / expand_like(g_norm + self.tangent_c, g)
+        dim = x0[0].numel()
+        dtype = torch.promote_types(F.dtype, torch.float32)
+        sq = (F.to(dtype) - F_minus.to(dtype) - g.to(dtype)).pow(2).flatten(1).sum(1) / dim
+        if self.logvar is not None:
+            logvar = self.logvar(t_lin_of(theta, sd)).float()
+            loss = (torch.exp(logvar) * sq - logvar) * finite
+        else:
+            logvar = torch.zeros_like(sq)
+            loss = sq * finite
+        return LossOutput(
+            loss=loss,
+            logs={
+                "tangent_norm": g_norm.detach().float(),
+                "tangent_warmup": torch.tensor(r),
+                "logvar": logvar.detach(),
+                "mse": sq.detach(),
+                "nonfinite_targets": n_bad.float(),
+            },
+        )
+
+    def velocity(self, teacher, x: Tensor, theta: Tensor, x0: Tensor, z: Tensor, cond: Tensor | None, w: float | Tensor) -> Tensor:
+        """dx/dtheta: conditional (sCT) or the teacher's PF-ODE velocity moved onto TrigFlow time (sCD)."""
+        if self.source == "data":
+            return expand_like(torch.cos(theta), x) * z - expand_like(torch.sin(theta), x) * x0
+        tau = theta * (2.0 / math.pi)
+        x_lin, t_lin = to_linear(x, tau, self.path)
+        v_lin = instantaneous_velocity("teacher", teacher, x_lin, t_lin.clamp(0.0, 1.0), None, None, cond, w)
+        return velocity_from_linear(v_lin, x_lin, tau, self.path) * (2.0 / math.pi)  # dx/dtau * dtau/dtheta
+
+
+def t_lin_of(theta: Tensor, sigma_data: float) -> Tensor:
+    """t_lin = sigma_d sin(theta) / (cos(theta) + sigma_d sin(theta)) (the time the student sees)."""
+    return sigma_data * torch.sin(theta) / (torch.cos(theta) + sigma_data * torch.sin(theta))
+
+
+class SCD(_SCM):
+    """sCD: continuous-time consistency distillation of a teacher (Lu & Song 2024, Alg. 1 with a teacher)."""
+
+    name = "scd"
+    source = "teacher"
+
+
+class SCT(_SCM):
+    """sCT: continuous-time consistency training from data (Lu & Song 2024, Alg. 1, conditional velocity)."""
+
+    name = "sct"
+    source = "data"

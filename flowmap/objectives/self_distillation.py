@@ -1,0 +1,137 @@
+"""Flow-map self-distillation without a teacher (Boffi, Albergo & Vanden-Eijnden 2025, "How to build a
+consistency model: Learning flow maps via self-distillation").
+
+Our X(x, s, t) = x + (t - s) u(x, s, t) is the paper's X_{s,t}; t = 0 is data here, so jumps run s -> t <= s,
+and I_s = (1 - s) x0 + s eps is the linear interpolant. The student's own diagonal is the velocity
+v_theta(x, t) = u(x, t, t) (paper Eq. 2.4-2.6), trained by flow matching from data (paper Eq. 3.2):
+    L_FM  = ||u(I_s, s, s) - (eps - x0)||^2
+and the off-diagonal by one self-distillation term with the velocity under stop-gradient (paper Sec. 3):
+    LSD (Lagrangian, Eq. 3.6):  ||d/dt X(I_s, s, t) - sg(u(X(I_s, s, t), t, t))||^2
+    ESD (Eulerian,   Eq. 3.8):  ||d/ds X(I_s, s, t) + dX/dx(I_s, s, t) sg(u(I_s, s, s))||^2
+    PSD (progressive, Eq. 3.10): ||X(I_s, s, t) - sg(X(X(I_s, s, m), m, t))||^2,  m ~ U[t, s]
+The LSD/ESD derivatives are differentiated *with* respect to theta (the student's own JVP under grad):
+``"func"`` runs torch.func.jvp with autograd on, ``"fd"`` central differences (two with-grad forwards).
+Loss = L_FM + lambda_sd L_SD per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, require_inner
+from flowmap.objectives.base import Objective
+from flowmap.objectives.common import times_like
+from flowmap.objectives.denoising import drop_labels
+from flowmap.time_sampling import ordered_pair
+from flowmap.types import LossOutput, expand_like
+
+VARIANTS = ("lagrangian", "eulerian", "progressive")
+
+
+def jvp_with_grad(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], backend: str,
+                  eps: float | None) -> tuple[Tensor, Tensor]:
+    """(fn(*primals), d/de fn(p + e t)) with the graph kept, so the derivative itself is trained."""
+    if backend == "func":
+        return torch.func.jvp(fn, primals, tangents)
+    h = FD_EPS.get(compute_dtype(primals[0].dtype), 5e-5) if eps is None else float(eps)
+    plus = fn(*(p + h * t for p, t in zip(primals, tangents)))
+    minus = fn(*(p - h * t for p, t in zip(primals, tangents)))
+    return 0.5 * (plus + minus), (plus - minus) / (2 * h)
+
+
+class FlowMapSelfDistillation(Objective):
+    """Self-distillation from data; per-sample loss (B,).
+
+    Args:
+        time_dist, time_mean, time_std: distribution of the ordered pair (s, t); equal_share: share with s = t.
+        lambda_sd: weight of the self-distillation term; p_uncond: label dropout.
+        jvp_backend, fd_eps: ``"func"`` or ``"fd"`` for the with-grad derivative (LSD, ESD).
+    """
+
+    name = "fmsd"
+    needs_teacher = False
+    uses_target = False
+    variant = "lagrangian"
+
+    def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.0,
+                 lambda_sd: float = 1.0, p_uncond: float = 0.0, jvp_backend: str = "func", fd_eps: float | None = None) -> None:
+        super().__init__()
+        from flowmap.objectives.meanflow import pair_kwargs
+
+        pair_kwargs(time_dist, time_mean, time_std)
+        if not 0.0 <= equal_share <= 1.0:
+            raise ValueError(f"equal_share must lie in [0, 1], got {equal_share}")
+        if not lambda_sd >= 0:
+            raise ValueError(f"lambda_sd must be >= 0, got {lambda_sd}")
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
+        if jvp_backend not in BACKENDS:
+            raise ValueError(f"unknown JVP backend {jvp_backend!r}; choose from {list(BACKENDS)}")
+        self.time_dist, self.time_mean, self.time_std = time_dist, float(time_mean), float(time_std)
+        self.equal_share, self.lambda_sd, self.p_uncond = float(equal_share), float(lambda_sd), float(p_uncond)
+        self.jvp_backend, self.fd_eps = jvp_backend, fd_eps
+
+    def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
+        from flowmap.objectives.meanflow import pair_kwargs
+
+        s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+        s, t = times_like(s, x0), times_like(t, x0)
+        if self.jvp_backend == "fd" and self.variant != "progressive":
+            h = self.fd_eps or FD_EPS.get(compute_dtype(s.dtype), 5e-5)
+            s = s.clamp(2 * h, 1.0 - h)
+            t = torch.minimum(t, s - h).clamp(min=h)
+        return s, t
+
+    def distillation(self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """Per-sample squared residual of the self-distillation term (B,)."""
+        if self.variant == "lagrangian":
+            X, dX_dt = jvp_with_grad(lambda t_: student(x_s, s, t_, cond), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps)
+            with torch.no_grad():
+                v = student.average_velocity(X.detach(), t, t, cond)  # sg(v_theta(X, t))
+            res = dX_dt - v
+        elif self.variant == "eulerian":
+            with torch.no_grad():
+                v = student.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
+            _, res = jvp_with_grad(lambda x_, s_: student(x_, s_, t, cond), (x_s, s), (v, torch.ones_like(s)), self.jvp_backend, self.fd_eps)
+        else:
+            m = t + (s - t) * times_like(torch.rand(s.shape[0], device=s.device), s)
+            with torch.no_grad():
+                tgt = student(student(x_s, s, m, cond), m, t, cond)
+            res = student(x_s, s, t, cond) - tgt
+        return res.pow(2).flatten(1).sum(1)
+
+    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        student = require_inner(student)
+        B, D = x0.shape[0], x0[0].numel()
+        s, t = self.sample_times(B, x0)
+        eps = torch.randn_like(x0)
+        x_s = expand_like(1 - s, x0) * x0 + expand_like(s, x0) * eps
+        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
+        fm = (student.average_velocity(x_s, s, s, cond) - (eps - x0)).pow(2).flatten(1).sum(1) / D
+        sd = self.distillation(student, x_s, s, t, cond) / D
+        loss = fm + self.lambda_sd * sd
+        return LossOutput(loss=loss, logs={"fm": fm.detach(), "sd": sd.detach(), "gap": (s - t).float()})
+
+
+class LagrangianSelfDistillation(FlowMapSelfDistillation):
+    """LSD (Boffi et al. 2025, Eq. 3.6)."""
+
+    name = "fmsd_lagrangian"
+    variant = "lagrangian"
+
+
+class EulerianSelfDistillation(FlowMapSelfDistillation):
+    """ESD (Boffi et al. 2025, Eq. 3.8)."""
+
+    name = "fmsd_eulerian"
+    variant = "eulerian"
+
+
+class ProgressiveSelfDistillation(FlowMapSelfDistillation):
+    """PSD (Boffi et al. 2025, Eq. 3.10)."""
+
+    name = "fmsd_progressive"
+    variant = "progressive"

@@ -1,0 +1,135 @@
+"""Shortcut models (Frans et al. 2024, "One Step Diffusion via Shortcut Models") on the flow-map student.
+
+The paper's step-size-conditioned s(x_t, t, d) is our average velocity with d = s - t (time runs
+1 = noise -> 0 = data, so a step of size d goes from s to s - d):
+    X(x, s, s - d) = x - d u(x, s, s - d)                              (the paper's x_{t+d} = x_t + s(x_t, t, d) d, Sec. 3)
+
+Two losses share one with-grad forward over the batch:
+    flow matching at d = 0:   u(x_s, s, s)      ~ v(x_s, s)              (empirical target, Sec. 3)
+    self-consistency:         u(x, s, s - 2d)   ~ sg[(u1 + u2) / 2]        (self-consistency target, Sec. 3)
+        u1 = u_target(x, s, s - d),  x' = x - d u1,  u2 = u_target(x', s - d, s - 2d)
+v is the teacher's velocity when distilling (optionally guided) or eps - x0 from data; the targets u1,
+u2 come from the EMA target network (``uses_target``). Step sizes are dyadic, 2d = 2^-m for
+m = 0..max_log2_steps - 1, and s sits on the grid of multiples of 2d, so 1 to 2^max_log2_steps uniform
+steps of ``flowmap.sampling.sample`` query exactly the trained (s, s - 2d) pairs. At the finest level
+(d = 2^-max_log2_steps) the two half steps use the instantaneous velocity u(., ., d = 0), anchoring the
+recursion in flow matching. A share ``consistency_share`` of the batch (paper: 1/4) gets consistency
+targets, the rest flow matching. The target network and the teacher run under no_grad; the student is
+called exactly once with grad (on the whole batch), so DDP around the LightningModule syncs its gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.objectives.base import Objective, mask_nonfinite
+from flowmap.objectives.common import check_guidance, check_source, draw_guidance, instantaneous_velocity, times_like
+from flowmap.objectives.denoising import drop_labels
+from flowmap.types import LossOutput, expand_like
+
+
+class Shortcut(Objective):
+    """Shortcut-model loss; per-sample loss (B,).
+
+    Args:
+        source: ``"teacher"`` (flow matching onto the teacher's velocity) or ``"data"`` (eps - x0).
+        max_log2_steps: k; step sizes 2d in {1, 1/2, ..., 2^-(k-1)}, finest half step d = 2^-k (paper: k = 7).
+        consistency_share: share of the batch with self-consistency targets (paper: 1/4).
+        target_ema: EMA decay of the target network that makes the consistency targets.
+        guidance, guidance_max, p_uncond: as in MeanFlow (CFG folded into a distilled velocity; label dropout).
+    """
+
+    name = "shortcut"
+    uses_target = True
+
+    def __init__(
+        self,
+        source: str = "teacher",
+        max_log2_steps: int = 7,
+        consistency_share: float = 0.25,
+        target_ema: float = 0.999,
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+        p_uncond: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.source = check_source(source)
+        if not isinstance(max_log2_steps, int) or not 1 <= max_log2_steps <= 16:
+            raise ValueError(f"max_log2_steps must be an int in [1, 16], got {max_log2_steps!r}")
+        if not 0.0 <= consistency_share <= 1.0:
+            raise ValueError(f"consistency_share must lie in [0, 1], got {consistency_share}")
+        if not 0.0 <= target_ema < 1.0:
+            raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
+        check_guidance(source, guidance, guidance_max)
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
+        self.max_log2_steps = max_log2_steps
+        self.consistency_share = float(consistency_share)
+        self.target_ema = float(target_ema)
+        self.guidance, self.guidance_max = float(guidance), guidance_max
+        self.p_uncond = float(p_uncond)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.source == "teacher"
+
+    def target_decay(self, step: int) -> float:
+        return self.target_ema
+
+    def consistency_times(self, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(s, d) for n consistency samples: 2d = 2^-m, m ~ U{0..k-1}; s = 2d i, i ~ U{1..2^m}."""
+        m = torch.randint(0, self.max_log2_steps, (n,), device=like.device)
+        two_d = torch.pow(2.0, -m.float())  # dyadic: exact in float32, as is 2d * i
+        i = torch.floor(torch.rand(n, device=like.device) * torch.pow(2.0, m.float())).clamp_max(torch.pow(2.0, m.float()) - 1) + 1
+        return times_like(two_d * i, like), times_like(two_d / 2, like)
+
+    def forward(self, *, student: nn.Module, teacher=None, target: nn.Module | None = None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        if target is None:
+            raise ValueError("the shortcut objective needs the EMA target network (uses_target=True); got target=None")
+        B = x0.shape[0]
+        n_c = int(round(B * self.consistency_share))
+        eps = torch.randn_like(x0)
+        s_fm = times_like(torch.rand(B - n_c, device=x0.device), x0)
+        s_c, d = self.consistency_times(n_c, x0)
+        s = torch.cat([s_c, s_fm])
+        t = torch.cat([(s_c - 2 * d).clamp_min(0), s_fm])
+        x_s = expand_like(1 - s, x0) * x0 + expand_like(s, x0) * eps  # linear path
+        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
+        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
+        sl = lambda a: None if a is None else a[:n_c]  # noqa: E731
+        sl_fm = lambda a: None if a is None else a[n_c:]  # noqa: E731
+
+        with torch.no_grad():
+            w_t_fm = w_teacher[n_c:] if isinstance(w_teacher, Tensor) else w_teacher
+            v = instantaneous_velocity(self.source, teacher, x_s[n_c:], s_fm, x0[n_c:], eps[n_c:], sl_fm(cond), w_t_fm)
+            tgt_c = self.consistency_target(target, x_s[:n_c], s_c, d, sl(cond), sl(w_student))
+            u_tgt, finite, n_bad = mask_nonfinite(torch.cat([tgt_c.to(v.dtype), v]))
+
+        u = student.average_velocity(x_s, s, t, cond, w_student)  # the one with-grad forward
+        dtype = torch.promote_types(u_tgt.dtype, torch.float32)
+        sq = (u.to(dtype) - u_tgt.to(dtype)).pow(2).flatten(1).mean(1)
+        loss = sq * finite
+        is_c = torch.arange(B, device=x0.device) < n_c
+        return LossOutput(
+            loss=loss,
+            logs={
+                "flow_matching": (loss.detach()[~is_c]).mean() if n_c < B else loss.new_zeros(()),
+                "consistency": (loss.detach()[is_c]).mean() if n_c > 0 else loss.new_zeros(()),
+                "step_size": (s - t).float(),  # 2d per sample (0 for flow matching)
+                "nonfinite_targets": n_bad.float(),
+            },
+        )
+
+    @torch.no_grad()
+    def consistency_target(self, target: nn.Module, x: Tensor, s: Tensor, d: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
+        """sg[(u1 + u2) / 2] with two d-steps of the target; d = 0 queries at the finest level. (n, *data_shape)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape)
+        finest = d <= 2.0 ** -self.max_log2_steps * (1 + 1e-6)
+        d_query = torch.where(finest, torch.zeros_like(d), d)  # step size the target is asked for
+        u1 = target.average_velocity(x, s, s - d_query, cond, w)
+        x_mid = x - expand_like(d, x) * u1  # X(x, s, s - d)
+        s_mid = (s - d).clamp_min(0)
+        u2 = target.average_velocity(x_mid, s_mid, (s_mid - d_query).clamp_min(0), cond, w)
+        return 0.5 * (u1 + u2)

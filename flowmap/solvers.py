@@ -1,0 +1,124 @@
+"""ODE solvers for a velocity field dx/dt = v(x, t) over any monotone time grid (plain functions,
+k-diffusion style). Each call of ``teacher.velocity`` is one NFE.
+
+    euler      x' = x + h v(x, t)                                            order 1
+    midpoint   x' = x + h v(x + h/2 v(x, t), t + h/2)                       order 2
+    heun       x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))             order 2 (Karras et al. 2022, Alg. 1)
+    rk4        classical Runge-Kutta                                        order 4
+    dpm++2m    DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022b, Alg. 2), order 2, 1 NFE / step
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowmap.time_grids import uniform_grid
+from flowmap.types import Teacher, expand_like
+
+Callback = Callable[[int, Tensor, Tensor], None]
+
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dpm++2m": 1}
+
+
+def _check_grid(grid: Tensor) -> Tensor:
+    if grid.dim() != 1 or grid.numel() < 2:
+        raise ValueError(f"a time grid must be 1-D with at least two times, got shape {tuple(grid.shape)}")
+    if torch.any(grid < 0) or torch.any(grid > 1):
+        raise ValueError("a time grid must lie in [0, 1] (t=1 noise, t=0 data)")
+    d = grid[1:] - grid[:-1]
+    if not (torch.all(d < 0) or torch.all(d > 0)):
+        raise ValueError(f"a time grid must be strictly monotone, got {grid.tolist()}")
+    return grid
+
+
+def _step(method: str, f: Callable[[Tensor, float], Tensor], x: Tensor, t: float, h: float) -> Tensor:
+    if method == "euler":
+        return x + h * f(x, t)
+    if method == "midpoint":
+        return x + h * f(x + 0.5 * h * f(x, t), t + 0.5 * h)
+    if method == "heun":
+        k1 = f(x, t)
+        k2 = f(x + h * k1, t + h)
+        return x + 0.5 * h * (k1 + k2)
+    if method == "rk4":
+        k1 = f(x, t)
+        k2 = f(x + 0.5 * h * k1, t + 0.5 * h)
+        k3 = f(x + 0.5 * h * k2, t + 0.5 * h)
+        k4 = f(x + h * k3, t + h)
+        return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    raise ValueError(f"unknown solver {method!r}; choose from {sorted(NFE_PER_STEP)}")
+
+
+@torch.no_grad()
+def solve(
+    teacher: Teacher,
+    x: Tensor,
+    grid: Tensor | int = 32,
+    method: str = "heun",
+    cond: Tensor | None = None,
+    guidance: float | Tensor = 1.0,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Integrate from grid[0] to grid[-1]. x: (B, *data_shape); grid: steps (uniform 1 -> 0) or a
+    monotone (N + 1,) tensor; callback(i, t, x) after each step with t: (B,)."""
+    if method not in NFE_PER_STEP:
+        raise ValueError(f"unknown solver {method!r}; choose from {sorted(NFE_PER_STEP)}")
+    grid = uniform_grid(grid) if isinstance(grid, int) else _check_grid(grid.detach().double().cpu())
+    grid = grid.double().tolist()
+    B = x.shape[0]
+
+    def f(y: Tensor, tau: float) -> Tensor:
+        tau = min(max(tau, 0.0), 1.0)
+        return teacher.velocity(y, torch.full((B,), tau, device=y.device, dtype=torch.float32 if y.dtype != torch.float64 else y.dtype), cond, guidance)
+
+    if method == "dpm++2m":
+        return _dpmpp_2m(f, x, grid, callback)
+    for i in range(len(grid) - 1):
+        x = _step(method, f, x, grid[i], grid[i + 1] - grid[i])
+        if callback is not None:
+            callback(i, torch.full((B,), grid[i + 1], device=x.device), x)
+    return x
+
+
+def _lam(t: float) -> float:
+    """lambda(t) = log(alpha / sigma) = log((1 - t) / t) on the linear path (half the log-SNR)."""
+    if t <= 0.0:
+        return math.inf
+    if t >= 1.0:
+        return -math.inf
+    return math.log((1 - t) / t)
+
+
+def _dpmpp_2m(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float], callback: Callback | None) -> Tensor:
+    """Lu et al. 2022b (DPM-Solver++), Alg. 2 on alpha = 1 - t, sigma = t, with data prediction
+    x0_hat = x - t v. Update: x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i,
+    D_i = (1 + 1 / (2 r_i)) x0_{i-1} - 1 / (2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i."""
+    if grid[0] < grid[-1]:
+        raise ValueError("dpm++2m integrates from noise to data: the grid must decrease")
+    B = x.shape[0]
+    prev_x0, prev_h = None, None
+    for i in range(len(grid) - 1):
+        t, t_next = grid[i], grid[i + 1]
+        x0 = x - t * f(x, t)  # data prediction
+        h = _lam(t_next) - _lam(t)
+        if prev_x0 is None or not math.isfinite(prev_h) or not math.isfinite(h):
+            D = x0
+        else:
+            r = prev_h / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
+        ratio = t_next / t  # sigma_i / sigma_{i-1}
+        exp_neg_h = 0.0 if t_next == 0.0 or t == 1.0 else (t_next / (1 - t_next)) * ((1 - t) / t)
+        x = ratio * x - (1 - t_next) * (exp_neg_h - 1) * D
+        prev_x0, prev_h = x0, h
+        if callback is not None:
+            callback(i, torch.full((B,), t_next, device=x.device), x)
+    return x
+
+
+def nfe(method: str, steps: int) -> int:
+    """Number of velocity evaluations of ``solve(method, grid with steps)``."""
+    return NFE_PER_STEP[method] * steps

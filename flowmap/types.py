@@ -1,0 +1,79 @@
+"""Protocols every part of flowmap speaks.
+
+Time runs from t = 0 (data) to t = 1 (noise). A batch is ``(B, ...)``; times are ``(B,)`` float
+tensors; class labels are ``(B,)`` long tensors (``None`` = unconditional, see ``null_label``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A velocity field on the linear path's time axis: v(x, t) = dx_t/dt.
+
+    ``guidance`` is the classifier-free guidance scale w; v = v_u + w (v_c - v_u), so w = 1 is the
+    conditional model and w = 0 the unconditional one.
+    """
+
+    data_shape: tuple[int, ...]
+    num_classes: int
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+        """x: (B, *data_shape), t: (B,) -> v: (B, *data_shape)."""
+        ...
+
+
+@runtime_checkable
+class FlowMapLike(Protocol):
+    """Anything that can jump from time s to time t: X(x, s, t) -> x_t."""
+
+    def __call__(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+
+@dataclass
+class LossOutput:
+    """What every objective returns: a per-sample loss ``(B,)`` and scalar or per-sample logs."""
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+def null_label(num_classes: int) -> int:
+    """The reserved label for "no class" (classifier-free guidance): index ``num_classes``."""
+    return num_classes
+
+
+def check_times(*times: Tensor, batch: int | None = None) -> None:
+    """Raise one clear error when times are not (B,) floats inside [0, 1]."""
+    for tau in times:
+        if tau.dim() != 1 or (batch is not None and tau.shape[0] != batch):
+            raise ValueError(f"times must have shape (B,) = ({batch},), got {tuple(tau.shape)}")
+        if not torch.is_floating_point(tau):
+            raise ValueError(f"times must be floating point, got {tau.dtype}")
+        if torch.any(tau < 0) or torch.any(tau > 1) or not torch.all(torch.isfinite(tau)):
+            raise ValueError(
+                f"times must lie in [0, 1] (t=0 data, t=1 noise), got min {tau.min().item():.4g} max {tau.max().item():.4g}"
+            )
+
+
+def check_labels(cond: Tensor | None, num_classes: int, batch: int) -> None:
+    """Raise one clear error for a label on an unconditional model or a label out of range."""
+    if cond is None:
+        return
+    if num_classes <= 0:
+        raise ValueError("class labels were given to an unconditional model (num_classes=0)")
+    if cond.shape != (batch,) or cond.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"class labels must be a (B,) = ({batch},) long tensor, got {tuple(cond.shape)} {cond.dtype}")
+    if torch.any(cond < 0) or torch.any(cond > num_classes):
+        raise ValueError(f"class labels must lie in [0, {num_classes}] ({num_classes} is the null label)")
+
+
+def expand_like(tau: Tensor, x: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against x."""
+    return tau.reshape(tau.shape[0], *([1] * (x.dim() - 1))).to(x.dtype)

@@ -1,0 +1,929 @@
+#!/usr/bin/env python
+"""One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
+
+    python scripts/benchmark.py                  # full run (< 60 min on a free 2-core CPU)
+    python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
+    python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
+
+What it does, with fixed budgets and seeds (``BUDGETS``):
+
+1. teachers: flow matching (``DenoisingLoss``, linear path, velocity) on checkerboard and eight Gaussians
+   (MLP) and class-conditional digits (U-Net; a tiny DiT in --quick), trained by ``flowmap.training.fit`` or reused from
+   ``<out>/cache``; the analytic ring8 Gaussian mixture (``teachers.gmm``) is its own exact teacher;
+2. students: every objective in ``flowmap.objectives.OBJECTIVES`` that imports and builds (the others are
+   listed with the reason), each a ``FlowMap`` initialized from its teacher's weights (the mixture's from a
+   flow-matching net trained on its samples; data-free: x0 are samples of the teacher), trained for the same
+   number of steps;
+3. quality at 1, 2, 4, 8 NFE (teachers at 1 ... 64 NFE, Euler and Heun, and the data-vs-data floor):
+   exact W2 and support precision (2-D), flow-map RMSE against the exact map (mixture), FD / KID in the
+   features of the project's digit classifier or Inception (digits);
+4. cost: seconds per training step of each objective over a plain flow-matching step on the same MLP and
+   DiT, measured interleaved in one process (medians), peak memory of one step, sampling throughput;
+5. peer: our flow-matching teacher step against torchcfm's on the same net, data, batch and steps.
+
+Writes ``<out>/RESULTS.md``, ``<out>/results.json`` and PNG plots (``scripts/benchmark_report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from flowmap.data import get_dataset  # noqa: E402
+from flowmap.data.digits import load_digits_tensors  # noqa: E402
+from flowmap.data.toy2d import EIGHT_GAUSSIANS_STD, eight_gaussians_centers  # noqa: E402
+from flowmap.ema import ema_update, frozen_copy  # noqa: E402
+from flowmap.io import CheckpointError  # noqa: E402
+from flowmap.metrics import checkerboard_precision, flow_map_rmse, w2_exact  # noqa: E402
+from flowmap.models import init_student_from_teacher, load_model, save_student, save_teacher  # noqa: E402
+from flowmap.nets import build_net  # noqa: E402
+from flowmap.objectives import OBJECTIVES, build_objective  # noqa: E402
+from flowmap.objectives.denoising import DenoisingLoss  # noqa: E402
+from flowmap.sampling import sample  # noqa: E402
+from flowmap.solvers import solve  # noqa: E402
+from flowmap.student import FlowMap  # noqa: E402
+from flowmap.training import fit  # noqa: E402
+from flowmap.types import LossOutput  # noqa: E402
+from flowmap.velocity import NetVelocity  # noqa: E402
+
+DATASETS = ("checkerboard", "eight_gaussians", "digits", "gmm")
+STUDENT_NFE = (1, 2, 4, 8)
+TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
+QUICK_METHODS = ("cd", "meanflow")
+# Students that learn only jumps to the data end, f(x, t) = X(x, t, 0), sample multistep by jumping to 0 and
+# re-noising (gamma = 1: Song et al. 2023, Alg. 1); every other student jumps along the grid (gamma = 0).
+SAMPLER_GAMMA = {"cd": 1.0, "ict": 1.0, "ect": 1.0, "scd": 1.0, "sct": 1.0}
+
+
+# --- budgets ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Every size and step count of one run (fixed, so results are comparable across runs)."""
+
+    mlp: dict
+    digits_net: dict
+    cost_mlp: dict
+    dit: dict
+    teacher_steps_2d: int
+    teacher_steps_digits: int
+    student_steps_2d: int
+    student_steps_digits: int
+    student_steps_gmm: int
+    batch_2d: int
+    batch_digits: int
+    lr_2d: float
+    lr_digits: float
+    n_eval_2d: int
+    n_eval_digits: int
+    exact_map_steps: int
+    feature_steps: int
+    kid_subsets: int
+    cost_batch_mlp: int
+    cost_batch_dit: int
+    cost_repeats: int
+    cost_steps: int
+    throughput_batch_mlp: int
+    throughput_batch_dit: int
+    throughput_repeats: int
+    throughput_inner: int
+    peer_steps: int
+    peer_block: int
+
+
+BUDGETS = {
+    "full": Budget(
+        mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128},
+        digits_net={"name": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
+              "heads": 2, "emb_dim": 64},
+        cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
+        dit={"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4},
+        teacher_steps_2d=4000, teacher_steps_digits=3000,
+        student_steps_2d=1000, student_steps_digits=400, student_steps_gmm=1000,
+        batch_2d=256, batch_digits=64, lr_2d=1e-3, lr_digits=5e-4,
+        n_eval_2d=2000, n_eval_digits=1000, exact_map_steps=200, feature_steps=1000, kid_subsets=50,
+        cost_batch_mlp=512, cost_batch_dit=64, cost_repeats=7, cost_steps=3,
+        throughput_batch_mlp=4096, throughput_batch_dit=256, throughput_repeats=7, throughput_inner=5,
+        peer_steps=1000, peer_block=50,
+    ),
+    "quick": Budget(
+        mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
+        digits_net={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},
+        cost_mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
+        dit={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},
+        teacher_steps_2d=150, teacher_steps_digits=30,
+        student_steps_2d=15, student_steps_digits=4, student_steps_gmm=15,
+        batch_2d=256, batch_digits=32, lr_2d=2e-3, lr_digits=1e-3,
+        n_eval_2d=300, n_eval_digits=100, exact_map_steps=40, feature_steps=150, kid_subsets=5,
+        cost_batch_mlp=256, cost_batch_dit=16, cost_repeats=3, cost_steps=1,
+        throughput_batch_mlp=1024, throughput_batch_dit=32, throughput_repeats=3, throughput_inner=2,
+        peer_steps=40, peer_block=10,
+    ),
+}
+
+
+STEP_FIELDS = ("teacher_steps_2d", "teacher_steps_digits", "student_steps_2d", "student_steps_digits", "student_steps_gmm", "peer_steps")
+
+
+def scaled(budget: Budget, scale: float) -> Budget:
+    """``budget`` with every training step count multiplied by ``scale`` (at least one step each)."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"--scale must be a positive number, got {scale}")
+    return replace(budget, **{f: max(1, int(round(getattr(budget, f) * scale))) for f in STEP_FIELDS})
+
+
+CONFIG_DATA = {"checkerboard": "checkerboard", "eight_gaussians": "checkerboard", "gmm": "gmm", "digits": "digits"}
+CURRICULUM_KEYS = ("total_steps", "stage_steps", "steps_per_round", "tangent_warmup", "warmup_steps")
+# net options a method's config may set on its student: a guidance input (zero-initialized, so the student
+# still starts as the teacher; sampled at w = 1 here) or another time scale (another function: from scratch)
+NET_EXTRAS = ("time_scale", "guidance_input")
+INIT_COMPATIBLE = ("guidance_input",)
+
+
+def distill_yaml(name: str, dataset: str | None) -> dict | None:
+    """The method owner's tuned config ``configs/distill/<name>_<data>.yaml`` (eight Gaussians read the
+    checkerboard one): {"objective", "max_steps", "net_extras", "path"}, or None when there is none."""
+    if dataset is None:
+        return None
+    path = ROOT / "configs" / "distill" / f"{name}_{CONFIG_DATA[dataset]}.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    model = cfg.get("model", {})
+    objective = dict(model.get("objective") or {})
+    if objective.get("name", name) != name:
+        return None
+    net = (model.get("student") or {}).get("net") or {}
+    return {"objective": objective, "max_steps": int((cfg.get("trainer") or {}).get("max_steps") or 0),
+            "net_extras": {k: net[k] for k in NET_EXTRAS if k in net}, "path": str(path.relative_to(ROOT))}
+
+
+def method_config(name: str, kind: str, steps: int, dataset: str | None = None) -> dict:
+    """Hyperparameters of ``name`` for data ``kind`` (``2d`` | ``digits``) and a run of ``steps`` steps.
+
+    The method owner's ``configs/distill/<name>_<data>.yaml`` objective when there is one, else the defaults
+    below (the objective's own defaults otherwise: the papers' values). Curricula (iCT's discretization,
+    ECT's stages, PD's rounds, sCM's / AYF's tangent warm-up) are rescaled from the config's ``max_steps`` to
+    the benchmark's ``steps``."""
+    sigma_data = 0.5 if kind == "digits" else 1.0  # 2-D sets have unit per-coordinate variance
+    configs = {
+        "cd": {"target_ema": 0.95},
+        "ict": {"total_steps": steps},
+        "ect": {"stage_steps": max(1, steps // 4)},
+        "pd": {"initial_steps": 8, "steps_per_round": max(1, steps // 4)},
+        "meanflow": {"time_dist": "uniform", "equal_share": 0.25} if kind != "digits" else {},
+        "shortcut": {"target_ema": 0.99},
+        "ctm": {"target_ema": 0.99},
+        "scd": {"sigma_data": sigma_data, "tangent_warmup": max(1, steps // 4)},
+        "sct": {"sigma_data": sigma_data, "tangent_warmup": max(1, steps // 4)},
+    }
+    config = {"name": name, **configs.get(name, {})}
+    tuned = distill_yaml(name, dataset)
+    if tuned is not None:
+        obj = dict(tuned["objective"])
+        if tuned["max_steps"] > 0:
+            for k in CURRICULUM_KEYS:
+                if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool) and obj[k] > 0:
+                    obj[k] = max(1, round(obj[k] * steps / tuned["max_steps"]))
+        config = {**config, **obj, "name": name}
+    elif name not in configs:  # a method added later: scale a curriculum length the objective exposes
+        try:
+            import inspect
+
+            from flowmap.objectives import objective_class
+
+            params = inspect.signature(objective_class(name).__init__).parameters
+            if "total_steps" in params:
+                config["total_steps"] = steps
+        except Exception:  # noqa: BLE001 - an objective that does not import is reported by discover_methods
+            pass
+    return config
+
+
+# --- small utilities -------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def key_of(*parts) -> str:
+    """A short stable hash of JSON-able parts (cache file names)."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def seed_of(*parts) -> int:
+    return int(key_of("seed", *parts), 16) % (2**31)
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+class Memory:
+    """Peak memory of a block of work. CUDA: ``torch.cuda.max_memory_allocated`` (allocator bytes). CPU on
+    Linux: growth of the resident set (VmHWM after resetting it through /proc/self/clear_refs, glibc
+    ``malloc_trim`` first and a fixed 64 KiB mmap threshold so freed tensors leave the process) - the
+    ``resource``-style peak RSS, made resettable. Elsewhere: unavailable (None)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.libc = None
+        self.method = "unavailable"
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated (allocator peak over the step)"
+        elif sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs"):
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: no dynamic growth, large blocks are unmapped on free
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.method = "peak resident-set growth over the step (Linux VmHWM reset via /proc/self/clear_refs; resource-style RSS)"
+            except OSError:
+                self.libc = None
+
+    @staticmethod
+    def _status_mib(key: str) -> float:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024.0
+
+    def measure(self, fn: Callable[[], None]) -> float | None:
+        """MiB above the level before ``fn`` (None when unavailable)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        if self.libc is None:
+            fn()
+            return None
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = self._status_mib("VmRSS")
+        fn()
+        return max(0.0, self._status_mib("VmHWM") - base)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the settings: data, teachers, students ----------------------------------------------------------
+
+
+class FlowMatching(nn.Module):
+    """Teacher training (plain flow matching) in the objective calling convention of ``fit``: the
+    "student" is the raw net, trained by ``DenoisingLoss`` (linear path, velocity target)."""
+
+    name = "fm"
+    needs_teacher = False
+    uses_target = False
+
+    def __init__(self, time_sampling: str = "logit_normal", p_uncond: float = 0.1) -> None:
+        super().__init__()
+        self.loss = DenoisingLoss("linear", "velocity", time_sampling=time_sampling, p_uncond=p_uncond)
+
+    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+        net = getattr(student, "net", student)
+        return self.loss(net, x0, cond)
+
+
+class Setting:
+    """One benchmark setting: data (batches and evaluation), teacher and student nets."""
+
+    def __init__(self, name: str, budget: Budget, device: torch.device, cache: Path, fresh: bool) -> None:
+        self.name, self.budget, self.device, self.cache, self.fresh = name, budget, device, cache, fresh
+        self.kind = "digits" if name == "digits" else "2d"
+        self.num_classes = 10 if name == "digits" else 0
+        if name == "digits":
+            self.data_shape = (1, 8, 8)
+            self.net_config = {**budget.digits_net, "data_shape": [1, 8, 8], "num_classes": 10}
+            self.x_train, self.y_train = (t.to(device) for t in load_digits_tensors("train"))
+            self.student_steps, self.batch, self.lr = budget.student_steps_digits, budget.batch_digits, budget.lr_digits
+        else:
+            self.data_shape = (2,)
+            self.net_config = {**budget.mlp, "data_shape": [2]}
+            self.batch, self.lr = budget.batch_2d, budget.lr_2d
+            self.student_steps = budget.student_steps_gmm if name == "gmm" else budget.student_steps_2d
+        if name == "gmm":
+            from teachers.gmm import preset_mixture
+
+            self.mixture = preset_mixture("ring8")  # on the CPU: sampling with seeded CPU generators
+            self.exact_teacher = preset_mixture("ring8").to(device)
+        elif name != "digits":
+            self.source = get_dataset(name)
+        self.teacher = None
+        self.teacher_seconds = 0.0
+        self.teacher_losses: list[float] = []
+
+    # data -------------------------------------------------------------------------------------------
+    def batches(self, seed: int) -> Callable[[int], tuple[Tensor, Tensor | None]]:
+        """step -> (x0, cond): fresh samples (2-D), the teacher's samples (mixture, data-free), or a random
+        batch of the digits' train split with its labels."""
+        g = torch.Generator().manual_seed(seed)
+        B = self.batch
+
+        def get(step: int):
+            if self.name == "digits":
+                idx = torch.randint(0, len(self.x_train), (B,), generator=g).to(self.device)
+                return self.x_train[idx], self.y_train[idx]
+            if self.name == "gmm":
+                return self.mixture.sample(B, generator=g).to(self.device), None
+            return self.source.sample(B, generator=g).to(self.device), None
+
+        return get
+
+    # teacher ----------------------------------------------------------------------------------------
+    def teacher_key(self) -> str:
+        steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
+        return key_of("teacher", self.name, self.net_config, steps, self.batch, self.lr, 1)
+
+    def get_teacher(self):
+        """The teacher (trained or loaded from the cache); the mixture's is exact. Also sets ``init_net``, the
+        flow-matching net every student starts from: the teacher itself, or for the mixture a flow-matching net
+        trained on the mixture's samples (data-free: samples of the teacher)."""
+        net = self._flow_matching_net()
+        self.init_net = net
+        self.teacher = self.exact_teacher if self.name == "gmm" else net
+        return self.teacher
+
+    def _flow_matching_net(self) -> NetVelocity:
+        steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
+        what = "flow-matching init net" if self.name == "gmm" else "teacher"
+        path = self.cache / f"teacher_{self.name}_{self.teacher_key()}.safetensors"
+        meta_path = path.with_suffix(".json")
+        if path.is_file() and meta_path.is_file() and not self.fresh:
+            try:
+                teacher = load_model(path, expect="teacher").to(self.device)
+                meta = json.loads(meta_path.read_text())
+                self.teacher_seconds, self.teacher_losses = meta["seconds"], meta["losses"]
+                log(f"{self.name}: {what} loaded from {path.name}")
+                return teacher.requires_grad_(False)
+            except (CheckpointError, KeyError, json.JSONDecodeError) as err:
+                log(f"{self.name}: cached {what} unusable ({err}); retraining")
+        torch.manual_seed(seed_of("teacher", self.name))
+        net = build_net(dict(self.net_config)).to(self.device)
+        teacher = NetVelocity(net, "linear", "velocity")
+        objective = FlowMatching(p_uncond=0.1 if self.num_classes else 0.0)
+        log(f"{self.name}: training the {what} ({steps} steps, batch {self.batch})")
+        t0 = time.time()
+        losses = fit(net, objective, self.batches(seed_of("teacher-data", self.name)), steps, lr=self.lr * 2)
+        self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
+        save_teacher(path, teacher, data=self.name, extra={"steps": steps})
+        meta_path.write_text(json.dumps({"seconds": self.teacher_seconds, "losses": losses}))
+        return teacher.eval().requires_grad_(False)
+
+    # students ---------------------------------------------------------------------------------------
+    def train_student(self, method: str) -> dict:
+        """Train (or load) the student of ``method``; returns {"student", "config", "losses", "seconds", ...}."""
+        config = method_config(method, self.kind, self.student_steps, self.name)
+        tuned = distill_yaml(method, self.name)
+        note = f"hyperparameters from {tuned['path']} (curricula rescaled)" if tuned else "benchmark defaults"
+        try:
+            objective = build_objective(dict(config)).to(self.device)
+        except ValueError as err:  # a tuned config this objective no longer accepts: fall back, say so
+            config = method_config(method, self.kind, self.student_steps)
+            objective = build_objective(dict(config)).to(self.device)
+            note = f"benchmark defaults ({tuned['path'] if tuned else 'config'} rejected: {err})"
+        net_config = {**self.net_config, **(tuned or {}).get("net_extras", {})}
+        key = key_of("student", self.name, method, config, net_config, self.student_steps, self.batch, self.lr,
+                     self.teacher_key())
+        path = self.cache / f"student_{self.name}_{method}_{key}.safetensors"
+        meta_path = path.with_suffix(".json")
+        if path.is_file() and meta_path.is_file() and not self.fresh:
+            try:
+                student = load_model(path, expect="student").to(self.device)
+                meta = json.loads(meta_path.read_text())
+                log(f"{self.name}/{method}: student loaded from {path.name}")
+                return {"student": student, "config": config, **meta, "cached": True}
+            except (CheckpointError, KeyError, json.JSONDecodeError) as err:
+                log(f"{self.name}/{method}: cached student unusable ({err}); retraining")
+        torch.manual_seed(seed_of("student", self.name, method))
+        student = FlowMap(build_net(dict(net_config))).to(self.device)
+        same = lambda c: {k: v for k, v in c.items() if k not in INIT_COMPATIBLE}  # noqa: E731
+        if same(net_config) == same(self.net_config):
+            init_student_from_teacher(student, self.init_net)
+            init = "flow-matching net trained on the mixture's samples" if self.name == "gmm" else "teacher"
+        else:  # e.g. another time_scale: the teacher's weights would compute another function
+            init = f"scratch (net options {(tuned or {}).get('net_extras')} differ from the teacher's)"
+        teacher = self.teacher if getattr(objective, "needs_teacher", False) else None
+        t0 = time.time()
+        losses = fit(student, objective, self.batches(seed_of("student-data", self.name, method)), self.student_steps,
+                     teacher=teacher, lr=self.lr)
+        seconds = time.time() - t0
+        if not all(math.isfinite(v) for v in losses[-10:]):
+            raise FloatingPointError(f"the loss is not finite at the end of training (last {losses[-1]})")
+        meta = {"losses": losses, "seconds": seconds, "steps": self.student_steps, "init": init, "config_source": note}
+        save_student(path, student, method=method, data=self.name, extra={"objective": config})
+        meta_path.write_text(json.dumps(meta))
+        return {"student": student.eval(), "config": config, **meta, "cached": False}
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def eight_gaussians_precision(x: Tensor) -> float:
+    """Share of samples within 4 std of one of the eight centres (outside: P = e^-8 ~ 3e-4 for true data)."""
+    d = torch.cdist(x.double().cpu(), eight_gaussians_centers().double())
+    return float((d.min(1).values < 4 * EIGHT_GAUSSIANS_STD).double().mean())
+
+
+class Evaluator:
+    """Fixed noise, references and metrics of one setting; ``rows`` maps a model to metrics per NFE."""
+
+    def __init__(self, setting: Setting, budget: Budget, extractor=None) -> None:
+        self.s, self.budget, self.extractor = setting, budget, extractor
+        dev = setting.device
+        g = torch.Generator().manual_seed(seed_of("eval", setting.name))
+        if setting.name == "digits":
+            n = budget.n_eval_digits
+            self.noise = torch.randn(n, *setting.data_shape, generator=g).to(dev)
+            self.cond = (torch.arange(n) % 10).to(dev)
+            x_test, _ = load_digits_tensors("test")
+            self.ref_feats = extractor.extract(setting.x_train.cpu())
+            self.floor = {**self.image_metrics(x_test, None), "n": len(x_test), "n_ref": len(self.ref_feats)}
+        else:
+            n = budget.n_eval_2d
+            self.noise = torch.randn(n, 2, generator=g).to(dev)
+            self.cond = None
+            gd = torch.Generator().manual_seed(seed_of("eval-data", setting.name))
+            if setting.name == "gmm":
+                self.ref = setting.mixture.sample(n, generator=gd).cpu()
+                other = setting.mixture.sample(n, generator=gd).cpu()
+                self.data_std = float(torch.cat([self.ref, other]).double().var(0).mean().sqrt())
+                t0 = time.time()
+                one = torch.ones(n, device=dev, dtype=torch.float64)
+                self.exact = setting.exact_teacher.flow_map(self.noise.double(), one, 0 * one, steps=budget.exact_map_steps).float().cpu()
+                log(f"gmm: exact flow map of {n} noises in {time.time() - t0:.1f} s")
+            else:
+                self.ref = setting.source.sample(n, generator=gd)
+                other = setting.source.sample(n, generator=gd)
+            self.floor = {**self.point_metrics(other, exact=None), "n": n, "n_ref": n}
+            if setting.name == "gmm":
+                self.floor["rmse"] = 0.0
+
+    def point_metrics(self, x: Tensor, exact: Tensor | None) -> dict:
+        x = x.float().cpu()
+        if not torch.isfinite(x).all():
+            return {"w2": float("nan"), "nonfinite": int((~torch.isfinite(x)).any(1).sum())}
+        out = {"w2": w2_exact(x, self.ref)}
+        if self.s.name == "checkerboard":
+            out["precision"] = checkerboard_precision(x)
+        elif self.s.name == "eight_gaussians":
+            out["precision"] = eight_gaussians_precision(x)
+        if exact is not None:
+            out["rmse"] = flow_map_rmse(x, exact)
+        return out
+
+    def image_metrics(self, x: Tensor, cond: Tensor | None) -> dict:
+        from flowmap.features import fid_kid_from_features
+
+        x = x.float().cpu()
+        if not torch.isfinite(x).all():
+            return {"fd": float("nan"), "kid": float("nan")}
+        feats = self.extractor.extract(x)
+        out = fid_kid_from_features(self.ref_feats, feats, kid_subsets=self.budget.kid_subsets, kid_subset_size=1000)
+        if cond is not None and (cond >= 0).all() and hasattr(self.extractor, "classify"):
+            out["class_acc"] = float((self.extractor.classify(x) == cond).double().mean())
+        return out
+
+    def metrics(self, x: Tensor) -> dict:
+        if self.s.name == "digits":
+            return self.image_metrics(x, self.cond.cpu())
+        return self.point_metrics(x, self.exact if self.s.name == "gmm" else None)
+
+    def teacher_rows(self, teacher) -> tuple[dict, dict]:
+        """{solver: {nfe: metrics}} for Euler and Heun (Heun: 2 NFE per step, so odd NFE are absent), and samples."""
+        rows, samples = {"euler": {}, "heun": {}}, {}
+        for nfe in TEACHER_NFE:
+            for method, per_step in (("euler", 1), ("heun", 2)):
+                if nfe % per_step:
+                    continue
+                x = solve(teacher, self.noise, nfe // per_step, method, cond=self.cond)
+                rows[method][nfe] = self.metrics(x)
+                samples[(method, nfe)] = x.cpu()
+        return rows, samples
+
+    def student_rows(self, student, gamma: float = 0.0) -> tuple[dict, dict]:
+        rows, samples = {}, {}
+        for nfe in STUDENT_NFE:
+            g = torch.Generator(self.noise.device).manual_seed(seed_of("renoise", self.s.name, nfe))
+            x = sample(student, self.noise, nfe, cond=self.cond, gamma=gamma, generator=g)
+            rows[nfe] = self.metrics(x)
+            if gamma > 0 and nfe > 1 and "rmse" in rows[nfe]:
+                rows[nfe]["rmse"] = None  # a re-noising sampler does not follow the deterministic map: only W2 applies
+            samples[nfe] = x.cpu()
+        return rows, samples
+
+    @torch.no_grad()
+    def trajectory(self, model, steps: int, n: int = 256, gamma: float = 0.0) -> Tensor:
+        """(steps + 1, n, 2) states of ``sample`` (students) or an Euler solve (teachers)."""
+        x0 = self.noise[:n]
+        states = [x0.cpu()]
+        cb = lambda i, t, x: states.append(x.cpu())  # noqa: E731
+        if isinstance(model, FlowMap):
+            sample(model, x0, steps, gamma=gamma, generator=torch.Generator(x0.device).manual_seed(0), callback=cb)
+        else:
+            solve(model, x0, steps, "euler", callback=cb)
+        return torch.stack(states)
+
+
+# --- methods ---------------------------------------------------------------------------------------
+
+
+def discover_methods(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """(methods that import and build with their benchmark config, {method: reason} for the others)."""
+    names = list(OBJECTIVES) if requested is None else requested
+    ok, skipped = [], {}
+    for name in names:
+        if name not in OBJECTIVES:
+            skipped[name] = f"not in the objective registry (known: {sorted(OBJECTIVES)})"
+            continue
+        try:
+            build_objective(method_config(name, "2d", 100))
+            ok.append(name)
+        except Exception as err:  # a method being written elsewhere: note it, go on
+            skipped[name] = f"does not build: {type(err).__name__}: {str(err)[:200]}"
+    return ok, skipped
+
+
+# --- cost: step time, memory, throughput -------------------------------------------------------------
+
+
+class StepRunner:
+    """Exactly one ``flowmap.training.fit`` step (objective, backward, clipping, Adam, EMA target), callable
+    repeatedly so that several objectives can be timed interleaved."""
+
+    def __init__(self, student: nn.Module, objective: nn.Module, teacher, batch: Callable[[], tuple[Tensor, Tensor | None]]) -> None:
+        self.student, self.objective, self.teacher, self.batch = student, objective, teacher, batch
+        self.target = frozen_copy(student) if getattr(objective, "uses_target", False) else None
+        self.params = [p for p in student.parameters() if p.requires_grad] + [p for p in objective.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=1e-4)
+        self.k = 0
+        student.train()
+
+    def step(self) -> None:
+        x0, cond = self.batch()
+        out = self.objective(student=self.student, teacher=self.teacher, target=self.target, x0=x0, cond=cond, step=self.k)
+        loss = out.loss.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        if self.target is not None:
+            ema_update(self.target, self.student, self.objective.target_decay(self.k))
+        float(loss.detach())
+        self.k += 1
+
+
+def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, inner: int, device: torch.device,
+                      warmup: int = 0) -> dict[str, list[float]]:
+    """Seconds per call of each function: ``warmup`` untimed calls each, then ``repeats`` rounds, each calling
+    every function ``inner`` times in a rotated order, so slow phases of a shared machine hit all of them alike."""
+    names = list(fns)
+    for n in names:
+        for _ in range(warmup):
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fns[n]()
+            sync(device)
+            times[n].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory: Memory) -> dict:
+    """Per net (MLP on 2-D points, DiT on 8x8 digits): step time of each objective over flow matching,
+    peak memory of one step, and sampling throughput (1 NFE vs the raw forward vs the teacher at 64 NFE)."""
+    out = {}
+    nets = {
+        "mlp": ({**budget.cost_mlp, "data_shape": [2]}, budget.cost_batch_mlp, budget.throughput_batch_mlp, 0),
+        "dit": ({**budget.dit, "data_shape": [1, 8, 8], "num_classes": 10}, budget.cost_batch_dit, budget.throughput_batch_dit, 10),
+    }
+    for net_name, (cfg, batch, tp_batch, classes) in nets.items():
+        log(f"cost: {net_name} ({', '.join(['fm', *methods])}), batch {batch}")
+        torch.manual_seed(seed_of("cost", net_name))
+        teacher = NetVelocity(build_net(dict(cfg)).to(device)).eval().requires_grad_(False)
+        shape = tuple(cfg["data_shape"])
+        g = torch.Generator().manual_seed(0)
+        x_fixed = torch.randn(batch, *shape, generator=g).to(device)
+        c_fixed = torch.randint(0, classes, (batch,), generator=g).to(device) if classes else None
+        batch_fn = lambda: (x_fixed, c_fixed)  # noqa: E731
+        runners, errors = {}, {}
+        for name in ["fm", *methods]:
+            try:
+                torch.manual_seed(seed_of("cost-student", net_name))
+                student = FlowMap(build_net(dict(cfg))).to(device)
+                student.net.load_state_dict(teacher.net.state_dict())  # a trained-like start, same for every method
+                kind = "digits" if net_name == "dit" else "2d"
+                objective = FlowMatching("uniform", 0.0) if name == "fm" else build_objective(method_config(name, kind, 1000))
+                runner = StepRunner(student, objective.to(device), teacher, batch_fn)
+                runner.step()  # warm-up: allocations, Adam state, lazy inits
+                runner.step()
+                runners[name] = runner
+            except Exception as err:
+                errors[name] = f"{type(err).__name__}: {str(err)[:200]}"
+                log(f"cost: {net_name}/{name} failed: {errors[name]}")
+        times = interleaved_times({n: r.step for n, r in runners.items()}, budget.cost_repeats, budget.cost_steps, device)
+        base = median(times["fm"]) if "fm" in times else float("nan")
+        rows = {}
+        for name, runner in runners.items():
+            step_s = median(times[name])
+            rows[name] = {"step_s": step_s, "ratio": step_s / base, "samples": len(times[name]),
+                          "peak_mib": memory.measure(runner.step)}
+        for name, err in errors.items():
+            rows[name] = {"error": err}
+        # sampling throughput: raw forward vs 1-NFE student sampling vs the teacher's 64 Euler steps
+        student = FlowMap(copy.deepcopy(teacher.net)).eval()
+        noise = torch.randn(tp_batch, *shape, generator=g).to(device)
+        cond = torch.randint(0, classes, (tp_batch,), generator=g).to(device) if classes else None
+        s1, s0 = torch.ones(tp_batch, device=device), torch.zeros(tp_batch, device=device)
+
+        @torch.no_grad()
+        def raw():
+            teacher.net(noise, s1, s0, cond)
+
+        fns = {"raw forward": raw, "student 1 NFE": lambda: sample(student, noise, 1, cond=cond)}
+        tp = interleaved_times(fns, budget.throughput_repeats, budget.throughput_inner, device, warmup=1)
+        t64 = interleaved_times({"teacher 64 NFE": lambda: solve(teacher, noise, 64, "euler", cond=cond)},
+                                max(1, budget.throughput_repeats // 3), 1, device)
+        tp.update(t64)
+        throughput = {n: {"samples_per_s": tp_batch / median(v), "call_s": median(v)} for n, v in tp.items()}
+        raw_tp = throughput["raw forward"]["samples_per_s"]
+        for n in throughput:
+            throughput[n]["vs_raw_forward"] = throughput[n]["samples_per_s"] / raw_tp
+        throughput["student 1 NFE"]["vs_teacher_64"] = (throughput["student 1 NFE"]["samples_per_s"]
+                                                         / throughput["teacher 64 NFE"]["samples_per_s"])
+        out[net_name] = {"net": cfg, "batch": batch, "throughput_batch": tp_batch, "steps": rows, "throughput": throughput,
+                         "params": sum(p.numel() for p in teacher.net.parameters())}
+    return out
+
+
+# --- peer: torchcfm ---------------------------------------------------------------------------------
+
+
+def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator: Evaluator) -> dict:
+    """Teacher flow matching, ours (``DenoisingLoss``) against torchcfm's ``ConditionalFlowMatcher``(sigma=0),
+    on the same MLP (same init), the same data batches, batch size, steps, optimizer and uniform times.
+    torchcfm's convention x_t = t x1 + (1 - t) x0, u_t = x1 - x0 with x0 = data, x1 = noise is ours exactly."""
+    try:
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+        import torchcfm
+    except ImportError as err:
+        return {"available": False, "reason": f"torchcfm is not installed ({err}); pip install torchcfm --no-deps"}
+    cfm = ConditionalFlowMatcher(sigma=0.0)
+    ours_loss = DenoisingLoss("linear", "velocity", time_sampling="uniform", p_uncond=0.0)
+    torch.manual_seed(seed_of("peer-net"))
+    net_ours = build_net({**budget.mlp, "data_shape": [2]}).to(device)
+    net_peer = copy.deepcopy(net_ours)
+    opts = {n: torch.optim.Adam(m.parameters(), lr=budget.lr_2d * 2) for n, m in (("ours", net_ours), ("torchcfm", net_peer))}
+    g = torch.Generator().manual_seed(seed_of("peer-data"))
+    data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(budget.peer_steps, 64))]
+
+    def step_ours(x0: Tensor) -> float:
+        loss = ours_loss(net_ours, x0, None).loss.mean()
+        return _opt_step(opts["ours"], net_ours, loss)
+
+    def step_peer(x0: Tensor) -> float:
+        x1 = torch.randn_like(x0)
+        t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1)
+        loss = (net_peer(xt, t, t) - ut).pow(2).mean()
+        return _opt_step(opts["torchcfm"], net_peer, loss)
+
+    times = {"ours": [], "torchcfm": []}
+    losses = {"ours": [], "torchcfm": []}
+    done = 0
+    block = 0
+    while done < budget.peer_steps:
+        k = min(budget.peer_block, budget.peer_steps - done)
+        order = [("ours", step_ours), ("torchcfm", step_peer)]
+        if block % 2:
+            order.reverse()
+        for name, fn in order:
+            sync(device)
+            t0 = time.perf_counter()
+            for j in range(k):
+                losses[name].append(fn(data[(done + j) % len(data)]))
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / k)
+        done += k
+        block += 1
+    result = {"available": True, "version": getattr(torchcfm, "__version__", "?"), "steps": budget.peer_steps,
+              "batch": budget.batch_2d, "data": setting.name, "net": {**budget.mlp, "data_shape": [2]}}
+    for name, net in (("ours", net_ours), ("torchcfm", net_peer)):
+        teacher = NetVelocity(net.eval())
+        x = solve(teacher, evaluator.noise, 32, "heun")
+        result[name] = {"step_s": median(times[name]), "w2": evaluator.point_metrics(x, None)["w2"],
+                        "final_loss": float(sum(losses[name][-20:]) / len(losses[name][-20:]))}
+    result["step_ratio"] = result["ours"]["step_s"] / result["torchcfm"]["step_s"]
+    result["w2_ratio"] = result["ours"]["w2"] / result["torchcfm"]["w2"]
+    return result
+
+
+def _opt_step(opt: torch.optim.Optimizer, net: nn.Module, loss: Tensor) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=None, help="comma-separated objectives (default: every registered one; --quick: cd,meanflow)")
+    p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {','.join(DATASETS)}")
+    p.add_argument("--out", default=str(ROOT / "benchmarks"), help="output folder (RESULTS.md, results.json, plots)")
+    p.add_argument("--cache", default=None, help="cache folder for teachers, students and the feature net (default <out>/cache)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets and two methods: a smoke run of every table")
+    p.add_argument("--fresh", action="store_true", help="ignore cached teachers and students")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = 1 on a busy machine, else all cores)")
+    p.add_argument("--inception-weights", default=None, help="FID Inception weights file: use Inception features for digits")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: cost, peer, plots")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every training step count (teachers, students, peer)")
+    return p.parse_args(argv)
+
+
+def pick_threads(requested: int) -> int:
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] > 0.75 * cores
+    except OSError:
+        busy = False
+    return 1 if busy else cores
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    start = time.time()
+    budget_name = "quick" if a.quick else "full"
+    budget = scaled(BUDGETS[budget_name], a.scale)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
+    datasets = [d.strip() for d in a.datasets.split(",") if d.strip()]
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown or not datasets:
+        raise ValueError(f"--datasets: unknown {unknown}; choose from {list(DATASETS)}")
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if skip - {"cost", "peer", "plots"}:
+        raise ValueError(f"--skip: unknown parts {sorted(skip - {'cost', 'peer', 'plots'})} (cost, peer, plots)")
+    if a.inception_weights and not Path(a.inception_weights).is_file():
+        raise ValueError(f"--inception-weights: no such file {a.inception_weights!r}")
+    threads = pick_threads(a.threads)
+    torch.set_num_threads(threads)
+    requested = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else (list(QUICK_METHODS) if a.quick else None)
+    methods, skipped = discover_methods(requested)
+    out = Path(a.out)
+    cache = Path(a.cache) if a.cache else out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    memory = Memory(device)
+    log(f"benchmark ({budget_name}): methods {methods}, skipped {sorted(skipped)}, datasets {datasets}, {threads} thread(s), device {device}")
+
+    results: dict = {
+        "meta": {"budget": budget_name, "scale": a.scale, "budget_values": asdict(budget), "methods": methods, "skipped_methods": skipped,
+                 "datasets": datasets, "device": str(device), "threads": threads, "torch": torch.__version__,
+                 "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                 "cpu_count": os.cpu_count(), "load_average_start": _loadavg(), "memory_method": memory.method,
+                 "method_configs": {d: {m: method_config(m, "digits" if d == "digits" else "2d",
+                                                         budget.student_steps_digits if d == "digits" else budget.student_steps_2d, d)
+                                        for m in methods} for d in datasets}},
+        "quality": {}, "cost": {}, "peer": {},
+    }
+    samples: dict = {}
+    extractor = None
+    if "digits" in datasets:
+        extractor = _feature_extractor(a.inception_weights, cache, budget)
+        results["meta"]["features"] = extractor.describe()
+
+    for name in datasets:
+        setting = Setting(name, budget, device, cache, a.fresh)
+        teacher = setting.get_teacher()
+        ev = Evaluator(setting, budget, extractor)
+        log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
+        teacher_rows, teacher_samples = ev.teacher_rows(teacher)
+        q = {"floor": ev.floor, "n_eval": len(ev.noise), "teacher": teacher_rows, "teacher_seconds": setting.teacher_seconds,
+             "teacher_losses": setting.teacher_losses, "students": {}, "failed": {}, "student_steps": setting.student_steps}
+        if name == "gmm":
+            q["data_std"] = ev.data_std
+        sm = {"data": ev.ref if name != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()), "teacher": teacher_samples,
+              "students": {}, "trajectories": {}}
+        if name != "digits":
+            sm["trajectories"]["teacher (Euler 64)"] = ev.trajectory(teacher, 64)
+        for method in methods:
+            try:
+                log(f"{name}/{method}: training {setting.student_steps} steps")
+                trained = setting.train_student(method)
+                gamma = SAMPLER_GAMMA.get(method, 0.0)
+                rows, student_samples = ev.student_rows(trained["student"], gamma)
+            except Exception as err:
+                q["failed"][method] = f"{type(err).__name__}: {str(err)[:300]}"
+                log(f"{name}/{method}: FAILED {q['failed'][method]}")
+                continue
+            q["students"][method] = {"nfe": rows, "config": trained["config"], "losses": trained["losses"],
+                                     "seconds": trained["seconds"], "steps": trained["steps"], "init": trained["init"],
+                                     "config_source": trained.get("config_source", ""),
+                                     "cached": trained["cached"], "sampler_gamma": gamma}
+            sm["students"][method] = student_samples
+            if name != "digits":
+                sm["trajectories"][f"{method} (4 NFE)"] = ev.trajectory(trained["student"], 4, gamma=gamma)
+            log(f"{name}/{method}: " + ", ".join(f"{k} NFE {_fmt_row(v)}" for k, v in rows.items()))
+        results["quality"][name] = q
+        samples[name] = sm
+        if name == "checkerboard" and "peer" not in skip:
+            log("peer: our flow matching vs torchcfm")
+            results["peer"] = peer_table(setting, budget, device, ev)
+    if "peer" not in skip and "checkerboard" not in datasets:
+        setting = Setting("checkerboard", budget, device, cache, a.fresh)
+        results["peer"] = peer_table(setting, budget, device, Evaluator(setting, budget, None))
+    if "peer" in skip:
+        results["peer"] = {"available": False, "reason": "skipped (--skip peer)"}
+    if "cost" not in skip:
+        results["cost"] = cost_tables(methods, budget, device, memory)
+    results["meta"]["seconds"] = time.time() - start
+    results["meta"]["load_average_end"] = _loadavg()
+
+    from scripts.benchmark_report import write_report
+
+    log("writing RESULTS.md, results.json and plots")
+    write_report(results, samples, out, plots="plots" not in skip)
+    log(f"done in {time.time() - start:.0f} s: {out / 'RESULTS.md'}, {out / 'results.json'}")
+    return results
+
+
+def _feature_extractor(inception_weights: str | None, cache: Path, budget: Budget):
+    from flowmap.features import build_feature_extractor, digit_classifier
+
+    if inception_weights:
+        return build_feature_extractor(inception_weights)
+    path = cache / f"digit_features_{budget.feature_steps}.safetensors"
+    existed = path.is_file()
+    log(f"digits: {'loading' if existed else 'training'} the feature classifier ({budget.feature_steps} steps)")
+    net = digit_classifier(path, steps=budget.feature_steps)
+    from flowmap.features import load_feature_net
+
+    net = load_feature_net(path)  # carries its test accuracy
+    return build_feature_extractor(None, net, source=f"{budget.feature_steps} steps, {'cached' if existed else 'trained in this run'}")
+
+
+def _by_class(x: Tensor, y: Tensor, per_class: int = 4) -> Tensor:
+    """(per_class * 10, ...) images ordered like the evaluation labels (arange(n) % 10): row r holds the r-th of each class."""
+    return torch.stack([x[(y == c).nonzero()[r, 0]] for r in range(per_class) for c in range(10)])
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fmt_row(m: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

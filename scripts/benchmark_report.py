@@ -1,0 +1,460 @@
+"""The benchmark's outputs: targets read against the results, RESULTS.md, results.json and PNG plots.
+
+Called by ``scripts/benchmark.py`` (``write_report``); pure functions of its ``results`` dict (and the
+samples it kept for the figures), so the report can be rebuilt from a saved results.json (without plots).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TARGET_TEACHER_NFE_2D = 64
+TARGET_TEACHER_NFE_DIGITS = 32
+ONE_NFE_PRECISION_METHODS = ("meanflow", "scd", "cd")  # "MeanFlow, sCM and consistency distillation"
+DATA_TITLES = {"checkerboard": "Checkerboard", "eight_gaussians": "Eight Gaussians", "digits": "Digits (8x8, class-conditional)",
+               "gmm": "Analytic mixture ring8 (data-free distillation)"}
+
+
+# --- targets ---------------------------------------------------------------------------------------
+
+
+def _target(text: str, value: float | None, threshold: float, sense: str, note: str = "") -> dict:
+    """One target: met when value <= threshold (sense '<=') or >= threshold ('>='); the margin is relative."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return {"target": text, "value": None, "threshold": threshold, "sense": sense, "met": None,
+                "margin": f"not evaluated{': ' + note if note else ''}"}
+    met = value <= threshold if sense == "<=" else value >= threshold
+    rel = abs(value - threshold) / abs(threshold) if threshold else abs(value - threshold)
+    margin = f"met, {rel:.0%} to spare" if met else f"missed by {rel:.0%}"
+    return {"target": text, "value": float(value), "threshold": threshold, "sense": sense, "met": bool(met),
+            "margin": margin + (f" ({note})" if note else "")}
+
+
+def _get(d: dict, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k, d.get(str(k)) if not isinstance(k, str) else None)
+    return d
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """The issue's targets, each with its measured value, threshold, met / not and margin."""
+    out: list[dict] = []
+    q = results.get("quality", {})
+    cb = q.get("checkerboard")
+    if cb:
+        ref = _get(cb, "teacher", "heun", TARGET_TEACHER_NFE_2D, "w2")
+        for m, st in cb["students"].items():
+            w2 = _get(st, "nfe", 2, "w2")
+            out.append(_target(f"checkerboard: {m} W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]",
+                               w2 / ref if (w2 is not None and ref) else None, 1.25, "<="))
+        for m in ONE_NFE_PRECISION_METHODS:
+            prec = _get(cb, "students", m, "nfe", 1, "precision")
+            why = "method not run" if m not in cb["students"] else ""
+            why = cb.get("failed", {}).get(m, why)
+            out.append(_target(f"checkerboard: {m} at 1 NFE puts >= 0.90 of its samples on occupied cells", prec, 0.90, ">=", why if prec is None else ""))
+    gmm = q.get("gmm")
+    if gmm:
+        best = {m: _get(st, "nfe", 1, "rmse") for m, st in gmm["students"].items()}
+        best = {m: v for m, v in best.items() if v is not None and math.isfinite(v)}
+        if best:
+            m = min(best, key=best.get)
+            out.append(_target(f"mixture: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std ({gmm['data_std']:.3f}) [RMSE / std]",
+                               best[m] / gmm["data_std"], 0.05, "<="))
+        else:
+            out.append(_target("mixture: best 1-NFE flow-map RMSE < 5% of the data std", None, 0.05, "<=", "no student"))
+    dg = q.get("digits")
+    if dg:
+        ref = _get(dg, "teacher", "heun", TARGET_TEACHER_NFE_DIGITS, "fd")
+        fds = {m: _get(st, "nfe", 2, "fd") for m, st in dg["students"].items()}
+        fds = {m: v for m, v in fds.items() if v is not None and math.isfinite(v)}
+        if fds and ref:
+            m = min(fds, key=fds.get)
+            out.append(_target(f"digits: best student's FD at 2 NFE ({m}: {fds[m]:.3f}) <= 1.5x the teacher's at 32 NFE "
+                               f"(Heun, {ref:.3f}) [ratio]", fds[m] / ref, 1.5, "<="))
+        else:
+            out.append(_target("digits: best student's FD at 2 NFE <= 1.5x the teacher's at 32 NFE", None, 1.5, "<=", "no student"))
+    cost = results.get("cost", {})
+    for net, limit in (("mlp", 2.5), ("dit", 3.0)):
+        ratio = _get(cost, net, "steps", "meanflow", "ratio")
+        note = "" if ratio is not None else ("cost table skipped" if not cost else "meanflow not run")
+        out.append(_target(f"cost: a MeanFlow step <= {limit}x a flow-matching step ({net.upper()}) [ratio]", ratio, limit, "<=", note))
+    for net in ("mlp", "dit"):
+        r = _get(cost, net, "throughput", "student 1 NFE", "vs_raw_forward")
+        out.append(_target(f"cost: 1-NFE sampling >= 0.9x the raw forward's throughput ({net.upper()}) [ratio]", r, 0.9, ">=",
+                           "" if r is not None else "cost table skipped"))
+    peer = results.get("peer", {})
+    reason = peer.get("reason", "peer not run")
+    out.append(_target("peer: our flow-matching step no slower than torchcfm's [time ratio ours / torchcfm]",
+                       peer.get("step_ratio"), 1.0, "<=", "" if peer.get("available") else reason))
+    out.append(_target("peer: our final W2 no worse than torchcfm's [W2 ratio ours / torchcfm]",
+                       peer.get("w2_ratio"), 1.0, "<=", "" if peer.get("available") else reason))
+    return out
+
+
+# --- markdown --------------------------------------------------------------------------------------
+
+
+def _f(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+            return f"{v:.2e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _cell(name: str, m: dict | None) -> str:
+    """One table cell of the main metric(s) of data set ``name``."""
+    if not m:
+        return "-"
+    if name in ("checkerboard", "eight_gaussians"):
+        return f"{_f(m.get('w2'))} / {_f(m.get('precision'), 3)}"
+    if name == "gmm":
+        return f"{_f(m.get('rmse'))} / {_f(m.get('w2'))}"
+    acc = m.get("class_acc")
+    return f"{_f(m.get('fd'))} / {_f(m.get('kid'), 3)}" + (f" ({acc:.2f})" if acc is not None else "")
+
+
+CELL_LEGEND = {
+    "checkerboard": "exact W2 to fresh data (lower is better) / share of samples on occupied cells (higher is better)",
+    "eight_gaussians": "exact W2 to fresh data / share of samples within 4 std of a centre",
+    "gmm": "flow-map RMSE of X(eps, 1, 0) against the exact map on the same eps (n/a for re-noising samplers above 1 NFE) / exact W2 to fresh mixture samples",
+    "digits": "FD / KID against the train split's features (class accuracy of the samples: share the classifier assigns to the requested label). "
+              "The floor has only the 359 test images, so its FD carries a larger small-sample bias than the models' (FD falls "
+              "as N grows); KID is unbiased and compares across sample sizes",
+}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _nfe_keys(d: dict) -> list[int]:
+    return sorted(int(k) for k in d)
+
+
+def _row(d: dict, nfe: int):
+    return d.get(nfe, d.get(str(nfe)))
+
+
+def markdown(results: dict, targets: list[dict]) -> str:
+    meta = results["meta"]
+    L: list[str] = ["# flowmap benchmark", ""]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    scale = f", steps x {meta['scale']}" if meta.get("scale", 1.0) != 1.0 else ""
+    L.append(f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: {meta['machine']}, {meta['cpu_count']} cores, "
+             f"{meta['threads']} torch thread(s), device {meta['device']}, torch {meta['torch']}, Python {meta['python']}; "
+             f"load average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end; "
+             f"{meta.get('seconds', 0) / 60:.1f} min in all.")
+    L.append("")
+    if meta["budget"] == "quick":
+        L += ["> **Quick smoke run.** Tiny nets and budgets: every table is filled so the pipeline is checked, "
+              "but these numbers say nothing about the methods. Run `python scripts/benchmark.py` for the real ones.", ""]
+    L += ["Every student is a `FlowMap` with the same backbone as its teacher, initialized from the teacher's weights "
+          "(the mixture's students from a flow-matching net trained on the mixture's own samples; the exact mixture "
+          "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
+          "with the same batch and Adam learning rate; methods' hyperparameters are their defaults with curricula scaled "
+          "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. Students sample with "
+          "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
+          "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "
+          "along the grid (gamma = 0).", ""]
+    L.append(f"Methods run: {', '.join(meta['methods']) or 'none'}.")
+    for m, why in meta.get("skipped_methods", {}).items():
+        L.append(f"- skipped `{m}`: {why}")
+    for name, q in results["quality"].items():
+        for m, why in q.get("failed", {}).items():
+            L.append(f"- `{m}` failed on {name}: {why}")
+    if "features" in meta:
+        L += ["", f"Digit features: {meta['features']}. FD and KID values in these features are not comparable with "
+              "Inception FID / KID."]
+    L += ["", "## Targets", ""]
+    L += _table(["target", "value", "threshold", "met", "margin"],
+                [[t["target"], _f(t["value"]), f"{t['sense']} {t['threshold']}",
+                  {True: "yes", False: "**no**", None: "-"}[t["met"]], t["margin"]] for t in targets])
+    n_met = sum(t["met"] is True for t in targets)
+    n_eval = sum(t["met"] is not None for t in targets)
+    L += ["", f"{n_met} of {n_eval} evaluated targets met."]
+
+    L += ["", "## Quality per NFE", ""]
+    for name, q in results["quality"].items():
+        L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {CELL_LEGEND[name]}.", ""]
+        fl = q["floor"]
+        L.append(f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; the data-vs-data "
+                 f"floor compares {fl.get('n')} other data samples with the same reference: {_cell(name, fl)}." + (f" Data std (per coordinate, RMS): {q['data_std']:.4f}." if "data_std" in q else ""))
+        L.append("")
+        nfes = sorted({n for s in q["teacher"].values() for n in _nfe_keys(s)})
+        rows = [[f"teacher, {solver}"] + [_cell(name, _row(q["teacher"][solver], n)) for n in nfes] for solver in ("euler", "heun")]
+        L += _table(["teacher \\ NFE", *map(str, nfes)], rows)
+        L.append("")
+        what = "Flow-matching init net" if name == "gmm" else "Teacher"
+        L.append(f"{what}: {_f(q.get('teacher_seconds'), 3)} s of training.")
+        L.append("")
+        rows = []
+        for m, st in q["students"].items():
+            per = st["seconds"] / max(1, st["steps"])
+            rows.append([m] + [_cell(name, _row(st["nfe"], n)) for n in _nfe_keys(st["nfe"])]
+                        + [str(st["steps"]), f"{per * 1e3:.1f}" + (" (cached)" if st.get("cached") else "")])
+        if rows:
+            L += _table(["student \\ NFE", *map(str, sorted(_nfe_keys(next(iter(q["students"].values()))["nfe"]))), "steps", "ms / step (wall)"], rows)
+        else:
+            L.append("No student finished on this data set.")
+        L.append("")
+        notes = [f"`{m}`: init {st.get('init', '?')}; {st.get('config_source') or 'benchmark defaults'}"
+                 + (f"; sampler gamma {st['sampler_gamma']}" if st.get("sampler_gamma") else "")
+                 for m, st in q["students"].items()]
+        if notes:
+            L += ["<details><summary>students' initialization and hyperparameter sources</summary>", ""]
+            L += [f"- {n}" for n in notes] + ["", "</details>", ""]
+
+    L += ["## Training cost", ""]
+    cost = results.get("cost") or {}
+    if not cost:
+        L += ["Skipped.", ""]
+    else:
+        L += [f"Seconds per training step (objective, backward, clipping, Adam, EMA target), medians over interleaved "
+              f"repeats in one process, and the ratio to a plain flow-matching step on the same net and batch. "
+              f"Peak memory: {meta['memory_method']}, of one step after warm-up, in MiB.", ""]
+        for net, c in cost.items():
+            L.append(f"**{net.upper()}** ({c['params']:,} parameters, batch {c['batch']}, config `{json.dumps(c['net'])}`)")
+            L.append("")
+            rows = []
+            for m, r in c["steps"].items():
+                if "error" in r:
+                    rows.append([m, "failed", "-", "-", r["error"]])
+                else:
+                    rows.append([m, f"{r['step_s'] * 1e3:.2f}", f"{r['ratio']:.2f}", _f(r.get("peak_mib"), 3), ""])
+            L += _table(["objective", "ms / step", "x flow matching", "peak MiB", "note"], rows)
+            L.append("")
+        L += ["### Sampling throughput", ""]
+        rows = []
+        for net, c in cost.items():
+            tp = c["throughput"]
+            rows.append([net.upper(), str(c["throughput_batch"]), f"{tp['raw forward']['samples_per_s']:.4g}",
+                         f"{tp['student 1 NFE']['samples_per_s']:.4g} ({tp['student 1 NFE']['vs_raw_forward']:.2f}x)",
+                         f"{tp['teacher 64 NFE']['samples_per_s']:.4g}", f"{tp['student 1 NFE']['vs_teacher_64']:.1f}x"])
+        L += _table(["net", "batch", "raw forward (samples/s)", "student 1 NFE (x raw)", "teacher 64 NFE Euler",
+                     "1 NFE speed-up over teacher"], rows)
+        L.append("")
+    L += ["## Peer: flow-matching teacher against torchcfm", ""]
+    peer = results.get("peer") or {}
+    if not peer.get("available"):
+        L += [f"Not run: {peer.get('reason', 'no peer result')}.", ""]
+    else:
+        L += [f"torchcfm {peer['version']} `ConditionalFlowMatcher(sigma=0)` (its x_t = t x1 + (1 - t) x0 with x0 = data, "
+              f"x1 = noise is our linear path) against our `DenoisingLoss` (uniform times), on the same MLP (same init), "
+              f"{peer['data']} batches ({peer['batch']}), Adam and {peer['steps']} steps, timed in alternating blocks; "
+              "W2 of 64-NFE Heun samples.", ""]
+        L += _table(["trainer", "ms / step", "final W2", "final loss"],
+                    [[n, f"{peer[n]['step_s'] * 1e3:.2f}", _f(peer[n]["w2"]), _f(peer[n]["final_loss"])] for n in ("ours", "torchcfm")])
+        L += ["", f"Time ratio ours / torchcfm: {peer['step_ratio']:.3f}; W2 ratio: {peer['w2_ratio']:.3f}.", ""]
+    plots = results.get("plots", [])
+    if plots:
+        L += ["## Plots", ""] + [f"- [{p}]({p})" for p in plots] + [""]
+    return "\n".join(L)
+
+
+# --- json ------------------------------------------------------------------------------------------
+
+
+def _clean(x):
+    """JSON-safe: non-finite floats -> None, tuple keys / int keys -> strings."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, (np.floating, np.integer)):
+        return _clean(x.item())
+    return x
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scatter(ax, x, title: str, lim: float) -> None:
+    x = x.float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = x[np.isfinite(x).all(1)]
+    ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5, linewidths=0)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+
+
+def scatter_grid(path: Path, sm: dict, lim: float) -> None:
+    """Rows: data | teacher (Euler 64, Heun 64), then each student at 1 / 2 / 4 NFE."""
+    plt = _plt()
+    students = sm["students"]
+    fig, axes = plt.subplots(1 + len(students), 3, figsize=(7.5, 2.5 * (1 + len(students))), squeeze=False)
+    _scatter(axes[0, 0], sm["data"], "data", lim)
+    _scatter(axes[0, 1], sm["teacher"][("euler", 64)], "teacher, Euler 64 NFE", lim)
+    _scatter(axes[0, 2], sm["teacher"][("heun", 64)], "teacher, Heun 64 NFE", lim)
+    for i, (m, per) in enumerate(students.items(), start=1):
+        for j, nfe in enumerate((1, 2, 4)):
+            _scatter(axes[i, j], per[nfe], f"{m}, {nfe} NFE", lim)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def trajectory_grid(path: Path, trajectories: dict, lim: float) -> None:
+    plt = _plt()
+    n = len(trajectories)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, traj) in zip(axes.flat, trajectories.items()):
+        tr = traj.float().numpy()
+        ax.axis("on")
+        paths = np.concatenate([tr, np.full((1, *tr.shape[1:]), np.nan)]).transpose(1, 0, 2).reshape(-1, 2)  # one NaN-separated line
+        ax.plot(paths[:, 0], paths[:, 1], color="0.6", lw=0.4, alpha=0.5)
+        ax.scatter(tr[0, :, 0], tr[0, :, 1], s=2, c="tab:blue")
+        ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=2, c="tab:red")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title + " (blue t=1, red t=0)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def digit_grid(path: Path, sm: dict) -> None:
+    """Rows: data | teacher (Heun 64) | each student at 1 and 2 NFE; 4 samples per class, one class per column."""
+    from flowmap.plotting import image_grid
+
+    plt = _plt()
+    panels = {"data (train split)": sm["data"][:40], "teacher, Heun 64 NFE": sm["teacher"][("heun", 64)][:40]}
+    for m, per in sm["students"].items():
+        panels[f"{m}, 1 NFE"] = per[1][:40]
+        panels[f"{m}, 2 NFE"] = per[2][:40]
+    cols = 4
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, x) in zip(axes.flat, panels.items()):
+        g = image_grid(x.clamp(-1, 1), nrow=10)
+        ax.imshow(g[..., 0], cmap="gray", interpolation="nearest", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def quality_curves(path: Path, name: str, q: dict, key: str) -> None:
+    """Metric ``key`` against NFE (log-log): teacher (Euler, Heun), each student, the data-vs-data floor."""
+    from flowmap.plotting import save_curves
+
+    curves = {}
+    for solver in ("euler", "heun"):
+        pts = [(n, _row(q["teacher"][solver], n).get(key)) for n in _nfe_keys(q["teacher"][solver])]
+        pts = [(n, v) for n, v in pts if v is not None and math.isfinite(v) and v > 0]
+        if pts:
+            curves[f"teacher ({solver})"] = tuple(zip(*pts))
+    for m, st in q["students"].items():
+        pts = [(n, _row(st["nfe"], n).get(key)) for n in _nfe_keys(st["nfe"])]
+        pts = [(n, v) for n, v in pts if v is not None and math.isfinite(v) and v > 0]
+        if pts:
+            curves[m] = tuple(zip(*pts))
+    floor = q["floor"].get(key)
+    if floor and math.isfinite(floor) and floor > 0:
+        curves["data vs data"] = ((1, 64), (floor, floor))
+    label = {"w2": "exact W2 to data", "rmse": "flow-map RMSE (1 -> 0)", "fd": "FD (digit-classifier features)"}[key]
+    save_curves(path, curves, "NFE", label, logy=True, logx=True)
+
+
+def loss_curves(path: Path, q: dict) -> None:
+    """Small multiples: the teacher's and each student's training loss (moving average over 5% of the steps)."""
+    plt = _plt()
+    series = {}
+    if q.get("teacher_losses"):
+        series["teacher (flow matching)"] = q["teacher_losses"]
+    for m, st in q["students"].items():
+        series[m] = st["losses"]
+    if not series:
+        return
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, ys) in zip(axes.flat, series.items()):
+        ax.axis("on")
+        y = np.asarray(ys, dtype=np.float64)
+        k = max(1, len(y) // 20)
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) + k - 1, smooth, lw=1)
+        if (smooth > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(samples: dict, results: dict, out: Path) -> list[str]:
+    files = []
+    lims = {"checkerboard": 2.5, "eight_gaussians": 2.5, "gmm": 3.0}
+    for name, sm in samples.items():
+        q = results["quality"][name]
+        if name == "digits":
+            p = out / "samples_digits.png"
+            digit_grid(p, sm)
+            files.append(p.name)
+        else:
+            p = out / f"scatter_{name}.png"
+            scatter_grid(p, sm, lims[name])
+            files.append(p.name)
+            p = out / f"trajectories_{name}.png"
+            trajectory_grid(p, sm["trajectories"], lims[name])
+            files.append(p.name)
+        for i, key in enumerate({"checkerboard": ["w2"], "eight_gaussians": ["w2"], "gmm": ["rmse", "w2"], "digits": ["fd"]}[name]):
+            p = out / (f"quality_vs_nfe_{name}.png" if i == 0 else f"quality_vs_nfe_{name}_{key}.png")
+            quality_curves(p, name, q, key)
+            files.append(p.name)
+        p = out / f"loss_{name}.png"
+        loss_curves(p, q)
+        if p.exists():
+            files.append(p.name)
+    return files
+
+
+def write_report(results: dict, samples: dict, out: str | Path, plots: bool = True) -> Path:
+    """Write plots, results.json (with the evaluated targets) and RESULTS.md into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = write_plots(samples, results, out) if plots else []
+    results["targets"] = evaluate_targets(results)
+    (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
+    (out / "RESULTS.md").write_text(markdown(results, results["targets"]))
+    return out / "RESULTS.md"

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""The demo: train a checkerboard teacher, distill it into a flow-map student, and compare them.
+
+    python scripts/demo.py                    # default method, results under runs/demo
+    python scripts/demo.py --method meanflow  # any config in configs/distill/<method>_checkerboard.yaml
+
+Writes to the output folder: teacher.safetensors, student.safetensors, comparison.png
+(data | teacher at 64 NFE | student at 1 and 2 NFE), metrics.json, and the Lightning run folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from flowmap.data import get_dataset  # noqa: E402
+from flowmap.lightning.cli import main_guard  # noqa: E402
+from flowmap.metrics import checkerboard_precision, w2_exact  # noqa: E402
+from flowmap.models import load_model  # noqa: E402
+from flowmap.plotting import save_panels  # noqa: E402
+from flowmap.sampling import sample  # noqa: E402
+from flowmap.solvers import solve  # noqa: E402
+from flowmap.time_grids import uniform_grid  # noqa: E402
+
+N_EVAL = 4000
+
+
+def methods() -> list[str]:
+    return sorted(p.name.removesuffix("_checkerboard.yaml") for p in (ROOT / "configs" / "distill").glob("*_checkerboard.yaml"))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="meanflow", help=f"distillation method, one of {methods()}")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's training steps")
+    p.add_argument("--student-steps", type=int, default=None, help="override the student's training steps")
+    p.add_argument("--logger", default="csv", help="wandb | csv | tensorboard | none")
+    return p.parse_args(argv)
+
+
+def evaluate(name: str, x: torch.Tensor, data: torch.Tensor, rows: dict) -> None:
+    rows[name] = {"w2": w2_exact(x, data), "precision": checkerboard_precision(x)}
+    print(f"  {name:<22} W2 {rows[name]['w2']:.4f}   on occupied cells {rows[name]['precision']:.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse(argv)
+    sys.argv = sys.argv[:1]  # the CLIs below get their own argument lists
+    if a.method not in methods():
+        raise ValueError(f"unknown method {a.method!r}; choose from {methods()}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    common = ["--logger", a.logger, "--trainer.enable_model_summary", "false"]
+
+    print("[1/3] training the checkerboard teacher", flush=True)
+    from scripts.train_teacher import main as train_teacher
+
+    teacher_args = ["--config", str(ROOT / "configs/teacher/checkerboard.yaml"), "--run_dir", str(out / "teacher_run"), "--export", str(out / "teacher.safetensors"), *common]
+    if a.teacher_steps:
+        teacher_args += ["--trainer.max_steps", str(a.teacher_steps)]
+    train_teacher(teacher_args)
+
+    print(f"[2/3] distilling it with {a.method}", flush=True)
+    from scripts.distill import main as distill
+
+    student_args = ["--config", str(ROOT / f"configs/distill/{a.method}_checkerboard.yaml"), "--teacher", str(out / "teacher.safetensors"), "--run_dir", str(out / "student_run"), "--export", str(out / "student.safetensors"), *common]
+    if a.student_steps:
+        student_args += ["--trainer.max_steps", str(a.student_steps)]
+    distill(student_args)
+
+    print("[3/3] evaluating on 4,000 fresh samples", flush=True)
+    torch.manual_seed(1234)
+    ds = get_dataset("checkerboard")
+    g = torch.Generator().manual_seed(1)
+    data, data2 = ds.sample(N_EVAL, generator=g), ds.sample(N_EVAL, generator=g)
+    teacher, student = load_model(out / "teacher.safetensors"), load_model(out / "student.safetensors")
+    noise = torch.randn(N_EVAL, 2, generator=g)
+    with torch.no_grad():
+        x_teacher = solve(teacher, noise, uniform_grid(32), "heun")  # 32 Heun steps = 63 NFE (last step Euler)
+        x_s1 = sample(student, noise, 1)
+        x_s2 = sample(student, noise, 2)
+    rows: dict[str, dict] = {}
+    evaluate("data vs data", data2, data, rows)
+    evaluate("teacher, Heun 64 NFE", x_teacher, data, rows)
+    evaluate(f"{a.method}, 1 NFE", x_s1, data, rows)
+    evaluate(f"{a.method}, 2 NFE", x_s2, data, rows)
+    floor = rows["data vs data"]["w2"]
+    metrics = {
+        "method": a.method,
+        "samples": N_EVAL,
+        "rows": rows,
+        "teacher_w2_over_floor": rows["teacher, Heun 64 NFE"]["w2"] / floor,
+        "seconds": time.time() - start,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_panels(out / "comparison.png", {"data": data, "teacher, 64 NFE": x_teacher, f"{a.method}, 1 NFE": x_s1, f"{a.method}, 2 NFE": x_s2})
+    print(f"\nteacher W2 / data-vs-data W2 = {metrics['teacher_w2_over_floor']:.2f} (target <= 1.4); teacher on occupied cells {rows['teacher, Heun 64 NFE']['precision']:.3f} (target >= 0.85)")
+    print(f"done in {metrics['seconds']:.0f} s; results in {out.resolve()}  (comparison.png, metrics.json, *.safetensors)")
+    return out
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Distill a teacher into a flow-map student with LightningCLI.
+
+    python scripts/distill.py --config configs/distill/cd_checkerboard.yaml \
+        --teacher runs/teacher/teacher.safetensors --run_dir runs/cd --export runs/cd/student.safetensors
+
+``--teacher PATH`` accepts our safetensors or Lightning checkpoints and diffusers model folders; the
+script says what it found before training. Data-free configs (e.g. configs/distill/*_gmm.yaml) set
+the teacher in YAML (the analytic Gaussian mixture) and draw their samples from it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning import LightningDataModule  # noqa: E402
+
+from flowmap.lightning.cli import FlowmapCLI, main_guard  # noqa: E402
+from flowmap.lightning.distill_module import DistillModule  # noqa: E402
+
+
+def expand_teacher_flag(args: list[str]) -> list[str]:
+    """``--teacher PATH`` -> ``--model.teacher`` as a CheckpointTeacher, after describing the file."""
+    if "--teacher" not in args:
+        return args
+    i = args.index("--teacher")
+    if i + 1 >= len(args):
+        raise ValueError("--teacher needs a path")
+    path = args[i + 1]
+    from teachers.checkpoints import describe_teacher, load_teacher
+
+    _, description = load_teacher(path)
+    print(f"teacher: {describe_teacher(description)}", flush=True)
+    spec = {"class_path": "teachers.CheckpointTeacher", "init_args": {"path": path}}
+    return args[:i] + ["--model.teacher", json.dumps(spec)] + args[i + 2 :]
+
+
+def main(args: list[str] | None = None) -> FlowmapCLI:
+    args = expand_teacher_flag(list(sys.argv[1:] if args is None else args))
+    cli = FlowmapCLI(DistillModule, LightningDataModule, subclass_mode_data=True, args=args)
+    cli.fit()
+    return cli
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,162 @@
+"""Teachers from checkpoints users already have; the kind is detected from the content, not the name.
+
+    flowmap .safetensors teacher    flowmap.models.load_model (config in the metadata)
+    Lightning .ckpt (TeacherModule) torch.load(weights_only=True) only; rebuilt from hyper_parameters
+                                    net / path / prediction, with the EMA weights ("ema.*") if present
+    diffusers model folder          teachers.diffusers_adapter (UNet2DModel / DiTTransformer2DModel)
+
+Nothing is unpickled beyond tensors and plain containers: a .ckpt holding other Python objects is
+refused by ``weights_only=True`` before any of its code can run, and reported as a CheckpointError.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.io import CheckpointError, load_state_strict
+from flowmap.models import load_model
+from flowmap.velocity import NetVelocity
+
+EXPECTED = "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder"
+
+
+def _kind_of_file(path: Path) -> str:
+    """'safetensors', 'torch' (zip or legacy pickle container) or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"  # u64 header length, then the JSON header
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"  # torch.save's zip container, or a legacy pickle stream
+    return "unknown"
+
+
+def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
+    try:
+        model = load_model(path)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # e.g. a config naming a net, path or prediction this version does not know
+        raise CheckpointError(f"{path}: the saved config does not describe a flowmap teacher ({err})") from None
+    config = model.config
+    if config.get("kind") != "teacher":
+        raise CheckpointError(f"{path}: a flowmap {config.get('kind')} checkpoint, not a teacher (load a student with flowmap.load_student)")
+    return model, _net_description("safetensors", path, model, config.get("net", {}).get("name"))
+
+
+def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled Python objects other than tensors and plain containers "
+            f"({first[:200]}). flowmap reads .ckpt files only with torch.load(weights_only=True), so none of its "
+            f"code was run. Expected {EXPECTED}."
+        ) from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: a PyTorch file without Lightning's 'state_dict' and 'hyper_parameters'; expected {EXPECTED}")
+    if "student" in hp or "objective" in hp:
+        raise CheckpointError(f"{path}: a DistillModule (student) checkpoint, not a teacher; export the student and use flowmap.load_student")
+    if "net" not in hp:
+        raise CheckpointError(f"{path}: a Lightning checkpoint without hyper_parameters['net'] (not a flowmap TeacherModule); expected {EXPECTED}")
+    from flowmap.nets import build_net
+
+    try:
+        net = build_net(dict(hp["net"]))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: hyper_parameters['net'] does not describe a flowmap net ({err})") from None
+    state: dict[str, Tensor] = ckpt["state_dict"]
+    prefix = "ema." if any(k.startswith("ema.") for k in state) else "net."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    load_state_strict(net, weights, what=f"{path} ({prefix}* weights)")
+    teacher = NetVelocity(net, hp.get("path", "linear"), hp.get("prediction", "velocity")).eval()
+    return teacher, _net_description("lightning", path, teacher, hp["net"].get("name"), weights="ema" if prefix == "ema." else "net")
+
+
+def _net_description(kind: str, path: Path, teacher: NetVelocity, net_name: str | None, **extra) -> dict:
+    return {
+        "kind": kind,
+        "source": str(path),
+        "model": net_name,
+        "prediction": teacher.prediction,
+        "path": teacher.path.name,
+        "data_shape": list(teacher.data_shape),
+        "num_classes": teacher.num_classes,
+        "null_class": teacher.num_classes > 0,
+        **extra,
+    }
+
+
+def load_teacher(path: str | Path, null_class: bool = False) -> tuple[nn.Module, dict]:
+    """(teacher, description) from ``path``: see the module docstring for the kinds detected.
+
+    ``null_class`` applies to class-conditional diffusers UNet2DModels only: their last class embedding
+    is the unconditional class. Anything else raises one CheckpointError naming what was expected."""
+    p = Path(path)
+    if p.is_dir():
+        from teachers.diffusers_adapter import is_diffusers_folder, load_diffusers_teacher
+
+        if not is_diffusers_folder(p):
+            raise CheckpointError(f"{p}: a folder that is not a diffusers model folder (no model_index.json or config.json with _class_name); expected {EXPECTED}")
+        return load_diffusers_teacher(p, null_class=null_class)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file or folder; expected {EXPECTED}")
+    kind = _kind_of_file(p)
+    if kind == "safetensors":
+        return _load_safetensors(p)
+    if kind == "torch":
+        return _load_lightning(p)
+    raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a PyTorch/Lightning file); expected {EXPECTED}")
+
+
+def describe_teacher(description: dict) -> str:
+    """One line: kind, model, prediction, path, data shape, classes."""
+    d = description
+    what = d.get("kind", "?")
+    if d.get("model"):
+        what += f" {d['model']}"
+    if d.get("scheduler"):
+        what += f" + {d['scheduler']}"
+    n = int(d.get("num_classes", 0))
+    classes = "unconditional" if n == 0 else f"{n} classes" + (" + null label (CFG)" if d.get("null_class") else ", no null label (no CFG)")
+    pred = d.get("prediction", "?")
+    if d.get("diffusers_prediction"):
+        pred = f"{d['diffusers_prediction']} -> {pred}"
+    steps = f" ({d['num_train_timesteps']} train steps)" if d.get("num_train_timesteps") else ""
+    line = f"{what}: prediction {pred}, path {d.get('path', '?')}{steps}, data shape {tuple(d.get('data_shape', ()))}, {classes}"
+    if d.get("weights"):
+        line += f", {d['weights']} weights"
+    for note in d.get("notes", []):
+        line += f"; note: {note}"
+    return line
+
+
+class CheckpointTeacher(nn.Module):
+    """A frozen ``Teacher`` loaded from ``path`` (any kind ``load_teacher`` detects); a plain constructor
+    so LightningCLI YAML can build it: ``{"class_path": "teachers.CheckpointTeacher", "init_args": {"path": ...}}``.
+
+    velocity(x (B, *data_shape), t (B,), cond (B,) or None, guidance) -> (B, *data_shape)."""
+
+    def __init__(self, path: str, null_class: bool = False) -> None:
+        super().__init__()
+        teacher, description = load_teacher(path, null_class=null_class)
+        self.teacher = teacher
+        self.source = str(path)
+        self.description = description
+        self.data_shape: tuple[int, ...] = tuple(teacher.data_shape)
+        self.num_classes: int = int(teacher.num_classes)
+        self.requires_grad_(False)
+        self.eval()
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+        return self.teacher.velocity(x, t, cond, guidance)
+
+    def extra_repr(self) -> str:
+        return describe_teacher(self.description)

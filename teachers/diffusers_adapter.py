@@ -1,0 +1,314 @@
+"""A diffusers model folder (UNet2DModel or DiTTransformer2DModel + scheduler config) as a ``Teacher``
+on our linear time axis.
+
+Supported schedules and the change of path (t = 0 data, t = 1 noise on our axis):
+
+- ``DDPMScheduler`` / ``DDIMScheduler`` (``epsilon``, ``v_prediction``, ``sample``): the discrete VP
+  schedule x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps of the scheduler's own ``alphas_cumprod``
+  (Ho et al. 2020, Eq. 4), as ``flowmap.paths.DiscreteVPPath``: train step k sits at t_k = (k + 1) / N.
+- ``FlowMatchEulerDiscreteScheduler``: diffusers' sigma *is* our t (sigma = 1 noise, x_sigma =
+  (1 - sigma) x0 + sigma noise) and the model predicts noise - x0 = our velocity; its timestep input
+  is sigma * N (Esser et al. 2024, Sec. 2; diffusers' ``scheduling_flow_match_euler_discrete``).
+
+For the VP schedules the model is evaluated through x_lin = x / (alpha + sigma), t_lin = sigma /
+(alpha + sigma) (``flowmap.paths``): for t_lin we solve sigma / alpha = t_lin / (1 - t_lin) for the
+fractional step position in float64, call the model at its timestep, turn its prediction into
+(x0, eps) (``flowmap.predictions.to_x0_eps``) and return
+
+    v_lin = eps - x0                                        (velocity of the linear path)
+
+which is exact: (x0, eps) do not depend on the path, only the coordinates do. DDIM (eta = 0) is
+Euler's method in these coordinates (Song et al. 2021a, Eq. 13-14; Karras et al. 2022, Sec. 3), so
+Euler on the grid of DDIM's timesteps reproduces diffusers' DDIM sampler (tests/test_diffusers_teacher.py).
+
+Timestep map and interpolation. t on the VP axis corresponds to the fractional step tau = N t - 1
+(t_k = (k + 1) / N <-> timestep k); log abar is linear in t between steps (DiscreteVPPath). A time
+within ``SNAP`` of a train step (float32 round-off of a grid time) is evaluated exactly at that step;
+between steps the model receives the fractional timestep tau (its sinusoidal time embedding is
+defined for real timesteps), an interpolation it was not trained on. Below the first step
+(t < 1 / N) the model is called at timestep 0; above the last step (t_lin beyond the schedule's
+largest noise level) at timestep N - 1 with the last step's alpha, sigma.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.io import CheckpointError
+from flowmap.paths import AffinePath, DiscreteVPPath, LinearPath
+from flowmap.predictions import to_x0_eps
+from flowmap.types import expand_like
+from flowmap.velocity import NetVelocity
+
+MODELS = ("UNet2DModel", "DiTTransformer2DModel")
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+SNAP = 1e-3  # in train steps: a time this close to a train step is evaluated at that step
+WEIGHTS = "diffusion_pytorch_model"
+
+
+def require_diffusers():
+    """Import diffusers lazily (an optional extra) with one clear message when it is missing."""
+    try:
+        import diffusers
+    except ImportError as err:
+        raise ImportError("reading a diffusers model folder needs the optional dependency `diffusers` (pip install diffusers)") from err
+    return diffusers
+
+
+# --- the folder ------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable JSON ({err})") from None
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A folder holding ``model_index.json`` (a pipeline) or ``config.json`` with a diffusers ``_class_name``."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / "model_index.json").is_file():
+        return True
+    cfg = path / "config.json"
+    return cfg.is_file() and "_class_name" in _read_json(cfg)
+
+
+def find_model_and_scheduler(path: str | Path) -> tuple[Path, dict, dict]:
+    """(model folder, model config, scheduler config) of a pipeline folder (``model_index.json`` with
+    ``unet/`` or ``transformer/`` and ``scheduler/``) or a model folder (``config.json`` next to
+    ``scheduler_config.json``, or with a sibling ``../scheduler/``)."""
+    root = Path(path)
+    if (root / "model_index.json").is_file():
+        candidates = [root / name for name in ("unet", "transformer")] + sorted(p for p in root.iterdir() if p.is_dir())
+        model_dir = next((d for d in candidates if (d / "config.json").is_file() and _read_json(d / "config.json").get("_class_name") in MODELS), None)
+        if model_dir is None:
+            raise CheckpointError(f"{root}: a diffusers pipeline folder without a supported model (one of {list(MODELS)} in unet/ or transformer/)")
+        sched_files = [root / "scheduler" / "scheduler_config.json"]
+    elif (root / "config.json").is_file():
+        model_dir = root
+        sched_files = [root / "scheduler_config.json", root.parent / "scheduler" / "scheduler_config.json"]
+    else:
+        raise CheckpointError(f"{root}: not a diffusers folder (expected model_index.json, or config.json with scheduler_config.json)")
+    model_cfg = _read_json(model_dir / "config.json")
+    name = model_cfg.get("_class_name")
+    if name not in MODELS:
+        raise CheckpointError(f"{model_dir}: unsupported diffusers model class {name!r}; supported: {list(MODELS)}")
+    sched_file = next((f for f in sched_files if f.is_file()), None)
+    if sched_file is None:
+        raise CheckpointError(
+            f"{root}: no scheduler config (looked for {[str(f) for f in sched_files]}); the noise schedule and "
+            "prediction type come from it (save one with scheduler.save_pretrained(folder))"
+        )
+    return model_dir, model_cfg, _read_json(sched_file)
+
+
+def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
+    """(path, our prediction name, num_train_timesteps) of a diffusers scheduler config; one clear
+    error for a scheduler or prediction type that has no exact counterpart here."""
+    name = config.get("_class_name")
+    N = int(config.get("num_train_timesteps", 1000))
+    if name in VP_SCHEDULERS:
+        kind = config.get("prediction_type", "epsilon")
+        if kind not in PREDICTION_TYPES:
+            raise CheckpointError(f"{name} with prediction_type={kind!r} is not supported; supported: {sorted(PREDICTION_TYPES)}")
+        if config.get("rescale_betas_zero_snr", False):
+            raise CheckpointError(f"{name} with rescale_betas_zero_snr=True is not supported (alpha = 0 at the last step has no finite place on the linear axis)")
+        diffusers = require_diffusers()
+        scheduler = getattr(diffusers, name).from_config(config)
+        abar = tuple(float(a) for a in scheduler.alphas_cumprod.double())
+        return DiscreteVPPath(abar), PREDICTION_TYPES[kind], N
+    if name in FLOW_SCHEDULERS:
+        if config.get("invert_sigmas", False):
+            raise CheckpointError(f"{name} with invert_sigmas=True is not supported")
+        return LinearPath(), "velocity", N
+    raise CheckpointError(f"unsupported diffusers scheduler {name!r}; supported: {list(VP_SCHEDULERS + FLOW_SCHEDULERS)}")
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+class DiffusersNet(nn.Module):
+    """model(x, timestep, class_labels).sample on x: (B, C, H, W), timestep: (B,) float, labels: (B,) long or None.
+
+    Models that also predict a variance (``out_channels = 2 C``, e.g. DiT with learned sigma) return
+    their first C channels, as diffusers' pipelines do."""
+
+    def __init__(self, model: nn.Module, null_class: bool = False) -> None:
+        super().__init__()
+        cfg = model.config
+        self.model = model
+        self.model_class = type(model).__name__
+        size = cfg.sample_size
+        H, W = (size, size) if isinstance(size, int) else tuple(size)
+        C = int(cfg.in_channels)
+        self.data_shape: tuple[int, ...] = (C, int(H), int(W))
+        out = int(cfg.out_channels if cfg.out_channels is not None else C)
+        if out not in (C, 2 * C):
+            raise CheckpointError(f"{self.model_class}: out_channels={out} is neither in_channels={C} nor 2 x in_channels (learned variance)")
+        self.out_channels = out
+        self.num_classes, self.has_null = self._classes(model, null_class)
+
+    def _classes(self, model: nn.Module, null_class: bool) -> tuple[int, bool]:
+        cfg = model.config
+        if self.model_class == "UNet2DModel":
+            if cfg.class_embed_type is not None:
+                raise CheckpointError(f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported (only integer class labels)")
+            n = int(cfg.num_class_embeds or 0)
+            if null_class and n < 2:
+                raise ValueError("null_class=True needs a class-conditional UNet2DModel with at least two class embeddings")
+            return (n - 1, True) if null_class else (n, False)
+        # DiT: labels 0..num_embeds_ada_norm - 1, plus the null label num_embeds_ada_norm when the
+        # embedding table has a row for it (trained with label dropout).
+        n = int(cfg.num_embeds_ada_norm or 0)
+        tables = [m.num_embeddings for name, m in model.named_modules() if name.endswith("embedding_table") and isinstance(m, nn.Embedding)]
+        return n, bool(tables) and min(tables) > n
+
+    def forward(self, x: Tensor, timestep: Tensor, labels: Tensor | None) -> Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(x.to(dtype), timestep.to(dtype), class_labels=labels, return_dict=False)[0]
+        return out[:, : self.data_shape[0]].to(x.dtype)
+
+
+class DiffusersTeacher(NetVelocity):
+    """A diffusers denoiser on ``path`` predicting ``prediction`` (ours: eps, v, x0, velocity), seen as a
+    velocity field on the linear axis. Labels (B,) long; the null label is ``num_classes`` (DiT's
+    label-dropout row, or the last UNet class embedding with ``null_class=True``)."""
+
+    def __init__(self, net: DiffusersNet, path: AffinePath, prediction: str, num_train_timesteps: int) -> None:
+        super().__init__(net, path, prediction)
+        self.num_train_timesteps = int(num_train_timesteps)
+        if isinstance(path, DiscreteVPPath):
+            if path.num_steps != self.num_train_timesteps:
+                raise ValueError(f"alphas_cumprod has {path.num_steps} steps, num_train_timesteps is {self.num_train_timesteps}")
+            table = torch.log(torch.tensor((1.0, *path.alphas_cumprod), dtype=torch.float64))
+            self.register_buffer("log_abar", table, persistent=False)  # log abar at t = j / N, j = 0..N
+
+    def labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        """Our labels (None = null) -> the model's class_labels."""
+        net: DiffusersNet = self.net
+        if net.num_classes == 0:
+            return None
+        if cond is None:
+            cond = torch.full((batch,), net.num_classes, dtype=torch.long, device=device)
+        if not net.has_null and bool(torch.any(cond == net.num_classes)):
+            raise ValueError(
+                f"this {net.model_class} has no null (unconditional) class: give labels in [0, {net.num_classes - 1}]; "
+                "classifier-free guidance is unavailable (for a UNet2DModel whose last class embedding is the null class, pass null_class=True)"
+            )
+        return cond
+
+    def vp_step(self, t_lin: Tensor) -> tuple[Tensor, Tensor]:
+        """t_lin (B,) -> (fractional DDPM step tau (B,), VP time t = (tau + 1) / N (B,)), in float64.
+
+        Solves log abar(t) = -log(1 + r^2), r = t_lin / (1 - t_lin), on the piecewise-linear table of
+        DiscreteVPPath (exact inverse, no bisection), then snaps to a train step within SNAP."""
+        table = self.log_abar.to(t_lin.device)
+        N = self.num_train_timesteps
+        t64 = t_lin.double()
+        r = t64 / (1.0 - t64).clamp_min(1e-300)
+        target = -torch.log1p(r * r)  # log abar, decreasing in t
+        target = target.clamp(min=float(table[-1]), max=0.0)
+        j = torch.searchsorted(-table, -target).clamp(1, N)  # table[j - 1] >= target >= table[j]
+        lo, hi = table[j - 1], table[j]
+        frac = torch.where(lo > hi, (lo - target) / (lo - hi), torch.zeros_like(target))
+        pos = (j - 1).double() + frac  # position on the grid j / N, i.e. t = pos / N
+        tau = pos - 1.0
+        near = tau.round()
+        tau = torch.where((tau - near).abs() < SNAP, near, tau)
+        return tau, (tau + 1.0) / N
+
+    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        raise NotImplementedError("DiffusersTeacher is evaluated on the linear axis only: call velocity(x, t)")
+
+    def linear_velocity(self, x_lin: Tensor, t_lin: Tensor, cond: Tensor | None) -> Tensor:
+        """v_lin(x_lin, t_lin) = eps - x0 with (x0, eps) from the model's prediction at the matching step."""
+        labels = self.labels(cond, x_lin.shape[0], x_lin.device)
+        N = self.num_train_timesteps
+        if isinstance(self.path, LinearPath):
+            pred = self.net(x_lin, t_lin * N, labels)  # diffusers flow matching: timestep = sigma * N
+            if self.prediction == "velocity":
+                return pred
+            x0, eps = to_x0_eps(pred, self.prediction, x_lin, t_lin, self.path)
+            return eps - x0
+        tau, t = self.vp_step(t_lin)
+        a, s = self.path.alpha(t), self.path.sigma(t)
+        x = x_lin * expand_like(a + s, x_lin)  # x = (alpha + sigma) x_lin (flowmap.paths.from_linear)
+        pred = self.net(x, tau.clamp(0, N - 1).to(x_lin.dtype), labels)
+        x0, eps = to_x0_eps(pred, self.prediction, x, t, self.path)
+        if self.prediction == "x0":  # eps = (x - alpha x0) / sigma is 0 / 0 at t = 0, where E[eps | x0] = 0
+            eps = torch.where(expand_like(s, x) > 0, eps, torch.zeros_like(eps))
+        return eps - x0
+
+
+def load_diffusers_teacher(path: str | Path, null_class: bool = False) -> tuple[DiffusersTeacher, dict]:
+    """(teacher, description) of a diffusers folder; weights from safetensors only (never pickle)."""
+    model_dir, model_cfg, sched_cfg = find_model_and_scheduler(path)
+    spath, prediction, N = schedule_from_config(sched_cfg)  # scheduler errors before loading weights
+    if not any(model_dir.glob(f"{WEIGHTS}*.safetensors")) and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file():
+        raise CheckpointError(f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)")
+    diffusers = require_diffusers()
+    cls = getattr(diffusers, model_cfg["_class_name"])
+    try:
+        model = cls.from_pretrained(str(model_dir), use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as err:  # diffusers raises assorted types for weights that do not fit the config
+        raise CheckpointError(f"{model_dir}: diffusers could not load the {model_cfg['_class_name']} ({type(err).__name__}: {err})") from None
+    model.requires_grad_(False).eval()
+    net = DiffusersNet(model, null_class=null_class)
+    teacher = DiffusersTeacher(net, spath, prediction, N).eval()
+    notes = []
+    if sched_cfg.get("clip_sample", False) or sched_cfg.get("thresholding", False):
+        notes.append("clip_sample/thresholding of the scheduler not applied (a velocity field does not clip)")
+    description = {
+        "kind": "diffusers",
+        "source": str(path),
+        "model": model_cfg["_class_name"],
+        "scheduler": sched_cfg["_class_name"],
+        "prediction": prediction,
+        "diffusers_prediction": sched_cfg.get("prediction_type", "velocity (noise - x0)"),
+        "path": spath.name,
+        "num_train_timesteps": N,
+        "data_shape": list(net.data_shape),
+        "num_classes": net.num_classes,
+        "null_class": net.has_null,
+        "notes": notes,
+    }
+    return teacher, description
+
+
+def ddim_time_grid(scheduler, teacher: DiffusersTeacher) -> Tensor:
+    """Our linear-axis times (K + 1,) of a diffusers ``DDIMScheduler`` after ``set_timesteps``, float64, decreasing.
+
+    diffusers' DDIM step goes from timestep k to prev = k - N // K, or to ``final_alpha_cumprod``
+    (abar = 1 with ``set_alpha_to_one``, else abar_0) when prev < 0. The grid is t_lin of each
+    timestep followed by the last step's target; a last step onto the level it starts from is the
+    identity and is dropped. Configurations whose prev is not the next timestep (e.g. ``linspace``
+    spacing) are not a discretization of one ODE path, and raise."""
+    path = teacher.path
+    if not isinstance(path, DiscreteVPPath):
+        raise ValueError("ddim_time_grid needs a teacher on a discrete VP schedule")
+
+    def t_lin(abar: Tensor) -> Tensor:
+        a, s = abar.sqrt(), (1.0 - abar).sqrt()
+        return s / (a + s)
+
+    abar = torch.tensor(path.alphas_cumprod, dtype=torch.float64)
+    k = scheduler.timesteps.long()
+    prev = k - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    if not torch.equal(prev[:-1], k[1:]):
+        raise ValueError(f"DDIM steps to {prev.tolist()} but evaluates at {k.tolist()}: not an Euler grid (use timestep_spacing='leading')")
+    if prev[-1] >= 0:
+        final = abar[prev[-1]]
+    else:
+        final = torch.tensor(1.0, dtype=torch.float64) if scheduler.config.set_alpha_to_one else abar[0]
+    grid = t_lin(abar[k])
+    last = t_lin(final.reshape(1))
+    return grid if last[0] >= grid[-1] else torch.cat([grid, last])

@@ -1,0 +1,163 @@
+"""scripts/benchmark.py --quick: every table of RESULTS.md / results.json holds numbers, the plots exist,
+an unknown method is reported as skipped, and the targets are read correctly. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.benchmark_report import _target, evaluate_targets  # noqa: E402
+
+DATASETS = ("checkerboard", "eight_gaussians", "digits", "gmm")
+METRICS = {"checkerboard": ("w2", "precision"), "eight_gaussians": ("w2", "precision"), "gmm": ("rmse", "w2"),
+           "digits": ("fd", "kid", "class_acc")}
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(out), "--methods", "cd,meanflow,no_such_method"],
+        capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+    )
+    print(f"benchmark --quick: {time.time() - t0:.0f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), (out / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_quality_tables_hold_numbers(quick_run):
+    _, res, md = quick_run
+    assert set(res["quality"]) == set(DATASETS)
+    for name, q in res["quality"].items():
+        keys = METRICS[name]
+        # the data-vs-data floor
+        assert all(finite(q["floor"][k]) for k in keys if k != "class_acc"), (name, q["floor"])
+        # teacher rows: Euler at 1..64 NFE, Heun at the even ones
+        assert sorted(map(int, q["teacher"]["euler"])) == [1, 2, 4, 8, 16, 32, 64]
+        assert sorted(map(int, q["teacher"]["heun"])) == [2, 4, 8, 16, 32, 64]
+        for solver in ("euler", "heun"):
+            for row in q["teacher"][solver].values():
+                assert all(finite(row[k]) for k in keys), (name, solver, row)
+        # every run method at 1, 2, 4, 8 NFE
+        assert set(q["students"]) == {"cd", "meanflow"}, (name, q.get("failed"))
+        for m, st in q["students"].items():
+            assert sorted(map(int, st["nfe"])) == [1, 2, 4, 8]
+            for nfe, row in st["nfe"].items():
+                stochastic = st["sampler_gamma"] > 0 and int(nfe) > 1  # re-noising: no deterministic map to compare
+                assert all(finite(row[k]) or (k == "rmse" and stochastic and row[k] is None) for k in keys), (name, m, row)
+            assert len(st["losses"]) == st["steps"] > 0 and all(finite(v) for v in st["losses"])
+    # a flow map error of the exact teacher falls with NFE (Heun 64 far below Euler 1): the table is not noise
+    gmm = res["quality"]["gmm"]["teacher"]
+    assert gmm["heun"]["64"]["rmse"] < 0.01 * gmm["euler"]["1"]["rmse"]
+    assert finite(res["quality"]["gmm"]["data_std"])
+    for title in ("## Targets", "## Quality per NFE", "### Checkerboard", "### Eight Gaussians", "### Digits", "### Analytic mixture",
+                  "## Training cost", "### Sampling throughput", "## Peer"):
+        assert title in md, title
+    assert "project digit classifier" in md  # says which features were used
+    assert "skipped `no_such_method`: not in the objective registry" in md
+
+
+@pytest.mark.slow
+def test_cost_throughput_and_peer_tables_hold_numbers(quick_run):
+    _, res, md = quick_run
+    for net in ("mlp", "dit"):
+        c = res["cost"][net]
+        assert set(c["steps"]) == {"fm", "cd", "meanflow"}
+        for name, row in c["steps"].items():
+            assert finite(row["step_s"]) and row["step_s"] > 0 and finite(row["ratio"]), (net, name, row)
+            assert row["peak_mib"] is None or finite(row["peak_mib"])
+        assert c["steps"]["fm"]["ratio"] == pytest.approx(1.0)
+        tp = c["throughput"]
+        for k in ("raw forward", "student 1 NFE", "teacher 64 NFE"):
+            assert finite(tp[k]["samples_per_s"]) and tp[k]["samples_per_s"] > 0
+        assert finite(tp["student 1 NFE"]["vs_raw_forward"]) and finite(tp["student 1 NFE"]["vs_teacher_64"])
+    assert "peak resident-set growth" in res["meta"]["memory_method"] or "cuda" in res["meta"]["memory_method"] or \
+        res["meta"]["memory_method"] == "unavailable"
+    peer = res["peer"]
+    if peer["available"]:
+        for side in ("ours", "torchcfm"):
+            assert finite(peer[side]["step_s"]) and finite(peer[side]["w2"])
+        assert finite(peer["step_ratio"]) and finite(peer["w2_ratio"])
+        assert "| torchcfm |" in md
+    else:
+        assert "torchcfm" in peer["reason"] and "Not run: torchcfm" in md
+    # targets: every one has a verdict or says why not; the cost and quality ones are evaluated here
+    targets = res["targets"]
+    assert len(targets) >= 10
+    evaluated = [t for t in targets if t["met"] is not None]
+    assert all(finite(t["value"]) for t in evaluated)
+    assert any("MeanFlow step" in t["target"] for t in evaluated)
+    assert any(t["target"].startswith("mixture") for t in evaluated)
+
+
+@pytest.mark.slow
+def test_plots_are_written(quick_run):
+    out, res, _ = quick_run
+    expected = {"scatter_checkerboard.png", "scatter_eight_gaussians.png", "scatter_gmm.png", "samples_digits.png",
+                "trajectories_checkerboard.png", "quality_vs_nfe_digits.png", "quality_vs_nfe_gmm.png", "loss_checkerboard.png"}
+    assert expected <= set(res["plots"])
+    for name in res["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+
+
+def test_targets_are_read_with_their_margin():
+    assert _target("x", 1.30, 1.25, "<=")["met"] is False
+    assert _target("x", 1.30, 1.25, "<=")["margin"] == "missed by 4%"
+    assert _target("x", 0.95, 0.90, ">=")["margin"] == "met, 6% to spare"
+    assert _target("x", float("nan"), 0.9, ">=", "no run")["met"] is None
+    results = {
+        "quality": {
+            "checkerboard": {"teacher": {"heun": {"64": {"w2": 0.2}}},
+                             "students": {"cd": {"nfe": {"1": {"precision": 0.95}, "2": {"w2": 0.24}}},
+                                          "pd": {"nfe": {"1": {"precision": 0.5}, "2": {"w2": 0.3}}}}},
+            "gmm": {"data_std": 1.0, "students": {"cd": {"nfe": {"1": {"rmse": 0.04}}}, "pd": {"nfe": {"1": {"rmse": 0.2}}}}},
+        },
+        "cost": {"mlp": {"steps": {"meanflow": {"ratio": 2.0}}, "throughput": {"student 1 NFE": {"vs_raw_forward": 0.8}}}},
+        "peer": {"available": False, "reason": "torchcfm is not installed"},
+    }
+    by_text = {t["target"]: t for t in evaluate_targets(results)}
+    w2 = {k: v for k, v in by_text.items() if "W2 at 2 NFE" in k}
+    assert w2["checkerboard: cd W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]"]["value"] == pytest.approx(1.2)
+    assert w2["checkerboard: pd W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]"]["met"] is False
+    prec = {k: v for k, v in by_text.items() if "occupied cells" in k}
+    assert prec["checkerboard: cd at 1 NFE puts >= 0.90 of its samples on occupied cells"]["met"] is True
+    assert prec["checkerboard: meanflow at 1 NFE puts >= 0.90 of its samples on occupied cells"]["met"] is None
+    mix = next(v for k, v in by_text.items() if k.startswith("mixture"))
+    assert mix["met"] is True and mix["value"] == pytest.approx(0.04) and "(cd:" in mix["target"]
+    mlp = next(v for k, v in by_text.items() if "MeanFlow step <= 2.5x" in k)
+    assert mlp["met"] is True
+    dit = next(v for k, v in by_text.items() if "MeanFlow step <= 3.0x" in k)
+    assert dit["met"] is None
+    tp = next(v for k, v in by_text.items() if "raw forward" in k and "MLP" in k)
+    assert tp["met"] is False
+    peer = [v for k, v in by_text.items() if k.startswith("peer")]
+    assert len(peer) == 2 and all(p["met"] is None and "torchcfm is not installed" in p["margin"] for p in peer)
+
+
+def test_bad_arguments_are_one_clear_error():
+    from scripts.benchmark import main
+
+    with pytest.raises(ValueError, match="--datasets: unknown"):
+        main(["--datasets", "mnist", "--quick"])
+    with pytest.raises(ValueError, match="--skip: unknown"):
+        main(["--skip", "everything", "--quick"])
+    with pytest.raises(ValueError, match="--scale must be a positive number"):
+        main(["--scale", "0", "--quick"])
+    with pytest.raises(ValueError, match="--inception-weights: no such file"):
+        main(["--inception-weights", "/nonexistent/pt_inception.pth", "--quick"])

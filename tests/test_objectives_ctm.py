@@ -1,0 +1,107 @@
+"""CTM (flowmap/objectives/ctm.py): the loss vanishes at the exact flow map (up to the teacher segment's
+Heun error) and not at a bent one, gradients reach the student through the jump to t = 0 with frozen
+weights, bad input fails clearly, and a short distillation on ring8 cuts the 1- and 2-NFE errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from exact_maps import GaussianFlow, NaNRows
+from flowmap.nets import build_net
+from flowmap.objectives import build_objective
+from flowmap.objectives.ctm import frozen_call, teacher_segment
+from flowmap.student import FlowMap
+from flowmap.training import fit
+from teachers import preset_mixture
+from test_objectives_ayf import nfe_errors
+
+
+def mlp_student(width: int = 32, depth: int = 2, **kw) -> FlowMap:
+    return FlowMap(build_net({"name": "mlp", "data_shape": [2], "width": width, "depth": depth, **kw}))
+
+
+class Bent(GaussianFlow):
+    def flow(self, x, s, t, cond=None):
+        return 1.1 * super().flow(x, s, t, cond) - 0.1 * x
+
+
+def test_teacher_segment_converges_to_the_exact_map():
+    flow = GaussianFlow(torch.tensor([1.0, -2.0], dtype=torch.float64), 0.7)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    s, u = torch.rand(64, dtype=torch.float64) * 0.8 + 0.2, torch.rand(64, dtype=torch.float64) * 0.2
+    exact = flow.flow(x, s, u)
+    errs = [float((teacher_segment(flow, x, s, u, n, "heun", None, 1.0) - exact).abs().max()) for n in (8, 32)]
+    print(f"teacher segment Heun error: 8 steps {errs[0]:.2e}, 32 steps {errs[1]:.2e}")
+    assert errs[1] < errs[0] / 8  # second order: 4x the steps, ~16x smaller
+    assert errs[1] < 1e-3
+
+
+def test_loss_vanishes_at_the_exact_map_and_not_at_a_bent_one():
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    flow = GaussianFlow(mean, 0.7)
+    x0 = flow.sample(64, generator=torch.Generator().manual_seed(1))
+    obj = build_objective({"name": "ctm", "solver_steps": 40, "dsm_source": "teacher"})
+    torch.manual_seed(0)
+    out = obj(student=flow, teacher=flow, target=None, x0=x0, cond=None, step=0)
+    torch.manual_seed(0)
+    bent = obj(student=Bent(mean, 0.7), teacher=flow, target=None, x0=x0, cond=None, step=0)
+    print(f"ctm: exact max loss {out.loss.max():.2e} (ctm {out.logs['ctm'].max():.2e}); 10% bent median {bent.loss.median():.2e}")
+    assert out.logs["dsm"].max() < 1e-20  # the diagonal is the teacher's velocity
+    assert out.logs["ctm"].max() < 1e-6  # Heun segment error (40 steps) only
+    assert bent.loss.median() > 1e-4 and bent.loss.median() > 100 * out.loss.max()
+
+
+def test_gradient_flows_through_the_frozen_jump_and_masking():
+    student = mlp_student()
+    x = torch.randn(8, 2, requires_grad=True)
+    y = frozen_call(student, x, torch.ones(8), torch.zeros(8))
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in student.parameters())  # weights frozen in the outer jump
+    teacher = NaNRows(preset_mixture("ring8"), rows=2)
+    obj = build_objective({"name": "ctm", "dsm_source": "teacher"})
+    assert obj.uses_target and obj.target_decay(10) == pytest.approx(0.999)
+    out = obj(student=student, teacher=teacher, target=None, x0=torch.randn(16, 2), cond=None, step=0)
+    out.loss.mean().backward()
+    assert int(out.logs["nonfinite_targets"]) >= 2 and torch.all(out.loss[:2] == 0) and torch.all(out.loss[2:] > 0)
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="teacher step"):
+        build_objective({"name": "ctm", "solver": "rk9"})
+    with pytest.raises(ValueError, match="solver_steps"):
+        build_objective({"name": "ctm", "solver_steps": 0})
+    with pytest.raises(ValueError, match="lambda_dsm"):
+        build_objective({"name": "ctm", "lambda_dsm": -1.0})
+    with pytest.raises(ValueError, match="target_ema"):
+        build_objective({"name": "ctm", "target_ema": 1.0})
+    with pytest.raises(ValueError, match="dsm_source='teacher'"):
+        build_objective({"name": "ctm", "guidance": 2.0})
+    with pytest.raises(ValueError, match="teacher is None"):
+        build_objective("ctm")(student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0)
+
+
+@pytest.mark.long
+def test_distillation_on_ring8_cuts_one_and_two_step_errors():
+    torch.set_num_threads(1)
+    teacher = preset_mixture("ring8")
+    torch.manual_seed(0)
+    student = mlp_student(width=128, depth=3, time_scale=10.0)
+    before = nfe_errors(student)
+    pool = teacher.sample(100_000, generator=torch.Generator().manual_seed(5))
+    t0 = time.time()
+    fit(student, build_objective(CTM_TRAIN), lambda k: (pool[torch.randint(0, len(pool), (256,))], None), STEPS,
+        teacher=teacher, lr=2e-3, lr_final=1e-5)
+    after = nfe_errors(student)
+    print(f"ctm ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f}, 2-NFE {before[1]:.3f} -> {after[1]:.3f} "
+          f"({STEPS} steps, {time.time() - t0:.0f}s)")
+    assert after[0] <= before[0] / 5 and after[1] <= before[1] / 5
+
+
+CTM_TRAIN = {"name": "ctm", "target_ema": 0.99, "dsm_source": "teacher"}
+STEPS = 2000

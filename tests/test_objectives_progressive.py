@@ -1,0 +1,223 @@
+"""Progressive distillation: the round schedule, the frozen round teacher (in the state dict, restored on
+resume), exactness at the true flow map, gradient isolation, bad input, and a test-sized run on ring8
+whose final one-step student beats the untrained student five-fold and the teacher's one Euler step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flowmap.metrics import flow_map_rmse
+from flowmap.nets import build_net
+from flowmap.objectives import build_objective
+from flowmap.objectives.progressive import ProgressiveDistillation
+from flowmap.solvers import solve
+from flowmap.student import FlowMap
+from flowmap.training import fit
+from teachers.gmm import preset_mixture
+
+N_EVAL = 2000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ring8():
+    return preset_mixture("ring8")
+
+
+class ExactFlowMap(nn.Module):
+    """The mixture's exact flow map as a student (scale = 1 is a parameter so the loss has a graph)."""
+
+    def __init__(self, mix, steps: int = 80) -> None:
+        super().__init__()
+        self.mix, self.steps = mix, steps
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+        self.data_shape, self.num_classes, self.guidance_input = mix.data_shape, mix.num_classes, False
+
+    def forward(self, x, s, t, cond=None, w=None):
+        return self.scale.to(x.dtype) * self.mix.flow_map(x, s, t, cond, steps=self.steps)
+
+
+class NetTeacher(nn.Module):
+    """A teacher with trainable parameters (deliberately not frozen) to catch gradients leaking into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fm = small_student()
+        self.data_shape, self.num_classes = (2,), 0
+
+    def velocity(self, x, t, cond=None, guidance=1.0):
+        return self.fm.velocity(x, t, cond)
+
+
+def small_student(num_classes: int = 0, dtype=torch.float32) -> FlowMap:
+    net = build_net({"name": "mlp", "data_shape": [2], "width": 128, "depth": 2, "emb_dim": 64, "num_classes": num_classes})
+    return FlowMap(net).to(dtype)
+
+
+def mean_loss(objective, student, teacher, x0, step, seed=0) -> float:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return float(objective(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=step).loss.mean())
+
+
+# --- the schedule ------------------------------------------------------------------------------------
+
+
+def test_rounds_halve_to_one_step_as_a_pure_function_of_the_step():
+    pd = ProgressiveDistillation(initial_steps=8, steps_per_round=100)
+    assert pd.num_rounds == 4 and pd.total_steps == 400
+    expected = {0: (0, 8), 99: (0, 8), 100: (1, 4), 250: (2, 2), 300: (3, 1), 399: (3, 1), 10**6: (3, 1)}
+    for step in [10**6, 0, 250, 99, 300, 100, 399]:  # any order, no state
+        assert (pd.rounds(step), pd.current_steps(step)) == expected[step]
+    fresh = ProgressiveDistillation(initial_steps=8, steps_per_round=100)
+    assert [fresh.current_steps(k) for k in range(0, 500, 50)] == [pd.current_steps(k) for k in range(0, 500, 50)]
+    longer_first = ProgressiveDistillation(initial_steps=4, steps_per_round=100, first_round_steps=300)
+    assert [longer_first.current_steps(k) for k in (0, 299, 300, 399, 400, 10**4)] == [4, 4, 2, 2, 1, 1]
+    assert longer_first.total_steps == 500
+
+
+# --- exactness at the true flow map --------------------------------------------------------------------
+
+
+def test_loss_vanishes_when_the_student_and_round_teacher_are_the_exact_map(ring8):
+    """From round 1 on, the round teacher is a snapshot of the student: if the student is the exact flow map,
+    two exact jumps equal one exact jump and the loss is ~0 (only RK4 round-off)."""
+    x0 = ring8.sample(128, torch.Generator().manual_seed(3)).double()
+    pd = ProgressiveDistillation(initial_steps=4, steps_per_round=10)
+    exact = ExactFlowMap(ring8)
+    loss_exact = mean_loss(pd, exact, ring8, x0, step=15)  # round 1: snapshot of the exact map
+    assert pd.snapshot_round.item() == 1 and isinstance(pd.round_teacher, ExactFlowMap)
+    untrained = small_student(dtype=torch.float64)
+    loss_untrained = mean_loss(ProgressiveDistillation(initial_steps=4, steps_per_round=10), untrained, ring8, x0, step=15)
+    print(f"PD loss, round 1: exact map {loss_exact:.3e}, untrained student {loss_untrained:.3e}")
+    assert loss_exact < 1e-8 * loss_untrained
+
+
+def test_round_zero_loss_at_the_exact_map_is_the_teacher_two_step_error(ring8):
+    """Round 0's target is two teacher steps; at the exact student the loss is their error as an average
+    velocity, ~h^2 (Euler) and ~h^4 (Heun) with h = 1 / (2 N0): doubling N0 divides the per-sample loss by ~4
+    and ~16 (compared by medians: a few samples near t = 0, where the mixture's velocity bends, are not yet
+    asymptotic)."""
+    x0 = ring8.sample(2048, torch.Generator().manual_seed(4)).double()
+    exact = ExactFlowMap(ring8, steps=8)  # RK4 over a span <= 1/32: error ~1e-13
+    ratios = {}
+    for solver in ("euler", "heun"):
+        medians = []
+        for n0 in (32, 64):
+            torch.manual_seed(0)
+            out = ProgressiveDistillation(initial_steps=n0, solver=solver)(student=exact, teacher=ring8, target=None, x0=x0, step=0)
+            medians.append(out.loss.detach().median().item())
+        ratios[solver] = medians[0] / medians[1]
+        print(f"PD round-0 loss at the exact map, {solver}: median N0=32 {medians[0]:.3e}, N0=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}")
+    assert 3.2 < ratios["euler"] < 4.8
+    assert 12 < ratios["heun"] < 20
+
+
+# --- the frozen round teacher --------------------------------------------------------------------------
+
+
+def test_no_gradient_reaches_the_teacher_or_the_round_teacher():
+    student, teacher = small_student(), NetTeacher()
+    pd = ProgressiveDistillation(initial_steps=4, steps_per_round=5)
+    x0 = torch.randn(64, 2)
+    for step in (0, 5):  # round 0 (teacher steps), round 1 (snapshot)
+        student.zero_grad(set_to_none=True)
+        out = pd(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=step)
+        out.loss.mean().backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0
+        assert out.loss.shape == (64,) and torch.isfinite(out.loss).all()
+    snap = pd.round_teacher
+    assert snap is not None and snap is not student
+    assert all(not p.requires_grad and p.grad is None for p in snap.parameters())
+
+
+def test_round_teacher_is_frozen_between_boundaries_and_lives_in_the_state_dict(ring8):
+    student = small_student()
+    pd = ProgressiveDistillation(initial_steps=4, steps_per_round=20)
+    pool = ring8.sample(2048, torch.Generator().manual_seed(5))
+    batches = lambda k: (pool[torch.randint(0, len(pool), (128,))], None)  # noqa: E731
+    fit(student, pd, batches, 30, teacher=ring8, lr=1e-3)  # round 0 (0..19), then 10 steps of round 1
+    snap_w = pd.round_teacher.net.out[-1].weight.clone()
+    stu_w = student.net.out[-1].weight.detach().clone()
+    assert not torch.equal(snap_w, stu_w)  # the student kept training after the snapshot ...
+    assert torch.equal(pd.round_teacher.net.out[-1].weight, snap_w)  # ... the snapshot did not move
+    state = pd.state_dict()
+    assert state["snapshot_round"].item() == 1 and any(k.startswith("round_teacher.") for k in state)
+
+    # resume: a fresh objective loads the snapshot (strict) and rebuilds it on the next call
+    fresh = ProgressiveDistillation(initial_steps=4, steps_per_round=20)
+    fresh.load_state_dict(state)
+    x0 = pool[:256]
+    assert mean_loss(fresh, student, ring8, x0, step=35) == mean_loss(pd, student, ring8, x0, step=35)
+    assert torch.equal(fresh.round_teacher.net.out[-1].weight, snap_w)
+    # a checkpoint from round 0 drops the snapshot again
+    fresh.load_state_dict(ProgressiveDistillation(initial_steps=4, steps_per_round=20).state_dict())
+    assert fresh.round_teacher is None and fresh.snapshot_round.item() == 0
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_errors(ring8):
+    with pytest.raises(ValueError, match="power of two"):
+        ProgressiveDistillation(initial_steps=6)
+    with pytest.raises(ValueError, match="power of two"):
+        build_objective({"name": "pd", "initial_steps": 12})
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        build_objective({"name": "pd", "rounds": 3})
+    for bad in ({"initial_steps": -4}, {"initial_steps": 0}, {"steps_per_round": -1}, {"first_round_steps": 0}):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            build_objective({"name": "pd", **bad})
+    with pytest.raises(ValueError, match="unknown teacher step"):
+        build_objective({"name": "pd", "solver": "rk4"})
+    pd = ProgressiveDistillation(initial_steps=4, steps_per_round=10)
+    with pytest.raises(ValueError, match="training step must be >= 0"):
+        pd.rounds(-1)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        pd(student=small_student(), teacher=None, target=None, x0=torch.randn(4, 2), step=0)
+    student = small_student()
+    pd(student=student, teacher=ring8, target=None, x0=torch.randn(4, 2), step=25)  # round 2 snapshot
+    with pytest.raises(ValueError, match="cannot go back to an earlier round"):
+        pd(student=student, teacher=ring8, target=None, x0=torch.randn(4, 2), step=12)
+
+
+# --- distillation on the mixture -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pd_ends_as_a_one_step_sampler_far_better_than_the_untrained_student_and_one_euler_step(ring8):
+    g = torch.Generator().manual_seed(1234)
+    eps = torch.randn(N_EVAL, 2, generator=g)
+    ones, zeros = torch.ones(N_EVAL), torch.zeros(N_EVAL)
+    ref = ring8.flow_map(eps, ones, zeros, steps=50)
+    torch.manual_seed(0)
+    student = small_student()
+    with torch.no_grad():
+        before = flow_map_rmse(student(eps, ones, zeros), ref)
+    euler_1 = flow_map_rmse(solve(ring8, eps, 1, "euler"), ref)
+
+    pd = build_objective({"name": "pd", "initial_steps": 2, "steps_per_round": 300, "first_round_steps": 700, "solver": "heun"})
+    pool = ring8.sample(256 * 40, torch.Generator().manual_seed(7))
+    steps_seen = []
+    fit(student, pd, lambda k: (pool[torch.randint(0, len(pool), (256,))], None), pd.total_steps, teacher=ring8, lr=3e-3,
+        lr_final=1e-4, callback=lambda k, out: steps_seen.append(int(out.logs["student_steps"])))
+    with torch.no_grad():
+        after = flow_map_rmse(student(eps, ones, zeros), ref)
+    print(f"PD 1-NFE rmse vs exact map: untrained {before:.4f}, teacher 1 Euler step {euler_1:.4f}, distilled {after:.4f}")
+    assert steps_seen[0] == 2 and steps_seen[-1] == 1 and sorted(set(steps_seen)) == [1, 2]
+    assert pd.current_steps(pd.total_steps - 1) == 1 and pd.snapshot_round.item() == pd.num_rounds - 1
+    assert all(not p.requires_grad for p in pd.round_teacher.parameters())
+    assert after <= before / 5
+    assert after <= euler_1 / 10
