@@ -11,7 +11,12 @@ Backends:
   ``flowmap.nets.attention`` ships its own (a ``torch.autograd.Function`` with a ``jvp``).
 * ``"fd"``: central finite differences, (fn(p + h t) - fn(p - h t)) / (2 h): two ordinary forwards
   (a third when ``primal_out``), accurate to O(h^2) plus round-off ~ ulp / h. Works through any
-  layer; the fallback when a layer has no forward-mode rule.
+  layer; the fallback when a layer has no forward-mode rule. In float32 the two errors cannot both
+  be small for nets whose time embeddings have frequencies ~1e3 (best ~1e-4 relative, measured in
+  tests/test_jvp.py), so ``fd_dtype=torch.float64`` with ``modules=(student,)`` evaluates the
+  differences in float64: the modules' float parameters are promoted for the tangent pass only and
+  the original tensors are put back untouched afterwards (``promoted``); ~1e-7 relative, at the
+  price of a float64 copy of the weights during the pass.
 
 How a loss uses it (the pattern that keeps DDP's gradient all-reduce intact; DESIGN.md, pitfalls):
 the tangent is a *constant* regression target, so the JVP runs under ``torch.no_grad()``, in float32
@@ -24,7 +29,8 @@ plain calls of the student are correct; ``require_inner`` refuses a DDP-wrapped 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +89,38 @@ def _check(primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> None:
             raise ValueError(f"jvp tangent {i} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
 
 
+def parse_fd_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` (the inputs' computing dtype), ``"float32"`` or ``"float64"`` (config spelling) -> dtype."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    choices = {"float32": torch.float32, "float64": torch.float64}
+    if name not in choices:
+        raise ValueError(f"unknown finite-difference dtype {name!r}; choose from {list(choices)} or null")
+    return choices[name]
+
+
+@contextlib.contextmanager
+def promoted(modules: Sequence[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily give the modules' floating parameters and buffers ``dtype`` (no grad is tracked).
+
+    The original tensors are put back on exit, so weights, optimizer state and DDP's views of them are
+    bit-identical afterwards; shared tensors are promoted once."""
+    saved: list[tuple[Tensor, Tensor]] = []
+    seen: set[int] = set()
+    try:
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                if id(tensor) in seen or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                seen.add(id(tensor))
+                saved.append((tensor, tensor.data))
+                tensor.data = tensor.data.to(dtype)
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
+
+
 def jvp(
     fn: Callable[..., Tensor],
     primals: Sequence[Tensor],
@@ -90,32 +128,41 @@ def jvp(
     backend: str = "func",
     eps: float | None = None,
     primal_out: bool = True,
+    fd_dtype: torch.dtype | str | None = None,
+    modules: Sequence[nn.Module] = (),
 ) -> tuple[Tensor | None, Tensor]:
     """(fn(*primals), d/de fn(*(p + e t)) at e = 0), both detached, in float32 (float64 for float64 inputs).
 
     fn: a function of the primals returning one tensor; primals, tangents: matching float tensors.
     backend: ``"func"`` (torch.func.jvp) or ``"fd"`` (central differences with step ``eps``, default
-    ``FD_EPS`` of the computing dtype). ``primal_out=False`` returns ``None`` for the output (saves fd's
+    ``FD_EPS`` of the differencing dtype). ``primal_out=False`` returns ``None`` for the output (saves fd's
     third forward when the caller makes its own with-grad forward anyway).
+    fd_dtype: the dtype the ``"fd"`` differences are taken in (``"float64"``: promote ``modules``, the
+    networks ``fn`` calls, for the pass; see ``promoted``); results come back in the inputs' dtype.
     Raises ``JVPBackendError`` when the network has a layer the backend cannot differentiate."""
     check_backend(backend)
     _check(primals, tangents)
     dtype = max((compute_dtype(p.dtype) for p in primals), key=lambda d: torch.finfo(d).bits)
-    primals = tuple(p.detach().to(dtype) for p in primals)
-    tangents = tuple(t.detach().to(dtype) for t in tangents)
+    fd_dtype = parse_fd_dtype(fd_dtype) or dtype
+    if backend == "fd" and fd_dtype != dtype and not modules:
+        raise ValueError(f"finite differences in {fd_dtype} need the networks fn calls (modules=...) to promote them")
+    work = dtype if backend == "func" else fd_dtype
+    primals = tuple(p.detach().to(work) for p in primals)
+    tangents = tuple(t.detach().to(work) for t in tangents)
     device_type = primals[0].device.type
     with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
         if backend == "func":
             out, dout = _func_jvp(fn, primals, tangents)
             return (out if primal_out else None), dout
-        h = FD_EPS.get(dtype, 5e-5) if eps is None else float(eps)
+        h = FD_EPS.get(work, 5e-5) if eps is None else float(eps)
         if not h > 0:
             raise ValueError(f"the finite-difference step eps must be positive, got {eps}")
-        f_plus = fn(*(p + h * t for p, t in zip(primals, tangents)))
-        f_minus = fn(*(p - h * t for p, t in zip(primals, tangents)))
-        dout = (f_plus.to(dtype) - f_minus.to(dtype)) / (2.0 * h)
-        out = fn(*primals).to(dtype) if primal_out else None
-        return out, dout
+        with promoted(modules, work) if work != dtype else contextlib.nullcontext():
+            f_plus = fn(*(p + h * t for p, t in zip(primals, tangents)))
+            f_minus = fn(*(p - h * t for p, t in zip(primals, tangents)))
+            dout = (f_plus.to(work) - f_minus.to(work)) / (2.0 * h)
+            out = fn(*primals).to(dtype) if primal_out else None
+        return out, dout.to(dtype)
 
 
 def _func_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
@@ -134,4 +181,4 @@ def _func_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: 
     return out.to(primals[0].dtype), dout.to(primals[0].dtype)
 
 
-__all__ = ["BACKENDS", "FD_EPS", "JVPBackendError", "check_backend", "compute_dtype", "jvp", "require_inner"]
+__all__ = ["BACKENDS", "FD_EPS", "JVPBackendError", "check_backend", "compute_dtype", "jvp", "parse_fd_dtype", "promoted", "require_inner"]

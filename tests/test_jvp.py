@@ -5,6 +5,7 @@ Reference: a float64 deep copy of the student, differentiated by a fourth-order 
 difference with h = 1e-5 (truncation ~h^4, round-off ~1e-16 / h: ~1e-10 relative). We compare
     func (float32 net)  vs reference   < 1e-5   (forward-mode AD in float32)
     fd   (float64 copy) vs reference   < 1e-5   (the fd backend's own O(h^2) rule, default h, in float64)
+    fd   (float32 net, fd_dtype=float64) < 1e-5 (the engine promotes the net for the tangent pass only)
     fd   (float32 net)  vs reference   < 3e-3   (fd in float32 is limited by round-off / h; stated, not hidden)
 Errors are relative in the 2-norm over the whole batch.
 """
@@ -80,12 +81,21 @@ def test_func_and_fd_match_float64_reference(name):
     out32, d_func = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "func")
     _, d_fd64 = jvp(lambda x, s, t: student64.average_velocity(x, s, t, cond), p64, t64, "fd")
     _, d_fd32 = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "fd")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    _, d_fd_promoted = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "fd",
+                           fd_dtype="float64", modules=(student,))
     e_func, e_fd64, e_fd32 = rel(d_func, ref), rel(d_fd64, ref), rel(d_fd32, ref)
-    print(f"{name}: rel. error vs float64 reference: func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  fd(f32) {e_fd32:.2e}")
-    assert d_func.dtype == torch.float32 and d_fd64.dtype == torch.float64
+    e_promoted = rel(d_fd_promoted, ref)
+    print(f"{name}: rel. error vs float64 reference: func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  "
+          f"fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  fd(f32) {e_fd32:.2e}")
+    assert d_func.dtype == torch.float32 and d_fd64.dtype == torch.float64 and d_fd_promoted.dtype == torch.float32
     assert e_func < 1e-5
     assert e_fd64 < 1e-5
+    assert e_promoted < 1e-5
     assert e_fd32 < 3e-3
+    # the promotion is undone: same dtypes and bit-identical weights
+    for k, v in student.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     # the primal output of the func backend is the plain forward
     with torch.no_grad():
         assert torch.allclose(out32, student.average_velocity(*primals, cond), atol=1e-6)
@@ -185,6 +195,10 @@ def test_bad_arguments():
         jvp(torch.sin, (torch.ones(3, dtype=torch.long),), (torch.ones(3, dtype=torch.long),), "fd")
     with pytest.raises(ValueError, match="positive"):
         jvp(torch.sin, (x,), (x,), "fd", eps=0.0)
+    with pytest.raises(ValueError, match="need the networks fn calls"):
+        jvp(torch.sin, (x,), (x,), "fd", fd_dtype="float64")
+    with pytest.raises(ValueError, match="unknown finite-difference dtype"):
+        jvp(torch.sin, (x,), (x,), "fd", fd_dtype="float16")
     wrapped = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         require_inner(wrapped)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, require_inner
+from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import check_guidance, check_source, draw_guidance, instantaneous_velocity, times_like
 from flowmap.objectives.denoising import drop_labels
@@ -57,7 +57,8 @@ class MeanFlow(Objective):
         p, c: adaptive weight 1 / (||delta||^2 + c)^p (paper: p = 1, c = 1e-3); p = 0 is plain L2.
         guidance, guidance_max: CFG scale folded into a distilled target (a range needs a student with
             ``guidance_input``); p_uncond: label dropout so the student also learns the null label.
-        jvp_backend: ``"func"`` (torch.func.jvp) or ``"fd"`` (finite differences); fd_eps: its step.
+        jvp_backend: ``"func"`` (torch.func.jvp) or ``"fd"`` (finite differences); fd_eps: its step;
+        fd_dtype: ``"float64"`` takes the differences in float64 (``flowmap.jvp.promoted``), null: as the inputs.
     """
 
     name = "meanflow"
@@ -77,6 +78,7 @@ class MeanFlow(Objective):
         p_uncond: float = 0.0,
         jvp_backend: str = "func",
         fd_eps: float | None = None,
+        fd_dtype: str | None = None,
     ) -> None:
         super().__init__()
         self.source = check_source(source)
@@ -95,6 +97,7 @@ class MeanFlow(Objective):
         self.p_uncond = float(p_uncond)
         self.jvp_backend = check_backend(jvp_backend)
         self.fd_eps = fd_eps
+        self.fd_dtype = parse_fd_dtype(fd_dtype)
 
     @property
     def needs_teacher(self) -> bool:
@@ -105,7 +108,7 @@ class MeanFlow(Objective):
         s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd":  # keep s +- h * 1 inside [0, 1] for the central difference
-            h = self.fd_eps or FD_EPS.get(compute_dtype(s.dtype), 5e-5)
+            h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(s.dtype), 5e-5)
             s = s.clamp(h, 1.0 - h)
             t = torch.minimum(t, s)
         return s, t
@@ -124,7 +127,8 @@ class MeanFlow(Objective):
             return student.average_velocity(x, s_, t_, cond, w_student)
 
         # du/ds along the trajectory: tangent (v, 1, 0) on (x, s, t); a no-grad float32 pass.
-        _, du_ds = jvp(u_fn, (x_s, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), self.jvp_backend, self.fd_eps, primal_out=False)
+        _, du_ds = jvp(u_fn, (x_s, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), self.jvp_backend, self.fd_eps, primal_out=False,
+                     fd_dtype=self.fd_dtype, modules=(student,))
         u_tgt = v - expand_like(s - t, v) * du_ds.to(v.dtype)  # u = v - (s - t) du/ds
         u_tgt, finite, n_bad = mask_nonfinite(u_tgt)
 
