@@ -123,12 +123,22 @@ class MeanFlow(Objective):
         w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
         v = instantaneous_velocity(self.source, teacher, x_s, s, x0, eps, cond, w_teacher)
 
-        def u_fn(x: Tensor, s_: Tensor, t_: Tensor) -> Tensor:
-            return student.average_velocity(x, s_, t_, cond, w_student)
+        # du/ds along the trajectory: tangent (v, 1, 0) on (x, s, t); a no-grad float32 pass, only on the rows
+        # with s != t (where s = t the target is v itself, so the share ``equal_share`` costs no JVP).
+        du_ds = torch.zeros_like(x_s, dtype=torch.promote_types(x_s.dtype, torch.float32))
+        moving = (s != t).nonzero().squeeze(1)
+        if moving.numel():
+            rows = None if moving.numel() == B else moving
+            pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
+            c_m, w_m = pick(cond), pick(w_student)
 
-        # du/ds along the trajectory: tangent (v, 1, 0) on (x, s, t); a no-grad float32 pass.
-        _, du_ds = jvp(u_fn, (x_s, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), self.jvp_backend, self.fd_eps, primal_out=False,
-                     fd_dtype=self.fd_dtype, modules=(student,))
+            def u_fn(x: Tensor, s_: Tensor, t_: Tensor) -> Tensor:
+                return student.average_velocity(x, s_, t_, c_m, w_m)
+
+            s_m = pick(s)
+            _, du_m = jvp(u_fn, (pick(x_s), s_m, pick(t)), (pick(v), torch.ones_like(s_m), torch.zeros_like(s_m)), self.jvp_backend,
+                          self.fd_eps, primal_out=False, fd_dtype=self.fd_dtype, modules=(student,))
+            du_ds = du_m if rows is None else du_ds.index_copy(0, rows, du_m.to(du_ds.dtype))
         u_tgt = v - expand_like(s - t, v) * du_ds.to(v.dtype)  # u = v - (s - t) du/ds
         u_tgt, finite, n_bad = mask_nonfinite(u_tgt)
 
