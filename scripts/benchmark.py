@@ -780,17 +780,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pick_threads(requested: int) -> int:
-    if requested > 0:
-        return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] > 0.75 * cores
-    except OSError:
-        busy = False
-    return 1 if busy else cores
-
-
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     start = time.time()
@@ -808,6 +797,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--skip: unknown parts {sorted(skip - {'cost', 'peer', 'plots'})} (cost, peer, plots)")
     if a.inception_weights and not Path(a.inception_weights).is_file():
         raise ValueError(f"--inception-weights: no such file {a.inception_weights!r}")
+    from flowmap.runtime import pick_threads
+
     threads = pick_threads(a.threads)
     torch.set_num_threads(threads)
     requested = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else (list(QUICK_METHODS) if a.quick else None)

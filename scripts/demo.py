@@ -26,6 +26,7 @@ from flowmap.lightning.cli import main_guard  # noqa: E402
 from flowmap.metrics import checkerboard_precision, w2_exact  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
+from flowmap.runtime import set_cpu_threads  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.time_grids import uniform_grid  # noqa: E402
@@ -44,6 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's training steps")
     p.add_argument("--student-steps", type=int, default=None, help="override the student's training steps")
     p.add_argument("--logger", default="csv", help="wandb | csv | tensorboard | none")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: 1 on a busy machine, else all cores)")
     return p.parse_args(argv)
 
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    threads = set_cpu_threads(a.threads)
+    print(f"flowmap demo: method {a.method}, {threads} CPU thread(s), results in {out.resolve()}", flush=True)
     common = ["--logger", a.logger, "--trainer.enable_model_summary", "false"]
 
     print("[1/3] training the checkerboard teacher", flush=True)
