@@ -258,6 +258,19 @@ def markdown(results: dict, targets: list[dict]) -> str:
         L += _table(["trainer", "ms / step", "final W2", "final loss"],
                     [[n, f"{peer[n]['step_s'] * 1e3:.2f}", _f(peer[n]["w2"]), _f(peer[n]["final_loss"])] for n in ("ours", "torchcfm")])
         L += ["", f"Time ratio ours / torchcfm: {peer['step_ratio']:.3f}; W2 ratio: {peer['w2_ratio']:.3f}.", ""]
+    L += ["## Streaming: webdataset shards against memory", ""]
+    st = results.get("streaming") or {}
+    if not st.get("available"):
+        L += [f"Not run: {st.get('reason', 'no streaming result')}.", ""]
+    else:
+        L += [f"{st['data']}: {st['count']} samples in {st['shards']} shards, batch {st['batch_size']}, {st['num_batches']} batches "
+              "per measurement (worker start-up included).", ""]
+        rows = [["memory (TensorDataset)", f"{st['memory']:.4g}", "1.00"]]
+        rows += [[f"shards, {w} worker{'s' if w > 1 else ''}", f"{st[f'shards_w{w}']:.4g}", f"{st[f'ratio_w{w}']:.3f}"]
+                 for w in (1, 2) if f"shards_w{w}" in st]
+        L += _table(["source", "samples / s", "x memory"], rows)
+        L += ["", "Tiny decoded samples make memory the upper bound; shards pay tar parsing and PNG decoding per sample, "
+              "which worker processes hide once the model step costs more than the decode.", ""]
     plots = results.get("plots", [])
     if plots:
         L += ["## Plots", ""] + [f"- [{p}]({p})" for p in plots] + [""]

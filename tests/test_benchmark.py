@@ -106,6 +106,17 @@ def test_cost_throughput_and_peer_tables_hold_numbers(quick_run):
 
 
 @pytest.mark.slow
+def test_streaming_row_compares_shards_with_memory(quick_run):
+    _, res, md = quick_run
+    st = res["streaming"]
+    assert st["available"], st
+    for k in ("memory", "shards_w1", "shards_w2"):
+        assert finite(st[k]) and st[k] > 0, (k, st)
+    assert st["ratio_w1"] == pytest.approx(st["shards_w1"] / st["memory"])
+    assert "## Streaming: webdataset shards against memory" in md and "shards, 2 workers" in md
+
+
+@pytest.mark.slow
 def test_plots_are_written(quick_run):
     out, res, _ = quick_run
     expected = {"scatter_checkerboard.png", "scatter_eight_gaussians.png", "scatter_gmm.png", "samples_digits.png",
