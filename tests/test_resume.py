@@ -123,6 +123,29 @@ def test_distillation_resume_is_exact_including_round_state(tmp_path, shards):
         assert any(k.startswith("target.") for k in state)
 
 
+@pytest.mark.timeout(300)
+def test_resuming_with_another_method_or_module_is_one_clear_error(tmp_path, shards, capsys):
+    from flowmap.lightning.cli import main_guard
+
+    model = lambda objective: f"""  student: {{net: {NET}}}
+  objective: {objective}
+  teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""  # noqa: E731
+    _run("distill", _config(tmp_path, "cd", shards, 3, model("{name: cd}")), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["flowmap_run"] == {"kind": "DistillModule", "method": "cd"}
+    before = last.read_bytes()
+    for script, cfg in (("distill", _config(tmp_path, "shortcut", shards, None, model("{name: shortcut}"))),
+                        ("train_teacher", _config(tmp_path, "teacher", shards, None, f"  net: {NET}"))):
+        with pytest.raises(SystemExit) as exit_info:
+            main_guard(lambda: _run(script, cfg, tmp_path / "run", "--resume", "last"))
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()  # Lightning's own warnings may precede it
+        errors = [line for line in lines if line.startswith("error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], lines[-3:]
+        assert errors[0].startswith("error: --resume: the checkpoint comes from a 'cd' run"), errors
+    assert last.read_bytes() == before  # nothing overwritten
+
+
 class _Recorder(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []

@@ -84,6 +84,9 @@ class DistillModule(TrainingMixin, L.LightningModule):
     def teacher(self):
         return self._teacher
 
+    def run_identity(self) -> dict:
+        return {"kind": "DistillModule", "method": str(dict(self.hparams.objective).get("name", self.objective.name))}
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if isinstance(self._teacher, nn.Module):

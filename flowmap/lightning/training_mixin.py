@@ -110,6 +110,7 @@ class TrainingMixin:
         own = torch.get_rng_state()
         world = int(getattr(getattr(self, "trainer", None), "world_size", 1) or 1)
         all_states = self.all_gather(own.to(self.device)).cpu() if world > 1 else own[None]
+        checkpoint["flowmap_run"] = self.run_identity()
         checkpoint["flowmap_rng"] = {
             "torch": own,
             "torch_per_rank": all_states,
@@ -118,7 +119,21 @@ class TrainingMixin:
             "nonfinite": (self.nonfinite_in_a_row, self.nonfinite_total),
         }
 
+    def run_identity(self) -> dict:
+        """What a checkpoint of this run must match to be resumed by it (the module kind; the method)."""
+        return {"kind": type(self).__name__}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before it loads the state dict: refuse another module kind or method with one line
+        stored, mine = checkpoint.get("flowmap_run"), self.run_identity()
+        if stored is not None and stored != mine:
+            def say(d: dict) -> str:
+                return d.get("method") or d.get("kind", "?")
+
+            raise ValueError(
+                f"--resume: the checkpoint comes from a {say(stored)!r} run, this run is configured for {say(mine)!r}; "
+                "resume with the same method and module, or start a new --run_dir"
+            )
         state = checkpoint.get("flowmap_rng")
         if state is None:
             return
