@@ -17,6 +17,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the subprocesses tests launch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny nets and convolutions run fastest on one thread, and do not stall on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -19,23 +19,7 @@ from flowmap.nets import build_net
 from flowmap.sampling import sample
 from flowmap.student import FlowMap
 from flowmap.velocity import NetVelocity
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def trained_like(net: torch.nn.Module) -> torch.nn.Module:
-    """Give every weight (also the zero-initialized ones) a value, so the output depends on all inputs."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return net
+from weights import trained_like
 
 
 def conditional_student() -> FlowMap:

@@ -23,16 +23,6 @@ from teachers import CheckpointTeacher, EDMDenoiserTeacher, GaussianMixtureTeach
 from teachers.diffusers_adapter import ddim_time_grid  # noqa: E402
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run fastest on one thread (and do not stall on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 N_TRAIN = 50  # DDPM train steps of the tiny schedule
 K = 10  # DDIM inference steps
 

@@ -12,22 +12,7 @@ from flowmap.export import OneStepGenerator, export_generator
 from flowmap.models import save_student
 from flowmap.nets import build_net
 from flowmap.student import FlowMap
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def trained_like(net: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return net
+from weights import trained_like
 
 
 def test_export_script_matches_eager_with_dynamic_batch(tmp_path, capsys):
@@ -37,7 +22,7 @@ def test_export_script_matches_eager_with_dynamic_batch(tmp_path, capsys):
 
     net = build_net({"name": "unet", "data_shape": [1, 8, 8], "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
                      "attn_resolutions": [4], "heads": 2, "emb_dim": 32, "num_classes": 3})
-    path = save_student(tmp_path / "student.safetensors", FlowMap(trained_like(net)))
+    path = save_student(tmp_path / "student.safetensors", FlowMap(trained_like(net, 7)))
     out = tmp_path / "gen.pt2"
     result = export_script.main([str(path), "--out", str(out), "--batch", "4"])
     printed = capsys.readouterr().out
@@ -61,7 +46,7 @@ def test_export_script_matches_eager_with_dynamic_batch(tmp_path, capsys):
 
 def test_export_unconditional_guidance_student_static_batch(tmp_path):
     net = build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 2, "emb_dim": 8, "guidance_input": True})
-    student = FlowMap(trained_like(net)).eval()
+    student = FlowMap(trained_like(net, 7)).eval()
     result = export_generator(student, tmp_path / "g.pt2", batch=6, guidance=2.0, dynamic=False)
     assert result["max_abs_diff"] < 1e-5 and result["checked_batches"] == [6]
     program = torch.export.load(result["path"]).module()

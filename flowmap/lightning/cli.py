@@ -40,7 +40,13 @@ class FlowmapCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         kwargs.setdefault("seed_everything_default", 0)
-        super().__init__(*args, **kwargs)
+        argv = sys.argv
+        if kwargs.get("args") is not None:  # our scripts pass their (rewritten) command line as ``args``:
+            sys.argv = argv[:1]  # hide the original, or LightningCLI warns that both were given
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            sys.argv = argv
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str, default="runs/default", help="directory for checkpoints, logs, samples")
