@@ -18,6 +18,11 @@ from torch import Tensor
 from flowmap.time_grids import uniform_grid
 from flowmap.types import FlowMapLike
 
+# Multistep gamma that suits each method's student (0: deterministic flow-map jumps). Consistency-type students
+# (trained only to jump to t = 0) re-noise between steps: multistep consistency sampling (Song et al. 2023, Alg. 1)
+# is gamma = 1; two-time flow maps (MeanFlow, shortcut, AYF, CTM, PD, self-distillation) jump deterministically.
+RECOMMENDED_GAMMA = {"cd": 1.0, "ict": 1.0, "ect": 1.0, "scd": 1.0, "sct": 1.0}
+
 
 def check_grid(grid: Tensor) -> Tensor:
     """A grid must be 1-D, inside [0, 1] and strictly decreasing (noise to data)."""

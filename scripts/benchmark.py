@@ -59,7 +59,7 @@ from flowmap.models import init_student_from_teacher, load_model, save_student, 
 from flowmap.nets import build_net  # noqa: E402
 from flowmap.objectives import OBJECTIVES, build_objective  # noqa: E402
 from flowmap.objectives.denoising import DenoisingLoss  # noqa: E402
-from flowmap.sampling import sample  # noqa: E402
+from flowmap.sampling import RECOMMENDED_GAMMA, sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
 from flowmap.training import fit  # noqa: E402
@@ -72,7 +72,7 @@ TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
 QUICK_METHODS = ("cd", "meanflow")
 # Students that learn only jumps to the data end, f(x, t) = X(x, t, 0), sample multistep by jumping to 0 and
 # re-noising (gamma = 1: Song et al. 2023, Alg. 1); every other student jumps along the grid (gamma = 0).
-SAMPLER_GAMMA = {"cd": 1.0, "ict": 1.0, "ect": 1.0, "scd": 1.0, "sct": 1.0}
+SAMPLER_GAMMA = RECOMMENDED_GAMMA
 
 
 # --- budgets ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from flowmap.metrics import checkerboard_precision, w2_exact  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import set_cpu_threads  # noqa: E402
-from flowmap.sampling import sample  # noqa: E402
+from flowmap.sampling import RECOMMENDED_GAMMA, sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.time_grids import uniform_grid  # noqa: E402
 
@@ -40,7 +40,7 @@ def methods() -> list[str]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="meanflow", help=f"distillation method, one of {methods()}")
+    p.add_argument("--method", default="cd", help=f"distillation method, one of {methods()}")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's training steps")
     p.add_argument("--student-steps", type=int, default=None, help="override the student's training steps")
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> Path:
     noise = torch.randn(N_EVAL, 2, generator=g)
     with torch.no_grad():
         x_teacher = solve(teacher, noise, uniform_grid(32), "heun")  # 32 Heun steps = 63 NFE (last step Euler)
+        gamma = RECOMMENDED_GAMMA.get(a.method, 0.0)  # consistency-type students re-noise between steps
         x_s1 = sample(student, noise, 1)
-        x_s2 = sample(student, noise, 2)
+        x_s2 = sample(student, noise, 2, gamma=gamma, generator=torch.Generator().manual_seed(2))
     rows: dict[str, dict] = {}
     evaluate("data vs data", data2, data, rows)
     evaluate("teacher, Heun 64 NFE", x_teacher, data, rows)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
         "samples": N_EVAL,
         "rows": rows,
         "teacher_w2_over_floor": rows["teacher, Heun 64 NFE"]["w2"] / floor,
+        "sampler_gamma": gamma,
         "seconds": time.time() - start,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
