@@ -25,6 +25,7 @@ from flowmap.objectives.consistency import (
 )
 from flowmap.student import FlowMap
 from flowmap.training import fit
+from flowmap.types import LossOutput
 from teachers.gmm import preset_mixture
 
 N_EVAL = 2000
@@ -294,7 +295,29 @@ def test_bad_input_raises_clear_errors(ring8):
 # --- distillation on the mixture: the 1-NFE flow-map error drops at least five-fold ----------------------
 
 
-def train_and_measure(ring8, reference, config, steps, cond_classes=0, lr=3e-3, lr_final=1e-4, batch=256):
+def pretrain_flow_matching(student, pool, steps, batch=1024, lr=3e-3):
+    """Flow matching in the consistency function's slot: u(x_t, t, 0) regressed onto the conditional velocity
+    eps - x0 (Lipman et al. 2023, Eq. 23), so f(x, t) = x - t u(x, t, 0) becomes the denoiser E[x0 | x_t]: the
+    diffusion model ECT starts from (Geng et al. 2024, Sec. 3: diffusion pretraining is consistency training
+    at dt = t)."""
+
+    class _FlowMatching(nn.Module):
+        needs_teacher, uses_target = False, False
+
+        def forward(self, *, student, teacher, target, x0, cond, step):
+            t = torch.rand(len(x0))
+            eps = torch.randn_like(x0)
+            x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+            u = student.average_velocity(x_t, t, torch.zeros_like(t), cond)
+            loss = (u - (eps - x0)).pow(2).sum(1)
+            return LossOutput(loss=loss, logs={"mse": loss.detach()})
+
+    fit(student, _FlowMatching(), lambda k: (pool[torch.randint(0, len(pool), (batch,))], None), steps, lr=lr)
+
+
+def train_and_measure(ring8, reference, config, steps, cond_classes=0, lr=3e-3, lr_final=1e-4, batch=256, init_steps=0):
+    """Train the small student with ``config`` for ``steps`` steps; ``init_steps`` > 0 first pretrains it by flow
+    matching (``pretrain_flow_matching``). Returns the 1-NFE error (untrained random student, trained student)."""
     eps, ref = reference
     torch.manual_seed(0)
     student = small_student(cond_classes)
@@ -305,6 +328,8 @@ def train_and_measure(ring8, reference, config, steps, cond_classes=0, lr=3e-3, 
         eval_cond = torch.randint(0, cond_classes, (len(eps),), generator=torch.Generator().manual_seed(8))
         ref = ring8.flow_map(eps, torch.ones(len(eps)), torch.zeros(len(eps)), eval_cond, steps=50)
     before = one_step_error(student, eps, ref, eval_cond)
+    if init_steps:
+        pretrain_flow_matching(student, pool, init_steps, batch=batch, lr=lr)
 
     def batches(k):
         idx = torch.randint(0, len(pool), (batch,))
@@ -326,17 +351,41 @@ def test_cd_cuts_the_one_step_error_five_fold(ring8, reference):
 
 @pytest.mark.slow
 def test_ict_cuts_the_one_step_error(ring8, reference):
-    """Teacher-free consistency training. Known gap: in a test-sized budget iCT reaches ~1/4 of the untrained
-    error, not 1/5 (measured 0.158 vs 0.645 after 800 steps; still 0.158 after 2000 steps at batch 1024: a
-    floor set by the finite discretization, which a longer curriculum to larger N lowers only slowly)."""
-    before, after = train_and_measure(ring8, reference, {"name": "ict", "total_steps": 800, "s0": 8, "s1": 256}, steps=800, batch=1024)
-    assert after <= before / 3
+    """Teacher-free consistency training (Song & Dhariwal 2023): pseudo-Huber, lognormal levels, N(k) doubling
+    from 8 to 256, stop-gradient target (EMA 0), lambda = 1 / (sigma_{i+1} - sigma_i), random initialization.
+
+    Known gap to the issue's 1/5: measured 0.240 of the untrained error (0.153 vs 0.638 rmse; c = 0.00054 sqrt(2)
+    of the paper's formula gives 0.273). The error is a floor, not a budget: 1600-2000 steps, batch 2048,
+    s1 = 512 or 1280 all stay at 0.22-0.33, coarser curricula (s1 = 32, 64) are worse (0.27-0.30), and so are
+    l2 (0.42), an EMA target 0.9 (0.32), no gradient clipping and lr 1e-3 / 8e-3. The same floor appears with the
+    exact teacher's Heun step as x_r under this loss (ECT, source='teacher': 0.26), so it comes from the
+    loss's weighting of times (lambda ~ 1 / dsigma puts most of the gradient on small sigma), not from the noisy
+    data pairs; CD's uniform 8-step grid with l2 reaches 0.17. The assertion is the best honest bound (1/3.5).
+    c = 0.05 here: on 2-D data sqrt(d) makes the paper's c ~ 8e-4, far below the pair gaps ||delta|| ~ 1e-2."""
+    config = {"name": "ict", "total_steps": 800, "s0": 8, "s1": 256, "huber_c": 0.05}
+    before, after = train_and_measure(ring8, reference, config, steps=800, batch=1024)
+    assert after <= before / 3.5
+
+
+@pytest.mark.slow
+def test_ect_from_data_cuts_the_one_step_error(ring8, reference):
+    """Easy Consistency Tuning from data alone (Geng et al. 2024): shared-noise pairs, dt shrinking by q = 2 every
+    160 steps, pseudo-Huber, lambda = 1 / dsigma, EMA 0. As in the paper, ECT starts from a diffusion model: the
+    random student is first trained for 400 steps by flow matching in the consistency slot (``pretrain_flow_matching``,
+    f = the denoiser E[x0 | x_t]); the baseline is the random student's error, as in the other tests.
+
+    Known gap to the issue's 1/5: measured 0.248 of the untrained error (0.158 vs 0.638; 0.300 without the
+    flow-matching initialization); without it 2000 steps at batch 512 stay at 0.26, and l2 or uniform weighting are worse
+    (0.39-0.42): the same floor as iCT's (see there). The assertion is the best honest bound (1/3.5)."""
+    config = {"name": "ect", "stage_steps": 160, "source": "data", "huber_c": 0.05}
+    before, after = train_and_measure(ring8, reference, config, steps=800, batch=1024, init_steps=400)
+    assert after <= before / 3.5
 
 
 @pytest.mark.slow
 def test_ect_with_teacher_steps_cuts_the_one_step_error_five_fold(ring8, reference):
-    """ECT with the teacher's ODE step as the target's x_r (the distillation form; from data alone ECT behaves
-    like iCT here, ~1/4 in this budget)."""
+    """ECT with the teacher's ODE step as the target's x_r (the distillation form; from data alone see
+    ``test_ect_from_data_cuts_the_one_step_error``)."""
     config = {"name": "ect", "stage_steps": 200, "source": "teacher", "metric": "l2", "weighting": "uniform"}
     before, after = train_and_measure(ring8, reference, config, steps=1000, batch=1024)
     assert after <= before / 5

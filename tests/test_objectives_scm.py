@@ -228,4 +228,8 @@ def test_training_on_ring8_cuts_one_step_error(name):
 
 SCM_TEST_CONFIG = {"sigma_data": 1.4, "tangent_warmup": 300, "p_mean": 0.0, "p_std": 1.6, "adaptive": False}
 STEPS = {"scd": 1800, "sct": 2000}
-RATIO = {"scd": 1 / 5, "sct": 1 / 2}  # sCT learns from noisy conditional velocities: 1/5 needs several times this budget
+# sCT (teacher-free) misses the 1/5: measured 0.308 of the untrained error (EMA 0.182 vs 0.591) after 2000
+# steps, but not smoothly budget-bound (1000 and 1400 steps both give 0.446), and none of tangent_c 3 / None (0.436 / 0.488 at 1000 steps), the
+# adaptive weight (0.449), lr 5e-3 (0.471), batch 64 x 2000 (0.450) or a 600-step flow-matching initialization
+# (0.312 at 600 + 1400) closes the gap in a test-sized budget. 1/3 is the best honest bound.
+RATIO = {"scd": 1 / 5, "sct": 1 / 3}
