@@ -157,7 +157,7 @@ def scaled(budget: Budget, scale: float) -> Budget:
 
 
 CONFIG_DATA = {"checkerboard": "checkerboard", "eight_gaussians": "checkerboard", "gmm": "gmm", "digits": "digits"}
-CURRICULUM_KEYS = ("total_steps", "stage_steps", "steps_per_round", "tangent_warmup", "warmup_steps")
+CURRICULUM_KEYS = ("total_steps", "stage_steps", "steps_per_round", "first_round_steps", "tangent_warmup", "warmup_steps")
 # net options a method's config may set on its student: a guidance input (zero-initialized, so the student
 # still starts as the teacher; sampled at w = 1 here) or another time scale (another function: from scratch)
 NET_EXTRAS = ("time_scale", "guidance_input")
