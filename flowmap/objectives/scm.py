@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, require_inner
+from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.nets.embeddings import FourierTime
 from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import check_guidance, draw_guidance, instantaneous_velocity, times_like
@@ -93,7 +93,8 @@ class _SCM(Objective):
         tangent_c: c of the tangent normalization g / (||g|| + c) (paper: 0.1); None = off.
         adaptive: learn the log-variance weighting w_phi (else w = 0).
         guidance, guidance_max, p_uncond: CFG folded into the teacher's velocity (sCD only); label dropout.
-        jvp_backend: ``"func"`` or ``"fd"``; fd_eps: its step.
+        jvp_backend: ``"func"`` or ``"fd"``; fd_eps: its step; fd_dtype: ``"float64"`` takes the differences in
+            float64 (``flowmap.jvp.promoted``), null: in the inputs' dtype.
     """
 
     name = "scm"
@@ -113,6 +114,7 @@ class _SCM(Objective):
         p_uncond: float = 0.0,
         jvp_backend: str = "func",
         fd_eps: float | None = None,
+        fd_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if not sigma_data > 0:
@@ -135,6 +137,7 @@ class _SCM(Objective):
         self.p_uncond = float(p_uncond)
         self.jvp_backend = check_backend(jvp_backend)
         self.fd_eps = fd_eps
+        self.fd_dtype = parse_fd_dtype(fd_dtype)
         self.path = TrigFlowPath(self.sigma_data)
         self.logvar = LogVariance() if self.adaptive else None
 
@@ -151,7 +154,7 @@ class _SCM(Objective):
         tau = self.p_mean + self.p_std * torch.randn(batch, device=x0.device)
         theta = times_like(torch.atan(torch.exp(tau) / self.sigma_data), x0)
         if self.jvp_backend == "fd":  # keep theta +- h inside [0, pi/2] for the central difference
-            h = self.fd_eps or FD_EPS.get(compute_dtype(theta.dtype), 5e-5)
+            h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(theta.dtype), 5e-5)
             theta = theta.clamp(h, 0.5 * math.pi - h)
         return theta
 
@@ -177,7 +180,8 @@ class _SCM(Objective):
         dx = self.velocity(teacher, x, theta, x0, z, cond, w_teacher)  # dx/dtheta
 
         F_fn = lambda x_, th_: self.trig_F(student, x_, th_, cond, w_student)  # noqa: E731
-        _, dF = jvp(F_fn, (x, theta), (dx, torch.ones_like(theta)), self.jvp_backend, self.fd_eps, primal_out=False)
+        _, dF = jvp(F_fn, (x, theta), (dx, torch.ones_like(theta)), self.jvp_backend, self.fd_eps, primal_out=False,
+                    fd_dtype=self.fd_dtype, modules=(student,))
 
         F = self.trig_F(student, x, theta, cond, w_student)  # the one with-grad forward
         F_minus = F.detach()
