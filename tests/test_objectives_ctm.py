@@ -4,8 +4,6 @@ weights, bad input fails clearly, and a short distillation on ring8 cuts the 1- 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -14,9 +12,8 @@ from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.objectives.ctm import frozen_call, teacher_segment
 from flowmap.student import FlowMap
-from flowmap.training import fit
 from teachers import preset_mixture
-from test_objectives_ayf import nfe_errors
+from test_objectives_ayf import distill_on_ring8
 
 
 def mlp_student(width: int = 32, depth: int = 2, **kw) -> FlowMap:
@@ -86,22 +83,17 @@ def test_bad_input():
         build_objective("ctm")(student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0)
 
 
-@pytest.mark.long
 def test_distillation_on_ring8_cuts_one_and_two_step_errors():
-    torch.set_num_threads(1)
-    teacher = preset_mixture("ring8")
-    torch.manual_seed(0)
-    student = mlp_student(width=128, depth=3, time_scale=10.0)
-    before = nfe_errors(student)
-    pool = teacher.sample(100_000, generator=torch.Generator().manual_seed(5))
-    t0 = time.time()
-    fit(student, build_objective(CTM_TRAIN), lambda k: (pool[torch.randint(0, len(pool), (256,))], None), STEPS,
-        teacher=teacher, lr=2e-3, lr_final=1e-5)
-    after = nfe_errors(student)
-    print(f"ctm ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f}, 2-NFE {before[1]:.3f} -> {after[1]:.3f} "
-          f"({STEPS} steps, {time.time() - t0:.0f}s)")
+    """Same small student and budget as the AYF test (width 64, emb_dim 64, 1500 steps, lr 3e-3), DSM weight 0.3.
+    Measured ratios (1-/2-NFE error over the untrained student's): lambda_dsm 0.3: seed 0 0.176 / 0.153, seed 1
+    0.172 / 0.150 (28 s at load average 4, 48-66 s at 6-7, on 2 cores); lambda_dsm 1: seed 0 0.190 / 0.157,
+    seed 1 0.187 / 0.157; target_ema 0.95: 0.185 / 0.150. FM-style init (u = teacher velocity for all t) and 4-step Heun
+    segments did not help (0.197 / 0.162)."""
+    before, after, secs = distill_on_ring8(CTM_TRAIN, STEPS, 3e-3)
+    print(f"ctm ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
+          f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({STEPS} steps, {secs:.0f}s)")
     assert after[0] <= before[0] / 5 and after[1] <= before[1] / 5
 
 
-CTM_TRAIN = {"name": "ctm", "target_ema": 0.99, "dsm_source": "teacher"}
-STEPS = 2000
+CTM_TRAIN = {"name": "ctm", "target_ema": 0.99, "dsm_source": "teacher", "lambda_dsm": 0.3}
+STEPS = 1500

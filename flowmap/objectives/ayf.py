@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, require_inner
+from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import check_guidance, times_like
 from flowmap.objectives.guidance import guided_draw, teacher_velocity
@@ -37,6 +37,7 @@ from flowmap.time_sampling import ordered_pair
 from flowmap.types import LossOutput, expand_like
 
 VARIANTS = ("emd", "lmd")
+GAP_DIST = "gap_logit_normal"  # the paper's interval sampling (Alg. 1): gap ~ sigmoid(N(mean, std)), end ~ U[0, 1 - gap]
 
 
 class AlignYourFlow(Objective):
@@ -44,11 +45,16 @@ class AlignYourFlow(Objective):
 
     Args:
         variant: ``"emd"`` (Eulerian, JVP in (x, s)) or ``"lmd"`` (Lagrangian, JVP in t, teacher at X).
-        time_dist, time_mean, time_std: distribution of the two times; equal_share: share with s = t.
+        time_dist, time_mean, time_std: distribution of the two times (``uniform``, ``logit_normal``, ``lognormal``: two
+            sorted draws; ``gap_logit_normal``: the paper's Alg. 1, gap s - t ~ sigmoid(N(time_mean, time_std)) and
+            t ~ U[0, 1 - gap], which puts more weight on long jumps; on ring8 with a small MLP it did worse than
+            ``uniform``: 1-/2-NFE ratios EMD 0.35 / 0.35 vs 0.31 / 0.29, LMD 0.26 / 0.21 vs 0.15 / 0.12);
+            equal_share: share with s = t.
         tangent_c: c of the tangent normalization g = T / (||T|| + c) (paper: 0.1); None turns it off.
         warmup_steps: steps over which the (t - s) du/d. term ramps in (0: no warm-up).
         guidance, guidance_max: CFG scale (a range trains a ``guidance_input`` student at w ~ U[guidance, guidance_max]).
-        jvp_backend, fd_eps: ``"func"`` or ``"fd"`` (see ``flowmap.jvp``).
+        jvp_backend, fd_eps, fd_dtype: ``"func"`` or ``"fd"``, its step, and ``"float64"`` for differences taken in
+            float64 (see ``flowmap.jvp``).
     """
 
     name = "ayf"
@@ -68,11 +74,13 @@ class AlignYourFlow(Objective):
         guidance_max: float | None = None,
         jvp_backend: str = "func",
         fd_eps: float | None = None,
+        fd_dtype: str | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown AYF variant {variant!r}; choose from {list(VARIANTS)}")
-        pair_kwargs(time_dist, time_mean, time_std)
+        if time_dist != GAP_DIST:
+            pair_kwargs(time_dist, time_mean, time_std)
         if not 0.0 <= equal_share <= 1.0:
             raise ValueError(f"equal_share must lie in [0, 1], got {equal_share}")
         if tangent_c is not None and not tangent_c > 0:
@@ -88,6 +96,7 @@ class AlignYourFlow(Objective):
         self.guidance, self.guidance_max = float(guidance), guidance_max
         self.jvp_backend = check_backend(jvp_backend)
         self.fd_eps = fd_eps
+        self.fd_dtype = parse_fd_dtype(fd_dtype)
 
     def warmup(self, step: int) -> float:
         """r = min(1, step / warmup_steps)."""
@@ -95,10 +104,16 @@ class AlignYourFlow(Objective):
 
     def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
         """(s, t) with 1 >= s >= t >= 0, a share ``equal_share`` with s = t."""
-        s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+        if self.time_dist == GAP_DIST:
+            gap = torch.sigmoid(self.time_mean + self.time_std * torch.randn(batch, device=x0.device))
+            t = (1 - gap) * torch.rand(batch, device=x0.device)
+            s = t + gap
+            t = torch.where(torch.rand(batch, device=x0.device) < self.equal_share, s, t)
+        else:
+            s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd":  # keep the perturbed time inside [0, 1] for the central difference
-            h = self.fd_eps or FD_EPS.get(compute_dtype(s.dtype), 5e-5)
+            h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(s.dtype), 5e-5)
             s = s.clamp(h, 1.0 - h)
             t = torch.minimum(t, s).clamp(min=h) if self._variant == "lmd" else torch.minimum(t, s)
         return s, t
@@ -127,11 +142,13 @@ class AlignYourFlow(Objective):
         gap = expand_like(t - s, x0)
         if self._variant == "emd":
             v = teacher_velocity(teacher, x_s, s, cond, w_teacher)
-            u0, du = jvp(u_fn, (x_s, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), self.jvp_backend, self.fd_eps)
+            u0, du = jvp(u_fn, (x_s, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), self.jvp_backend, self.fd_eps,
+                         fd_dtype=self.fd_dtype, modules=(student,))
             T = v - u0.to(v.dtype) + r * gap * du.to(v.dtype)  # dX/ds along the teacher ODE
             sign = 1.0
         else:
-            u0, du = jvp(u_fn, (x_s, s, t), (torch.zeros_like(x_s), torch.zeros_like(s), torch.ones_like(t)), self.jvp_backend, self.fd_eps)
+            u0, du = jvp(u_fn, (x_s, s, t), (torch.zeros_like(x_s), torch.zeros_like(s), torch.ones_like(t)), self.jvp_backend, self.fd_eps,
+                         fd_dtype=self.fd_dtype, modules=(student,))
             u0, du = u0.to(x_s.dtype), du.to(x_s.dtype)
             X = x_s + gap * u0
             T = u0 + r * gap * du - teacher_velocity(teacher, X, t, cond, w_teacher)  # dX/dt - v(X, t)
@@ -161,8 +178,9 @@ class AYFEulerian(AlignYourFlow):
 
     def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.1,
                  tangent_c: float | None = 0.1, warmup_steps: int = 0, guidance: float = 1.0, guidance_max: float | None = None,
-                 jvp_backend: str = "func", fd_eps: float | None = None) -> None:
-        super().__init__("emd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps)
+                 jvp_backend: str = "func", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
+        super().__init__("emd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps,
+                         fd_dtype)
 
 
 class AYFLagrangian(AlignYourFlow):
@@ -172,5 +190,6 @@ class AYFLagrangian(AlignYourFlow):
 
     def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.1,
                  tangent_c: float | None = 0.1, warmup_steps: int = 0, guidance: float = 1.0, guidance_max: float | None = None,
-                 jvp_backend: str = "func", fd_eps: float | None = None) -> None:
-        super().__init__("lmd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps)
+                 jvp_backend: str = "func", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
+        super().__init__("lmd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps,
+                         fd_dtype)
