@@ -31,14 +31,6 @@ from teachers.gmm import preset_mixture
 N_EVAL = 2000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ring8():

@@ -20,14 +20,6 @@ from teachers.gmm import preset_mixture
 N_EVAL = 2000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ring8():
@@ -221,3 +213,35 @@ def test_pd_ends_as_a_one_step_sampler_far_better_than_the_untrained_student_and
     assert all(not p.requires_grad for p in pd.round_teacher.parameters())
     assert after <= before / 5
     assert after <= euler_1 / 10
+
+
+def test_rounds_are_driven_by_the_lightning_callback():
+    """Under Lightning, ProgressiveRounds (attached by DistillModule.configure_callbacks) snapshots the round
+    teacher before the batch that opens each round and logs the round and N_r; the loss then finds it in place."""
+    from types import SimpleNamespace
+
+    from flowmap.lightning.callbacks import ProgressiveRounds
+    from flowmap.lightning.distill_module import DistillModule
+
+    net = {"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 16}
+    module = DistillModule(student={"net": net}, objective={"name": "pd", "initial_steps": 4, "steps_per_round": 3},
+                           teacher=preset_mixture("grid4"))
+    assert [type(c).__name__ for c in module.configure_callbacks()] == ["ProgressiveRounds"]
+    cd_module = DistillModule(student={"net": net}, objective={"name": "cd"}, teacher=preset_mixture("grid4"))
+    assert cd_module.configure_callbacks() == []
+
+    logged: list[tuple[str, float]] = []
+    fake = SimpleNamespace(objective=module.objective, student=module.student, log=lambda k, v, **kw: logged.append((k, v)))
+    callback, seen = ProgressiveRounds(), []
+    for step in range(9):  # rounds: [0, 3) N=4 (the teacher), [3, 6) N=2, [6, ...) N=1
+        callback.on_train_batch_start(SimpleNamespace(global_step=step), fake, None, step)
+        seen.append((int(module.objective.snapshot_round), module.objective.round_teacher is not None))
+        with torch.no_grad():
+            for p in module.student.parameters():
+                p.add_(0.01)  # the student moves between steps, so each snapshot is a different network
+        if step == 3:
+            first = {k: v.clone() for k, v in module.objective.round_teacher.state_dict().items()}
+    assert seen == [(0, False)] * 3 + [(1, True)] * 3 + [(2, True)] * 3
+    assert dict(logged[-2:]) == {"train/pd_round": 2.0, "train/pd_student_steps": 1.0}
+    second = module.objective.round_teacher.state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # round 2 took a new snapshot

@@ -84,6 +84,12 @@ class DistillModule(TrainingMixin, L.LightningModule):
     def teacher(self):
         return self._teacher
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Objectives with rounds (progressive distillation) are driven by ``ProgressiveRounds``."""
+        from flowmap.lightning.callbacks import ProgressiveRounds
+
+        return [ProgressiveRounds()] if callable(getattr(self.objective, "advance", None)) else []
+
     def run_identity(self) -> dict:
         return {"kind": "DistillModule", "method": str(dict(self.hparams.objective).get("name", self.objective.name))}
 

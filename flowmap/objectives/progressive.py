@@ -13,7 +13,9 @@ every round on the velocity scale. Round 0's X_prev is the teacher itself (one E
 ``EulerFlowMap``, or one Heun step); later rounds use a frozen snapshot of the student taken at the round
 boundary. The schedule (round, N_r) is a pure function of the global step; the snapshot is a submodule of
 the objective, so it lives in the checkpoint's state dict, never trains (requires_grad False) and is
-restored on resume. After the last round (N = 1) the student is a one-step sampler X(eps, 1, 0).
+restored on resume. Under Lightning the rounds are driven by the ``ProgressiveRounds`` callback
+(``flowmap.lightning.callbacks``), which calls ``advance`` before each batch; ``forward`` calls it too, so a plain
+torch loop follows the same schedule. After the last round (N = 1) the student is a one-step sampler X(eps, 1, 0).
 """
 
 from __future__ import annotations
