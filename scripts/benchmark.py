@@ -322,8 +322,9 @@ class FlowMatching(nn.Module):
 class Setting:
     """One benchmark setting: data (batches and evaluation), teacher and student nets."""
 
-    def __init__(self, name: str, budget: Budget, device: torch.device, cache: Path, fresh: bool) -> None:
+    def __init__(self, name: str, budget: Budget, device: torch.device, cache: Path, fresh: bool, reuse_only: bool = False) -> None:
         self.name, self.budget, self.device, self.cache, self.fresh = name, budget, device, cache, fresh
+        self.reuse_only = reuse_only
         self.kind = "digits" if name == "digits" else "2d"
         self.num_classes = 10 if name == "digits" else 0
         if name == "digits":
@@ -429,6 +430,8 @@ class Setting:
                 return {"student": student, "config": config, **meta, "cached": True}
             except (CheckpointError, KeyError, json.JSONDecodeError) as err:
                 log(f"{self.name}/{method}: cached student unusable ({err}); retraining")
+        if self.reuse_only:
+            raise LookupError(f"no cached student {path.name} (--reuse-only: not trained in this run)")
         torch.manual_seed(seed_of("student", self.name, method))
         student = FlowMap(build_net(dict(net_config))).to(self.device)
         same = lambda c: {k: v for k, v in c.items() if k not in INIT_COMPATIBLE}  # noqa: E731
@@ -798,6 +801,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default=None, help="cache folder for teachers, students and the feature net (default <out>/cache)")
     p.add_argument("--quick", action="store_true", help="tiny budgets and two methods: a smoke run of every table")
     p.add_argument("--fresh", action="store_true", help="ignore cached teachers and students")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="evaluate only the students already in the cache (the others are listed as not run); teachers are still trained if missing")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = 1 on a busy machine, else all cores)")
     p.add_argument("--inception-weights", default=None, help="FID Inception weights file: use Inception features for digits")
@@ -854,7 +859,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["meta"]["features"] = extractor.describe()
 
     for name in datasets:
-        setting = Setting(name, budget, device, cache, a.fresh)
+        setting = Setting(name, budget, device, cache, a.fresh, a.reuse_only)
         teacher = setting.get_teacher()
         ev = Evaluator(setting, budget, extractor)
         log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
