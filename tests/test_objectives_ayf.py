@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, ring8_reference
+from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, assert_fd64_matches_func, ring8_reference
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
@@ -43,19 +43,8 @@ class Bent(GaussianFlow):
 def test_float64_finite_differences_match_the_func_backend(name):
     """fd_dtype: float64 (the student promoted for the tangent pass only) gives the func backend's loss to ~1e-6."""
     teacher = preset_mixture("ring8")
-    student = mlp_student()
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    weights = {k: v.clone() for k, v in student.state_dict().items()}
     x0 = teacher.sample(64, generator=torch.Generator().manual_seed(4))
-    losses = {}
-    for key, backend, fd_dtype in (("func", "func", None), ("fd64", "fd", "float64")):
-        torch.manual_seed(5)
-        obj = build_objective({"name": name, "jvp_backend": backend, "fd_dtype": fd_dtype})
-        losses[key] = obj(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0).loss.detach()
-    assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
-    torch.testing.assert_close(losses["fd64"], losses["func"], rtol=1e-4, atol=1e-6)
+    assert_fd64_matches_func(mlp_student(), {"name": name}, teacher, x0)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

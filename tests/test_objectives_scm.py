@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, one_step_error, ring8_reference, train_on_ring8
+from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, assert_fd64_matches_func, one_step_error, ring8_reference, train_on_ring8
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
@@ -107,19 +107,8 @@ def test_float64_finite_differences_match_the_func_backend(name):
     """fd_dtype: float64 promotes the float32 student for the tangent pass: the loss equals the func backend's
     to ~1e-6 (float32 fd: ~1e-3), and the student's weights come back untouched."""
     teacher = preset_mixture("ring8")
-    student = mlp_student(width=32, depth=2)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    weights = {k: v.clone() for k, v in student.state_dict().items()}
     x0 = teacher.sample(64, generator=torch.Generator().manual_seed(4))
-    losses = {}
-    for key, backend, fd_dtype in (("func", "func", None), ("fd64", "fd", "float64")):
-        torch.manual_seed(5)
-        obj = build_objective({"name": name, "tangent_warmup": 0, "jvp_backend": backend, "fd_dtype": fd_dtype, "sigma_data": 1.0})
-        losses[key] = obj(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0).loss.detach()
-    assert all(torch.equal(v, weights[k]) and v.dtype == torch.float32 for k, v in student.state_dict().items())
-    torch.testing.assert_close(losses["fd64"], losses["func"], rtol=1e-4, atol=1e-6)
+    assert_fd64_matches_func(mlp_student(width=32, depth=2), {"name": name, "tangent_warmup": 0, "sigma_data": 1.0}, teacher, x0)
 
 
 def test_gradient_is_the_continuous_limit_of_discrete_consistency():
