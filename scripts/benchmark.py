@@ -715,7 +715,7 @@ def streaming_table(budget: Budget) -> dict:
             index = write_source_shards(get_dataset("digits"), Path(tmp) / "digits", max_count=200)
             result = streaming_throughput(Path(tmp) / "digits", batch_size=budget.stream_batch, num_batches=budget.stream_batches,
                                           workers=(1, 2))
-            result.update({"available": True, "data": "digits (8x8, png in tar)", "encoding": index.encoding})
+            result.update({"available": True, "data": f"digits (8x8, {index.encoding} in tar)", "encoding": index.encoding})
             return result
     except Exception as err:  # noqa: BLE001 - a platform without worker processes: say why
         return {"available": False, "reason": f"{type(err).__name__}: {str(err)[:200]}"}
