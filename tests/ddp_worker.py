@@ -44,6 +44,8 @@ def objective_config(case: str) -> dict:
         "cd": {"name": "cd"},
         "pd": {"name": "pd"},
         "shortcut": {"name": "shortcut"},
+        "ayf_lmd": {"name": "ayf_lmd"},
+        "ctm": {"name": "ctm"},
     }[case]
 
 

@@ -22,7 +22,7 @@ from flowmap.data.shards import write_shards  # noqa: E402
 
 pytestmark = pytest.mark.ddp
 STEPS = 2
-FAMILIES = ["cd", "pd", "meanflow", "shortcut", "scd"]
+FAMILIES = ["cd", "pd", "meanflow", "shortcut", "scd", "ayf_lmd", "ctm"]  # Students I, II and III
 
 
 def _available(case: str) -> bool:
