@@ -110,13 +110,15 @@ class Budget:
     throughput_inner: int
     peer_steps: int
     peer_block: int
+    peer_seeds: int = 3
+    lr_decay: float = 0.05  # cosine decay of every training run to lr * lr_decay (teachers and students)
     stream_batch: int = 256
     stream_batches: int = 40
 
 
 BUDGETS = {
     "full": Budget(
-        mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128},
+        mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0},
         digits_net={"name": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
               "heads": 2, "emb_dim": 64},
         cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
@@ -140,7 +142,7 @@ BUDGETS = {
         n_eval_2d=300, n_eval_digits=100, exact_map_steps=40, feature_steps=150, kid_subsets=5,
         cost_batch_mlp=256, cost_batch_dit=16, cost_repeats=3, cost_steps=1,
         throughput_batch_mlp=1024, throughput_batch_dit=32, throughput_repeats=3, throughput_inner=2,
-        peer_steps=40, peer_block=10,
+        peer_steps=40, peer_block=10, peer_seeds=1,
         stream_batch=64, stream_batches=8,
     ),
 }
@@ -249,8 +251,16 @@ def median(xs: list[float]) -> float:
 class Memory:
     """Peak memory of a block of work. CUDA: ``torch.cuda.max_memory_allocated`` (allocator bytes). CPU on
     Linux: growth of the resident set (VmHWM after resetting it through /proc/self/clear_refs, glibc
-    ``malloc_trim`` first and a fixed 64 KiB mmap threshold so freed tensors leave the process) - the
-    ``resource``-style peak RSS, made resettable. Elsewhere: unavailable (None)."""
+    ``malloc_trim`` first and a 64 KiB mmap threshold so freed tensors leave the process) - the
+    ``resource``-style peak RSS, made resettable. Elsewhere: unavailable (None).
+
+    The small mmap threshold makes every tensor allocation a fresh mapping (page faults on each), which
+    slows a CPU step ~2x, so it holds only inside ``measure``: outside, the thresholds are set high
+    (``FAST_MALLOC``) and timed work runs at full speed."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    MEASURE_MALLOC = {M_MMAP_THRESHOLD: 64 * 1024, M_TRIM_THRESHOLD: 128 * 1024}
+    FAST_MALLOC = {M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -261,7 +271,6 @@ class Memory:
         elif sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs"):
             try:
                 self.libc = ctypes.CDLL("libc.so.6")
-                self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: no dynamic growth, large blocks are unmapped on free
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 self.method = "peak resident-set growth over the step (Linux VmHWM reset via /proc/self/clear_refs; resource-style RSS)"
@@ -273,8 +282,12 @@ class Memory:
         text = Path("/proc/self/status").read_text()
         return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024.0
 
+    def _malloc(self, options: dict[int, int]) -> None:
+        for option, value in options.items():
+            self.libc.mallopt(option, value)
+
     def measure(self, fn: Callable[[], None]) -> float | None:
-        """MiB above the level before ``fn`` (None when unavailable)."""
+        """MiB above the level before ``fn`` (None when unavailable); on CPU ``fn`` runs twice, the second is measured."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -286,12 +299,18 @@ class Memory:
         if self.libc is None:
             fn()
             return None
-        self.libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = self._status_mib("VmRSS")
-        fn()
-        return max(0.0, self._status_mib("VmHWM") - base)
+        self._malloc(self.MEASURE_MALLOC)
+        try:
+            fn()  # once untracked, so that the heap settles under the measuring thresholds
+            gc.collect()
+            self.libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = self._status_mib("VmRSS")
+            fn()
+            return max(0.0, self._status_mib("VmHWM") - base)
+        finally:
+            self._malloc(self.FAST_MALLOC)
 
 
 def sync(device: torch.device) -> None:
@@ -368,7 +387,7 @@ class Setting:
     # teacher ----------------------------------------------------------------------------------------
     def teacher_key(self) -> str:
         steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
-        return key_of("teacher", self.name, self.net_config, steps, self.batch, self.lr, 1)
+        return key_of("teacher", self.name, self.net_config, steps, self.batch, self.lr, 1, "cosine", self.budget.lr_decay)
 
     def get_teacher(self):
         """The teacher (trained or loaded from the cache); the mixture's is exact. Also sets ``init_net``, the
@@ -399,7 +418,8 @@ class Setting:
         objective = FlowMatching(p_uncond=0.1 if self.num_classes else 0.0)
         log(f"{self.name}: training the {what} ({steps} steps, batch {self.batch})")
         t0 = time.time()
-        losses = fit(net, objective, self.batches(seed_of("teacher-data", self.name)), steps, lr=self.lr * 2)
+        losses = fit(net, objective, self.batches(seed_of("teacher-data", self.name)), steps, lr=self.lr * 2,
+                     lr_final=self.lr * 2 * self.budget.lr_decay)
         self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
         save_teacher(path, teacher, data=self.name, extra={"steps": steps})
         meta_path.write_text(json.dumps({"seconds": self.teacher_seconds, "losses": losses}))
@@ -418,7 +438,7 @@ class Setting:
             objective = build_objective(dict(config)).to(self.device)
             note = f"benchmark defaults ({tuned['path'] if tuned else 'config'} rejected: {err})"
         net_config = {**self.net_config, **(tuned or {}).get("net_extras", {})}
-        key = key_of("student", self.name, method, config, net_config, self.student_steps, self.batch, self.lr,
+        key = key_of("student", self.name, method, config, net_config, self.student_steps, self.batch, self.lr, "cosine", self.budget.lr_decay,
                      self.teacher_key())
         path = self.cache / f"student_{self.name}_{method}_{key}.safetensors"
         meta_path = path.with_suffix(".json")
@@ -443,7 +463,7 @@ class Setting:
         teacher = self.teacher if getattr(objective, "needs_teacher", False) else None
         t0 = time.time()
         losses = fit(student, objective, self.batches(seed_of("student-data", self.name, method)), self.student_steps,
-                     teacher=teacher, lr=self.lr)
+                     teacher=teacher, lr=self.lr, lr_final=self.lr * self.budget.lr_decay)
         seconds = time.time() - t0
         if not all(math.isfinite(v) for v in losses[-10:]):
             raise FloatingPointError(f"the loss is not finite at the end of training (last {losses[-1]})")
@@ -631,6 +651,9 @@ def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, inner: i
     return times
 
 
+MEANFLOW_ALL_MOVING = "meanflow (every pair s != t)"
+
+
 def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory: Memory) -> dict:
     """Per net (MLP on 2-D points, DiT on 8x8 digits): step time of each objective over flow matching,
     peak memory of one step, and sampling throughput (1 NFE vs the raw forward vs the teacher at 64 NFE)."""
@@ -649,13 +672,21 @@ def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory
         c_fixed = torch.randint(0, classes, (batch,), generator=g).to(device) if classes else None
         batch_fn = lambda: (x_fixed, c_fixed)  # noqa: E731
         runners, errors = {}, {}
-        for name in ["fm", *methods]:
+        kind, data = ("digits", "digits") if net_name == "dit" else ("2d", "checkerboard")
+        # each method as configured for the quality tables' runs on this kind of data; MeanFlow also with every
+        # pair s != t (some configs keep the paper's share of s = t pairs, which need no JVP): the most JVP work.
+        # A method's net options (a guidance input, a time scale) are applied as in its quality runs.
+        configs = {"fm": None, **{m: method_config(m, kind, 1000, data) for m in methods}}
+        extras = {m: ((distill_yaml(m, data) or {}).get("net_extras") or {}) for m in methods}
+        if "meanflow" in methods:
+            configs[MEANFLOW_ALL_MOVING] = {**configs["meanflow"], "equal_share": 0.0}
+            extras[MEANFLOW_ALL_MOVING] = extras["meanflow"]
+        for name, config in configs.items():
             try:
                 torch.manual_seed(seed_of("cost-student", net_name))
-                student = FlowMap(build_net(dict(cfg))).to(device)
-                student.net.load_state_dict(teacher.net.state_dict())  # a trained-like start, same for every method
-                kind = "digits" if net_name == "dit" else "2d"
-                objective = FlowMatching("uniform", 0.0) if name == "fm" else build_objective(method_config(name, kind, 1000))
+                student = FlowMap(build_net({**cfg, **extras.get(name, {})})).to(device)
+                init_student_from_teacher(student, teacher)  # a trained-like start, same for every method
+                objective = FlowMatching("uniform", 0.0) if name == "fm" else build_objective(dict(config))
                 runner = StepRunner(student, objective.to(device), teacher, batch_fn)
                 runner.step()  # warm-up: allocations, Adam state, lazy inits
                 runner.step()
@@ -669,7 +700,7 @@ def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory
         for name, runner in runners.items():
             step_s = median(times[name])
             rows[name] = {"step_s": step_s, "ratio": step_s / base, "samples": len(times[name]),
-                          "peak_mib": memory.measure(runner.step)}
+                          "peak_mib": memory.measure(runner.step), "config": configs[name]}
         for name, err in errors.items():
             rows[name] = {"error": err}
         # sampling throughput: raw forward vs 1-NFE student sampling vs the teacher's 64 Euler steps
@@ -727,7 +758,11 @@ def streaming_table(budget: Budget) -> dict:
 def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator: Evaluator) -> dict:
     """Teacher flow matching, ours (``DenoisingLoss``) against torchcfm's ``ConditionalFlowMatcher``(sigma=0),
     on the same MLP (same init), the same data batches, batch size, steps, optimizer and uniform times.
-    torchcfm's convention x_t = t x1 + (1 - t) x0, u_t = x1 - x0 with x0 = data, x1 = noise is ours exactly."""
+    torchcfm's convention x_t = t x1 + (1 - t) x0, u_t = x1 - x0 with x0 = data, x1 = noise is ours exactly.
+
+    One run's final W2 varies by tens of percent with the seed (Adam at a constant learning rate ends
+    anywhere in a noisy neighbourhood), so ``budget.peer_seeds`` independent pairs (init, data, noise) are
+    trained and the mean W2 is compared; step times are medians over all timed blocks of all seeds."""
     try:
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
         import torchcfm
@@ -735,48 +770,52 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
         return {"available": False, "reason": f"torchcfm is not installed ({err}); pip install torchcfm --no-deps"}
     cfm = ConditionalFlowMatcher(sigma=0.0)
     ours_loss = DenoisingLoss("linear", "velocity", time_sampling="uniform", p_uncond=0.0)
-    torch.manual_seed(seed_of("peer-net"))
-    net_ours = build_net({**budget.mlp, "data_shape": [2]}).to(device)
-    net_peer = copy.deepcopy(net_ours)
-    opts = {n: torch.optim.Adam(m.parameters(), lr=budget.lr_2d * 2) for n, m in (("ours", net_ours), ("torchcfm", net_peer))}
-    g = torch.Generator().manual_seed(seed_of("peer-data"))
-    data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(budget.peer_steps, 64))]
+    times: dict[str, list[float]] = {"ours": [], "torchcfm": []}
+    per_seed: dict[str, list[dict]] = {"ours": [], "torchcfm": []}
+    for seed in range(budget.peer_seeds):
+        torch.manual_seed(seed_of("peer-net", seed))
+        net_ours = build_net({**budget.mlp, "data_shape": [2]}).to(device)
+        net_peer = copy.deepcopy(net_ours)
+        opts = {n: torch.optim.Adam(m.parameters(), lr=budget.lr_2d * 2) for n, m in (("ours", net_ours), ("torchcfm", net_peer))}
+        g = torch.Generator().manual_seed(seed_of("peer-data", seed))
+        data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(budget.peer_steps, 64))]
 
-    def step_ours(x0: Tensor) -> float:
-        loss = ours_loss(net_ours, x0, None).loss.mean()
-        return _opt_step(opts["ours"], net_ours, loss)
+        def step_ours(x0: Tensor) -> float:
+            loss = ours_loss(net_ours, x0, None).loss.mean()
+            return _opt_step(opts["ours"], net_ours, loss)
 
-    def step_peer(x0: Tensor) -> float:
-        x1 = torch.randn_like(x0)
-        t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1)
-        loss = (net_peer(xt, t, t) - ut).pow(2).mean()
-        return _opt_step(opts["torchcfm"], net_peer, loss)
+        def step_peer(x0: Tensor) -> float:
+            x1 = torch.randn_like(x0)
+            t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1)
+            loss = (net_peer(xt, t, t) - ut).pow(2).mean()
+            return _opt_step(opts["torchcfm"], net_peer, loss)
 
-    times = {"ours": [], "torchcfm": []}
-    losses = {"ours": [], "torchcfm": []}
-    done = 0
-    block = 0
-    while done < budget.peer_steps:
-        k = min(budget.peer_block, budget.peer_steps - done)
-        order = [("ours", step_ours), ("torchcfm", step_peer)]
-        if block % 2:
-            order.reverse()
-        for name, fn in order:
-            sync(device)
-            t0 = time.perf_counter()
-            for j in range(k):
-                losses[name].append(fn(data[(done + j) % len(data)]))
-            sync(device)
-            times[name].append((time.perf_counter() - t0) / k)
-        done += k
-        block += 1
+        losses: dict[str, list[float]] = {"ours": [], "torchcfm": []}
+        done = block = 0
+        while done < budget.peer_steps:
+            k = min(budget.peer_block, budget.peer_steps - done)
+            order = [("ours", step_ours), ("torchcfm", step_peer)]
+            if block % 2:
+                order.reverse()
+            for name, fn in order:
+                sync(device)
+                t0 = time.perf_counter()
+                for j in range(k):
+                    losses[name].append(fn(data[(done + j) % len(data)]))
+                sync(device)
+                times[name].append((time.perf_counter() - t0) / k)
+            done += k
+            block += 1
+        for name, net in (("ours", net_ours), ("torchcfm", net_peer)):
+            x = solve(NetVelocity(net.eval()), evaluator.noise, 32, "heun")
+            per_seed[name].append({"w2": evaluator.point_metrics(x, None)["w2"],
+                                   "final_loss": float(sum(losses[name][-20:]) / len(losses[name][-20:]))})
     result = {"available": True, "version": getattr(torchcfm, "__version__", "?"), "steps": budget.peer_steps,
-              "batch": budget.batch_2d, "data": setting.name, "net": {**budget.mlp, "data_shape": [2]}}
-    for name, net in (("ours", net_ours), ("torchcfm", net_peer)):
-        teacher = NetVelocity(net.eval())
-        x = solve(teacher, evaluator.noise, 32, "heun")
-        result[name] = {"step_s": median(times[name]), "w2": evaluator.point_metrics(x, None)["w2"],
-                        "final_loss": float(sum(losses[name][-20:]) / len(losses[name][-20:]))}
+              "batch": budget.batch_2d, "data": setting.name, "net": {**budget.mlp, "data_shape": [2]}, "seeds": budget.peer_seeds}
+    for name in ("ours", "torchcfm"):
+        w2s = [r["w2"] for r in per_seed[name]]
+        result[name] = {"step_s": median(times[name]), "w2": sum(w2s) / len(w2s), "w2_per_seed": w2s,
+                        "final_loss": sum(r["final_loss"] for r in per_seed[name]) / len(per_seed[name])}
     result["step_ratio"] = result["ours"]["step_s"] / result["torchcfm"]["step_s"]
     result["w2_ratio"] = result["ours"]["w2"] / result["torchcfm"]["w2"]
     return result

@@ -77,7 +77,8 @@ def test_cost_throughput_and_peer_tables_hold_numbers(quick_run):
     _, res, md = quick_run
     for net in ("mlp", "dit"):
         c = res["cost"][net]
-        assert set(c["steps"]) == {"fm", "cd", "meanflow"}
+        assert set(c["steps"]) == {"fm", "cd", "meanflow", "meanflow (every pair s != t)"}
+        assert c["steps"]["meanflow (every pair s != t)"]["config"]["equal_share"] == 0.0
         for name, row in c["steps"].items():
             assert finite(row["step_s"]) and row["step_s"] > 0 and finite(row["ratio"]), (net, name, row)
             assert row["peak_mib"] is None or finite(row["peak_mib"])
@@ -93,6 +94,7 @@ def test_cost_throughput_and_peer_tables_hold_numbers(quick_run):
         for side in ("ours", "torchcfm"):
             assert finite(peer[side]["step_s"]) and finite(peer[side]["w2"])
         assert finite(peer["step_ratio"]) and finite(peer["w2_ratio"])
+        assert peer["ours"]["w2"] == pytest.approx(sum(peer["ours"]["w2_per_seed"]) / peer["seeds"])
         assert "| torchcfm |" in md
     else:
         assert "torchcfm" in peer["reason"] and "Not run: torchcfm" in md
