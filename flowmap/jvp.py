@@ -6,8 +6,8 @@
 Backends:
 
 * ``"func"``: forward-mode AD by ``torch.func.jvp``. One forward pass carrying dual numbers, about
-  the cost of two to three ordinary forwards, exact up to round-off. Linear and convolution layers
-  take one product per tangent (``flowmap.jvp_rules``: the weights are constants of the JVP). Every layer needs a forward-mode
+  the cost of two to three ordinary forwards, exact up to round-off. Linear layers take one product per tangent
+  (``flowmap.jvp_rules``: the weights are constants of the JVP). Every layer needs a forward-mode
   rule; PyTorch's fused attention kernels have none (pytorch#128971), which is why
   ``flowmap.nets.attention`` ships its own (a ``torch.autograd.Function`` with a ``jvp``).
 * ``"fd"``: central finite differences, (fn(p + h t) - fn(p - h t)) / (2 h): two ordinary forwards
@@ -170,7 +170,7 @@ def jvp(
 
 def _func_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     try:
-        with constant_weight_rules():  # one product per linear / conv layer (flowmap.jvp_rules)
+        with constant_weight_rules():  # one product per linear layer (flowmap.jvp_rules)
             out, dout = torch.func.jvp(fn, primals, tangents)
     except (NotImplementedError, RuntimeError) as err:
         msg = str(err)

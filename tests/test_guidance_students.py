@@ -14,7 +14,7 @@ from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.objectives.guidance import sample_guidance, teacher_velocity
 from flowmap.student import FlowMap
-from flowmap.ema import frozen_copy
+from flowmap.ema import ema_update, frozen_copy
 from flowmap.training import fit
 from teachers import GaussianMixtureTeacher, preset_mixture
 
@@ -76,13 +76,19 @@ def test_clear_errors_where_guidance_cannot_apply(name):
 
 @pytest.mark.long
 def test_guided_student_tracks_the_exact_guided_map_at_each_w():
-    """Long (301 s at load average 7 on 2 cores): issue 8's 1/5 is NOT reached reliably.
+    """Long (~300 s on one thread on 2 shared cores): issue 8's 1/5 at every w, 1-NFE, evaluation EMA (0.998) weights.
 
-    Measured 1-NFE ratios (error over the untrained student's) at w = 1 / 2 / 4, width 128, lr 2e-3:
-      2500 steps: w = 4 0.218 (0.26 vs 1.19); 3500 steps (this test): 0.208 / 0.208 / 0.207;
-      4500 steps: 0.183 / 0.237 / 0.295 (more steps does not converge: large-w maps stay noisy);
-      width 64 / emb 64, 1500 steps (a CI-sized budget): 0.371 / 0.298 / 0.283.
-    So the test asserts the best honest bound measured, 1/4 at every w (gap to 1/5: ~4%)."""
+    Measured 1-NFE ratios (error over the untrained student's) at w = 1 / 2 / 4, width 128, 3500 steps:
+      batch 512, lr 1e-3 (this test), seed 0: EMA 0.166 / 0.163 / 0.155, raw weights 0.165 / 0.171 / 0.170;
+        seed 1 (student init, batches, data pool from seed 6; untrained error 0.84 instead of 1.09, about the same
+        absolute errors after): EMA 0.196 / 0.159 / 0.156 (only just), raw 0.212 / 0.184 / 0.188 (misses at w = 1);
+        4500 steps, seed 1: EMA 0.200 / 0.202 / 0.220, raw 0.214 / 0.212 / 0.226 (more steps do not help);
+      batch 512, lr 5e-4, seed 1: EMA 0.208 / 0.206 / 0.214;  batch 256, lr 1e-3, seed 0: raw 0.170 / 0.178 / 0.195,
+        EMA 0.171 / 0.174 / 0.186;  batch 256, lr 2e-3 (before), seed 0: raw 0.208 / 0.208 / 0.207, EMA 0.201 / 0.192 /
+        0.204 (tangent_c 1: raw 0.200 / 0.193 / 0.222). At lr 2e-3 the raw ratios swing between 0.2 and 0.57 until the
+        cosine decay: the end point is noise-limited, which the larger batch, lower lr and the EMA cut. Earlier (lr 2e-3,
+        batch 256): 2500 steps w = 4 0.218; 4500 steps 0.183 / 0.237 / 0.295; width 64 / emb 64, 1500 steps: 0.371 /
+        0.298 / 0.283. So 1/5 holds at seed 0 with ~17% margin and at seed 1 with ~2%: the seed spread is ~0.03."""
     torch.set_num_threads(1)
     teacher = preset_mixture("ring8")
     n = 500
@@ -92,25 +98,27 @@ def test_guided_student_tracks_the_exact_guided_map_at_each_w():
     torch.manual_seed(0)
     st = student(width=128, depth=3, time_scale=10.0)
 
-    def errors() -> dict[float, float]:
+    def errors(m) -> dict[float, float]:
         with torch.no_grad():
-            return {w: flow_map_rmse(st(z, one, zero, c, torch.full((n,), w)), ref) for w, ref in refs.items()}
+            return {w: flow_map_rmse(m(z, one, zero, c, torch.full((n,), w)), ref) for w, ref in refs.items()}
 
-    before = errors()
+    before = errors(st)
     x, y = teacher.sample_labeled(100_000, generator=torch.Generator().manual_seed(5))
 
     def batch(k: int):
-        i = torch.randint(0, len(x), (256,))
+        i = torch.randint(0, len(x), (512,))
         return x[i], y[i]
 
+    ema = frozen_copy(st)  # evaluation EMA (Karras et al. 2022), not part of the objective
     t0 = time.time()
     fit(st, build_objective({"name": "ayf_lmd", "equal_share": 0.25, "guidance": 1.0, "guidance_max": 4.0}), batch, STEPS,
-        teacher=teacher, lr=2e-3, lr_final=1e-5)
-    after = errors()
-    print("guided ayf_lmd ring8 1-NFE rmse: " + ", ".join(f"w={w:g}: {before[w]:.3f} -> {after[w]:.3f}" for w in refs)
+        teacher=teacher, lr=1e-3, lr_final=1e-5, callback=lambda k, out: ema_update(ema, st, 0.998))
+    after = errors(ema)
+    print("guided ayf_lmd ring8 1-NFE rmse (EMA): " + ", ".join(f"w={w:g}: {before[w]:.3f} -> {after[w]:.3f} ({after[w] / before[w]:.3f})"
+                                                            for w in refs)
           + f" ({STEPS} steps, {time.time() - t0:.0f}s)")
     for w in refs:
-        assert after[w] <= before[w] / 4, f"w={w}"
+        assert after[w] <= before[w] / 5, f"w={w}"
 
 
 STEPS = 3500

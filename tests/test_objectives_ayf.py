@@ -110,13 +110,25 @@ def test_bad_input():
     assert build_objective(build_objective("ayf_lmd").to_config()).name == "ayf_lmd"  # round trip
 
 
-# Training budget on ring8 (one thread): a small MLP (width 64, emb_dim 64, depth 3) and 1500 steps at lr 3e-3
-# (cosine to 1e-5) train ~3x faster per step than width 128 and reach the same absolute 1-NFE error (~0.11),
-# so the ratio is set by the map's fit, not by the baseline. Measured (1-/2-NFE error over the untrained student's):
-#   ayf_lmd seed 0: 0.154 / 0.124, seed 1: 0.156 / 0.119   (24 s at load average 4, 64-76 s at 6-7, on 2 cores)
+# Training budget on ring8 (one thread): a small MLP (width 64, emb_dim 64, depth 3) at lr 3e-3 (cosine to 1e-5)
+# trains ~3x faster per step than width 128 and reaches the same absolute 1-NFE error (~0.11 for LMD), so the
+# ratio is set by the map's fit, not by the baseline. Measured (1-/2-NFE error over the untrained student's):
+#   ayf_lmd (tangent_c 0.1, 1500 steps) seed 0: 0.154 / 0.124, seed 1: 0.156 / 0.119   (24-76 s on 2 shared cores)
+#   ayf_emd (tangent_c 1.0, 2000 steps) seed 0: 0.168 / 0.144, seed 1: 0.148 / 0.136, seed 2: 0.146 / 0.130 (38-74 s)
+# AYF-EMD and the tangent normalization g = T / (||T|| + c): with the paper's c = 0.1 every sample's push has about
+# unit norm whatever its residual (our reading: the many small-residual pairs weigh as much as the long jumps that
+# carry the 1-NFE error), and EMD sits on a plateau near 0.30: 1500 steps 0.309 / 0.294 (seed 1 0.304 /
+# 0.299), 3000 steps 0.181 / 0.168. c = 1 (as in configs/distill/ayf_emd_*.yaml) keeps large residuals bounded but
+# weighs small ones by their size: 1500 steps 0.196 / 0.180 (seed 1 0.167 / 0.155); c = 2, 2000 steps 0.162 / 0.146
+# (seed 1 0.155 / 0.132).
+# Worse: c = 0.5 (1500 steps 0.308 / 0.296), no normalization (0.219 / 0.166 at 1500 steps, 0.218 / 0.161 at 2000,
+# diverges at lr 5e-3), lr 1e-2 (0.300 / 0.254), logit-normal times (0.430 / 0.305), the paper's gap sampling
+# (0.352 / 0.348), width 128 (1000 steps, c = 0.1: 0.378 / 0.362; c = 1 + 300 warm-up steps: 0.384 / 0.365), an
+# FM-style init (u = teacher velocity) then 1000-1200 steps (0.29-0.39). An evaluation EMA (0.99-0.998) of the
+# weights changed the final ratios by < 0.01 (the cosine decay already averages), so the test evaluates raw weights.
 SMALL = {"width": 64, "depth": 3, "emb_dim": 64, "time_scale": 10.0}
 AYF_TRAIN = {"ayf_lmd": ({"name": "ayf_lmd", "equal_share": 0.25}, 1500, 3e-3),
-             "ayf_emd": ({"name": "ayf_emd", "equal_share": 0.25}, 1500, 3e-3)}
+             "ayf_emd": ({"name": "ayf_emd", "equal_share": 0.25, "tangent_c": 1.0}, 2000, 3e-3)}
 
 
 def distill_on_ring8(config: dict, steps: int, lr: float, seed: int = 0) -> tuple[tuple[float, float], tuple[float, float], float]:
@@ -133,28 +145,13 @@ def distill_on_ring8(config: dict, steps: int, lr: float, seed: int = 0) -> tupl
     return before, nfe_errors(student), time.time() - t0
 
 
-@pytest.mark.parametrize("name", ["ayf_lmd"])
+@pytest.mark.parametrize("name", ["ayf_lmd", "ayf_emd"])
 def test_distillation_on_ring8_cuts_one_and_two_step_errors(name):
+    """Issue 8's acceptance: 1- and 2-NFE errors at most 1/5 of the untrained student's, 2-NFE no worse than 1-NFE
+    (budgets and measured ratios in the comment above AYF_TRAIN)."""
     config, steps, lr = AYF_TRAIN[name]
     before, after, secs = distill_on_ring8(config, steps, lr)
     print(f"{name} ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
           f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({steps} steps, {secs:.0f}s)")
     assert after[0] <= before[0] / 5 and after[1] <= before[1] / 5
-    assert after[1] <= after[0] * 1.02  # the map stays consistent as steps are added
-
-
-def test_eulerian_distillation_on_ring8_reaches_a_third_not_a_fifth():
-    """AYF-EMD does NOT reach issue 8's 1/5 in a test budget; this asserts the best honest bound measured.
-
-    Measured ratios (1-/2-NFE error over the untrained student's), all ~0.22 absolute at 1 NFE:
-      SMALL, 1500 steps, lr 3e-3: seed 0 0.309 / 0.294, seed 1 0.304 / 0.299 (this test, seed 0);
-      width 128, 1000 steps: 0.378 / 0.362 (tangent_c 1 + 300 warm-up steps: 0.384 / 0.365);
-      FM-style init (u = teacher velocity at all t, 600-1000 steps) then 1000-1200 steps: 0.29-0.39
-      (one run 0.191 / 0.170 that did not reproduce); the paper's gap sampling (gap_logit_normal): 0.352 / 0.348.
-      Gap to 1/5: ~1.5x. AYF-LMD, same budget, meets it. Asserted: 1/3."""
-    config, steps, lr = AYF_TRAIN["ayf_emd"]
-    before, after, secs = distill_on_ring8(config, steps, lr)
-    print(f"ayf_emd ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
-          f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({steps} steps, {secs:.0f}s)")
-    assert after[0] <= before[0] / 3 and after[1] <= before[1] / 3
     assert after[1] <= after[0] * 1.02  # the map stays consistent as steps are added

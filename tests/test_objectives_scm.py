@@ -146,6 +146,25 @@ def test_gradient_is_the_continuous_limit_of_discrete_consistency():
         assert cos_sim > 0.999, cos_sim
 
 
+def test_stf_data_velocity_approaches_the_teachers():
+    """sCT with ``data_velocity='stf'``: dx/dtheta from the batch-posterior velocity (Xu et al. 2023) moved onto
+    TrigFlow time lies far closer to the exact PF-ODE velocity (sCD's dx/dtheta with the exact mixture as teacher)
+    than the conditional cos(theta) z - sin(theta) x0 does, on the same (x0, z, theta)."""
+    teacher = preset_mixture("ring8")
+    g = torch.Generator().manual_seed(3)
+    x0 = teacher.sample(1024, generator=g)
+    config = {"sigma_data": 1.4, "p_mean": 0.0, "p_std": 1.6}
+    sct, stf, scd = (build_objective({"name": n, **config, **kw}) for n, kw in (("sct", {}), ("sct", {"data_velocity": "stf"}), ("scd", {})))
+    theta = sct.sample_angles(1024, x0)
+    z = 1.4 * torch.randn(1024, 2, generator=g)
+    x = torch.cos(theta)[:, None] * x0 + torch.sin(theta)[:, None] * z
+    exact = scd.velocity(teacher, x, theta, x0, z, None, 1.0)
+    errs = {name: (obj.velocity(None, x, theta, x0, z, None, 1.0) - exact).pow(2).sum(1).mean().item()
+            for name, obj in (("conditional", sct), ("stf", stf))}
+    print(f"sCT dx/dtheta, mean squared distance to the exact PF-ODE's: {errs}")
+    assert errs["stf"] < 0.2 * errs["conditional"]
+
+
 def test_gradients_reach_student_and_log_variance_only_in_one_with_grad_call():
     teacher = NetVelocity(build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1}))
     student = mlp_student()
@@ -209,6 +228,10 @@ def test_schedule_and_bad_input():
         build_objective({"name": "scd", "tangent_warmup": -1})
     with pytest.raises(ValueError, match="only when distilling"):
         build_objective({"name": "sct", "guidance": 3.0})
+    with pytest.raises(ValueError, match="unknown data_velocity"):
+        build_objective({"name": "sct", "data_velocity": "oracle"})
+    with pytest.raises(ValueError, match="not to distillation"):
+        build_objective({"name": "scd", "data_velocity": "stf"})
     with pytest.raises(ValueError, match="teacher is None"):
         build_objective({"name": "scd"})(student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0)
 
@@ -217,7 +240,8 @@ def test_schedule_and_bad_input():
 @pytest.mark.parametrize("name", ["scd", "sct"])
 def test_training_on_ring8_cuts_one_step_error(name):
     """Test-sized budget (MLP 128x3, batch 256, time_scale=10 since the JVP differentiates the time embedding);
-    the proposal is widened (P_mean 0, P_std 1.6) so that t_lin = sigmoid(tau) reaches the 1-NFE time t = 1."""
+    the proposal is widened (P_mean 0, P_std 1.6) so that t_lin = sigmoid(tau) reaches the 1-NFE time t = 1.
+    sCT uses ``data_velocity='stf'`` (the batch-posterior velocity, Xu et al. 2023; data samples only)."""
     teacher = preset_mixture("ring8")
     z, ref = ring8_reference()
     euler2 = flow_map_rmse(solve(teacher, z, 2, "euler"), ref)
@@ -225,7 +249,7 @@ def test_training_on_ring8_cuts_one_step_error(name):
     student = mlp_student(width=128, depth=3, time_scale=10.0)
     before = one_step_error(student)
     t0 = time.time()
-    ema = train_on_ring8(student, build_objective({"name": name, **SCM_TEST_CONFIG}), STEPS[name], lr=2e-3, lr_final=1e-4,
+    ema = train_on_ring8(student, build_objective({"name": name, **SCM_TEST_CONFIG, **EXTRA[name]}), STEPS[name], lr=2e-3, lr_final=1e-4,
                          source="teacher" if name == "scd" else "data")
     after = one_step_error(ema)
     print(f"{name} ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
@@ -237,8 +261,25 @@ def test_training_on_ring8_cuts_one_step_error(name):
 
 SCM_TEST_CONFIG = {"sigma_data": 1.4, "tangent_warmup": 300, "p_mean": 0.0, "p_std": 1.6, "adaptive": False}
 STEPS = {"scd": 1800, "sct": 2000}
-# sCT (teacher-free) misses the issue's 1/5: measured 0.308 of the untrained error (EMA 0.182 vs 0.591) after 2000
-# steps, but not smoothly budget-bound (1000 and 1400 steps both give 0.446), and none of tangent_c 3 / None (0.436 / 0.488 at 1000 steps), the
-# adaptive weight (0.449), lr 5e-3 (0.471), batch 64 x 2000 (0.450) or a 600-step flow-matching initialization
-# (0.312 at 600 + 1400) closes the gap in a test-sized budget. 1/3 is the best honest bound.
-RATIO = {"scd": 1 / 5, "sct": 1 / 3}
+EXTRA = {"scd": {}, "sct": {"data_velocity": "stf"}}
+# sCT (teacher-free) with the STF velocity: measured ratio 0.224 at seed 0 (EMA 0.132 vs 0.591), 0.166 at seed 1
+# (0.136 vs 0.822), 2000 steps, 75-81 s CPU on one thread (119-125 s wall on a loaded 2-core machine). With the
+# conditional velocity (before): 0.308 at seed 0; not smoothly budget-bound (1000 and 1400 steps both 0.446; STF at
+# 1200 steps 0.390), and none of tangent_c 3 / None, the adaptive weight, lr 5e-3, batch 64 or a flow-matching
+# initialization closed the gap. The issue's 1/5 is met at seed 1 but not at seed 0 in this budget: 1/4 is the
+# best honest bound here (3000 steps reach it: ``test_sct_longer_run_cuts_one_step_error_five_fold``).
+RATIO = {"scd": 1 / 5, "sct": 1 / 4}
+
+
+@pytest.mark.long
+def test_sct_longer_run_cuts_one_step_error_five_fold():
+    """sCT from data with the STF velocity, as ``test_training_on_ring8_cuts_one_step_error[sct]`` but 3000 steps:
+    measured ratio 0.176 at seed 0 (EMA 0.104 vs 0.591), 107 s CPU on one thread (150 s wall, loaded machine)."""
+    torch.manual_seed(0)
+    student = mlp_student(width=128, depth=3, time_scale=10.0)
+    before = one_step_error(student)
+    ema = train_on_ring8(student, build_objective({"name": "sct", **SCM_TEST_CONFIG, **EXTRA["sct"]}), 3000, lr=2e-3,
+                         lr_final=1e-4, source="data")
+    after = one_step_error(ema)
+    print(f"sct ring8, 3000 steps: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f})")
+    assert after <= before / 5

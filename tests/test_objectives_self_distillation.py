@@ -125,7 +125,12 @@ def test_self_distillation_from_ring8_data_cuts_one_and_two_step_errors(name):
     and 0.42 / 0.40 in 1200. The issue's bar (0.2) is NOT met at seed 0 by any variant: the velocity learned from
     data in this budget is itself the floor (a 64-step Euler solve of the student's own diagonal velocity has error
     ~0.1 against the exact map, ratio ~0.17, before any distillation error). Wall time 46-67 s per variant on a
-    loaded 2-core machine (20-26 s CPU on one thread)."""
+    loaded 2-core machine (20-26 s CPU on one thread).
+
+    Further measurements (seed 0, ratios 1-NFE / 2-NFE): LSD at 1200 steps 0.262 / 0.228 and PSD at 2000 steps
+    0.244 / 0.227 (42 s CPU), so the budget is not the lever; the batch is: LSD at batch 512 (600 steps) 0.238 / 0.208,
+    at batch 1024 (800 steps, lr 5e-3) 0.169 / 0.166, which meets the bar in 85 s CPU (a ``long`` test:
+    ``test_lagrangian_self_distillation_at_batch_1024_cuts_errors_five_fold``)."""
     torch.set_num_threads(1)
     config, steps, lr, bound = SD_TRAIN[name]
     torch.manual_seed(0)
@@ -138,3 +143,21 @@ def test_self_distillation_from_ring8_data_cuts_one_and_two_step_errors(name):
     print(f"{name} ring8 from data: 1-NFE {before[0]:.3f} -> {after[0]:.3f} (ratio {r1:.3f}), 2-NFE {before[1]:.3f} -> "
           f"{after[1]:.3f} (ratio {r2:.3f}); {steps} steps in {time.time() - t0:.0f}s")
     assert r1 <= bound and r2 <= bound
+
+
+@pytest.mark.long
+def test_lagrangian_self_distillation_at_batch_1024_cuts_errors_five_fold():
+    """LSD from ring8 data as in ``test_self_distillation_from_ring8_data_cuts_one_and_two_step_errors`` but at batch 1024
+    (a larger reference set for the STF target, less gradient noise), 800 steps, lr 5e-3: the issue's 1/5 at 1 and 2 NFE.
+    Measured: seed 0 0.169 / 0.166 (85 s CPU on one thread, 129 s wall on a loaded 2-core machine); seed 1
+    0.120 / 0.121 (83 s CPU)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    student = mlp_student(width=128, depth=3, time_scale=10.0)
+    before = nfe_errors(student)
+    objective = build_objective({"name": "fmsd_lagrangian", "fm_target": "stf", "equal_share": 0.5})
+    ema = train_on_ring8(student, objective, 800, lr=5e-3, lr_final=1e-5, batch=1024, ema_decay=0.98, source="data")
+    after = nfe_errors(ema)
+    r1, r2 = after[0] / before[0], after[1] / before[1]
+    print(f"fmsd_lagrangian ring8 from data, batch 1024: 1-NFE ratio {r1:.3f}, 2-NFE ratio {r2:.3f}")
+    assert r1 <= 0.2 and r2 <= 0.2

@@ -25,6 +25,11 @@ with d the squared L2 norm or pseudo-Huber d(a, b) = sqrt(||a - b||^2 + c^2) - c
           whose size N(k) doubles on a curriculum
     ECT   as iCT (or a teacher step)                         t ~ lognormal, r = t - dt(t, step), dt shrinking
                                                                                         (Geng et al. 2024)
+
+From data, ``data_velocity='stf'`` replaces the shared-noise x_r = x_t + (r - t)(eps - x0) by one Euler step of
+the batch-posterior estimate of the marginal velocity E[eps - x0 | x_t] (Xu et al. 2023, Stable Target Field;
+``self_distillation.stable_target``): still data samples only, but the pair then lies near one ODE trajectory
+(``training_pair``), which on the 2-D mixtures is what brings ECT from data to the distilled methods' error.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import check_guidance, check_source, draw_guidance, times_like
+from flowmap.objectives.self_distillation import stable_target
 from flowmap.time_grids import GRIDS, make_grid
 from flowmap.types import LossOutput, Teacher, expand_like
 
 METRICS = ("l2", "pseudo_huber")
+DATA_VELOCITIES = ("conditional", "stf")
 SOLVERS = ("euler", "heun")
 HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sqrt(d)
 
@@ -111,6 +118,27 @@ def distance(a: Tensor, b: Tensor, metric: str, huber_c: float | None) -> Tensor
         return sq
     c = huber_c if huber_c is not None else HUBER_C_PER_SQRT_DIM * math.sqrt(delta.shape[1])
     return torch.sqrt(sq + c * c) - c
+
+
+def check_data_velocity(data_velocity: str) -> str:
+    if data_velocity not in DATA_VELOCITIES:
+        raise ValueError(f"unknown data_velocity {data_velocity!r}; choose from {list(DATA_VELOCITIES)}")
+    return data_velocity
+
+
+def training_pair(data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Tensor | None,
+                  null: int) -> tuple[Tensor, Tensor]:
+    """(x_t, x_r) of consistency training from data, t > r (B,):
+
+        conditional:   x_t = (1 - t) x0 + t eps,  x_r = (1 - r) x0 + r eps = x_t + (r - t)(eps - x0)   (Song et al. 2023)
+        stf:           x_r = x_t + (r - t) v_hat(x_t, t),  v_hat = the batch-posterior estimate of E[eps - x0 | x_t]
+                       (Xu et al. 2023, Stable Target Field; ``stable_target``): one Euler step of the empirical
+                       marginal velocity instead of the conditional one, far lower variance, data samples only."""
+    x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+    if data_velocity == "stf":
+        v = stable_target(x_t, t, x0, eps, cond, null)
+        return x_t, x_t + expand_like(r - t, x0) * v
+    return x_t, expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:
@@ -250,9 +278,12 @@ class ImprovedConsistencyTraining(_Consistency):
 
     Args:
         total_steps: K, the training length the curriculum spans; s0, s1: initial and final discretization
-            steps (paper: 10, 1280; on the 2-D mixtures 8, 256 did best in short runs); sigma_min, sigma_max, rho: Karras levels; p_mean, p_std: the lognormal
+            steps (paper: 10, 1280; on the 2-D mixtures 8, 256 did best in short runs with shared-noise pairs,
+            8, 64 with ``data_velocity='stf'``); sigma_min, sigma_max, rho: Karras levels; p_mean, p_std: the lognormal
             (paper: -1.1, 2.0); metric, huber_c: as in CD (paper: pseudo-Huber, c = 0.00054 sqrt(dim));
-            weighting: ``inverse_dsigma`` (paper), ``snr`` or ``uniform``.
+            weighting: ``inverse_dsigma`` (paper), ``snr`` or ``uniform``; data_velocity: ``conditional``
+            (the paper's shared-noise pair) or ``stf`` (x_r one Euler step of the batch-posterior velocity,
+            ``training_pair``: data only, lower variance).
     """
 
     name = "ict"
@@ -261,8 +292,9 @@ class ImprovedConsistencyTraining(_Consistency):
     def __init__(self, total_steps: int = 4000, s0: int = 8, s1: int = 256, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, p_mean: float = -1.1, p_std: float = 2.0, metric: str = "pseudo_huber",
                  huber_c: float | None = None, weighting: str = "inverse_dsigma", sigma_data: float = 0.5,
-                 target_ema: float = 0.0) -> None:
+                 target_ema: float = 0.0, data_velocity: str = "conditional") -> None:
         super().__init__(metric, huber_c, target_ema, 1.0)
+        self.data_velocity = check_data_velocity(data_velocity)
         self.total_steps = check_count("total_steps", total_steps, 1)
         self.s0 = check_count("s0", s0, 1)
         self.s1 = check_count("s1", s1, 1)
@@ -301,8 +333,7 @@ class ImprovedConsistencyTraining(_Consistency):
         times[-1] = 1.0  # sigma_max -> pure noise on the linear path
         t, r = times_like(times[i + 1].to(x0.device), x0), times_like(times[i].to(x0.device), x0)
         eps = torch.randn_like(x0)
-        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
-        x_r = expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
+        x_t, x_r = training_pair(self.data_velocity, x0, eps, t, r, cond, int(getattr(student, "num_classes", 0)))
         weight = _weights_in_sigma(self.weighting, sig_t, sig_r, self.sigma_data).to(x0.device)
         w_student, _ = draw_guidance(student, B, x0.device, 1.0, None)
         loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, weight)
@@ -330,7 +361,9 @@ class EasyConsistencyTuning(_Consistency):
         p_mean, p_std: lognormal of sigma_t (paper: -1.1, 2.0); metric, huber_c: as in iCT;
         weighting: ``inverse_dsigma`` (paper), ``snr`` (1/sigma^2 + 1/sigma_data^2) or ``uniform``;
         source: ``data`` (shared noise) or ``teacher`` (x_r by one ``solver`` step of the teacher);
-        target_ema: 0 = stop-gradient student (paper); guidance: teacher CFG scale (``source='teacher'``).
+        target_ema: 0 = stop-gradient student (paper); guidance: teacher CFG scale (``source='teacher'``);
+        data_velocity: with ``source='data'``, ``conditional`` (shared-noise pair, paper) or ``stf`` (x_r one Euler
+            step of the batch-posterior velocity, ``training_pair``).
     """
 
     name = "ect"
@@ -338,8 +371,9 @@ class EasyConsistencyTuning(_Consistency):
     def __init__(self, stage_steps: int = 300, q: float = 2.0, k: float = 8.0, b: float = 1.0, p_mean: float = -1.1,
                  p_std: float = 2.0, metric: str = "pseudo_huber", huber_c: float | None = None,
                  weighting: str = "inverse_dsigma", sigma_data: float = 0.5, source: str = "data", solver: str = "heun",
-                 target_ema: float = 0.0, guidance: float = 1.0) -> None:
+                 target_ema: float = 0.0, guidance: float = 1.0, data_velocity: str = "conditional") -> None:
         super().__init__(metric, huber_c, target_ema, guidance)
+        self.data_velocity = check_data_velocity(data_velocity)
         self.stage_steps = check_count("stage_steps", stage_steps, 1)
         if q <= 1 or k < 0 or b < 0 or p_std <= 0:
             raise ValueError(f"the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); got q={q}, k={k}, b={b}, p_std={p_std}")
@@ -348,6 +382,8 @@ class EasyConsistencyTuning(_Consistency):
             raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
         if source == "data" and guidance != 1.0:
             raise ValueError("guidance applies to a teacher's step (source='teacher'), not to training from data")
+        if source == "teacher" and data_velocity != "conditional":
+            raise ValueError("data_velocity applies to training from data (source='data'); a teacher's step replaces x_r")
         _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
         self.q, self.k, self.b = float(q), float(k), float(b)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
@@ -374,14 +410,12 @@ class EasyConsistencyTuning(_Consistency):
         sig_r = self.r_of_t(sig_t, step)
         t, r = times_like(sigma_to_t(sig_t), x0), times_like(sigma_to_t(sig_r), x0)
         eps = torch.randn_like(x0)
-        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
+        x_t, x_r = training_pair(self.data_velocity, x0, eps, t, r, cond, int(getattr(student, "num_classes", 0)))
         w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, None)
         if self.source == "teacher":
             if teacher is None:
                 raise ValueError("ECT with source='teacher' needs a teacher (or use source='data')")
             x_r = teacher_step(teacher, x_t, t, r, self.solver, cond, w_teacher)
-        else:
-            x_r = expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
         weight = _weights_in_sigma(self.weighting, sig_t, sig_r, self.sigma_data)
         loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, weight)
         logs["stage"] = torch.tensor(float(self.stage(step)))

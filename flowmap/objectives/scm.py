@@ -13,7 +13,8 @@ finite at theta = 0 (no division by sin). The proposal tan(theta) = e^tau / sigm
 (Sec. 4.2) is t_lin = sigmoid(tau) on the linear axis: a logit-normal time, whatever sigma_d.
 
 Training (Algorithm 1: the continuous-time CM gradient with the tricks of Sec. 4.2):
-    dx/dtheta = cos(theta) z - sin(theta) x0                         (sCT: conditional velocity)
+    dx/dtheta = cos(theta) z - sin(theta) x0                         (sCT: conditional velocity; or its batch-
+                                                                      posterior estimate, ``data_velocity='stf'``)
     dx/dtheta = velocity_from_linear(v_teacher) * dtau/dtheta           (sCD: teacher's PF-ODE in TrigFlow time)
     dF^-/dtheta = JVP of F_{theta^-} along (dx/dtheta, 1)              (no-grad float32 pass, theta^- = sg(theta))
     g = -cos^2(theta) (sigma_d F^- - dx/dtheta) - r cos(theta) sin(theta) (x + sigma_d dF^-/dtheta)
@@ -40,7 +41,9 @@ from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtyp
 from flowmap.nets.embeddings import FourierTime
 from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import check_guidance, draw_guidance, instantaneous_velocity, times_like
-from flowmap.objectives.denoising import drop_labels
+from flowmap.objectives.consistency import check_data_velocity
+from flowmap.objectives.denoising import drop_labels, null_label
+from flowmap.objectives.self_distillation import stable_target
 from flowmap.paths import AffinePath, to_linear, velocity_from_linear
 from flowmap.types import LossOutput, expand_like
 
@@ -95,6 +98,9 @@ class _SCM(Objective):
         guidance, guidance_max, p_uncond: CFG folded into the teacher's velocity (sCD only); label dropout.
         jvp_backend: ``"func"`` or ``"fd"``; fd_eps: its step; fd_dtype: ``"float64"`` takes the differences in
             float64 (``flowmap.jvp.promoted``), null: in the inputs' dtype.
+        data_velocity: sCT's dx/dtheta, ``"conditional"`` (cos(theta) z - sin(theta) x0, paper) or ``"stf"``: the
+            batch-posterior estimate of the linear path's E[eps - x0 | x_lin] (Xu et al. 2023, ``stable_target``;
+            data samples only) moved onto TrigFlow time like a teacher's velocity.
     """
 
     name = "scm"
@@ -115,6 +121,7 @@ class _SCM(Objective):
         jvp_backend: str = "func",
         fd_eps: float | None = None,
         fd_dtype: str | None = None,
+        data_velocity: str = "conditional",
     ) -> None:
         super().__init__()
         if not sigma_data > 0:
@@ -138,6 +145,9 @@ class _SCM(Objective):
         self.jvp_backend = check_backend(jvp_backend)
         self.fd_eps = fd_eps
         self.fd_dtype = parse_fd_dtype(fd_dtype)
+        self.data_velocity = check_data_velocity(data_velocity)
+        if self.source == "teacher" and data_velocity != "conditional":
+            raise ValueError("data_velocity applies to training from data (sCT), not to distillation (sCD)")
         self.path = TrigFlowPath(self.sigma_data)
         self.logvar = LogVariance() if self.adaptive else None
 
@@ -177,7 +187,7 @@ class _SCM(Objective):
         x = cos * x0 + sin * z  # TrigFlow x_theta
         cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
         w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        dx = self.velocity(teacher, x, theta, x0, z, cond, w_teacher)  # dx/dtheta
+        dx = self.velocity(teacher, x, theta, x0, z, cond, w_teacher, null_label(int(getattr(student, "num_classes", 0))))  # dx/dtheta
 
         F_fn = lambda x_, th_: self.trig_F(student, x_, th_, cond, w_student)  # noqa: E731
         _, dF = jvp(F_fn, (x, theta), (dx, torch.ones_like(theta)), self.jvp_backend, self.fd_eps, primal_out=False,
@@ -211,13 +221,18 @@ class _SCM(Objective):
             },
         )
 
-    def velocity(self, teacher, x: Tensor, theta: Tensor, x0: Tensor, z: Tensor, cond: Tensor | None, w: float | Tensor) -> Tensor:
-        """dx/dtheta: conditional (sCT) or the teacher's PF-ODE velocity moved onto TrigFlow time (sCD)."""
-        if self.source == "data":
+    def velocity(self, teacher, x: Tensor, theta: Tensor, x0: Tensor, z: Tensor, cond: Tensor | None, w: float | Tensor,
+                 null: int = -1) -> Tensor:
+        """dx/dtheta: conditional (sCT), its batch-posterior estimate (sCT, ``data_velocity='stf'``; ``null`` = the
+        null label) or the teacher's PF-ODE velocity moved onto TrigFlow time (sCD)."""
+        if self.source == "data" and self.data_velocity == "conditional":
             return expand_like(torch.cos(theta), x) * z - expand_like(torch.sin(theta), x) * x0
         tau = theta * (2.0 / math.pi)
         x_lin, t_lin = to_linear(x, tau, self.path)
-        v_lin = instantaneous_velocity("teacher", teacher, x_lin, t_lin.clamp(0.0, 1.0), None, None, cond, w)
+        if self.source == "data":  # the batch-posterior estimate of E[eps - x0 | x_lin] (eps = z / sigma_d), moved like a teacher's
+            v_lin = stable_target(x_lin, t_lin.clamp(0.0, 1.0), x0, z / self.sigma_data, cond, null)
+        else:
+            v_lin = instantaneous_velocity("teacher", teacher, x_lin, t_lin.clamp(0.0, 1.0), None, None, cond, w)
         return velocity_from_linear(v_lin, x_lin, tau, self.path) * (2.0 / math.pi)  # dx/dtau * dtau/dtheta
 
 
