@@ -138,6 +138,23 @@ def train_on_ring8(student: nn.Module, objective: nn.Module, steps: int, lr: flo
     return ema
 
 
+def one_step_run(student: nn.Module, objective: nn.Module, steps: int, **train_kwargs) -> tuple[float, float, float, float]:
+    """Train ``student`` with ``objective`` on ring8 (``train_on_ring8``); returns (untrained 1-NFE error, trained
+    (EMA) 1-NFE error, the exact teacher's own 2-step Euler error, seconds of training)."""
+    import time
+
+    from flowmap.metrics import flow_map_rmse
+    from flowmap.solvers import solve
+    from teachers import preset_mixture
+
+    z, ref = ring8_reference()
+    euler2 = flow_map_rmse(solve(preset_mixture("ring8"), z, 2, "euler"), ref)
+    before = one_step_error(student)
+    t0 = time.time()
+    ema = train_on_ring8(student, objective, steps, **train_kwargs)
+    return before, one_step_error(ema), euler2, time.time() - t0
+
+
 def one_step_error(flow_map: nn.Module, n: int = 1000) -> float:
     """RMSE of the 1-NFE map X(z, 1, 0) against the exact ring8 map."""
     from flowmap.metrics import flow_map_rmse

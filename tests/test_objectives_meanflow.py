@@ -4,16 +4,13 @@ on the ring8 mixture cuts the 1-NFE error."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
-from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, one_step_error, ring8_reference, train_on_ring8
-from flowmap.metrics import flow_map_rmse
+from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, one_step_run
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
-from flowmap.solvers import solve
 from flowmap.student import FlowMap
 from flowmap.velocity import NetVelocity
 from teachers import preset_mixture
@@ -164,17 +161,11 @@ def test_bad_hyperparameters():
 def test_distillation_on_ring8_cuts_one_step_error():
     """Test-sized budget (MLP 128x3, batch 256): settings found on this mixture; the time embedding uses a small
     scale (time_scale=10) because the JVP differentiates it in time (see flowmap/nets/embeddings.py)."""
-    teacher = preset_mixture("ring8")
-    z, ref = ring8_reference()
-    euler2 = flow_map_rmse(solve(teacher, z, 2, "euler"), ref)
     torch.manual_seed(0)
-    student = mlp_student(width=128, depth=3, time_scale=10.0)
-    before = one_step_error(student)
-    t0 = time.time()
-    ema = train_on_ring8(student, build_objective(MEANFLOW_TEST_CONFIG), STEPS, lr=2e-3, lr_final=1e-4)
-    after = one_step_error(ema)
+    before, after, euler2, secs = one_step_run(mlp_student(width=128, depth=3, time_scale=10.0), build_objective(MEANFLOW_TEST_CONFIG),
+                                               STEPS, lr=2e-3, lr_final=1e-4)
     print(f"meanflow ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
-          f"teacher 2-step Euler {euler2:.3f}; {STEPS} steps in {time.time() - t0:.0f}s")
+          f"teacher 2-step Euler {euler2:.3f}; {STEPS} steps in {secs:.0f}s")
     assert after <= before / 5
     assert after < euler2
 

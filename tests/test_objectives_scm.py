@@ -5,18 +5,15 @@ log-variance, NaN masking, and short runs on ring8."""
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
-from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, assert_fd64_matches_func, one_step_error, ring8_reference, train_on_ring8
-from flowmap.metrics import flow_map_rmse
+from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, assert_fd64_matches_func, one_step_run
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.objectives.scm import TrigFlowPath, t_lin_of
 from flowmap.paths import CosinePath, to_linear
-from flowmap.solvers import solve
 from flowmap.student import FlowMap
 from flowmap.velocity import NetVelocity
 from teachers import preset_mixture
@@ -242,18 +239,12 @@ def test_training_on_ring8_cuts_one_step_error(name):
     """Test-sized budget (MLP 128x3, batch 256, time_scale=10 since the JVP differentiates the time embedding);
     the proposal is widened (P_mean 0, P_std 1.6) so that t_lin = sigmoid(tau) reaches the 1-NFE time t = 1.
     sCT uses ``data_velocity='stf'`` (the batch-posterior velocity, Xu et al. 2023; data samples only)."""
-    teacher = preset_mixture("ring8")
-    z, ref = ring8_reference()
-    euler2 = flow_map_rmse(solve(teacher, z, 2, "euler"), ref)
     torch.manual_seed(0)
-    student = mlp_student(width=128, depth=3, time_scale=10.0)
-    before = one_step_error(student)
-    t0 = time.time()
-    ema = train_on_ring8(student, build_objective({"name": name, **SCM_TEST_CONFIG, **EXTRA[name]}), STEPS[name], lr=2e-3, lr_final=1e-4,
-                         source="teacher" if name == "scd" else "data")
-    after = one_step_error(ema)
+    before, after, euler2, secs = one_step_run(mlp_student(width=128, depth=3, time_scale=10.0),
+                                               build_objective({"name": name, **SCM_TEST_CONFIG, **EXTRA[name]}), STEPS[name],
+                                               lr=2e-3, lr_final=1e-4, source="teacher" if name == "scd" else "data")
     print(f"{name} ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
-          f"teacher 2-step Euler {euler2:.3f}; {STEPS[name]} steps in {time.time() - t0:.0f}s")
+          f"teacher 2-step Euler {euler2:.3f}; {STEPS[name]} steps in {secs:.0f}s")
     assert after <= before * RATIO[name]
     if name == "scd":
         assert after < euler2
@@ -275,16 +266,11 @@ RATIO = {"scd": 1 / 5, "sct": 1 / 4}
 def test_sct_longer_run_cuts_one_step_error_five_fold():
     """sCT from data with the STF velocity, as ``test_training_on_ring8_cuts_one_step_error[sct]`` but 3000 steps:
     measured ratio 0.176 at seed 0 (EMA 0.104 vs 0.591), 107 s CPU on one thread (150 s wall, loaded machine)."""
-    teacher = preset_mixture("ring8")
-    z, ref = ring8_reference()
-    euler2 = flow_map_rmse(solve(teacher, z, 2, "euler"), ref)
     torch.manual_seed(0)
-    student = mlp_student(width=128, depth=3, time_scale=10.0)
-    before = one_step_error(student)
-    ema = train_on_ring8(student, build_objective({"name": "sct", **SCM_TEST_CONFIG, **EXTRA["sct"]}), 3000, lr=2e-3,
-                         lr_final=1e-4, source="data")
-    after = one_step_error(ema)
+    before, after, euler2, secs = one_step_run(mlp_student(width=128, depth=3, time_scale=10.0),
+                                               build_objective({"name": "sct", **SCM_TEST_CONFIG, **EXTRA["sct"]}), 3000,
+                                               lr=2e-3, lr_final=1e-4, source="data")
     print(f"sct ring8, 3000 steps: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
-          f"teacher 2-step Euler {euler2:.3f}")
+          f"teacher 2-step Euler {euler2:.3f}; {secs:.0f}s")
     assert after <= before / 5
     assert after < euler2  # issue 4: sCM's 1-NFE error below the teacher's own 2-step Euler error
