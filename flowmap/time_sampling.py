@@ -48,3 +48,20 @@ def ordered_pair(
     equal = torch.rand(batch, device=device, generator=generator) < equal_share
     t = torch.where(equal, s, t)
     return s, t
+
+
+def gap_pair(
+    batch: int,
+    device: torch.device | str | None = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+    equal_share: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(s, t) with 1 >= s >= t >= 0 drawn by their gap (Sabour et al. 2025, Align Your Flow, Alg. 1):
+    s - t ~ sigmoid(N(mean, std^2)), t ~ U[0, 1 - gap]; a share ``equal_share`` with t = s."""
+    gap = logit_normal(batch, device, mean, std, generator)
+    t = (1 - gap) * torch.rand(batch, device=device, generator=generator)
+    s = t + gap
+    t = torch.where(torch.rand(batch, device=device, generator=generator) < equal_share, s, t)
+    return s, t

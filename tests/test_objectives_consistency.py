@@ -24,7 +24,7 @@ from flowmap.objectives.consistency import (
     teacher_step,
     training_pair,
 )
-from flowmap.objectives.self_distillation import stable_target
+from flowmap.objectives.common import stable_target
 from flowmap.student import FlowMap
 from flowmap.training import fit
 from flowmap.types import LossOutput

@@ -15,7 +15,7 @@ from exact_maps import GaussianFlow, ring8_reference, train_on_ring8
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
-from flowmap.objectives.self_distillation import stable_target
+from flowmap.objectives.common import stable_target
 from flowmap.student import FlowMap
 
 VARIANTS = ["fmsd_lagrangian", "fmsd_eulerian", "fmsd_progressive"]

@@ -33,7 +33,7 @@ from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import check_guidance, times_like
 from flowmap.objectives.guidance import guided_draw, teacher_velocity
 from flowmap.objectives.meanflow import pair_kwargs
-from flowmap.time_sampling import ordered_pair
+from flowmap.time_sampling import gap_pair, ordered_pair
 from flowmap.types import LossOutput, expand_like
 
 VARIANTS = ("emd", "lmd")
@@ -105,10 +105,7 @@ class AlignYourFlow(Objective):
     def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
         """(s, t) with 1 >= s >= t >= 0, a share ``equal_share`` with s = t."""
         if self.time_dist == GAP_DIST:
-            gap = torch.sigmoid(self.time_mean + self.time_std * torch.randn(batch, device=x0.device))
-            t = (1 - gap) * torch.rand(batch, device=x0.device)
-            s = t + gap
-            t = torch.where(torch.rand(batch, device=x0.device) < self.equal_share, s, t)
+            s, t = gap_pair(batch, x0.device, self.time_mean, self.time_std, self.equal_share)
         else:
             s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
         s, t = times_like(s, x0), times_like(t, x0)

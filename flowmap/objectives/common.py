@@ -1,8 +1,9 @@
-"""Small pieces shared by the flow-map objectives of "Flow-map students II" (MeanFlow, shortcut, sCM):
-where the instantaneous velocity comes from (teacher or data), classifier-free guidance folded into a
-distillation target, and the times' dtype. No equations of a method live here.
+"""Small pieces shared by the flow-map objectives: where the instantaneous velocity comes from (teacher or
+data), classifier-free guidance folded into a distillation target, and the times' dtype. No equations of a
+method live here.
 
     from data:     v = eps - x0                                  (conditional velocity, linear path)
+                   v ~ E[eps - x0 | x_t] over the batch            (``stable_target``, Xu et al. 2023; ``"stf"``)
     distilled:     v = v_u + w (v_c - v_u) = w v_c + (1 - w) v_u   (teacher velocity, Ho & Salimans 2022, Eq. 6)
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.types import Teacher
+from flowmap.types import Teacher, expand_like
 
 SOURCES = ("teacher", "data")
+DATA_VELOCITIES = ("conditional", "stf")  # a from-data velocity: eps - x0, or its batch-posterior estimate
 
 
 def check_source(source: str) -> str:
@@ -21,6 +23,36 @@ def check_source(source: str) -> str:
     if source not in SOURCES:
         raise ValueError(f"unknown velocity source {source!r}; choose 'teacher' (distill) or 'data' (train from data)")
     return source
+
+
+def check_data_velocity(value: str, key: str = "data_velocity") -> str:
+    """``"conditional"`` (eps - x0) or ``"stf"`` (``stable_target``); ``key`` names the config key in the error."""
+    if value not in DATA_VELOCITIES:
+        raise ValueError(f"unknown {key} {value!r}; choose from {list(DATA_VELOCITIES)}")
+    return value
+
+
+def stable_target(x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Tensor | None = None, null: int = -1) -> Tensor:
+    """Flow-matching target with the batch as reference set (Xu et al. 2023, "Stable Target Field for Reduced
+    Variance Score Estimation", Eq. 5), written for the linear path x_s = (1 - s) x0 + s eps:
+
+        E[eps - x0 | x_s] ~ sum_j w_j (x_s - x0_j) / s,   w_j = softmax_j(-||x_s - (1 - s) x0_j||^2 / (2 s^2)),
+
+    the posterior over the batch's data points x0_j (same label only, when labelled; ``null`` is the label
+    that matches every class). It is computed as (eps - x0) + (x0 - sum_j w_j x0_j) / s, which is exactly the
+    conditional target when the own point dominates (s -> 0), and a lower-variance, consistent (as the batch
+    grows) estimate of the marginal velocity elsewhere. Uses data samples only."""
+    s = s.clamp_min(1e-4)  # at s = 0 the own point takes all the weight and the correction is 0 / 0
+    xf, df = x_s.flatten(1).double(), x0.flatten(1).double()
+    a, sd = (1 - s).double()[:, None], s.double()[:, None]
+    d2 = xf.pow(2).sum(1, keepdim=True) - 2 * a * (xf @ df.T) + a**2 * df.pow(2).sum(1)[None]  # (B, B)
+    logits = -d2 / (2 * sd**2)
+    if cond is not None:
+        same = (cond[:, None] == cond[None, :]) | (cond[:, None] == null)
+        logits = logits.masked_fill(~same, float("-inf"))
+    w = torch.softmax(logits, dim=1)
+    mean = (w @ df).to(x0.dtype).view_as(x0)
+    return (eps - x0) + (x0 - mean) / expand_like(s, x0)
 
 
 def check_guidance(source: str, guidance: float, guidance_max: float | None) -> None:

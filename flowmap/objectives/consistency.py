@@ -28,7 +28,7 @@ with d the squared L2 norm or pseudo-Huber d(a, b) = sqrt(||a - b||^2 + c^2) - c
 
 From data, ``data_velocity='stf'`` replaces the shared-noise x_r = x_t + (r - t)(eps - x0) by one Euler step of
 the batch-posterior estimate of the marginal velocity E[eps - x0 | x_t] (Xu et al. 2023, Stable Target Field;
-``self_distillation.stable_target``): still data samples only, but the pair then lies near one ODE trajectory
+``common.stable_target``): still data samples only, but the pair then lies near one ODE trajectory
 (``training_pair``), which on the 2-D mixtures is what brings ECT from data to the distilled methods' error.
 """
 
@@ -40,13 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_guidance, check_source, draw_guidance, times_like
-from flowmap.objectives.self_distillation import stable_target
+from flowmap.objectives.common import check_data_velocity, check_guidance, check_source, draw_guidance, stable_target, times_like
 from flowmap.time_grids import GRIDS, make_grid
 from flowmap.types import LossOutput, Teacher, expand_like
 
 METRICS = ("l2", "pseudo_huber")
-DATA_VELOCITIES = ("conditional", "stf")
 SOLVERS = ("euler", "heun")
 HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sqrt(d)
 
@@ -118,12 +116,6 @@ def distance(a: Tensor, b: Tensor, metric: str, huber_c: float | None) -> Tensor
         return sq
     c = huber_c if huber_c is not None else HUBER_C_PER_SQRT_DIM * math.sqrt(delta.shape[1])
     return torch.sqrt(sq + c * c) - c
-
-
-def check_data_velocity(data_velocity: str) -> str:
-    if data_velocity not in DATA_VELOCITIES:
-        raise ValueError(f"unknown data_velocity {data_velocity!r}; choose from {list(DATA_VELOCITIES)}")
-    return data_velocity
 
 
 def training_pair(data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Tensor | None,

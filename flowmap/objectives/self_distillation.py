@@ -30,37 +30,13 @@ from torch import Tensor, nn
 
 from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, require_inner
 from flowmap.objectives.base import Objective
-from flowmap.objectives.common import times_like
+from flowmap.objectives.common import check_data_velocity, stable_target, times_like
 from flowmap.objectives.denoising import drop_labels
 from flowmap.objectives.meanflow import pair_kwargs
 from flowmap.time_sampling import ordered_pair, sample_times
 from flowmap.types import LossOutput, expand_like
 
 VARIANTS = ("lagrangian", "eulerian", "progressive")
-FM_TARGETS = ("conditional", "stf")
-
-
-def stable_target(x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Tensor | None = None, null: int = -1) -> Tensor:
-    """Flow-matching target with the batch as reference set (Xu et al. 2023, "Stable Target Field for Reduced
-    Variance Score Estimation", Eq. 5), written for the linear path x_s = (1 - s) x0 + s eps:
-
-        E[eps - x0 | x_s] ~ sum_j w_j (x_s - x0_j) / s,   w_j = softmax_j(-||x_s - (1 - s) x0_j||^2 / (2 s^2)),
-
-    the posterior over the batch's data points x0_j (same label only, when labelled). It is computed as
-    (eps - x0) + (x0 - sum_j w_j x0_j) / s, which is exactly the conditional target when the own point
-    dominates (s -> 0), and a lower-variance, consistent (as the batch grows) estimate of the marginal
-    velocity elsewhere. Uses data samples only."""
-    s = s.clamp_min(1e-4)  # at s = 0 the own point takes all the weight and the correction is 0 / 0
-    xf, df = x_s.flatten(1).double(), x0.flatten(1).double()
-    a, sd = (1 - s).double()[:, None], s.double()[:, None]
-    d2 = xf.pow(2).sum(1, keepdim=True) - 2 * a * (xf @ df.T) + a**2 * df.pow(2).sum(1)[None]  # (B, B)
-    logits = -d2 / (2 * sd**2)
-    if cond is not None:
-        same = (cond[:, None] == cond[None, :]) | (cond[:, None] == null)
-        logits = logits.masked_fill(~same, float("-inf"))
-    w = torch.softmax(logits, dim=1)
-    mean = (w @ df).to(x0.dtype).view_as(x0)
-    return (eps - x0) + (x0 - mean) / expand_like(s, x0)
 
 
 def jvp_with_grad(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], backend: str,
@@ -100,8 +76,7 @@ class FlowMapSelfDistillation(Objective):
             raise ValueError(f"lambda_sd must be >= 0, got {lambda_sd}")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
-        if fm_target not in FM_TARGETS:
-            raise ValueError(f"unknown fm_target {fm_target!r}; choose from {list(FM_TARGETS)}")
+        check_data_velocity(fm_target, "fm_target")
         if jvp_backend not in BACKENDS:
             raise ValueError(f"unknown JVP backend {jvp_backend!r}; choose from {list(BACKENDS)}")
         self.time_dist, self.time_mean, self.time_std = time_dist, float(time_mean), float(time_std)
