@@ -1,20 +1,32 @@
-"""A forward-mode rule for linear layers whose weights are constants of the JVP.
+"""Forward-mode rules the JVP engine (``flowmap.jvp``) installs for its tangent pass.
 
-PyTorch's forward-mode formula for ``addmm`` / ``linear`` computes the tangent as
-    dy = W dx + dW x (+ db)
-and, under ``torch.func.jvp``, materializes zero tangents for the weight and bias (they are not duals),
-so every layer spends a second full matmul on dW x = 0 and adds zero tensors. The JVP engine
-(``flowmap.jvp``) differentiates only along the inputs (x, s, t), never the weights, so inside its
-no-grad tangent pass ``constant_weight_rules()`` routes ``F.linear`` calls on dual inputs to an
-autograd Function that receives the weights as constants and whose ``jvp`` is the one product
-dy = dx W^T. Equal to the built-in rule to the last bit (``tests/test_jvp.py``); measured on one
-thread, a JVP of the benchmark's MLP (256 x 4, batch 512) takes 0.92x the time, the DiT's 0.91x.
-Convolutions keep PyTorch's rule: the same trick measured slower there (small 8x8 feature maps, where
-the Function's per-call overhead under functorch outweighs the saved product).
+The engine differentiates only along the inputs (x, s, t), never the weights, so every weight is a
+constant of the JVP. Two sets of rules use that:
 
-The rules apply only where they are exact: grad mode off (the tangent pass; no backward is ever
-needed), a functorch-wrapped (dual) input, and weights that are plain tensors. Anything else falls
-through to PyTorch unchanged.
+* ``constant_weight_rules()`` (backend ``"func"``, ``torch.func.jvp``). PyTorch's forward-mode formula
+  for ``linear`` computes dy = W dx + dW x (+ db) and, under ``torch.func.jvp``, materializes zero
+  tangents for the weight and bias, so every layer spends a second full matmul on dW x = 0. Inside the
+  no-grad tangent pass, ``F.linear`` on a functorch-wrapped input goes to an autograd Function whose
+  ``jvp`` is the one product dy = dx W^T. Bit-identical to the built-in rule (``tests/test_jvp.py``).
+  Other layers keep PyTorch's rules: an autograd Function costs a fixed overhead per call under
+  functorch that, for layer norms and activations on small tensors, exceeds what it saves.
+
+* ``dual_rules()`` (backend ``"forward_ad"``, ``torch.autograd.forward_ad`` dual tensors). Here a rule
+  needs no autograd Function: it unpacks the dual input into (primal, tangent), computes both with
+  ordinary ops and packs the result, one call per layer and no zero tangents:
+
+      linear      y = x W^T + b                      dy = dx W^T
+      conv2d      y = conv(x, W) + b                 dy = conv(dx, W)
+      layer_norm  y = xhat w + b,  xhat = (x - mu) r dy = w r (dx - mean(dx) - xhat mean(dx xhat))
+      group_norm  the same per (example, group), w and b per channel
+      gelu, silu  y = f(x)                           dy = f'(x) dx   (PyTorch's own backward kernels; not under
+                                                                      grad, where they have no derivative)
+
+  (r = 1 / sqrt(var + eps), means over the normalized dims). Attention has its own rule in
+  ``flowmap.nets.attention``. The rules equal PyTorch's formulas up to float round-off (tests/test_jvp.py).
+
+A rule applies only where it is exact: a dual input and weights that carry no tangent. Anything else
+falls through to PyTorch unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 
@@ -68,4 +81,106 @@ class constant_weight_rules(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-__all__ = ["constant_weight_rules"]
+# --- forward_ad dual tensors ------------------------------------------------------------------------
+
+
+def _tangent_free(*tensors: Any) -> bool:
+    return all(t is None or (isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is None) for t in tensors)
+
+
+def _dual_input(x: Any) -> tuple[Tensor, Tensor | None]:
+    if not isinstance(x, Tensor):
+        return x, None
+    primal, tangent = forward_ad.unpack_dual(x)
+    return primal, tangent
+
+
+def _normalized_tangent(x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """r (dx - mean(dx) - xhat mean(dx xhat)), xhat = (x - mean) r; mean, rstd broadcastable to x."""
+    xhat = (x - mean) * rstd
+    dxc = dx - dx.mean(dim=dims, keepdim=True)
+    return torch.addcmul(dxc, xhat, (dxc * xhat).mean(dim=dims, keepdim=True), value=-1.0).mul_(rstd)
+
+
+def _linear(args: tuple, kwargs: dict) -> Tensor | None:
+    x, dx = _dual_input(args[0])
+    w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if dx is None or not _tangent_free(w, b):
+        return None
+    return forward_ad.make_dual(F.linear(x, w, b), F.linear(dx, w))
+
+
+def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
+    x, dx = _dual_input(args[0])
+    w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if dx is None or not _tangent_free(w, b):
+        return None
+    rest = [_arg(args, kwargs, i, name, d) for i, (name, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)), 3)]
+    return forward_ad.make_dual(F.conv2d(x, w, b, *rest), F.conv2d(dx, w, None, *rest))
+
+
+def _layer_norm(args: tuple, kwargs: dict) -> Tensor | None:
+    x, dx = _dual_input(args[0])
+    shape = tuple(_arg(args, kwargs, 1, "normalized_shape"))
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    if dx is None or not _tangent_free(w, b):
+        return None
+    y, mean, rstd = torch.native_layer_norm(x, shape, w, b, float(_arg(args, kwargs, 4, "eps", 1e-5)))
+    dy = _normalized_tangent(x, dx, mean, rstd, tuple(range(-len(shape), 0)))
+    return forward_ad.make_dual(y, dy if w is None else dy.mul_(w))
+
+
+def _group_norm(args: tuple, kwargs: dict) -> Tensor | None:
+    x, dx = _dual_input(args[0])
+    groups = int(_arg(args, kwargs, 1, "num_groups"))
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    if dx is None or not _tangent_free(w, b) or x.dim() < 2:
+        return None
+    n, c = x.shape[:2]
+    y, mean, rstd = torch.native_group_norm(x, w, b, n, c, x[0, 0].numel(), groups, float(_arg(args, kwargs, 4, "eps", 1e-5)))
+    xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
+    dy = _normalized_tangent(xg, dxg, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), (-1,)).reshape(x.shape)
+    if w is not None:
+        dy = dy.mul_(w.reshape(1, c, *([1] * (x.dim() - 2))))
+    return forward_ad.make_dual(y, dy)
+
+
+def _traced(*tensors: Tensor) -> bool:
+    """Autograd records these (a with-grad JVP, whose derivative is itself trained)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _gelu(args: tuple, kwargs: dict) -> Tensor | None:
+    x, dx = _dual_input(args[0])
+    if dx is None or _traced(x, dx):  # the backward kernels' own derivatives: PyTorch's rule is the safe one
+        return None
+    approximate = _arg(args, kwargs, 1, "approximate", "none")
+    return forward_ad.make_dual(F.gelu(x, approximate=approximate), torch.ops.aten.gelu_backward(dx, x, approximate=approximate))
+
+
+def _silu(args: tuple, kwargs: dict) -> Tensor | None:
+    x, dx = _dual_input(args[0])
+    if dx is None or _arg(args, kwargs, 1, "inplace", False) or _traced(x, dx):
+        return None
+    return forward_ad.make_dual(F.silu(x), torch.ops.aten.silu_backward(dx, x))
+
+
+_DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
+    F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.gelu: _gelu, F.silu: _silu,
+}
+
+
+class dual_rules(TorchFunctionMode):
+    """Context manager: inside it, the layers in ``_DUAL_RULES`` on forward_ad dual inputs use the rules above."""
+
+    def __torch_function__(self, func: Callable, types, args: tuple = (), kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        rule = _DUAL_RULES.get(func)
+        if rule is not None and args:
+            out = rule(args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+__all__ = ["constant_weight_rules", "dual_rules"]

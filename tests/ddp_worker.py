@@ -39,7 +39,8 @@ def student_config() -> dict:
 
 def objective_config(case: str) -> dict:
     return {
-        "meanflow": {"name": "meanflow"},
+        "meanflow": {"name": "meanflow"},  # the default JVP backend, forward_ad
+        "meanflow_func": {"name": "meanflow", "jvp_backend": "func"},
         "scd": {"name": "scd"},
         "cd": {"name": "cd"},
         "pd": {"name": "pd"},

@@ -165,8 +165,8 @@ def one_step_error(flow_map: nn.Module, n: int = 1000) -> float:
 
 
 def assert_fd64_matches_func(student: nn.Module, config: dict, teacher: nn.Module, x0: torch.Tensor) -> None:
-    """A JVP objective built from ``config`` gives the same per-sample loss (same draws) with ``jvp_backend: func``
-    and with float64 finite differences (``jvp_backend: fd, fd_dtype: float64``), and the float32 student comes
+    """A JVP objective built from ``config`` gives the same per-sample loss (same draws) with ``jvp_backend: func``,
+    with ``forward_ad`` and with float64 finite differences (``jvp_backend: fd, fd_dtype: float64``), and the float32 student comes
     back bit-identical from the promoted tangent pass."""
     with torch.no_grad():
         for p in student.parameters():
@@ -175,9 +175,10 @@ def assert_fd64_matches_func(student: nn.Module, config: dict, teacher: nn.Modul
     from flowmap.objectives import build_objective
 
     losses = {}
-    for key, backend, fd_dtype in (("func", "func", None), ("fd64", "fd", "float64")):
+    for key, backend, fd_dtype in (("forward_ad", "forward_ad", None), ("func", "func", None), ("fd64", "fd", "float64")):
         torch.manual_seed(5)
         obj = build_objective({**config, "jvp_backend": backend, "fd_dtype": fd_dtype})
         losses[key] = obj(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0).loss.detach()
     assert all(torch.equal(v, weights[k]) and v.dtype == weights[k].dtype for k, v in student.state_dict().items())
     torch.testing.assert_close(losses["fd64"], losses["func"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["forward_ad"], losses["func"], rtol=1e-5, atol=1e-7)

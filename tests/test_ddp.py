@@ -20,7 +20,7 @@ import ddp_worker  # noqa: E402
 pytestmark = [pytest.mark.ddp, pytest.mark.xdist_group("ddp")]
 
 
-CASES = ["teacher", "meanflow", "scd"]
+CASES = ["teacher", "meanflow", "meanflow_func", "scd"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ students, the attention's own forward-mode rule, bf16 autocast, and the errors.
 
 Reference: a float64 deep copy of the student, differentiated by a fourth-order (5-point) central
 difference with h = 1e-5 (truncation ~h^4, round-off ~1e-16 / h: ~1e-10 relative). We compare
-    func (float32 net)  vs reference   < 1e-5   (forward-mode AD in float32)
+    forward_ad (float64 net) vs reference < 1e-8 (the dual rules' formulas, free of float32 round-off)
+    forward_ad, func (float32 net)  vs reference   < 1e-5   (forward-mode AD in float32)
     fd   (float64 copy) vs reference   < 1e-5   (the fd backend's own O(h^2) rule, default h, in float64)
     fd   (float32 net, fd_dtype=float64) < 1e-5 (the engine promotes the net for the tangent pass only)
     fd   (float32 net)  vs reference   < 3e-3   (fd in float32 is limited by round-off / h; stated, not hidden)
@@ -79,16 +80,22 @@ def test_func_and_fd_match_float64_reference(name):
     assert ref.norm() > 1e-2  # the direction actually moves the output
 
     out32, d_func = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "func")
+    out_dual, d_dual = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "forward_ad")
+    _, d_dual64 = jvp(lambda x, s, t: student64.average_velocity(x, s, t, cond), p64, t64, "forward_ad")
     _, d_fd64 = jvp(lambda x, s, t: student64.average_velocity(x, s, t, cond), p64, t64, "fd")
     _, d_fd32 = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "fd")
     before = {k: v.clone() for k, v in student.state_dict().items()}
     _, d_fd_promoted = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "fd",
                            fd_dtype="float64", modules=(student,))
     e_func, e_fd64, e_fd32 = rel(d_func, ref), rel(d_fd64, ref), rel(d_fd32, ref)
-    e_promoted = rel(d_fd_promoted, ref)
-    print(f"{name}: rel. error vs float64 reference: func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  "
-          f"fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  fd(f32) {e_fd32:.2e}")
+    e_promoted, e_dual, e_dual64 = rel(d_fd_promoted, ref), rel(d_dual, ref), rel(d_dual64, ref)
+    print(f"{name}: rel. error vs float64 reference: forward_ad(f64) {e_dual64:.2e}  forward_ad(f32) {e_dual:.2e}  "
+          f"func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  fd(f32) {e_fd32:.2e}")
     assert d_func.dtype == torch.float32 and d_fd64.dtype == torch.float64 and d_fd_promoted.dtype == torch.float32
+    assert d_dual.dtype == torch.float32 and d_dual64.dtype == torch.float64
+    assert e_dual64 < 1e-8
+    assert e_dual < 1e-5
+    assert torch.equal(out_dual, out32)
     assert e_func < 1e-5
     assert e_fd64 < 1e-5
     assert e_promoted < 1e-5
@@ -132,6 +139,53 @@ def test_constant_weight_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     assert calls[0] <= n_linear and all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
 
 
+@pytest.mark.parametrize("name", ["mlp", "unet", "dit"])
+def test_dual_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
+    """flowmap.jvp_rules.dual_rules: linear, conv, layer/group norm, GELU and SiLU on forward_ad duals, and the
+    attention's dual path, give PyTorch's own forward-mode tangent (float64, so only round-off differs) and
+    every rule fires on every layer of its kind that carries a tangent."""
+    from torch.autograd import forward_ad
+
+    from flowmap import jvp_rules
+    from flowmap.nets import attention as attention_module
+
+    student = copy.deepcopy(randomized_student(name)).double()
+    primals, tangents, cond = inputs(student)
+    primals, tangents = tuple(p.double() for p in primals), tuple(d.double() for d in tangents)
+    fn = lambda x, s, t: student.average_velocity(x, s, t, cond)  # noqa: E731
+    # PyTorch's rules: forward_ad without ours, math attention in place of the fused kernel
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda q, k, v: math_attention(q, k, v))
+    with torch.no_grad(), forward_ad.dual_level():
+        out = fn(*(forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
+        out_builtin, d_builtin = (a.clone() for a in forward_ad.unpack_dual(out))
+    monkeypatch.undo()
+    calls: dict[str, int] = {}
+    for func, rule in list(jvp_rules._DUAL_RULES.items()):
+        def counted(args, kwargs, rule=rule, key=rule.__name__):
+            out = rule(args, kwargs)
+            calls[key] = calls.get(key, 0) + (out is not None)
+            return out
+        monkeypatch.setitem(jvp_rules._DUAL_RULES, func, counted)
+    original_attention = attention_module._dual_attention
+
+    def counted_attention(*args):
+        calls["attention"] = calls.get("attention", 0) + 1
+        return original_attention(*args)
+
+    monkeypatch.setattr(attention_module, "_dual_attention", counted_attention)
+    out, d_rules = jvp(fn, primals, tangents, "forward_ad")
+    print(f"{name}: rule calls {calls}; rel. difference to PyTorch's rules {rel(d_rules, d_builtin):.1e}")
+    assert rel(d_rules, d_builtin) < 1e-12 and rel(out, out_builtin) < 1e-12
+    kinds = {"_linear": nn.Linear, "_conv2d": nn.Conv2d, "_layer_norm": nn.LayerNorm, "_group_norm": nn.GroupNorm, "_gelu": nn.GELU}
+    for key, kind in kinds.items():
+        n = sum(isinstance(m, kind) for m in student.modules())
+        assert (n - 2 if key == "_linear" else n) <= calls.get(key, 0) <= n, (key, n, calls)  # label/guidance embeddings: no tangent
+    assert calls.get("_silu", 0) >= 1
+    n_attention = sum(type(m).__name__ in ("JVPAttention", "AttnBlock") for m in student.modules())
+    assert calls.get("attention", 0) == n_attention and (name == "mlp") == (n_attention == 0)
+
+
 def test_attention_jvp_matches_math_attention():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
@@ -147,6 +201,9 @@ def test_attention_jvp_matches_math_attention():
     _, d64 = torch.func.jvp(attention, (q64, k64, v64), (dq64, dk64, dv64))
     _, d64_ref = torch.func.jvp(math_attention, (q64, k64, v64), (dq64, dk64, dv64))
     assert rel(d64, d64_ref) < 1e-12
+    # the forward_ad dual path: same closed form without the autograd Function
+    _, d_dual = jvp(attention, (q, k, v), (dq, dk, dv), "forward_ad")
+    assert rel(d_dual, d_ref.double()) < 1e-5
     # and the backward of the custom Function is the math attention's gradient
     leaves = [a.clone().requires_grad_(True) for a in (q, k, v)]
     leaves_ref = [a.clone().requires_grad_(True) for a in (q, k, v)]
@@ -156,20 +213,21 @@ def test_attention_jvp_matches_math_attention():
         assert rel(a.grad, b.grad.double()) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["forward_ad", "func"])
 @pytest.mark.parametrize("name", ["mlp", "dit"])
-def test_jvp_under_bf16_autocast_runs_in_float32(name):
+def test_jvp_under_bf16_autocast_runs_in_float32(name, backend):
     student = randomized_student(name)
     primals, tangents, cond = inputs(student)
     fn = lambda x, s, t: student.average_velocity(x, s, t, cond)  # noqa: E731
-    _, plain = jvp(fn, primals, tangents, "func")
+    _, plain = jvp(fn, primals, tangents, backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, under = jvp(fn, tuple(p.bfloat16() if p.dim() > 1 else p for p in primals), tangents, "func")
+        _, under = jvp(fn, tuple(p.bfloat16() if p.dim() > 1 else p for p in primals), tangents, backend)
         with torch.no_grad():
             with_grad_forward = student.average_velocity(*primals, cond)
     assert under.dtype == torch.float32
     # the tangent pass ignores autocast: only the bf16 rounding of the *input* x remains
     x_bf = primals[0].bfloat16().float()
-    _, plain_rounded = jvp(fn, (x_bf, *primals[1:]), tangents, "func")
+    _, plain_rounded = jvp(fn, (x_bf, *primals[1:]), tangents, backend)
     assert rel(under, plain_rounded.double()) < 1e-6
     assert rel(under, plain.double()) < 5e-2
     assert with_grad_forward.dtype == torch.bfloat16  # the ordinary forward does run in bf16
@@ -204,6 +262,14 @@ def test_unservable_backend_is_named_and_fd_serves_it():
         jvp(layer, (x,), (dx,), "func")
     with pytest.raises(ValueError, match='backend "func"'):  # JVPBackendError is a ValueError
         jvp(lambda a: NoJVPRule.apply(a), (x,), (dx,), "func")
+    with pytest.raises(JVPBackendError, match=r'backend "forward_ad".*backend="fd"'):
+        jvp(layer, (x,), (dx,), "forward_ad")
+    with pytest.raises(JVPBackendError, match='backend "forward_ad"'):
+        jvp(lambda a: NoJVPRule.apply(a), (x,), (dx,), "forward_ad")
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level(), pytest.raises(JVPBackendError, match='another forward-mode AD level.*backend="func"'):
+        jvp(torch.sin, (x,), (dx,), "forward_ad")
     _, d_fd = jvp(layer, (x,), (dx,), "fd")
 
     def math_layer(a):
@@ -245,6 +311,8 @@ def test_fd_and_func_agree_on_a_closed_form():
     fn = lambda a_, b_: torch.sin(a_) * b_**2  # noqa: E731
     out, d_func = jvp(fn, (a, b), (da, db), "func")
     _, d_fd = jvp(fn, (a, b), (da, db), "fd")
+    _, d_dual = jvp(fn, (a, b), (da, db), "forward_ad")
     assert rel(d_func, exact) < 1e-14
+    assert rel(d_dual, exact) < 1e-14
     assert rel(d_fd, exact) < 1e-9
     assert torch.allclose(out, fn(a, b))

@@ -82,7 +82,7 @@ def test_image_students_run_the_func_jvp_through_attention(name):
             p.add_(0.02 * torch.randn_like(p))
     x0, cond = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
     losses = {}
-    for key, backend, fd_dtype in (("func", "func", None), ("fd", "fd", None), ("fd64", "fd", "float64")):
+    for key, backend, fd_dtype in (("forward_ad", "forward_ad", None), ("func", "func", None), ("fd", "fd", None), ("fd64", "fd", "float64")):
         torch.manual_seed(3)
         obj = build_objective({"name": "meanflow", "source": "data", "jvp_backend": backend, "fd_dtype": fd_dtype,
                                "equal_share": 0.0, "p": 0.0})
@@ -91,6 +91,7 @@ def test_image_students_run_the_func_jvp_through_attention(name):
     out.loss.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
     assert all(p.dtype == torch.float32 for p in student.parameters())  # the float64 pass left the weights as they were
+    assert torch.allclose(losses["forward_ad"], losses["func"], rtol=1e-5, atol=1e-7)
     assert torch.allclose(losses["func"], losses["fd"], rtol=1e-2)
     assert torch.allclose(losses["func"], losses["fd64"], rtol=1e-4)  # float64 differences: ~1e-7 JVP error
 

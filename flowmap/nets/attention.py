@@ -9,6 +9,9 @@ query block so memory stays O(block x N) instead of O(N^2) per head:
     S = q k^T / sqrt(d),  P = softmax(S),  O = P v
     dS = (dq k^T + q dk^T) / sqrt(d)
     dO = P dv + (P * dS) v - rowsum(P * dS) O
+
+Under ``torch.func.jvp`` the rule is an autograd Function with a ``jvp`` (``_FusedAttention``); on
+``torch.autograd.forward_ad`` dual tensors the primals and tangents are unpacked and repacked directly.
 """
 
 from __future__ import annotations
@@ -67,16 +70,19 @@ class _FusedAttention(torch.autograd.Function):
         return attention_jvp(q, k, v, out, dq, dk, dv)
 
 
-def _needs_forward_rule(*tensors: Tensor) -> bool:
-    if any(is_functorch_wrapped_tensor(a) for a in tensors):
-        return True
-    return any(forward_ad.unpack_dual(a).tangent is not None for a in tensors)
+def _dual_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """forward_ad dual tensors: unpack, fused kernel on the primals, closed-form tangent, pack (no Function)."""
+    (qp, dq), (kp, dk), (vp, dv) = (forward_ad.unpack_dual(a) for a in (q, k, v))
+    out = F.scaled_dot_product_attention(qp, kp, vp)
+    return forward_ad.make_dual(out, attention_jvp(qp, kp, vp, out, dq, dk, dv))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, H, N, d) tensors, with a forward-mode rule."""
-    if _needs_forward_rule(q, k, v):
+    if any(is_functorch_wrapped_tensor(a) for a in (q, k, v)):
         return _FusedAttention.apply(q, k, v)
+    if any(forward_ad.unpack_dual(a).tangent is not None for a in (q, k, v)):
+        return _dual_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -53,7 +53,7 @@ class AlignYourFlow(Objective):
         tangent_c: c of the tangent normalization g = T / (||T|| + c) (paper: 0.1); None turns it off.
         warmup_steps: steps over which the (t - s) du/d. term ramps in (0: no warm-up).
         guidance, guidance_max: CFG scale (a range trains a ``guidance_input`` student at w ~ U[guidance, guidance_max]).
-        jvp_backend, fd_eps, fd_dtype: ``"func"`` or ``"fd"``, its step, and ``"float64"`` for differences taken in
+        jvp_backend, fd_eps, fd_dtype: ``"forward_ad"``, ``"func"`` or ``"fd"``, its step, and ``"float64"`` for differences taken in
             float64 (see ``flowmap.jvp``).
     """
 
@@ -72,7 +72,7 @@ class AlignYourFlow(Objective):
         warmup_steps: int = 0,
         guidance: float = 1.0,
         guidance_max: float | None = None,
-        jvp_backend: str = "func",
+        jvp_backend: str = "forward_ad",
         fd_eps: float | None = None,
         fd_dtype: str | None = None,
     ) -> None:
@@ -175,7 +175,7 @@ class AYFEulerian(AlignYourFlow):
 
     def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.1,
                  tangent_c: float | None = 0.1, warmup_steps: int = 0, guidance: float = 1.0, guidance_max: float | None = None,
-                 jvp_backend: str = "func", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
+                 jvp_backend: str = "forward_ad", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
         super().__init__("emd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps,
                          fd_dtype)
 
@@ -187,6 +187,6 @@ class AYFLagrangian(AlignYourFlow):
 
     def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.1,
                  tangent_c: float | None = 0.1, warmup_steps: int = 0, guidance: float = 1.0, guidance_max: float | None = None,
-                 jvp_backend: str = "func", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
+                 jvp_backend: str = "forward_ad", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
         super().__init__("lmd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps,
                          fd_dtype)

@@ -57,7 +57,7 @@ class MeanFlow(Objective):
         p, c: adaptive weight 1 / (||delta||^2 + c)^p (paper: p = 1, c = 1e-3); p = 0 is plain L2.
         guidance, guidance_max: CFG scale folded into a distilled target (a range needs a student with
             ``guidance_input``); p_uncond: label dropout so the student also learns the null label.
-        jvp_backend: ``"func"`` (torch.func.jvp) or ``"fd"`` (finite differences); fd_eps: its step;
+        jvp_backend: ``"forward_ad"`` (dual tensors, the fastest), ``"func"`` (torch.func.jvp) or ``"fd"`` (finite differences); fd_eps: its step;
         fd_dtype: ``"float64"`` takes the differences in float64 (``flowmap.jvp.promoted``), null: as the inputs.
     """
 
@@ -76,7 +76,7 @@ class MeanFlow(Objective):
         guidance: float = 1.0,
         guidance_max: float | None = None,
         p_uncond: float = 0.0,
-        jvp_backend: str = "func",
+        jvp_backend: str = "forward_ad",
         fd_eps: float | None = None,
         fd_dtype: str | None = None,
     ) -> None:

@@ -94,7 +94,7 @@ class _SCM(Objective):
         tangent_c: c of the tangent normalization g / (||g|| + c) (paper: 0.1); None = off.
         adaptive: learn the log-variance weighting w_phi (else w = 0).
         guidance, guidance_max, p_uncond: CFG folded into the teacher's velocity (sCD only); label dropout.
-        jvp_backend: ``"func"`` or ``"fd"``; fd_eps: its step; fd_dtype: ``"float64"`` takes the differences in
+        jvp_backend: ``"forward_ad"``, ``"func"`` or ``"fd"``; fd_eps: its step; fd_dtype: ``"float64"`` takes the differences in
             float64 (``flowmap.jvp.promoted``), null: in the inputs' dtype.
         data_velocity: sCT's dx/dtheta, ``"conditional"`` (cos(theta) z - sin(theta) x0, paper) or ``"stf"``: the
             batch-posterior estimate of the linear path's E[eps - x0 | x_lin] (Xu et al. 2023, ``stable_target``;
@@ -116,7 +116,7 @@ class _SCM(Objective):
         guidance: float = 1.0,
         guidance_max: float | None = None,
         p_uncond: float = 0.0,
-        jvp_backend: str = "func",
+        jvp_backend: str = "forward_ad",
         fd_eps: float | None = None,
         fd_dtype: str | None = None,
         data_velocity: str = "conditional",

@@ -10,7 +10,8 @@ and the off-diagonal by one self-distillation term with the velocity under stop-
     ESD (Eulerian,   Eq. 3.8):  ||d/ds X(I_s, s, t) + dX/dx(I_s, s, t) sg(u(I_s, s, s))||^2
     PSD (progressive, Eq. 3.10): ||X(I_s, s, t) - sg(X(X(I_s, s, m), m, t))||^2,  m ~ U[t, s]
 The LSD/ESD derivatives are differentiated *with* respect to theta (the student's own JVP under grad):
-``"func"`` runs torch.func.jvp with autograd on, ``"fd"`` central differences (two with-grad forwards).
+``"forward_ad"`` (dual tensors with ``flowmap.jvp_rules.dual_rules``) or ``"func"`` (torch.func.jvp) runs forward-mode AD
+with autograd on, ``"fd"`` central differences (two with-grad forwards).
 Loss = L_FM + lambda_sd L_SD per sample.
 
 Sampling (diagonal and off-diagonal samples drawn separately): the flow-matching term uses its
@@ -27,8 +28,10 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, require_inner
+from flowmap.jvp_rules import dual_rules
 from flowmap.objectives.base import Objective
 from flowmap.objectives.common import check_data_velocity, stable_target, times_like
 from flowmap.objectives.denoising import drop_labels
@@ -44,6 +47,11 @@ def jvp_with_grad(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangen
     """(fn(*primals), d/de fn(p + e t)) with the graph kept, so the derivative itself is trained."""
     if backend == "func":
         return torch.func.jvp(fn, primals, tangents)
+    if backend == "forward_ad":
+        with forward_ad.dual_level(), dual_rules():
+            out = fn(*(forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)))
+            primal, tangent = forward_ad.unpack_dual(out)
+        return primal, (torch.zeros_like(primal) if tangent is None else tangent)
     h = FD_EPS.get(compute_dtype(primals[0].dtype), 5e-5) if eps is None else float(eps)
     plus = fn(*(p + h * t for p, t in zip(primals, tangents)))
     minus = fn(*(p - h * t for p, t in zip(primals, tangents)))
@@ -56,7 +64,7 @@ class FlowMapSelfDistillation(Objective):
     Args:
         time_dist, time_mean, time_std: distribution of the ordered pair (s, t); equal_share: share with s = t.
         lambda_sd: weight of the self-distillation term; p_uncond: label dropout.
-        jvp_backend, fd_eps: ``"func"`` or ``"fd"`` for the with-grad derivative (LSD, ESD).
+        jvp_backend, fd_eps: ``"forward_ad"``, ``"func"`` or ``"fd"`` for the with-grad derivative (LSD, ESD).
         fm_target: ``"conditional"`` (eps - x0, paper Eq. 3.2) or ``"stf"`` (batch posterior mean, ``stable_target``).
     """
 
