@@ -27,6 +27,7 @@ from flowmap.student import FlowMap
 
 NETS = {
     "mlp": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 3},
+    "mlp_fourier": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 3, "fourier_features": 4, "time_scale": 10.0},
     "unet": {"name": "unet", "data_shape": [1, 8, 8], "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attn_resolutions": [4], "heads": 2, "emb_dim": 32, "num_classes": 3},
     "dit": {"name": "dit", "data_shape": [1, 8, 8], "dim": 32, "depth": 2, "heads": 2, "num_classes": 3},
@@ -69,7 +70,7 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("name", ["mlp", "unet", "dit"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_fourier", "unet", "dit"])
 def test_func_and_fd_match_float64_reference(name):
     student = randomized_student(name)
     student64 = copy.deepcopy(student).double()
@@ -139,7 +140,7 @@ def test_constant_weight_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     assert calls[0] <= n_linear and all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
 
 
-@pytest.mark.parametrize("name", ["mlp", "unet", "dit"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_fourier", "unet", "dit"])
 def test_dual_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     """flowmap.jvp_rules.dual_rules: linear, conv, layer/group norm, GELU and SiLU on forward_ad duals, and the
     attention's dual path, give PyTorch's own forward-mode tangent (float64, so only round-off differs) and
@@ -183,7 +184,7 @@ def test_dual_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
         assert (n - 2 if key == "_linear" else n) <= calls.get(key, 0) <= n, (key, n, calls)  # label/guidance embeddings: no tangent
     assert calls.get("_silu", 0) >= 1
     n_attention = sum(type(m).__name__ in ("JVPAttention", "AttnBlock") for m in student.modules())
-    assert calls.get("attention", 0) == n_attention and (name == "mlp") == (n_attention == 0)
+    assert calls.get("attention", 0) == n_attention and name.startswith("mlp") == (n_attention == 0)
 
 
 def test_attention_jvp_matches_math_attention():

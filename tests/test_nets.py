@@ -14,6 +14,7 @@ from flowmap.nets.attention import _FusedAttention, attention, math_attention
 
 SMALL = {
     "mlp": {"name": "mlp", "data_shape": [3], "width": 32, "depth": 2, "emb_dim": 32},
+    "mlp_fourier": {"name": "mlp", "data_shape": [3], "width": 32, "depth": 2, "emb_dim": 32, "fourier_features": 3},
     "unet": {"name": "unet", "data_shape": [2, 8, 8], "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attn_resolutions": [4], "heads": 2, "emb_dim": 32},
     "dit": {"name": "dit", "data_shape": [2, 8, 8], "patch": 2, "dim": 32, "depth": 2, "heads": 2},
@@ -106,7 +107,7 @@ def test_label_changes_output_after_training(name):
 def test_config_rebuilds_identical_net(name):
     net = _randomize(_net(name, num_classes=2, guidance_input=True))
     cfg = json.loads(json.dumps(net.config))  # JSON-able
-    assert cfg["name"] == name
+    assert cfg["name"] == SMALL[name]["name"]
     twin = build_net(cfg)
     assert twin.config == net.config
     sd, sd2 = net.state_dict(), twin.state_dict()
@@ -137,7 +138,25 @@ def test_build_net_errors():
         build_net({"name": "dit", "data_shape": [1, 8, 6]})
     with pytest.raises(ValueError, match="divisible by 4"):
         build_net({"name": "dit", "data_shape": [1, 8, 8], "dim": 30, "heads": 2})
+    with pytest.raises(ValueError, match="fourier_features"):
+        build_net({"name": "mlp", "fourier_features": 1.5})
+    with pytest.raises(ValueError, match="fourier_scale"):
+        build_net({"name": "mlp", "fourier_features": 2, "fourier_scale": 0.0})
     assert set(NETS) == {"mlp", "unet", "dit"}
+
+
+def test_mlp_fourier_features():
+    """gamma(x) = [x, sin(2^k w0 x), cos(2^k w0 x)] per coordinate; K = 0 leaves x and the config as they were."""
+    net = _net("mlp_fourier", fourier_scale=0.5)
+    x = torch.tensor([[1.0, -2.0, 0.25]])
+    f = net.features(x)
+    a = torch.tensor([0.5 * 2**k * v for v in (1.0, -2.0, 0.25) for k in range(3)])  # coordinate-major, octave-minor
+    assert f.shape == (1, 3 * 7)
+    assert torch.allclose(f[0], torch.cat([x[0], torch.sin(a), torch.cos(a)]), atol=1e-6)
+    assert net.inp.in_features == 21 and net.config["fourier_features"] == 3 and net.config["fourier_scale"] == 0.5
+    plain = _net("mlp")
+    assert torch.equal(plain.features(x), x) and "fourier_features" not in plain.config and plain.inp.in_features == 3
+    assert "freqs" not in net.state_dict()  # derived from the config, not saved
 
 
 # ---- attention ------------------------------------------------------------------------------------
