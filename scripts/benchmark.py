@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
 
-    python scripts/benchmark.py                  # full run (< 60 min on a free 2-core CPU)
+    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (< 60 min on a free 2-core CPU)
     python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
 
@@ -118,13 +118,13 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(
-        mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0},
+        mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0, "fourier_features": 4},
         digits_net={"name": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
               "heads": 2, "emb_dim": 64},
         cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
         dit={"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4},
-        teacher_steps_2d=4000, teacher_steps_digits=3000,
-        student_steps_2d=1000, student_steps_digits=400, student_steps_gmm=1000,
+        teacher_steps_2d=8000, teacher_steps_digits=3000,
+        student_steps_2d=2000, student_steps_digits=400, student_steps_gmm=1000,
         batch_2d=256, batch_digits=64, lr_2d=1e-3, lr_digits=5e-4,
         n_eval_2d=2000, n_eval_digits=1000, exact_map_steps=200, feature_steps=1000, kid_subsets=50,
         cost_batch_mlp=512, cost_batch_dit=64, cost_repeats=7, cost_steps=3,
@@ -844,10 +844,57 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="evaluate only the students already in the cache (the others are listed as not run); teachers are still trained if missing")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = 1 on a busy machine, else all cores)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train teachers and students in this many worker processes first (one torch thread each; on a CPU "
+                        "use the number of free cores); the run then evaluates them from the cache. 1: train in the main process")
     p.add_argument("--inception-weights", default=None, help="FID Inception weights file: use Inception features for digits")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: cost, peer, plots")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every training step count (teachers, students, peer)")
     return p.parse_args(argv)
+
+
+# heaviest first (measured ms per step on the 2-D MLP), so the pool's last tasks are short ones
+PRETRAIN_ORDER = ("fmsd_eulerian", "ctm", "fmsd_progressive", "meanflow", "sct", "fmsd_lagrangian", "ayf_emd", "shortcut",
+                  "ayf_lmd", "scd", "pd", "ict", "cd", "ect")
+
+
+def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
+    """Worker: train (or find cached) the teacher of ``task``'s data set and, when a method is named, its student,
+    leaving both in the cache. Returns (data set, method, error or None, seconds)."""
+    name, method, budget, device, cache, fresh = task
+    torch.set_num_threads(1)
+    t0 = time.time()
+    try:
+        setting = Setting(name, budget, torch.device(device), Path(cache), fresh)
+        setting.get_teacher()
+        if method is not None:
+            setting.train_student(method)
+        return name, method, None, time.time() - t0
+    except Exception as err:  # noqa: BLE001 - reported; the main pass retries and records the failure
+        return name, method, f"{type(err).__name__}: {str(err)[:300]}", time.time() - t0
+
+
+def pretrain(datasets: list[str], methods: list[str], budget: Budget, device: torch.device, cache: Path, fresh: bool,
+             jobs: int) -> set[tuple[str, str]]:
+    """Train every teacher, then every (data set, method) student, in ``jobs`` spawned worker processes (one torch
+    thread each), into ``cache``; returns the pairs trained here. Teachers first: students start from them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
+    students = sorted(((d, m) for d in datasets for m in methods), key=lambda dm: (dm[0] != "digits", rank.get(dm[1], -1)))
+    done: set[tuple[str, str]] = set()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for phase, tasks in (("teachers", [(d, None) for d in datasets]), ("students", students)):
+            log(f"pretrain: {len(tasks)} {phase} in {jobs} worker processes")
+            futures = [pool.submit(_pretrain_task, (d, m, budget, str(device), str(cache), fresh)) for d, m in tasks]
+            for f in as_completed(futures):
+                name, method, err, seconds = f.result()
+                what = f"{name}/{method}" if method else f"{name} teacher"
+                log(f"pretrain: {what} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)")
+                if method and not err:
+                    done.add((name, method))
+    return done
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -866,6 +913,8 @@ def main(argv: list[str] | None = None) -> dict:
     parts = {"cost", "peer", "streaming", "plots"}
     if skip - parts:
         raise ValueError(f"--skip: unknown parts {sorted(skip - parts)} ({', '.join(sorted(parts))})")
+    if a.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {a.jobs}")
     if a.inception_weights and not Path(a.inception_weights).is_file():
         raise ValueError(f"--inception-weights: no such file {a.inception_weights!r}")
     from flowmap.runtime import pick_threads
@@ -897,8 +946,14 @@ def main(argv: list[str] | None = None) -> dict:
         extractor = _feature_extractor(a.inception_weights, cache, budget)
         results["meta"]["features"] = extractor.describe()
 
+    pretrained: set[tuple[str, str]] = set()
+    if a.jobs > 1 and not a.reuse_only:
+        pretrained = pretrain(datasets, methods, budget, device, cache, a.fresh, a.jobs)
+    results["meta"]["jobs"] = a.jobs
+    fresh = a.fresh and a.jobs == 1  # the workers already trained afresh what --fresh asked for
+
     for name in datasets:
-        setting = Setting(name, budget, device, cache, a.fresh, a.reuse_only)
+        setting = Setting(name, budget, device, cache, fresh, a.reuse_only)
         teacher = setting.get_teacher()
         ev = Evaluator(setting, budget, extractor)
         log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
@@ -915,6 +970,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 log(f"{name}/{method}: training {setting.student_steps} steps")
                 trained = setting.train_student(method)
+                if (name, method) in pretrained:  # trained in this run, by a worker process
+                    trained.update(cached=False, worker=True)
                 gamma = SAMPLER_GAMMA.get(method, 0.0)
                 rows, student_samples = ev.student_rows(trained["student"], gamma)
             except Exception as err:
@@ -924,7 +981,7 @@ def main(argv: list[str] | None = None) -> dict:
             q["students"][method] = {"nfe": rows, "config": trained["config"], "losses": trained["losses"],
                                      "seconds": trained["seconds"], "steps": trained["steps"], "init": trained["init"],
                                      "config_source": trained.get("config_source", ""),
-                                     "cached": trained["cached"], "sampler_gamma": gamma}
+                                     "cached": trained["cached"], "worker": trained.get("worker", False), "sampler_gamma": gamma}
             sm["students"][method] = student_samples
             if name != "digits":
                 sm["trajectories"][f"{method} (4 NFE)"] = ev.trajectory(trained["student"], 4, gamma=gamma)
@@ -935,7 +992,7 @@ def main(argv: list[str] | None = None) -> dict:
             log("peer: our flow matching vs torchcfm")
             results["peer"] = peer_table(setting, budget, device, ev)
     if "peer" not in skip and "checkerboard" not in datasets:
-        setting = Setting("checkerboard", budget, device, cache, a.fresh)
+        setting = Setting("checkerboard", budget, device, cache, fresh)
         results["peer"] = peer_table(setting, budget, device, Evaluator(setting, budget, None))
     if "peer" in skip:
         results["peer"] = {"available": False, "reason": "skipped (--skip peer)"}

@@ -166,6 +166,10 @@ def markdown(results: dict, targets: list[dict]) -> str:
              f"{meta['threads']} torch thread(s), device {meta['device']}, torch {meta['torch']}, Python {meta['python']}; "
              f"load average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end; "
              f"{meta.get('seconds', 0) / 60:.1f} min in all.")
+    if meta.get("jobs", 1) > 1:
+        L.append("")
+        L.append(f"Teachers and students were trained in {meta['jobs']} worker processes of one torch thread each (`--jobs "
+                 f"{meta['jobs']}`; step times marked *worker* ran side by side with another training), then evaluated here.")
     L.append("")
     if meta["budget"] == "quick":
         L += ["> **Quick smoke run.** Tiny nets and budgets: every table is filled so the pipeline is checked, "
@@ -214,7 +218,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
         for m, st in q["students"].items():
             per = st["seconds"] / max(1, st["steps"])
             rows.append([m] + [_cell(name, _row(st["nfe"], n)) for n in _nfe_keys(st["nfe"])]
-                        + [str(st["steps"]), f"{per * 1e3:.1f}" + (" (cached)" if st.get("cached") else "")])
+                        + [str(st["steps"]), f"{per * 1e3:.1f}" + (" (cached)" if st.get("cached") else " (worker)" if st.get("worker") else "")])
         if rows:
             L += _table(["student \\ NFE", *map(str, sorted(_nfe_keys(next(iter(q["students"].values()))["nfe"]))), "steps", "ms / step (wall)"], rows)
         else:

@@ -174,3 +174,32 @@ def test_bad_arguments_are_one_clear_error():
         main(["--scale", "0", "--quick"])
     with pytest.raises(ValueError, match="--inception-weights: no such file"):
         main(["--inception-weights", "/nonexistent/pt_inception.pth", "--quick"])
+
+
+@pytest.mark.slow
+def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
+    """--jobs 2: teachers and students are trained in two spawned worker processes and land in the cache; the main
+    pass evaluates them (marked trained by a worker), and a second run with --jobs 1 loads the very same students
+    (identical metrics, marked cached)."""
+    cache = tmp_path / "cache"
+    args = ["--quick", "--datasets", "checkerboard,gmm", "--methods", "cd", "--skip", "cost,peer,plots,streaming",
+            "--cache", str(cache)]
+
+    def run(out: Path, jobs: int) -> tuple[dict, str]:
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--out", str(out), "--jobs", str(jobs)],
+                              capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
+
+    first, log = run(tmp_path / "a", 2)
+    assert "pretrain: 2 teachers in 2 worker processes" in log and "pretrain: 2 students in 2 worker processes" in log
+    assert len(list(cache.glob("student_*_cd_*.safetensors"))) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 2
+    second, _ = run(tmp_path / "b", 1)
+    for name in ("checkerboard", "gmm"):
+        a, b = first["quality"][name]["students"]["cd"], second["quality"][name]["students"]["cd"]
+        assert a["worker"] and not a["cached"] and b["cached"] and not b["worker"]
+        assert all(finite(row["w2"]) for row in a["nfe"].values())
+        assert a["nfe"] == b["nfe"]  # the same weights, evaluated twice with the same noise
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--jobs", "0", "--out", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=120, cwd=str(ROOT), check=True)
