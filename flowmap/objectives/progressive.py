@@ -16,6 +16,14 @@ the objective, so it lives in the checkpoint's state dict, never trains (require
 restored on resume. Under Lightning the rounds are driven by the ``ProgressiveRounds`` callback
 (``flowmap.lightning.callbacks``), which calls ``advance`` before each batch; ``forward`` calls it too, so a plain
 torch loop follows the same schedule. After the last round (N = 1) the student is a one-step sampler X(eps, 1, 0).
+
+Retaining the finer grids (``retain_share``, our addition; Salimans & Ho keep only the last round's student).
+A flow-map student is also asked for 2, 4, ... steps after the last round, but from round r on it trains only
+jumps of 1/N_r and forgets the finer ones. With ``retain_share`` > 0, that share of each batch (rounds r >= 1)
+draws a finer grid N_j = N0 / 2^j, j ~ U{0, ..., r - 1}, and regresses the student onto the round snapshot's own
+single jump there (which it learned in round j and, retaining, kept since):
+
+    t = i / N_j,  t'' = t - 1 / N_j,   L = || u_theta(x_t, t, t'') - u_prev(x_t, t, t'') ||^2
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ class ProgressiveDistillation(Objective):
         solver: the round-0 teacher step, ``euler`` (the teacher as ``EulerFlowMap``) or ``heun``.
         guidance: teacher CFG scale when labels are given (baked into the student, or fed to a student with
             ``guidance_input``).
+        retain_share: share of each batch (rounds >= 1) spent keeping the finer grids' jumps (see above); 0 = the paper.
     """
 
     name = "pd"
@@ -60,8 +69,11 @@ class ProgressiveDistillation(Objective):
     uses_target = False
 
     def __init__(self, initial_steps: int = 8, steps_per_round: int = 500, first_round_steps: int | None = None, solver: str = "heun",
-                 guidance: float = 1.0, guidance_max: float | None = None) -> None:
+                 guidance: float = 1.0, guidance_max: float | None = None, retain_share: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= retain_share < 1.0:
+            raise ValueError(f"retain_share must lie in [0, 1), got {retain_share}")
+        self.retain_share = float(retain_share)
         check_guidance("teacher", guidance, guidance_max)  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
         self.guidance_max = guidance_max
         check_count("initial_steps", initial_steps, 1)
@@ -159,10 +171,19 @@ class ProgressiveDistillation(Objective):
         r = self.rounds(step)
         N = self.initial_steps >> r
         B = x0.shape[0]
-        i = torch.randint(1, N + 1, (B,), device=x0.device)
-        t = times_like(i / N, x0)
-        t_mid = times_like((i - 0.5) / N, x0)
-        t_end = times_like((i - 1.0) / N, x0)
+        grid = torch.full((B,), N, device=x0.device)  # each row's step count
+        retain = torch.zeros(B, dtype=torch.bool, device=x0.device)
+        if r > 0 and self.retain_share > 0:  # finer grids N0 / 2^j, j < r, learned in earlier rounds
+            retain = torch.rand(B, device=x0.device) < self.retain_share
+            finer = self.initial_steps >> torch.randint(0, r, (B,), device=x0.device)
+            grid = torch.where(retain, finer, grid)
+            i = (torch.rand(B, device=x0.device) * grid).long().clamp_(max=grid - 1) + 1  # i ~ U{1, ..., grid}
+        else:
+            i = torch.randint(1, N + 1, (B,), device=x0.device)
+        t = times_like(i / grid, x0)
+        t_end = times_like((i - 1.0) / grid, x0)
+        # retained rows: the snapshot's single jump t -> t'' (its second jump t'' -> t'' is the identity X(x, s, s) = x)
+        t_mid = torch.where(retain, t_end, times_like((i - 0.5) / grid, x0))
         eps = torch.randn_like(x0)
         x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
         w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
@@ -174,6 +195,6 @@ class ProgressiveDistillation(Objective):
         delta = (u - u_target).flatten(1)
         delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
         loss = delta.pow(2).mean(1) * finite
-        return LossOutput(loss=loss, logs={"mse": loss.detach(), "round": torch.tensor(float(r)),
+        return LossOutput(loss=loss, logs={"mse": loss.detach(), "round": torch.tensor(float(r)), "retained": retain.float(),
                                            "student_steps": torch.tensor(float(N)), "t": t.detach().float(),
                                            "nonfinite_targets": n_bad.float()})
