@@ -876,23 +876,26 @@ def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
 
 def pretrain(datasets: list[str], methods: list[str], budget: Budget, device: torch.device, cache: Path, fresh: bool,
              jobs: int) -> set[tuple[str, str]]:
-    """Train every teacher, then every (data set, method) student, in ``jobs`` spawned worker processes (one torch
-    thread each), into ``cache``; returns the pairs trained here. Teachers first: students start from them."""
+    """Train every teacher and every (data set, method) student in ``jobs`` spawned worker processes (one torch
+    thread each), into ``cache``; returns the pairs trained here. A data set's students are queued (heaviest
+    first) as soon as its teacher is done: they start from it."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
-    students = sorted(((d, m) for d in datasets for m in methods), key=lambda dm: (dm[0] != "digits", rank.get(dm[1], -1)))
     done: set[tuple[str, str]] = set()
+    log(f"pretrain: {len(datasets)} teachers, then {len(datasets) * len(methods)} students, in {jobs} worker processes")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for phase, tasks in (("teachers", [(d, None) for d in datasets]), ("students", students)):
-            log(f"pretrain: {len(tasks)} {phase} in {jobs} worker processes")
-            futures = [pool.submit(_pretrain_task, (d, m, budget, str(device), str(cache), fresh)) for d, m in tasks]
-            for f in as_completed(futures):
+        submit = lambda d, m: pool.submit(_pretrain_task, (d, m, budget, str(device), str(cache), fresh))  # noqa: E731
+        pending = {submit(d, None) for d in datasets}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
                 name, method, err, seconds = f.result()
-                what = f"{name}/{method}" if method else f"{name} teacher"
-                log(f"pretrain: {what} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)")
-                if method and not err:
+                log(f"pretrain: {f'{name}/{method}' if method else f'{name} teacher'} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)")
+                if method is None and not err:
+                    pending |= {submit(name, m) for m in sorted(methods, key=lambda m: rank.get(m, -1))}
+                elif method is not None and not err:
                     done.add((name, method))
     return done
 

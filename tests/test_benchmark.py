@@ -192,7 +192,7 @@ def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
         return json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
 
     first, log = run(tmp_path / "a", 2)
-    assert "pretrain: 2 teachers in 2 worker processes" in log and "pretrain: 2 students in 2 worker processes" in log
+    assert "pretrain: 2 teachers, then 2 students, in 2 worker processes" in log and "pretrain: gmm/cd done" in log
     assert len(list(cache.glob("student_*_cd_*.safetensors"))) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 2
     second, _ = run(tmp_path / "b", 1)
     for name in ("checkerboard", "gmm"):
