@@ -30,20 +30,27 @@ class Bent(GaussianFlow):
         return 1.05 * super().flow(x, s, t, cond) - 0.05 * x
 
 
+@pytest.mark.parametrize("options", [{}, {"sd_warmup": 4, "sd_target_ema": 0.99, "psd_space": "velocity"}],
+                         ids=["plain", "warmup_ema_target_velocity"])
 @pytest.mark.parametrize("backend", ["forward_ad", "func", "fd"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_loss_vanishes_at_the_exact_map(name, backend):
+def test_loss_vanishes_at_the_exact_map(name, backend, options):
+    """Also with the warm-up ramp (mid-ramp step), the EMA target network (here the exact map itself) and, for PSD,
+    the velocity-space residual."""
     mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
     flow, bent = GaussianFlow(mean, 0.0), Bent(mean, 0.0)
     x0 = flow.sample(64, generator=torch.Generator().manual_seed(1))
-    obj = build_objective({"name": name, "jvp_backend": backend, "fd_eps": 1e-6})
+    obj = build_objective({"name": name, "jvp_backend": backend, "fd_eps": 1e-6, **options})
+    step = 2 if options else 0
     torch.manual_seed(0)
-    out = obj(student=flow, teacher=None, target=None, x0=x0, cond=None, step=0)
+    out = obj(student=flow, teacher=None, target=flow if options else None, x0=x0, cond=None, step=step)
     torch.manual_seed(0)
-    off = obj(student=bent, teacher=None, target=None, x0=x0, cond=None, step=0)
-    print(f"{name} ({backend}): exact max loss {out.loss.max():.2e}; bent median sd {off.logs['sd'].median():.2e}")
+    off = obj(student=bent, teacher=None, target=bent if options else None, x0=x0, cond=None, step=step)
+    print(f"{name} ({backend}, {options}): exact max loss {out.loss.max():.2e}; bent median sd {off.logs['sd'].median():.2e}")
     assert out.loss.max() < (1e-12 if backend == "fd" else 1e-20)
     assert off.logs["sd"].median() > 1e-6
+    if options:  # half-way through the ramp the bent map's loss carries half the self-distillation term
+        torch.testing.assert_close(off.loss, off.logs["fm"] + 0.5 * off.logs["sd"])
 
 
 @pytest.mark.parametrize("name", ["fmsd_lagrangian", "fmsd_eulerian"])
@@ -86,6 +93,21 @@ def test_gradients_and_bad_input(name):
         build_objective({"name": name, "equal_share": 2.0})
     with pytest.raises(ValueError, match="fm_target"):
         build_objective({"name": name, "fm_target": "ideal"})
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="sd_warmup"):
+            build_objective({"name": name, "sd_warmup": bad})
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="sd_target_ema"):
+            build_objective({"name": name, "sd_target_ema": bad})
+    with pytest.raises(ValueError, match="psd_space"):
+        build_objective({"name": name, "psd_space": "u"})
+    with pytest.raises(ValueError, match="target network"):
+        build_objective({"name": name, "sd_target_ema": 0.9})(student=student, teacher=None, target=None,
+                                                              x0=torch.randn(4, 2), cond=None, step=0)
+    # during the warm-up the self-distillation term is off at step 0 (and skipped: sd is logged as 0)
+    out = build_objective({"name": name, "sd_warmup": 10})(student=student, teacher=None, target=None,
+                                                           x0=torch.randn(16, 2), cond=None, step=0)
+    assert float(out.logs["sd"].abs().max()) == 0.0 and torch.equal(out.loss, out.logs["fm"])
 
 
 def test_stable_target_is_exact_for_one_point_and_cuts_variance():
@@ -123,15 +145,17 @@ def nfe_errors(flow_map, n: int = 1000) -> tuple[float, float]:
         return flow_map_rmse(flow_map(z, one, zero), ref), flow_map_rmse(flow_map(flow_map(z, one, half), half, zero), ref)
 
 
-# name -> (objective config, steps, lr, bound on the trained / untrained ratio at 1 and 2 NFE).
-# Common to all: MLP 128x3 (time_scale 10), batch 256, Adam with cosine decay to 1e-5, grad clip 1, EMA 0.98 evaluated;
-# the data are ring8 samples only (the exact mixture is the reference, never called by the loss).
+# name -> (objective config, steps, lr, batch, bound on the trained / untrained ratio at 1 and 2 NFE).
+# Common to all: MLP 128x3 (time_scale 10), Adam with cosine decay to 1e-5, grad clip 1, EMA 0.98 evaluated, the
+# self-distillation weight ramped from 0 over the first 200 steps (``sd_warmup``); the data are ring8 samples only (the
+# exact mixture is the reference, never called by the loss). JVP backend: the objective's default, ``func``.
 # Measured (seed 0, 1 thread): see the docstring of the test. The acceptance bar is 1/5 = 0.2; the bounds are the
-# best honest ones reached in a <= 60 s budget, NOT the bar.
+# measured ratios plus a margin, NOT the bar (the bar is met by the ``long`` test below).
 SD_TRAIN = {
-    "fmsd_lagrangian": ({"name": "fmsd_lagrangian", "fm_target": "stf", "equal_share": 0.5}, 600, 1e-2, 0.30),
-    "fmsd_progressive": ({"name": "fmsd_progressive", "fm_target": "stf", "equal_share": 0.5}, 1000, 1e-2, 0.35),
-    "fmsd_eulerian": ({"name": "fmsd_eulerian", "fm_target": "stf", "equal_share": 0.5}, 600, 5e-3, 0.45),
+    "fmsd_lagrangian": ({"name": "fmsd_lagrangian", "fm_target": "stf", "equal_share": 0.5, "sd_warmup": 200}, 600, 5e-3, 512, 0.28),
+    "fmsd_progressive": ({"name": "fmsd_progressive", "fm_target": "stf", "equal_share": 0.5, "sd_warmup": 200,
+                          "psd_space": "velocity"}, 600, 5e-3, 512, 0.30),
+    "fmsd_eulerian": ({"name": "fmsd_eulerian", "fm_target": "stf", "equal_share": 0.75, "sd_warmup": 200}, 800, 3e-3, 512, 0.32),
 }
 
 
@@ -140,53 +164,79 @@ SD_TRAIN = {
 def test_self_distillation_from_ring8_data_cuts_one_and_two_step_errors(name):
     """Short from-data training on ring8; 1-/2-NFE errors vs the exact map, as a ratio of the untrained student's.
 
-    Measured (ratio trained/untrained, 1-NFE / 2-NFE), seed 0: LSD 0.251 / 0.228 (600 steps), PSD 0.317 / 0.252
-    (1000 steps), ESD 0.351 / 0.297 (600 steps, lr 5e-3; 0.62 / 0.56 at lr 1e-2); seed 1 (untrained error 0.82
-    instead of 0.59, trained absolute errors about the same): LSD 0.177 / 0.166, PSD 0.206 / 0.169, ESD 0.403 / 0.402.
-    Before this change (FM term at the pair's s, conditional target, lr 2e-3) LSD reached 0.50 / 0.49 in 300 steps
-    and 0.42 / 0.40 in 1200. The issue's bar (0.2) is NOT met at seed 0 by any variant: the velocity learned from
-    data in this budget is itself the floor (a 64-step Euler solve of the student's own diagonal velocity has error
-    ~0.1 against the exact map, ratio ~0.17, before any distillation error). Wall time 46-67 s per variant on a
-    loaded 2-core machine (20-26 s CPU on one thread).
+    Measured (ratio trained/untrained, 1-NFE / 2-NFE), seed 0, with ``jvp_backend`` func / forward_ad (PSD has no JVP):
+    LSD 0.236 / 0.205 (func) and 0.238 / 0.205 (forward_ad), 28 / 25 s CPU on one thread; PSD 0.257 / 0.217, 20 s CPU;
+    ESD (share 0.75, 800 steps, lr 3e-3) 0.256 / 0.196 with both backends, 34 / 31 s CPU. With share 0.75, 600 steps,
+    lr 2e-3 ESD gave 0.395 / 0.379 (both backends; the velocity itself was not learned yet, Euler ratio 0.37).
 
-    Further measurements (seed 0, ratios 1-NFE / 2-NFE): LSD at 1200 steps 0.262 / 0.228 and PSD at 2000 steps
-    0.244 / 0.227 (42 s CPU), so the budget is not the lever; the batch is: LSD at batch 512 (600 steps) 0.238 / 0.208,
-    at batch 1024 (800 steps, lr 5e-3) 0.169 / 0.166, which meets the bar in 85 s CPU (a ``long`` test:
-    ``test_lagrangian_self_distillation_at_batch_1024_cuts_errors_five_fold``).
-    Batch 1024 does NOT bring ESD or PSD robustly to the bar (seed 0 unless said, ratios 1-NFE / 2-NFE, EMA 0.98,
-    equal_share 0.5 unless said): ESD 800 steps at lr 5e-3 0.311 / 0.235, 2e-3 0.267 / 0.225, 1e-3 0.388 / 0.381;
-    ESD share 0.75, lr 2e-3: 800 steps 0.249 / 0.200, 1600 steps 0.194 / 0.161 at seed 0 but 0.302 / 0.283 at seed 1
-    (146 s CPU each), so not a robust pass; PSD 800 steps lr 5e-3 0.247 / 0.209, 1000 steps lr 1e-2 0.239 / 0.207
-    (EMA 0.995: 0.246 / 0.205; share 0.75: 0.229 / 0.195), 1600 steps lr 5e-3 0.218 / 0.202 (share 0.75:
-    0.231 / 0.194; seed 1 0.165 / 0.150), batch 2048 800 steps 0.237 / 0.208 (203 s CPU). The 1-NFE ratio of PSD
-    stays at 0.22-0.24 at seed 0 whatever the budget; a larger FM share (0.75) helps both ESD and PSD a little."""
+    Before (batch 256, no warm-up, lr 1e-2, seed 0) LSD gave 0.251 / 0.228 with func but 0.336 / 0.307 with forward_ad,
+    whose gradients differ only by float32 round-off: the run was chaotic and the old bound 0.30 held by luck. With the
+    self-distillation weight ramped in over 200 steps, lr 5e-3 and batch 512 the two backends agree to 0.002. The old
+    settings' other measurements (seed 0): PSD 0.317 / 0.252 (1000 steps, map-space residual), ESD 0.351 / 0.297
+    (600 steps, lr 5e-3; 0.62 / 0.56 at lr 1e-2); seed 1: LSD 0.177 / 0.166, PSD 0.206 / 0.169, ESD 0.403 / 0.402.
+    See ``test_self_distillation_from_ring8_data_cuts_errors_five_fold`` for the settings that meet the bar and for
+    what did not work."""
     torch.set_num_threads(1)
-    config, steps, lr, bound = SD_TRAIN[name]
+    config, steps, lr, batch, bound = SD_TRAIN[name]
     torch.manual_seed(0)
     student = mlp_student(width=128, depth=3, time_scale=10.0)
     before = nfe_errors(student)
-    t0 = time.time()
-    ema = train_on_ring8(student, build_objective(config), steps, lr=lr, lr_final=1e-5, ema_decay=0.98, source="data")
+    t0 = time.process_time()
+    ema = train_on_ring8(student, build_objective(config), steps, lr=lr, lr_final=1e-5, batch=batch, ema_decay=0.98, source="data")
     after = nfe_errors(ema)
     r1, r2 = after[0] / before[0], after[1] / before[1]
     print(f"{name} ring8 from data: 1-NFE {before[0]:.3f} -> {after[0]:.3f} (ratio {r1:.3f}), 2-NFE {before[1]:.3f} -> "
-          f"{after[1]:.3f} (ratio {r2:.3f}); {steps} steps in {time.time() - t0:.0f}s")
+          f"{after[1]:.3f} (ratio {r2:.3f}); {steps} steps in {time.process_time() - t0:.0f}s CPU")
     assert r1 <= bound and r2 <= bound
 
 
+# name -> (objective config, steps, lr) for the issue's bar (1/5 at 1 and 2 NFE) at batch 1024; the rest as SD_TRAIN.
+# ESD is not here: no setting tried meets the bar at seed 0 (see the docstring below).
+FIVE_FOLD = {
+    "fmsd_lagrangian": ({"name": "fmsd_lagrangian", "fm_target": "stf", "equal_share": 0.5, "sd_warmup": 300}, 1000, 5e-3),
+    "fmsd_progressive": ({"name": "fmsd_progressive", "fm_target": "stf", "equal_share": 0.5, "sd_warmup": 300,
+                          "psd_space": "velocity"}, 1000, 5e-3),
+}
+
+
 @pytest.mark.long
-def test_lagrangian_self_distillation_at_batch_1024_cuts_errors_five_fold():
-    """LSD from ring8 data as in ``test_self_distillation_from_ring8_data_cuts_one_and_two_step_errors`` but at batch 1024
-    (a larger reference set for the STF target, less gradient noise), 800 steps, lr 5e-3: the issue's 1/5 at 1 and 2 NFE.
-    Measured: seed 0 0.169 / 0.166 (85 s CPU on one thread, 129 s wall on a loaded 2-core machine); seed 1
-    0.120 / 0.121 (83 s CPU)."""
+@pytest.mark.parametrize("name", list(FIVE_FOLD))
+def test_self_distillation_from_ring8_data_cuts_errors_five_fold(name):
+    """LSD and PSD from ring8 data (no teacher) at batch 1024, 1000 steps, lr 5e-3, with the self-distillation weight
+    ramped from 0 over the first 300 steps (``sd_warmup``), PSD's residual in velocity space (``psd_space``): the
+    issue's 1/5 at 1 and 2 NFE, and 2 NFE no worse than 1 NFE + 0.02.
+
+    Measured (ratio trained/untrained, 1-NFE / 2-NFE; CPU seconds on one thread; backend ``func``):
+    LSD seed 0 0.158 / 0.144 (99 s; forward_ad 0.146 / 0.140, 103 s), seed 1 0.130 / 0.125 (99 s), seed 2 0.144 / 0.112 (101 s);
+    PSD (``psd_space: velocity``) seed 0 0.196 / 0.162 (67-77 s), seed 1 0.142 / 0.120 (78 s), seed 2 0.146 / 0.121 (80 s).
+    In these runs a 64-step Euler solve of the student's own diagonal velocity has ratio 0.10 (LSD, seeds 1 and 2) and
+    0.08 / 0.06 / 0.09 (PSD), so what remains is mostly the distillation's error, not the velocity's.
+
+    ESD does NOT meet the bar at seed 0 in ~150 s CPU (ratios at seed 0, batch 1024, 1000 steps, warm-up 300 unless
+    said): share 0.75, lr 2e-3 0.222 / 0.176 (seed 1 0.154 / 0.133, seed 2 0.187 / 0.157; 81 s); + EMA target
+    (``sd_target_ema`` 0.99) 0.222 / 0.190 (seed 1 0.166 / 0.143); warm-up 500 0.220 / 0.177; share 0.5 with lambda_sd
+    0.5 0.212 / 0.170, lambda_sd 1 0.238 / 0.203 (at lr 5e-3 0.345 / 0.316); 1600 steps (warm-up 400) 0.383 / 0.391
+    (chaotic: worse with more steps); batch 2048, 600 steps, warm-up 200 0.246 / 0.202 (149 s); lr 3e-3
+    0.212 / 0.182; share 0.5, lambda_sd 0.25 0.231 / 0.185.
+    Its diagonal velocity is good (Euler ratio 0.07-0.12); the Eulerian residual (through dX/dx) is what is slow.
+    Without the warm-up (the old docstring) ESD was 0.194 / 0.161 at seed 0 but 0.302 / 0.283 at seed 1.
+
+    What did not help (seed 0): PSD in map space (paper Eq. 3.10) with the warm-up stays at 0.21-0.25 at 1 NFE:
+    share 0.5 0.237 / 0.201, share 0.25 0.230 / 0.191, share 0.75 0.252 / 0.200, lr 2e-3 0.255 / 0.224, 1600 steps
+    0.223 / 0.176, lambda_sd 3 0.214 / 0.187, midpoint m 0.253 / 0.209, m skewed to t (t + (s - t) U^3)
+    0.236 / 0.198, EMA target 0.99 0.347 / 0.231. Pairs drawn by their gap (AYF's logit-normal gap, mean 0.5):
+    LSD 0.200 / 0.203, PSD 0.245 / 0.218, ESD 0.415 / 0.401. An adaptive weight sd / sg(sd + 1e-3) (MeanFlow's p = 1)
+    on the self-distillation term: no learning at all (ratio 1.05 for ESD and PSD; with grad clip 1 it starves the
+    flow-matching term). LSD with share 0.75, lr 2e-3: 0.195 / 0.142 (a thin pass, not kept)."""
     torch.set_num_threads(1)
+    config, steps, lr = FIVE_FOLD[name]
     torch.manual_seed(0)
     student = mlp_student(width=128, depth=3, time_scale=10.0)
     before = nfe_errors(student)
-    objective = build_objective({"name": "fmsd_lagrangian", "fm_target": "stf", "equal_share": 0.5})
-    ema = train_on_ring8(student, objective, 800, lr=5e-3, lr_final=1e-5, batch=1024, ema_decay=0.98, source="data")
+    t0 = time.process_time()
+    ema = train_on_ring8(student, build_objective(config), steps, lr=lr, lr_final=1e-5, batch=1024, ema_decay=0.98, source="data")
     after = nfe_errors(ema)
     r1, r2 = after[0] / before[0], after[1] / before[1]
-    print(f"fmsd_lagrangian ring8 from data, batch 1024: 1-NFE ratio {r1:.3f}, 2-NFE ratio {r2:.3f}")
+    print(f"{name} ring8 from data, batch 1024: 1-NFE ratio {r1:.3f}, 2-NFE ratio {r2:.3f}; {time.process_time() - t0:.0f}s CPU")
     assert r1 <= 0.2 and r2 <= 0.2
+    assert r2 <= r1 + 0.02
