@@ -114,6 +114,7 @@ class Budget:
     lr_decay: float = 0.05  # cosine decay of every training run to lr * lr_decay (teachers and students)
     stream_batch: int = 256
     stream_batches: int = 40
+    mixture_mlp: dict | None = None  # the mixture's net (default ``mlp``): smooth maps need no Fourier features
 
 
 BUDGETS = {
@@ -130,6 +131,7 @@ BUDGETS = {
         cost_batch_mlp=512, cost_batch_dit=64, cost_repeats=7, cost_steps=3,
         throughput_batch_mlp=4096, throughput_batch_dit=256, throughput_repeats=7, throughput_inner=5,
         peer_steps=1000, peer_block=50,
+        mixture_mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0},
     ),
     "quick": Budget(
         mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
@@ -159,7 +161,7 @@ def scaled(budget: Budget, scale: float) -> Budget:
 
 
 CONFIG_DATA = {"checkerboard": "checkerboard", "eight_gaussians": "checkerboard", "gmm": "gmm", "digits": "digits"}
-CURRICULUM_KEYS = ("total_steps", "stage_steps", "steps_per_round", "first_round_steps", "tangent_warmup", "warmup_steps")
+CURRICULUM_KEYS = ("total_steps", "stage_steps", "steps_per_round", "first_round_steps", "tangent_warmup", "warmup_steps", "sd_warmup")
 # net options a method's config may set on its student: a guidance input (zero-initialized, so the student
 # still starts as the teacher; sampled at w = 1 here) or another time scale (another function: from scratch)
 NET_EXTRAS = ("time_scale", "guidance_input")
@@ -353,7 +355,7 @@ class Setting:
             self.student_steps, self.batch, self.lr = budget.student_steps_digits, budget.batch_digits, budget.lr_digits
         else:
             self.data_shape = (2,)
-            self.net_config = {**budget.mlp, "data_shape": [2]}
+            self.net_config = {**(budget.mixture_mlp if name == "gmm" and budget.mixture_mlp else budget.mlp), "data_shape": [2]}
             self.batch, self.lr = budget.batch_2d, budget.lr_2d
             self.student_steps = budget.student_steps_gmm if name == "gmm" else budget.student_steps_2d
         if name == "gmm":
