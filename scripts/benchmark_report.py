@@ -274,7 +274,12 @@ def markdown(results: dict, targets: list[dict]) -> str:
                     [[n, f"{peer[n]['step_s'] * 1e3:.2f}", _f(peer[n]["w2"]),
                       ", ".join(_f(w) for w in peer[n].get("w2_per_seed", [peer[n]["w2"]])), _f(peer[n]["final_loss"])]
                      for n in ("ours", "torchcfm")])
-        L += ["", f"Time ratio ours / torchcfm: {peer['step_ratio']:.3f}; W2 ratio: {peer['w2_ratio']:.3f}.", ""]
+        L += ["", f"Time ratio ours / torchcfm: {peer['step_ratio']:.3f}; W2 ratio: {peer['w2_ratio']:.3f}."]
+        if peer.get("w2_diff") is not None:
+            d, se = peer["w2_diff"], peer.get("w2_diff_se", float("nan"))
+            L.append(f"W2 difference ours - torchcfm, paired by seed: {d:+.4f} +- {se:.4f} (standard error over "
+                     f"{peer.get('seeds', 1)} seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero).")
+        L.append("")
     L += ["## Streaming: webdataset shards against memory", ""]
     st = results.get("streaming") or {}
     if not st.get("available"):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, require_inner
+from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, jvp, require_inner
 from flowmap.jvp_rules import dual_rules
 from flowmap.objectives.base import Objective
 from flowmap.objectives.common import check_data_velocity, stable_target, times_like
@@ -82,6 +82,14 @@ class FlowMapSelfDistillation(Objective):
             m ~ U[t, s]). Small gaps, which carry the diagonal velocity into the map, then weigh as much as large
             ones (in map space their squared residual is (s - t)^2 smaller). Same zero set, exact at the exact map;
             on ring8 it takes PSD's 1-NFE ratio at seed 0 from 0.237 to 0.196 (see the tests).
+        sd_gradient: LSD and ESD. ``"full"`` (default, the paper) trains through the derivative term (a JVP under
+            grad). ``"primal"`` writes the same residual as u(I_s, s, t) minus a stop-gradient target and trains only
+            through u, the semi-gradient of MeanFlow, sCM and AYF: with X = x + (t - s) u,
+                ESD: u(x, s, t) - sg(v(x, s) + (t - s) (d_s u + grad_x u v)(x, s, t))   (the MeanFlow identity
+                     with the student's own diagonal velocity v as the field),
+                LSD: u(x, s, t) - sg(v(X, t) - (t - s) d_t u(x, s, t)),
+            each equal to the map-space residual up to its sign, so the loss value is the same; the derivative
+            comes from the JVP engine's no-grad pass (``flowmap.jvp.jvp``), then one with-grad forward.
     """
 
     name = "fmsd"
@@ -92,7 +100,7 @@ class FlowMapSelfDistillation(Objective):
     def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.0,
                  lambda_sd: float = 1.0, p_uncond: float = 0.0, jvp_backend: str = "func", fd_eps: float | None = None,
                  fm_target: str = "conditional", sd_warmup: int = 0, sd_target_ema: float = 0.0,
-                 psd_space: str = "map") -> None:
+                 psd_space: str = "map", sd_gradient: str = "full") -> None:
         super().__init__()
         pair_kwargs(time_dist, time_mean, time_std)
         if not 0.0 <= equal_share <= 1.0:
@@ -106,6 +114,11 @@ class FlowMapSelfDistillation(Objective):
             raise ValueError(f"sd_warmup must be an int >= 0 (steps), got {sd_warmup!r}")
         if psd_space not in ("map", "velocity"):
             raise ValueError(f"psd_space must be 'map' or 'velocity', got {psd_space!r}")
+        if sd_gradient not in ("full", "primal"):
+            raise ValueError(f"sd_gradient must be 'full' or 'primal', got {sd_gradient!r}")
+        if sd_gradient == "primal" and self.variant == "progressive":
+            raise ValueError("sd_gradient 'primal' applies to the derivative terms of LSD and ESD; PSD's target is already "
+                             "under stop-gradient")
         if not 0.0 <= sd_target_ema < 1.0:
             raise ValueError(f"sd_target_ema must lie in [0, 1), got {sd_target_ema}")
         if jvp_backend not in BACKENDS:
@@ -114,6 +127,7 @@ class FlowMapSelfDistillation(Objective):
         self.equal_share, self.lambda_sd, self.p_uncond = float(equal_share), float(lambda_sd), float(p_uncond)
         self.jvp_backend, self.fd_eps, self.fm_target = jvp_backend, fd_eps, fm_target
         self.sd_warmup, self.sd_target_ema, self.psd_space = sd_warmup, float(sd_target_ema), psd_space
+        self.sd_gradient = sd_gradient
         self.uses_target = self.sd_target_ema > 0  # fit() then keeps an EMA copy and passes it as ``target``
 
     def target_decay(self, step: int) -> float:
@@ -137,7 +151,9 @@ class FlowMapSelfDistillation(Objective):
         """Per-sample squared residual of the self-distillation term (B,); ``sg`` (default: the student) gives the
         stop-gradient quantities."""
         sg = student if sg is None else sg
-        if self.variant == "lagrangian":
+        if self.sd_gradient == "primal" and self.variant != "progressive":
+            res = self.primal_residual(student, x_s, s, t, cond, sg)
+        elif self.variant == "lagrangian":
             X, dX_dt = jvp_with_grad(lambda t_: student(x_s, s, t_, cond), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps)
             with torch.no_grad():
                 v = sg.average_velocity(X.detach(), t, t, cond)  # sg(v_theta(X, t))
@@ -160,6 +176,25 @@ class FlowMapSelfDistillation(Objective):
                     tgt = sg(sg(x_s, s, m, cond), m, t, cond)
                 res = student(x_s, s, t, cond) - tgt
         return res.pow(2).flatten(1).sum(1)
+
+    def primal_residual(self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None,
+                        sg: nn.Module) -> Tensor:
+        """u(x_s, s, t) - sg(target) (B, *D) for ``sd_gradient="primal"``: the derivative in a no-grad JVP pass, the
+        gradient through the one with-grad forward of u."""
+        gap = expand_like(t - s, x_s)
+        if self.variant == "eulerian":
+            with torch.no_grad():
+                v = sg.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
+            _, du = jvp(lambda x_, s_: student.average_velocity(x_, s_, t, cond), (x_s, s), (v, torch.ones_like(s)),
+                        self.jvp_backend, self.fd_eps, primal_out=False, modules=(student,))
+            tgt = v + gap * du.to(v.dtype)  # u = v + (t - s) du/ds along v (MeanFlow identity)
+        else:
+            u0, du = jvp(lambda t_: student.average_velocity(x_s, s, t_, cond), (t,), (torch.ones_like(t),),
+                         self.jvp_backend, self.fd_eps, modules=(student,))
+            with torch.no_grad():
+                v = sg.average_velocity(x_s + gap * u0.to(x_s.dtype), t, t, cond)  # sg(v_theta(X, t))
+            tgt = v - gap * du.to(v.dtype)  # dX/dt = u + (t - s) du/dt = v(X, t)
+        return student.average_velocity(x_s, s, t, cond) - tgt.detach()
 
     def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
         student = require_inner(student)
