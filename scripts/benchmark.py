@@ -764,8 +764,9 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
 
     One run's final W2 varies by tens of percent with the seed (Adam at a constant learning rate ends
     anywhere in a noisy neighbourhood), so ``budget.peer_seeds`` independent pairs (init, data, noise) are
-    trained and the mean W2 is compared, with the paired difference's mean and standard error; step times are
-    medians over all timed blocks of all seeds."""
+    trained and the mean W2 is compared, with the paired difference's mean and standard error; within a seed both
+    trainers draw the same times and noises at every step (common random numbers), so the pair differs only by
+    the implementations' arithmetic. Step times are medians over all timed blocks of all seeds."""
     try:
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
         import torchcfm
@@ -783,13 +784,20 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
         g = torch.Generator().manual_seed(seed_of("peer-data", seed))
         data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(budget.peer_steps, 64))]
 
-        def step_ours(x0: Tensor) -> float:
+        # common random numbers: step i of both trainers starts from the same RNG state, so both draw the same
+        # times t = rand(B) and noises randn(B, 2) (ours inside DenoisingLoss, torchcfm's passed to it in that order)
+        step_seeds = [seed_of("peer-step", seed, i) for i in range(budget.peer_steps)]
+
+        def step_ours(x0: Tensor, i: int) -> float:
+            torch.manual_seed(step_seeds[i])
             loss = ours_loss(net_ours, x0, None).loss.mean()
             return _opt_step(opts["ours"], net_ours, loss)
 
-        def step_peer(x0: Tensor) -> float:
+        def step_peer(x0: Tensor, i: int) -> float:
+            torch.manual_seed(step_seeds[i])
+            t = torch.rand(x0.shape[0], device=x0.device)
             x1 = torch.randn_like(x0)
-            t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1)
+            t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1, t=t)
             loss = (net_peer(xt, t, t) - ut).pow(2).mean()
             return _opt_step(opts["torchcfm"], net_peer, loss)
 
@@ -804,7 +812,7 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
                 sync(device)
                 t0 = time.perf_counter()
                 for j in range(k):
-                    losses[name].append(fn(data[(done + j) % len(data)]))
+                    losses[name].append(fn(data[(done + j) % len(data)], done + j))
                 sync(device)
                 times[name].append((time.perf_counter() - t0) / k)
             done += k
@@ -825,7 +833,7 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
     # from the seed-to-seed spread of two runs of one algorithm
     diffs = [a - b for a, b in zip(result["ours"]["w2_per_seed"], result["torchcfm"]["w2_per_seed"])]
     result["w2_diff"] = sum(diffs) / len(diffs)
-    result["w2_diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    result["w2_diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return result
 
 

@@ -269,16 +269,20 @@ def markdown(results: dict, targets: list[dict]) -> str:
               f"x1 = noise is our linear path) against our `DenoisingLoss` (uniform times), on the same MLP (same init), "
               f"{peer['data']} batches ({peer['batch']}), Adam and {peer['steps']} steps, timed in alternating blocks; "
               f"W2 of 64-NFE Heun samples, the mean over {peer.get('seeds', 1)} seed(s) (init, data and noise; one run's W2 "
-              "moves by tens of percent with the seed).", ""]
+              "moves by tens of percent with the seed); within a seed both trainers draw the same times and noises at every "
+              "step (common random numbers).", ""]
         L += _table(["trainer", "ms / step", "final W2 (mean)", "W2 per seed", "final loss"],
                     [[n, f"{peer[n]['step_s'] * 1e3:.2f}", _f(peer[n]["w2"]),
                       ", ".join(_f(w) for w in peer[n].get("w2_per_seed", [peer[n]["w2"]])), _f(peer[n]["final_loss"])]
                      for n in ("ours", "torchcfm")])
         L += ["", f"Time ratio ours / torchcfm: {peer['step_ratio']:.3f}; W2 ratio: {peer['w2_ratio']:.3f}."]
         if peer.get("w2_diff") is not None:
-            d, se = peer["w2_diff"], peer.get("w2_diff_se", float("nan"))
-            L.append(f"W2 difference ours - torchcfm, paired by seed: {d:+.4f} +- {se:.4f} (standard error over "
-                     f"{peer.get('seeds', 1)} seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero).")
+            d, se = peer["w2_diff"], peer.get("w2_diff_se")
+            if se is not None:  # a standard error needs two seeds or more
+                L.append(f"W2 difference ours - torchcfm, paired by seed: {d:+.4f} +- {se:.4f} (standard error over "
+                         f"{peer.get('seeds', 1)} seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero).")
+            else:
+                L.append(f"W2 difference ours - torchcfm: {d:+.4f} (one seed: no standard error).")
         L.append("")
     L += ["## Streaming: webdataset shards against memory", ""]
     st = results.get("streaming") or {}
