@@ -122,6 +122,41 @@ def test_primal_gradient_keeps_the_loss_and_trains_only_through_u(name, backend)
     assert float((flat(grads["primal"]) - flat(grads["full"])).norm()) > 1e-3 * float(flat(grads["full"]).norm())
 
 
+@pytest.mark.parametrize("name", ["fmsd_lagrangian", "fmsd_eulerian"])
+def test_normalized_residual_is_bounded_and_vanishes_at_the_exact_map(name):
+    """``sd_normalize: c`` (with ``sd_gradient: primal``): the self-distillation term is ||r||^2 / (||r|| + c)^2 of the
+    plain primal residual r (so below 1 per sample, before the 1/D), zero at the exact map, and its gradient is that of
+    ||u - sg(u - r / (||r|| + c))||^2."""
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    x0 = GaussianFlow(mean, 0.0).sample(64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    exact = build_objective({"name": name, "sd_gradient": "primal", "sd_normalize": 1.0})(
+        student=GaussianFlow(mean, 0.0), teacher=None, target=None, x0=x0, cond=None)
+    assert exact.loss.max() < 1e-20
+    torch.manual_seed(0)
+    student = mlp_student().double()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = list(student.parameters())
+    c = 0.5
+    plain = build_objective({"name": name, "sd_gradient": "primal", "equal_share": 0.0, "jvp_backend": "func"})
+    normed = build_objective({"name": name, "sd_gradient": "primal", "sd_normalize": c, "equal_share": 0.0, "jvp_backend": "func"})
+    torch.manual_seed(3)
+    s, t = plain.sample_times(64, x0)
+    x_s = (1 - s[:, None]) * x0 + s[:, None] * torch.randn_like(x0)
+    r = plain.primal_residual(student, x_s, s, t, None, student).detach()
+    sd = normed.distillation(student, x_s, s, t, None)
+    n = r.norm(dim=1)
+    torch.testing.assert_close(sd.detach(), n.pow(2) / (n + c).pow(2))
+    assert float(sd.max()) < 1.0 and float(n.max()) > 1.0  # bounded where the raw residual is not
+    grad = torch.autograd.grad(sd.sum(), params)
+    u = student.average_velocity(x_s, s, t, None)
+    ref = torch.autograd.grad((u - (u.detach() - r / (n + c)[:, None])).pow(2).sum(), params)
+    for g, g_ref in zip(grad, ref):
+        torch.testing.assert_close(g, g_ref)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gradients_and_bad_input(name):
     student = mlp_student()
@@ -150,6 +185,11 @@ def test_gradients_and_bad_input(name):
         build_objective({"name": name, "psd_space": "u"})
     with pytest.raises(ValueError, match="sd_gradient"):
         build_objective({"name": name, "sd_gradient": "semi"})
+    with pytest.raises(ValueError, match="sd_normalize"):
+        build_objective({"name": name, "sd_normalize": -1.0})
+    if name != "fmsd_progressive":
+        with pytest.raises(ValueError, match="needs sd_gradient 'primal'"):
+            build_objective({"name": name, "sd_normalize": 1.0})
     if name == "fmsd_progressive":
         with pytest.raises(ValueError, match="stop-gradient"):
             build_objective({"name": name, "sd_gradient": "primal"})
@@ -243,8 +283,10 @@ def test_self_distillation_from_ring8_data_cuts_one_and_two_step_errors(name):
 
 
 # name -> (objective config, steps, lr) for the issue's bar (1/5 at 1 and 2 NFE) at batch 1024; the rest as SD_TRAIN.
-# ESD is not here: no setting tried meets the bar at seed 0 (see the docstring below).
+# ESD meets it with its residual under stop-gradient and normalized (``sd_gradient: primal``, ``sd_normalize: 1``).
 FIVE_FOLD = {
+    "fmsd_eulerian": ({"name": "fmsd_eulerian", "fm_target": "stf", "equal_share": 0.75, "sd_warmup": 600,
+                       "sd_gradient": "primal", "sd_normalize": 1.0}, 2000, 2e-3),
     "fmsd_lagrangian": ({"name": "fmsd_lagrangian", "fm_target": "stf", "equal_share": 0.5, "sd_warmup": 300}, 1000, 5e-3),
     "fmsd_progressive": ({"name": "fmsd_progressive", "fm_target": "stf", "equal_share": 0.5, "sd_warmup": 300,
                           "psd_space": "velocity"}, 1000, 5e-3),
@@ -254,9 +296,16 @@ FIVE_FOLD = {
 @pytest.mark.long
 @pytest.mark.parametrize("name", list(FIVE_FOLD))
 def test_self_distillation_from_ring8_data_cuts_errors_five_fold(name):
-    """LSD and PSD from ring8 data (no teacher) at batch 1024, 1000 steps, lr 5e-3, with the self-distillation weight
-    ramped from 0 over the first 300 steps (``sd_warmup``), PSD's residual in velocity space (``psd_space``): the
-    issue's 1/5 at 1 and 2 NFE, and 2 NFE no worse than 1 NFE + 0.02.
+    """LSD, PSD and ESD from ring8 data (no teacher) at batch 1024: the issue's 1/5 at 1 and 2 NFE, and 2 NFE no worse
+    than 1 NFE + 0.02. LSD and PSD: 1000 steps, lr 5e-3, the self-distillation weight ramped from 0 over the first 300
+    steps (``sd_warmup``), PSD's residual in velocity space (``psd_space``). ESD: 2000 steps, lr 2e-3, warm-up 600,
+    its residual under stop-gradient and normalized, r / (||r|| + 1) (``sd_gradient: primal``, ``sd_normalize: 1``,
+    the tangent normalization of Lu & Song 2024 applied to the Eulerian residual).
+
+    Measured ESD (this recipe, one thread): seed 0 0.167 / 0.152, seed 1 0.131 / 0.132, seed 2 0.134 / 0.136 (148-155 s).
+    The same recipe at 1000 steps: 0.258 / 0.235 (lr 2e-3), 0.265 / 0.217 (lr 5e-3); c = 0.1: 0.245 / 0.231 (1000
+    steps). At the CI size (batch 512, 800 steps, lr 3e-3, warm-up 200) it gives 0.262 / 0.262, no better than the full
+    gradient there (0.256 / 0.196), so the CI test keeps the paper's full gradient.
 
     Measured (ratio trained/untrained, 1-NFE / 2-NFE; CPU seconds on one thread; backend ``func``):
     LSD seed 0 0.158 / 0.144 (99 s; forward_ad 0.146 / 0.140, 103 s), seed 1 0.130 / 0.125 (99 s), seed 2 0.144 / 0.112 (101 s);
@@ -264,8 +313,8 @@ def test_self_distillation_from_ring8_data_cuts_errors_five_fold(name):
     In these runs a 64-step Euler solve of the student's own diagonal velocity has ratio 0.10 (LSD, seeds 1 and 2) and
     0.08 / 0.06 / 0.09 (PSD), so what remains is mostly the distillation's error, not the velocity's.
 
-    ESD does NOT meet the bar at seed 0 in ~150 s CPU (ratios at seed 0, batch 1024, 1000 steps, warm-up 300 unless
-    said): share 0.75, lr 2e-3 0.222 / 0.176 (seed 1 0.154 / 0.133, seed 2 0.187 / 0.157; 81 s); + EMA target
+    ESD with the paper's full gradient does NOT meet the bar at seed 0 in ~150 s CPU (ratios at seed 0, batch 1024,
+    1000 steps, warm-up 300 unless said; Boffi et al. also find ESD the least stable variant): share 0.75, lr 2e-3 0.222 / 0.176 (seed 1 0.154 / 0.133, seed 2 0.187 / 0.157; 81 s); + EMA target
     (``sd_target_ema`` 0.99) 0.222 / 0.190 (seed 1 0.166 / 0.143); warm-up 500 0.220 / 0.177; share 0.5 with lambda_sd
     0.5 0.212 / 0.170, lambda_sd 1 0.238 / 0.203 (at lr 5e-3 0.345 / 0.316); 1600 steps (warm-up 400) 0.383 / 0.391
     (chaotic: worse with more steps); batch 2048, 600 steps, warm-up 200 0.246 / 0.202 (149 s); lr 3e-3
