@@ -123,6 +123,10 @@ class FlowMapSelfDistillation(Objective):
         if sd_gradient == "primal" and self.variant == "progressive":
             raise ValueError("sd_gradient 'primal' applies to the derivative terms of LSD and ESD; PSD's target is already "
                              "under stop-gradient")
+        if not sd_normalize >= 0:
+            raise ValueError(f"sd_normalize must be >= 0, got {sd_normalize}")
+        if sd_normalize > 0 and sd_gradient != "primal":
+            raise ValueError("sd_normalize normalizes the stop-gradient residual: it needs sd_gradient 'primal'")
         if not 0.0 <= sd_target_ema < 1.0:
             raise ValueError(f"sd_target_ema must lie in [0, 1), got {sd_target_ema}")
         if jvp_backend not in BACKENDS:
@@ -131,12 +135,7 @@ class FlowMapSelfDistillation(Objective):
         self.equal_share, self.lambda_sd, self.p_uncond = float(equal_share), float(lambda_sd), float(p_uncond)
         self.jvp_backend, self.fd_eps, self.fm_target = jvp_backend, fd_eps, fm_target
         self.sd_warmup, self.sd_target_ema, self.psd_space = sd_warmup, float(sd_target_ema), psd_space
-        self.sd_gradient = sd_gradient
-        if not sd_normalize >= 0:
-            raise ValueError(f"sd_normalize must be >= 0, got {sd_normalize}")
-        if sd_normalize > 0 and sd_gradient != "primal":
-            raise ValueError("sd_normalize normalizes the stop-gradient residual: it needs sd_gradient 'primal'")
-        self.sd_normalize = float(sd_normalize)
+        self.sd_gradient, self.sd_normalize = sd_gradient, float(sd_normalize)
         self.uses_target = self.sd_target_ema > 0  # fit() then keeps an EMA copy and passes it as ``target``
 
     def target_decay(self, step: int) -> float:
@@ -160,7 +159,7 @@ class FlowMapSelfDistillation(Objective):
         """Per-sample squared residual of the self-distillation term (B,); ``sg`` (default: the student) gives the
         stop-gradient quantities."""
         sg = student if sg is None else sg
-        if self.sd_gradient == "primal" and self.variant != "progressive":
+        if self.sd_gradient == "primal":  # LSD / ESD only (PSD rejects it)
             res = self.primal_residual(student, x_s, s, t, cond, sg)
         elif self.variant == "lagrangian":
             X, dX_dt = jvp_with_grad(lambda t_: student(x_s, s, t_, cond), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps)
@@ -191,6 +190,7 @@ class FlowMapSelfDistillation(Objective):
         """u(x_s, s, t) - sg(target) (B, *D) for ``sd_gradient="primal"``: the derivative in a no-grad JVP pass, the
         gradient through the one with-grad forward of u."""
         gap = expand_like(t - s, x_s)
+        u = student.average_velocity(x_s, s, t, cond)  # the one with-grad forward
         if self.variant == "eulerian":
             with torch.no_grad():
                 v = sg.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
@@ -198,17 +198,15 @@ class FlowMapSelfDistillation(Objective):
                         self.jvp_backend, self.fd_eps, primal_out=False, modules=(student,))
             tgt = v + gap * du.to(v.dtype)  # u = v + (t - s) du/ds along v (MeanFlow identity)
         else:
-            u0, du = jvp(lambda t_: student.average_velocity(x_s, s, t_, cond), (t,), (torch.ones_like(t),),
-                         self.jvp_backend, self.fd_eps, modules=(student,))
+            _, du = jvp(lambda t_: student.average_velocity(x_s, s, t_, cond), (t,), (torch.ones_like(t),),
+                        self.jvp_backend, self.fd_eps, primal_out=False, modules=(student,))
             with torch.no_grad():
-                v = sg.average_velocity(x_s + gap * u0.to(x_s.dtype), t, t, cond)  # sg(v_theta(X, t))
+                v = sg.average_velocity(x_s + gap * u.detach(), t, t, cond)  # sg(v_theta(X, t))
             tgt = v - gap * du.to(v.dtype)  # dX/dt = u + (t - s) du/dt = v(X, t)
-        u = student.average_velocity(x_s, s, t, cond)
         res = u - tgt.detach()
         if self.sd_normalize > 0:  # tangent normalization (Lu & Song 2024; AYF): res / (||res|| + c), gradient through u
             r = res.detach()
-            r = r / (r.flatten(1).norm(dim=1) + self.sd_normalize).view(-1, *[1] * (r.dim() - 1))
-            res = u - (u.detach() - r)
+            res = u - (u.detach() - r / expand_like(r.flatten(1).norm(dim=1) + self.sd_normalize, r))
         return res
 
     def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
