@@ -52,7 +52,6 @@ from torch import Tensor, nn  # noqa: E402
 from flowmap.data import get_dataset  # noqa: E402
 from flowmap.data.digits import load_digits_tensors  # noqa: E402
 from flowmap.data.toy2d import EIGHT_GAUSSIANS_STD, eight_gaussians_centers  # noqa: E402
-from flowmap.ema import ema_update, frozen_copy  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
 from flowmap.metrics import checkerboard_precision, flow_map_rmse, w2_exact  # noqa: E402
 from flowmap.models import init_student_from_teacher, load_model, save_student, save_teacher  # noqa: E402
@@ -62,7 +61,7 @@ from flowmap.objectives.denoising import DenoisingLoss  # noqa: E402
 from flowmap.sampling import RECOMMENDED_GAMMA, sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
-from flowmap.training import fit  # noqa: E402
+from flowmap.training import TrainLoop, fit  # noqa: E402
 from flowmap.types import LossOutput  # noqa: E402
 from flowmap.velocity import NetVelocity  # noqa: E402
 
@@ -607,29 +606,14 @@ def discover_methods(requested: list[str] | None) -> tuple[list[str], dict[str, 
 
 
 class StepRunner:
-    """Exactly one ``flowmap.training.fit`` step (objective, backward, clipping, Adam, EMA target), callable
-    repeatedly so that several objectives can be timed interleaved."""
+    """Exactly one ``flowmap.training.fit`` step (a ``TrainLoop`` step: objective, backward, clipping, Adam, EMA
+    target) on ``batch()``, callable repeatedly so that several objectives can be timed interleaved."""
 
     def __init__(self, student: nn.Module, objective: nn.Module, teacher, batch: Callable[[], tuple[Tensor, Tensor | None]]) -> None:
-        self.student, self.objective, self.teacher, self.batch = student, objective, teacher, batch
-        self.target = frozen_copy(student) if getattr(objective, "uses_target", False) else None
-        self.params = [p for p in student.parameters() if p.requires_grad] + [p for p in objective.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=1e-4)
-        self.k = 0
-        student.train()
+        self.loop, self.batch = TrainLoop(student, objective, teacher, lr=1e-4), batch
 
     def step(self) -> None:
-        x0, cond = self.batch()
-        out = self.objective(student=self.student, teacher=self.teacher, target=self.target, x0=x0, cond=cond, step=self.k)
-        loss = out.loss.mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        if self.target is not None:
-            ema_update(self.target, self.student, self.objective.target_decay(self.k))
-        float(loss.detach())
-        self.k += 1
+        self.loop.step(*self.batch())
 
 
 def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, inner: int, device: torch.device,
@@ -757,92 +741,110 @@ def streaming_table(budget: Budget) -> dict:
 # --- peer: torchcfm ---------------------------------------------------------------------------------
 
 
+PEER_TRAINERS = ("ours", "torchcfm", "torchcfm, our schedule")
+
+
 def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator: Evaluator) -> dict:
-    """Teacher flow matching, ours (``DenoisingLoss``) against torchcfm's ``ConditionalFlowMatcher``(sigma=0),
-    on the same MLP (same init), the same data batches, batch size, steps, optimizer and uniform times.
+    """Teacher flow matching: ours against torchcfm's ``ConditionalFlowMatcher(sigma=0)`` on the same MLP (same
+    init), the same data batches, batch size, steps, peak learning rate, gradient clipping and uniform times.
     torchcfm's convention x_t = t x1 + (1 - t) x0, u_t = x1 - x0 with x0 = data, x1 = noise is ours exactly.
 
-    One run's final W2 varies by tens of percent with the seed (Adam at a constant learning rate ends
-    anywhere in a noisy neighbourhood), so ``budget.peer_seeds`` independent pairs (init, data, noise) are
-    trained and the mean W2 is compared, with the paired difference's mean and standard error; within a seed both
-    trainers draw the same times and noises at every step (common random numbers), so the pair differs only by
-    the implementations' arithmetic. Step times are medians over all timed blocks of all seeds."""
+    Three trainers per seed:
+      ``ours``: ``flowmap.training.TrainLoop`` with ``DenoisingLoss``, as this benchmark trains its teachers
+          (Adam on the fused kernel, half-cosine decay of the rate to ``budget.lr_decay`` of it);
+      ``torchcfm``: torchcfm's documented loop (``torch.optim.Adam`` at a constant rate);
+      ``torchcfm, our schedule``: that loop with our rate schedule, so ours against it isolates the two
+          implementations (loss arithmetic, optimizer kernel) from the recipe.
+    One run's final W2 varies by tens of percent with the seed, so ``budget.peer_seeds`` seeds (init, data,
+    noise) are trained and the mean W2 is compared, with the paired differences' mean and standard error; within
+    a seed every trainer draws the same times and noises at every step (common random numbers). Step times are
+    medians over all timed blocks of all seeds, the trainers' order rotating from block to block."""
     try:
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
         import torchcfm
     except ImportError as err:
         return {"available": False, "reason": f"torchcfm is not installed ({err}); pip install torchcfm --no-deps"}
     cfm = ConditionalFlowMatcher(sigma=0.0)
-    ours_loss = DenoisingLoss("linear", "velocity", time_sampling="uniform", p_uncond=0.0)
-    times: dict[str, list[float]] = {"ours": [], "torchcfm": []}
-    per_seed: dict[str, list[dict]] = {"ours": [], "torchcfm": []}
+    lr, lr_final, steps = budget.lr_2d * 2, budget.lr_2d * 2 * budget.lr_decay, budget.peer_steps
+    times: dict[str, list[float]] = {n: [] for n in PEER_TRAINERS}
+    per_seed: dict[str, list[dict]] = {n: [] for n in PEER_TRAINERS}
     for seed in range(budget.peer_seeds):
         torch.manual_seed(seed_of("peer-net", seed))
-        net_ours = build_net({**budget.mlp, "data_shape": [2]}).to(device)
-        net_peer = copy.deepcopy(net_ours)
-        opts = {n: torch.optim.Adam(m.parameters(), lr=budget.lr_2d * 2) for n, m in (("ours", net_ours), ("torchcfm", net_peer))}
+        nets = {"ours": build_net({**budget.mlp, "data_shape": [2]}).to(device)}
+        for name in PEER_TRAINERS[1:]:
+            nets[name] = copy.deepcopy(nets["ours"])
+        ours = TrainLoop(nets["ours"], FlowMatching("uniform", 0.0), lr=lr, lr_final=lr_final, steps=steps)
+        peer_opts = {n: torch.optim.Adam(nets[n].parameters(), lr=lr) for n in PEER_TRAINERS[1:]}
         g = torch.Generator().manual_seed(seed_of("peer-data", seed))
-        data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(budget.peer_steps, 64))]
+        data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(steps, 64))]
 
-        # common random numbers: step i of both trainers starts from the same RNG state, so both draw the same
+        # common random numbers: step i of every trainer starts from the same RNG state, so all draw the same
         # times t = rand(B) and noises randn(B, 2) (ours inside DenoisingLoss, torchcfm's passed to it in that order)
-        step_seeds = [seed_of("peer-step", seed, i) for i in range(budget.peer_steps)]
+        step_seeds = [seed_of("peer-step", seed, i) for i in range(steps)]
 
         def step_ours(x0: Tensor, i: int) -> float:
             torch.manual_seed(step_seeds[i])
-            loss = ours_loss(net_ours, x0, None).loss.mean()
-            return _opt_step(opts["ours"], net_ours, loss)
+            return ours.step(x0)[0]
 
-        def step_peer(x0: Tensor, i: int) -> float:
-            torch.manual_seed(step_seeds[i])
-            t = torch.rand(x0.shape[0], device=x0.device)
-            x1 = torch.randn_like(x0)
-            t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1, t=t)
-            loss = (net_peer(xt, t, t) - ut).pow(2).mean()
-            return _opt_step(opts["torchcfm"], net_peer, loss)
+        def peer_step(name: str, schedule: bool) -> Callable[[Tensor, int], float]:
+            net, opt = nets[name], peer_opts[name]
 
-        losses: dict[str, list[float]] = {"ours": [], "torchcfm": []}
+            def step(x0: Tensor, i: int) -> float:
+                torch.manual_seed(step_seeds[i])
+                t = torch.rand(x0.shape[0], device=x0.device)
+                x1 = torch.randn_like(x0)
+                t, xt, ut = cfm.sample_location_and_conditional_flow(x0, x1, t=t)
+                loss = (net(xt, t, t) - ut).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                if schedule:
+                    for group in opt.param_groups:
+                        group["lr"] = ours.lr_at(i)
+                opt.step()
+                return float(loss.detach())
+
+            return step
+
+        fns = {"ours": step_ours, "torchcfm": peer_step("torchcfm", False),
+               "torchcfm, our schedule": peer_step("torchcfm, our schedule", True)}
+        losses: dict[str, list[float]] = {n: [] for n in PEER_TRAINERS}
         done = block = 0
-        while done < budget.peer_steps:
-            k = min(budget.peer_block, budget.peer_steps - done)
-            order = [("ours", step_ours), ("torchcfm", step_peer)]
-            if block % 2:
+        while done < steps:
+            k = min(budget.peer_block, steps - done)
+            order = list(PEER_TRAINERS[block % 3:] + PEER_TRAINERS[: block % 3])
+            if (block // 3) % 2:
                 order.reverse()
-            for name, fn in order:
+            for name in order:
                 sync(device)
                 t0 = time.perf_counter()
                 for j in range(k):
-                    losses[name].append(fn(data[(done + j) % len(data)], done + j))
+                    losses[name].append(fns[name](data[(done + j) % len(data)], done + j))
                 sync(device)
                 times[name].append((time.perf_counter() - t0) / k)
             done += k
             block += 1
-        for name, net in (("ours", net_ours), ("torchcfm", net_peer)):
+        for name, net in nets.items():
             x = solve(NetVelocity(net.eval()), evaluator.noise, 32, "heun")
             per_seed[name].append({"w2": evaluator.point_metrics(x, None)["w2"],
                                    "final_loss": float(sum(losses[name][-20:]) / len(losses[name][-20:]))})
-    result = {"available": True, "version": getattr(torchcfm, "__version__", "?"), "steps": budget.peer_steps,
-              "batch": budget.batch_2d, "data": setting.name, "net": {**budget.mlp, "data_shape": [2]}, "seeds": budget.peer_seeds}
-    for name in ("ours", "torchcfm"):
+    result = {"available": True, "version": getattr(torchcfm, "__version__", "?"), "steps": steps,
+              "batch": budget.batch_2d, "data": setting.name, "net": {**budget.mlp, "data_shape": [2]}, "seeds": budget.peer_seeds,
+              "lr": lr, "lr_final": lr_final, "trainers": list(PEER_TRAINERS)}
+    for name in PEER_TRAINERS:
         w2s = [r["w2"] for r in per_seed[name]]
         result[name] = {"step_s": median(times[name]), "w2": sum(w2s) / len(w2s), "w2_per_seed": w2s,
                         "final_loss": sum(r["final_loss"] for r in per_seed[name]) / len(per_seed[name])}
-    result["step_ratio"] = result["ours"]["step_s"] / result["torchcfm"]["step_s"]
-    result["w2_ratio"] = result["ours"]["w2"] / result["torchcfm"]["w2"]
-    # paired by seed (same init, data and noise): the mean W2 difference and its standard error tell a real gap
-    # from the seed-to-seed spread of two runs of one algorithm
-    diffs = [a - b for a, b in zip(result["ours"]["w2_per_seed"], result["torchcfm"]["w2_per_seed"])]
-    result["w2_diff"] = sum(diffs) / len(diffs)
-    result["w2_diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    # against torchcfm as documented (the targets) and against torchcfm with our schedule (the implementations alone);
+    # the W2 differences are paired by seed (same init, data and noise): their mean and standard error tell a real gap
+    # from the seed-to-seed spread of two runs
+    for key, other in (("", "torchcfm"), ("same_schedule_", "torchcfm, our schedule")):
+        result[f"{key}step_ratio"] = result["ours"]["step_s"] / result[other]["step_s"]
+        result[f"{key}w2_ratio"] = result["ours"]["w2"] / result[other]["w2"]
+        diffs = [a - b for a, b in zip(result["ours"]["w2_per_seed"], result[other]["w2_per_seed"])]
+        result[f"{key}w2_diff"] = sum(diffs) / len(diffs)
+        result[f"{key}w2_diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return result
-
-
-def _opt_step(opt: torch.optim.Optimizer, net: nn.Module, loss: Tensor) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-    opt.step()
-    return float(loss.detach())
 
 
 # --- the run ---------------------------------------------------------------------------------------

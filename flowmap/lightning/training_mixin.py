@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.ema import ema_update
+from flowmap.optim import adam
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,10 +43,14 @@ class TrainingMixin:
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.trainable_parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        # the fused kernel unscales inside step(): Lightning's GradScaler path (16-mixed) clips before that
+        trainer = getattr(self, "_trainer", None)  # None outside a Trainer (``self.trainer`` would raise)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        opt = adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, decoupled=True,
+                   fused=False if scaler is not None else None)
         warmup = max(int(hp.warmup_steps), 0)
         decay = getattr(hp, "lr_decay", "none")
-        total = int(getattr(getattr(self, "trainer", None), "max_steps", -1) or -1)
+        total = int(getattr(trainer, "max_steps", -1) or -1)
         if decay not in ("none", "cosine"):
             raise ValueError(f"lr_decay must be 'none' or 'cosine', got {decay!r}")
         if decay == "cosine" and total <= 0:
