@@ -109,13 +109,20 @@ def evaluate_targets(results: dict) -> list[dict]:
     if peer.get("same_schedule_w2_ratio") is not None:
         se = peer.get("same_schedule_w2_diff_se")
         same = (f"; with our schedule on torchcfm's loop {peer['same_schedule_w2_ratio']:.3f}, paired difference "
-                f"{peer['same_schedule_w2_diff']:+.4f}" + (f" +- {se:.4f}" if se is not None else ""))
+                f"{_d(peer['same_schedule_w2_diff'])}" + (f" +- {_d(se, False)}" if se is not None else ""))
     out.append(_target(f"peer: our final W2 no worse than torchcfm's [W2 ratio ours / torchcfm{same}]",
                        peer.get("w2_ratio"), 1.0, "<=", "" if peer.get("available") else reason))
     return out
 
 
 # --- markdown --------------------------------------------------------------------------------------
+
+
+def _d(v: float, sign: bool = True) -> str:
+    """A difference or its standard error: 4 decimals, or 2 significant digits when smaller than 1e-3."""
+    if v != 0 and abs(v) < 1e-3:
+        return f"{v:+.1e}" if sign else f"{v:.1e}"
+    return f"{v:+.4f}" if sign else f"{v:.4f}"
 
 
 def _f(v, digits: int = 4) -> str:
@@ -295,10 +302,10 @@ def markdown(results: dict, targets: list[dict]) -> str:
             line = f"Ours / `{other}`: time {peer[f'{key}step_ratio']:.3f}, W2 {peer[f'{key}w2_ratio']:.3f}"
             d, se = peer.get(f"{key}w2_diff"), peer.get(f"{key}w2_diff_se")
             if d is not None and se is not None:  # a standard error needs two seeds or more
-                line += (f"; W2 difference paired by seed {d:+.4f} +- {se:.4f} (standard error over {peer.get('seeds', 1)} "
+                line += (f"; W2 difference paired by seed {_d(d)} +- {_d(se, False)} (standard error over {peer.get('seeds', 1)} "
                          f"seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero)")
             elif d is not None:
-                line += f"; W2 difference {d:+.4f} (one seed: no standard error)"
+                line += f"; W2 difference {_d(d)} (one seed: no standard error)"
             L.append(line + ".")
         L.append("")
     L += ["## Streaming: webdataset shards against memory", ""]
