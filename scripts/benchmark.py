@@ -19,7 +19,8 @@ What it does, with fixed budgets and seeds (``BUDGETS``):
    features of the project's digit classifier or Inception (digits);
 4. cost: seconds per training step of each objective over a plain flow-matching step on the same MLP and
    DiT, measured interleaved in one process (medians), peak memory of one step, sampling throughput;
-5. peer: our flow-matching teacher step against torchcfm's on the same net, data, batch and steps.
+5. peer: our flow-matching teacher training against torchcfm's loop (as documented, and with our learning-rate
+   schedule) on the same net, data, batch and steps: time per step and final W2.
 
 Writes ``<out>/RESULTS.md``, ``<out>/results.json`` and PNG plots (``scripts/benchmark_report.py``).
 """
@@ -124,7 +125,7 @@ BUDGETS = {
         cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
         dit={"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4},
         teacher_steps_2d=8000, teacher_steps_digits=3000,
-        student_steps_2d=2000, student_steps_digits=400, student_steps_gmm=1000,
+        student_steps_2d=4000, student_steps_digits=400, student_steps_gmm=1000,
         batch_2d=256, batch_digits=64, lr_2d=1e-3, lr_digits=5e-4,
         n_eval_2d=2000, n_eval_digits=1000, exact_map_steps=200, feature_steps=1000, kid_subsets=50,
         cost_batch_mlp=512, cost_batch_dit=64, cost_repeats=7, cost_steps=3,
