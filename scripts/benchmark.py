@@ -237,6 +237,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+_CODE: list[str] = []
+
+
+def code_fingerprint() -> str:
+    """A hash of the training code (every ``.py`` under ``flowmap/`` and ``teachers/``), stored beside each cached
+    teacher and student: the cache is keyed on configs, so the report names what was trained under other code."""
+    if not _CODE:
+        h = hashlib.sha256()
+        for folder in ("flowmap", "teachers"):
+            for f in sorted((ROOT / folder).rglob("*.py")):
+                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+        _CODE.append(h.hexdigest()[:12])
+    return _CODE[0]
+
+
 def key_of(*parts) -> str:
     """A short stable hash of JSON-able parts (cache file names)."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -368,6 +383,7 @@ class Setting:
         self.teacher = None
         self.teacher_seconds = 0.0
         self.teacher_losses: list[float] = []
+        self.teacher_code: str | None = None
 
     # data -------------------------------------------------------------------------------------------
     def batches(self, seed: int) -> Callable[[int], tuple[Tensor, Tensor | None]]:
@@ -410,7 +426,9 @@ class Setting:
                 teacher = load_model(path, expect="teacher").to(self.device)
                 meta = json.loads(meta_path.read_text())
                 self.teacher_seconds, self.teacher_losses = meta["seconds"], meta["losses"]
-                log(f"{self.name}: {what} loaded from {path.name}")
+                self.teacher_code = meta.get("code")
+                log(f"{self.name}: {what} loaded from {path.name}" + ("" if self.teacher_code == code_fingerprint() else
+                                                                        f" (trained under other code: {self.teacher_code})"))
                 return teacher.requires_grad_(False)
             except (CheckpointError, KeyError, json.JSONDecodeError) as err:
                 log(f"{self.name}: cached {what} unusable ({err}); retraining")
@@ -424,7 +442,8 @@ class Setting:
                      lr_final=self.lr * 2 * self.budget.lr_decay)
         self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
         save_teacher(path, teacher, data=self.name, extra={"steps": steps})
-        meta_path.write_text(json.dumps({"seconds": self.teacher_seconds, "losses": losses}))
+        self.teacher_code = code_fingerprint()
+        meta_path.write_text(json.dumps({"seconds": self.teacher_seconds, "losses": losses, "code": self.teacher_code}))
         return teacher.eval().requires_grad_(False)
 
     # students ---------------------------------------------------------------------------------------
@@ -448,7 +467,8 @@ class Setting:
             try:
                 student = load_model(path, expect="student").to(self.device)
                 meta = json.loads(meta_path.read_text())
-                log(f"{self.name}/{method}: student loaded from {path.name}")
+                log(f"{self.name}/{method}: student loaded from {path.name}" + ("" if meta.get("code") == code_fingerprint() else
+                                                                                  f" (trained under other code: {meta.get('code')})"))
                 return {"student": student, "config": config, **meta, "cached": True}
             except (CheckpointError, KeyError, json.JSONDecodeError) as err:
                 log(f"{self.name}/{method}: cached student unusable ({err}); retraining")
@@ -469,7 +489,8 @@ class Setting:
         seconds = time.time() - t0
         if not all(math.isfinite(v) for v in losses[-10:]):
             raise FloatingPointError(f"the loss is not finite at the end of training (last {losses[-1]})")
-        meta = {"losses": losses, "seconds": seconds, "steps": self.student_steps, "init": init, "config_source": note}
+        meta = {"losses": losses, "seconds": seconds, "steps": self.student_steps, "init": init, "config_source": note,
+                "code": code_fingerprint()}
         save_student(path, student, method=method, data=self.name, extra={"objective": config})
         meta_path.write_text(json.dumps(meta))
         return {"student": student.eval(), "config": config, **meta, "cached": False}
@@ -953,7 +974,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"benchmark ({budget_name}): methods {methods}, skipped {sorted(skipped)}, datasets {datasets}, {threads} thread(s), device {device}")
 
     results: dict = {
-        "meta": {"budget": budget_name, "scale": a.scale, "budget_values": asdict(budget), "methods": methods, "skipped_methods": skipped,
+        "meta": {"budget": budget_name, "scale": a.scale, "code": code_fingerprint(), "budget_values": asdict(budget), "methods": methods, "skipped_methods": skipped,
                  "datasets": datasets, "device": str(device), "threads": threads, "torch": torch.__version__,
                  "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                  "cpu_count": os.cpu_count(), "load_average_start": _loadavg(), "memory_method": memory.method,
@@ -981,7 +1002,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
         teacher_rows, teacher_samples = ev.teacher_rows(teacher)
         q = {"floor": ev.floor, "n_eval": len(ev.noise), "teacher": teacher_rows, "teacher_seconds": setting.teacher_seconds,
-             "teacher_losses": setting.teacher_losses, "students": {}, "failed": {}, "student_steps": setting.student_steps}
+             "teacher_losses": setting.teacher_losses, "students": {}, "failed": {}, "student_steps": setting.student_steps,
+             "teacher_code": setting.teacher_code}
         if name == "gmm":
             q["data_std"] = ev.data_std
         sm = {"data": ev.ref if name != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()), "teacher": teacher_samples,
@@ -1003,7 +1025,8 @@ def main(argv: list[str] | None = None) -> dict:
             q["students"][method] = {"nfe": rows, "config": trained["config"], "losses": trained["losses"],
                                      "seconds": trained["seconds"], "steps": trained["steps"], "init": trained["init"],
                                      "config_source": trained.get("config_source", ""),
-                                     "cached": trained["cached"], "worker": trained.get("worker", False), "sampler_gamma": gamma}
+                                     "cached": trained["cached"], "worker": trained.get("worker", False), "sampler_gamma": gamma,
+                                     "code": trained.get("code")}
             sm["students"][method] = student_samples
             if name != "digits":
                 sm["trajectories"][f"{method} (4 NFE)"] = ev.trajectory(trained["student"], 4, gamma=gamma)

@@ -157,6 +157,25 @@ CELL_LEGEND = {
 }
 
 
+def code_note(results: dict) -> str:
+    """Which teachers and students were trained under another version of the training code (``flowmap/`` and
+    ``teachers/``; reused from the cache, which is keyed on configs) than the one that wrote the report."""
+    code = results.get("meta", {}).get("code")
+    if code is None:
+        return "Training code fingerprint: not recorded."
+    other = []
+    for name, q in results.get("quality", {}).items():
+        if "teacher_code" in q and q["teacher_code"] != code:
+            what = "flow-matching init net" if name == "gmm" else "teacher"
+            other.append(f"{name} {what} ({q['teacher_code'] or 'unrecorded'})")
+        other += [f"{name}/{m} ({st.get('code') or 'unrecorded'})" for m, st in q.get("students", {}).items()
+                  if "code" in st and st["code"] != code]
+    if not other:
+        return f"Training code fingerprint {code} (`flowmap/`, `teachers/`): every teacher and student here was trained under it."
+    return (f"Training code fingerprint {code} (`flowmap/`, `teachers/`). **Trained under other code** (reused from the cache, "
+            f"which is keyed on configs; `--fresh` retrains): {', '.join(other)}.")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -197,6 +216,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
           "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
           "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "
           "along the grid (gamma = 0).", ""]
+    L += [code_note(results), ""]
     L.append(f"Methods run: {', '.join(meta['methods']) or 'none'}.")
     for m, why in meta.get("skipped_methods", {}).items():
         L.append(f"- skipped `{m}`: {why}")

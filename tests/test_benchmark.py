@@ -43,6 +43,8 @@ def quick_run(tmp_path_factory):
 def test_quality_tables_hold_numbers(quick_run):
     _, res, md = quick_run
     assert set(res["quality"]) == set(DATASETS)
+    # a fresh cache: every model carries this code's fingerprint, and the report says so
+    assert f"Training code fingerprint {res['meta']['code']}" in md and "every teacher and student here was trained under it" in md
     for name, q in res["quality"].items():
         keys = METRICS[name]
         # the data-vs-data floor
@@ -203,3 +205,23 @@ def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--jobs", "0", "--out", str(tmp_path / "c")],
                        capture_output=True, text=True, timeout=120, cwd=str(ROOT), check=True)
+
+
+def test_report_names_what_was_trained_under_other_code() -> None:
+    """The cache is keyed on configs: a teacher or student trained under another version of flowmap/ or teachers/
+    is named in RESULTS.md; a run whose models all carry the current fingerprint says so."""
+    from scripts import benchmark
+    from scripts.benchmark_report import code_note
+
+    code = benchmark.code_fingerprint()
+    assert len(code) == 12 and code == benchmark.code_fingerprint()
+    results = {"meta": {"code": code}, "quality": {
+        "checkerboard": {"teacher_code": code, "students": {"cd": {"code": code}, "meanflow": {"code": code}}},
+        "gmm": {"teacher_code": code, "students": {"cd": {"code": code}}}}}
+    assert "every teacher and student here was trained under it" in code_note(results)
+    results["quality"]["checkerboard"]["students"]["meanflow"]["code"] = "0123456789ab"
+    results["quality"]["gmm"]["teacher_code"] = None  # written before fingerprints were recorded
+    note = code_note(results)
+    assert "Trained under other code" in note
+    assert "checkerboard/meanflow (0123456789ab)" in note and "gmm flow-matching init net (unrecorded)" in note
+    assert "checkerboard/cd" not in note and "checkerboard teacher" not in note
