@@ -261,6 +261,15 @@ def seed_of(*parts) -> int:
     return int(key_of("seed", *parts), 16) % (2**31)
 
 
+def seeded_objective(config: dict, *seed_parts) -> nn.Module:
+    """``build_objective(config)`` under a fixed seed: some objectives own randomly initialized parts (sCM's learned
+    log-variance weighting and its Fourier frequencies), and torch's global generator starts from a random seed in
+    every process, so an unseeded build would differ from run to run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_of(*seed_parts))
+        return build_objective(dict(config))
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -453,10 +462,10 @@ class Setting:
         tuned = distill_yaml(method, self.name)
         note = f"hyperparameters from {tuned['path']} (curricula rescaled)" if tuned else "benchmark defaults"
         try:
-            objective = build_objective(dict(config)).to(self.device)
+            objective = seeded_objective(config, "objective", self.name, method).to(self.device)
         except ValueError as err:  # a tuned config this objective no longer accepts: fall back, say so
             config = method_config(method, self.kind, self.student_steps)
-            objective = build_objective(dict(config)).to(self.device)
+            objective = seeded_objective(config, "objective", self.name, method).to(self.device)
             note = f"benchmark defaults ({tuned['path'] if tuned else 'config'} rejected: {err})"
         net_config = {**self.net_config, **(tuned or {}).get("net_extras", {})}
         key = key_of("student", self.name, method, config, net_config, self.student_steps, self.batch, self.lr, "cosine", self.budget.lr_decay,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -225,3 +226,23 @@ def test_report_names_what_was_trained_under_other_code() -> None:
     assert "Trained under other code" in note
     assert "checkerboard/meanflow (0123456789ab)" in note and "gmm flow-matching init net (unrecorded)" in note
     assert "checkerboard/cd" not in note and "checkerboard teacher" not in note
+
+
+def test_benchmark_objectives_are_built_under_a_fixed_seed() -> None:
+    """sCM owns a randomly initialized log-variance net; torch's global generator starts from a random seed in each
+    process, so the benchmark builds objectives under a seed of their own (the global stream is left as it was)."""
+    from scripts import benchmark
+
+    def params(obj):
+        return torch.cat([p.detach().flatten() for p in obj.parameters()] + [b.flatten() for b in obj.buffers()])
+
+    torch.manual_seed(1)
+    a = benchmark.seeded_objective({"name": "scd"}, "objective", "checkerboard", "scd")
+    after = torch.rand(3)
+    torch.manual_seed(2)
+    b = benchmark.seeded_objective({"name": "scd"}, "objective", "checkerboard", "scd")
+    assert params(a).numel() > 0 and torch.equal(params(a), params(b))
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after)  # the build did not consume the global stream
+    c = benchmark.seeded_objective({"name": "scd"}, "objective", "eight_gaussians", "scd")
+    assert not torch.equal(params(a), params(c))
