@@ -914,9 +914,11 @@ def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
     torch.set_num_threads(1)
     t0 = time.time()
     try:
-        setting = Setting(name, budget, torch.device(device), Path(cache), fresh)
+        # --fresh retrains the teacher in its own task only; a student's task loads that teacher from the cache
+        setting = Setting(name, budget, torch.device(device), Path(cache), fresh and method is None)
         setting.get_teacher()
         if method is not None:
+            setting.fresh = fresh
             setting.train_student(method)
         return name, method, None, time.time() - t0
     except Exception as err:  # noqa: BLE001 - reported; the main pass retries and records the failure
