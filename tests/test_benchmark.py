@@ -246,3 +246,28 @@ def test_benchmark_objectives_are_built_under_a_fixed_seed() -> None:
     assert torch.equal(torch.rand(3), after)  # the build did not consume the global stream
     c = benchmark.seeded_objective({"name": "scd"}, "objective", "eight_gaussians", "scd")
     assert not torch.equal(params(a), params(c))
+
+
+def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
+    """--fresh --jobs N: the teacher's own task retrains it; each student's task loads it from the cache and
+    retrains only the student (it used to retrain the teacher once per student)."""
+    from scripts import benchmark
+
+    calls = []
+
+    class FakeSetting:
+        def __init__(self, name, budget, device, cache, fresh, reuse_only=False):
+            self.name, self.fresh = name, fresh
+
+        def get_teacher(self):
+            calls.append(("teacher", self.name, self.fresh))
+
+        def train_student(self, method):
+            calls.append((method, self.name, self.fresh))
+
+    monkeypatch.setattr(benchmark, "Setting", FakeSetting)
+    for method in (None, "cd", "meanflow"):
+        name, m, err, _ = benchmark._pretrain_task(("checkerboard", method, None, "cpu", "/nonexistent", True))
+        assert err is None and m == method
+    assert calls == [("teacher", "checkerboard", True), ("teacher", "checkerboard", False), ("cd", "checkerboard", True),
+                     ("teacher", "checkerboard", False), ("meanflow", "checkerboard", True)]
