@@ -266,8 +266,12 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
             calls.append((method, self.name, self.fresh))
 
     monkeypatch.setattr(benchmark, "Setting", FakeSetting)
-    for method in (None, "cd", "meanflow"):
-        name, m, err, _ = benchmark._pretrain_task(("checkerboard", method, None, "cpu", "/nonexistent", True))
-        assert err is None and m == method
+    threads = torch.get_num_threads()  # a worker task sets one thread: restore this process's count
+    try:
+        for method in (None, "cd", "meanflow"):
+            name, m, err, _ = benchmark._pretrain_task(("checkerboard", method, None, "cpu", "/nonexistent", True))
+            assert err is None and m == method
+    finally:
+        torch.set_num_threads(threads)
     assert calls == [("teacher", "checkerboard", True), ("teacher", "checkerboard", False), ("cd", "checkerboard", True),
                      ("teacher", "checkerboard", False), ("meanflow", "checkerboard", True)]
