@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import gc
 import hashlib
 import json
@@ -237,19 +238,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-_CODE: list[str] = []
-
-
+@functools.cache
 def code_fingerprint() -> str:
     """A hash of the training code (every ``.py`` under ``flowmap/`` and ``teachers/``), stored beside each cached
     teacher and student: the cache is keyed on configs, so the report names what was trained under other code."""
-    if not _CODE:
-        h = hashlib.sha256()
-        for folder in ("flowmap", "teachers"):
-            for f in sorted((ROOT / folder).rglob("*.py")):
-                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
-        _CODE.append(h.hexdigest()[:12])
-    return _CODE[0]
+    h = hashlib.sha256()
+    for folder in ("flowmap", "teachers"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def other_code(code: str | None) -> str:
+    """For a cache-load log line: empty when ``code`` is this code's fingerprint, else says under what it was trained."""
+    return "" if code == code_fingerprint() else f" (trained under other code: {code})"
 
 
 def key_of(*parts) -> str:
@@ -436,8 +438,7 @@ class Setting:
                 meta = json.loads(meta_path.read_text())
                 self.teacher_seconds, self.teacher_losses = meta["seconds"], meta["losses"]
                 self.teacher_code = meta.get("code")
-                log(f"{self.name}: {what} loaded from {path.name}" + ("" if self.teacher_code == code_fingerprint() else
-                                                                        f" (trained under other code: {self.teacher_code})"))
+                log(f"{self.name}: {what} loaded from {path.name}{other_code(self.teacher_code)}")
                 return teacher.requires_grad_(False)
             except (CheckpointError, KeyError, json.JSONDecodeError) as err:
                 log(f"{self.name}: cached {what} unusable ({err}); retraining")
@@ -476,8 +477,7 @@ class Setting:
             try:
                 student = load_model(path, expect="student").to(self.device)
                 meta = json.loads(meta_path.read_text())
-                log(f"{self.name}/{method}: student loaded from {path.name}" + ("" if meta.get("code") == code_fingerprint() else
-                                                                                  f" (trained under other code: {meta.get('code')})"))
+                log(f"{self.name}/{method}: student loaded from {path.name}{other_code(meta.get('code'))}")
                 return {"student": student, "config": config, **meta, "cached": True}
             except (CheckpointError, KeyError, json.JSONDecodeError) as err:
                 log(f"{self.name}/{method}: cached student unusable ({err}); retraining")

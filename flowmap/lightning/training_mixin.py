@@ -42,7 +42,7 @@ class TrainingMixin:
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        params = self.trainable_parameters()  # ``adam`` keeps those that require grad
         # the fused kernel unscales inside step(): Lightning's GradScaler path (16-mixed) clips before that
         trainer = getattr(self, "_trainer", None)  # None outside a Trainer (``self.trainer`` would raise)
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
