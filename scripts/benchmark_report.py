@@ -29,6 +29,12 @@ def _decay(meta: dict) -> str:
     return "constant" if d is None else f"cosine decay to {d:g}x of it, as for the teachers"
 
 
+def _lr_exceptions(meta: dict) -> str:
+    """The students whose rate the script's ``LR_SCALE`` scales, as a clause ('' when none)."""
+    scales = meta.get("lr_scale") or {}
+    return "" if not scales else " except " + ", ".join(f"{k} at {v:g}x it" for k, v in sorted(scales.items())) + " (`LR_SCALE`)"
+
+
 def _target(text: str, value: float | None, threshold: float, sense: str, note: str = "") -> dict:
     """One target: met when value <= threshold (sense '<=') or >= threshold ('>='); the margin is relative."""
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -210,8 +216,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
     L += ["Every student is a `FlowMap` with the same backbone as its teacher, initialized from the teacher's weights "
           "(the mixture's students from a flow-matching net trained on the mixture's own samples; the exact mixture "
           "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
-          f"with the same batch and Adam learning rate ({_decay(meta)}); "
-          "methods' hyperparameters are their defaults with curricula scaled "
+          f"with the same batch and Adam learning rate ({_decay(meta)}){_lr_exceptions(meta)}; "
+          "methods' hyperparameters are their tuned configs (`configs/distill`) or defaults, with curricula scaled "
           "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. Students sample with "
           "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
           "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "

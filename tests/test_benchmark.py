@@ -275,3 +275,36 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
         torch.set_num_threads(threads)
     assert calls == [("teacher", "checkerboard", True), ("teacher", "checkerboard", False), ("cd", "checkerboard", True),
                      ("teacher", "checkerboard", False), ("meanflow", "checkerboard", True)]
+
+
+def test_students_train_at_the_budget_rate_times_their_lr_scale(tmp_path, monkeypatch) -> None:
+    """MeanFlow on checkerboard (and eight Gaussians, which read its config) trains at LR_SCALE x the budget's rate,
+    cd at the budget's; the scaled rate keys the cache, and the report names the exception."""
+    from scripts import benchmark
+    from scripts.benchmark_report import _lr_exceptions
+
+    seen: dict = {}
+    real_fit = benchmark.fit
+
+    class Stop(Exception):
+        pass
+
+    def fit(student, objective, batches, steps, teacher=None, lr=1e-3, lr_final=None, **kw):
+        if getattr(objective, "name", "") in ("meanflow", "cd"):
+            seen[objective.name] = (lr, lr_final)
+            raise Stop
+        return real_fit(student, objective, batches, steps, teacher=teacher, lr=lr, lr_final=lr_final, **kw)
+
+    monkeypatch.setattr(benchmark, "fit", fit)
+    budget = benchmark.BUDGETS["quick"]
+    setting = benchmark.Setting("checkerboard", budget, torch.device("cpu"), tmp_path, fresh=True)
+    setting.get_teacher()
+    for method in ("meanflow", "cd"):
+        with pytest.raises(Stop):
+            setting.train_student(method)
+    base = budget.lr_2d
+    assert seen["cd"] == pytest.approx((base, base * budget.lr_decay))
+    assert seen["meanflow"] == pytest.approx((0.5 * base, 0.5 * base * budget.lr_decay))
+    assert benchmark.lr_scale("meanflow", "eight_gaussians") == 0.5 and benchmark.lr_scale("meanflow", "gmm") == 1.0
+    assert _lr_exceptions({"lr_scale": {"checkerboard/meanflow": 0.5}}) == " except checkerboard/meanflow at 0.5x it (`LR_SCALE`)"
+    assert _lr_exceptions({}) == ""
