@@ -479,9 +479,10 @@ class Setting:
             objective = seeded_objective(config, "objective", self.name, method).to(self.device)
             note = f"benchmark defaults ({tuned['path'] if tuned else 'config'} rejected: {err})"
         net_config = {**self.net_config, **(tuned or {}).get("net_extras", {})}
-        lr = self.lr * lr_scale(method, self.name)
-        if lr != self.lr:
-            note += f"; learning rate {lr_scale(method, self.name):g}x the budget's ({lr:g}, LR_SCALE)"
+        scale = lr_scale(method, self.name)
+        lr = self.lr * scale
+        if scale != 1.0:
+            note += f"; learning rate {scale:g}x the budget's ({lr:g}, LR_SCALE)"
         key = key_of("student", self.name, method, config, net_config, self.student_steps, self.batch, lr, "cosine", self.budget.lr_decay,
                      self.teacher_key())
         path = self.cache / f"student_{self.name}_{method}_{key}.safetensors"

@@ -279,7 +279,7 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
 
 def test_students_train_at_the_budget_rate_times_their_lr_scale(tmp_path, monkeypatch) -> None:
     """MeanFlow on checkerboard (and eight Gaussians, which read its config) trains at LR_SCALE x the budget's rate,
-    cd at the budget's; the scaled rate keys the cache, and the report names the exception."""
+    cd at the budget's (peak and final rate as handed to ``fit``); the report names the exception."""
     from scripts import benchmark
     from scripts.benchmark_report import _lr_exceptions
 
