@@ -1,0 +1,326 @@
+"""Standard webdataset shard sets (written by any tool: img2dataset, webdataset's ``ShardWriter``, ...) read
+as a stream of training batches.
+
+A sample is the group of tar members sharing a key (``<key>.<suffix>``). Read here:
+
+- the image: the first of ``.jpg`` / ``.jpeg`` / ``.png`` / ``.webp``, decoded with PIL and, like image folders
+  (``flowmap.data.images.load_image``), centre-cropped to a square, resized to ``image_size`` (bicubic) and
+  scaled to the model range v / 127.5 - 1, giving x (C, S, S) float32 in [-1, 1];
+- the label (class-conditional data only): ``.cls`` (an ASCII integer) or ``.json[label_key]``;
+- the caption (only when asked for): ``.txt`` (UTF-8) or ``.json[caption_key]``.
+
+Every other member (``.pth``, ``.pkl``, ``.pyd``, ...) is dropped unread: nothing is ever unpickled.
+
+The shard list is a brace pattern or URL list (``data/train-{000000..000127}.tar``, ``pipe:``, ``http://``),
+a local glob (``data/*.tar``) or a directory. A directory holding flowmap's ``index.json``
+(``flowmap.data.shards``) takes its shard list from the index, which also gives each shard's sample count: a
+truncated shard then counts exactly the samples it lost. Without an index, each tar-level error counts as one
+damaged sample.
+
+``WebDatasetStream`` splits the shards by rank then by DataLoader worker (what ``wds.split_by_node`` and
+``wds.split_by_worker`` do, with the rank given by the trainer), draws each reader's shards with replacement
+(webdataset's ``ResampledShards``, seeded by (seed, epoch, reader)) and yields a fixed number of batches per
+epoch, so every rank takes the same number of steps. Damaged samples are skipped, counted in the same shared
+(good, damaged) counter as ``flowmap.data.shards.ShardStream`` and stop the stream with its
+``CorruptShardError`` past ``max_corrupt_fraction``.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
+from flowmap.data.registry import mix_seed
+from flowmap.data.shards import INDEX_NAME, CorruptShardError, decode_sample, read_index
+
+log = logging.getLogger("flowmap.data.webdataset_source")
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+LABEL_SUFFIXES = ("cls", "json")
+CAPTION_SUFFIXES = ("txt", "json")
+
+
+# --- the shard list --------------------------------------------------------------------------------------
+
+
+def resolve_shards(source: str | Sequence[str]) -> tuple[list[str], dict[str, int] | None, str | None]:
+    """(shard URLs, samples per URL or None, flowmap encoding or None) of a shard set.
+
+    ``source``: a list of URLs, a directory (its ``index.json`` when present, else its ``*.tar`` files), a local
+    glob (``*``, ``?``, ``[``) or a brace pattern / ``::``-separated URL list (webdataset's ``expand_urls``)."""
+    from webdataset.shardlists import expand_urls
+
+    if not isinstance(source, str):
+        urls = [str(u) for u in source]
+        if not urls:
+            raise ValueError("the shard list is empty")
+        return urls, None, None
+    path = Path(source)
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            index = read_index(path)
+            counts = {str(p): int(s["count"]) for p, s in zip(index.paths, index.shards)}
+            return [str(p) for p in index.paths], counts, index.encoding
+        urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise ValueError(f"directory {source!r} holds no .tar shards and no {INDEX_NAME}")
+        return urls, None, None
+    if any(c in source for c in "*?[") and "://" not in source:
+        urls = sorted(glob.glob(source))
+        if not urls:
+            raise ValueError(f"no shard files match {source!r}")
+        return urls, None, None
+    urls = expand_urls(source)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(urls)} shard file(s) of {source!r} do not exist, e.g. {missing[0]!r}")
+    return urls, None, None
+
+
+# --- one sample ------------------------------------------------------------------------------------------
+
+
+def _json(sample: dict) -> dict:
+    if "json" not in sample:
+        return {}
+    meta = json.loads(sample["json"].decode("utf-8"))
+    return meta if isinstance(meta, dict) else {}  # a list or scalar carries no label or caption field
+
+
+def decode_webdataset_sample(
+    sample: dict, image_size: int, channels: int = 3, num_classes: int = 0, captions: bool = False,
+    label_key: str = "label", caption_key: str = "caption", encoding: str | None = None,
+) -> tuple[Tensor, Tensor, str | None]:
+    """A webdataset sample (member suffix -> bytes) -> (x (channels, image_size, image_size) in [-1, 1],
+    y long scalar (-1 when ``num_classes`` is 0), caption str or None when ``captions`` is False).
+
+    ``encoding="npy"`` (flowmap's own float shards, from ``index.json``) reads ``.npy`` + ``.cls`` instead.
+    Raises ValueError (or PIL's error) for a missing or undecodable image or label."""
+    key = sample.get("__key__")
+    meta = _json(sample) if "json" in sample and (captions or num_classes > 0) else {}
+    if encoding == "npy":
+        x, y = decode_sample(sample, "npy", (channels, image_size, image_size))
+        y = y if num_classes > 0 else torch.tensor(UNCONDITIONAL_LABEL)
+    else:
+        suffix = next((s for s in IMAGE_SUFFIXES if s in sample), None)
+        if suffix is None:
+            found = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"sample {key!r} has no image member ({', '.join(IMAGE_SUFFIXES)}); found {found}")
+        x = load_image(io.BytesIO(sample[suffix]), image_size, channels)
+        y = torch.tensor(UNCONDITIONAL_LABEL)
+        if num_classes > 0:
+            if "cls" in sample:
+                label = int(sample["cls"].decode("ascii").strip())
+            elif label_key in meta:
+                label = int(meta[label_key])
+            else:
+                raise ValueError(f"sample {key!r} has no label (.cls or .json[{label_key!r}])")
+            if not 0 <= label < num_classes:
+                raise ValueError(f"sample {key!r} has label {label}, outside 0..{num_classes - 1}")
+            y = torch.tensor(label)
+    caption = None
+    if captions:
+        caption = sample["txt"].decode("utf-8") if "txt" in sample else str(meta.get(caption_key, ""))
+    return x, y.long(), caption
+
+
+# --- the stream ------------------------------------------------------------------------------------------
+
+
+class WebDatasetStream(IterableDataset):
+    """Batches from a standard webdataset shard set; ``len()`` = ``epoch_length`` batches.
+
+    A batch is ``(x (B, C, S, S) float32 in [-1, 1], y (B,) long)``, or with ``captions=True`` the dict
+    ``{"x", "y", "caption": list of B str}``. Every (rank, DataLoader worker) pair is a reader; reader k owns
+    shards k, k + readers, ... (split by rank, then by worker) and draws among them with replacement
+    (``resample=True``) or in reshuffled passes. ``rank`` / ``world_size`` default to webdataset's view of the
+    process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
+    ``epoch_length`` batches an epoch. ``corrupt`` is a shared (workers, 2) counter of (good, damaged) samples.
+    """
+
+    def __init__(
+        self, source: str | Sequence[str], batch_size: int, epoch_length: int, image_size: int, channels: int = 3,
+        num_classes: int = 0, captions: bool = False, shuffle_buffer: int = 1000, seed: int = 0,
+        resample: bool = True, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+        max_corrupt_fraction: float = 0.01, label_key: str = "label", caption_key: str = "caption",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0 or num_workers < 0:
+            raise ValueError(
+                f"batch_size and epoch_length must be >= 1, shuffle_buffer and num_workers >= 0; "
+                f"got {batch_size}, {epoch_length}, {shuffle_buffer}, {num_workers}"
+            )
+        if image_size < 1 or channels not in (1, 3) or num_classes < 0:
+            raise ValueError(f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {image_size}, "
+                             f"{channels}, {num_classes}")
+        if not 0.0 <= max_corrupt_fraction <= 1.0:
+            raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {max_corrupt_fraction}")
+        if rank is None or world_size is None:
+            from webdataset.utils import pytorch_worker_info
+
+            rank, world_size = pytorch_worker_info()[:2]
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.source = source if isinstance(source, str) else list(source)
+        self.urls, self.expected, self.encoding = resolve_shards(source)
+        if self.encoding not in (None, "npy", "png"):
+            raise ValueError(f"unknown flowmap shard encoding {self.encoding!r}")
+        self.batch_size, self.epoch_length, self.shuffle_buffer = int(batch_size), int(epoch_length), int(shuffle_buffer)
+        self.decode = partial(
+            decode_webdataset_sample, image_size=int(image_size), channels=int(channels), num_classes=int(num_classes),
+            captions=bool(captions), label_key=label_key, caption_key=caption_key,
+            encoding="npy" if self.encoding == "npy" else None,
+        )
+        self.data_shape = (int(channels), int(image_size), int(image_size))
+        self.captions, self.seed, self.resample = bool(captions), int(seed), bool(resample)
+        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
+        self.max_corrupt_fraction = float(max_corrupt_fraction)
+        self.epoch = 0
+        self.check_slots()
+        self.corrupt = torch.zeros(max(self.num_workers, 1), 2, dtype=torch.long).share_memory_()
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * max(self.num_workers, 1)
+
+    def check_slots(self) -> None:
+        """Raise ValueError when the shard set cannot give every (rank, worker) reader its own shard."""
+        if len(self.urls) < self.slots:
+            raise ValueError(
+                f"{len(self.urls)} shard(s) for {self.world_size} rank(s) x {max(self.num_workers, 1)} worker(s) = "
+                f"{self.slots} readers: every reader needs its own shard. Use fewer workers or more, smaller shards"
+            )
+
+    def __len__(self) -> int:
+        return self.epoch_length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def counts(self) -> tuple[int, int]:
+        """(good, damaged) samples read so far by all readers of this rank."""
+        good, bad = self.corrupt.sum(0).tolist()
+        return int(good), int(bad)
+
+    def own_urls(self, slot: int) -> list[str]:
+        """The shards of reader ``slot`` (= rank x workers + worker): by rank, then by worker."""
+        by_rank = self.urls[self.rank :: self.world_size]
+        workers = max(self.num_workers, 1)
+        return by_rank[slot - self.rank * workers :: workers]
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != max(self.num_workers, 1):
+            raise ValueError(f"WebDatasetStream was set up for {self.num_workers} worker(s) but runs with {workers}")
+        slot = self.rank * workers + worker
+        n_batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
+        rng = random.Random(mix_seed(self.seed, self.epoch, slot))
+        samples = self._samples(slot, worker, rng)
+        if self.shuffle_buffer > 1:
+            from webdataset.filters import shuffle
+
+            samples = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        for _ in range(n_batches):
+            batch = [next(samples) for _ in range(self.batch_size)]
+            x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+            yield {"x": x, "y": y, "caption": [b[2] for b in batch]} if self.captions else (x, y)
+
+    def _shard_order(self, own: list[str], slot: int, rng: random.Random) -> Iterator[str]:
+        if self.resample:
+            from webdataset.shardlists import ResampledShards
+
+            drawn = ResampledShards(own, seed=rng.getrandbits(63), worker_seed=partial(int, slot), deterministic=True)
+            yield from (d["url"] for d in drawn)
+        else:
+            own = list(own)
+            while True:
+                rng.shuffle(own)
+                yield from list(own)
+
+    def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor, str | None]]:
+        own = self.own_urls(slot)
+        reader = _Reader(self.decode, self.expected, self.corrupt.numpy()[worker])
+        good_at_pass = 0
+        for n, url in enumerate(self._shard_order(own, slot, rng), start=1):
+            yield from reader.read(url)
+            if n >= len(own):
+                self._check_damage(slot, reader)
+                if n % len(own) == 0:
+                    if reader.good == good_at_pass:
+                        raise CorruptShardError(f"no readable sample in {len(own)} shard(s) of {self.source!r} "
+                                                f"(reader {slot}); last error: {reader.last_error}")
+                    good_at_pass = reader.good
+
+    def _check_damage(self, slot: int, reader: _Reader) -> None:
+        total = reader.good + reader.bad
+        if total and reader.bad / total > self.max_corrupt_fraction:
+            raise CorruptShardError(
+                f"{reader.bad} of {total} samples read from {self.source!r} (rank {self.rank}, reader {slot}) were "
+                f"damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
+                f"last error: {reader.last_error or 'a short shard'}"
+            )
+
+
+class _Reader:
+    """Reads shards through webdataset's tar reader, decoding each sample with ``decode``; counts samples
+    yielded (``good``) and lost (``bad``) into ``counts`` (a (2,) view of shared memory) as well."""
+
+    def __init__(self, decode, expected: dict[str, int] | None, counts) -> None:
+        self.decode, self.expected, self.counts = decode, expected, counts
+        self.good, self.bad, self.last_error = 0, 0, ""
+        self.errors: list[str] = []
+        self.suffixes = set(IMAGE_SUFFIXES + LABEL_SUFFIXES + CAPTION_SUFFIXES + ("npy",))
+
+    def _count(self, good: int = 0, bad: int = 0) -> None:
+        self.good, self.bad = self.good + good, self.bad + bad
+        self.counts[0] += good
+        self.counts[1] += bad
+
+    def _handler(self, exn: Exception) -> bool:
+        """Tar-level error (unreadable file, truncated archive): without an index it counts one damaged sample;
+        with one, the samples the shard did not deliver are counted at its end."""
+        self._note(exn)
+        if self.expected is None:
+            self._count(bad=1)
+        return True
+
+    def _note(self, exn: Exception) -> None:
+        self.last_error = f"{type(exn).__name__}: {str(exn)[:200]}"
+        if len(self.errors) < 2:
+            self.errors.append(self.last_error)
+
+    def read(self, url: str) -> Iterator[tuple[Tensor, Tensor, str | None]]:
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        self.errors, seen = [], 0
+        files = tar_file_expander(url_opener([{"url": url}], handler=self._handler), handler=self._handler)
+        for sample in group_by_keys(files, suffixes=self.suffixes, handler=self._handler):
+            seen += 1
+            try:
+                item = self.decode(sample)
+            except Exception as exn:  # noqa: BLE001 - any undecodable or incomplete sample is skipped and counted
+                self._note(exn)
+                self._count(bad=1)
+                continue
+            self._count(good=1)
+            yield item
+        if self.expected is not None:
+            self._count(bad=max(self.expected.get(url, 0) - seen, 0))
+        if self.errors:
+            log.warning("damaged samples skipped in %s (%s); %d lost so far", url, "; ".join(self.errors), self.bad)
+
+
+__all__ = ["WebDatasetStream", "decode_webdataset_sample", "resolve_shards"]
