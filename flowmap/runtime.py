@@ -11,6 +11,8 @@ import os
 
 import torch
 
+THREADS_HELP = "CPU threads (0: 1 on a busy machine, else all cores; OMP_NUM_THREADS, when set, wins)"
+
 
 def pick_threads(requested: int = 0) -> int:
     """``requested`` when > 0; else 1 if the 1-minute load average exceeds 3/4 of the cores, else all cores."""
@@ -25,7 +27,10 @@ def pick_threads(requested: int = 0) -> int:
 
 
 def set_cpu_threads(requested: int = 0) -> int:
-    """Apply ``pick_threads`` to torch (unless OMP_NUM_THREADS is set by the user) and return the count."""
+    """Apply ``pick_threads`` to torch (unless OMP_NUM_THREADS is set by the user) and return the count.
+    Every script calls this once at start-up with its ``--threads`` value (``THREADS_HELP``)."""
+    if requested < 0:
+        raise ValueError(f"--threads must be >= 0 (0 picks the count), got {requested}")
     if requested <= 0 and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     threads = pick_threads(requested)
@@ -33,4 +38,4 @@ def set_cpu_threads(requested: int = 0) -> int:
     return threads
 
 
-__all__ = ["pick_threads", "set_cpu_threads"]
+__all__ = ["THREADS_HELP", "pick_threads", "set_cpu_threads"]

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowmap.app import load_student  # noqa: E402
 from flowmap.export import export_generator  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -35,11 +36,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the exported program accepts")
     p.add_argument("--static", action="store_true", help="export with a fixed batch size instead of a dynamic one")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
+    set_cpu_threads(a.threads)
     out = Path(a.out) if a.out else Path(a.student).with_name("generator.pt2")
     student = load_student(a.student)
     result = export_generator(student, out, batch=a.batch, guidance=a.guidance, dynamic=not a.static, max_batch=a.max_batch)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowmap.data.registry import get_dataset  # noqa: E402
 from flowmap.data.shards import ShardIndex, write_source_shards  # noqa: E402
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -51,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=parse_bytes, default=None, help="bytes per shard file, e.g. 256MB")
     p.add_argument("--encoding", default="auto", choices=["auto", "npy", "png"])
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     return p
 
 
 def make_shards(args: list[str] | None = None) -> ShardIndex:
     a = build_parser().parse_args(args)
+    set_cpu_threads(a.threads)
     try:
         kwargs = json.loads(a.kwargs)
     except json.JSONDecodeError as err:

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from flowmap.lightning.cli import main_guard  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
@@ -36,11 +37,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
     a = parse(argv)
+    set_cpu_threads(a.threads)
     model = load_model(a.checkpoint)
     g = torch.Generator().manual_seed(a.seed)
     noise = torch.randn((a.n, *model.data_shape), generator=g)

@@ -3,7 +3,8 @@
 YAML files compose with repeated ``--config`` (data, trainer, model); extra flags:
 ``--run_dir`` (everything a run writes), ``--logger`` (wandb | csv | tensorboard | none),
 ``--export`` (safetensors file written by rank 0 at the end), ``--resume`` (a checkpoint or ``last``),
-``--ckpt_every`` (steps between periodic checkpoints), ``--sample_every`` (steps between sample images).
+``--ckpt_every`` (steps between periodic checkpoints), ``--sample_every`` (steps between sample images),
+``--threads`` (CPU threads; default: ``flowmap.runtime.pick_threads``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from flowmap.io import atomic_write
 from flowmap.lightning.callbacks import ExportModel, SampleLogger
 from flowmap.lightning.loggers import LOGGERS, make_logger
+from flowmap.runtime import THREADS_HELP, set_cpu_threads
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -55,6 +57,11 @@ class FlowmapCLI(LightningCLI):
         parser.add_argument("--resume", type=str, default=None, help="checkpoint path, 'last', or 'auto' (last if it exists)")
         parser.add_argument("--ckpt_every", type=int, default=1000, help="steps between periodic checkpoints")
         parser.add_argument("--sample_every", type=int, default=0, help="steps between logged sample images (0: off)")
+        parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+
+    def before_instantiate_classes(self) -> None:
+        """Set torch's CPU thread count (``--threads``, else the busy-machine policy) before anything is built."""
+        set_cpu_threads(int(self.config["threads"]))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config
