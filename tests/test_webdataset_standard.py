@@ -194,11 +194,15 @@ def test_a_corrupt_jpeg_is_skipped_and_counted(tmp_path):
     (batch,) = list(stream)
     assert stream.counts() == (23, 1)
     assert sorted(ids(batch)) == [i for i in range(24) if i != 5]
-    # past max_corrupt_fraction (1 of 24 > 1%) the stream stops with the shard reader's error
-    strict = WebDatasetStream(str(tmp_path), batch_size=4, epoch_length=10, image_size=S, shuffle_buffer=0,
-                              max_corrupt_fraction=0.01)
-    with pytest.raises(CorruptShardError, match="more than max_corrupt_fraction=0.01"):
-        list(strict)
+    # past max_corrupt_fraction (1 of 24 > 1%, judged from 100 samples on) the stream stops with the shard
+    # reader's error, also when every epoch is shorter than that: the counts run on across epochs
+    strict = WebDatasetStream(str(tmp_path), batch_size=4, epoch_length=5, image_size=S, shuffle_buffer=0,
+                              max_corrupt_fraction=0.01, corrupt_min_samples=100)
+    with pytest.raises(CorruptShardError, match="more than max_corrupt_fraction=0.01") as err:
+        for epoch in range(10):
+            strict.set_epoch(epoch)
+            list(strict)
+    assert epoch >= 4 and sum(strict.counts()) >= 100, (epoch, strict.counts(), str(err.value))
 
 
 def test_flowmap_shards_with_index_are_read_exactly(tmp_path):
@@ -219,7 +223,7 @@ def test_flowmap_shards_with_index_are_read_exactly(tmp_path):
     shard = tmp_path / "own" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 3 * 1024])  # keeps the first sample or two of 8
     stream = WebDatasetStream(str(tmp_path / "own"), batch_size=1, epoch_length=100, image_size=8,
-                              shuffle_buffer=0, resample=False, max_corrupt_fraction=0.2)
+                              shuffle_buffer=0, resample=False, max_corrupt_fraction=0.2, corrupt_min_samples=16)
     with pytest.raises(CorruptShardError) as err:
         list(stream)
     bad, total = (int(v) for v in re.match(r"(\d+) of (\d+) samples", str(err.value)).groups())

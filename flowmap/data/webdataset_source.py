@@ -20,9 +20,9 @@ damaged sample.
 ``WebDatasetStream`` splits the shards by rank then by DataLoader worker (what ``wds.split_by_node`` and
 ``wds.split_by_worker`` do, with the rank given by the trainer), draws each reader's shards with replacement
 (webdataset's ``ResampledShards``, seeded by (seed, epoch, reader)) and yields a fixed number of batches per
-epoch, so every rank takes the same number of steps. Damaged samples are skipped, counted in the same shared
-(good, damaged) counter as ``flowmap.data.shards.ShardStream`` and stop the stream with its
-``CorruptShardError`` past ``max_corrupt_fraction``.
+epoch, so every rank takes the same number of steps. Damaged samples are skipped and counted per reader in
+shared memory, across epochs; once a reader has tried ``corrupt_min_samples`` samples, a damaged share above
+``max_corrupt_fraction`` stops the stream with the shard reader's ``CorruptShardError``.
 """
 
 from __future__ import annotations
@@ -147,14 +147,17 @@ class WebDatasetStream(IterableDataset):
     shards k, k + readers, ... (split by rank, then by worker) and draws among them with replacement
     (``resample=True``) or in reshuffled passes. ``rank`` / ``world_size`` default to webdataset's view of the
     process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
-    ``epoch_length`` batches an epoch. ``corrupt`` is a shared (workers, 2) counter of (good, damaged) samples.
+    ``epoch_length`` batches an epoch. ``corrupt`` is a shared (workers, 2) counter of (good, damaged) samples,
+    kept across epochs; a reader stops with ``CorruptShardError`` when, after at least ``corrupt_min_samples``
+    samples, more than ``max_corrupt_fraction`` of what it tried was damaged or missing.
     """
 
     def __init__(
         self, source: str | Sequence[str], batch_size: int, epoch_length: int, image_size: int, channels: int = 3,
         num_classes: int = 0, captions: bool = False, shuffle_buffer: int = 1000, seed: int = 0,
         resample: bool = True, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01, label_key: str = "label", caption_key: str = "caption",
+        max_corrupt_fraction: float = 0.01, corrupt_min_samples: int = 100, label_key: str = "label",
+        caption_key: str = "caption",
     ) -> None:
         super().__init__()
         if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0 or num_workers < 0:
@@ -165,8 +168,9 @@ class WebDatasetStream(IterableDataset):
         if image_size < 1 or channels not in (1, 3) or num_classes < 0:
             raise ValueError(f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {image_size}, "
                              f"{channels}, {num_classes}")
-        if not 0.0 <= max_corrupt_fraction <= 1.0:
-            raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {max_corrupt_fraction}")
+        if not 0.0 <= max_corrupt_fraction <= 1.0 or corrupt_min_samples < 1:
+            raise ValueError(f"max_corrupt_fraction must lie in [0, 1] and corrupt_min_samples be >= 1, got "
+                             f"{max_corrupt_fraction}, {corrupt_min_samples}")
         if rank is None or world_size is None:
             from webdataset.utils import pytorch_worker_info
 
@@ -186,7 +190,7 @@ class WebDatasetStream(IterableDataset):
         self.data_shape = (int(channels), int(image_size), int(image_size))
         self.captions, self.seed, self.resample = bool(captions), int(seed), bool(resample)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.max_corrupt_fraction = float(max_corrupt_fraction)
+        self.max_corrupt_fraction, self.corrupt_min_samples = float(max_corrupt_fraction), int(corrupt_min_samples)
         self.epoch = 0
         self.check_slots()
         self.corrupt = torch.zeros(max(self.num_workers, 1), 2, dtype=torch.long).share_memory_()
@@ -252,23 +256,24 @@ class WebDatasetStream(IterableDataset):
 
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor, str | None]]:
         own = self.own_urls(slot)
-        reader = _Reader(self.decode, self.expected, self.corrupt.numpy()[worker])
+        reader = _Reader(self.decode, self.expected)
+        reader.on_count = partial(self._count, slot, self.corrupt.numpy()[worker], reader)
         good_at_pass = 0
         for n, url in enumerate(self._shard_order(own, slot, rng), start=1):
             yield from reader.read(url)
-            if n >= len(own):
-                self._check_damage(slot, reader)
-                if n % len(own) == 0:
-                    if reader.good == good_at_pass:
-                        raise CorruptShardError(f"no readable sample in {len(own)} shard(s) of {self.source!r} "
-                                                f"(reader {slot}); last error: {reader.last_error}")
-                    good_at_pass = reader.good
+            if n % len(own) == 0:
+                if reader.good == good_at_pass:
+                    raise CorruptShardError(f"no readable sample in {len(own)} shard(s) of {self.source!r} "
+                                            f"(reader {slot}); last error: {reader.last_error}")
+                good_at_pass = reader.good
 
-    def _check_damage(self, slot: int, reader: _Reader) -> None:
-        total = reader.good + reader.bad
-        if total and reader.bad / total > self.max_corrupt_fraction:
+    def _count(self, slot: int, row, reader: _Reader, n: int, damaged: bool) -> None:
+        """Add ``n`` samples to this reader's shared (good, damaged) row; raise past the limit."""
+        row[int(damaged)] += n
+        good, bad = int(row[0]), int(row[1])
+        if good + bad >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * (good + bad):
             raise CorruptShardError(
-                f"{reader.bad} of {total} samples read from {self.source!r} (rank {self.rank}, reader {slot}) were "
+                f"{bad} of {good + bad} samples read from {self.source!r} (rank {self.rank}, reader {slot}) were "
                 f"damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
                 f"last error: {reader.last_error or 'a short shard'}"
             )
@@ -276,18 +281,19 @@ class WebDatasetStream(IterableDataset):
 
 class _Reader:
     """Reads shards through webdataset's tar reader, decoding each sample with ``decode``; counts samples
-    yielded (``good``) and lost (``bad``) into ``counts`` (a (2,) view of shared memory) as well."""
+    yielded (``good``) and lost (``bad``) and reports each count to ``on_count(n, damaged)`` when set."""
 
-    def __init__(self, decode, expected: dict[str, int] | None, counts) -> None:
-        self.decode, self.expected, self.counts = decode, expected, counts
+    def __init__(self, decode, expected: dict[str, int] | None) -> None:
+        self.decode, self.expected, self.on_count = decode, expected, None
         self.good, self.bad, self.last_error = 0, 0, ""
         self.errors: list[str] = []
         self.suffixes = set(IMAGE_SUFFIXES + LABEL_SUFFIXES + CAPTION_SUFFIXES + ("npy",))
 
     def _count(self, good: int = 0, bad: int = 0) -> None:
         self.good, self.bad = self.good + good, self.bad + bad
-        self.counts[0] += good
-        self.counts[1] += bad
+        for n, damaged in ((good, False), (bad, True)):
+            if n and self.on_count is not None:
+                self.on_count(n, damaged)
 
     def _handler(self, exn: Exception) -> bool:
         """Tar-level error (unreadable file, truncated archive): without an index it counts one damaged sample;
