@@ -3,8 +3,7 @@
 YAML files compose with repeated ``--config`` (data, trainer, model); extra flags:
 ``--run_dir`` (everything a run writes), ``--logger`` (wandb | csv | tensorboard | none),
 ``--export`` (safetensors file written by rank 0 at the end), ``--resume`` (a checkpoint or ``last``),
-``--ckpt_every`` (steps between periodic checkpoints), ``--sample_every`` (steps between sample images),
-``--threads`` (CPU threads; default: ``flowmap.runtime.pick_threads``).
+``--ckpt_every`` (steps between periodic checkpoints), ``--sample_every`` (steps between sample images).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from lightning.pytorch.cli import LightningCLI
 from flowmap.io import atomic_write
 from flowmap.lightning.callbacks import ExportModel, SampleLogger
 from flowmap.lightning.loggers import LOGGERS, make_logger
-from flowmap.runtime import THREADS_HELP, set_cpu_threads
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,18 +48,22 @@ class FlowmapCLI(LightningCLI):
         finally:
             sys.argv = argv
 
+    def before_instantiate_classes(self) -> None:
+        """``--threads``: torch's CPU threads (0: ``flowmap.runtime.pick_threads``), set before anything is built."""
+        from flowmap.runtime import set_cpu_threads
+
+        set_cpu_threads(int(self.config["threads"]))
+
     def add_arguments_to_parser(self, parser) -> None:
+        from flowmap.runtime import THREADS_HELP
+
+        parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
         parser.add_argument("--run_dir", type=str, default="runs/default", help="directory for checkpoints, logs, samples")
         parser.add_argument("--logger", type=str, default="wandb", help=f"one of {LOGGERS}")
         parser.add_argument("--export", type=str, default=None, help="safetensors path for the final model")
         parser.add_argument("--resume", type=str, default=None, help="checkpoint path, 'last', or 'auto' (last if it exists)")
         parser.add_argument("--ckpt_every", type=int, default=1000, help="steps between periodic checkpoints")
         parser.add_argument("--sample_every", type=int, default=0, help="steps between logged sample images (0: off)")
-        parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
-
-    def before_instantiate_classes(self) -> None:
-        """Set torch's CPU thread count (``--threads``, else the busy-machine policy) before anything is built."""
-        set_cpu_threads(int(self.config["threads"]))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config
