@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.app import load_student  # noqa: E402
 from flowmap.export import export_generator  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
-from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -35,8 +35,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="example batch size for tracing")
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the exported program accepts")
     p.add_argument("--static", action="store_true", help="export with a fixed batch size instead of a dynamic one")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)")
     return p.parse_args(argv)
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.data.registry import get_dataset  # noqa: E402
 from flowmap.data.shards import ShardIndex, write_source_shards  # noqa: E402
-from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-count", type=int, default=None, help="samples per shard")
     p.add_argument("--max-bytes", type=parse_bytes, default=None, help="bytes per shard file, e.g. 256MB")
     p.add_argument("--encoding", default="auto", choices=["auto", "npy", "png"])
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--overwrite", action="store_true")
     return p
 
 

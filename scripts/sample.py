@@ -36,8 +36,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    p.add_argument("--out", default="samples", help="output directory")
     return p.parse_args(argv)
 
 
