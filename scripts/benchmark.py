@@ -1114,8 +1114,6 @@ def _fmt_row(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    from flowmap.guard import main_guard
+
+    main_guard(main)
