@@ -193,7 +193,7 @@ class _StdoutInfo(logging.StreamHandler):
 def _info_to_stdout() -> None:
     """Send Lightning's info lines to stdout and keep its stderr handlers for warnings and errors, so a user
     error is the only line on stderr."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         log = logging.getLogger(name)
         if any(isinstance(h, _StdoutInfo) for h in log.handlers):
             continue
