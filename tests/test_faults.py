@@ -354,5 +354,5 @@ def test_fault_stops_are_one_line(files, capsys, tmp_path):
     code, err, _ = _guarded(capsys, teacher_script.main, ["--config", str(ROOT / "configs/teacher/checkerboard.yaml"),
                                                           "--config", str(ROOT / "configs/trainer/quick.yaml"), "--logger", "none",
                                                           "--model.net", NET_YAML, *data, "--run_dir", str(tmp_path / "cs")])
-    assert code == 2 and err[-1].startswith("error: ") and "shards" in err[-1], err
+    assert code == 2 and err[-1].startswith("error: ") and "were damaged or missing" in err[-1] and str(shards) in err[-1], err
     assert sum(line.startswith("error:") for line in err) == 1 and not any("Traceback" in line for line in err)
