@@ -217,6 +217,8 @@ def test_resume_with_another_teacher_refuses_or_swaps(files, capsys, tmp_path):
                                    "--resume", "last", "--teacher_swap"])
     out = capsys.readouterr().out
     assert swapped.trainer.global_step == 5
+    io = swapped.trainer.strategy.checkpoint_io  # Lightning restored through the policy's CheckpointIO, which took
+    assert type(io).__name__ == "AtomicCheckpointIO" and io.preloaded is None  # the pre-flight's copy (no second read)
     assert sum(line.startswith("--teacher_swap: continuing the run with teacher") for line in out.splitlines()) == 1
     b_weights = read_state(files["teacher_b"])[0]
     used = swapped.model.teacher.teacher.net.state_dict()
