@@ -110,7 +110,7 @@ def _guarded(capsys, main, args: list[str]) -> tuple[int, list[str], str]:
 def _one_line(capsys, main, args: list[str], match: str) -> str:
     code, err, _ = _guarded(capsys, main, args)
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: ") and match in err[0], err[0]
+    assert err[0].startswith("error: ") and match in err[0] and "Traceback" not in err[0], err[0]
     return err[0]
 
 
@@ -358,3 +358,16 @@ def test_fault_stops_are_one_line(files, capsys, tmp_path):
                                                           "--model.net", NET_YAML, *data, "--run_dir", str(tmp_path / "cs")])
     assert code == 2 and err[-1].startswith("error: ") and "were damaged or missing" in err[-1] and str(shards) in err[-1], err
     assert sum(line.startswith("error:") for line in err) == 1 and not any("Traceback" in line for line in err)
+    # raised in a DataLoader worker, torch re-raises it with the worker's traceback in the message: still one line
+    from torch._utils import ExceptionWrapper
+
+    from flowmap.data.shards import CorruptShardError
+
+    def worker_failure(args):
+        try:
+            raise CorruptShardError("12 of 40 samples read from 'data/cb' were damaged or missing")
+        except CorruptShardError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    _one_line(capsys, worker_failure, [], "error: 12 of 40 samples read from 'data/cb' were damaged or missing")
+
