@@ -22,7 +22,9 @@ class ScriptParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (also FLOWMAP_DEBUG=1)")
+        self.add_argument(
+            "--debug", action="store_true", help="show tracebacks instead of one-line errors (also FLOWMAP_DEBUG=1)"
+        )
 
     def error(self, message: str):
         raise ValueError(f"{self.prog}: {message}")
@@ -51,7 +53,12 @@ def _is_user_error(err: BaseException, root: BaseException) -> bool:
 
     faults = (ValueError, OSError, KeyError, NonFiniteLossError, CorruptShardError)
     lightning_config = any(c.__name__ == "MisconfigurationException" for c in type(root).__mro__)
-    return isinstance(root, faults) or lightning_config or type(err).__name__ == "ArgumentError" or "jsonargparse" in type(err).__module__
+    return (
+        isinstance(root, faults)
+        or lightning_config
+        or type(err).__name__ == "ArgumentError"
+        or "jsonargparse" in type(err).__module__
+    )
 
 
 def debug_requested() -> bool:

@@ -70,7 +70,8 @@ def read_config(path: str | Path) -> dict:
     try:
         config = json.loads(meta[CONFIG_KEY])
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not valid JSON ({err}); the file is damaged") from None
+        raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not valid JSON ({err}); the file is damaged") \
+            from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not a JSON object; the file is damaged")
     if config.get("format") != FORMAT:
@@ -153,7 +154,8 @@ def load_torch_file(path: str | Path, expected: str, map_location="cpu") -> dict
         raise CheckpointError(f"{path}: no such file; expected {expected}")
     kind = file_kind(path)
     if kind != "torch-zip":
-        what = {"safetensors": "a safetensors file", "pickle": "a bare pickle stream (never loaded)"}.get(kind, "not a PyTorch file")
+        found = {"safetensors": "a safetensors file", "pickle": "a bare pickle stream (never loaded)"}
+        what = found.get(kind, "not a PyTorch file")
         raise CheckpointError(f"{path}: {what}; expected {expected}")
     try:
         with _no_unsafe_load_override():
@@ -166,13 +168,15 @@ def load_torch_file(path: str | Path, expected: str, map_location="cpu") -> dict
             f"Expected {expected}"
         ) from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a PyTorch file holding a {type(data).__name__}, not a dict; expected {expected}")
+        raise CheckpointError(f"{path}: a PyTorch file holding a {type(data).__name__}, not a dict; "
+                              f"expected {expected}")
     return data
 
 
 def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
     """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
-    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def fingerprint(state: dict[str, Tensor]) -> str:

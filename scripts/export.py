@@ -37,7 +37,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.max_batch < a.batch:
-        raise ValueError(f"--batch must be at least 1 and at most --max-batch, got --batch {a.batch} --max-batch {a.max_batch}")
+        raise ValueError(f"--batch must be at least 1 and at most --max-batch, got --batch {a.batch} "
+                         f"--max-batch {a.max_batch}")
     return a
 
 

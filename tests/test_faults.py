@@ -45,10 +45,26 @@ import train_teacher as teacher_script  # noqa: E402
 
 NET = {"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 8}
 NET_YAML = "{name: mlp, data_shape: [2], width: 16, depth: 1, emb_dim: 8}"
-QUICK = ["--config", str(ROOT / "configs/trainer/quick.yaml"), "--logger", "none", "--trainer.enable_progress_bar", "false",
-         "--data.init_args.n_train", "512", "--data.init_args.batch_size", "64"]
+QUICK = [
+    "--config",
+    str(ROOT / "configs/trainer/quick.yaml"),
+    "--logger",
+    "none",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.n_train",
+    "512",
+    "--data.init_args.batch_size",
+    "64",
+]
 TEACHER = ["--config", str(ROOT / "configs/teacher/checkerboard.yaml"), *QUICK, "--model.net", NET_YAML]
-DISTILL = ["--config", str(ROOT / "configs/distill/cd_checkerboard.yaml"), *QUICK, "--model.student", f"{{net: {NET_YAML}}}"]
+DISTILL = [
+    "--config",
+    str(ROOT / "configs/distill/cd_checkerboard.yaml"),
+    *QUICK,
+    "--model.student",
+    f"{{net: {NET_YAML}}}",
+]
 
 
 class Payload:
@@ -65,8 +81,12 @@ class Payload:
 def files(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("faults")
     f = {"dir": d, "marker": d / "MARKER"}
-    f["teacher_a"] = save_teacher(d / "teacher_a.safetensors", NetVelocity(trained_like(build_net(NET), 1), "linear", "velocity"))
-    f["teacher_b"] = save_teacher(d / "teacher_b.safetensors", NetVelocity(trained_like(build_net(NET), 2), "linear", "velocity"))
+    f["teacher_a"] = save_teacher(
+        d / "teacher_a.safetensors", NetVelocity(trained_like(build_net(NET), 1), "linear", "velocity")
+    )
+    f["teacher_b"] = save_teacher(
+        d / "teacher_b.safetensors", NetVelocity(trained_like(build_net(NET), 2), "linear", "velocity")
+    )
     nan_net = trained_like(build_net(NET), 3)
     with torch.no_grad():
         next(nan_net.parameters()).view(-1)[0] = float("nan")
@@ -76,8 +96,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     save_file(state, d / "garbled.safetensors", metadata={"flowmap_config": '{"format": "flowmap", "kind": "stud'})
     f["garbled"] = d / "garbled.safetensors"
-    evil = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": {"net": NET},
-            "pytorch-lightning_version": "2.6.0", "global_step": 1, "callbacks": Payload(f["marker"])}
+    evil = {
+        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+        "hyper_parameters": {"net": NET},
+        "pytorch-lightning_version": "2.6.0",
+        "global_step": 1,
+        "callbacks": Payload(f["marker"]),
+    }
     for name in ("evil.ckpt", "evil.safetensors", "evil.pt"):
         torch.save(evil, d / name)
     f["evil_ckpt"], f["evil_st"], f["evil_pt"] = d / "evil.ckpt", d / "evil.safetensors", d / "evil.pt"
@@ -133,8 +158,12 @@ def test_malicious_pickle_on_every_entry_point_never_runs(files, old_torch_defau
     cases = [  # (script, arguments, the file the line must name, what it must say)
         (distill_script.main, [*DISTILL, "--teacher", evil, "--run_dir", str(tmp_path / "r1")], evil, "refused"),
         (teacher_script.main, [*TEACHER, "--run_dir", str(tmp_path / "r2"), "--resume", evil], evil, "refused"),
-        (distill_script.main, [*DISTILL, "--teacher", str(files["teacher_a"]), "--run_dir", str(tmp_path / "r3"), "--resume", evil],
-         evil, "refused"),
+        (
+            distill_script.main,
+            [*DISTILL, "--teacher", str(files["teacher_a"]), "--run_dir", str(tmp_path / "r3"), "--resume", evil],
+            evil,
+            "refused",
+        ),
         (teacher_script.main, [*TEACHER, "--run_dir", str(run), "--resume", "last"], str(planted), "refused"),
         (teacher_script.main, [*TEACHER, "--run_dir", str(run), "--resume", "auto"], str(planted), "refused"),
         (sample_script.main, [evil_st, "--out", str(tmp_path / "s")], evil_st, "not a safetensors checkpoint"),
@@ -148,7 +177,9 @@ def test_malicious_pickle_on_every_entry_point_never_runs(files, old_torch_defau
         with pytest.raises(CheckpointError):
             flowmap.load_student(path)
     assert not files["marker"].exists()
-    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3", "s", "g.pt2"))  # refused before anything was written
+    assert not any(
+        (tmp_path / r).exists() for r in ("r1", "r2", "r3", "s", "g.pt2")
+    )  # refused before anything was written
 
 
 def test_lightning_restores_only_through_the_policy_including_hpc(files, old_torch_default, tmp_path):
@@ -163,8 +194,15 @@ def test_lightning_restores_only_through_the_policy_including_hpc(files, old_tor
     def fit(plugins, root: Path):
         root.mkdir()
         (root / "hpc_ckpt_1.ckpt").write_bytes(files["evil_ckpt"].read_bytes())
-        trainer = L.Trainer(max_steps=1, default_root_dir=str(root), plugins=plugins, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            max_steps=1,
+            default_root_dir=str(root),
+            plugins=plugins,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(TeacherModule(net=NET), datamodule=ToyDataModule(n_train=64, batch_size=16), ckpt_path="hpc")
 
     with pytest.raises(CheckpointError, match=r"hpc_ckpt_1.ckpt: refused.*none of its code was run"):
@@ -180,14 +218,26 @@ def test_malicious_resume_in_a_real_process_is_one_line(files, tmp_path):
     """End to end in a fresh interpreter with the environment forcing torch's old default."""
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("FLOWMAP_DEBUG", None)
-    r = subprocess.run([sys.executable, str(ROOT / "scripts/sample.py"), str(files["evil_st"]), "--out", str(tmp_path / "s")],
-                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/sample.py"), str(files["evil_st"]), "--out", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ") and "evil.safetensors" in r.stderr
     assert not files["marker"].exists() and not (tmp_path / "s").exists()
     # --debug: the traceback instead of the line
-    r = subprocess.run([sys.executable, str(ROOT / "scripts/sample.py"), str(files["text"]), "--debug"],
-                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/sample.py"), str(files["text"]), "--debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "CheckpointError" in r.stderr
 
 
@@ -205,16 +255,32 @@ def test_resume_with_another_teacher_refuses_or_swaps(files, capsys, tmp_path):
     assert ckpt["flowmap_teacher"]["fingerprint"] == first.model.teacher_identity()["fingerprint"]
     assert ckpt["flowmap_teacher"]["source"] == str(files["teacher_a"])
     before = last.read_bytes()
-    line = _one_line(capsys, distill_script.main, [*DISTILL, "--teacher", str(files["teacher_b"]), *run[:2],
-                                                   "--trainer.max_steps", "5", "--resume", "last"], "--resume")
+    line = _one_line(
+        capsys,
+        distill_script.main,
+        [*DISTILL, "--teacher", str(files["teacher_b"]), *run[:2], "--trainer.max_steps", "5", "--resume", "last"],
+        "--resume",
+    )
     assert "teacher_a.safetensors" in line and "teacher_b.safetensors" in line and "--teacher_swap" in line
     assert last.read_bytes() == before
     # the same teacher resumes; --teacher_swap continues with the new one, says so, and trains against it
-    same = distill_script.main([*DISTILL, "--teacher", str(files["teacher_a"]), *run[:2], "--trainer.max_steps", "4",
-                                "--resume", "last"])
+    same = distill_script.main(
+        [*DISTILL, "--teacher", str(files["teacher_a"]), *run[:2], "--trainer.max_steps", "4", "--resume", "last"]
+    )
     assert same.trainer.global_step == 4
-    swapped = distill_script.main([*DISTILL, "--teacher", str(files["teacher_b"]), *run[:2], "--trainer.max_steps", "5",
-                                   "--resume", "last", "--teacher_swap"])
+    swapped = distill_script.main(
+        [
+            *DISTILL,
+            "--teacher",
+            str(files["teacher_b"]),
+            *run[:2],
+            "--trainer.max_steps",
+            "5",
+            "--resume",
+            "last",
+            "--teacher_swap",
+        ]
+    )
     out = capsys.readouterr().out
     assert swapped.trainer.global_step == 5
     io = swapped.trainer.strategy.checkpoint_io  # Lightning restored through the policy's CheckpointIO, which took
@@ -223,7 +289,10 @@ def test_resume_with_another_teacher_refuses_or_swaps(files, capsys, tmp_path):
     b_weights = read_state(files["teacher_b"])[0]
     used = swapped.model.teacher.teacher.net.state_dict()
     assert all(torch.equal(used[k], b_weights[k]) for k in b_weights)
-    assert torch.load(last, weights_only=True)["flowmap_teacher"]["fingerprint"] == swapped.model.teacher_identity()["fingerprint"]
+    assert (
+        torch.load(last, weights_only=True)["flowmap_teacher"]["fingerprint"]
+        == swapped.model.teacher_identity()["fingerprint"]
+    )
 
 
 # --- NaN teacher --------------------------------------------------------------------------------------------
@@ -239,8 +308,16 @@ def test_nan_teacher_is_refused_at_load_for_every_kind(files, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_teacher(tmp_path / "inf.ckpt")
     diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                                 norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     with torch.no_grad():
         unet.conv_out.weight[0, 0, 0, 0] = float("nan")
     unet.save_pretrained(tmp_path / "unet")
@@ -248,18 +325,24 @@ def test_nan_teacher_is_refused_at_load_for_every_kind(files, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_teacher(tmp_path / "unet")
     # through the script: one line, and the student never gets the NaNs (nothing runs)
-    _one_line(capsys, distill_script.main, [*DISTILL, "--teacher", str(files["teacher_nan"]), "--run_dir", str(tmp_path / "r")],
-              "teacher_nan.safetensors: the teacher's weights hold NaN")
+    _one_line(
+        capsys,
+        distill_script.main,
+        [*DISTILL, "--teacher", str(files["teacher_nan"]), "--run_dir", str(tmp_path / "r")],
+        "teacher_nan.safetensors: the teacher's weights hold NaN",
+    )
     assert not (tmp_path / "r").exists()
 
 
 # --- pre-flight: nothing written before the checks pass ------------------------------------------------------
 def test_bad_export_or_run_dir_fails_before_step_one(files, capsys, tmp_path):
     run = tmp_path / "run"
-    for bad, match in ((["--export", str(files["regular"] / "t.safetensors")], "is a regular file, not a folder"),
-                       (["--export", "/proc/flowmap_faults/t.safetensors"], "cannot write in /proc"),
-                       (["--export", str(files["folder"])], "is a folder, not a file path"),
-                       (["--trainer.max_steps", "0", "--export", str(tmp_path / "t.safetensors")], "max_steps must be a positive")):
+    for bad, match in (
+        (["--export", str(files["regular"] / "t.safetensors")], "is a regular file, not a folder"),
+        (["--export", "/proc/flowmap_faults/t.safetensors"], "cannot write in /proc"),
+        (["--export", str(files["folder"])], "is a folder, not a file path"),
+        (["--trainer.max_steps", "0", "--export", str(tmp_path / "t.safetensors")], "max_steps must be a positive"),
+    ):
         _one_line(capsys, teacher_script.main, [*TEACHER, "--run_dir", str(run), *bad], match)
         assert not run.exists() and not (tmp_path / "t.safetensors").exists()
     _one_line(capsys, teacher_script.main, [*TEACHER, "--run_dir", str(files["regular"] / "run")], "is a regular file")
@@ -274,16 +357,35 @@ def _bad_inputs(f: dict[str, Path], tmp: Path) -> list[tuple[str, object, list[s
         ("max_steps negative", teacher_script.main, [*TEACHER, *r, "--trainer.max_steps", "-5"], "got -5"),
         ("max_steps zero", teacher_script.main, [*TEACHER, *r, "--trainer.max_steps", "0"], "got 0"),
         ("ckpt_every zero", teacher_script.main, [*TEACHER, *r, "--ckpt_every", "0"], "--ckpt_every"),
-        ("data shape", teacher_script.main, [*TEACHER, *r, "--model.net", "{name: mlp, data_shape: [3], width: 8}"],
-         "has samples of shape (2,), the network expects (3,)"),
-        ("resume missing", teacher_script.main, [*TEACHER, *r, "--resume", str(tmp / "nope.ckpt")], "no checkpoint file"),
+        (
+            "data shape",
+            teacher_script.main,
+            [*TEACHER, *r, "--model.net", "{name: mlp, data_shape: [3], width: 8}"],
+            "has samples of shape (2,), the network expects (3,)",
+        ),
+        (
+            "resume missing",
+            teacher_script.main,
+            [*TEACHER, *r, "--resume", str(tmp / "nope.ckpt")],
+            "no checkpoint file",
+        ),
         ("resume last none", teacher_script.main, [*TEACHER, *r, "--resume", "last"], "--resume last: no checkpoint"),
         ("resume text", teacher_script.main, [*TEACHER, *r, "--resume", str(f["text"])], "not a PyTorch file"),
-        ("resume safetensors", teacher_script.main, [*TEACHER, *r, "--resume", str(f["student"])], "a safetensors file; expected"),
+        (
+            "resume safetensors",
+            teacher_script.main,
+            [*TEACHER, *r, "--resume", str(f["student"])],
+            "a safetensors file; expected",
+        ),
         ("unknown logger", teacher_script.main, [*TEACHER, *r, "--logger", "nonsense"], "unknown logger"),
         ("unknown key", teacher_script.main, [*TEACHER, *r, "--model.not_a_key", "1"], "not_a_key"),
         ("missing config", teacher_script.main, ["--config", str(tmp / "none.yaml"), *r], "none.yaml"),
-        ("teacher missing", distill_script.main, [*DISTILL, *r, "--teacher", str(tmp / "nope.safetensors")], "no such file"),
+        (
+            "teacher missing",
+            distill_script.main,
+            [*DISTILL, *r, "--teacher", str(tmp / "nope.safetensors")],
+            "no such file",
+        ),
         ("teacher no path", distill_script.main, [*DISTILL, *r, "--teacher"], "--teacher needs a path"),
         ("teacher is student", distill_script.main, [*DISTILL, *r, "--teacher", str(f["student"])], "not a teacher"),
         ("teacher text", distill_script.main, [*DISTILL, *r, "--teacher", str(f["text"])], "not a checkpoint"),
@@ -294,17 +396,34 @@ def _bad_inputs(f: dict[str, Path], tmp: Path) -> list[tuple[str, object, list[s
         ("sample gamma", sample_script.main, [str(f["student"]), "--gamma", "2"], "--gamma must lie in [0, 1]"),
         ("sample n not int", sample_script.main, [str(f["student"]), "--n", "many"], "invalid int value: 'many'"),
         ("sample no args", sample_script.main, [], "the following arguments are required: checkpoint"),
-        ("sample out under file", sample_script.main, [str(f["student"]), "--n", "4", "--out", str(f["regular"] / "s")],
-         "a_regular_file"),
+        (
+            "sample out under file",
+            sample_script.main,
+            [str(f["student"]), "--n", "4", "--out", str(f["regular"] / "s")],
+            "a_regular_file",
+        ),
         ("export missing", export_script.main, [str(tmp / "nope.safetensors")], "no such checkpoint file"),
         ("export teacher", export_script.main, [str(f["teacher_a"])], "a teacher checkpoint, not a student"),
         ("export garbled", export_script.main, [str(f["garbled"])], "not valid JSON"),
         ("export batch", export_script.main, [str(f["student"]), "--batch", "0"], "--batch must be at least 1"),
-        ("shards kwargs", make_shards_script.main, ["--dataset", "checkerboard", "--kwargs", "{nope", "--out", str(tmp / "s")],
-         "--kwargs must be a JSON object"),
-        ("shards unknown set", make_shards_script.main, ["--dataset", "no_such_set", "--out", str(tmp / "s")], "no_such_set"),
-        ("shards bytes", make_shards_script.main, ["--dataset", "checkerboard", "--max-bytes", "12XB", "--out", str(tmp / "s")],
-         "cannot read a byte size from '12XB'"),
+        (
+            "shards kwargs",
+            make_shards_script.main,
+            ["--dataset", "checkerboard", "--kwargs", "{nope", "--out", str(tmp / "s")],
+            "--kwargs must be a JSON object",
+        ),
+        (
+            "shards unknown set",
+            make_shards_script.main,
+            ["--dataset", "no_such_set", "--out", str(tmp / "s")],
+            "no_such_set",
+        ),
+        (
+            "shards bytes",
+            make_shards_script.main,
+            ["--dataset", "checkerboard", "--max-bytes", "12XB", "--out", str(tmp / "s")],
+            "cannot read a byte size from '12XB'",
+        ),
         ("shards no source", make_shards_script.main, ["--out", str(tmp / "s")], "one of the arguments"),
         ("features out", feature_script.main, ["--out", str(tmp / "f.txt")], "--out must name a .safetensors file"),
         ("demo method", demo_script.main, ["--method", "nope", "--out", str(tmp / "demo")], "unknown method 'nope'"),
@@ -338,8 +457,21 @@ def test_garbled_student_config_is_a_checkpoint_error(files):
 def test_fault_stops_are_one_line(files, capsys, tmp_path):
     """NonFiniteLossError (a learning rate that overflows the weights) and CorruptShardError (every shard
     garbled) stop the run with one error line and exit code 2, not a traceback."""
-    code, err, _ = _guarded(capsys, teacher_script.main, [*TEACHER, "--run_dir", str(tmp_path / "nan"), "--model.lr", "1e38",
-                                                          "--model.warmup_steps", "0", "--model.max_nonfinite", "2"])
+    code, err, _ = _guarded(
+        capsys,
+        teacher_script.main,
+        [
+            *TEACHER,
+            "--run_dir",
+            str(tmp_path / "nan"),
+            "--model.lr",
+            "1e38",
+            "--model.warmup_steps",
+            "0",
+            "--model.max_nonfinite",
+            "2",
+        ],
+    )
     assert code == 2 and err[-1].startswith("error: 2 training steps in a row had a non-finite loss"), err
     assert sum(line.startswith("error:") for line in err) == 1 and not any("Traceback" in line for line in err)
 
@@ -350,13 +482,41 @@ def test_fault_stops_are_one_line(files, capsys, tmp_path):
     index = write_source_shards(get_dataset("checkerboard", n_train=64, n_val=1), shards, max_count=32)
     g = torch.Generator().manual_seed(0)
     for path in index.paths:
-        path.write_bytes(torch.randint(0, 256, (path.stat().st_size,), generator=g, dtype=torch.uint8).numpy().tobytes())
-    data = ["--data", "flowmap.lightning.streaming.ShardDataModule", "--data.init_args.root", str(shards),
-            "--data.init_args.batch_size", "8", "--data.init_args.epoch_length", "4", "--data.init_args.shuffle_buffer", "0"]
-    code, err, _ = _guarded(capsys, teacher_script.main, ["--config", str(ROOT / "configs/teacher/checkerboard.yaml"),
-                                                          "--config", str(ROOT / "configs/trainer/quick.yaml"), "--logger", "none",
-                                                          "--model.net", NET_YAML, *data, "--run_dir", str(tmp_path / "cs")])
-    assert code == 2 and err[-1].startswith("error: ") and "were damaged or missing" in err[-1] and str(shards) in err[-1], err
+        path.write_bytes(
+            torch.randint(0, 256, (path.stat().st_size,), generator=g, dtype=torch.uint8).numpy().tobytes()
+        )
+    data = [
+        "--data",
+        "flowmap.lightning.streaming.ShardDataModule",
+        "--data.init_args.root",
+        str(shards),
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.epoch_length",
+        "4",
+        "--data.init_args.shuffle_buffer",
+        "0",
+    ]
+    code, err, _ = _guarded(
+        capsys,
+        teacher_script.main,
+        [
+            "--config",
+            str(ROOT / "configs/teacher/checkerboard.yaml"),
+            "--config",
+            str(ROOT / "configs/trainer/quick.yaml"),
+            "--logger",
+            "none",
+            "--model.net",
+            NET_YAML,
+            *data,
+            "--run_dir",
+            str(tmp_path / "cs"),
+        ],
+    )
+    assert (
+        code == 2 and err[-1].startswith("error: ") and "were damaged or missing" in err[-1] and str(shards) in err[-1]
+    ), err
     assert sum(line.startswith("error:") for line in err) == 1 and not any("Traceback" in line for line in err)
     # raised in a DataLoader worker, torch re-raises it with the worker's traceback in the message: still one line
     from torch._utils import ExceptionWrapper
@@ -371,3 +531,26 @@ def test_fault_stops_are_one_line(files, capsys, tmp_path):
 
     _one_line(capsys, worker_failure, [], "error: 12 of 40 samples read from 'data/cb' were damaged or missing")
 
+
+def test_checkpoint_of_an_older_version_with_the_teacher_inside(files):
+    """Checkpoints written before the fix held the teacher under ``_teacher.*``: they resume with the same
+    teacher (its tensors identify it and are dropped, not loaded) and refuse another one."""
+    from flowmap.lightning.distill_module import DistillModule
+    from teachers import CheckpointTeacher
+
+    def module(teacher: str) -> DistillModule:
+        return DistillModule(
+            student={"net": NET}, objective={"name": "cd"}, teacher=CheckpointTeacher(str(files[teacher]))
+        )
+
+    a = module("teacher_a")
+    assert not any("teacher" in k for k in a.state_dict())
+    teacher_state = {f"_teacher.{k}": v for k, v in a.teacher.state_dict().items()}
+    old = {"state_dict": {**a.state_dict(), **teacher_state}, "flowmap_run": a.run_identity()}
+    assert a.check_resume(old) is None
+    with pytest.raises(
+        ValueError, match=r"trained with teacher the teacher stored in the checkpoint .*teacher_b.safetensors"
+    ):
+        module("teacher_b").check_resume(old)
+    a.on_load_checkpoint(old)
+    a.load_state_dict(old["state_dict"], strict=True)  # the teacher's tensors were dropped

@@ -161,7 +161,8 @@ def check_writable(path: Path, flag: str, folder: bool) -> None:
     """Raise one ValueError unless ``path`` (a folder, or a file if not ``folder``) can be created and written;
     probes the nearest existing ancestor with a temporary file, so nothing is left behind."""
     if path.exists() and folder != path.is_dir():
-        raise ValueError(f"{flag} {path}: " + ("exists and is not a folder" if folder else "is a folder, not a file path"))
+        what = "exists and is not a folder" if folder else "is a folder, not a file path"
+        raise ValueError(f"{flag} {path}: {what}")
     probe = path if folder else path.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -171,7 +172,8 @@ def check_writable(path: Path, flag: str, folder: bool) -> None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
-        raise ValueError(f"{flag} {path}: cannot write in {probe} ({err.strerror or err}); choose a writable path") from None
+        reason = err.strerror or err
+        raise ValueError(f"{flag} {path}: cannot write in {probe} ({reason}); choose a writable path") from None
 
 
 class _StdoutInfo(logging.StreamHandler):

@@ -100,7 +100,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
             return cached[1]
         state = teacher.state_dict() if isinstance(teacher, nn.Module) else {}
         source = str(getattr(teacher, "source", None) or type(teacher).__name__)
-        identity = {"source": source, "fingerprint": fingerprint(state) if state else fingerprint({"repr": _text(repr(teacher))})}
+        content = fingerprint(state) if state else fingerprint({"repr": _text(repr(teacher))})
+        identity = {"source": source, "fingerprint": content}
         self.__dict__["_teacher_identity"] = (teacher, identity)
         return identity
 
@@ -109,12 +110,15 @@ class DistillModule(TrainingMixin, L.LightningModule):
         super().check_resume(checkpoint)
         stored = checkpoint.get("flowmap_teacher")
         if stored is None:  # checkpoints of older versions held the teacher's tensors under ``_teacher.``
-            legacy = {k[len("_teacher."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("_teacher.")}
-            stored = {"source": "the teacher stored in the checkpoint", "fingerprint": fingerprint(legacy)} if legacy else None
+            state = checkpoint.get("state_dict", {})
+            legacy = {k[len("_teacher.") :]: v for k, v in state.items() if k.startswith("_teacher.")}
+            if legacy:
+                stored = {"source": "the teacher stored in the checkpoint", "fingerprint": fingerprint(legacy)}
         mine = self.teacher_identity()
         if stored is None or mine is None or stored["fingerprint"] == mine["fingerprint"]:
             return None
-        old, new = f"{stored['source']} (fingerprint {stored['fingerprint']})", f"{mine['source']} (fingerprint {mine['fingerprint']})"
+        old = f"{stored['source']} (fingerprint {stored['fingerprint']})"
+        new = f"{mine['source']} (fingerprint {mine['fingerprint']})"
         if not self.allow_teacher_swap:
             raise ValueError(
                 f"--resume: the checkpoint was trained with teacher {old}, this run was given teacher {new}; "
