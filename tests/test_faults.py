@@ -264,6 +264,21 @@ def test_resume_with_another_teacher_refuses_or_swaps(files, capsys, tmp_path):
     assert "teacher_a.safetensors" in line and "teacher_b.safetensors" in line and "--teacher_swap" in line
     assert last.read_bytes() == before
     # the same teacher resumes; --teacher_swap continues with the new one, says so, and trains against it
+    _one_line(
+        capsys,
+        distill_script.main,
+        [
+            *DISTILL,
+            "--teacher",
+            str(files["teacher_a"]),
+            *run[:2],
+            "--resume",
+            "last",
+            "--model.student",
+            "{net: {name: mlp, data_shape: [2], width: 8, depth: 1}}",
+        ],
+        "--resume: the checkpoint does not fit this run's networks (shape mismatch",
+    )
     same = distill_script.main(
         [*DISTILL, "--teacher", str(files["teacher_a"]), *run[:2], "--trainer.max_steps", "4", "--resume", "last"]
     )

@@ -62,6 +62,18 @@ class TrainingMixin:
                 f"--resume: the checkpoint comes from a {say(stored)!r} run, this run is configured for {say(mine)!r}; "
                 "resume with the same method and module, or start a new --run_dir"
             )
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError("--resume: the checkpoint has no Lightning 'state_dict'; give a checkpoint of a flowmap run")
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+        if missing or shapes:  # (extra tensors may be state a module rebuilds on load, e.g. a round's teacher)
+            found = (("missing", missing), ("shape mismatch", shapes))
+            parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}" for name, items in found if items]
+            raise ValueError(f"--resume: the checkpoint does not fit this run's networks ({'; '.join(parts)}); "
+                             "resume with the configuration the run was started with, or start a new --run_dir")
         return None
 
     def configure_optimizers(self):
