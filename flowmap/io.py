@@ -2,12 +2,19 @@
 
 A file holds a state dict plus ``{"flowmap_config": json}`` (schema in docs/architecture.md), so a
 model is rebuilt from the file alone. Writes are atomic (temporary file, then ``os.replace``).
+
+The one loading policy for files that enter flowmap: safetensors (``read_state``), or a torch zip
+container read by ``load_torch_file`` with ``weights_only=True`` forced here, whatever the torch version
+or the environment (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``). Anything else is refused with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -60,7 +67,13 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({type(err).__name__}: {err})") from None
     if CONFIG_KEY not in meta:
         raise CheckpointError(f"{path}: a safetensors file without a flowmap config (was it written by flowmap.io.save_model?)")
-    config = json.loads(meta[CONFIG_KEY])
+    try:
+        config = json.loads(meta[CONFIG_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not valid JSON ({err}); the file is damaged") \
+            from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not a JSON object; the file is damaged")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {config.get('format')!r}")
     return config
@@ -105,3 +118,75 @@ def load_matching(module: nn.Module, state: dict[str, Tensor]) -> tuple[list[str
         for k, v in fit.items():
             own[k].copy_(v)
     return sorted(fit), skipped
+
+
+def file_kind(path: str | Path) -> str:
+    """'safetensors', 'torch-zip' (torch.save's container), 'pickle' (a bare pickle stream) or 'unknown',
+    from the first bytes of the file (never from its name)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8:
+        return "safetensors"  # u64 header length, then the JSON header
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+@contextlib.contextmanager
+def _no_unsafe_load_override():
+    """Hide ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (which some torch versions let override ``weights_only``)."""
+    saved = os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = saved
+
+
+def load_torch_file(path: str | Path, expected: str, map_location="cpu") -> dict:
+    """A dict from a ``torch.save`` zip file read with ``weights_only=True`` (tensors and plain containers
+    only: no code of the file can run). Anything else raises one CheckpointError naming ``path`` and ``expected``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; expected {expected}")
+    kind = file_kind(path)
+    if kind != "torch-zip":
+        found = {"safetensors": "a safetensors file", "pickle": "a bare pickle stream (never loaded)"}
+        what = found.get(kind, "not a PyTorch file")
+        raise CheckpointError(f"{path}: {what}; expected {expected}")
+    try:
+        with _no_unsafe_load_override():
+            data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled Python objects other than tensors and plain containers, or is "
+            f"damaged ({first}); it was read with torch.load(weights_only=True), so none of its code was run. "
+            f"Expected {expected}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a PyTorch file holding a {type(data).__name__}, not a dict; "
+                              f"expected {expected}")
+    return data
+
+
+def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def fingerprint(state: dict[str, Tensor]) -> str:
+    """A short content hash of a state dict (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        v = state[key]
+        if not torch.is_tensor(v):
+            continue
+        v = v.detach().to("cpu").contiguous()
+        h.update(f"{key}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]

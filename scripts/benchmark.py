@@ -54,6 +54,7 @@ from torch import Tensor, nn  # noqa: E402
 from flowmap.data import get_dataset  # noqa: E402
 from flowmap.data.digits import load_digits_tensors  # noqa: E402
 from flowmap.data.toy2d import EIGHT_GAUSSIANS_STD, eight_gaussians_centers  # noqa: E402
+from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
 from flowmap.metrics import checkerboard_precision, flow_map_rmse, w2_exact  # noqa: E402
 from flowmap.models import init_student_from_teacher, load_model, save_student, save_teacher  # noqa: E402
@@ -896,7 +897,7 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated objectives (default: every registered one; --quick: cd,meanflow)")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {','.join(DATASETS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks"), help="output folder (RESULTS.md, results.json, plots)")
@@ -1114,8 +1115,4 @@ def _fmt_row(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

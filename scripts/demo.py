@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from flowmap.data import get_dataset  # noqa: E402
-from flowmap.lightning.cli import main_guard  # noqa: E402
+from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.metrics import checkerboard_precision, w2_exact  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
@@ -39,7 +39,7 @@ def methods() -> list[str]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="cd", help=f"distillation method, one of {methods()}")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's training steps")

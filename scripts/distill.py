@@ -6,7 +6,9 @@
 
 ``--teacher PATH`` accepts our safetensors or Lightning checkpoints and diffusers model folders; the
 script says what it found before training. Data-free configs (e.g. configs/distill/*_gmm.yaml) set
-the teacher in YAML (the analytic Gaussian mixture) and draw their samples from it.
+the teacher in YAML (the analytic Gaussian mixture) and draw their samples from it. A checkpoint records
+its teacher's source and content fingerprint: ``--resume`` with another teacher is refused, naming both,
+unless ``--teacher_swap`` is given.
 """
 
 from __future__ import annotations

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.app import load_student  # noqa: E402
 from flowmap.export import export_generator  # noqa: E402
-from flowmap.io import CheckpointError  # noqa: E402
+from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 
 TOLERANCE = 1e-5
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="a student .safetensors file (save_student / DistillModule.export)")
     p.add_argument("--out", default=None, help="output .pt2 (default: next to the student, generator.pt2)")
     p.add_argument("--batch", type=int, default=4, help="example batch size for tracing")
@@ -37,7 +37,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static", action="store_true", help="export with a fixed batch size instead of a dynamic one")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.batch < 1 or a.max_batch < a.batch:
+        raise ValueError(f"--batch must be at least 1 and at most --max-batch, got --batch {a.batch} "
+                         f"--max-batch {a.max_batch}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,8 +60,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

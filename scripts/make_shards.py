@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.data.registry import get_dataset  # noqa: E402
 from flowmap.data.shards import ShardIndex, write_source_shards  # noqa: E402
+from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -38,7 +39,7 @@ def parse_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a registered data set name (checkerboard, digits, gmm, ...)")
     src.add_argument("--image-folder", help="a folder of images, one subfolder per class (flat: unconditional)")
@@ -83,14 +84,11 @@ def make_shards(args: list[str] | None = None) -> ShardIndex:
     return index
 
 
-def main() -> None:
-    """``make_shards`` with a user error (bad flag value, unknown data set, existing --out) as one line, exit 2."""
-    try:
-        make_shards()
-    except ValueError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+def main(args: list[str] | None = None) -> ShardIndex:
+    """``make_shards``; run through ``main_guard``, a user error (bad flag value, unknown data set, existing --out)
+    is one line, exit 2."""
+    return make_shards(args)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

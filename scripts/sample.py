@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from flowmap.lightning.cli import main_guard  # noqa: E402
+from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
@@ -27,7 +27,7 @@ from flowmap.time_grids import uniform_grid  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a flowmap .safetensors file (teacher or student)")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for students, 32 for teachers)")
@@ -38,7 +38,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--out", default="samples", help="output directory")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.n < 1:
+        raise ValueError(f"--n must be at least 1, got {a.n}")
+    if a.steps is not None and a.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {a.steps}")
+    if not 0.0 <= a.gamma <= 1.0:
+        raise ValueError(f"--gamma must lie in [0, 1], got {a.gamma}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -23,12 +23,13 @@ import torch  # noqa: E402
 
 from flowmap.data.digits import load_digits_tensors  # noqa: E402
 from flowmap.features import accuracy, save_feature_net, train_feature_net  # noqa: E402
+from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "cache" / "digit_features.safetensors"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output .safetensors file")
     p.add_argument("--steps", type=int, default=1000, help="Adam steps")
     p.add_argument("--batch-size", type=int, default=64)
@@ -60,8 +61,4 @@ def main(argv: list[str] | None = None) -> float:
 
 if __name__ == "__main__":
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

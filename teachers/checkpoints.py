@@ -6,34 +6,22 @@
     diffusers model folder          teachers.diffusers_adapter (UNet2DModel / DiTTransformer2DModel)
 
 Nothing is unpickled beyond tensors and plain containers: a .ckpt holding other Python objects is
-refused by ``weights_only=True`` before any of its code can run, and reported as a CheckpointError.
+refused by ``weights_only=True`` before any of its code can run, and reported as a CheckpointError
+(``flowmap.io.load_torch_file``, the one loading policy). A teacher whose weights hold a NaN or an
+infinity is refused at load, whatever its kind.
 """
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from flowmap.io import CheckpointError, load_state_strict
+from flowmap.io import CheckpointError, file_kind, load_state_strict, load_torch_file, nonfinite_tensors
 from flowmap.models import load_model
 from flowmap.velocity import NetVelocity
 
 EXPECTED = "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder"
-
-
-def _kind_of_file(path: Path) -> str:
-    """'safetensors', 'torch' (zip or legacy pickle container) or 'unknown', from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= size - 8:
-        return "safetensors"  # u64 header length, then the JSON header
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"  # torch.save's zip container, or a legacy pickle stream
-    return "unknown"
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
@@ -50,16 +38,8 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
 
 
 def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused: the file holds pickled Python objects other than tensors and plain containers "
-            f"({first[:200]}). flowmap reads .ckpt files only with torch.load(weights_only=True), so none of its "
-            f"code was run. Expected {EXPECTED}."
-        ) from None
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    ckpt = load_torch_file(path, expected=EXPECTED)
+    hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: a PyTorch file without Lightning's 'state_dict' and 'hyper_parameters'; expected {EXPECTED}")
     if "student" in hp or "objective" in hp:
@@ -98,8 +78,19 @@ def load_teacher(path: str | Path, null_class: bool = False) -> tuple[nn.Module,
     """(teacher, description) from ``path``: see the module docstring for the kinds detected.
 
     ``null_class`` applies to class-conditional diffusers UNet2DModels only: their last class embedding
-    is the unconditional class. Anything else raises one CheckpointError naming what was expected."""
-    p = Path(path)
+    is the unconditional class. Anything else raises one CheckpointError naming what was expected, and
+    so does a teacher with non-finite weights."""
+    teacher, description = _load_any(Path(path), null_class)
+    bad = nonfinite_tensors(teacher.state_dict())
+    if bad:
+        raise CheckpointError(
+            f"{path}: the teacher's weights hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); refusing to distill from it: use a finite checkpoint (e.g. an earlier one)"
+        )
+    return teacher, description
+
+
+def _load_any(p: Path, null_class: bool) -> tuple[nn.Module, dict]:
     if p.is_dir():
         from teachers.diffusers_adapter import is_diffusers_folder, load_diffusers_teacher
 
@@ -108,11 +99,11 @@ def load_teacher(path: str | Path, null_class: bool = False) -> tuple[nn.Module,
         return load_diffusers_teacher(p, null_class=null_class)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file or folder; expected {EXPECTED}")
-    kind = _kind_of_file(p)
+    kind = file_kind(p)
     if kind == "safetensors":
         return _load_safetensors(p)
-    if kind == "torch":
-        return _load_lightning(p)
+    if kind in ("torch-zip", "pickle"):
+        return _load_lightning(p)  # a bare pickle stream is refused there with the same one line
     raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a PyTorch/Lightning file); expected {EXPECTED}")
 
 

@@ -159,7 +159,9 @@ def load_tensor_file(path: str | Path) -> tuple[Tensor, Tensor | None]:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: torch.from_numpy(f[k]) for k in f.files}
     elif suffix in (".pt", ".pth"):
-        arrays = torch.load(path, map_location="cpu", weights_only=True)
+        from flowmap.io import load_torch_file  # the one loading policy (weights_only forced)
+
+        arrays = load_torch_file(path, expected="a .pt data file holding a dict with a tensor 'x'")
     elif suffix == ".safetensors":
         from safetensors.torch import load_file
 

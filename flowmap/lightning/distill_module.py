@@ -3,7 +3,9 @@
     out = objective(student=..., teacher=..., target=..., x0=..., cond=..., step=global_step)
 
 The teacher is frozen here (``requires_grad_(False)``, ``eval()``) and kept out of the state dict
-(it is rebuilt from the run's config on resume); an EMA *target* network that the objective
+(it is rebuilt from the run's config on resume); the checkpoint records its identity instead (source
+and a content fingerprint), and a resume with another teacher is refused unless ``allow_teacher_swap``
+(``--teacher_swap``) is set. An EMA *target* network that the objective
 differentiates against belongs to the algorithm and lives here; so does the evaluation EMA.
 """
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.ema import frozen_copy
+from flowmap.io import fingerprint
 from flowmap.lightning.batches import unpack_batch
 from flowmap.lightning.training_mixin import TrainingMixin
 from flowmap.models import build_student, init_student_from_teacher, save_student
@@ -78,11 +81,62 @@ class DistillModule(TrainingMixin, L.LightningModule):
         if isinstance(teacher, nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
-        self._teacher = teacher
+        object.__setattr__(self, "_teacher", teacher)  # not nn.Module.__setattr__: that would register it
 
     @property
     def teacher(self):
         return self._teacher
+
+    # --- checkpoints: the teacher's identity, not its weights ---------------------------------------------
+    allow_teacher_swap: bool = False  # set by the CLI's --teacher_swap
+
+    def teacher_identity(self) -> dict | None:
+        """{"source": where the teacher came from, "fingerprint": hash of its tensors}, or None without teacher."""
+        teacher = self._teacher
+        if teacher is None:
+            return None
+        cached = self.__dict__.get("_teacher_identity")
+        if cached is not None and cached[0] is teacher:
+            return cached[1]
+        state = teacher.state_dict() if isinstance(teacher, nn.Module) else {}
+        source = str(getattr(teacher, "source", None) or type(teacher).__name__)
+        content = fingerprint(state) if state else fingerprint({"repr": _text(repr(teacher))})
+        identity = {"source": source, "fingerprint": content}
+        self.__dict__["_teacher_identity"] = (teacher, identity)
+        return identity
+
+    def check_resume(self, checkpoint: dict) -> str | None:
+        """Also refuse a checkpoint trained with another teacher (naming both) unless ``allow_teacher_swap``."""
+        super().check_resume(checkpoint)
+        stored = checkpoint.get("flowmap_teacher")
+        if stored is None:  # checkpoints of older versions held the teacher's tensors under ``_teacher.``
+            state = checkpoint.get("state_dict", {})
+            legacy = {k[len("_teacher.") :]: v for k, v in state.items() if k.startswith("_teacher.")}
+            if legacy:
+                stored = {"source": "the teacher stored in the checkpoint", "fingerprint": fingerprint(legacy)}
+        mine = self.teacher_identity()
+        if stored is None or mine is None or stored["fingerprint"] == mine["fingerprint"]:
+            return None
+        old = f"{stored['source']} (fingerprint {stored['fingerprint']})"
+        new = f"{mine['source']} (fingerprint {mine['fingerprint']})"
+        if not self.allow_teacher_swap:
+            raise ValueError(
+                f"--resume: the checkpoint was trained with teacher {old}, this run was given teacher {new}; "
+                "resume with the same teacher, or pass --teacher_swap to continue with the new one"
+            )
+        return f"--teacher_swap: continuing the run with teacher {new} instead of {old}"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        identity = self.teacher_identity()
+        if identity is not None:
+            checkpoint["flowmap_teacher"] = identity
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("_teacher.")]:  # older checkpoints: the teacher is not loaded
+            del state[key]
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Objectives with rounds (progressive distillation) are driven by ``ProgressiveRounds``."""
@@ -128,3 +182,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
 
     def export(self, path: str | Path, **extra) -> Path:
         return save_student(path, self.ema, method=self.objective.name, objective=dict(self.hparams.objective), **extra)
+
+
+def _text(text: str):
+    """A string as a uint8 tensor (for ``fingerprint`` of a teacher without tensors)."""
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)

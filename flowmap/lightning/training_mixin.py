@@ -40,6 +40,42 @@ class TrainingMixin:
         if cond is not None and int(getattr(self, "num_classes", 0)) == 0:
             raise ValueError("the data has class labels but the model is unconditional (num_classes=0)")
 
+    # --- pre-flight: checked before anything is written (FlowmapCLI.preflight) -------------------------
+    def check_data(self, datamodule) -> None:
+        """Raise one ValueError when the data module's sample shape is not the network's."""
+        data, mine = tuple(getattr(datamodule, "data_shape", ()) or ()), tuple(getattr(self, "data_shape", ()))
+        if data and mine and data != mine:
+            raise ValueError(
+                f"the data ({type(datamodule).__name__}) has samples of shape {data}, the network expects {mine}; "
+                "change the data or the net's data_shape"
+            )
+
+    def check_resume(self, checkpoint: dict) -> str | None:
+        """Raise one ValueError when ``checkpoint`` comes from another module kind or method; subclasses may
+        return a note to print when the checkpoint is resumed (called by the pre-flight and on load)."""
+        stored, mine = checkpoint.get("flowmap_run"), self.run_identity()
+        if stored is not None and stored != mine:
+            def say(d: dict) -> str:
+                return d.get("method") or d.get("kind", "?")
+
+            raise ValueError(
+                f"--resume: the checkpoint comes from a {say(stored)!r} run, this run is configured for {say(mine)!r}; "
+                "resume with the same method and module, or start a new --run_dir"
+            )
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError("--resume: the checkpoint has no Lightning 'state_dict'; give a checkpoint of a flowmap run")
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+        if missing or shapes:  # (extra tensors may be state a module rebuilds on load, e.g. a round's teacher)
+            found = (("missing", missing), ("shape mismatch", shapes))
+            parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}" for name, items in found if items]
+            raise ValueError(f"--resume: the checkpoint does not fit this run's networks ({'; '.join(parts)}); "
+                             "resume with the configuration the run was started with, or start a new --run_dir")
+        return None
+
     def configure_optimizers(self):
         hp = self.hparams
         params = self.trainable_parameters()  # ``adam`` keeps those that require grad
@@ -130,15 +166,10 @@ class TrainingMixin:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning calls this before it loads the state dict: refuse another module kind or method with one line
-        stored, mine = checkpoint.get("flowmap_run"), self.run_identity()
-        if stored is not None and stored != mine:
-            def say(d: dict) -> str:
-                return d.get("method") or d.get("kind", "?")
-
-            raise ValueError(
-                f"--resume: the checkpoint comes from a {say(stored)!r} run, this run is configured for {say(mine)!r}; "
-                "resume with the same method and module, or start a new --run_dir"
-            )
+        note = self.check_resume(checkpoint)
+        trainer = getattr(self, "_trainer", None)
+        if note and (trainer is None or trainer.is_global_zero):
+            print(note, flush=True)
         state = checkpoint.get("flowmap_rng")
         if state is None:
             return
