@@ -8,10 +8,11 @@ YAML files compose with repeated ``--config`` (data, trainer, model); extra flag
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -55,6 +56,8 @@ class FlowmapCLI(LightningCLI):
         parser.add_argument("--resume", type=str, default=None, help="checkpoint path, 'last', or 'auto' (last if it exists)")
         parser.add_argument("--ckpt_every", type=int, default=1000, help="steps between periodic checkpoints")
         parser.add_argument("--sample_every", type=int, default=0, help="steps between logged sample images (0: off)")
+        if "teacher" in inspect.signature(self.model_class).parameters:  # scripts/distill.py expands it before parsing
+            parser.add_argument("--teacher", type=Optional[str], default=None, help="teacher: our .safetensors / .ckpt file or a diffusers folder (sets --model.teacher)")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config
