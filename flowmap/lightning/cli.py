@@ -58,6 +58,7 @@ class FlowmapCLI(LightningCLI):
         parser.add_argument("--sample_every", type=int, default=0, help="steps between logged sample images (0: off)")
         if "teacher" in inspect.signature(self.model_class).parameters:  # scripts/distill.py expands it before parsing
             parser.add_argument("--teacher", type=Optional[str], default=None, help="teacher: our .safetensors / .ckpt file or a diffusers folder (sets --model.teacher)")
+            parser.add_argument("--allow_clip_mismatch", action="store_true", help="accept a diffusers scheduler that clips x0 (the velocity field does not)")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config
