@@ -158,6 +158,18 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     return DiscreteVPPath(tuple(float(a) for a in torch.as_tensor(abar).double())), PREDICTION_TYPES[kind], N
 
 
+def full_scheduler_config(config: dict) -> dict:
+    """The folder's scheduler config with the class's defaults filled in (a key absent from the file,
+    e.g. ``clip_sample`` of a DDIMScheduler, takes diffusers' default)."""
+    diffusers = require_diffusers()
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    try:
+        full = dict(cls.from_config(config).config) if cls is not None else {}
+    except (ImportError, TypeError, ValueError, AttributeError):
+        full = {}
+    return {**full, **config}
+
+
 def clip_mismatch(config: dict) -> str | None:
     """What the scheduler's sampler does to the x0 estimate that a velocity field does not (None: nothing).
     diffusers applies ``thresholding`` in place of ``clip_sample`` when both are set."""
@@ -293,6 +305,9 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
     (then the description's notes say what differs)."""
     model_dir, model_cfg, sched_cfg = find_model_and_scheduler(path)
     spath, prediction, N = schedule_from_config(sched_cfg)  # scheduler errors before loading weights
+    if not any(model_dir.glob(f"{WEIGHTS}*.safetensors")) and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file():
+        raise CheckpointError(f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)")
+    sched_cfg = full_scheduler_config(sched_cfg)
     mismatch = clip_mismatch(sched_cfg)
     if mismatch and not allow_clip_mismatch:
         raise CheckpointError(
@@ -300,8 +315,6 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
             "field does not, so its ODE samples differ from diffusers' sampler; sample with scripts/sample.py "
             "--teacher_sampler diffusers (exact), or pass --allow_clip_mismatch to use the unclipped field"
         )
-    if not any(model_dir.glob(f"{WEIGHTS}*.safetensors")) and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file():
-        raise CheckpointError(f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)")
     diffusers = require_diffusers()
     cls = getattr(diffusers, model_cfg["_class_name"])
     try:

@@ -149,3 +149,16 @@ def test_clipping_schedulers_are_refused_or_sampled_exactly(tmp_path, unet, clip
     plan = ddim_plan(teacher, K)
     unclipped = solve(teacher, noise / plan.scale(plan.t_eval[0]), plan.grid(), "euler")
     assert rel(unclipped, loop) > 1e-2
+
+
+def test_a_config_without_clip_sample_takes_diffusers_default(tmp_path, unet):
+    """DDPMScheduler's default is clip_sample=True: a config file that omits the key clips, and is refused."""
+    import json
+
+    path = folder(tmp_path / "ddpm", unet, diffusers.DDPMScheduler(**BETAS, clip_sample=False))
+    cfg_file = tmp_path / "ddpm" / "scheduler_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("clip_sample")
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"clipping of x0 to \[-1.0, 1.0\] \(clip_sample=True\)"):
+        load_teacher(path)
