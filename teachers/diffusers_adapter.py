@@ -54,9 +54,8 @@ from flowmap.types import expand_like
 from flowmap.velocity import NetVelocity
 
 MODELS = ("UNet2DModel", "DiTTransformer2DModel")
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-# schedulers of consistency-distilled models: their network is a student, not a diffusion teacher
-CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler", "CMStochasticIterativeScheduler", "SCMScheduler")
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 SNAP = 1e-3  # in train steps: a time this close to a train step is evaluated at that step
 WEIGHTS = "diffusion_pytorch_model"
@@ -121,6 +120,12 @@ def find_model_and_scheduler(path: str | Path) -> tuple[Path, dict, dict]:
     return model_dir, model_cfg, _read_json(sched_file)
 
 
+# VP_SCHEDULERS are examples only: every scheduler with training betas is read (schedule_from_config)
+FLOW_MATCH_SCHEDULERS = (*FLOW_SCHEDULERS, "FlowMatchHeunDiscreteScheduler")
+# schedulers of consistency-distilled models: their network is a student, not a diffusion teacher
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler", "CMStochasticIterativeScheduler", "SCMScheduler")
+
+
 def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     """(path, our prediction name, num_train_timesteps) of a diffusers scheduler config; one clear
     error for a scheduler or setting that has no exact counterpart here."""
@@ -129,7 +134,7 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     kind = config.get("prediction_type", "epsilon")
     if name in CONSISTENCY_SCHEDULERS:
         raise CheckpointError(f"{name} samples a consistency-distilled model (a student), not a diffusion teacher")
-    if name in FLOW_SCHEDULERS or config.get("use_flow_sigmas", False):
+    if name in FLOW_MATCH_SCHEDULERS or config.get("use_flow_sigmas", False):
         if config.get("use_flow_sigmas", False) and kind != "flow_prediction":
             raise CheckpointError(f"{name} with use_flow_sigmas=True needs prediction_type='flow_prediction', got {kind!r}")
         if config.get("invert_sigmas", False):
@@ -153,7 +158,7 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     if abar is None:
         raise CheckpointError(
             f"unsupported diffusers scheduler {name!r}: no training betas / alphas_cumprod and not a flow-matching scheduler; "
-            f"supported: any scheduler with betas (DDPM, DDIM, Euler, DPMSolverMultistep, PNDM, LMS, UniPC, Heun, ...) and {list(FLOW_SCHEDULERS)}"
+            f"supported: any scheduler with betas (DDPM, DDIM, Euler, DPMSolverMultistep, PNDM, LMS, UniPC, Heun, ...) and {list(FLOW_MATCH_SCHEDULERS)}"
         )
     return DiscreteVPPath(tuple(float(a) for a in torch.as_tensor(abar).double())), PREDICTION_TYPES[kind], N
 

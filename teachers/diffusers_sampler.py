@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from flowmap.paths import DiscreteVPPath
-from teachers.diffusers_adapter import FLOW_SCHEDULERS, DiffusersTeacher, require_diffusers
+from teachers.diffusers_adapter import FLOW_MATCH_SCHEDULERS, DiffusersTeacher, require_diffusers
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def ddim_plan(teacher: DiffusersTeacher, steps: int, config: dict | None = None)
     config = dict(config if config is not None else getattr(teacher, "scheduler_config", {}))
     diffusers = require_diffusers()
     if not isinstance(teacher.path, DiscreteVPPath):
-        name = config.get("_class_name") if config.get("_class_name") in FLOW_SCHEDULERS else "FlowMatchEulerDiscreteScheduler"
+        name = config.get("_class_name") if config.get("_class_name") in FLOW_MATCH_SCHEDULERS else "FlowMatchEulerDiscreteScheduler"
         sched = getattr(diffusers, name).from_config(config)
         sched.set_timesteps(steps)
         sig = [float(s) for s in sched.sigmas.double()]
