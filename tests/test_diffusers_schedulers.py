@@ -162,3 +162,21 @@ def test_a_config_without_clip_sample_takes_diffusers_default(tmp_path, unet):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"clipping of x0 to \[-1.0, 1.0\] \(clip_sample=True\)"):
         load_teacher(path)
+
+
+@pytest.mark.parametrize("sched", [diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=2.0),
+                                   diffusers.UniPCMultistepScheduler(num_train_timesteps=100, use_flow_sigmas=True,
+                                                                     flow_shift=2.0, prediction_type="flow_prediction")])
+def test_flow_folders_are_sampled_like_flow_matching_euler(tmp_path, unet, sched):
+    """--teacher_sampler diffusers on a flow-matching folder: diffusers' FlowMatchEulerDiscreteScheduler loop with the
+    folder's shift (flow_shift for DPMSolver / UniPC with use_flow_sigmas)."""
+    teacher, _ = load_teacher(folder(tmp_path / "f", unet, sched))
+    ref_sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=2.0)
+    ref_sched.set_timesteps(6)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    x = noise.clone()
+    with torch.no_grad():
+        for ts in ref_sched.timesteps:
+            x = ref_sched.step(unet(x, ts).sample, ts, x).prev_sample
+    assert float((x - noise).abs().max()) > 0.1
+    assert rel(ddim_sample(teacher, noise, 6), x) < 1e-5
