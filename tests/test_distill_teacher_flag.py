@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import distill as distill_script  # noqa: E402
+import distill as distill_script
 
 
 def test_help_lists_the_teacher_flags(capsys):
