@@ -349,30 +349,12 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
 
 
 def ddim_time_grid(scheduler, teacher: DiffusersTeacher) -> Tensor:
-    """Our linear-axis times (K + 1,) of a diffusers ``DDIMScheduler`` after ``set_timesteps``, float64, decreasing.
+    """Our linear-axis times (K + 1,) of a diffusers ``DDIMScheduler`` after ``set_timesteps``, float64, decreasing:
+    Euler on this grid is diffusers' DDIM (eta 0). Raises for a spacing whose steps are not one grid
+    (``linspace``); ``teachers.diffusers_sampler`` has the general plan and sampler."""
+    from teachers.diffusers_sampler import ddim_plan
 
-    diffusers' DDIM step goes from timestep k to prev = k - N // K, or to ``final_alpha_cumprod``
-    (abar = 1 with ``set_alpha_to_one``, else abar_0) when prev < 0. The grid is t_lin of each
-    timestep followed by the last step's target; a last step onto the level it starts from is the
-    identity and is dropped. Configurations whose prev is not the next timestep (e.g. ``linspace``
-    spacing) are not a discretization of one ODE path, and raise."""
-    path = teacher.path
-    if not isinstance(path, DiscreteVPPath):
+    if not isinstance(teacher.path, DiscreteVPPath):
         raise ValueError("ddim_time_grid needs a teacher on a discrete VP schedule")
-
-    def t_lin(abar: Tensor) -> Tensor:
-        a, s = abar.sqrt(), (1.0 - abar).sqrt()
-        return s / (a + s)
-
-    abar = torch.tensor(path.alphas_cumprod, dtype=torch.float64)
-    k = scheduler.timesteps.long()
-    prev = k - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    if not torch.equal(prev[:-1], k[1:]):
-        raise ValueError(f"DDIM steps to {prev.tolist()} but evaluates at {k.tolist()}: not one time grid (sample with teachers.diffusers_sampler.ddim_sample)")
-    if prev[-1] >= 0:
-        final = abar[prev[-1]]
-    else:
-        final = torch.tensor(1.0, dtype=torch.float64) if scheduler.config.set_alpha_to_one else abar[0]
-    grid = t_lin(abar[k])
-    last = t_lin(final.reshape(1))
-    return grid if last[0] >= grid[-1] else torch.cat([grid, last])
+    config = {**dict(scheduler.config), "_class_name": "DDIMScheduler"}
+    return ddim_plan(teacher, scheduler.num_inference_steps, config).grid()

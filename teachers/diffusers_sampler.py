@@ -42,10 +42,13 @@ class DDIMPlan:
         return 1.0 / math.sqrt((1.0 - t) ** 2 + t**2) if self.vp else 1.0
 
     def grid(self) -> Tensor:
-        """The plan as one time grid (K + 1,), when every step starts where the previous one ended."""
+        """The plan as one time grid (K + 1,), when every step starts where the previous one ended. A last step
+        onto the level it starts from (``set_alpha_to_one=False`` from timestep 0) is the identity for a
+        velocity field and is dropped (with clipping it is not: ``ddim_sample`` keeps it)."""
         if any(abs(a - b) > 1e-12 for a, b in zip(self.t_next[:-1], self.t_eval[1:])):
             raise ValueError("this DDIM plan is not one time grid (linspace spacing): sample with ddim_sample")
-        return torch.tensor((*self.t_eval, self.t_next[-1]), dtype=torch.float64)
+        grid = torch.tensor((*self.t_eval, self.t_next[-1]), dtype=torch.float64)
+        return grid[:-1] if grid[-1] >= grid[-2] else grid
 
 
 def _t_lin(abar: Tensor) -> Tensor:

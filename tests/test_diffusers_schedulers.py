@@ -107,10 +107,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("spacing, offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
-def test_each_timestep_spacing_reproduces_ddim_pipeline(tmp_path, unet, spacing, offset):
+@pytest.mark.parametrize("spacing, offset, alpha_one", [("leading", 1, True), ("leading", 0, False),
+                                                       ("trailing", 0, False), ("linspace", 0, True)])
+def test_each_timestep_spacing_reproduces_ddim_pipeline(tmp_path, unet, spacing, offset, alpha_one):
+    """leading from timestep 0 without set_alpha_to_one ends with a step onto its own level (dropped from the grid)."""
     sched = diffusers.DDIMScheduler(**BETAS, clip_sample=False, timestep_spacing=spacing, steps_offset=offset,
-                                    set_alpha_to_one=spacing != "trailing")
+                                    set_alpha_to_one=alpha_one)
     path = folder(tmp_path / spacing, unet, sched)
     teacher, _ = load_teacher(path)
     noise, image, loop = pipeline_and_loop(unet, sched)
@@ -127,6 +129,7 @@ def test_each_timestep_spacing_reproduces_ddim_pipeline(tmp_path, unet, spacing,
         assert rel(euler, loop) > 1e-2  # the Euler grid through the evaluated timesteps is another sampler
     else:  # the plan is one time grid: our Euler solver on it is diffusers' DDIM
         grid = plan.grid()
+        assert len(grid) == K + 1 - int(spacing == "leading" and not alpha_one)
         euler = solve(teacher, noise / plan.scale(float(grid[0])), grid, "euler") * plan.scale(float(grid[-1]))
         assert rel(euler, loop) < 1e-4
 
