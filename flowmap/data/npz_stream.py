@@ -8,8 +8,8 @@ file reads back with ``np.load(path, allow_pickle=False)`` (and ``flowmap.data.r
 from __future__ import annotations
 
 import zipfile
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
