@@ -3,9 +3,14 @@ k-diffusion style). Each call of ``teacher.velocity`` is one NFE.
 
     euler      x' = x + h v(x, t)                                            order 1
     midpoint   x' = x + h v(x + h/2 v(x, t), t + h/2)                       order 2
-    heun       x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))             order 2 (Karras et al. 2022, Alg. 1)
+    heun       x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))             order 2 (explicit trapezoidal
+               rule, Heun's method; Hairer, Norsett & Wanner 1993, Sec. II.1), on the linear time axis
     rk4        classical Runge-Kutta                                        order 4
     dpm++2m    DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022b, Alg. 2), order 2, 1 NFE / step
+    edm_heun   Karras et al. 2022 (EDM), Alg. 1: Heun in the VE variables (x, sigma), sigma = t / (1 - t),
+               x = x_lin / (1 - t), with dx/dsigma = (x - D(x, sigma)) / sigma; no correction on the last
+               step when it ends at sigma = 0 (2 N - 1 NFE). A grid starting at t = 1 starts at
+               sigma_max = ``teacher.sigma_max`` (80 when the teacher has none) from x = sigma_max noise.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from flowmap.types import Teacher, expand_like
 
 Callback = Callable[[int, Tensor, Tensor], None]
 
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dpm++2m": 1}
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "dpm++2m": 1, "edm_heun": 2}
+EDM_SIGMA_MAX = 80.0  # Karras et al. 2022, Sec. 5
 
 
 def _check_grid(grid: Tensor) -> Tensor:
@@ -77,6 +83,8 @@ def solve(
 
     if method == "dpm++2m":
         return _dpmpp_2m(f, x, grid, callback)
+    if method == "edm_heun":
+        return _edm_heun(f, x, grid, float(getattr(teacher, "sigma_max", EDM_SIGMA_MAX)), callback)
     for i in range(len(grid) - 1):
         x = _step(method, f, x, grid[i], grid[i + 1] - grid[i])
         if callback is not None:
@@ -119,6 +127,39 @@ def _dpmpp_2m(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float]
     return x
 
 
-def nfe(method: str, steps: int) -> int:
-    """Number of velocity evaluations of ``solve(method, grid with steps)``."""
-    return NFE_PER_STEP[method] * steps
+def _edm_heun(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float], sigma_max: float,
+              callback: Callback | None) -> Tensor:
+    """Karras et al. 2022, Alg. 1 (deterministic) with s(t) = 1, sigma(t) = t, in x_ve = x_lin / (1 - t).
+
+    The denoiser of the linear-axis field is D = x_lin - t v(x_lin, t), so the EDM slope (x_ve - D) / sigma
+    equals x_lin + (1 - t) v = the noise prediction. Returns x on the linear axis at grid[-1]."""
+    if grid[0] < grid[-1]:
+        raise ValueError("edm_heun integrates from noise to data: the grid must decrease")
+    B = x.shape[0]
+
+    def sigma_of(t: float) -> float:
+        return sigma_max if t >= 1.0 else t / (1.0 - t)
+
+    def slope(x_ve: Tensor, sigma: float) -> Tensor:  # d = (x - D(x; sigma)) / sigma, Alg. 1 lines 4 and 7
+        t = sigma / (1.0 + sigma)
+        x_lin = x_ve / (1.0 + sigma)
+        return x_lin + (1.0 - t) * f(x_lin, t)
+
+    sig = [sigma_of(t) for t in grid]
+    x_ve = x * sigma_max if grid[0] >= 1.0 else x * (1.0 + sig[0])  # Alg. 1 line 2: x_0 ~ N(0, sigma_0^2 I)
+    for i in range(len(grid) - 1):
+        h = sig[i + 1] - sig[i]
+        d = slope(x_ve, sig[i])
+        x_next = x_ve + h * d  # Euler step, line 5
+        if sig[i + 1] > 0.0:  # second-order correction, lines 6-8
+            x_next = x_ve + h * 0.5 * (d + slope(x_next, sig[i + 1]))
+        x_ve = x_next
+        if callback is not None:
+            callback(i, torch.full((B,), grid[i + 1], device=x.device), x_ve / (1.0 + sig[i + 1]))
+    return x_ve / (1.0 + sig[-1])
+
+
+def nfe(method: str, steps: int, ends_at_data: bool = False) -> int:
+    """Number of velocity evaluations of ``solve(method, grid with steps)``; ``edm_heun`` saves one on a grid
+    that ends at t = 0 (``ends_at_data``)."""
+    return NFE_PER_STEP[method] * steps - int(method == "edm_heun" and ends_at_data)

@@ -26,7 +26,10 @@ from flowmap.lightning.distill_module import DistillModule  # noqa: E402
 
 
 def expand_teacher_flag(args: list[str]) -> list[str]:
-    """``--teacher PATH`` -> ``--model.teacher`` as a CheckpointTeacher, after describing the file."""
+    """``--teacher PATH`` -> ``--model.teacher`` as a CheckpointTeacher, after describing the file
+    (``--allow_clip_mismatch``: accept a diffusers scheduler that clips x0)."""
+    allow = "--allow_clip_mismatch" in args
+    args = [a for a in args if a != "--allow_clip_mismatch"]
     if "--teacher" not in args:
         return args
     i = args.index("--teacher")
@@ -35,9 +38,9 @@ def expand_teacher_flag(args: list[str]) -> list[str]:
     path = args[i + 1]
     from teachers.checkpoints import describe_teacher, load_teacher
 
-    _, description = load_teacher(path)
+    _, description = load_teacher(path, allow_clip_mismatch=allow)
     print(f"teacher: {describe_teacher(description)}", flush=True)
-    spec = {"class_path": "teachers.CheckpointTeacher", "init_args": {"path": path}}
+    spec = {"class_path": "teachers.CheckpointTeacher", "init_args": {"path": path, **({"allow_clip_mismatch": True} if allow else {})}}
     return args[:i] + ["--model.teacher", json.dumps(spec)] + args[i + 2 :]
 
 

@@ -74,13 +74,14 @@ def _net_description(kind: str, path: Path, teacher: NetVelocity, net_name: str 
     }
 
 
-def load_teacher(path: str | Path, null_class: bool = False) -> tuple[nn.Module, dict]:
+def load_teacher(path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False) -> tuple[nn.Module, dict]:
     """(teacher, description) from ``path``: see the module docstring for the kinds detected.
 
     ``null_class`` applies to class-conditional diffusers UNet2DModels only: their last class embedding
-    is the unconditional class. Anything else raises one CheckpointError naming what was expected, and
-    so does a teacher with non-finite weights."""
-    teacher, description = _load_any(Path(path), null_class)
+    is the unconditional class; ``allow_clip_mismatch`` accepts a diffusers scheduler that clips x0
+    (``teachers.diffusers_adapter.clip_mismatch``). Anything else raises one CheckpointError naming what was
+    expected, and so does a teacher with non-finite weights."""
+    teacher, description = _load_any(Path(path), null_class, allow_clip_mismatch)
     bad = nonfinite_tensors(teacher.state_dict())
     if bad:
         raise CheckpointError(
@@ -90,13 +91,13 @@ def load_teacher(path: str | Path, null_class: bool = False) -> tuple[nn.Module,
     return teacher, description
 
 
-def _load_any(p: Path, null_class: bool) -> tuple[nn.Module, dict]:
+def _load_any(p: Path, null_class: bool, allow_clip_mismatch: bool) -> tuple[nn.Module, dict]:
     if p.is_dir():
         from teachers.diffusers_adapter import is_diffusers_folder, load_diffusers_teacher
 
         if not is_diffusers_folder(p):
             raise CheckpointError(f"{p}: a folder that is not a diffusers model folder (no model_index.json or config.json with _class_name); expected {EXPECTED}")
-        return load_diffusers_teacher(p, null_class=null_class)
+        return load_diffusers_teacher(p, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file or folder; expected {EXPECTED}")
     kind = file_kind(p)
@@ -135,9 +136,9 @@ class CheckpointTeacher(nn.Module):
 
     velocity(x (B, *data_shape), t (B,), cond (B,) or None, guidance) -> (B, *data_shape)."""
 
-    def __init__(self, path: str, null_class: bool = False) -> None:
+    def __init__(self, path: str, null_class: bool = False, allow_clip_mismatch: bool = False) -> None:
         super().__init__()
-        teacher, description = load_teacher(path, null_class=null_class)
+        teacher, description = load_teacher(path, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
         self.teacher = teacher
         self.source = str(path)
         self.description = description

@@ -3,12 +3,21 @@ on our linear time axis.
 
 Supported schedules and the change of path (t = 0 data, t = 1 noise on our axis):
 
-- ``DDPMScheduler`` / ``DDIMScheduler`` (``epsilon``, ``v_prediction``, ``sample``): the discrete VP
-  schedule x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps of the scheduler's own ``alphas_cumprod``
-  (Ho et al. 2020, Eq. 4), as ``flowmap.paths.DiscreteVPPath``: train step k sits at t_k = (k + 1) / N.
-- ``FlowMatchEulerDiscreteScheduler``: diffusers' sigma *is* our t (sigma = 1 noise, x_sigma =
-  (1 - sigma) x0 + sigma noise) and the model predicts noise - x0 = our velocity; its timestep input
-  is sigma * N (Esser et al. 2024, Sec. 2; diffusers' ``scheduling_flow_match_euler_discrete``).
+- Every scheduler whose config defines training betas, i.e. whose instance has ``alphas_cumprod``
+  (DDPM, DDIM, Euler, EulerAncestral, DPMSolverMultistep / Singlestep, PNDM, LMS, UniPC, Heun, DEIS,
+  KDPM2, ...; ``epsilon``, ``v_prediction``, ``sample``): the discrete VP schedule x_k = sqrt(abar_k) x0
+  + sqrt(1 - abar_k) eps of the scheduler's own ``alphas_cumprod`` (Ho et al. 2020, Eq. 4), as
+  ``flowmap.paths.DiscreteVPPath``: train step k sits at t_k = (k + 1) / N. The scheduler class only
+  chooses a sampler; the model, and so the teacher, is the same for all of them.
+- Flow-matching schedulers (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, and
+  the schedulers above with ``use_flow_sigmas`` and ``prediction_type="flow_prediction"``): diffusers'
+  sigma *is* our t (sigma = 1 noise, x_sigma = (1 - sigma) x0 + sigma noise) and the model predicts
+  noise - x0 = our velocity; its timestep input is sigma * N (Esser et al. 2024, Sec. 2). ``shift``
+  moves the sampler's sigmas only, not the model.
+
+``clip_sample`` / ``thresholding`` clip the x0 estimate inside diffusers' sampler step, which no velocity
+field does: such a folder is refused with one line unless ``allow_clip_mismatch=True``;
+``teachers.diffusers_sampler`` emulates diffusers' DDIM with the clipping exactly.
 
 For the VP schedules the model is evaluated through x_lin = x / (alpha + sigma), t_lin = sigma /
 (alpha + sigma) (``flowmap.paths``): for t_lin we solve sigma / alpha = t_lin / (1 - t_lin) for the
@@ -111,26 +120,71 @@ def find_model_and_scheduler(path: str | Path) -> tuple[Path, dict, dict]:
     return model_dir, model_cfg, _read_json(sched_file)
 
 
+# VP_SCHEDULERS are examples only: every scheduler with training betas is read (schedule_from_config)
+FLOW_MATCH_SCHEDULERS = (*FLOW_SCHEDULERS, "FlowMatchHeunDiscreteScheduler")
+# schedulers of consistency-distilled models: their network is a student, not a diffusion teacher
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler", "CMStochasticIterativeScheduler", "SCMScheduler")
+
+
 def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     """(path, our prediction name, num_train_timesteps) of a diffusers scheduler config; one clear
-    error for a scheduler or prediction type that has no exact counterpart here."""
+    error for a scheduler or setting that has no exact counterpart here."""
     name = config.get("_class_name")
     N = int(config.get("num_train_timesteps", 1000))
-    if name in VP_SCHEDULERS:
-        kind = config.get("prediction_type", "epsilon")
-        if kind not in PREDICTION_TYPES:
-            raise CheckpointError(f"{name} with prediction_type={kind!r} is not supported; supported: {sorted(PREDICTION_TYPES)}")
-        if config.get("rescale_betas_zero_snr", False):
-            raise CheckpointError(f"{name} with rescale_betas_zero_snr=True is not supported (alpha = 0 at the last step has no finite place on the linear axis)")
-        diffusers = require_diffusers()
-        scheduler = getattr(diffusers, name).from_config(config)
-        abar = tuple(float(a) for a in scheduler.alphas_cumprod.double())
-        return DiscreteVPPath(abar), PREDICTION_TYPES[kind], N
-    if name in FLOW_SCHEDULERS:
+    kind = config.get("prediction_type", "epsilon")
+    if name in CONSISTENCY_SCHEDULERS:
+        raise CheckpointError(f"{name} samples a consistency-distilled model (a student), not a diffusion teacher")
+    if name in FLOW_MATCH_SCHEDULERS or config.get("use_flow_sigmas", False):
+        if config.get("use_flow_sigmas", False) and kind != "flow_prediction":
+            raise CheckpointError(f"{name} with use_flow_sigmas=True needs prediction_type='flow_prediction', got {kind!r}")
         if config.get("invert_sigmas", False):
             raise CheckpointError(f"{name} with invert_sigmas=True is not supported")
         return LinearPath(), "velocity", N
-    raise CheckpointError(f"unsupported diffusers scheduler {name!r}; supported: {list(VP_SCHEDULERS + FLOW_SCHEDULERS)}")
+    if kind not in PREDICTION_TYPES:
+        raise CheckpointError(f"{name} with prediction_type={kind!r} is not supported; supported: {sorted(PREDICTION_TYPES)}")
+    if config.get("rescale_betas_zero_snr", False):
+        raise CheckpointError(f"{name} with rescale_betas_zero_snr=True is not supported (alpha = 0 at the last step has no finite place on the linear axis)")
+    if config.get("timestep_type", "discrete") != "discrete":
+        raise CheckpointError(f"{name} with timestep_type={config['timestep_type']!r} is not supported (the model's time input is not the train step)")
+    diffusers = require_diffusers()
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise CheckpointError(f"unknown diffusers scheduler {name!r} (diffusers {diffusers.__version__})")
+    try:
+        scheduler = cls.from_config(config)
+    except (ImportError, TypeError, ValueError, AttributeError) as err:  # e.g. one needing torchsde
+        raise CheckpointError(f"diffusers could not build {name} from the folder's config ({type(err).__name__}: {err})") from None
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        raise CheckpointError(
+            f"unsupported diffusers scheduler {name!r}: no training betas / alphas_cumprod and not a flow-matching scheduler; "
+            f"supported: any scheduler with betas (DDPM, DDIM, Euler, DPMSolverMultistep, PNDM, LMS, UniPC, Heun, ...) and {list(FLOW_MATCH_SCHEDULERS)}"
+        )
+    return DiscreteVPPath(tuple(float(a) for a in torch.as_tensor(abar).double())), PREDICTION_TYPES[kind], N
+
+
+def full_scheduler_config(config: dict) -> dict:
+    """The folder's scheduler config with the class's defaults filled in (a key absent from the file,
+    e.g. ``clip_sample`` of a DDIMScheduler, takes diffusers' default)."""
+    diffusers = require_diffusers()
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    try:
+        full = dict(cls.from_config(config).config) if cls is not None else {}
+    except (ImportError, TypeError, ValueError, AttributeError):
+        full = {}
+    return {**full, **config}
+
+
+def clip_mismatch(config: dict) -> str | None:
+    """What the scheduler's sampler does to the x0 estimate that a velocity field does not (None: nothing).
+    diffusers applies ``thresholding`` in place of ``clip_sample`` when both are set."""
+    if config.get("thresholding", False):
+        return (f"dynamic thresholding of x0 (thresholding=True, ratio {config.get('dynamic_thresholding_ratio', 0.995)}, "
+                f"max {config.get('sample_max_value', 1.0)})")
+    if config.get("clip_sample", False):
+        r = config.get("clip_sample_range", 1.0)
+        return f"clipping of x0 to [-{r}, {r}] (clip_sample=True)"
+    return None
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -249,12 +303,23 @@ class DiffusersTeacher(NetVelocity):
         return eps - x0
 
 
-def load_diffusers_teacher(path: str | Path, null_class: bool = False) -> tuple[DiffusersTeacher, dict]:
-    """(teacher, description) of a diffusers folder; weights from safetensors only (never pickle)."""
+def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False) -> tuple[DiffusersTeacher, dict]:
+    """(teacher, description) of a diffusers folder; weights from safetensors only (never pickle).
+
+    A scheduler that clips or thresholds x0 is refused with one line unless ``allow_clip_mismatch``
+    (then the description's notes say what differs)."""
     model_dir, model_cfg, sched_cfg = find_model_and_scheduler(path)
     spath, prediction, N = schedule_from_config(sched_cfg)  # scheduler errors before loading weights
     if not any(model_dir.glob(f"{WEIGHTS}*.safetensors")) and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file():
         raise CheckpointError(f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)")
+    sched_cfg = full_scheduler_config(sched_cfg)
+    mismatch = clip_mismatch(sched_cfg)
+    if mismatch and not allow_clip_mismatch:
+        raise CheckpointError(
+            f"{path}: {sched_cfg['_class_name']} applies {mismatch} at every sampling step, which the teacher's velocity "
+            "field does not, so its ODE samples differ from diffusers' sampler; sample with scripts/sample.py "
+            "--teacher_sampler diffusers (exact), or pass --allow_clip_mismatch to use the unclipped field"
+        )
     diffusers = require_diffusers()
     cls = getattr(diffusers, model_cfg["_class_name"])
     try:
@@ -264,9 +329,8 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False) -> tuple[
     model.requires_grad_(False).eval()
     net = DiffusersNet(model, null_class=null_class)
     teacher = DiffusersTeacher(net, spath, prediction, N).eval()
-    notes = []
-    if sched_cfg.get("clip_sample", False) or sched_cfg.get("thresholding", False):
-        notes.append("clip_sample/thresholding of the scheduler not applied (a velocity field does not clip)")
+    teacher.scheduler_config = dict(sched_cfg)  # the sampler the folder ships (teachers.diffusers_sampler)
+    notes = [f"the scheduler's {mismatch} is not applied by the velocity field"] if mismatch else []
     description = {
         "kind": "diffusers",
         "source": str(path),
@@ -285,30 +349,12 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False) -> tuple[
 
 
 def ddim_time_grid(scheduler, teacher: DiffusersTeacher) -> Tensor:
-    """Our linear-axis times (K + 1,) of a diffusers ``DDIMScheduler`` after ``set_timesteps``, float64, decreasing.
+    """Our linear-axis times (K + 1,) of a diffusers ``DDIMScheduler`` after ``set_timesteps``, float64, decreasing:
+    Euler on this grid is diffusers' DDIM (eta 0). Raises for a spacing whose steps are not one grid
+    (``linspace``); ``teachers.diffusers_sampler`` has the general plan and sampler."""
+    from teachers.diffusers_sampler import ddim_plan
 
-    diffusers' DDIM step goes from timestep k to prev = k - N // K, or to ``final_alpha_cumprod``
-    (abar = 1 with ``set_alpha_to_one``, else abar_0) when prev < 0. The grid is t_lin of each
-    timestep followed by the last step's target; a last step onto the level it starts from is the
-    identity and is dropped. Configurations whose prev is not the next timestep (e.g. ``linspace``
-    spacing) are not a discretization of one ODE path, and raise."""
-    path = teacher.path
-    if not isinstance(path, DiscreteVPPath):
+    if not isinstance(teacher.path, DiscreteVPPath):
         raise ValueError("ddim_time_grid needs a teacher on a discrete VP schedule")
-
-    def t_lin(abar: Tensor) -> Tensor:
-        a, s = abar.sqrt(), (1.0 - abar).sqrt()
-        return s / (a + s)
-
-    abar = torch.tensor(path.alphas_cumprod, dtype=torch.float64)
-    k = scheduler.timesteps.long()
-    prev = k - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    if not torch.equal(prev[:-1], k[1:]):
-        raise ValueError(f"DDIM steps to {prev.tolist()} but evaluates at {k.tolist()}: not an Euler grid (use timestep_spacing='leading')")
-    if prev[-1] >= 0:
-        final = abar[prev[-1]]
-    else:
-        final = torch.tensor(1.0, dtype=torch.float64) if scheduler.config.set_alpha_to_one else abar[0]
-    grid = t_lin(abar[k])
-    last = t_lin(final.reshape(1))
-    return grid if last[0] >= grid[-1] else torch.cat([grid, last])
+    config = {**dict(scheduler.config), "_class_name": "DDIMScheduler"}
+    return ddim_plan(teacher, scheduler.num_inference_steps, config).grid()

@@ -14,11 +14,12 @@ Lightning's info lines go to stdout; stderr keeps warnings and errors.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from jsonargparse import ActionYesNo
@@ -90,6 +91,9 @@ class FlowmapCLI(LightningCLI):
         parser.add_argument("--teacher_swap", action=ActionYesNo, default=False,
                             help="with --resume: continue a distillation with another teacher than the checkpoint's")
         parser.add_argument("--debug", action=ActionYesNo, default=False, help="show tracebacks (also FLOWMAP_DEBUG=1)")
+        if "teacher" in inspect.signature(self.model_class).parameters:  # scripts/distill.py expands it before parsing
+            parser.add_argument("--teacher", type=Optional[str], default=None, help="teacher: our .safetensors / .ckpt file or a diffusers folder (sets --model.teacher)")
+            parser.add_argument("--allow_clip_mismatch", action="store_true", help="accept a diffusers scheduler that clips x0 (the velocity field does not)")
 
     def resume_path(self) -> str | None:
         """``--resume`` resolved to a file path (``last``: the run's last.ckpt; ``auto``: it if it exists)."""

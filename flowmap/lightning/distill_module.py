@@ -35,7 +35,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
         objective: ``{"name": "cd" | "ict" | "ect" | "pd" | "meanflow" | ..., **hyperparameters}``.
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
         init_from_teacher: copy the teacher network's weights into the student where they fit.
-        ema_decay: evaluation EMA of the student (the exported weights).
+        ema_halflife: half-life of the evaluation EMA of the student (the exported weights): steps, or a fraction
+            of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
     """
 
     def __init__(
@@ -49,11 +50,13 @@ class DistillModule(TrainingMixin, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_decay: str = "none",
-        ema_decay: float = 0.999,
+        ema_halflife: float = 0.1,
+        ema_decay: float | None = None,
         max_nonfinite: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
+        self.ema_schedule()  # checks ema_halflife / ema_decay
         self.student: FlowMap = build_student(dict(student))
         self.objective = build_objective(dict(objective))
         self.data_shape = tuple(self.student.data_shape)
@@ -163,7 +166,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
         return loss
 
     def ema_pairs(self):
-        pairs = [(self.ema, self.student, self.hparams.ema_decay)]
+        pairs = [(self.ema, self.student, self.ema_schedule())]
         if self.target is not None:
             pairs.append((self.target, self.student, self.objective.target_decay))
         return pairs

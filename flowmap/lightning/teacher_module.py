@@ -33,7 +33,8 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         time_sampling: ``uniform`` or ``logit_normal``.
         p_uncond: label dropout for classifier-free guidance (class-conditional nets only).
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up; lr_decay: none | cosine.
-        ema_decay: evaluation EMA of the weights (used for sampling and export).
+        ema_halflife: half-life of the evaluation EMA of the weights (used for sampling and export): steps, or a fraction
+            of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
         max_nonfinite: stop with a clear error after this many non-finite steps in a row.
     """
 
@@ -49,11 +50,13 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_decay: str = "none",
-        ema_decay: float = 0.999,
+        ema_halflife: float = 0.1,
+        ema_decay: float | None = None,
         max_nonfinite: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.ema_schedule()  # checks ema_halflife / ema_decay
         self.net = build_net(dict(net))
         self.loss_fn = DenoisingLoss(path, prediction, time_sampling, p_uncond=p_uncond if self.net.num_classes else 0.0)
         self.ema = frozen_copy(self.net)
@@ -84,7 +87,7 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         return loss
 
     def ema_pairs(self):
-        return [(self.ema, self.net, self.hparams.ema_decay)]
+        return [(self.ema, self.net, self.ema_schedule())]
 
     def trainable_parameters(self):
         return self.net.parameters()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowmap.ema import ema_update
+from flowmap.ema import EMASchedule, ema_update
 from flowmap.optim import adam
 
 
@@ -130,6 +130,15 @@ class TrainingMixin:
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm())
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def ema_schedule(self) -> EMASchedule:
+        """The evaluation EMA's decay per step from hparams ``ema_halflife`` (steps, or a fraction of
+        trainer.max_steps) or an explicit ``ema_decay``."""
+        hp = self.hparams
+        trainer = getattr(self, "_trainer", None)
+        total = int(getattr(trainer, "max_steps", -1) or -1)
+        return EMASchedule(halflife=float(hp.get("ema_halflife", 0.1)), total_steps=total if total > 0 else None,
+                           decay=None if hp.get("ema_decay") is None else float(hp.get("ema_decay")))
 
     def update_emas(self) -> None:
         """EMA / target updates after each optimizer step (Lightning calls callbacks such as ModelCheckpoint
