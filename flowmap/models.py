@@ -117,3 +117,38 @@ def same_architecture(student: FlowMap, teacher: nn.Module) -> bool:
     a = {k: v for k, v in dict(student.net.config).items() if k not in student_only}
     b = {k: v for k, v in dict(net.config).items() if k not in student_only}
     return a == b
+
+
+def save_lora_adapter(path: str | Path, student: FlowMap, **extra) -> Path:
+    """The LoRA adapter alone (LoRA matrices + injected embeddings) with the student config; the base weights
+    are the teacher's (``load_lora_adapter`` applies it to ``student_from_teacher(teacher, lora=...)``)."""
+    from flowmap.nets.diffusers_net import lora_state
+
+    if "lora" not in getattr(student.net, "config", {}):
+        raise ValueError("save_lora_adapter needs a student trained with LoRA adapters (student.lora)")
+    return save_model(path, _TensorCarrier(lora_state(student.net)), student_config(student, kind="lora_adapter", **extra))
+
+
+def load_lora_adapter(student: FlowMap, path: str | Path) -> FlowMap:
+    """Apply an adapter file of ``save_lora_adapter`` to a LoRA student built from the same teacher."""
+    state, config = read_state(path)
+    if config.get("kind") != "lora_adapter":
+        raise CheckpointError(f"{path}: not a LoRA adapter file (kind={config.get('kind')!r})")
+    if config["net"] != student.net.config:
+        raise CheckpointError(f"{path}: the adapter was trained on a different network or LoRA config")
+    _, unexpected = student.net.load_state_dict(state, strict=False)
+    expected = {k for k in student.net.state_dict() if "lora_" in k or k.startswith("injection.")}
+    if unexpected or expected - set(state):
+        raise CheckpointError(f"{path}: adapter tensors do not fit the student ({sorted(expected - set(state))[:4]})")
+    return student
+
+
+class _TensorCarrier(nn.Module):
+    """A module whose state dict is a given dict of tensors (to save a partial state with ``save_model``)."""
+
+    def __init__(self, state: dict) -> None:
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return dict(self._state)

@@ -30,7 +30,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
     Args:
         student: ``{"net": {...}, "parametrization": "identity" | {"name": "consistency", ...}}``; without a
             ``net`` (or None), the teacher's own network (diffusers / EDM teachers, ``flowmap.models.student_from_teacher``)
-            with ``{"guidance_input", "freq_dim", "time_scale"}`` from this dict.
+            with ``{"guidance_input", "freq_dim", "time_scale", "lora"}`` from this dict.
         objective: ``{"name": "cd" | "ict" | "ect" | "pd" | "meanflow" | ..., **hyperparameters}``.
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
         init_from_teacher: copy the teacher network's weights into the student where they fit; None (default):
@@ -78,7 +78,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
             return build_student(student)
         if teacher is None:
             raise ValueError("no student network given (model.student.net) and no teacher to build one from")
-        options = {k: student[k] for k in ("guidance_input", "freq_dim", "time_scale") if k in student}
+        options = {k: student[k] for k in ("guidance_input", "freq_dim", "time_scale", "lora") if k in student}
         built = student_from_teacher(teacher, init=init is not False, parametrization=student.get("parametrization"), **options)
         if built is None:
             raise ValueError("no student network given (model.student.net), and the teacher's network is not one that "

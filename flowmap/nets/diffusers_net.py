@@ -96,6 +96,9 @@ class DiffusersStudentNet(nn.Module):
             "null_class": bool}`` or ``{"kind": "edm", "sigma_data": ..., "sigma_min": ..., "sigma_max": ...,
             "num_classes": n}``.
         freq_dim, time_scale: Fourier features of the interval s - t; guidance_input: add emb_w(w).
+        lora: ``{"rank": r, "alpha": a, "target_modules": [...]}`` trains low-rank adapters (Hu et al. 2022) on
+            the frozen copy instead of all its weights (LCM-LoRA, Luo et al. 2023); ``target_modules`` defaults
+            to every Linear and Conv2d of the model. Needs ``peft``. None: full fine-tuning.
         model: an existing model instance (a copy of the teacher's); built from the config when None.
     """
 
@@ -107,6 +110,7 @@ class DiffusersStudentNet(nn.Module):
         freq_dim: int = 128,
         time_scale: float = 1000.0,
         guidance_input: bool = False,
+        lora: dict | None = None,
         model: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -117,7 +121,7 @@ class DiffusersStudentNet(nn.Module):
         self.config = json.loads(json.dumps({  # plain JSON types, as the config reads back from a file
             "name": "diffusers", "model_class": model_class, "model_config": _json_config(model_config),
             "teacher": teacher, "freq_dim": int(freq_dim), "time_scale": float(time_scale),
-            "guidance_input": bool(guidance_input),
+            "guidance_input": bool(guidance_input), **({"lora": dict(lora)} if lora else {}),
         }))
         net = DiffusersNet(model, null_class=bool(teacher.get("null_class", False)))
         if kind == "diffusers":
@@ -139,6 +143,8 @@ class DiffusersStudentNet(nn.Module):
         self.injection = IntervalInjection(widths.pop(), freq_dim, time_scale, guidance_input)
         for m in points:
             m.register_forward_hook(self.injection.hook)
+        if lora:
+            add_lora(model, **lora)
         self.data_shape: tuple[int, ...] = tuple(net.data_shape)
         self.num_classes: int = int(self.velocity.num_classes)
         self.guidance_input = bool(guidance_input)
@@ -161,6 +167,49 @@ class DiffusersStudentNet(nn.Module):
             return self.velocity.linear_velocity(x, s, cond)
         finally:
             self.injection.offset = None
+
+
+def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, target_modules: list[str] | None = None,
+             dropout: float = 0.0) -> None:
+    """Inject LoRA adapters W + (alpha / r) B A (B = 0 at init) into ``model`` with peft; only they train."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as err:
+        raise ImportError("LoRA students need the optional dependency `peft` (pip install peft)") from err
+    if target_modules is None:
+        target_modules = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules=list(target_modules), lora_dropout=float(dropout))
+    inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def merged_lora(net: DiffusersStudentNet) -> DiffusersStudentNet:
+    """The same student with its LoRA adapters merged into the weights (W <- W + (alpha / r) B A): a plain
+    copy of the teacher's architecture, whose state dict is in diffusers' layout again."""
+    if "lora" not in net.config:
+        raise ValueError("this student has no LoRA adapters to merge")
+    from peft.tuners.lora import LoraLayer
+
+    work = copy.deepcopy(net)
+    for module in work.model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {}
+    for key, value in work.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    config = {k: v for k, v in net.config.items() if k not in ("name", "lora")}
+    merged = DiffusersStudentNet(**config)
+    merged.load_state_dict(state, strict=True)
+    return merged.to(next(net.parameters()).device)
+
+
+def lora_state(net: DiffusersStudentNet) -> dict[str, Tensor]:
+    """The adapter alone: the LoRA matrices and the injected embeddings (what training changed)."""
+    return {k: v for k, v in net.state_dict().items() if "lora_" in k or k.startswith("injection.")}
 
 
 def _json_config(config) -> dict:
@@ -187,7 +236,7 @@ def teacher_spec(teacher: nn.Module) -> tuple[nn.Module, dict] | None:
 
 def student_net_from_teacher(
     teacher: nn.Module, copy_weights: bool = True, guidance_input: bool = False, freq_dim: int = 128,
-    time_scale: float = 1000.0,
+    time_scale: float = 1000.0, lora: dict | None = None,
 ) -> DiffusersStudentNet | None:
     """The student net around a deep copy of the teacher's network (``copy_weights``), or around a freshly
     initialized network of the same class and config (training from scratch); None for other teachers."""
@@ -198,5 +247,5 @@ def student_net_from_teacher(
     own = copy.deepcopy(model).requires_grad_(True) if copy_weights else None
     return DiffusersStudentNet(
         type(model).__name__, dict(model.config), spec, freq_dim=freq_dim, time_scale=time_scale,
-        guidance_input=guidance_input, model=own,
+        guidance_input=guidance_input, lora=lora, model=own,
     )
