@@ -58,6 +58,12 @@ def save_teacher(path: str | Path, teacher: NetVelocity, **extra) -> Path:
 
 
 def save_student(path: str | Path, student: FlowMap, **extra) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        extra.setdefault("flowmap_version", version("flowmap"))
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        pass
     return save_model(path, student.net, student_config(student, **extra))
 
 

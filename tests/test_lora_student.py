@@ -9,15 +9,15 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from flowmap.app import load_student  # noqa: E402
-from flowmap.io import read_config  # noqa: E402
-from flowmap.models import load_lora_adapter, save_lora_adapter, save_student, student_from_teacher  # noqa: E402
-from flowmap.nets.diffusers_net import merged_lora  # noqa: E402
-from flowmap.objectives import build_objective  # noqa: E402
-from flowmap.solvers import solve  # noqa: E402
-from flowmap.student import FlowMap  # noqa: E402
-from flowmap.training import fit  # noqa: E402
-from tests.test_teacher_init_student import ddim, rel, teacher_of, unet  # noqa: E402
+from flowmap.app import load_student
+from flowmap.io import read_config
+from flowmap.models import load_lora_adapter, save_lora_adapter, save_student, student_from_teacher
+from flowmap.nets.diffusers_net import merged_lora
+from flowmap.objectives import build_objective
+from flowmap.solvers import solve
+from flowmap.student import FlowMap
+from flowmap.training import fit
+from tests.test_teacher_init_student import ddim, rel, teacher_of, unet
 
 LORA = {"rank": 2, "alpha": 4.0}
 

@@ -145,4 +145,6 @@ class DistillModule(TrainingMixin, L.LightningModule):
         return sample(self.ema if use_ema else self.student, noise, steps, cond=cond, gamma=gamma)
 
     def export(self, path: str | Path, **extra) -> Path:
+        teacher = getattr(self._teacher, "description", None)  # kind, folder, scheduler, prediction (teachers/)
+        extra = {**({"teacher": teacher} if teacher else {}), "steps_trained": int(self.global_step), **extra}
         return save_student(path, self.ema, method=self.objective.name, objective=dict(self.hparams.objective), **extra)
