@@ -56,7 +56,7 @@ class FlowMapPipeline(DiffusionPipeline):
         """A pipeline around a student (LoRA adapters, if any, merged into the weights)."""
         net = flow_map.net
         if not isinstance(net, DiffusersStudentNet):
-            raise ValueError("the diffusers export needs a student made from a diffusers model (net 'diffusers')")
+            raise ValueError("the diffusers export needs a student made from a diffusers model (net 'diffusers')")  # noqa: TRY004 (scripts report ValueErrors in one line)
         if "lora" in net.config:
             net = merged_lora(net)
             flow_map = FlowMap(net, flow_map.param)

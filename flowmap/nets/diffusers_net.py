@@ -136,6 +136,9 @@ class DiffusersStudentNet(nn.Module):
             )
         else:
             raise ValueError(f"unknown teacher kind {kind!r} for a diffusers student net (diffusers, edm)")
+        for module in model.modules():  # label dropout (DiT's LabelEmbedding) is the objective's job, not the net's
+            if hasattr(module, "dropout_prob") and isinstance(module.dropout_prob, float):
+                module.dropout_prob = 0.0
         points = injection_points(model)
         widths = {embedding_width(m) for m in points}
         if len(widths) != 1:
@@ -244,7 +247,7 @@ def student_net_from_teacher(
     if found is None:
         return None
     model, spec = found
-    own = copy.deepcopy(model).requires_grad_(True) if copy_weights else None
+    own = copy.deepcopy(model).requires_grad_(True).train() if copy_weights else None
     return DiffusersStudentNet(
         type(model).__name__, dict(model.config), spec, freq_dim=freq_dim, time_scale=time_scale,
         guidance_input=guidance_input, lora=lora, model=own,
