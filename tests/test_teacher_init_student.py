@@ -197,3 +197,21 @@ def test_distill_script_with_a_folder_and_no_student_trains_from_the_teachers_we
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120,
                    env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert torch.equal(torch.load(tmp_path / "fresh.pt"), ours)
+
+
+@pytest.mark.parametrize("backend", ["forward_ad", "func"])
+def test_jvp_through_the_wrapped_network_matches_finite_differences(backend):
+    """MeanFlow / sCM / AYF differentiate the student in (x, s, t): diffusers' fused attention has no forward-mode
+    rule, so the net swaps in explicit-softmax attention during a JVP; the tangent matches float64 differences."""
+    from flowmap.jvp import jvp
+
+    student = student_from_teacher(teacher_of(unet(), ddim("epsilon")))  # its mid-block has attention
+    torch.nn.init.normal_(student.net.injection.emb_d[-1].weight, std=0.05)
+    g = torch.Generator().manual_seed(4)
+    x, s, t = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([0.9, 0.6, 0.4]), torch.tensor([0.5, 0.2, 0.1])
+    tangents = (torch.randn(3, 1, 8, 8, generator=g), torch.ones(3), torch.full((3,), 0.5))
+    _, ours = jvp(student, (x, s, t), tangents, backend=backend)
+    _, ref = jvp(student, (x, s, t), tangents, backend="fd", fd_dtype="float64", modules=[student])
+    assert rel(ours, ref) < 1e-3
+    assert all(type(m.processor).__name__ == "AttnProcessor2_0" for m in student.net.model.modules()
+               if hasattr(m, "processor"))  # the fused kernels are back after the JVP

@@ -166,10 +166,36 @@ class DiffusersStudentNet(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor, t: Tensor, cond=None, w: Tensor | None = None) -> Tensor:
         self.injection.offset = self.injection.embed(s, t, w)
+        swapped = _math_attention(self.model) if _has_tangent(x, s, t) else []
         try:
             return self.velocity.linear_velocity(x, s, cond)
         finally:
             self.injection.offset = None
+            for module, processor in swapped:
+                module.processor = processor
+
+
+def _has_tangent(*tensors: Tensor) -> bool:
+    """Whether a forward-mode JVP runs through this call (dual tensors or torch.func wrappers)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+    from torch.autograd import forward_ad
+
+    return any(is_functorch_wrapped_tensor(a) or forward_ad.unpack_dual(a).tangent is not None for a in tensors)
+
+
+def _math_attention(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Swap diffusers' fused-SDPA attention processors (no forward-mode AD rule in PyTorch's fused kernels) for
+    its explicit-softmax ``AttnProcessor`` during a JVP; returns what to restore. Other processors (e.g. SD3's
+    joint attention) are left as they are: use ``jvp_backend: fd`` there."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    swapped = []
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if type(processor) is AttnProcessor2_0:
+            swapped.append((module, processor))
+            module.processor = AttnProcessor()
+    return swapped
 
 
 def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, target_modules: list[str] | None = None,
