@@ -215,3 +215,32 @@ def test_jvp_through_the_wrapped_network_matches_finite_differences(backend):
     assert rel(ours, ref) < 1e-3
     assert all(type(m.processor).__name__ == "AttnProcessor2_0" for m in student.net.model.modules()
                if hasattr(m, "processor"))  # the fused kernels are back after the JVP
+
+
+def test_init_from_teacher_defaults_to_same_architecture():
+    """DistillModule: no student net -> the teacher's own network; a named net like the teacher's starts from
+    its weights unless told otherwise; another architecture starts fresh; a teacher whose network cannot be
+    wrapped needs a named student net."""
+    from flowmap.lightning.distill_module import DistillModule
+    from flowmap.velocity import NetVelocity
+
+    cd = {"name": "cd", "steps": 4, "solver": "euler"}
+    mlp = {"name": "mlp", "data_shape": [2], "width": 32, "depth": 2}
+    torch.manual_seed(0)
+    own = NetVelocity(build_net(mlp))
+    same = DistillModule(objective=cd, student={"net": mlp}, teacher=own)
+    assert all(torch.equal(a, b) for a, b in zip(same.student.net.state_dict().values(), own.net.state_dict().values()))
+    off = DistillModule(objective=cd, student={"net": mlp}, teacher=own, init_from_teacher=False)
+    fresh_own = off.student.net.state_dict()
+    assert sum(not torch.equal(v, fresh_own[k]) for k, v in own.net.state_dict().items()) > 2
+    other = DistillModule(objective=cd, student={"net": {**mlp, "width": 16}}, teacher=own)
+    assert other.student.net.config["width"] == 16
+    with pytest.raises(ValueError, match="name a student net"):
+        DistillModule(objective=cd, teacher=own)
+    teacher = teacher_of(unet(), ddim("epsilon"))
+    auto = DistillModule(objective=cd, teacher=teacher)
+    assert auto.student.net.config["name"] == "diffusers"
+    a, b = auto.student.net.model.state_dict(), teacher.net.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    fresh = DistillModule(objective=cd, teacher=teacher, init_from_teacher=False).student.net.model.state_dict()
+    assert sum(not torch.equal(fresh[k], b[k]) for k in b) > len(b) // 2
