@@ -87,3 +87,21 @@ def test_export_refuses_a_student_of_flowmaps_own_nets(tmp_path, capsys):
                          capture_output=True, text=True, timeout=120, check=False,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "made from a diffusers model" in run.stderr
+
+
+def test_text_conditioned_student_round_trips_through_the_pipeline_folder(tmp_path):
+    """UNet2DConditionModel student: the pipeline takes encoder_hidden_states and samples like the student."""
+    from flowmap.pipeline import FlowMapPipeline
+    from tests.test_teacher_init_student import cond_unet
+
+    student = trained_like(student_from_teacher(teacher_of(cond_unet(), ddim("epsilon"))))
+    g = torch.Generator().manual_seed(2)
+    noise, context = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    FlowMapPipeline.from_flow_map(student, {"net": student.net.config}).save_pretrained(tmp_path / "pipe")
+    pipe = FlowMapPipeline.from_pretrained(tmp_path / "pipe")
+    with torch.no_grad():
+        ref = student.eval()(noise, torch.ones(2), torch.zeros(2), context)
+        got = pipe(latents=noise, encoder_hidden_states=context, output_type="pt").images
+        other = pipe(latents=noise, encoder_hidden_states=torch.randn(2, 5, 12, generator=g), output_type="pt").images
+    assert float((got - ref).abs().max()) < 1e-6
+    assert float((other - ref).abs().max()) > 1e-4  # the condition reaches the network
