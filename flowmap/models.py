@@ -58,6 +58,12 @@ def save_teacher(path: str | Path, teacher: NetVelocity, **extra) -> Path:
 
 
 def save_student(path: str | Path, student: FlowMap, **extra) -> Path:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        extra.setdefault("flowmap_version", version("flowmap"))
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        pass
     return save_model(path, student.net, student_config(student, **extra))
 
 
@@ -78,13 +84,77 @@ def load_model(path: str | Path, expect: str | None = None) -> NetVelocity | Flo
     return model.eval()
 
 
+def unwrap_teacher(teacher: nn.Module) -> nn.Module:
+    """The velocity module inside wrappers such as ``teachers.CheckpointTeacher`` (``.teacher``)."""
+    while isinstance(getattr(teacher, "teacher", None), nn.Module):
+        teacher = teacher.teacher
+    return teacher
+
+
 def init_student_from_teacher(student: FlowMap, teacher: NetVelocity | nn.Module) -> tuple[list[str], list[str]]:
     """Copy what fits from the teacher's net into the student's net (Geng et al. 2024, ECT; Sabour et al. 2025).
 
     The student's extra inputs (interval embedding, guidance embedding) keep their zero init, so
     u(x, t, t) starts equal to the teacher's velocity when the teacher predicts velocity on the linear path."""
-    net = teacher
-    while isinstance(getattr(net, "teacher", None), nn.Module):  # unwrap e.g. teachers.CheckpointTeacher
-        net = net.teacher
+    net = unwrap_teacher(teacher)
     net = getattr(net, "net", net)  # NetVelocity -> its backbone
+    if getattr(student.net, "config", {}).get("name") == "diffusers":  # the teacher's own network, wrapped
+        return load_matching(student.net.model, net.model.state_dict() if hasattr(net, "model") else {})
     return load_matching(student.net, net.state_dict())
+
+
+def student_from_teacher(teacher: nn.Module, init: bool = True, parametrization=None, **net_options) -> FlowMap | None:
+    """A student whose net is the teacher's own network (a diffusers model or the network of an EDM denoiser,
+    ``flowmap.nets.diffusers_net``): a copy of its weights when ``init``, else a fresh network of the same class
+    and config. None when the teacher's network cannot be wrapped (flowmap's own teachers: name a student net)."""
+    from flowmap.nets.diffusers_net import student_net_from_teacher
+
+    net = student_net_from_teacher(unwrap_teacher(teacher), copy_weights=init, **net_options)
+    return None if net is None else FlowMap(net, parametrization)
+
+
+def same_architecture(student: FlowMap, teacher: nn.Module) -> bool:
+    """Whether the student's net is the teacher's network (same config up to the student-only inputs)."""
+    inner = unwrap_teacher(teacher)
+    net = getattr(inner, "net", None)
+    if not hasattr(net, "config") or not hasattr(student.net, "config"):
+        return False
+    student_only = ("guidance_input", "time_scale")
+    a = {k: v for k, v in dict(student.net.config).items() if k not in student_only}
+    b = {k: v for k, v in dict(net.config).items() if k not in student_only}
+    return a == b
+
+
+def save_lora_adapter(path: str | Path, student: FlowMap, **extra) -> Path:
+    """The LoRA adapter alone (LoRA matrices + injected embeddings) with the student config; the base weights
+    are the teacher's (``load_lora_adapter`` applies it to ``student_from_teacher(teacher, lora=...)``)."""
+    from flowmap.nets.diffusers_net import lora_state
+
+    if "lora" not in getattr(student.net, "config", {}):
+        raise ValueError("save_lora_adapter needs a student trained with LoRA adapters (student.lora)")
+    return save_model(path, _TensorCarrier(lora_state(student.net)), student_config(student, kind="lora_adapter", **extra))
+
+
+def load_lora_adapter(student: FlowMap, path: str | Path) -> FlowMap:
+    """Apply an adapter file of ``save_lora_adapter`` to a LoRA student built from the same teacher."""
+    state, config = read_state(path)
+    if config.get("kind") != "lora_adapter":
+        raise CheckpointError(f"{path}: not a LoRA adapter file (kind={config.get('kind')!r})")
+    if config["net"] != student.net.config:
+        raise CheckpointError(f"{path}: the adapter was trained on a different network or LoRA config")
+    _, unexpected = student.net.load_state_dict(state, strict=False)
+    expected = {k for k in student.net.state_dict() if "lora_" in k or k.startswith("injection.")}
+    if unexpected or expected - set(state):
+        raise CheckpointError(f"{path}: adapter tensors do not fit the student ({sorted(expected - set(state))[:4]})")
+    return student
+
+
+class _TensorCarrier(nn.Module):
+    """A module whose state dict is a given dict of tensors (to save a partial state with ``save_model``)."""
+
+    def __init__(self, state: dict) -> None:
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return dict(self._state)

@@ -84,7 +84,11 @@ class FlowMap(nn.Module):
         if self.data_shape and tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(f"x has shape {tuple(x.shape)}, the student expects (B, {', '.join(map(str, self.data_shape))})")
         check_times(s, t, batch=x.shape[0])
-        check_labels(cond, self.num_classes, x.shape[0])
+        check_cond = getattr(self.net, "check_cond", None)  # nets with other conditions (text) check their own
+        if check_cond is not None:
+            check_cond(cond, x.shape[0])
+        else:
+            check_labels(cond, self.num_classes, x.shape[0])
         if w is not None and not self.guidance_input:
             raise ValueError("a guidance scale was given to a student that was not built to take one (guidance_input=False)")
 

@@ -5,10 +5,12 @@
         --teacher runs/teacher/teacher.safetensors --run_dir runs/cd --export runs/cd/student.safetensors
 
 ``--teacher PATH`` accepts our safetensors or Lightning checkpoints and diffusers model folders; the
-script says what it found before training. Data-free configs (e.g. configs/distill/*_gmm.yaml) set
-the teacher in YAML (the analytic Gaussian mixture) and draw their samples from it. A checkpoint records
-its teacher's source and content fingerprint: ``--resume`` with another teacher is refused, naming both,
-unless ``--teacher_swap`` is given.
+script says what it found before training. A config that names no student net (``model.student.net``) gets
+the teacher's own network as the student (diffusers folders; ``flowmap/nets/diffusers_net.py``), starting
+from the teacher's weights: then only an objective, data and trainer are needed. Data-free configs (e.g.
+configs/distill/*_gmm.yaml) set the teacher in YAML (the analytic Gaussian mixture) and draw their samples from it.
+A checkpoint records its teacher's source and content fingerprint: ``--resume`` with another teacher is refused,
+naming both, unless ``--teacher_swap`` is given.
 """
 
 from __future__ import annotations

@@ -4,6 +4,14 @@ check it against eager PyTorch, and print the result.
 
     python scripts/export.py runs/cd/student.safetensors --out runs/cd/generator.pt2
 
+A student made from a diffusers model (the teacher's own network) also exports as a diffusers folder
+(``flowmap.pipeline.FlowMapPipeline.from_pretrained(OUT)``; LoRA adapters merged), as merged LoRA weights, or
+as the LoRA adapter alone:
+
+    python scripts/export.py runs/cd/student.safetensors --format diffusers --out runs/cd/pipeline
+    python scripts/export.py runs/cd/student.safetensors --format lora_merged --out runs/cd/merged.safetensors
+    python scripts/export.py runs/cd/student.safetensors --format lora_adapter --out runs/cd/adapter.safetensors
+
 In an application (no flowmap needed):
 
     gen = torch.export.load("generator.pt2").module()
@@ -26,12 +34,17 @@ from flowmap.export import export_generator  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 
 TOLERANCE = 1e-5
+FORMATS = ("pt2", "diffusers", "lora_merged", "lora_adapter")
+DEFAULT_OUT = {"pt2": "generator.pt2", "diffusers": "pipeline", "lora_merged": "merged.safetensors",
+               "lora_adapter": "adapter.safetensors"}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="a student .safetensors file (save_student / DistillModule.export)")
-    p.add_argument("--out", default=None, help="output .pt2 (default: next to the student, generator.pt2)")
+    p.add_argument("--format", default="pt2", choices=FORMATS, help="pt2 (torch.export), diffusers (a pipeline "
+                   "folder), lora_merged or lora_adapter (students trained with LoRA)")
+    p.add_argument("--out", default=None, help="output .pt2 / folder / .safetensors (default: next to the student)")
     p.add_argument("--batch", type=int, default=4, help="example batch size for tracing")
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the exported program accepts")
     p.add_argument("--static", action="store_true", help="export with a fixed batch size instead of a dynamic one")
@@ -47,14 +60,54 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     set_cpu_threads(a.threads)
-    out = Path(a.out) if a.out else Path(a.student).with_name("generator.pt2")
+    out = Path(a.out) if a.out else Path(a.student).with_name(DEFAULT_OUT[a.format])
     student = load_student(a.student)
+    if a.format != "pt2":
+        return export_other(student, a.format, out, a.batch)
     result = export_generator(student, out, batch=a.batch, guidance=a.guidance, dynamic=not a.static, max_batch=a.max_batch)
     ok = result["max_abs_diff"] < TOLERANCE
     result["matches_eager"] = ok
     print(json.dumps(result))
     print(f"{'ok' if ok else 'MISMATCH'}: max |exported - eager| = {result['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}) over batches {result['checked_batches']}; wrote {out}")
     if not ok:
+        raise SystemExit(1)
+    return result
+
+
+def export_other(student, fmt: str, out: Path, batch: int) -> dict:
+    """diffusers folder, merged LoRA student or LoRA adapter; the first two are checked against the student."""
+    import torch
+
+    from flowmap.models import save_lora_adapter, save_student
+    from flowmap.student import FlowMap
+
+    if getattr(student.flow_map.net, "config", {}).get("name") != "diffusers":
+        raise ValueError(f"--format {fmt} needs a student made from a diffusers model (net 'diffusers')")
+    extra = {k: v for k, v in student.config.items() if k not in ("kind", "net", "parametrization", "data_shape",
+                                                                   "num_classes", "format", "version")}
+    if fmt == "lora_adapter":
+        save_lora_adapter(out, student.flow_map, **extra)
+        result = {"format": fmt, "out": str(out)}
+        print(json.dumps(result))
+        return result
+    noise = torch.randn((batch, *student.data_shape), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch) % student.num_classes if student.num_classes else None
+    ref = student.sample(noise, labels=labels)
+    if fmt == "diffusers":
+        from flowmap.pipeline import FlowMapPipeline
+
+        FlowMapPipeline.from_flow_map(student.flow_map, student.config).save_pretrained(out)
+        got = FlowMapPipeline.from_pretrained(out)(latents=noise, class_labels=labels, output_type="pt").images
+    else:
+        from flowmap.app import load_student as reload
+        from flowmap.nets.diffusers_net import merged_lora
+
+        save_student(out, FlowMap(merged_lora(student.flow_map.net), student.flow_map.param), **extra)
+        got = reload(out).sample(noise, labels=labels)
+    diff = float((got - ref).abs().max())
+    result = {"format": fmt, "out": str(out), "max_abs_diff": diff, "matches_student": diff < TOLERANCE}
+    print(json.dumps(result))
+    if diff >= TOLERANCE:
         raise SystemExit(1)
     return result
 

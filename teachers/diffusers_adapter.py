@@ -45,29 +45,17 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from flowmap.diffusers_velocity import DiffusersNet, DiffusersTeacher, require_diffusers  # noqa: F401 (re-exported)
 from flowmap.io import CheckpointError
 from flowmap.paths import AffinePath, DiscreteVPPath, LinearPath
-from flowmap.predictions import to_x0_eps
-from flowmap.types import expand_like
-from flowmap.velocity import NetVelocity
 
-MODELS = ("UNet2DModel", "DiTTransformer2DModel")
+MODELS = ("UNet2DModel", "DiTTransformer2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-SNAP = 1e-3  # in train steps: a time this close to a train step is evaluated at that step
 WEIGHTS = "diffusion_pytorch_model"
-
-
-def require_diffusers():
-    """Import diffusers lazily (an optional extra) with one clear message when it is missing."""
-    try:
-        import diffusers
-    except ImportError as err:
-        raise ImportError("reading a diffusers model folder needs the optional dependency `diffusers` (pip install diffusers)") from err
-    return diffusers
 
 
 # --- the folder ------------------------------------------------------------------------------------
@@ -190,117 +178,7 @@ def clip_mismatch(config: dict) -> str | None:
 # --- the model -------------------------------------------------------------------------------------
 
 
-class DiffusersNet(nn.Module):
-    """model(x, timestep, class_labels).sample on x: (B, C, H, W), timestep: (B,) float, labels: (B,) long or None.
-
-    Models that also predict a variance (``out_channels = 2 C``, e.g. DiT with learned sigma) return
-    their first C channels, as diffusers' pipelines do."""
-
-    def __init__(self, model: nn.Module, null_class: bool = False) -> None:
-        super().__init__()
-        cfg = model.config
-        self.model = model
-        self.model_class = type(model).__name__
-        size = cfg.sample_size
-        H, W = (size, size) if isinstance(size, int) else tuple(size)
-        C = int(cfg.in_channels)
-        self.data_shape: tuple[int, ...] = (C, int(H), int(W))
-        out = int(cfg.out_channels if cfg.out_channels is not None else C)
-        if out not in (C, 2 * C):
-            raise CheckpointError(f"{self.model_class}: out_channels={out} is neither in_channels={C} nor 2 x in_channels (learned variance)")
-        self.out_channels = out
-        self.num_classes, self.has_null = self._classes(model, null_class)
-
-    def _classes(self, model: nn.Module, null_class: bool) -> tuple[int, bool]:
-        cfg = model.config
-        if self.model_class == "UNet2DModel":
-            if cfg.class_embed_type is not None:
-                raise CheckpointError(f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported (only integer class labels)")
-            n = int(cfg.num_class_embeds or 0)
-            if null_class and n < 2:
-                raise ValueError("null_class=True needs a class-conditional UNet2DModel with at least two class embeddings")
-            return (n - 1, True) if null_class else (n, False)
-        # DiT: labels 0..num_embeds_ada_norm - 1, plus the null label num_embeds_ada_norm when the
-        # embedding table has a row for it (trained with label dropout).
-        n = int(cfg.num_embeds_ada_norm or 0)
-        tables = [m.num_embeddings for name, m in model.named_modules() if name.endswith("embedding_table") and isinstance(m, nn.Embedding)]
-        return n, bool(tables) and min(tables) > n
-
-    def forward(self, x: Tensor, timestep: Tensor, labels: Tensor | None) -> Tensor:
-        dtype = next(self.model.parameters()).dtype
-        out = self.model(x.to(dtype), timestep.to(dtype), class_labels=labels, return_dict=False)[0]
-        return out[:, : self.data_shape[0]].to(x.dtype)
-
-
-class DiffusersTeacher(NetVelocity):
-    """A diffusers denoiser on ``path`` predicting ``prediction`` (ours: eps, v, x0, velocity), seen as a
-    velocity field on the linear axis. Labels (B,) long; the null label is ``num_classes`` (DiT's
-    label-dropout row, or the last UNet class embedding with ``null_class=True``)."""
-
-    def __init__(self, net: DiffusersNet, path: AffinePath, prediction: str, num_train_timesteps: int) -> None:
-        super().__init__(net, path, prediction)
-        self.num_train_timesteps = int(num_train_timesteps)
-        if isinstance(path, DiscreteVPPath):
-            if path.num_steps != self.num_train_timesteps:
-                raise ValueError(f"alphas_cumprod has {path.num_steps} steps, num_train_timesteps is {self.num_train_timesteps}")
-            table = torch.log(torch.tensor((1.0, *path.alphas_cumprod), dtype=torch.float64))
-            self.register_buffer("log_abar", table, persistent=False)  # log abar at t = j / N, j = 0..N
-
-    def labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
-        """Our labels (None = null) -> the model's class_labels."""
-        net: DiffusersNet = self.net
-        if net.num_classes == 0:
-            return None
-        if cond is None:
-            cond = torch.full((batch,), net.num_classes, dtype=torch.long, device=device)
-        if not net.has_null and bool(torch.any(cond == net.num_classes)):
-            raise ValueError(
-                f"this {net.model_class} has no null (unconditional) class: give labels in [0, {net.num_classes - 1}]; "
-                "classifier-free guidance is unavailable (for a UNet2DModel whose last class embedding is the null class, pass null_class=True)"
-            )
-        return cond
-
-    def vp_step(self, t_lin: Tensor) -> tuple[Tensor, Tensor]:
-        """t_lin (B,) -> (fractional DDPM step tau (B,), VP time t = (tau + 1) / N (B,)), in float64.
-
-        Solves log abar(t) = -log(1 + r^2), r = t_lin / (1 - t_lin), on the piecewise-linear table of
-        DiscreteVPPath (exact inverse, no bisection), then snaps to a train step within SNAP."""
-        table = self.log_abar.to(t_lin.device)
-        N = self.num_train_timesteps
-        t64 = t_lin.double()
-        r = t64 / (1.0 - t64).clamp_min(1e-300)
-        target = -torch.log1p(r * r)  # log abar, decreasing in t
-        target = target.clamp(min=float(table[-1]), max=0.0)
-        j = torch.searchsorted(-table, -target).clamp(1, N)  # table[j - 1] >= target >= table[j]
-        lo, hi = table[j - 1], table[j]
-        frac = torch.where(lo > hi, (lo - target) / (lo - hi), torch.zeros_like(target))
-        pos = (j - 1).double() + frac  # position on the grid j / N, i.e. t = pos / N
-        tau = pos - 1.0
-        near = tau.round()
-        tau = torch.where((tau - near).abs() < SNAP, near, tau)
-        return tau, (tau + 1.0) / N
-
-    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        raise NotImplementedError("DiffusersTeacher is evaluated on the linear axis only: call velocity(x, t)")
-
-    def linear_velocity(self, x_lin: Tensor, t_lin: Tensor, cond: Tensor | None) -> Tensor:
-        """v_lin(x_lin, t_lin) = eps - x0 with (x0, eps) from the model's prediction at the matching step."""
-        labels = self.labels(cond, x_lin.shape[0], x_lin.device)
-        N = self.num_train_timesteps
-        if isinstance(self.path, LinearPath):
-            pred = self.net(x_lin, t_lin * N, labels)  # diffusers flow matching: timestep = sigma * N
-            if self.prediction == "velocity":
-                return pred
-            x0, eps = to_x0_eps(pred, self.prediction, x_lin, t_lin, self.path)
-            return eps - x0
-        tau, t = self.vp_step(t_lin)
-        a, s = self.path.alpha(t), self.path.sigma(t)
-        x = x_lin * expand_like(a + s, x_lin)  # x = (alpha + sigma) x_lin (flowmap.paths.from_linear)
-        pred = self.net(x, tau.clamp(0, N - 1).to(x_lin.dtype), labels)
-        x0, eps = to_x0_eps(pred, self.prediction, x, t, self.path)
-        if self.prediction == "x0":  # eps = (x - alpha x0) / sigma is 0 / 0 at t = 0, where E[eps | x0] = 0
-            eps = torch.where(expand_like(s, x) > 0, eps, torch.zeros_like(eps))
-        return eps - x0
+# DiffusersNet and DiffusersTeacher live in flowmap.diffusers_velocity (the student reuses them).
 
 
 def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False) -> tuple[DiffusersTeacher, dict]:

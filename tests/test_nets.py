@@ -142,7 +142,7 @@ def test_build_net_errors():
         build_net({"name": "mlp", "fourier_features": 1.5})
     with pytest.raises(ValueError, match="fourier_scale"):
         build_net({"name": "mlp", "fourier_features": 2, "fourier_scale": 0.0})
-    assert set(NETS) == {"mlp", "unet", "dit"}
+    assert set(NETS) == {"mlp", "unet", "dit", "diffusers"}
 
 
 def test_mlp_fourier_features():

@@ -21,7 +21,7 @@ from flowmap.ema import frozen_copy
 from flowmap.io import fingerprint
 from flowmap.lightning.batches import unpack_batch
 from flowmap.lightning.training_mixin import TrainingMixin
-from flowmap.models import build_student, init_student_from_teacher, save_student
+from flowmap.models import build_student, init_student_from_teacher, same_architecture, save_student, student_from_teacher
 from flowmap.objectives import build_objective
 from flowmap.sampling import sample
 from flowmap.student import FlowMap
@@ -31,20 +31,23 @@ class DistillModule(TrainingMixin, L.LightningModule):
     """Distill ``teacher`` into a flow-map student with ``objective``.
 
     Args:
-        student: ``{"net": {...}, "parametrization": "identity" | {"name": "consistency", ...}}``.
+        student: ``{"net": {...}, "parametrization": "identity" | {"name": "consistency", ...}}``; without a
+            ``net`` (or None), the teacher's own network (diffusers / EDM teachers, ``flowmap.models.student_from_teacher``)
+            with ``{"guidance_input", "freq_dim", "time_scale", "lora"}`` from this dict.
         objective: ``{"name": "cd" | "ict" | "ect" | "pd" | "meanflow" | ..., **hyperparameters}``.
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
-        init_from_teacher: copy the teacher network's weights into the student where they fit.
+        init_from_teacher: copy the teacher network's weights into the student where they fit; None (default):
+            whenever the student's architecture is the teacher's.
         ema_halflife: half-life of the evaluation EMA of the student (the exported weights): steps, or a fraction
             of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
     """
 
     def __init__(
         self,
-        student: dict,
         objective: dict,
+        student: dict | None = None,
         teacher: nn.Module | None = None,
-        init_from_teacher: bool = False,
+        init_from_teacher: bool | None = None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
@@ -57,7 +60,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])
         self.ema_schedule()  # checks ema_halflife / ema_decay
-        self.student: FlowMap = build_student(dict(student))
+        self.student: FlowMap = self._build_student(dict(student or {}), teacher, init_from_teacher)
         self.objective = build_objective(dict(objective))
         self.data_shape = tuple(self.student.data_shape)
         self.num_classes = self.student.num_classes
@@ -66,12 +69,27 @@ class DistillModule(TrainingMixin, L.LightningModule):
         self._teacher = None
         if teacher is not None:
             self.set_teacher(teacher)
-            if init_from_teacher:
+            if init_from_teacher is None:
+                init_from_teacher = "net" in dict(student or {}) and same_architecture(self.student, teacher)
+            if init_from_teacher and "net" in dict(student or {}):
                 copied, _ = init_student_from_teacher(self.student, teacher)
                 if not copied:
                     raise ValueError("init_from_teacher: no tensor of the teacher fits the student's network")
         self.target = frozen_copy(self.student) if getattr(self.objective, "uses_target", False) else None
         self.ema = frozen_copy(self.student)
+
+    @staticmethod
+    def _build_student(student: dict, teacher: nn.Module | None, init: bool | None) -> FlowMap:
+        if "net" in student:
+            return build_student(student)
+        if teacher is None:
+            raise ValueError("no student network given (model.student.net) and no teacher to build one from")
+        options = {k: student[k] for k in ("guidance_input", "freq_dim", "time_scale", "lora") if k in student}
+        built = student_from_teacher(teacher, init=init is not False, parametrization=student.get("parametrization"), **options)
+        if built is None:
+            raise ValueError("no student network given (model.student.net), and the teacher's network is not one that "
+                             "can be wrapped (diffusers folders and EDM denoisers can): name a student net")
+        return built
 
     # the teacher is frozen and unregistered: no gradients, not in the state dict, moved by hand
     def set_teacher(self, teacher: nn.Module) -> None:
@@ -184,6 +202,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
         return sample(self.ema if use_ema else self.student, noise, steps, cond=cond, gamma=gamma)
 
     def export(self, path: str | Path, **extra) -> Path:
+        teacher = getattr(self._teacher, "description", None)  # kind, folder, scheduler, prediction (teachers/)
+        extra = {**({"teacher": teacher} if teacher else {}), "steps_trained": int(self.global_step), **extra}
         return save_student(path, self.ema, method=self.objective.name, objective=dict(self.hparams.objective), **extra)
 
 

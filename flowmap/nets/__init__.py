@@ -9,11 +9,12 @@ import inspect
 
 from torch import nn
 
+from flowmap.nets.diffusers_net import DiffusersStudentNet
 from flowmap.nets.dit import DiT
 from flowmap.nets.mlp import MLP
 from flowmap.nets.unet import UNet
 
-NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet, "dit": DiT}
+NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": UNet, "dit": DiT, "diffusers": DiffusersStudentNet}
 
 
 def build_net(config: dict) -> nn.Module:
@@ -32,4 +33,4 @@ def build_net(config: dict) -> nn.Module:
     return cls(**config)
 
 
-__all__ = ["DiT", "MLP", "NETS", "UNet", "build_net"]
+__all__ = ["DiT", "DiffusersStudentNet", "MLP", "NETS", "UNet", "build_net"]

@@ -1,0 +1,85 @@
+"""An EDM / k-diffusion denoiser D(x, sigma) (any ``nn.Module``) as a velocity field on our linear axis (the math
+of ``teachers.EDMDenoiserTeacher``, kept in the core so a student built from the denoiser reuses it).
+
+Convention of the wrapped module (Karras et al. 2022, "Elucidating the Design Space...", Eq. 2-3;
+k-diffusion's ``Denoiser``): data x0 is noised on the VE path x = x0 + sigma eps and D(x, sigma)
+returns the denoised estimate of x0. With ``sigma_data`` given, the module is instead the raw
+network F and the EDM preconditioning (Karras et al. 2022, Eq. 7 and Table 1) is applied here:
+
+    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)
+    c_skip = sigma_d^2 / (sigma^2 + sigma_d^2),  c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2)
+    c_in = 1 / sqrt(sigma^2 + sigma_d^2),        c_noise = log(sigma) / 4
+
+Change of path (the VE path alpha = 1, sigma = sigma onto the linear one, ``flowmap.paths``):
+
+    t = sigma / (1 + sigma)          <=>  sigma = t / (1 - t)
+    x_lin = x / (1 + sigma)          <=>  x = x_lin / (1 - t)
+    x_lin = (1 - t) x0 + t eps       =>   v_lin = eps - x0 = (x_lin - x0) / t
+
+D is only trained on [sigma_min, sigma_max]: outside it the module is called at the clamped sigma
+(with x scaled to that level, x = (1 + sigma_c) x_lin), and the division by t uses t >= t(sigma_min),
+so the field stays finite at t = 0 and t = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowmap.paths import VEPath
+from flowmap.types import expand_like
+from flowmap.velocity import NetVelocity
+
+
+class EDMDenoiserTeacher(NetVelocity):
+    """Teacher from ``denoiser(x, sigma)`` (or ``denoiser(x, sigma, labels)`` when ``num_classes > 0``).
+
+    Shapes: x (B, *data_shape), sigma (B,) float, labels (B,) long with the null label ``num_classes``.
+    ``data_shape`` defaults to ``denoiser.data_shape`` when the module has one."""
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        sigma_data: float | None = None,
+        data_shape: tuple[int, ...] | None = None,
+        num_classes: int = 0,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+    ) -> None:
+        if not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if sigma_data is not None and sigma_data <= 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        super().__init__(denoiser, VEPath(sigma_max), "x0")
+        self.sigma_data = None if sigma_data is None else float(sigma_data)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        shape = data_shape if data_shape is not None else getattr(denoiser, "data_shape", ())
+        self.data_shape = tuple(int(d) for d in shape)
+        self.num_classes = int(num_classes)
+
+    def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        """x0 estimate D(x, sigma): x (B, ...), sigma (B,)."""
+        args = (labels,) if self.num_classes > 0 else ()
+        if self.sigma_data is None:
+            return self.net(x, sigma, *args)
+        sd2 = self.sigma_data**2
+        sig = expand_like(sigma, x)
+        c_skip = sd2 / (sig**2 + sd2)
+        c_out = sig * self.sigma_data / torch.sqrt(sig**2 + sd2)
+        c_in = 1.0 / torch.sqrt(sig**2 + sd2)
+        c_noise = torch.log(sigma) / 4
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, *args)
+
+    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        raise NotImplementedError("EDMDenoiserTeacher is evaluated on the linear axis only: call velocity(x, t)")
+
+    def linear_velocity(self, x_lin: Tensor, t_lin: Tensor, cond: Tensor | None) -> Tensor:
+        """v_lin = (x_lin - x0) / t with x0 = D(x_lin (1 + sigma), sigma), sigma = t / (1 - t) clamped."""
+        if self.num_classes > 0 and cond is None:
+            cond = torch.full((x_lin.shape[0],), self.num_classes, dtype=torch.long, device=x_lin.device)
+        t64 = t_lin.double()
+        sigma = (t64 / (1.0 - t64).clamp_min(1e-300)).clamp(self.sigma_min, self.sigma_max)
+        x = x_lin * expand_like(1.0 + sigma, x_lin)
+        x0 = self.denoise(x, sigma.to(x_lin.dtype), cond)
+        t_floor = self.sigma_min / (1.0 + self.sigma_min)
+        return (x_lin - x0) / expand_like(t64.clamp_min(t_floor), x_lin)

@@ -1,0 +1,132 @@
+"""A flow-map student made from a diffusers model, as a diffusers ``DiffusionPipeline`` (no training code).
+
+Folder written by ``FlowMapPipeline.save_pretrained(OUT)`` (``scripts/export.py STUDENT --format diffusers``):
+
+    OUT/model_index.json                  {"_class_name": "FlowMapPipeline", "unet" | "transformer": [...]}
+    OUT/unet/ or OUT/transformer/         the student's network in its original diffusers class
+                                          (config.json + diffusion_pytorch_model.safetensors; LoRA merged)
+    OUT/flowmap/student.json              the student config (teacher path/prediction, injected sizes, metadata)
+    OUT/flowmap/injection.safetensors     the injected interval (and guidance) embedding
+    OUT/scheduler/scheduler_config.json   the sampler: times t_0 = 1 > ... > t_K = 0 for K = 1-4 steps
+
+    pipe = FlowMapPipeline.from_pretrained(OUT)
+    images = pipe(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
+
+Sampling is flowmap's multistep flow-map sampler x_{k+1} = X(x_k, t_k, t_{k+1}) on a uniform grid
+(``flowmap.sampling.sample``), the same function ``load_student(...).sample`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from flowmap.nets.diffusers_net import DiffusersStudentNet, merged_lora
+from flowmap.sampling import sample
+from flowmap.student import FlowMap
+
+SCHEDULER = {"_class_name": "FlowMapUniformScheduler", "default_steps": 1, "max_steps": 4, "grid": "uniform",
+             "t_start": 1.0, "t_end": 0.0}
+
+
+def _subfolder(model_class: str) -> str:
+    return "unet" if "UNet" in model_class else "transformer"
+
+
+class FlowMapPipeline(DiffusionPipeline):
+    """Samples of a flow-map student in 1-4 network calls. ``unet`` or ``transformer``: the diffusers model
+    (the student's weights); ``flow_map``: the student X(x, s, t) around it; ``config_dict``: its config."""
+
+    def __init__(self, flow_map: FlowMap, student_config: dict, sampler: dict | None = None) -> None:
+        super().__init__()
+        net: DiffusersStudentNet = flow_map.net
+        self.register_modules(**{_subfolder(net.config["model_class"]): net.model})
+        self.flow_map = flow_map
+        self.student_config = dict(student_config)
+        self.sampler = dict(sampler or SCHEDULER)
+
+    @classmethod
+    def from_flow_map(cls, flow_map: FlowMap, student_config: dict) -> FlowMapPipeline:
+        """A pipeline around a student (LoRA adapters, if any, merged into the weights)."""
+        net = flow_map.net
+        if not isinstance(net, DiffusersStudentNet):
+            raise ValueError("the diffusers export needs a student made from a diffusers model (net 'diffusers')")  # noqa: TRY004 (scripts report ValueErrors in one line)
+        if "lora" in net.config:
+            net = merged_lora(net)
+            flow_map = FlowMap(net, flow_map.param)
+            student_config = {**student_config, "net": net.config}
+        return cls(flow_map, student_config)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        out = Path(save_directory)
+        net: DiffusersStudentNet = self.flow_map.net
+        sub = _subfolder(net.config["model_class"])
+        net.model.save_pretrained(out / sub, safe_serialization=True)
+        (out / "flowmap").mkdir(parents=True, exist_ok=True)
+        (out / "flowmap" / "student.json").write_text(json.dumps(self.student_config, indent=1))
+        injection = {k: v.detach().cpu().clone().contiguous() for k, v in net.injection.state_dict().items()}
+        save_file(injection, str(out / "flowmap" / "injection.safetensors"))
+        (out / "scheduler").mkdir(exist_ok=True)
+        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.sampler, indent=1))
+        index = {"_class_name": type(self).__name__, sub: ["diffusers", net.config["model_class"]]}
+        (out / "model_index.json").write_text(json.dumps(index, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> FlowMapPipeline:
+        """Load a folder written by ``save_pretrained`` (safetensors only; no pickle)."""
+        import diffusers
+
+        root = Path(pretrained_model_name_or_path)
+        config = json.loads((root / "flowmap" / "student.json").read_text())
+        net_config = {k: v for k, v in config["net"].items() if k != "name"}
+        sub = _subfolder(net_config["model_class"])
+        model_cls = getattr(diffusers, net_config["model_class"])
+        model = model_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
+        net = DiffusersStudentNet(**net_config, model=model)
+        net.injection.load_state_dict(load_file(str(root / "flowmap" / "injection.safetensors")), strict=True)
+        sampler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        pipe = cls(FlowMap(net, config.get("parametrization")).eval(), config, sampler)
+        return pipe.to(kwargs["device"]) if "device" in kwargs else pipe
+
+    def to(self, *args, **kwargs) -> FlowMapPipeline:
+        self.flow_map.to(*args, **kwargs)  # the model and the injected embedding
+        return self
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        class_labels: Tensor | int | None = None,
+        encoder_hidden_states=None,
+        guidance_scale: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Images from noise ``latents`` (B, C, H, W) at t = 1 (drawn with ``generator`` when None) in
+        ``num_inference_steps`` flow-map jumps. ``output_type``: "pil", "np" (in [0, 1], from data in [-1, 1])
+        or "pt" (the raw samples)."""
+        fm = self.flow_map
+        device = next(fm.parameters()).device
+        steps = int(num_inference_steps or self.sampler.get("default_steps", 1))
+        if latents is None:
+            latents = torch.randn((batch_size, *fm.data_shape), generator=generator, device=device)
+        x0 = latents.to(device)
+        cond = encoder_hidden_states
+        if class_labels is not None:
+            cond = class_labels if isinstance(class_labels, Tensor) else torch.full((x0.shape[0],), int(class_labels))
+            cond = cond.to(device)
+        images = sample(fm, x0, steps, cond=cond, guidance=guidance_scale)
+        if output_type != "pt":
+            images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
