@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flowmap.lightning.cli import main_guard  # noqa: E402
-from flowmap.models import load_model  # noqa: E402
+from flowmap.models import load_model, student_sampler  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
@@ -31,7 +31,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for students, 32 for teachers)")
     p.add_argument("--solver", default="heun", help="ODE solver for teachers: euler, heun, midpoint, rk4, dpm++2m")
-    p.add_argument("--gamma", type=float, default=0.0, help="stochastic re-noising between student steps, in [0, 1]")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="stochastic re-noising between student steps, in [0, 1] (default: the student's method's)")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> Path:
     cond = None if a.label is None else torch.full((a.n,), a.label, dtype=torch.long)
     if isinstance(model, FlowMap):
         steps = a.steps or 1
-        x = sample(model, noise, steps, cond=cond, gamma=a.gamma, guidance=a.guidance, generator=g)
-        title = f"student, {steps} NFE"
+        gamma = student_sampler(model.config)["gamma"] if a.gamma is None else a.gamma
+        x = sample(model, noise, steps, cond=cond, gamma=gamma, guidance=a.guidance, generator=g)
+        title = f"student, {steps} NFE" + (f", gamma {gamma:g}" if gamma else "")
     else:
         steps = a.steps or 32
         x = solve(model, noise, uniform_grid(steps), a.solver, cond=cond, guidance=1.0 if a.guidance is None else a.guidance)

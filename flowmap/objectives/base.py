@@ -12,7 +12,15 @@ from flowmap.types import LossOutput, Teacher
 
 
 class Objective(nn.Module):
-    """Subclasses set ``name``, ``needs_teacher``, ``uses_target`` and implement ``forward``.
+    """Subclasses set ``name``, ``needs_teacher``, ``uses_target`` and implement ``forward``; what a method
+    knows about itself beyond its loss is a class attribute too:
+
+    * ``sampler_gamma``: the re-noising ``gamma`` of ``flowmap.sampling.sample`` its students sample with
+      (0: deterministic flow-map jumps; 1: multistep consistency sampling, Song et al. 2023, Alg. 1), written
+      into the exported student file so ``load_student(...).sample`` uses it;
+    * ``needs_jvp``: whether the loss takes a Jacobian-vector product (``flowmap.jvp``);
+    * ``callbacks``: ``"module:Class"`` names of the Lightning callbacks its training needs (imported by the
+      Lightning shell only, so this core stays free of Lightning).
 
     forward(*, student, teacher, target, x0, cond, step) -> LossOutput with a per-sample loss (B,).
     ``student``/``target`` are ``FlowMap``s (target = EMA copy, no grad), ``teacher`` a ``Teacher``
@@ -22,6 +30,14 @@ class Objective(nn.Module):
     name: str = "objective"
     needs_teacher: bool = False
     uses_target: bool = False
+    needs_jvp: bool = False
+    sampler_gamma: float = 0.0
+    callbacks: tuple[str, ...] = ()
+
+    @classmethod
+    def sampler_defaults(cls) -> dict:
+        """Keyword defaults of ``flowmap.sampling.sample`` for this method's students (JSON-able)."""
+        return {"gamma": float(cls.sampler_gamma)}
 
     def target_decay(self, step: int) -> float:
         """EMA decay of the target network at ``step`` (only when ``uses_target``)."""

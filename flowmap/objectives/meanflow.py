@@ -63,6 +63,7 @@ class MeanFlow(Objective):
 
     name = "meanflow"
     uses_target = False
+    needs_jvp = True
 
     def __init__(
         self,

@@ -67,6 +67,7 @@ class ProgressiveDistillation(Objective):
     name = "pd"
     needs_teacher = True
     uses_target = False
+    callbacks = ("flowmap.lightning.callbacks:ProgressiveRounds",)  # calls ``advance`` before each batch
 
     def __init__(self, initial_steps: int = 8, steps_per_round: int = 500, first_round_steps: int | None = None, solver: str = "heun",
                  guidance: float = 1.0, guidance_max: float | None = None, retain_share: float = 0.0) -> None:

@@ -249,6 +249,7 @@ class LagrangianSelfDistillation(FlowMapSelfDistillation):
 
     name = "fmsd_lagrangian"
     variant = "lagrangian"
+    needs_jvp = True
 
 
 class EulerianSelfDistillation(FlowMapSelfDistillation):
@@ -256,6 +257,7 @@ class EulerianSelfDistillation(FlowMapSelfDistillation):
 
     name = "fmsd_eulerian"
     variant = "eulerian"
+    needs_jvp = True
 
 
 class ProgressiveSelfDistillation(FlowMapSelfDistillation):
