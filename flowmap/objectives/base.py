@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.types import LossOutput, Teacher
+from flowmap.types import LossOutput, Teacher, hot_path
 
 
 class Objective(nn.Module):
@@ -38,6 +38,12 @@ class Objective(nn.Module):
     def sampler_defaults(cls) -> dict:
         """Keyword defaults of ``flowmap.sampling.sample`` for this method's students (JSON-able)."""
         return {"gamma": float(cls.sampler_gamma)}
+
+    def __call__(self, *args, **kwargs) -> LossOutput:
+        """``forward`` inside ``flowmap.types.hot_path()``: the student's and teacher's time and label checks test
+        shapes only, so a training step does not wait for the device (FLOWMAP_DEBUG=1 restores the value checks)."""
+        with hot_path():
+            return super().__call__(*args, **kwargs)
 
     def target_decay(self, step: int) -> float:
         """EMA decay of the target network at ``step`` (only when ``uses_target``)."""
