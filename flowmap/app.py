@@ -86,7 +86,8 @@ class Student(nn.Module):
             raise ValueError(f"steps must be at least 1, got {steps}")
         cond = self._labels(labels, noise.shape[0])
         gamma = float(self.sampler["gamma"]) if gamma is None else float(gamma)
-        return sample_flow_map(self.flow_map, noise, steps, cond=cond, gamma=gamma, guidance=guidance, generator=generator)
+        return sample_flow_map(self.flow_map, noise, steps, cond=cond, gamma=gamma, guidance=guidance,
+                               generator=generator)
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:

@@ -34,9 +34,27 @@ class Teacher(Protocol):
 
 @runtime_checkable
 class FlowMapLike(Protocol):
-    """Anything that can jump from time s to time t: X(x, s, t) -> x_t."""
+    """Anything that can jump from time s to time t: X(x, s, t) -> x_t (what the sampler needs).
 
-    def __call__(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
+    ``w``: (B,) guidance scales, only for flow maps built to take one (``guidance_input``)."""
+
+    def __call__(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        ...
+
+
+@runtime_checkable
+class FlowMapStudent(FlowMapLike, Protocol):
+    """What the objectives use of a student (``flowmap.student.FlowMap``): the jump, the average velocity
+    u(x, s, t) with X(x, s, t) = x + (t - s) u (Boffi et al. 2025, Eq. 2.4), and the net's description."""
+
+    data_shape: tuple[int, ...]
+    num_classes: int
+    guidance_input: bool
+
+    def average_velocity(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None,
+                         w: Tensor | None = None) -> Tensor:
+        """x: (B, *data_shape), s, t: (B,) -> u: (B, *data_shape)."""
+        ...
 
 
 @dataclass

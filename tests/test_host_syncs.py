@@ -114,14 +114,15 @@ def test_one_training_step_makes_no_host_sync(objective, net):
     batch = batch_for(net)
     with count_syncs() as calls:
         train_step(module, optimizer, batch)
-    assert not calls, f"{len(calls)} host sync(s) in one {objective} step on the {net}; first:\n{calls[0][0]}\n{calls[0][1]}"
+    assert not calls, f"{len(calls)} host sync(s) in a {objective} step on the {net}: {calls[0][0]}\n{calls[0][1]}"
     assert any(not torch.equal(a, p) for a, p in zip(before, module.student.parameters()))  # the step trained
 
 
 # class-conditional students with label dropout and a guidance range where the method takes them
 CONDITIONAL_NET = dict(NETS["dit"], num_classes=2)
 CONDITIONAL = {"ayf_emd": {"guidance_max": 2.0}, "ayf_lmd": {"guidance_max": 2.0}, "cd": {"guidance_max": 2.0},
-               "ctm": {"guidance_max": 2.0, "dsm_source": "teacher"}, "meanflow": {"guidance_max": 2.0, "p_uncond": 0.2},
+               "ctm": {"guidance_max": 2.0, "dsm_source": "teacher"},
+               "meanflow": {"guidance_max": 2.0, "p_uncond": 0.2},
                "pd": {"guidance_max": 2.0}, "scd": {"guidance_max": 2.0, "p_uncond": 0.2},
                "shortcut": {"guidance_max": 2.0, "p_uncond": 0.2}, "fmsd_eulerian": {"p_uncond": 0.2},
                "fmsd_lagrangian": {"p_uncond": 0.2}, "fmsd_progressive": {"p_uncond": 0.2}}
@@ -154,7 +155,7 @@ def test_conditional_guided_step_makes_no_host_sync(objective):
     with count_syncs() as calls:
         step(x0, cond)
     assert any(not torch.equal(a, p) for a, p in zip(before, module.student.parameters()))  # the step trained
-    assert not calls, f"{len(calls)} host sync(s) in one conditional {objective} step; first:\n{calls[0][0]}\n{calls[0][1]}"
+    assert not calls, f"{len(calls)} host sync(s) in a conditional {objective} step: {calls[0][0]}\n{calls[0][1]}"
 
 
 def test_the_counter_sees_syncs():

@@ -23,8 +23,8 @@ class Objective(nn.Module):
       Lightning shell only, so this core stays free of Lightning).
 
     forward(*, student, teacher, target, x0, cond, step) -> LossOutput with a per-sample loss (B,).
-    ``student``/``target`` are ``FlowMap``s (target = EMA copy, no grad), ``teacher`` a ``Teacher``
-    (velocity on the linear axis) or None, ``x0`` (B, *data_shape), ``cond`` (B,) or None, ``step``
+    ``student``/``target`` are ``flowmap.types.FlowMapStudent``s (target = EMA copy, no grad), ``teacher`` a
+    ``Teacher`` (velocity on the linear axis) or None, ``x0`` (B, *data_shape), ``cond`` (B,) or None, ``step``
     the global step (curricula are pure functions of it). Noise and times come from torch's global RNG."""
 
     name: str = "objective"

@@ -107,7 +107,8 @@ class MeanFlow(Objective):
 
     def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
         """(s, t) with 1 >= s >= t >= 0; the last round(B * equal_share) rows with s = t (``equal_tail``)."""
-        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+        kwargs = pair_kwargs(self.time_dist, self.time_mean, self.time_std)
+        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **kwargs)  # s = t on the tail: ``equal_tail``
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd":  # keep s +- h * 1 inside [0, 1] for the central difference
             h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(s.dtype), 5e-5)

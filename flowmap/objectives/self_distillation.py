@@ -146,7 +146,8 @@ class FlowMapSelfDistillation(Objective):
         return self.lambda_sd * (min(1.0, step / self.sd_warmup) if self.sd_warmup else 1.0)
 
     def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+        kwargs = pair_kwargs(self.time_dist, self.time_mean, self.time_std)
+        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **kwargs)  # s = t on the tail: ``equal_tail``
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd" and self.variant != "progressive":
             h = self.fd_eps or FD_EPS.get(compute_dtype(s.dtype), 5e-5)
