@@ -67,8 +67,9 @@ def sample(
             raise ValueError("guidance was given to a flow map that was not trained to take a guidance scale")
         w = guidance if isinstance(guidance, Tensor) else torch.tensor(float(guidance))
         kwargs["w"] = w.to(noise.device, torch.float32).expand(B) if w.dim() == 0 else w.to(noise.device, torch.float32)
+    times = grid.tolist()  # one host read per call, not one per step
     for i in range(len(grid) - 1):
-        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        t_cur, t_next = times[i], times[i + 1]
         last = i == len(grid) - 2
         t_hat = t_next if (gamma == 0.0 or last) else _ctm_time(t_next, gamma)
         s_vec = torch.full((B,), t_cur, device=x.device, dtype=torch.float32)
