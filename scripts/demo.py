@@ -25,9 +25,9 @@ from flowmap.data import get_dataset  # noqa: E402
 from flowmap.lightning.cli import main_guard  # noqa: E402
 from flowmap.metrics import checkerboard_precision, w2_exact  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
+from flowmap.objectives import sampler_defaults  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import set_cpu_threads  # noqa: E402
-from flowmap.objectives import sampler_defaults  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.time_grids import uniform_grid  # noqa: E402

@@ -20,7 +20,7 @@ DATA_VELOCITIES = ("conditional", "stf")  # a from-data velocity: eps - x0, or i
 
 def moving_rows(batch: int, equal_share: float) -> int:
     """n: rows [0, n) of an ``equal_tail`` pair draw have s != t, rows [n, B) have s = t."""
-    return batch - int(round(batch * equal_share))
+    return batch - round(batch * equal_share)
 
 
 def equal_tail(s: Tensor, t: Tensor, equal_share: float) -> Tensor:
