@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.io import CheckpointError, load_state_strict, read_state
-from flowmap.models import build_student
+from flowmap.models import build_student, student_sampler
 from flowmap.sampling import sample as sample_flow_map
 from flowmap.student import FlowMap
 
@@ -27,7 +27,8 @@ class Student(nn.Module):
     """The flow map X(x, s, t) = x + (t - s) u(x, s, t) of a distilled student, with a sampler.
 
     ``data_shape``, ``num_classes`` (labels 0..num_classes - 1; ``None`` = unconditional / null label),
-    ``guidance_input`` (whether ``guidance`` may be passed) and ``config`` (the saved config)."""
+    ``guidance_input`` (whether ``guidance`` may be passed), ``config`` (the saved config) and ``sampler`` (the
+    method's sampler defaults saved with it, e.g. ``{"gamma": 1.0}`` for consistency models)."""
 
     def __init__(self, flow_map: FlowMap, config: dict | None = None) -> None:
         super().__init__()
@@ -36,6 +37,7 @@ class Student(nn.Module):
         self.data_shape: tuple[int, ...] = tuple(flow_map.data_shape)
         self.num_classes: int = int(flow_map.num_classes)
         self.guidance_input: bool = bool(flow_map.guidance_input)
+        self.sampler: dict = student_sampler(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -67,9 +69,11 @@ class Student(nn.Module):
         labels: int | Tensor | None = None,
         guidance: float | None = None,
         generator: torch.Generator | None = None,
+        gamma: float | None = None,
     ) -> Tensor:
         """Samples (B, *data_shape) from ``n`` fresh noises (drawn with ``generator``) or from given noise
-        (B, *data_shape) at t = 1, in ``steps`` flow-map jumps (an int: uniform grid; or a decreasing grid)."""
+        (B, *data_shape) at t = 1, in ``steps`` flow-map jumps (an int: uniform grid; or a decreasing grid).
+        ``gamma``: re-noising between steps (``flowmap.sampling.sample``); None = the method's saved default."""
         if isinstance(n_or_noise, Tensor):
             noise = n_or_noise.to(self.device)
         else:
@@ -81,7 +85,9 @@ class Student(nn.Module):
         if isinstance(steps, int) and steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         cond = self._labels(labels, noise.shape[0])
-        return sample_flow_map(self.flow_map, noise, steps, cond=cond, guidance=guidance, generator=generator)
+        gamma = float(self.sampler["gamma"]) if gamma is None else float(gamma)
+        return sample_flow_map(self.flow_map, noise, steps, cond=cond, gamma=gamma, guidance=guidance,
+                               generator=generator)
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:

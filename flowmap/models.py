@@ -58,13 +58,27 @@ def save_teacher(path: str | Path, teacher: NetVelocity, **extra) -> Path:
 
 
 def save_student(path: str | Path, student: FlowMap, **extra) -> Path:
+    """Save the student's network with its config; ``method=`` (a registered objective) also records the method's
+    sampler defaults as ``sampler`` (e.g. ``{"gamma": 1.0}`` for consistency models) unless ``sampler=`` is given."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         extra.setdefault("flowmap_version", version("flowmap"))
     except PackageNotFoundError:  # running from a source tree that is not installed
         pass
+    if "sampler" not in extra and extra.get("method") is not None:
+        from flowmap.objectives import sampler_defaults
+
+        extra["sampler"] = sampler_defaults(extra["method"])
     return save_model(path, student.net, student_config(student, **extra))
+
+
+def student_sampler(config: dict) -> dict:
+    """The sampler defaults of a saved student: its ``sampler`` entry, or (files written before it existed) those of
+    its stored ``method``, or ``{"gamma": 0.0}``."""
+    from flowmap.objectives import sampler_defaults
+
+    return {**sampler_defaults(config.get("method")), **dict(config.get("sampler") or {})}
 
 
 def load_model(path: str | Path, expect: str | None = None) -> NetVelocity | FlowMap:

@@ -6,6 +6,9 @@ gamma = 0 is deterministic multistep flow-map sampling; gamma = 1 is multistep c
 gamma-sampling (Kim et al. 2023, Alg. 1): jump to the time whose noise-to-signal ratio is
 sqrt(1 - gamma^2) times the next one's, then re-noise. On the linear path the noise-to-signal
 ratio is r = t / (1 - t) and re-noising from r' to r is x_r / (1 - t) = x_r' / (1 - t') + sqrt(r^2 - r'^2) z.
+
+Which gamma suits a student is its method's knowledge: ``Objective.sampler_gamma`` (flowmap.objectives), written
+into the student file at export and used by ``load_student(...).sample``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,6 @@ from torch import Tensor
 
 from flowmap.time_grids import uniform_grid
 from flowmap.types import FlowMapLike
-
-# Multistep gamma that suits each method's student (0: deterministic flow-map jumps). Consistency-type students
-# (trained only to jump to t = 0) re-noise between steps: multistep consistency sampling (Song et al. 2023, Alg. 1)
-# is gamma = 1; two-time flow maps (MeanFlow, shortcut, AYF, CTM, PD, self-distillation) jump deterministically.
-RECOMMENDED_GAMMA = {"cd": 1.0, "ict": 1.0, "ect": 1.0, "scd": 1.0, "sct": 1.0}
 
 
 def check_grid(grid: Tensor) -> Tensor:
@@ -69,8 +67,9 @@ def sample(
             raise ValueError("guidance was given to a flow map that was not trained to take a guidance scale")
         w = guidance if isinstance(guidance, Tensor) else torch.tensor(float(guidance))
         kwargs["w"] = w.to(noise.device, torch.float32).expand(B) if w.dim() == 0 else w.to(noise.device, torch.float32)
+    times = grid.tolist()  # one host read per call, not one per step
     for i in range(len(grid) - 1):
-        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        t_cur, t_next = times[i], times[i + 1]
         last = i == len(grid) - 2
         t_hat = t_next if (gamma == 0.0 or last) else _ctm_time(t_next, gamma)
         s_vec = torch.full((B,), t_cur, device=x.device, dtype=torch.float32)

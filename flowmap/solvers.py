@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from flowmap.time_grids import uniform_grid
-from flowmap.types import Teacher, expand_like
+from flowmap.types import Teacher
 
 Callback = Callable[[int, Tensor, Tensor], None]
 

@@ -59,9 +59,9 @@ from flowmap.io import CheckpointError  # noqa: E402
 from flowmap.metrics import checkerboard_precision, flow_map_rmse, w2_exact  # noqa: E402
 from flowmap.models import init_student_from_teacher, load_model, save_student, save_teacher  # noqa: E402
 from flowmap.nets import build_net  # noqa: E402
-from flowmap.objectives import OBJECTIVES, build_objective  # noqa: E402
+from flowmap.objectives import OBJECTIVES, build_objective, sampler_defaults  # noqa: E402
 from flowmap.objectives.denoising import DenoisingLoss  # noqa: E402
-from flowmap.sampling import RECOMMENDED_GAMMA, sample  # noqa: E402
+from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
 from flowmap.training import TrainLoop, fit  # noqa: E402
@@ -72,9 +72,11 @@ DATASETS = ("checkerboard", "eight_gaussians", "digits", "gmm")
 STUDENT_NFE = (1, 2, 4, 8)
 TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
 QUICK_METHODS = ("cd", "meanflow")
-# Students that learn only jumps to the data end, f(x, t) = X(x, t, 0), sample multistep by jumping to 0 and
-# re-noising (gamma = 1: Song et al. 2023, Alg. 1); every other student jumps along the grid (gamma = 0).
-SAMPLER_GAMMA = RECOMMENDED_GAMMA
+
+
+def sampler_gamma(method: str) -> float:
+    """The re-noising gamma a method's students are sampled with: the method's own (``Objective.sampler_gamma``)."""
+    return sampler_defaults(method)["gamma"]
 
 
 # --- budgets ---------------------------------------------------------------------------------------
@@ -1043,7 +1045,7 @@ def main(argv: list[str] | None = None) -> dict:
                 trained = setting.train_student(method)
                 if (name, method) in pretrained:  # trained in this run, by a worker process
                     trained.update(cached=False, worker=True)
-                gamma = SAMPLER_GAMMA.get(method, 0.0)
+                gamma = sampler_gamma(method)
                 rows, student_samples = ev.student_rows(trained["student"], gamma)
             except Exception as err:
                 q["failed"][method] = f"{type(err).__name__}: {str(err)[:300]}"

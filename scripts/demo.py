@@ -25,9 +25,10 @@ from flowmap.data import get_dataset  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.metrics import checkerboard_precision, w2_exact  # noqa: E402
 from flowmap.models import load_model  # noqa: E402
+from flowmap.objectives import sampler_defaults  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import set_cpu_threads  # noqa: E402
-from flowmap.sampling import RECOMMENDED_GAMMA, sample  # noqa: E402
+from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.time_grids import uniform_grid  # noqa: E402
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     noise = torch.randn(N_EVAL, 2, generator=g)
     with torch.no_grad():
         x_teacher = solve(teacher, noise, uniform_grid(32), "heun")  # 32 Heun steps = 63 NFE (last step Euler)
-        gamma = RECOMMENDED_GAMMA.get(a.method, 0.0)  # consistency-type students re-noise between steps
+        gamma = sampler_defaults(a.method)["gamma"]  # consistency-type students re-noise between steps
         x_s1 = sample(student, noise, 1)
         x_s2 = sample(student, noise, 2, gamma=gamma, generator=torch.Generator().manual_seed(2))
     rows: dict[str, dict] = {}

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
-from flowmap.models import load_model  # noqa: E402
+from flowmap.models import load_model, student_sampler  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
@@ -40,7 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for students, 32 for teachers)")
     p.add_argument("--solver", default="heun", help="teacher ODE solver: euler, heun, midpoint, rk4, dpm++2m, edm_heun")
-    p.add_argument("--gamma", type=float, default=0.0, help="stochastic re-noising between student steps, in [0, 1]")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="stochastic re-noising between student steps, in [0, 1] (default: the student's method's)")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
@@ -52,7 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--n must be at least 1, got {a.n}")
     if a.steps is not None and a.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {a.steps}")
-    if not 0.0 <= a.gamma <= 1.0:
+    if a.gamma is not None and not 0.0 <= a.gamma <= 1.0:
         raise ValueError(f"--gamma must lie in [0, 1], got {a.gamma}")
     return a
 
@@ -158,10 +159,10 @@ def main(argv: list[str] | None = None) -> Path:
     g = torch.Generator().manual_seed(a.seed)
     noise = torch.randn((a.n, *model.data_shape), generator=g)
     cond = None if a.label is None else torch.full((a.n,), a.label, dtype=torch.long)
-    if isinstance(model, FlowMap):
-        steps = a.steps or 1
-        x = sample(model, noise, steps, cond=cond, gamma=a.gamma, guidance=a.guidance, generator=g)
-        title = f"student, {steps} NFE"
+    steps = a.steps or 1
+    gamma = student_sampler(model.config)["gamma"] if a.gamma is None else a.gamma
+    x = sample(model, noise, steps, cond=cond, gamma=gamma, guidance=a.guidance, generator=g)
+    title = f"student, {steps} NFE" + (f", gamma {gamma:g}" if gamma else "")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", x=x.numpy(), labels=(cond.numpy() if cond is not None else np.zeros(0)))

@@ -166,7 +166,7 @@ def test_malicious_pickle_on_every_entry_point_never_runs(files, old_torch_defau
         ),
         (teacher_script.main, [*TEACHER, "--run_dir", str(run), "--resume", "last"], str(planted), "refused"),
         (teacher_script.main, [*TEACHER, "--run_dir", str(run), "--resume", "auto"], str(planted), "refused"),
-        (sample_script.main, [evil_st, "--out", str(tmp_path / "s")], evil_st, "not a safetensors checkpoint"),
+        (sample_script.main, [evil_st, "--out", str(tmp_path / "s")], evil_st, "none of its code was run"),
         (export_script.main, [evil_st, "--out", str(tmp_path / "g.pt2")], evil_st, "not a safetensors checkpoint"),
         (export_script.main, [str(files["evil_pt"])], str(files["evil_pt"]), "pickle-based and are never loaded"),
     ]

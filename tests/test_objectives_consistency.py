@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from flowmap.ema import frozen_copy
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
 from flowmap.data.digits import DIGITS_CLASSES, load_digits_tensors
-from flowmap.data.images import UNCONDITIONAL_LABEL, ImageFolderDataset, UInt8ImageDataset, cifar10_dataset
+from flowmap.data.images import UNCONDITIONAL_LABEL, ImageFolderDataset, cifar10_dataset
 from flowmap.data.toy2d import TOY_SETS, sample_toy
 
 SPLITS = ("train", "val")

@@ -11,6 +11,7 @@ differentiates against belongs to the algorithm and lives here; so does the eval
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import lightning as L
@@ -160,10 +161,12 @@ class DistillModule(TrainingMixin, L.LightningModule):
             del state[key]
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Objectives with rounds (progressive distillation) are driven by ``ProgressiveRounds``."""
-        from flowmap.lightning.callbacks import ProgressiveRounds
-
-        return [ProgressiveRounds()] if callable(getattr(self.objective, "advance", None)) else []
+        """The callbacks the objective names (``Objective.callbacks``, e.g. progressive distillation's rounds)."""
+        callbacks = []
+        for name in getattr(self.objective, "callbacks", ()):
+            module, _, attr = name.partition(":")
+            callbacks.append(getattr(importlib.import_module(module), attr)())
+        return callbacks
 
     def run_identity(self) -> dict:
         return {"kind": "DistillModule", "method": str(dict(self.hparams.objective).get("name", self.objective.name))}

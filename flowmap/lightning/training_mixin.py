@@ -24,8 +24,28 @@ class TrainingMixin:
     """Mixed into LightningModules that define ``ema_pairs()``, ``trainable_parameters()`` and hparams
     ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``max_nonfinite``."""
 
-    nonfinite_in_a_row: int = 0
-    nonfinite_total: int = 0
+    _guard: Tensor | None = None  # device counters of the non-finite guard: (in a row, total, longest run since a read)
+
+    def _guard_counts(self) -> Tensor:
+        if self._guard is None:
+            self._guard = torch.zeros(3, dtype=torch.long)
+        return self._guard
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        return int(self._guard_counts()[0])
+
+    @nonfinite_in_a_row.setter
+    def nonfinite_in_a_row(self, value: int) -> None:
+        self._guard_counts()[0] = int(value)
+
+    @property
+    def nonfinite_total(self) -> int:
+        return int(self._guard_counts()[1])
+
+    @nonfinite_total.setter
+    def nonfinite_total(self, value: int) -> None:
+        self._guard_counts()[1] = int(value)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module, float]]:
         return []
@@ -103,27 +123,52 @@ class TrainingMixin:
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        """Run forward/backward, then step only if every gradient is finite (DDP averages gradients
-        before this point, so all ranks take the same decision)."""
+        """Run forward/backward, then update only if every gradient and the loss are finite (DDP averages
+        gradients before this point, so all ranks take the same decision).
+
+        The decision stays on the device: a fused optimizer skips its own update through ``found_inf`` (as under
+        a GradScaler), the EMA updates are masked, and the counters are device tensors; the host reads them
+        every min(max_nonfinite, log_every_n_steps) steps and stops once ``max_nonfinite`` steps in a row were
+        skipped. A non-fused optimizer (e.g. with a GradScaler) decides on the host each step."""
         loss = optimizer_closure() if optimizer_closure is not None else None
-        params = [p for p in self.trainable_parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        checks = [torch.isfinite(p.grad).all() for p in self.trainable_parameters() if p.grad is not None]
         if loss is not None:
-            finite = finite and bool(torch.isfinite(loss).all())
-        if finite:
-            self.nonfinite_in_a_row = 0
+            checks.append(torch.isfinite(loss).all())
+        finite = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=self.device)
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+        if inner.defaults.get("fused"):
+            inner.found_inf = (~finite).to(torch.float32)
+            try:
+                optimizer.step()
+            finally:
+                del inner.found_inf
+            self.update_emas(finite)  # here, not in on_train_batch_end: a checkpoint callback saved there would miss it
+        elif bool(finite):
             optimizer.step()
-            self.update_emas()  # here, not in on_train_batch_end: a checkpoint callback saved there would miss it
+            self.update_emas()
         else:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
             optimizer.zero_grad(set_to_none=True)
-            if self.nonfinite_in_a_row >= int(self.hparams.max_nonfinite):
+        self._count_nonfinite(finite)
+
+    def _count_nonfinite(self, finite: Tensor) -> None:
+        counts = self._guard_counts()
+        if counts.device != finite.device:
+            counts = self._guard = counts.to(finite.device)
+        bad = (~finite).long()
+        run = (counts[0] + 1) * bad  # 0 after a finite step
+        self._guard = counts = torch.stack([run, counts[1] + bad, torch.maximum(counts[2], run)])
+        self.log("train/skipped_steps", counts[1].float())
+        limit = int(self.hparams.max_nonfinite)
+        trainer = getattr(self, "_trainer", None)
+        every = max(1, min(limit, int(getattr(trainer, "log_every_n_steps", limit) or limit)))
+        if (self.global_step + 1) % every == 0:  # one host read per ``every`` steps
+            longest = int(counts[2])
+            counts[2] = 0
+            if longest >= limit:
                 raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} training steps in a row had a non-finite loss or gradient "
+                    f"{longest} training steps in a row had a non-finite loss or gradient "
                     f"(step {self.global_step}); lower the learning rate, enable gradient clipping, or check the data"
                 )
-        self.log("train/skipped_steps", float(self.nonfinite_total))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
@@ -140,12 +185,12 @@ class TrainingMixin:
         return EMASchedule(halflife=float(hp.get("ema_halflife", 0.1)), total_steps=total if total > 0 else None,
                            decay=None if hp.get("ema_decay") is None else float(hp.get("ema_decay")))
 
-    def update_emas(self) -> None:
+    def update_emas(self, active: Tensor | None = None) -> None:
         """EMA / target updates after each optimizer step (Lightning calls callbacks such as ModelCheckpoint
         before the module's own on_train_batch_end, so updating there would leave the step's update out of
-        the checkpoint and break exact resume)."""
+        the checkpoint and break exact resume). ``active``: 0-d bool tensor, false for a skipped step."""
         for target, source, decay in self.ema_pairs():
-            ema_update(target, source, decay(self.global_step) if callable(decay) else float(decay))
+            ema_update(target, source, decay(self.global_step) if callable(decay) else float(decay), active)
 
     # --- exact resume: RNG and guard counters travel with the checkpoint ----------------------------
     def on_fit_start(self) -> None:

@@ -50,6 +50,14 @@ def objective_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
+def sampler_defaults(name: str | None) -> dict:
+    """The sampler keywords (``{"gamma": ...}``) of method ``name``'s students; ``{"gamma": 0.0}`` for an unknown
+    or missing name (deterministic flow-map jumps)."""
+    if name is None or name not in OBJECTIVES:
+        return {"gamma": 0.0}
+    return objective_class(name).sampler_defaults()
+
+
 def build_objective(config: dict | str) -> Objective:
     """An objective from ``{"name": ..., **hyperparameters}`` (or just its name)."""
     config = {"name": config} if isinstance(config, str) else dict(config)
@@ -64,4 +72,4 @@ def build_objective(config: dict | str) -> Objective:
     return cls(**config)
 
 
-__all__ = ["OBJECTIVES", "Objective", "build_objective", "objective_class", "register_objective"]
+__all__ = ["OBJECTIVES", "Objective", "build_objective", "objective_class", "register_objective", "sampler_defaults"]

@@ -60,6 +60,7 @@ class AlignYourFlow(Objective):
     name = "ayf"
     needs_teacher = True
     uses_target = False
+    needs_jvp = True
 
     def __init__(
         self,

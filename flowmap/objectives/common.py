@@ -18,6 +18,19 @@ SOURCES = ("teacher", "data")
 DATA_VELOCITIES = ("conditional", "stf")  # a from-data velocity: eps - x0, or its batch-posterior estimate
 
 
+def moving_rows(batch: int, equal_share: float) -> int:
+    """n: rows [0, n) of an ``equal_tail`` pair draw have s != t, rows [n, B) have s = t."""
+    return batch - round(batch * equal_share)
+
+
+def equal_tail(s: Tensor, t: Tensor, equal_share: float) -> Tensor:
+    """t with t = s on the last round(B * equal_share) rows (MeanFlow's share of pairs with s = t, Geng et al. 2025,
+    Sec. 4.3, as a fixed count): the rows with s != t are then the static slice [:moving_rows(B, equal_share)], so an
+    objective that spends a JVP on those rows only selects them without reading a mask on the host."""
+    n = moving_rows(s.shape[0], equal_share)
+    return torch.cat([t[:n], s[n:]])
+
+
 def check_source(source: str) -> str:
     """``"teacher"`` (distillation: teacher velocity) or ``"data"`` (conditional velocity eps - x0)."""
     if source not in SOURCES:

@@ -150,6 +150,7 @@ class _Consistency(Objective):
     network theta- = EMA of theta (decay ``target_ema``; 0 = stop-gradient student, Song & Dhariwal 2023, Sec. 3.2)."""
 
     uses_target = True
+    sampler_gamma = 1.0  # f(x, t) = X(x, t, 0) only: multistep consistency sampling (Song et al. 2023, Alg. 1)
 
     def __init__(self, metric: str, huber_c: float | None, target_ema: float, guidance: float) -> None:
         super().__init__()

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_guidance, check_source, draw_guidance, instantaneous_velocity, times_like
+from flowmap.objectives.common import (
+    check_guidance,
+    check_source,
+    draw_guidance,
+    equal_tail,
+    instantaneous_velocity,
+    moving_rows,
+    times_like,
+)
 from flowmap.objectives.denoising import drop_labels
 from flowmap.time_sampling import ordered_pair
 from flowmap.types import LossOutput, expand_like
@@ -63,6 +71,7 @@ class MeanFlow(Objective):
 
     name = "meanflow"
     uses_target = False
+    needs_jvp = True
 
     def __init__(
         self,
@@ -104,14 +113,15 @@ class MeanFlow(Objective):
         return self.source == "teacher"
 
     def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """(s, t) with 1 >= s >= t >= 0, a share ``equal_share`` with s = t."""
-        s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+        """(s, t) with 1 >= s >= t >= 0; the last round(B * equal_share) rows with s = t (``equal_tail``)."""
+        kwargs = pair_kwargs(self.time_dist, self.time_mean, self.time_std)
+        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **kwargs)  # s = t on the tail: ``equal_tail``
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd":  # keep s +- h * 1 inside [0, 1] for the central difference
             h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(s.dtype), 5e-5)
             s = s.clamp(h, 1.0 - h)
             t = torch.minimum(t, s)
-        return s, t
+        return s, equal_tail(s, t, self.equal_share)
 
     def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
         student = require_inner(student)
@@ -124,21 +134,20 @@ class MeanFlow(Objective):
         v = instantaneous_velocity(self.source, teacher, x_s, s, x0, eps, cond, w_teacher)
 
         # du/ds along the trajectory: tangent (v, 1, 0) on (x, s, t); a no-grad float32 pass, only on the rows
-        # with s != t (where s = t the target is v itself, so the share ``equal_share`` costs no JVP).
+        # [0, n) with s != t (where s = t the target is v itself, so the share ``equal_share`` costs no JVP).
         du_ds = torch.zeros_like(x_s, dtype=torch.promote_types(x_s.dtype, torch.float32))
-        moving = (s != t).nonzero().squeeze(1)
-        if moving.numel():
-            rows = None if moving.numel() == B else moving
-            pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
+        n = moving_rows(B, self.equal_share)
+        if n:
+            pick = (lambda a: a) if n == B else (lambda a: None if a is None else a[:n])
             c_m, w_m = pick(cond), pick(w_student)
 
             def u_fn(x: Tensor, s_: Tensor, t_: Tensor) -> Tensor:
                 return student.average_velocity(x, s_, t_, c_m, w_m)
 
             s_m = pick(s)
-            _, du_m = jvp(u_fn, (pick(x_s), s_m, pick(t)), (pick(v), torch.ones_like(s_m), torch.zeros_like(s_m)), self.jvp_backend,
-                          self.fd_eps, primal_out=False, fd_dtype=self.fd_dtype, modules=(student,))
-            du_ds = du_m if rows is None else du_ds.index_copy(0, rows, du_m.to(du_ds.dtype))
+            _, du_m = jvp(u_fn, (pick(x_s), s_m, pick(t)), (pick(v), torch.ones_like(s_m), torch.zeros_like(s_m)),
+                          self.jvp_backend, self.fd_eps, primal_out=False, fd_dtype=self.fd_dtype, modules=(student,))
+            du_ds = du_m if n == B else torch.cat([du_m.to(du_ds.dtype), du_ds[n:]])
         u_tgt = v - expand_like(s - t, v) * du_ds.to(v.dtype)  # u = v - (s - t) du/ds
         u_tgt, finite, n_bad = mask_nonfinite(u_tgt)
 

@@ -67,6 +67,7 @@ class ProgressiveDistillation(Objective):
     name = "pd"
     needs_teacher = True
     uses_target = False
+    callbacks = ("flowmap.lightning.callbacks:ProgressiveRounds",)  # calls ``advance`` before each batch
 
     def __init__(self, initial_steps: int = 8, steps_per_round: int = 500, first_round_steps: int | None = None, solver: str = "heun",
                  guidance: float = 1.0, guidance_max: float | None = None, retain_share: float = 0.0) -> None:
@@ -89,6 +90,7 @@ class ProgressiveDistillation(Objective):
         self.register_module(SNAPSHOT, None)  # the frozen round teacher (rounds >= 1), built at the round boundary
         self.register_buffer("snapshot_round", torch.zeros((), dtype=torch.long))  # round whose teacher the snapshot is
         self._pending: dict[str, Tensor] | None = None
+        self._snapshot_round: int | None = 0  # host copy of ``snapshot_round`` (None: read it once, after a load)
 
     # --- the schedule: pure functions of the step ------------------------------------------------------
     @property
@@ -120,13 +122,16 @@ class ProgressiveDistillation(Objective):
         r = self.rounds(step)
         if self._pending is not None:
             self._restore(student)
-        have = int(self.snapshot_round)
+        if self._snapshot_round is None:  # once after loading a checkpoint; no host read in the other steps
+            self._snapshot_round = int(self.snapshot_round)
+        have = self._snapshot_round
         if r > have or (r > 0 and self.round_teacher is None):
             snap = frozen_copy(student)
             for p in snap.parameters():
                 p.grad = None
             self.round_teacher = snap
             self.snapshot_round.fill_(r)
+            self._snapshot_round = r
         elif 0 < r < have:
             raise ValueError(f"step {step} is in round {r}, but the round teacher is already the snapshot of round {have}; "
                              "a run cannot go back to an earlier round")
@@ -150,6 +155,7 @@ class ProgressiveDistillation(Objective):
         elif self.round_teacher is not None and not pending:
             self.round_teacher = None  # the checkpoint predates the first snapshot
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._snapshot_round = None
         if self._pending is not None:
             unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(key)]
 

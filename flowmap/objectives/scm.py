@@ -103,6 +103,8 @@ class _SCM(Objective):
 
     name = "scm"
     uses_target = False
+    needs_jvp = True
+    sampler_gamma = 1.0  # trained on jumps to the data end: multistep consistency sampling (Song et al. 2023, Alg. 1)
     source = "data"
 
     def __init__(

@@ -35,7 +35,7 @@ from torch.autograd import forward_ad
 from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, jvp, require_inner
 from flowmap.jvp_rules import dual_rules
 from flowmap.objectives.base import Objective
-from flowmap.objectives.common import check_data_velocity, stable_target, times_like
+from flowmap.objectives.common import check_data_velocity, equal_tail, moving_rows, stable_target, times_like
 from flowmap.objectives.denoising import drop_labels
 from flowmap.objectives.meanflow import pair_kwargs
 from flowmap.time_sampling import ordered_pair, sample_times
@@ -146,13 +146,14 @@ class FlowMapSelfDistillation(Objective):
         return self.lambda_sd * (min(1.0, step / self.sd_warmup) if self.sd_warmup else 1.0)
 
     def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
-        s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+        kwargs = pair_kwargs(self.time_dist, self.time_mean, self.time_std)
+        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **kwargs)  # s = t on the tail: ``equal_tail``
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd" and self.variant != "progressive":
             h = self.fd_eps or FD_EPS.get(compute_dtype(s.dtype), 5e-5)
             s = s.clamp(2 * h, 1.0 - h)
             t = torch.minimum(t, s - h).clamp(min=h)
-        return s, t
+        return s, equal_tail(s, t, self.equal_share)  # rows [0, n) with s != t, the rest s = t
 
     def distillation(self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None,
                      sg: nn.Module | None = None) -> Tensor:
@@ -234,12 +235,12 @@ class FlowMapSelfDistillation(Objective):
         # The self-distillation term runs only on the rows with s != t (it vanishes on the diagonal), so the share
         # ``equal_share`` of pure flow-matching rows costs one forward each, no JVP.
         sd = torch.zeros(B, dtype=fm.dtype, device=fm.device)
-        moving = (s != t).nonzero().squeeze(1) if weight > 0 else s.new_zeros(0, dtype=torch.long)
-        if moving.numel() == B:
+        n = moving_rows(B, self.equal_share) if weight > 0 else 0  # rows [0, n) have s != t (``sample_times``)
+        if n == B:
             sd = self.distillation(student, x_s, s, t, cond, sg) / D
-        elif moving.numel():
-            c_m = None if cond is None else cond[moving]
-            sd = sd.index_copy(0, moving, (self.distillation(student, x_s[moving], s[moving], t[moving], c_m, sg) / D).to(sd.dtype))
+        elif n:
+            c_m = None if cond is None else cond[:n]
+            sd = torch.cat([(self.distillation(student, x_s[:n], s[:n], t[:n], c_m, sg) / D).to(sd.dtype), sd[n:]])
         loss = fm + weight * sd
         return LossOutput(loss=loss, logs={"fm": fm.detach(), "sd": sd.detach(), "gap": (s - t).float()})
 
@@ -249,6 +250,7 @@ class LagrangianSelfDistillation(FlowMapSelfDistillation):
 
     name = "fmsd_lagrangian"
     variant = "lagrangian"
+    needs_jvp = True
 
 
 class EulerianSelfDistillation(FlowMapSelfDistillation):
@@ -256,6 +258,7 @@ class EulerianSelfDistillation(FlowMapSelfDistillation):
 
     name = "fmsd_eulerian"
     variant = "eulerian"
+    needs_jvp = True
 
 
 class ProgressiveSelfDistillation(FlowMapSelfDistillation):

@@ -110,12 +110,11 @@ class Shortcut(Objective):
         dtype = torch.promote_types(u_tgt.dtype, torch.float32)
         sq = (u.to(dtype) - u_tgt.to(dtype)).pow(2).flatten(1).mean(1)
         loss = sq * finite
-        is_c = torch.arange(B, device=x0.device) < n_c
         return LossOutput(
             loss=loss,
             logs={
-                "flow_matching": (loss.detach()[~is_c]).mean() if n_c < B else loss.new_zeros(()),
-                "consistency": (loss.detach()[is_c]).mean() if n_c > 0 else loss.new_zeros(()),
+                "flow_matching": loss.detach()[n_c:].mean() if n_c < B else loss.new_zeros(()),  # rows [n_c, B)
+                "consistency": loss.detach()[:n_c].mean() if n_c > 0 else loss.new_zeros(()),
                 "step_size": (s - t).float(),  # 2d per sample (0 for flow matching)
                 "nonfinite_targets": n_bad.float(),
             },
