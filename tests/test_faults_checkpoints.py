@@ -253,3 +253,16 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path, shards): 
     assert [p.name for p in stale if p.exists()] == []
     assert [p.name for p in kept if not p.exists()] == [] and (folder / ".step0000009.ckpt.dddddddd.tmp").is_dir()
     assert (out / "teacher.safetensors").is_file() and _load(folder / "last.ckpt")["global_step"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_resume_from_an_epochs_last_batch_is_exact(tmp_path, shards):  # noqa: F811
+    """A run stopped at the last batch of an epoch (step 6, epochs of 3 batches) and resumed goes on with the next
+    epoch's data: the same weights as an unbroken run (it replayed the finished epoch, one epoch ahead, before)."""
+    steps = ("--ckpt_every", "3", "--trainer.max_steps", "9")
+    _run("train_teacher", _config(tmp_path, "teacher", shards, None, TEACHER), tmp_path / "full", *steps)
+    _run("train_teacher", _config(tmp_path, "teacher", shards, 6, TEACHER), tmp_path / "run", *steps)
+    assert _load(tmp_path / "run" / "checkpoints" / "last.ckpt")["ShardDataModule"] == {"epoch": 1, "consumed": 3}
+    _run("train_teacher", _config(tmp_path, "teacher", shards, None, TEACHER), tmp_path / "run", *steps, "--resume", "last")
+    _assert_same_run(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+                     _load(tmp_path / "run" / "checkpoints" / "last.ckpt"), "resumed after the last batch of epoch 1")
