@@ -178,7 +178,8 @@ def test_kill9_mid_round_then_resume_is_exact_progressive_distillation(tmp_path,
 @pytest.mark.timeout(300)
 def test_last_ckpt_is_the_newest_state_at_the_end_and_after_a_resume_with_another_period(tmp_path, shards):  # noqa: F811
     """A run whose last step falls between periodic saves ends with last.ckpt at that step; a resume with another
-    --ckpt_every overwrites last.ckpt (no last-v1.ckpt left beside a stale last.ckpt)."""
+    --ckpt_every and more steps overwrites last.ckpt (no last-v1.ckpt beside a stale last.ckpt) and goes on exactly
+    as an unbroken run of that length."""
     config, run = _config(tmp_path, "teacher", shards, None, TEACHER), tmp_path / "run"
     folder = run / "checkpoints"
     for every, total in ((3, 7), (2, 11)):  # periodic saves at 3, 6, then (resumed) at 8, 10
@@ -189,6 +190,8 @@ def test_last_ckpt_is_the_newest_state_at_the_end_and_after_a_resume_with_anothe
         state = cli.model.state_dict()
         assert set(last["state_dict"]) == set(state) and all(torch.equal(v, state[k]) for k, v in last["state_dict"].items())
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"] + [f"step{s:07d}.ckpt" for s in (3, 6, 8, 10)]
+    _run("train_teacher", config, tmp_path / "full", "--ckpt_every", "5", "--trainer.max_steps", "11")
+    _assert_same_run(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"), last, "7 steps, then 4 more")
 
 
 @pytest.mark.timeout(300)

@@ -66,8 +66,15 @@ class LastCheckpoint(ModelCheckpoint):
         if self._last_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+            # the last step, saved where periodic saves are: a resume (with more steps) goes on exactly; the loop
+            # state at on_train_end says the epoch is over, and a resume from it would start the next one
+            self.save_final(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save_final(trainer)
+        self.save_final(trainer)  # runs that stop elsewhere (max_epochs, a stop set after the callbacks ran)
 
 
 class ExportError(ValueError):
