@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,14 +119,19 @@ def _temps(folder: Path, target: str) -> list[str]:
         return []
 
 
-def _kill_mid_write(script: str, config: Path, run_dir: Path, step: int, *extra: str) -> str:
-    """Kill the run while it writes the checkpoint of ``step``; returns the temporary file it leaves."""
+def _kill_mid_write(script: str, config: Path, run_dir: Path, step: int, *extra: str, attempts: int = 3) -> str:
+    """Kill the run while it writes the checkpoint of ``step``; returns the temporary file it leaves. A kill that
+    lands after the write (a starved machine) is retried in a fresh run folder."""
     target = f"step{step:07d}.ckpt"
     ballast = json.dumps([{"class_path": "test_faults_checkpoints.Ballast", "init_args": {"step": step}}])
-    proc, log = _spawn(script, config, run_dir, "--trainer.callbacks", ballast, *extra)
-    _kill_when(proc, log, lambda: _temps(run_dir / "checkpoints", target), f"the write of {target}")
-    left = _temps(run_dir / "checkpoints", target)
-    assert len(left) == 1, f"the kill did not land inside the write of {target}: {left}"
+    for _ in range(attempts):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc, log = _spawn(script, config, run_dir, "--trainer.callbacks", ballast, *extra)
+        _kill_when(proc, log, lambda: _temps(run_dir / "checkpoints", target), f"the write of {target}")
+        left = _temps(run_dir / "checkpoints", target)
+        if len(left) == 1:
+            break
+    assert len(left) == 1, f"the kill did not land inside the write of {target} in {attempts} attempts: {left}"
     assert not (run_dir / "checkpoints" / target).exists()
     assert _load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == step - 1  # the previous one, intact
     return left[0]
