@@ -104,8 +104,9 @@ class ExportModel(L.Callback):
         try:
             out = pl_module.export(self.path, **self.extra)
         except OSError as err:
-            kept = ", ".join(cb.last_model_path for cb in saved if cb.last_model_path) or "no checkpoint (none configured)"
-            raise ExportError(f"--export {self.path}: cannot write ({err}); the trained weights are saved in {kept}") from None
+            kept = ", ".join(cb.last_model_path for cb in saved if cb.last_model_path)
+            kept = f"the trained weights are saved in {kept}" if kept else "no checkpoint holds the trained weights"
+            raise ExportError(f"--export {self.path}: cannot write ({err}); {kept}") from None
         print(f"exported {out}")
 
 
