@@ -7,7 +7,8 @@
 - an export path that becomes unwritable during training: the run fails with one line naming ``last.ckpt``, which
   holds the final step's weights;
 - ``last.ckpt`` is the newest state at the end of a run whose last step falls between periodic saves, and after a
-  resume with another ``--ckpt_every`` (no ``last-v1.ckpt``);
+  resume with another ``--ckpt_every`` (no ``last-v1.ckpt``); 7 steps resumed to 11 equal an unbroken 11-step run;
+- a resume from a checkpoint at an epoch's last batch goes on with the next epoch's data (exact, as above);
 - checkpoints, exports and ``.pt2`` files get the process umask's mode (0o644 under 0o022, 0o600 under 0o077);
 - stale temporary files of ours are removed at the next start, anything else is left alone.
 
