@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import os
-import tempfile
-
 import torch
 from torch import Tensor, nn
 
+from flowmap.io import atomic_write
 from flowmap.student import FlowMap
 
 
@@ -86,7 +84,7 @@ def export_generator(
         dynamic_shapes = ({0: B},) if len(args) == 1 else ({0: B}, {0: B})
     with torch.no_grad():
         program = torch.export.export(gen, args, dynamic_shapes=dynamic_shapes)
-    _save_atomic(program, path)
+    atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".pt2")  # torch warns without .pt2
     loaded = torch.export.load(str(path)).module()
     batches = [batch] + ([check_batch or batch + 3] if dynamic else [])
     diff = 0.0
@@ -95,16 +93,3 @@ def export_generator(
             inputs = args if b == batch else gen.example_inputs(b, g)
             diff = max(diff, float((loaded(*inputs) - gen(*inputs)).abs().max()))
     return {"path": str(path), "dynamic_batch": dynamic, "max_abs_diff": diff, "checked_batches": batches}
-
-
-def _save_atomic(program: torch.export.ExportedProgram, path: Path) -> None:
-    """torch.export.save to a temporary .pt2 next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".pt2")
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

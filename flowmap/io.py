@@ -11,11 +11,14 @@ or the environment (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``). Anything else is refu
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
+import random
+import re
+import stat
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,18 +35,65 @@ class CheckpointError(ValueError):
     """A file that is not a flowmap checkpoint, or one that does not fit the model."""
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so a crash leaves nothing half-written."""
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")  # ".<name>.<8 random>.tmp[.ext]"
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_NAMES = random.SystemRandom()  # not the global generator: a seeded run's random stream stays untouched
+
+
+def _open_temp(path: Path, suffix: str) -> tuple[str, int]:
+    """Create ``.<name>.<8 random>.tmp<suffix>`` next to ``path`` with mode 0o666 & ~umask (the kernel applies the
+    process umask as for any new file); returns (path, that mode). ``mkstemp``'s 0o600 would hide artefacts from
+    the other users of a shared server."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{''.join(_NAMES.choices(_ALPHABET, k=8))}.tmp{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return str(tmp), stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")
+
+
+def atomic_write(path: str | Path, write, suffix: str = "") -> None:
+    """Call ``write(tmp_path)`` then move the file into place, so a crash leaves nothing half-written.
+
+    The temporary file ``.<name>.<8 random>.tmp<suffix>`` (``suffix`` for writers that want an extension, e.g.
+    ``.pt2``) ends with the mode a new file gets under the process umask, also when ``write`` recreates it with
+    its own mode (safetensors writes 0o600). A write killed midway leaves it behind for ``remove_stale_temps``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp, mode = _open_temp(path, suffix)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(folder: str | Path, target: str = "*") -> list[Path]:
+    """Delete the temporary files that ``atomic_write`` left in ``folder`` when a write was killed, for targets whose
+    name matches the glob ``target`` (``"*.ckpt"``, or one file's name); anything else is left alone.
+
+    Call it at the start of a run, before that run writes: a temp file is stale once its writer is gone."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in os.scandir(folder):
+        match = _TEMP.match(entry.name)
+        if match and fnmatch.fnmatchcase(match["name"], target) and entry.is_file(follow_symlinks=False):
+            try:
+                os.remove(entry.path)
+                removed.append(Path(entry.path))
+            except FileNotFoundError:  # gone already
+                pass
+    return removed
 
 
 def save_model(path: str | Path, module: nn.Module, config: dict) -> Path:

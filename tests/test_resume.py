@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 NET = "{name: mlp, data_shape: [2], width: 16, depth: 2, emb_dim: 16}"
-TOTAL, STOP = 8, 5  # uninterrupted steps; the interrupted run ends after step STOP (its last checkpoint: step 4)
+TOTAL, STOP = 8, 5  # uninterrupted steps; the interrupted run ends after step STOP (last.ckpt: step STOP, saved at the end)
 
 
 class StopAt(L.Callback):
@@ -76,7 +76,7 @@ def _assert_exact_resume(tmp_path: Path, script: str, kind: str, model_yaml: str
     part = _run(script, _config(tmp_path, kind, shards, STOP, model_yaml, workers), tmp_path / f"{kind}_b")
     assert full.trainer.global_step == TOTAL and part.trainer.global_step == STOP
     last = torch.load(tmp_path / f"{kind}_b" / "checkpoints" / "last.ckpt", weights_only=True)  # primitives only
-    assert last["global_step"] == 4 and last["ShardDataModule"] == {"epoch": 1, "consumed": 1}  # mid-epoch
+    assert last["global_step"] == STOP and last["ShardDataModule"] == {"epoch": 1, "consumed": 2}  # mid-epoch
     resumed = _run(script, _config(tmp_path, kind, shards, None, model_yaml, workers), tmp_path / f"{kind}_b", "--resume", "last")
     assert resumed.trainer.global_step == TOTAL
     a, b = full.model.state_dict(), resumed.model.state_dict()

@@ -24,12 +24,11 @@ from typing import Any, Optional
 import lightning as L
 from jsonargparse import ActionYesNo
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from flowmap.guard import main_guard  # noqa: F401  (scripts import it from here)
 from flowmap.io import atomic_write, load_torch_file
-from flowmap.lightning.callbacks import ExportModel, SampleLogger
+from flowmap.lightning.callbacks import ExportModel, LastCheckpoint, SampleLogger
 from flowmap.lightning.loggers import LOGGERS, make_logger
 
 
@@ -145,7 +144,7 @@ class FlowmapCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = make_logger(cfg["logger"], run_dir / "logs", name=run_dir.name, config=_plain(cfg)) or False
-        callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", every_n_train_steps=max(int(cfg["ckpt_every"]), 1), save_last=True, save_top_k=-1, auto_insert_metric_name=False)]
+        callbacks = [LastCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", every_n_train_steps=max(int(cfg["ckpt_every"]), 1), save_top_k=-1, auto_insert_metric_name=False)]
         if cfg["sample_every"]:
             callbacks.append(SampleLogger(every_n_steps=cfg["sample_every"]))
         if cfg["export"]:

@@ -46,6 +46,9 @@ class ShardLoader(DataLoader):
     def __iter__(self):
         epoch = self.epoch_fn()
         self.epoch = int(epoch) if epoch is not None else self.passes
+        if self.resume_at is not None and self.resume_at[1] >= len(self.dataset):  # saved after an epoch's last
+            self.resume_at = (self.resume_at[0] + 1, 0)  # batch: Lightning goes on with the next epoch in this pass
+            self.epoch = max(self.epoch, self.resume_at[0])
         self.passes += 1
         self.dataset.set_epoch(self.epoch)  # copied into the workers, which start with each pass
         it = super().__iter__()
