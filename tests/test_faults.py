@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -336,7 +337,7 @@ def test_nan_teacher_is_refused_at_load_for_every_kind(files, tmp_path, capsys):
     with torch.no_grad():
         unet.conv_out.weight[0, 0, 0, 0] = float("nan")
     unet.save_pretrained(tmp_path / "unet")
-    diffusers.DDPMScheduler(num_train_timesteps=50).save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=50, clip_sample=False).save_pretrained(tmp_path / "unet")
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_teacher(tmp_path / "unet")
     # through the script: one line, and the student never gets the NaNs (nothing runs)
@@ -404,7 +405,7 @@ def _bad_inputs(f: dict[str, Path], tmp: Path) -> list[tuple[str, object, list[s
         ("teacher no path", distill_script.main, [*DISTILL, *r, "--teacher"], "--teacher needs a path"),
         ("teacher is student", distill_script.main, [*DISTILL, *r, "--teacher", str(f["student"])], "not a teacher"),
         ("teacher text", distill_script.main, [*DISTILL, *r, "--teacher", str(f["text"])], "not a checkpoint"),
-        ("sample missing", sample_script.main, [str(tmp / "nope.safetensors")], "no such checkpoint file"),
+        ("sample missing", sample_script.main, [str(tmp / "nope.safetensors")], "no such file or folder"),
         ("sample garbled config", sample_script.main, [str(f["garbled"])], "metadata is not valid JSON"),
         ("sample n zero", sample_script.main, [str(f["student"]), "--n", "0"], "--n must be at least 1"),
         ("sample steps zero", sample_script.main, [str(f["student"]), "--steps", "0"], "--steps must be at least 1"),
@@ -487,7 +488,9 @@ def test_fault_stops_are_one_line(files, capsys, tmp_path):
             "2",
         ],
     )
-    assert code == 2 and err[-1].startswith("error: 2 training steps in a row had a non-finite loss"), err
+    # the guard reads its device-side counter every min(max_nonfinite, log_every_n_steps) steps: it stops at >= 2
+    stop = re.match(r"error: (\d+) training steps in a row had a non-finite loss", err[-1])
+    assert code == 2 and stop is not None and int(stop.group(1)) >= 2, err
     assert sum(line.startswith("error:") for line in err) == 1 and not any("Traceback" in line for line in err)
 
     from flowmap.data import get_dataset
