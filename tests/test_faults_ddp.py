@@ -5,7 +5,8 @@ The fault comes from a test-only callback given in the run's YAML (``trainer.cal
 raises while the other is busy for 30 s (a slow batch, a long evaluation) and so is not waiting in a
 collective that would fail when the raising rank's sockets close. Before the fix, when rank 0 raised, rank 1
 lived on as an orphan for the rest of its busy time (30 s here); when rank 1 raised, Lightning's own child
-observer (a 5 s poll) killed rank 0.
+observer (a 5 s poll) killed rank 0 without a word (that case met the 10 s bound before the fix too; the
+line that names the failed rank is new).
 
 The run goes through ``scripts/train_teacher.py`` with ``configs/trainer/ddp_cpu.yaml``; every process writes
 its pid, the raising one the time of the raise.
@@ -108,3 +109,5 @@ def test_hole12_a_raising_rank_brings_every_rank_down_within_10_s(tmp_path, rank
     assert len(gone) == 2 and max(gone.values()) < 10, f"seconds from the raise until each pid was gone: {gone}"
     assert code != 0
     assert f"injected fault on rank {rank} at step {STEP}" in stderr
+    if rank == 1:  # rank 0 was busy, not in a collective: the guard stopped it and said why, in one line
+        assert f"error: rank 1 (pid {pids[1]}) stopped with exit code 1; stopping every rank" in stderr.splitlines()
