@@ -128,7 +128,9 @@ def read_index(root: str | Path) -> ShardIndex:
 def _field(path: Path, obj: dict, name: str, convert: Callable, where: str = ""):
     """``convert(obj[name])``, one ValueError naming the index file and the field when it is missing or bad."""
     if name not in obj:
-        raise ValueError(f"{str(path)!r} lacks the required field {where + name!r}; rewrite it with scripts/make_shards.py")
+        raise ValueError(
+            f"{str(path)!r} lacks the required field {where + name!r}; rewrite it with scripts/make_shards.py"
+        )
     try:
         return convert(obj[name])
     except (TypeError, ValueError):
@@ -501,7 +503,9 @@ class ShardStream(IterableDataset):
         if not 0.0 <= max_corrupt_fraction <= 1.0:
             raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {max_corrupt_fraction}")
         if corrupt_window < 1 or corrupt_min_samples < 1:
-            raise ValueError(f"corrupt_window and corrupt_min_samples must be >= 1, got {corrupt_window}, {corrupt_min_samples}")
+            raise ValueError(
+                f"corrupt_window and corrupt_min_samples must be >= 1, got {corrupt_window}, {corrupt_min_samples}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.index = read_index(root)
@@ -587,7 +591,8 @@ class ShardStream(IterableDataset):
             shards_read += 1
             if shards_read % n_own == 0:
                 if reader.good == good_before:
-                    raise CorruptShardError(f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} (slot {slot}); last error: {reader.last_error}")
+                    raise CorruptShardError(f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} "
+                                            f"(slot {slot}); last error: {reader.last_error}")
                 good_before = reader.good
 
     def _count(self, slot: int, worker: int, reader: _ShardReader, n: int, damaged: bool) -> None:
@@ -595,8 +600,9 @@ class ShardStream(IterableDataset):
         bad, total = self.damage.add(worker, n, damaged)
         if total >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * total:
             raise CorruptShardError(
-                f"{bad} of the last {total} samples read from {str(self.index.root)!r} (rank {self.rank}, slot {slot}) were damaged "
-                f"or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; last error: {reader.last_error or 'a short shard'}"
+                f"{bad} of the last {total} samples read from {str(self.index.root)!r} (rank {self.rank}, slot {slot}) "
+                f"were damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
+                f"last error: {reader.last_error or 'a short shard'}"
             )
 
 

@@ -56,8 +56,8 @@ def make_logger(kind: str, save_dir: str | Path, name: str | None = None, projec
         from lightning.pytorch.loggers import WandbLogger
 
         settings = wandb.Settings(init_timeout=_init_timeout())  # read here: wandb reads its variable once a process
-        logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), offline=offline, log_model=False, config=config,
-                             settings=settings)
+        logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), offline=offline, log_model=False,
+                             config=config, settings=settings)
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)  # wandb >= 0.19 warns that it has no effect
         _ = logger.experiment  # start now (rank 0 only), so a failure falls back here, not mid-training
         return logger

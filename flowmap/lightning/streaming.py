@@ -9,9 +9,9 @@ world size come from the Trainer, not from environment variables. Before trainin
 checks that the shard directory, its index and every shard file exist and that there are enough shards for
 ranks x workers, raising one ValueError on every rank otherwise. Damaged samples are skipped, counted
 (``data/corrupt_samples`` in the logger, a warning in the log) and stop the run when more than
-``max_corrupt_fraction`` of the last ``corrupt_window`` samples a reader tried were damaged (counts run on across
-epochs, so short epochs cannot hide damage). The loader is resumable: the checkpoint stores (epoch, batches consumed) and a
-resumed run skips exactly those batches, so it sees the same data as an uninterrupted run.
+``max_corrupt_fraction`` of the last ``corrupt_window`` samples a reader tried were damaged (counts run on
+across epochs, so short epochs cannot hide damage). The loader is resumable: the checkpoint stores (epoch, batches
+consumed) and a resumed run skips exactly those batches, so it sees the same data as an uninterrupted run.
 """
 
 from __future__ import annotations
