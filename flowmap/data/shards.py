@@ -15,7 +15,9 @@ uint8 v (image folders, uint8 ``.npz``), so a round trip returns the source tens
 (``tar_file_expander`` + ``group_by_keys``), its seeded ``ResampledShards`` and ``shuffle``, with explicit
 per-rank and per-worker splitting and a fixed number of batches per epoch, so every DDP rank yields the same
 number of batches. Damaged samples (truncated tar, undecodable member, missing shard file) are skipped and
-counted; past ``max_corrupt_fraction`` the stream stops with ``CorruptShardError``.
+counted; when more than ``max_corrupt_fraction`` of the last ``corrupt_window`` samples a reader tried to read
+were damaged (judged once it has tried ``corrupt_min_samples``; counts run on across epochs and worker restarts),
+the stream stops with ``CorruptShardError``.
 """
 
 from __future__ import annotations
@@ -101,17 +103,38 @@ def read_index(root: str | Path) -> ShardIndex:
         raise ValueError(f"{str(root)!r} has no {INDEX_NAME}: not a flowmap shard directory (write one with scripts/make_shards.py)")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not readable JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r} is not a {FORMAT} index (a JSON {type(meta).__name__}, expected an object)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a {FORMAT} index (format {meta.get('format')!r})")
     if meta.get("encoding") not in ENCODINGS or not meta.get("shards"):
         raise ValueError(f"{str(path)!r}: encoding must be one of {ENCODINGS} and the shard list non-empty")
+    field = partial(_field, path)
+    shards = field(meta, "shards", list)
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise ValueError(f"{str(path)!r}: shards[{i}] is a JSON {type(shard).__name__}, expected an object")
+        for name, kind in (("name", str), ("start", int), ("count", int)):
+            field(shard, name, kind, f"shards[{i}].")
     return ShardIndex(
-        root=root, count=int(meta["count"]), shape=tuple(int(d) for d in meta["shape"]), dtype=str(meta["dtype"]),
-        encoding=meta["encoding"], num_classes=int(meta["num_classes"]), classes=meta.get("classes"),
-        shards=list(meta["shards"]), source=dict(meta.get("source") or {}),
+        root=root, count=field(meta, "count", int), shape=field(meta, "shape", lambda v: tuple(int(d) for d in v)),
+        dtype=field(meta, "dtype", str), encoding=meta["encoding"], num_classes=field(meta, "num_classes", int),
+        classes=meta.get("classes"), shards=shards, source=dict(meta.get("source") or {}),
     )
+
+
+def _field(path: Path, obj: dict, name: str, convert: Callable, where: str = ""):
+    """``convert(obj[name])``, one ValueError naming the index file and the field when it is missing or bad."""
+    if name not in obj:
+        raise ValueError(
+            f"{str(path)!r} lacks the required field {where + name!r}; rewrite it with scripts/make_shards.py"
+        )
+    try:
+        return convert(obj[name])
+    except (TypeError, ValueError):
+        raise ValueError(f"{str(path)!r}: the field {where + name!r} has the bad value {obj[name]!r}") from None
 
 
 # --- encoding one sample -------------------------------------------------------------------------------
@@ -327,14 +350,70 @@ def read_all(root: str | Path) -> tuple[Tensor, Tensor]:
 # --- reading: one shard, with damage accounting ----------------------------------------------------------
 
 
+class DamageWindow:
+    """Which of the last ``size`` samples each of ``readers`` readers tried to read were damaged, in shared memory:
+    the tally survives epochs and DataLoader worker restarts (each worker writes only its own row).
+
+    ``ring`` (readers, size) uint8 holds 1 for a damaged sample at position (samples recorded) mod size;
+    ``state`` (readers, 4) int64 holds samples recorded, damaged ones in the window, intact and damaged in total."""
+
+    def __init__(self, readers: int, size: int) -> None:
+        if readers < 1 or size < 1:
+            raise ValueError(f"a damage window needs readers >= 1 and size >= 1, got {readers}, {size}")
+        self.ring = torch.zeros(readers, size, dtype=torch.uint8).share_memory_()
+        self.state = torch.zeros(readers, 4, dtype=torch.long).share_memory_()
+        self._views: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_views": None}  # numpy views would pickle as copies; the tensors stay shared
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views of ``ring`` and ``state``, made once (``Tensor.numpy`` costs a few us). A forked worker
+        inherits them still mapped onto the shared memory; a spawned one gets the tensors and makes its own."""
+        if self._views is None:
+            self._views = (self.ring.numpy(), self.state.numpy())
+        return self._views
+
+    def add(self, reader: int, n: int, damaged: bool) -> tuple[int, int]:
+        """Record ``n`` samples of ``reader`` as intact or damaged; returns ``recent(reader)``."""
+        rings, states = self._rows()
+        ring, state, flag = rings[reader], states[reader], int(damaged)
+        size, done = len(ring), int(state[0])
+        if n == 1:  # the common case (one sample): scalar updates only
+            pos = done % size
+            if ring[pos] != flag:
+                state[1] += 1 if flag else -1
+                ring[pos] = flag
+        elif n > 1:  # only the last min(n, size) of the n records stay in the window
+            k = min(n, size)
+            idx = (done + n - k + np.arange(k)) % size
+            state[1] += flag * k - int(ring[idx].sum())
+            ring[idx] = flag
+        state[0] = done + max(n, 0)
+        state[2 + flag] += max(n, 0)
+        return int(state[1]), min(done + max(n, 0), size)
+
+    def recent(self, reader: int) -> tuple[int, int]:
+        """(damaged, samples) over ``reader``'s window: its last ``size`` samples, or all it has read if fewer."""
+        rings, states = self._rows()
+        return int(states[reader, 1]), int(min(states[reader, 0], rings.shape[1]))
+
+    def totals(self) -> tuple[int, int]:
+        """(intact, damaged) samples read by all readers since the window was made."""
+        good, bad = self.state[:, 2:].sum(0).tolist()
+        return int(good), int(bad)
+
+
 class _ShardReader:
     """Reads the samples of one shard through webdataset's tar reader, keeping those with ``mine(key)``.
     ``good`` counts samples yielded, ``bad`` samples lost: undecodable ones at once, and at the end of a shard
-    whatever else the index promised but did not arrive (truncated tar, missing member or file). ``counts``,
-    if given, is a (2,) array (a view of shared memory) to which both are added."""
+    whatever else the index promised but did not arrive (truncated tar, missing member or file). ``on_count``,
+    if given, is called as ``on_count(n, damaged)`` for every count added (before the next sample is yielded)."""
 
-    def __init__(self, index: ShardIndex, mine: Callable[[int], bool] | None, counts: np.ndarray | None = None) -> None:
-        self.index, self.mine, self.counts = index, mine, counts
+    def __init__(
+        self, index: ShardIndex, mine: Callable[[int], bool] | None, on_count: Callable[[int, bool], None] | None = None
+    ) -> None:
+        self.index, self.mine, self.on_count = index, mine, on_count
         self.good, self.bad = 0, 0
         self.shard_errors: list[str] = []  # errors met while reading the current shard
         self.last_error = ""
@@ -351,9 +430,11 @@ class _ShardReader:
 
     def _count(self, good: int = 0, bad: int = 0) -> None:
         self.good, self.bad = self.good + good, self.bad + bad
-        if self.counts is not None:  # running totals over every reader this counter has seen
-            self.counts[0] += good
-            self.counts[1] += bad
+        if self.on_count is not None:
+            if good:
+                self.on_count(good, False)
+            if bad:
+                self.on_count(bad, True)
 
     def read(self, path: Path, shard: dict) -> Iterator[tuple[Tensor, Tensor]]:
         from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
@@ -400,15 +481,19 @@ class ShardStream(IterableDataset):
 
     A shuffle buffer of ``shuffle_buffer`` samples (0: off) mixes samples within a slot. Each epoch every slot
     restarts from a seed of (seed, epoch, slot) and the slots of one rank together yield exactly
-    ``epoch_length`` batches, so all ranks take the same number of steps. ``corrupt`` is a shared (workers, 2)
-    counter of (good, damaged) samples read; a slot stops with ``CorruptShardError`` when its damaged share
-    exceeds ``max_corrupt_fraction`` (judged after it has read as many shards as it owns, then after every shard).
+    ``epoch_length`` batches, so all ranks take the same number of steps.
+
+    Damage: ``damage`` is a ``DamageWindow`` in shared memory with one row per worker, kept across epochs and
+    worker restarts. A slot stops with ``CorruptShardError`` as soon as more than ``max_corrupt_fraction`` of
+    the last ``corrupt_window`` samples it tried to read were damaged or missing, judged once it has tried at
+    least ``corrupt_min_samples`` (fewer would let one bad sample among the first few stop a run). A slot whose
+    whole pass over its shards gives no readable sample stops too, whatever the limit.
     """
 
     def __init__(
         self, root: str | Path, batch_size: int, epoch_length: int, shuffle_buffer: int = 1000, seed: int = 0,
         split: str = "by_shard", resample: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01,
+        max_corrupt_fraction: float = 0.01, corrupt_window: int = 100_000, corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
         if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0:
@@ -417,6 +502,10 @@ class ShardStream(IterableDataset):
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
         if not 0.0 <= max_corrupt_fraction <= 1.0:
             raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {max_corrupt_fraction}")
+        if corrupt_window < 1 or corrupt_min_samples < 1:
+            raise ValueError(
+                f"corrupt_window and corrupt_min_samples must be >= 1, got {corrupt_window}, {corrupt_min_samples}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.index = read_index(root)
@@ -424,9 +513,10 @@ class ShardStream(IterableDataset):
         self.seed, self.split, self.resample = int(seed), split, bool(resample)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
         self.max_corrupt_fraction = float(max_corrupt_fraction)
+        self.corrupt_min_samples = int(corrupt_min_samples)
         self.epoch = 0
         self.check_slots()
-        self.corrupt = torch.zeros(max(self.num_workers, 1), 2, dtype=torch.long).share_memory_()  # per worker
+        self.damage = DamageWindow(max(self.num_workers, 1), int(corrupt_window))  # one row per worker
 
     @property
     def slots(self) -> int:
@@ -450,9 +540,8 @@ class ShardStream(IterableDataset):
         self.epoch = int(epoch)
 
     def counts(self) -> tuple[int, int]:
-        """(good, damaged) samples read so far by all slots of this rank."""
-        good, bad = self.corrupt.sum(0).tolist()
-        return int(good), int(bad)
+        """(good, damaged) samples read so far by all slots of this rank, over all epochs."""
+        return self.damage.totals()
 
     # --- one slot's pipeline ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -493,25 +582,27 @@ class ShardStream(IterableDataset):
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor]]:
         slots = self.slots
         mine = (lambda key: key % slots == slot) if self.split == "by_rank" else None
-        reader = _ShardReader(self.index, mine, counts=self.corrupt.numpy()[worker])
+        reader = _ShardReader(self.index, mine)
+        reader.on_count = partial(self._count, slot, worker, reader)
         n_own = len(self.index.shards) if self.split == "by_rank" else len(range(slot, len(self.index.shards), slots))
         shards_read, good_before = 0, 0
         for i in self._shard_order(slot, rng):
             yield from reader.read(self.index.paths[i], self.index.shards[i])
             shards_read += 1
-            if shards_read >= n_own:
-                self._check_damage(slot, reader)
-                if shards_read % n_own == 0:
-                    if reader.good == good_before:
-                        raise CorruptShardError(f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} (slot {slot}); last error: {reader.last_error}")
-                    good_before = reader.good
+            if shards_read % n_own == 0:
+                if reader.good == good_before:
+                    raise CorruptShardError(f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} "
+                                            f"(slot {slot}); last error: {reader.last_error}")
+                good_before = reader.good
 
-    def _check_damage(self, slot: int, reader: _ShardReader) -> None:
-        total = reader.good + reader.bad
-        if total and reader.bad / total > self.max_corrupt_fraction:
+    def _count(self, slot: int, worker: int, reader: _ShardReader, n: int, damaged: bool) -> None:
+        """Record ``n`` samples of this worker in the damage window; raise past the limit."""
+        bad, total = self.damage.add(worker, n, damaged)
+        if total >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * total:
             raise CorruptShardError(
-                f"{reader.bad} of {total} samples read from {str(self.index.root)!r} (rank {self.rank}, slot {slot}) were damaged "
-                f"or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; last error: {reader.last_error or 'a short shard'}"
+                f"{bad} of the last {total} samples read from {str(self.index.root)!r} (rank {self.rank}, slot {slot}) "
+                f"were damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
+                f"last error: {reader.last_error or 'a short shard'}"
             )
 
 

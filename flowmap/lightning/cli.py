@@ -30,6 +30,7 @@ from flowmap.guard import main_guard  # noqa: F401  (scripts import it from here
 from flowmap.io import atomic_write, load_torch_file
 from flowmap.lightning.callbacks import ExportModel, LastCheckpoint, SampleLogger
 from flowmap.lightning.loggers import LOGGERS, make_logger
+from flowmap.lightning.rank_guard import RankGuard
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -145,6 +146,7 @@ class FlowmapCLI(LightningCLI):
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = make_logger(cfg["logger"], run_dir / "logs", name=run_dir.name, config=_plain(cfg)) or False
         callbacks = [LastCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", every_n_train_steps=max(int(cfg["ckpt_every"]), 1), save_top_k=-1, auto_insert_metric_name=False)]
+        callbacks.append(RankGuard())  # one failing rank stops every rank (Lightning's own ddp launcher)
         if cfg["sample_every"]:
             callbacks.append(SampleLogger(every_n_steps=cfg["sample_every"]))
         if cfg["export"]:

@@ -8,9 +8,10 @@ Every rank yields exactly ``epoch_length`` batches per epoch (no uneven-batch de
 world size come from the Trainer, not from environment variables. Before training (``setup``) the module
 checks that the shard directory, its index and every shard file exist and that there are enough shards for
 ranks x workers, raising one ValueError on every rank otherwise. Damaged samples are skipped, counted
-(``data/corrupt_samples`` in the logger, a warning in the log) and stop the run past
-``max_corrupt_fraction``. The loader is resumable: the checkpoint stores (epoch, batches consumed) and a
-resumed run skips exactly those batches, so it sees the same data as an uninterrupted run.
+(``data/corrupt_samples`` in the logger, a warning in the log) and stop the run when more than
+``max_corrupt_fraction`` of the last ``corrupt_window`` samples a reader tried were damaged (counts run on
+across epochs, so short epochs cannot hide damage). The loader is resumable: the checkpoint stores (epoch, batches
+consumed) and a resumed run skips exactly those batches, so it sees the same data as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -82,19 +83,24 @@ class ShardDataModule(L.LightningDataModule):
             reads all shards and keeps every (ranks x workers)-th sample: deterministic, any shard count).
         resample: ``by_shard`` draws shards with replacement (webdataset's ResampledShards) or, if False, in
             reshuffled passes.
-        max_corrupt_fraction: share of damaged samples (per reader) beyond which training stops.
+        max_corrupt_fraction: share of damaged samples (per reader, over its last ``corrupt_window`` samples)
+            beyond which training stops with ``CorruptShardError``.
+        corrupt_window: samples (per reader) over which the damaged share is judged; it slides across epochs.
+        corrupt_min_samples: samples a reader must have tried before the share is judged.
         timeout: seconds to wait for a worker's batch before failing (0: no limit).
     """
 
     def __init__(
         self, root: str, batch_size: int = 256, epoch_length: int = 1000, shuffle_buffer: int = 1000, num_workers: int = 0,
         seed: int = 0, split: str = "by_shard", resample: bool = True, max_corrupt_fraction: float = 0.01, timeout: float = 0,
+        corrupt_window: int = 100_000, corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
         self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
         self.root = str(root)
         self.kwargs = dict(batch_size=batch_size, epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, seed=seed,
-                           split=split, resample=resample, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction)
+                           split=split, resample=resample, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction,
+                           corrupt_window=corrupt_window, corrupt_min_samples=corrupt_min_samples)
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self.index.shape
         self.num_classes: int = self.index.num_classes
