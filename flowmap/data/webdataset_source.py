@@ -42,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
 from flowmap.data.registry import mix_seed
-from flowmap.data.shards import INDEX_NAME, CorruptShardError, decode_sample, read_index
+from flowmap.data.shards import INDEX_NAME, CorruptShardError, DamageWindow, decode_sample, read_index
 
 log = logging.getLogger("flowmap.data.webdataset_source")
 
@@ -147,16 +147,18 @@ class WebDatasetStream(IterableDataset):
     shards k, k + readers, ... (split by rank, then by worker) and draws among them with replacement
     (``resample=True``) or in reshuffled passes. ``rank`` / ``world_size`` default to webdataset's view of the
     process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
-    ``epoch_length`` batches an epoch. ``corrupt`` is a shared (workers, 2) counter of (good, damaged) samples,
-    kept across epochs; a reader stops with ``CorruptShardError`` when, after at least ``corrupt_min_samples``
-    samples, more than ``max_corrupt_fraction`` of what it tried was damaged or missing.
+    ``epoch_length`` batches an epoch. Damage is tallied as by the shard reader (``flowmap.data.shards.DamageWindow``,
+    shared memory, one row per worker, kept across epochs): a reader stops with ``CorruptShardError`` when more than
+    ``max_corrupt_fraction`` of its last ``corrupt_window`` samples were damaged or missing, judged once it has
+    tried at least ``corrupt_min_samples``.
     """
 
     def __init__(
         self, source: str | Sequence[str], batch_size: int, epoch_length: int, image_size: int, channels: int = 3,
         num_classes: int = 0, captions: bool = False, shuffle_buffer: int = 1000, seed: int = 0,
         resample: bool = True, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01, corrupt_min_samples: int = 100, label_key: str = "label",
+        max_corrupt_fraction: float = 0.01, corrupt_window: int = 100_000, corrupt_min_samples: int = 100,
+        label_key: str = "label",
         caption_key: str = "caption",
     ) -> None:
         super().__init__()
@@ -193,7 +195,7 @@ class WebDatasetStream(IterableDataset):
         self.max_corrupt_fraction, self.corrupt_min_samples = float(max_corrupt_fraction), int(corrupt_min_samples)
         self.epoch = 0
         self.check_slots()
-        self.corrupt = torch.zeros(max(self.num_workers, 1), 2, dtype=torch.long).share_memory_()
+        self.damage = DamageWindow(max(self.num_workers, 1), int(corrupt_window))  # checks corrupt_window >= 1
 
     @property
     def slots(self) -> int:
@@ -215,8 +217,7 @@ class WebDatasetStream(IterableDataset):
 
     def counts(self) -> tuple[int, int]:
         """(good, damaged) samples read so far by all readers of this rank."""
-        good, bad = self.corrupt.sum(0).tolist()
-        return int(good), int(bad)
+        return self.damage.totals()
 
     def own_urls(self, slot: int) -> list[str]:
         """The shards of reader ``slot`` (= rank x workers + worker): by rank, then by worker."""
@@ -257,7 +258,7 @@ class WebDatasetStream(IterableDataset):
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor, str | None]]:
         own = self.own_urls(slot)
         reader = _Reader(self.decode, self.expected)
-        reader.on_count = partial(self._count, slot, self.corrupt.numpy()[worker], reader)
+        reader.on_count = partial(self._count, slot, worker, reader)
         good_at_pass = 0
         for n, url in enumerate(self._shard_order(own, slot, rng), start=1):
             yield from reader.read(url)
@@ -267,13 +268,12 @@ class WebDatasetStream(IterableDataset):
                                             f"(reader {slot}); last error: {reader.last_error}")
                 good_at_pass = reader.good
 
-    def _count(self, slot: int, row, reader: _Reader, n: int, damaged: bool) -> None:
-        """Add ``n`` samples to this reader's shared (good, damaged) row; raise past the limit."""
-        row[int(damaged)] += n
-        good, bad = int(row[0]), int(row[1])
-        if good + bad >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * (good + bad):
+    def _count(self, slot: int, worker: int, reader: _Reader, n: int, damaged: bool) -> None:
+        """Record ``n`` samples in this reader's window; raise past the limit."""
+        bad, total = self.damage.add(worker, n, damaged)
+        if total >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * total:
             raise CorruptShardError(
-                f"{bad} of {good + bad} samples read from {self.source!r} (rank {self.rank}, reader {slot}) were "
+                f"{bad} of the last {total} samples read from {self.source!r} (rank {self.rank}, reader {slot}) were "
                 f"damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
                 f"last error: {reader.last_error or 'a short shard'}"
             )

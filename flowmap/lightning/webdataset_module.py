@@ -26,17 +26,16 @@ class WebDataModule(ShardDataModule):
         channels: 3 (RGB) or 1 (grayscale).
         num_classes: 0 for unconditional training (labels ignored), else labels from ``.cls`` / ``.json``.
         captions: add the captions (``.txt`` / ``.json``) to the batch as strings.
-        batch_size, epoch_length, shuffle_buffer, num_workers, seed, resample, max_corrupt_fraction, timeout:
-            as in ``ShardDataModule``; corrupt_min_samples: samples a reader tries before its damaged share
-            is judged (counts run on across epochs).
+        batch_size, epoch_length, shuffle_buffer, num_workers, seed, resample, max_corrupt_fraction,
+            corrupt_window, corrupt_min_samples, timeout: as in ``ShardDataModule``.
         label_key, caption_key: fields of the ``.json`` member.
     """
 
     def __init__(
         self, shards: str, image_size: int, channels: int = 3, num_classes: int = 0, captions: bool = False,
         batch_size: int = 256, epoch_length: int = 1000, shuffle_buffer: int = 1000, num_workers: int = 0,
-        seed: int = 0, resample: bool = True, max_corrupt_fraction: float = 0.01, corrupt_min_samples: int = 100,
-        timeout: float = 0, label_key: str = "label", caption_key: str = "caption",
+        seed: int = 0, resample: bool = True, max_corrupt_fraction: float = 0.01, corrupt_window: int = 100_000,
+        corrupt_min_samples: int = 100, timeout: float = 0, label_key: str = "label", caption_key: str = "caption",
     ) -> None:
         L.LightningDataModule.__init__(self)  # ShardDataModule's own __init__ reads a flowmap index.json
         self.shards = shards
@@ -44,7 +43,8 @@ class WebDataModule(ShardDataModule):
             "image_size": image_size, "channels": channels, "num_classes": num_classes, "captions": captions,
             "batch_size": batch_size, "epoch_length": epoch_length, "shuffle_buffer": shuffle_buffer, "seed": seed,
             "resample": resample, "num_workers": num_workers, "max_corrupt_fraction": max_corrupt_fraction,
-            "corrupt_min_samples": corrupt_min_samples, "label_key": label_key, "caption_key": caption_key,
+            "corrupt_window": corrupt_window, "corrupt_min_samples": corrupt_min_samples, "label_key": label_key,
+            "caption_key": caption_key,
         }
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self._stream(0, 1).data_shape  # validates arguments and shards now
