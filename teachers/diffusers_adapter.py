@@ -223,7 +223,24 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
         "null_class": net.has_null,
         "notes": notes,
     }
+    attach_codec(teacher, description, path)
     return teacher, description
+
+
+def attach_codec(teacher: DiffusersTeacher, description: dict, path: str | Path) -> None:
+    """A pipeline folder with ``vae/``: the teacher's data is the VAE's scaled latent (``flowmap.latent``); the
+    codec is referenced as ``teacher.codec`` (not a submodule: not in the teacher's state or device moves) and
+    recorded in the description's ``latent`` entry."""
+    from flowmap.latent import LatentCodec, find_vae
+
+    if find_vae(path) is None:
+        return
+    codec = LatentCodec.from_folder(path)
+    shape = tuple(teacher.net.data_shape)
+    if codec.latent_channels != shape[0]:
+        raise CheckpointError(f"{path}: the VAE has {codec.latent_channels} latent channels, the model takes {shape[0]}")
+    object.__setattr__(teacher, "codec", codec)
+    description["latent"] = codec.reference(shape)
 
 
 def ddim_time_grid(scheduler, teacher: DiffusersTeacher) -> Tensor:
