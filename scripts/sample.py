@@ -10,6 +10,10 @@ TeacherModule, a diffusers folder). Teachers are sampled in chunks of ``--batch_
 come (``samples.npz`` with ``x`` and, with ``--label``, ``y``; or ``--shards`` for the shard format of
 ``flowmap/data/shards.py``), so memory holds one chunk. ``--teacher_sampler diffusers`` runs the diffusers
 folder's own DDIM sampler, x0 clipping included (``teachers/diffusers_sampler.py``).
+
+Latent models (a pipeline folder with ``vae/``, or a student distilled from one): samples are decoded to images
+by the VAE the folder / student file references (``flowmap/latent.py``) unless ``--latents``; ``--shards`` always
+holds latents (the teacher's data, for data-free distillation); the PNG always shows images.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch  # noqa: E402
 
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
+from flowmap.latent import codec_of, decode_in_chunks  # noqa: E402
 from flowmap.models import load_model, student_sampler  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
@@ -47,6 +52,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--latents", action="store_true", help="latent models: write latents, not VAE-decoded images")
     add_teacher_arguments(p)
     a = p.parse_args(argv)
     if a.n < 1:
@@ -126,11 +132,16 @@ def sample_teacher(teacher, a: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=a.n, unit="sample", desc="teacher samples", file=sys.stderr, mininterval=2.0)
     first: list[torch.Tensor] = []
+    codec = codec_of(teacher)
+    if codec is not None:
+        codec.to(a.device)
+    decode = (lambda x: x) if codec is None else (lambda x: codec.decode(x.to(a.device)).cpu())
+    decoded = codec is not None and not a.latents and not a.shards
 
     def chunks():
         for x, _ in teacher_chunks(teacher, a, steps):
             if not first:
-                first.append(x[: 64 if len(shape) > 1 else 5000])
+                first.append(decode(x[: 64 if len(shape) > 1 else 5000]))
             bar.update(x.shape[0])
             yield x
 
@@ -142,7 +153,9 @@ def sample_teacher(teacher, a: argparse.Namespace) -> Path:
         target = out / "shards"
     else:
         extra = None if a.label is None else {"y": np.full(a.n, a.label, dtype=np.int64)}
-        target = write_npz_chunks(out / "samples.npz", (x.numpy() for x in chunks()), a.n, shape, extra=extra)
+        rows = (decode(x).numpy() if decoded else x.numpy() for x in chunks())
+        target = write_npz_chunks(out / "samples.npz", rows, a.n, codec.image_shape(shape) if decoded else shape,
+                                  extra=extra)
     bar.close()
     how = f"diffusers sampler {steps} steps" if a.teacher_sampler == "diffusers" else f"{a.solver} {steps} steps"
     save_panels(out / "samples.png", {f"teacher, {how}": first[0]})
@@ -162,11 +175,15 @@ def main(argv: list[str] | None = None) -> Path:
     steps = a.steps or 1
     gamma = student_sampler(model.config)["gamma"] if a.gamma is None else a.gamma
     x = sample(model, noise, steps, cond=cond, gamma=gamma, guidance=a.guidance, generator=g)
+    codec = codec_of(model)
+    if codec is not None:
+        image = decode_in_chunks(codec.to(a.device), x.to(a.device), a.batch_size).cpu()
+        x = x if a.latents else image
     title = f"student, {steps} NFE" + (f", gamma {gamma:g}" if gamma else "")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", x=x.numpy(), labels=(cond.numpy() if cond is not None else np.zeros(0)))
-    save_panels(out / "samples.png", {title: x})
+    save_panels(out / "samples.png", {title: x if codec is None else image})
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'}")
     return out
 
