@@ -14,7 +14,9 @@ the codec decodes samples for viewing. It may sit in bf16 (``dtype``); results a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -100,11 +102,11 @@ class LatentCodec(nn.Module):
             raise CheckpointError(f"{vae_dir}: unsupported VAE class {name!r}; supported: {list(VAE_CLASSES)}")
         diffusers = require_diffusers()
         try:
-            vae = getattr(diffusers, name).from_pretrained(str(vae_dir), use_safetensors=True, low_cpu_mem_usage=False)
+            extra = {} if dtype is None else {"torch_dtype": dtype}
+            vae = getattr(diffusers, name).from_pretrained(str(vae_dir), use_safetensors=True, low_cpu_mem_usage=False,
+                                                           **extra)
         except Exception as err:  # noqa: BLE001 (diffusers raises assorted types for missing or mismatched weights)
             raise CheckpointError(f"{vae_dir}: diffusers could not load the {name} ({type(err).__name__}: {err})") from None
-        if dtype is not None:
-            vae = vae.to(dtype)
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
         return cls(vae, 0.18215 if scaling is None else scaling, shift or 0.0, str(Path(folder).resolve()), subfolder)
@@ -165,3 +167,29 @@ def codec_of(model, dtype: torch.dtype | None = None) -> LatentCodec | None:
 def decode_in_chunks(codec: LatentCodec, z: Tensor, batch_size: int = 64) -> Tensor:
     """codec.decode over chunks of ``batch_size`` latents (memory holds one chunk's activations)."""
     return torch.cat([codec.decode(z[i : i + batch_size]) for i in range(0, z.shape[0], batch_size)])
+
+
+def encode_items(codec: LatentCodec, items: Iterable[tuple[Tensor, Any]], batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> Iterator[tuple[Tensor, Any]]:
+    """(z (c, h, w) float32 on the CPU, y) per (x (C, H, W) in [-1, 1], y) item, encoded ``batch_size`` at a time
+    on ``device`` (memory holds one chunk): the one encode pass of ``scripts/make_shards.py --encode``."""
+    if batch_size < 1:
+        raise ValueError(f"the encode batch size must be at least 1, got {batch_size}")
+    codec.to(device)
+    xs: list[Tensor] = []
+    ys: list[Any] = []
+
+    def flush():
+        z = codec.encode(torch.stack(xs).to(device)).cpu()
+        rows = list(zip(z, ys))
+        xs.clear()
+        ys.clear()
+        return rows
+
+    for x, y in items:
+        xs.append(torch.as_tensor(x, dtype=torch.float32))
+        ys.append(y)
+        if len(xs) == batch_size:
+            yield from flush()
+    if xs:
+        yield from flush()
