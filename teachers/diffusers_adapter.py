@@ -224,7 +224,21 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
         "notes": notes,
     }
     attach_codec(teacher, description, path)
+    attach_prompt_encoder(teacher, description, path)
     return teacher, description
+
+
+def attach_prompt_encoder(teacher: DiffusersTeacher, description: dict, path: str | Path) -> None:
+    """A text-conditioned model in a pipeline folder with tokenizer/ and text_encoder/: ``teacher.prompt_encoder``
+    (referenced, ``flowmap.text``) and the empty prompt's embedding as the teacher's null condition (CFG)."""
+    from flowmap.text import PromptEncoder, find_text_encoder
+
+    if teacher.net.cond_kind != "text" or not find_text_encoder(path):
+        return
+    encoder = PromptEncoder.from_folder(path)
+    object.__setattr__(teacher, "prompt_encoder", encoder)
+    teacher.register_buffer("null_embedding", encoder.encode([""]), persistent=False)
+    description["text"] = encoder.reference()
 
 
 def attach_codec(teacher: DiffusersTeacher, description: dict, path: str | Path) -> None:
