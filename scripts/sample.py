@@ -13,7 +13,11 @@ folder's own DDIM sampler, x0 clipping included (``teachers/diffusers_sampler.py
 
 Latent models (a pipeline folder with ``vae/``, or a student distilled from one): samples are decoded to images
 by the VAE the folder / student file references (``flowmap/latent.py``) unless ``--latents``; ``--shards`` always
-holds latents (the teacher's data, for data-free distillation); the PNG always shows images.
+holds latents (the teacher's data, for data-free distillation); the PNG always shows images. Text-to-image
+models take ``--prompt`` (encoded once by the folder's text encoder, ``flowmap/text.py``; ``--guidance`` is CFG
+against the empty prompt for teachers):
+
+    python scripts/sample.py sd_folder --prompt "a red cat" --n 4 --steps 25 --guidance 4.5 --out cats
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
+from flowmap.text import prompt_encoder_of  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
 from flowmap.time_grids import GRIDS, make_grid  # noqa: E402
 
@@ -48,6 +53,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=None,
                    help="stochastic re-noising between student steps, in [0, 1] (default: the student's method's)")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    p.add_argument("--prompt", default=None, help="text prompt (text-to-image models)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
@@ -108,12 +114,24 @@ def teacher_chunks(teacher, a: argparse.Namespace, steps: int):
         b = min(a.batch_size, a.n - start)
         noise = torch.randn((b, *teacher.data_shape), generator=g).to(a.device)
         cond = None if a.label is None else torch.full((b,), a.label, dtype=torch.long, device=a.device)
+        if a.prompt is not None:
+            cond = prompt_condition(teacher, a.prompt, b).to(a.device)
         with torch.no_grad():
             if a.teacher_sampler == "diffusers":
                 x = ddim_sample(teacher, noise, steps, cond=cond, guidance=guidance)
             else:
                 x = solve(teacher, noise, grid.to(a.device), a.solver, cond=cond, guidance=guidance)
-        yield x.float().cpu(), (None if cond is None else cond.cpu())
+        yield x.float().cpu(), (None if cond is None or a.prompt is not None else cond.cpu())
+
+
+def prompt_condition(model, prompt: str, n: int) -> torch.Tensor:
+    """The prompt's embedding (n, L, D) by the text encoder the model (teacher or student) references."""
+    encoder = prompt_encoder_of(model)
+    if encoder is None:
+        raise ValueError("--prompt needs a text-to-image model (a pipeline folder with tokenizer/ and text_encoder/, "
+                         "or a student distilled from one)")
+    emb = encoder.encode([prompt])
+    return emb.expand(n, *emb.shape[1:])
 
 
 def sample_teacher(teacher, a: argparse.Namespace) -> Path:
@@ -172,6 +190,8 @@ def main(argv: list[str] | None = None) -> Path:
     g = torch.Generator().manual_seed(a.seed)
     noise = torch.randn((a.n, *model.data_shape), generator=g)
     cond = None if a.label is None else torch.full((a.n,), a.label, dtype=torch.long)
+    if a.prompt is not None:
+        cond = prompt_condition(model, a.prompt, a.n)
     steps = a.steps or 1
     gamma = student_sampler(model.config)["gamma"] if a.gamma is None else a.gamma
     x = sample(model, noise, steps, cond=cond, gamma=gamma, guidance=a.guidance, generator=g)
@@ -182,7 +202,8 @@ def main(argv: list[str] | None = None) -> Path:
     title = f"student, {steps} NFE" + (f", gamma {gamma:g}" if gamma else "")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", x=x.numpy(), labels=(cond.numpy() if cond is not None else np.zeros(0)))
+    labels = cond.numpy() if cond is not None and a.prompt is None else np.zeros(0)
+    np.savez(out / "samples.npz", x=x.numpy(), labels=labels)
     save_panels(out / "samples.png", {title: x if codec is None else image})
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'}")
     return out

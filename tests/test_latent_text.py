@@ -43,3 +43,29 @@ def test_text_teacher_equals_stable_diffusion_pipeline(tmp_path, guidance):
     x, t = noise, torch.full((2,), 0.5)
     with torch.no_grad():
         assert float((teacher.velocity(x, t, emb) - teacher.velocity(x, t, None)).abs().max()) > 1e-4  # prompts matter
+
+
+def test_sample_script_with_a_prompt_writes_decoded_images_for_teacher_and_student(tmp_path):
+    """scripts/sample.py --prompt on the text teacher (guidance 3) and on a student made from it (its file records
+    the VAE and the text encoder): (2, 3, 16, 16) images equal to decoding the --latents output; the prompt matters."""
+    from flowmap.app import load_student
+    from flowmap.models import save_student, student_from_teacher
+    from scripts.sample import main as sample_main
+
+    folder = text_folder(tmp_path / "sd")
+    teacher = CheckpointTeacher(str(folder))
+    student = student_from_teacher(teacher)
+    path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
+    codec = codec_of(teacher)
+    for source, extra in ((str(folder), ["--steps", "4", "--guidance", "3"]), (str(path), [])):
+        outs = {}
+        for name, prompt in (("a", "a red cat"), ("b", "blue")):
+            args = [source, "--n", "2", "--prompt", prompt, *extra]
+            sample_main([*args, "--out", str(tmp_path / name)])
+            sample_main([*args, "--latents", "--out", str(tmp_path / f"{name}_lat")])
+            outs[name] = np.load(tmp_path / name / "samples.npz")["x"]
+            z = np.load(tmp_path / f"{name}_lat" / "samples.npz")["x"]
+            assert outs[name].shape == (2, 3, 16, 16) and z.shape == (2, 4, 8, 8)
+            assert np.abs(codec.decode(torch.from_numpy(z)).numpy() - outs[name]).max() < 1e-5
+        assert np.abs(outs["a"] - outs["b"]).max() > 1e-4
+    assert prompt_encoder_of(load_student(path)) is not None
