@@ -13,7 +13,9 @@
 ``--encode PIPELINE_FOLDER`` encodes the images once with the folder's VAE (``flowmap/latent.py``: the scaled
 posterior mean, ``--batch-size`` images at a time on ``--device``) into float32 .npy latent shards with their
 labels; distillation then streams latents and never runs the VAE. Images are resized to the VAE's side for the
-folder's model unless ``--image-size`` is given.
+folder's model unless ``--image-size`` is given. ``--prompts FILE`` (one caption per line, in the images' order:
+sorted class folders, sorted files) stores each image's prompt embedding by the folder's text encoder
+(``flowmap/text.py``) as its condition (member ``<key>.emb.npy``, in place of the label).
 
 Image data (image folders, uint8 arrays) is stored as .png, everything else as float32 .npy; labels as .cls.
 The set is written into a temporary directory and renamed into place: a failure leaves no partial shards.
@@ -67,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encode", default=None, help="a pipeline folder with vae/: write its scaled latents, not images")
     g.add_argument("--device", default="cpu", help="(--encode) torch device of the VAE, e.g. cuda, cuda:1")
     g.add_argument("--batch-size", type=int, default=64, help="(--encode) images per VAE call")
+    g.add_argument("--prompts", default=None, help="(--encode) a text file of captions, one per image, encoded "
+                   "once by the folder's text encoder into the shards")
     g.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="(--encode) the VAE's dtype")
     return p
@@ -147,14 +151,18 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
     if tuple(shape) != want:
         raise ValueError(f"the images are {tuple(shape)}, the VAE of {a.encode} makes {latent_shape} latents from "
                          f"{want} images: resize them (--image-size {want[1]}, --channels {want[0]})")
+    conds = None
+    if a.prompts:
+        conds = prompt_rows(a, count)
+        num_classes, classes = 0, None
     bar = tqdm(total=count, unit="image", desc="encoding", file=sys.stderr, mininterval=2.0)
 
     def rows():
         for z, y in encode_items(codec, items, a.batch_size, a.device):
             bar.update(1)
-            yield z, int(y)
+            yield z, (int(y) if conds is None else next(conds))
 
-    source = {**meta, "encoded_by": codec.reference(latent_shape), "images": list(shape)}
+    source = {**meta, "encoded_by": codec.reference(latent_shape), "images": list(shape), "prompts": a.prompts}
     index = write_shards(rows(), a.out, shape=latent_shape, num_classes=num_classes, classes=classes,
                          encoding="npy", max_count=a.max_count, max_bytes=a.max_bytes, overwrite=a.overwrite,
                          source=source)
@@ -162,6 +170,22 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
     print(f"encoded {index.count} images of shape {list(shape)} into latents of shape {list(index.shape)} "
           f"({codec.describe(latent_shape)}) in {len(index.shards)} shard(s) under {a.out}")
     return index
+
+
+def prompt_rows(a: argparse.Namespace, count: int):
+    """The prompt embeddings (L, D) of the --prompts file, one per image, encoded --batch-size at a time."""
+    from flowmap.text import PromptEncoder, find_text_encoder
+
+    try:
+        lines = Path(a.prompts).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {a.prompts}: unreadable ({err})") from None
+    if len(lines) != count:
+        raise ValueError(f"--prompts {a.prompts} has {len(lines)} lines, the source has {count} images (one caption each)")
+    if not find_text_encoder(a.encode):
+        raise ValueError(f"--prompts needs a text-to-image folder: {a.encode} has no tokenizer/ and text_encoder/")
+    encoder = PromptEncoder.from_folder(a.encode).to(a.device)
+    return (e.cpu() for i in range(0, count, a.batch_size) for e in encoder.encode(lines[i : i + a.batch_size]))
 
 
 def main(args: list[str] | None = None) -> ShardIndex:

@@ -3,6 +3,10 @@
 - test_text_teacher_equals_stable_diffusion_pipeline: the folder loads as a latent, text-conditioned teacher (its
   line says both); prompts encoded by its own text encoder, DDIM (eta 0) with CFG against the empty prompt, then
   decode, equal diffusers' StableDiffusionPipeline images to 1e-4 relative at guidance 1 and 4.5.
+- test_sample_script_with_a_prompt_writes_decoded_images_for_teacher_and_student: sample.py --prompt writes
+  images equal to decoding its --latents output (1e-5), different for two prompts.
+- test_prompt_shards_made_once_and_a_text_distillation_streams_them: make_shards --prompts stores embeddings equal
+  to direct encodes (1e-5); distill.py trains 3 CD steps on them from the teacher's weights, the VAE never run.
 """
 
 from __future__ import annotations
@@ -69,3 +73,62 @@ def test_sample_script_with_a_prompt_writes_decoded_images_for_teacher_and_stude
             assert np.abs(codec.decode(torch.from_numpy(z)).numpy() - outs[name]).max() < 1e-5
         assert np.abs(outs["a"] - outs["b"]).max() > 1e-4
     assert prompt_encoder_of(load_student(path)) is not None
+
+
+@pytest.mark.slow
+def test_prompt_shards_made_once_and_a_text_distillation_streams_them(tmp_path, monkeypatch):
+    """make_shards --encode SD_FOLDER --prompts captions.txt: latents and prompt embeddings (<key>.emb.npy) equal
+    direct encodes (1e-5); scripts/distill.py trains 3 steps of CD on them from the teacher's weights, the VAE
+    made to raise; the student file references the text encoder."""
+    import sys
+    from pathlib import Path
+
+    from flowmap.app import load_student
+    from flowmap.data.registry import get_dataset
+    from flowmap.data.shards import read_all
+    from flowmap.latent import LatentCodec
+    from scripts.make_shards import main as make_shards
+    from tests.test_latent_shards import image_folder
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    import distill
+
+    folder = text_folder(tmp_path / "sd")
+    images = image_folder(tmp_path / "images")
+    captions = ["a red cat", "two dogs", "", "blue sky 3", "cat", "a b c"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    make_shards(["--image-folder", str(images), "--encode", str(folder), "--prompts", str(tmp_path / "captions.txt"),
+                 "--out", str(tmp_path / "lat"), "--max-count", "4", "--batch-size", "4"])
+    z, emb = read_all(tmp_path / "lat")
+    ds = get_dataset("image_folder", root=str(images), image_size=16, channels=3).dataset("train")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert float((z - LatentCodec.from_folder(folder).encode(x)).abs().max()) < 1e-5
+    direct = CheckpointTeacher(str(folder)).teacher.prompt_encoder.encode(captions)
+    assert emb.shape == (6, 12, 16) and float((emb - direct).abs().max()) < 1e-5
+
+    def never(*args, **kwargs):
+        raise AssertionError("the VAE ran during training")
+
+    monkeypatch.setattr(LatentCodec, "encode", never)
+    monkeypatch.setattr(LatentCodec, "decode", never)
+    config = tmp_path / "cd.yaml"
+    config.write_text(
+        "model:\n"
+        "  objective: {name: cd, steps: 4, solver: euler}\n"
+        "  ema_decay: 0.5\n"
+        "data:\n"
+        "  class_path: flowmap.lightning.streaming.ShardDataModule\n"
+        f"  init_args: {{root: {tmp_path / 'lat'}, batch_size: 3, epoch_length: 3, shuffle_buffer: 4}}\n"
+        "trainer: {max_steps: 3, enable_progress_bar: false}\n"
+    )
+    out = tmp_path / "student.safetensors"
+    module = distill.main(["--teacher", str(folder), "--config", str(config), "--run_dir", str(tmp_path / "run"),
+                           "--logger", "none", "--export", str(out)]).model
+    assert module.global_step == 3
+    teacher_state = module.teacher.teacher.net.model.state_dict()
+    student_state = module.student.net.model.state_dict()
+    diff = sum(float((student_state[k] - v).square().sum()) for k, v in teacher_state.items())
+    norm = sum(float(v.square().sum()) for v in teacher_state.values())
+    assert 0 < (diff / norm) ** 0.5 < 0.1
+    assert prompt_encoder_of(load_student(out)) is not None
