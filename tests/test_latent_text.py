@@ -7,6 +7,8 @@
   images equal to decoding its --latents output (1e-5), different for two prompts.
 - test_prompt_shards_made_once_and_a_text_distillation_streams_them: make_shards --prompts stores embeddings equal
   to direct encodes (1e-5); distill.py trains 3 CD steps on them from the teacher's weights, the VAE never run.
+- test_exported_text_student_takes_prompts_in_a_fresh_process: the export ships vae/, text_encoder/, tokenizer/;
+  pipe(prompt=...) in a fresh process equals load_student + decode to 1e-5.
 """
 
 from __future__ import annotations
@@ -132,3 +134,46 @@ def test_prompt_shards_made_once_and_a_text_distillation_streams_them(tmp_path, 
     norm = sum(float(v.square().sum()) for v in teacher_state.values())
     assert 0 < (diff / norm) ** 0.5 < 0.1
     assert prompt_encoder_of(load_student(out)) is not None
+
+
+@pytest.mark.slow
+def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
+    """The exported folder ships vae/, text_encoder/ and tokenizer/: in a fresh process, with the teacher folder
+    gone, pipe(prompt=...) gives load_student's decoded images for the same prompts and noise to 1e-5."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flowmap.app import load_student
+    from flowmap.models import save_student, student_from_teacher
+    from flowmap.pipeline import FlowMapPipeline
+
+    folder = text_folder(tmp_path / "sd")
+    teacher = CheckpointTeacher(str(folder))
+    student = student_from_teacher(teacher)
+    with torch.no_grad():
+        for p in student.net.injection.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
+    app = load_student(path)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    emb = prompt_encoder_of(app).encode(PROMPTS)
+    ref = codec_of(app).decode(app.sample(noise, labels=emb))
+    FlowMapPipeline.from_flow_map(app.flow_map, app.config).save_pretrained(tmp_path / "pipe")
+    shutil.rmtree(folder)
+    torch.save(noise, tmp_path / "noise.pt")
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, torch; from flowmap.pipeline import FlowMapPipeline\n"
+        f"pipe = FlowMapPipeline.from_pretrained({str(tmp_path / 'pipe')!r})\n"
+        f"x = pipe(prompt={PROMPTS!r}, latents=torch.load({str(tmp_path / 'noise.pt')!r}), output_type='pt').images\n"
+        f"torch.save(x, {str(tmp_path / 'x.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120,
+                   env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    got = torch.load(tmp_path / "x.pt")
+    assert got.shape == (2, 3, 16, 16) and float((got - ref).abs().max()) < 1e-5
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert {"unet", "vae", "text_encoder", "tokenizer"} <= set(index)
