@@ -9,6 +9,8 @@
   to direct encodes (1e-5); distill.py trains 3 CD steps on them from the teacher's weights, the VAE never run.
 - test_exported_text_student_takes_prompts_in_a_fresh_process: the export ships vae/, text_encoder/, tokenizer/;
   pipe(prompt=...) in a fresh process equals load_student + decode to 1e-5.
+- test_data_free_prompt_shards_from_the_teacher: sample.py --prompts --shards writes teacher latents (= the
+  --latents run, 1e-6) with prompt i mod P's embedding (= a direct encode, 1e-5).
 """
 
 from __future__ import annotations
@@ -177,3 +179,23 @@ def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
     assert got.shape == (2, 3, 16, 16) and float((got - ref).abs().max()) < 1e-5
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert {"unet", "vae", "text_encoder", "tokenizer"} <= set(index)
+
+
+def test_data_free_prompt_shards_from_the_teacher(tmp_path):
+    """sample.py --prompts FILE --shards: teacher latents (equal to the --latents .npz of the same run, 1e-6) with
+    each sample's prompt embedding, prompt i mod P, equal to a direct encode (1e-5); drawn in chunks of 3."""
+    from flowmap.data.shards import read_all
+    from scripts.sample import main as sample_main
+
+    folder = text_folder(tmp_path / "sd")
+    prompts = ["a red cat", "blue", "two dogs 7"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    args = [str(folder), "--n", "4", "--batch_size", "3", "--steps", "3", "--guidance", "2",
+            "--prompts", str(tmp_path / "prompts.txt")]
+    sample_main([*args, "--shards", "--out", str(tmp_path / "free")])
+    sample_main([*args, "--latents", "--out", str(tmp_path / "npz")])
+    z, emb = read_all(tmp_path / "free" / "shards")
+    assert z.shape == (4, 4, 8, 8) and emb.shape == (4, 12, 16)
+    assert float((z - torch.from_numpy(np.load(tmp_path / "npz" / "samples.npz")["x"])).abs().max()) < 1e-6
+    direct = prompt_encoder_of(CheckpointTeacher(str(folder))).encode([prompts[i % 3] for i in range(4)])
+    assert float((emb - direct).abs().max()) < 1e-5
