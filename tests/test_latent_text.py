@@ -11,6 +11,9 @@
   pipe(prompt=...) in a fresh process equals load_student + decode to 1e-5.
 - test_data_free_prompt_shards_from_the_teacher: sample.py --prompts --shards writes teacher latents (= the
   --latents run, 1e-6) with prompt i mod P's embedding (= a direct encode, 1e-5).
+- test_guidance_conditioned_student_on_the_text_teacher: the text teacher's CFG (w = 1 is its conditional
+  velocity); a guidance-conditioned student starts as its Euler step at w = 1 and 3 (1e-5), trains with
+  w ~ U[1, 3], then differs between w = 1 and 3.
 """
 
 from __future__ import annotations
@@ -199,3 +202,42 @@ def test_data_free_prompt_shards_from_the_teacher(tmp_path):
     assert float((z - torch.from_numpy(np.load(tmp_path / "npz" / "samples.npz")["x"])).abs().max()) < 1e-6
     direct = prompt_encoder_of(CheckpointTeacher(str(folder))).encode([prompts[i % 3] for i in range(4)])
     assert float((emb - direct).abs().max()) < 1e-5
+
+
+def test_guidance_conditioned_student_on_the_text_teacher():
+    """CD with w ~ U[1, 3] against the text teacher's CFG (empty-prompt null): the guidance-conditioned student made
+    from the teacher starts as the teacher's unguided Euler step at every w (1e-5), trains to finite losses, and then
+    answers differently at w = 1 and w = 3; the teacher at w = 1 (float or tensor) is its conditional velocity."""
+    import math
+    import tempfile
+    from pathlib import Path
+
+    from flowmap.models import student_from_teacher
+    from flowmap.objectives import build_objective
+    from flowmap.training import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = CheckpointTeacher(str(text_folder(Path(tmp) / "sd")))
+    emb = prompt_encoder_of(teacher).encode(PROMPTS * 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((4, 4, 8, 8), generator=g)
+    s, t = torch.full((4,), 0.8), torch.full((4,), 0.3)
+    with torch.no_grad():
+        v_c = teacher.velocity(x, s, emb)
+        assert torch.equal(teacher.velocity(x, s, emb, guidance=1.0), v_c)
+        assert torch.allclose(teacher.velocity(x, s, emb, guidance=torch.ones(4)), v_c, atol=1e-6)
+        v_3 = teacher.velocity(x, s, emb, guidance=3.0)
+        assert torch.allclose(v_3, teacher.velocity(x, s, None) + 3 * (v_c - teacher.velocity(x, s, None)), atol=1e-5)
+    student = student_from_teacher(teacher, guidance_input=True)
+    with torch.no_grad():
+        euler = x + (t - s)[:, None, None, None] * v_c
+        for w in (1.0, 3.0):
+            got = student(x, s, t, emb, torch.full((4,), w))
+            assert float((got - euler).abs().max()) / float(euler.abs().max()) < 1e-5
+    objective = build_objective({"name": "cd", "steps": 4, "solver": "euler", "guidance": 1.0, "guidance_max": 3.0})
+    data = torch.randn((4, 4, 8, 8), generator=g)
+    losses = fit(student, objective, lambda step: (data, emb), steps=3, teacher=teacher)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    with torch.no_grad():
+        a, b = (student(x, s, t, emb, torch.full((4,), w)) for w in (1.0, 3.0))
+    assert float((a - b).abs().max()) > 1e-6
