@@ -1,6 +1,6 @@
 """The latent space of a latent diffusion model: its VAE as a small codec between images and the teacher's data.
 
-A pipeline folder with ``vae/`` (``AutoencoderKL``) gives a teacher whose data is the scaled latent
+A pipeline folder with ``vae/`` (``AutoencoderKL``, or ``AutoencoderTiny``) gives a teacher whose data is the scaled latent
 (Rombach et al. 2022, Sec. 3 and App. G; Esser et al. 2024, Sec. 5.2.1 for the shift):
 
     z = (E(x) - shift) * scaling,        x = D(z / scaling + shift),        x (B, 3, H, W) in [-1, 1]
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from flowmap.io import CheckpointError
 
-VAE_CLASSES = ("AutoencoderKL",)
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 
 class LatentCodec(nn.Module):
@@ -61,9 +61,14 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """The scaled latent of images x in [-1, 1]: the posterior mean, or a draw from it with ``generator``."""
-        dist = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
-        h = dist.mean if generator is None else dist.sample(generator=generator)
+        """The scaled latent of images x in [-1, 1]: the posterior mean, or a draw from it with ``generator``
+        (``AutoencoderTiny``, a deterministic encoder: its latents)."""
+        out = self.vae.encode(x.to(self.device, self.dtype))
+        dist = getattr(out, "latent_dist", None)
+        if dist is None:
+            h = out.latents
+        else:
+            h = dist.mean if generator is None else dist.sample(generator=generator)
         return ((h.float() - self.shift) * self.scaling).to(x.device)
 
     @torch.no_grad()

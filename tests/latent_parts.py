@@ -31,9 +31,17 @@ def ddim_scheduler() -> diffusers.DDIMScheduler:
     return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
 
 
-def dit_folder(root: Path, shift: float | None = None) -> Path:
-    """A DiTPipeline folder (model_index.json, transformer/, vae/, scheduler/) saved with diffusers' own writer."""
-    pipe = diffusers.DiTPipeline(transformer=tiny_dit(), vae=tiny_vae(shift), scheduler=ddim_scheduler())
+def tiny_autoencoder_tiny(seed: int = 1) -> diffusers.AutoencoderTiny:
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                     num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+
+
+def dit_folder(root: Path, shift: float | None = None, vae: str = "kl") -> Path:
+    """A DiTPipeline folder (model_index.json, transformer/, vae/, scheduler/) saved with diffusers' own writer;
+    ``vae``: "kl" (AutoencoderKL) or "tiny" (AutoencoderTiny)."""
+    autoencoder = tiny_vae(shift) if vae == "kl" else tiny_autoencoder_tiny()
+    pipe = diffusers.DiTPipeline(transformer=tiny_dit(), vae=autoencoder, scheduler=ddim_scheduler())
     pipe.save_pretrained(str(root), safe_serialization=True)
     return Path(root)
 
