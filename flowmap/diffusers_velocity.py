@@ -158,15 +158,29 @@ class DiffusersTeacher(NetVelocity):
         return tau, (tau + 1.0) / N
 
     def velocity(self, x: Tensor, t: Tensor, cond=None, guidance: float | Tensor = 1.0) -> Tensor:
-        """Labels: ``NetVelocity.velocity`` (with classifier-free guidance). Text conditions: the conditional
-        velocity only (guidance against an empty-prompt embedding is not defined here)."""
+        """Labels: ``NetVelocity.velocity`` (with classifier-free guidance). Text conditions: with the folder's
+        text encoder (``null_embedding``, the empty prompt's embedding; None = unconditional), classifier-free
+        guidance v_u + w (v_c - v_u) against it (Ho & Salimans 2022, Eq. 6); without, the conditional velocity."""
         if self.net.cond_kind == "labels":
             return super().velocity(x, t, cond, guidance)
-        if isinstance(guidance, Tensor) or float(guidance) != 1.0:
-            raise ValueError(f"guidance != 1 is not available for a text-conditioned {self.net.model_class} teacher")
         check_times(t, batch=x.shape[0])
         self.net.check_cond(cond, x.shape[0])
-        return self.linear_velocity(x, t, cond)
+        null = getattr(self, "null_embedding", None)
+        guided = isinstance(guidance, Tensor) or float(guidance) != 1.0
+        if null is None:
+            if guided:
+                raise ValueError(f"guidance != 1 needs the empty prompt's embedding: load the {self.net.model_class} "
+                                 "from a pipeline folder with its tokenizer/ and text_encoder/")
+            return self.linear_velocity(x, t, cond)
+        uncond = null.to(x.device).expand(x.shape[0], *null.shape[1:])
+        if cond is None:
+            return self.linear_velocity(x, t, uncond)
+        v_c = self.linear_velocity(x, t, cond)
+        if not guided:
+            return v_c
+        v_u = self.linear_velocity(x, t, uncond)
+        w = expand_like(guidance.reshape(-1).to(x.device, x.dtype), x) if isinstance(guidance, Tensor) else float(guidance)
+        return v_u + w * (v_c - v_u)
 
     def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         raise NotImplementedError("DiffusersTeacher is evaluated on the linear axis only: call velocity(x, t)")

@@ -97,7 +97,7 @@ def export_other(student, fmt: str, out: Path, batch: int) -> dict:
         from flowmap.pipeline import FlowMapPipeline
 
         FlowMapPipeline.from_flow_map(student.flow_map, student.config).save_pretrained(out)
-        got = FlowMapPipeline.from_pretrained(out)(latents=noise, class_labels=labels, output_type="pt").images
+        got = FlowMapPipeline.from_pretrained(out)(latents=noise, class_labels=labels, output_type="latent").images
     else:
         from flowmap.app import load_student as reload
         from flowmap.nets.diffusers_net import merged_lora

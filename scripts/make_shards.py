@@ -6,6 +6,16 @@
     python scripts/make_shards.py --dataset digits --out data/digits --max-bytes 4MB
     python scripts/make_shards.py --image-folder photos/ --image-size 64 --out data/photos --max-bytes 256MB
     python scripts/make_shards.py --npz cifar_train.npz --out data/cifar --max-count 5000
+    python scripts/make_shards.py --image-folder photos/ --encode dit_pipeline/ --device cuda --out data/latents \
+        --max-count 10000
+    python scripts/make_shards.py --from-shards data/photos --encode dit_pipeline/ --out data/latents --max-count 10000
+
+``--encode PIPELINE_FOLDER`` encodes the images once with the folder's VAE (``flowmap/latent.py``: the scaled
+posterior mean, ``--batch-size`` images at a time on ``--device``) into float32 .npy latent shards with their
+labels; distillation then streams latents and never runs the VAE. Images are resized to the VAE's side for the
+folder's model unless ``--image-size`` is given. ``--prompts FILE`` (one caption per line, in the images' order:
+sorted class folders, sorted files) stores each image's prompt embedding by the folder's text encoder
+(``flowmap/text.py``) as its condition (member ``<key>.emb.npy``, in place of the label).
 
 Image data (image folders, uint8 arrays) is stored as .png, everything else as float32 .npy; labels as .cls.
 The set is written into a temporary directory and renamed into place: a failure leaves no partial shards.
@@ -44,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", help="a registered data set name (checkerboard, digits, gmm, ...)")
     src.add_argument("--image-folder", help="a folder of images, one subfolder per class (flat: unconditional)")
     src.add_argument("--npz", help="an .npz with 'x' (uint8 (N, H, W, C) images or float (N, ...)) and optional 'y'")
+    src.add_argument("--from-shards", help="an existing shard directory of images (with --encode)")
     p.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the data set factory")
     p.add_argument("--image-size", type=int, default=None, help="(image folders) centre-crop and resize to this side")
     p.add_argument("--channels", type=int, default=3, help="(image folders) 1 = grayscale, 3 = RGB")
@@ -54,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="auto", choices=["auto", "npy", "png"])
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("latents")
+    g.add_argument("--encode", default=None, help="a pipeline folder with vae/: write its scaled latents, not images")
+    g.add_argument("--device", default="cpu", help="(--encode) torch device of the VAE, e.g. cuda, cuda:1")
+    g.add_argument("--batch-size", type=int, default=64, help="(--encode) images per VAE call")
+    g.add_argument("--prompts", default=None, help="(--encode) a text file of captions, one per image, encoded "
+                   "once by the folder's text encoder into the shards")
+    g.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="(--encode) the VAE's dtype")
     return p
 
 
@@ -66,22 +85,107 @@ def make_shards(args: list[str] | None = None) -> ShardIndex:
         raise ValueError(f"--kwargs must be a JSON object: {err}") from None
     if not isinstance(kwargs, dict):
         raise ValueError(f"--kwargs must be a JSON object, got {a.kwargs!r}")
+    if a.from_shards and not a.encode:
+        raise ValueError("--from-shards re-encodes existing image shards: give --encode PIPELINE_FOLDER")
+    codec, latent_shape = (None, None) if not a.encode else load_encoder(a)
     if a.image_folder:
-        kwargs = {"root": a.image_folder, "image_size": a.image_size, "channels": a.channels, **kwargs}
+        size = a.image_size or (None if codec is None else codec.image_shape(latent_shape)[1])
+        kwargs = {"root": a.image_folder, "image_size": size, "channels": a.channels, **kwargs}
         name = "image_folder"
     elif a.npz:
         if Path(a.npz).suffix.lower() != ".npz":
             raise ValueError(f"--npz expects an .npz file, got {a.npz!r}")
         name, kwargs = "tensor_file", {"path": a.npz, **kwargs}
+    elif a.from_shards:
+        name = "shards"
     else:
         name = a.dataset
-    source = get_dataset(name, **kwargs)
     meta = {"dataset": name, "kwargs": kwargs}
+    if codec is not None:
+        return encode_shards(a, codec, latent_shape, name, kwargs, meta)
+    source = get_dataset(name, **kwargs)
     index = write_source_shards(source, a.out, split=a.split, encoding=a.encoding, max_count=a.max_count,
                                 max_bytes=a.max_bytes, overwrite=a.overwrite, meta=meta)
     print(f"wrote {index.count} samples of shape {list(index.shape)} ({index.encoding}, {index.num_classes} classes) "
           f"into {len(index.shards)} shard(s) under {a.out}")
     return index
+
+
+def load_encoder(a: argparse.Namespace):
+    """(codec, latent shape (c, h, w)) of the --encode pipeline folder: its VAE and its model's input size."""
+    import torch
+
+    from flowmap.latent import LatentCodec, find_vae
+    from teachers.diffusers_adapter import find_model_and_scheduler
+
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {a.batch_size}")
+    if find_vae(a.encode) is None:
+        raise ValueError(f"--encode {a.encode}: not a pipeline folder with a vae/ (model_index.json naming a vae)")
+    _, model_cfg, _ = find_model_and_scheduler(a.encode)
+    codec = LatentCodec.from_folder(a.encode, dtype=None if a.vae_dtype == "float32" else getattr(torch, a.vae_dtype))
+    size = model_cfg["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    return codec, (int(model_cfg["in_channels"]), int(h), int(w))
+
+
+def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs: dict, meta: dict) -> ShardIndex:
+    """The images of the source, encoded once by the VAE, as float32 latent shards (labels kept)."""
+    from tqdm import tqdm
+
+    from flowmap.data.shards import _ShardReader, read_index, write_shards
+    from flowmap.latent import encode_items
+
+    if a.from_shards:
+        index = read_index(a.from_shards)
+        shape, count, num_classes, classes = index.shape, index.count, index.num_classes, index.classes
+        reader = _ShardReader(index, mine=None)
+        items = (item for path, shard in zip(index.paths, index.shards) for item in reader.read(path, shard))
+    else:
+        data = get_dataset(name, **kwargs)
+        ds = data.dataset(a.split)
+        shape, count, num_classes = tuple(data.data_shape), len(ds), data.num_classes
+        classes = getattr(ds, "classes", None) or None
+        items = (ds[i] for i in range(len(ds)))
+    want = codec.image_shape(latent_shape)
+    if tuple(shape) != want:
+        raise ValueError(f"the images are {tuple(shape)}, the VAE of {a.encode} makes {latent_shape} latents from "
+                         f"{want} images: resize them (--image-size {want[1]}, --channels {want[0]})")
+    conds = None
+    if a.prompts:
+        conds = prompt_rows(a, count)
+        num_classes, classes = 0, None
+    bar = tqdm(total=count, unit="image", desc="encoding", file=sys.stderr, mininterval=2.0)
+
+    def rows():
+        for z, y in encode_items(codec, items, a.batch_size, a.device):
+            bar.update(1)
+            yield z, (int(y) if conds is None else next(conds))
+
+    source = {**meta, "encoded_by": codec.reference(latent_shape), "images": list(shape), "prompts": a.prompts}
+    index = write_shards(rows(), a.out, shape=latent_shape, num_classes=num_classes, classes=classes,
+                         encoding="npy", max_count=a.max_count, max_bytes=a.max_bytes, overwrite=a.overwrite,
+                         source=source)
+    bar.close()
+    print(f"encoded {index.count} images of shape {list(shape)} into latents of shape {list(index.shape)} "
+          f"({codec.describe(latent_shape)}) in {len(index.shards)} shard(s) under {a.out}")
+    return index
+
+
+def prompt_rows(a: argparse.Namespace, count: int):
+    """The prompt embeddings (L, D) of the --prompts file, one per image, encoded --batch-size at a time."""
+    from flowmap.text import PromptEncoder, find_text_encoder
+
+    try:
+        lines = Path(a.prompts).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {a.prompts}: unreadable ({err})") from None
+    if len(lines) != count:
+        raise ValueError(f"--prompts {a.prompts} has {len(lines)} lines, the source has {count} images (one caption each)")
+    if not find_text_encoder(a.encode):
+        raise ValueError(f"--prompts needs a text-to-image folder: {a.encode} has no tokenizer/ and text_encoder/")
+    encoder = PromptEncoder.from_folder(a.encode).to(a.device)
+    return (e.cpu() for i in range(0, count, a.batch_size) for e in encoder.encode(lines[i : i + a.batch_size]))
 
 
 def main(args: list[str] | None = None) -> ShardIndex:

@@ -10,6 +10,18 @@ TeacherModule, a diffusers folder). Teachers are sampled in chunks of ``--batch_
 come (``samples.npz`` with ``x`` and, with ``--label``, ``y``; or ``--shards`` for the shard format of
 ``flowmap/data/shards.py``), so memory holds one chunk. ``--teacher_sampler diffusers`` runs the diffusers
 folder's own DDIM sampler, x0 clipping included (``teachers/diffusers_sampler.py``).
+
+Latent models (a pipeline folder with ``vae/``, or a student distilled from one): samples are decoded to images
+by the VAE the folder / student file references (``flowmap/latent.py``) unless ``--latents``; ``--shards`` always
+holds latents (the teacher's data, for data-free distillation); the PNG always shows images. Text-to-image
+models take ``--prompt`` (encoded once by the folder's text encoder, ``flowmap/text.py``; ``--guidance`` is CFG
+against the empty prompt for teachers):
+
+    python scripts/sample.py sd_folder --prompt "a red cat" --n 4 --steps 25 --guidance 4.5 --out cats
+    python scripts/sample.py sd_folder --prompts captions.txt --n 100000 --shards --guidance 4.5 --out data_free
+
+``--prompts FILE`` (one prompt per line; sample i takes prompt i mod P) with ``--shards`` is the data-free text
+mode: teacher latents with their prompt embeddings (``<key>.emb.npy``), ready for ``scripts/distill.py``.
 """
 
 from __future__ import annotations
@@ -25,11 +37,13 @@ import torch  # noqa: E402
 
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
+from flowmap.latent import codec_of, decode_in_chunks  # noqa: E402
 from flowmap.models import load_model, student_sampler  # noqa: E402
 from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
+from flowmap.text import prompt_encoder_of  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
 from flowmap.time_grids import GRIDS, make_grid  # noqa: E402
 
@@ -43,10 +57,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=float, default=None,
                    help="stochastic re-noising between student steps, in [0, 1] (default: the student's method's)")
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    p.add_argument("--prompt", default=None, help="text prompt (text-to-image models)")
+    p.add_argument("--prompts", default=None, help="a text file of prompts, one per line, cycled over the samples")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     p.add_argument("--out", default="samples", help="output directory")
+    p.add_argument("--latents", action="store_true", help="latent models: write latents, not VAE-decoded images")
     add_teacher_arguments(p)
     a = p.parse_args(argv)
     if a.n < 1:
@@ -98,16 +115,42 @@ def teacher_chunks(teacher, a: argparse.Namespace, steps: int):
             raise ValueError("--teacher_sampler diffusers needs a diffusers folder as the teacher")
     else:
         grid = make_grid(a.grid, steps)
+    table = prompt_table(teacher, a)
     for start in range(0, a.n, a.batch_size):
         b = min(a.batch_size, a.n - start)
         noise = torch.randn((b, *teacher.data_shape), generator=g).to(a.device)
         cond = None if a.label is None else torch.full((b,), a.label, dtype=torch.long, device=a.device)
+        if table is not None:
+            cond = table[torch.arange(start, start + b) % table.shape[0]].to(a.device)
         with torch.no_grad():
             if a.teacher_sampler == "diffusers":
                 x = ddim_sample(teacher, noise, steps, cond=cond, guidance=guidance)
             else:
                 x = solve(teacher, noise, grid.to(a.device), a.solver, cond=cond, guidance=guidance)
         yield x.float().cpu(), (None if cond is None else cond.cpu())
+
+
+def prompt_table(model, a: argparse.Namespace) -> torch.Tensor | None:
+    """The embeddings (P, L, D) of --prompt (P = 1) or of the --prompts file's lines, encoded once, in chunks of
+    --batch_size, by the text encoder the model (teacher or student) references; None without prompts."""
+    if a.prompt is None and a.prompts is None:
+        return None
+    if a.prompt is not None and a.prompts is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    if a.prompts is not None:
+        try:
+            prompts = Path(a.prompts).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--prompts {a.prompts}: unreadable ({err})") from None
+        if not prompts:
+            raise ValueError(f"--prompts {a.prompts} holds no prompt")
+    else:
+        prompts = [a.prompt]
+    encoder = prompt_encoder_of(model)
+    if encoder is None:
+        raise ValueError("--prompt needs a text-to-image model (a pipeline folder with tokenizer/ and text_encoder/, "
+                         "or a student distilled from one)")
+    return torch.cat([encoder.encode(prompts[i : i + a.batch_size]) for i in range(0, len(prompts), a.batch_size)])
 
 
 def sample_teacher(teacher, a: argparse.Namespace) -> Path:
@@ -126,23 +169,31 @@ def sample_teacher(teacher, a: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=a.n, unit="sample", desc="teacher samples", file=sys.stderr, mininterval=2.0)
     first: list[torch.Tensor] = []
+    codec = codec_of(teacher)
+    if codec is not None:
+        codec.to(a.device)
+    decode = (lambda x: x) if codec is None else (lambda x: codec.decode(x.to(a.device)).cpu())
+    decoded = codec is not None and not a.latents and not a.shards
 
     def chunks():
-        for x, _ in teacher_chunks(teacher, a, steps):
+        for x, c in teacher_chunks(teacher, a, steps):
             if not first:
-                first.append(x[: 64 if len(shape) > 1 else 5000])
+                first.append(decode(x[: 64 if len(shape) > 1 else 5000]))
             bar.update(x.shape[0])
-            yield x
+            yield x, c
 
     if a.shards:
         y = -1 if a.label is None else int(a.label)
-        rows = ((row, y) for x in chunks() for row in x)
+        text = a.prompt is not None or a.prompts is not None  # rows carry their prompt embedding
+        rows = ((row, e if text else y) for x, c in chunks() for row, e in zip(x, c if text else x))
         write_shards(rows, out / "shards", shape=shape, num_classes=int(getattr(teacher, "num_classes", 0)),
                      max_count=a.shard_size, overwrite=True, source={"teacher": str(a.checkpoint), "steps": steps})
         target = out / "shards"
     else:
         extra = None if a.label is None else {"y": np.full(a.n, a.label, dtype=np.int64)}
-        target = write_npz_chunks(out / "samples.npz", (x.numpy() for x in chunks()), a.n, shape, extra=extra)
+        rows = (decode(x).numpy() if decoded else x.numpy() for x, _ in chunks())
+        target = write_npz_chunks(out / "samples.npz", rows, a.n, codec.image_shape(shape) if decoded else shape,
+                                  extra=extra)
     bar.close()
     how = f"diffusers sampler {steps} steps" if a.teacher_sampler == "diffusers" else f"{a.solver} {steps} steps"
     save_panels(out / "samples.png", {f"teacher, {how}": first[0]})
@@ -159,14 +210,22 @@ def main(argv: list[str] | None = None) -> Path:
     g = torch.Generator().manual_seed(a.seed)
     noise = torch.randn((a.n, *model.data_shape), generator=g)
     cond = None if a.label is None else torch.full((a.n,), a.label, dtype=torch.long)
+    table = prompt_table(model, a)
+    if table is not None:
+        cond = table[torch.arange(a.n) % table.shape[0]]
     steps = a.steps or 1
     gamma = student_sampler(model.config)["gamma"] if a.gamma is None else a.gamma
     x = sample(model, noise, steps, cond=cond, gamma=gamma, guidance=a.guidance, generator=g)
+    codec = codec_of(model)
+    if codec is not None:
+        image = decode_in_chunks(codec.to(a.device), x.to(a.device), a.batch_size).cpu()
+        x = x if a.latents else image
     title = f"student, {steps} NFE" + (f", gamma {gamma:g}" if gamma else "")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", x=x.numpy(), labels=(cond.numpy() if cond is not None else np.zeros(0)))
-    save_panels(out / "samples.png", {title: x})
+    labels = cond.numpy() if cond is not None and table is None else np.zeros(0)
+    np.savez(out / "samples.npz", x=x.numpy(), labels=labels)
+    save_panels(out / "samples.png", {title: x if codec is None else image})
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'}")
     return out
 

@@ -122,7 +122,9 @@ def describe_teacher(description: dict) -> str:
     if d.get("diffusers_prediction"):
         pred = f"{d['diffusers_prediction']} -> {pred}"
     steps = f" ({d['num_train_timesteps']} train steps)" if d.get("num_train_timesteps") else ""
-    line = f"{what}: prediction {pred}, path {d.get('path', '?')}{steps}, data shape {tuple(d.get('data_shape', ()))}, {classes}"
+    classes = d["text"]["text"] if d.get("text") else classes
+    space = d["latent"]["text"] if d.get("latent") else f"data shape {tuple(d.get('data_shape', ()))}"
+    line = f"{what}: prediction {pred}, path {d.get('path', '?')}{steps}, {space}, {classes}"
     if d.get("weights"):
         line += f", {d['weights']} weights"
     for note in d.get("notes", []):

@@ -223,7 +223,38 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
         "null_class": net.has_null,
         "notes": notes,
     }
+    attach_codec(teacher, description, path)
+    attach_prompt_encoder(teacher, description, path)
     return teacher, description
+
+
+def attach_prompt_encoder(teacher: DiffusersTeacher, description: dict, path: str | Path) -> None:
+    """A text-conditioned model in a pipeline folder with tokenizer/ and text_encoder/: ``teacher.prompt_encoder``
+    (referenced, ``flowmap.text``) and the empty prompt's embedding as the teacher's null condition (CFG)."""
+    from flowmap.text import PromptEncoder, find_text_encoder
+
+    if teacher.net.cond_kind != "text" or not find_text_encoder(path):
+        return
+    encoder = PromptEncoder.from_folder(path)
+    object.__setattr__(teacher, "prompt_encoder", encoder)
+    teacher.register_buffer("null_embedding", encoder.encode([""]), persistent=False)
+    description["text"] = encoder.reference()
+
+
+def attach_codec(teacher: DiffusersTeacher, description: dict, path: str | Path) -> None:
+    """A pipeline folder with ``vae/``: the teacher's data is the VAE's scaled latent (``flowmap.latent``); the
+    codec is referenced as ``teacher.codec`` (not a submodule: not in the teacher's state or device moves) and
+    recorded in the description's ``latent`` entry."""
+    from flowmap.latent import LatentCodec, find_vae
+
+    if find_vae(path) is None:
+        return
+    codec = LatentCodec.from_folder(path)
+    shape = tuple(teacher.net.data_shape)
+    if codec.latent_channels != shape[0]:
+        raise CheckpointError(f"{path}: the VAE has {codec.latent_channels} latent channels, the model takes {shape[0]}")
+    object.__setattr__(teacher, "codec", codec)
+    description["latent"] = codec.reference(shape)
 
 
 def ddim_time_grid(scheduler, teacher: DiffusersTeacher) -> Tensor:

@@ -203,6 +203,8 @@ def decode_sample(sample: dict, encoding: str, shape: tuple[int, ...]) -> tuple[
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"sample {sample.get('__key__')!r} has shape {tuple(x.shape)}, the index says {tuple(shape)}")
     y = torch.tensor(int(sample["cls"].decode("ascii")), dtype=torch.long)
+    if "emb.npy" in sample:  # a prompt embedding (L, D) float32 is the sample's condition
+        y = torch.from_numpy(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).copy())
     return x, y
 
 
@@ -266,7 +268,8 @@ def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max
     shards: list[dict] = []
     tar, members, count = None, 0, 0
     for i, (x, y) in enumerate(samples):
-        x, y = torch.as_tensor(x), int(y)
+        emb = y if isinstance(y, Tensor) and y.dim() > 0 else None  # a prompt embedding (L, D): <key>.emb.npy
+        x, y = torch.as_tensor(x), (-1 if emb is not None else int(y))
         if tuple(x.shape) != shape:
             raise ValueError(f"sample {i} has shape {tuple(x.shape)}, expected {shape}")
         if not bool(torch.isfinite(x).all()):
@@ -274,6 +277,8 @@ def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max
         if not (y == -1 if num_classes == 0 else 0 <= y < num_classes):
             raise ValueError(f"sample {i} has label {y}; expected {'-1 (unconditional)' if num_classes == 0 else f'0..{num_classes - 1}'}")
         data = encode_sample(x, y, encoding)
+        if emb is not None:
+            data["emb.npy"] = encode_sample(emb, -1, "npy")["npy"]
         size = sum(_tar_member_bytes(len(v)) for v in data.values())
         full = tar is not None and (
             (max_count is not None and count >= max_count) or (max_bytes is not None and _tar_file_bytes(members + size) > max_bytes)

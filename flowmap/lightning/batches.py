@@ -21,6 +21,8 @@ def unpack_batch(batch) -> tuple[Tensor, Tensor | None]:
         raise ValueError(f"cannot read a batch of type {type(batch).__name__}")
     if x is None:
         raise ValueError("the batch has no 'x'")
+    if isinstance(y, Tensor) and y.dim() > 1 and y.is_floating_point():
+        return x, y  # prompt embeddings (B, L, D) of text-conditioned teachers (flowmap/text.py)
     if y is not None:
         if not isinstance(y, Tensor) or y.dim() != 1:
             y = None

@@ -1,0 +1,73 @@
+"""A student distilled from a latent teacher decodes through the teacher's VAE, which it references by folder.
+
+- test_student_file_references_the_vae_and_the_export_ships_it: load_student + codec_of decode the student's
+  latents; the exported FlowMapPipeline folder holds vae/ and gives the same images (1e-5) with the teacher
+  folder gone; output_type="latent" gives the latents bit-equal to load_student's.
+- test_sample_script_decodes_unless_latents: scripts/sample.py on the latent teacher and on the student writes
+  (N, 3, 16, 16) images equal to decoding its --latents output (1e-5), and (N, 4, 8, 8) latents with --latents.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from flowmap.app import load_student
+from flowmap.latent import codec_of
+from flowmap.models import save_student, student_from_teacher
+from flowmap.pipeline import FlowMapPipeline
+from scripts.sample import main as sample_main
+from teachers import CheckpointTeacher
+from tests.latent_parts import dit_folder
+
+
+def latent_student(tmp_path):
+    folder = dit_folder(tmp_path / "dit")
+    teacher = CheckpointTeacher(str(folder))
+    student = student_from_teacher(teacher)
+    with torch.no_grad():  # move the injected embedding off zero so the student is not the teacher's Euler step
+        for p in student.net.injection.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
+    return folder, path
+
+
+def test_student_file_references_the_vae_and_the_export_ships_it(tmp_path):
+    folder, path = latent_student(tmp_path)
+    app = load_student(path)
+    codec = codec_of(app)
+    assert codec is not None and codec.source == str(folder.resolve()) and app.data_shape == (4, 8, 8)
+    noise = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 5, 1000])
+    z = app.sample(noise, labels=labels)
+    images = codec.decode(z)
+    assert images.shape == (3, 3, 16, 16) and float(images.std()) > 1e-3
+
+    FlowMapPipeline.from_flow_map(app.flow_map, app.config).save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    shutil.rmtree(folder)  # the export is self-contained
+    pipe = FlowMapPipeline.from_pretrained(tmp_path / "pipe")
+    got = pipe(latents=noise, class_labels=labels, output_type="pt").images
+    assert float((got - images).abs().max()) < 1e-5
+    assert torch.equal(pipe(latents=noise, class_labels=labels, output_type="latent").images, z)
+    np_images = pipe(latents=noise, class_labels=labels, output_type="np").images
+    assert np.abs(np_images - (images / 2 + 0.5).permute(0, 2, 3, 1).numpy()).max() < 1e-5
+
+
+def test_sample_script_decodes_unless_latents(tmp_path):
+    folder, path = latent_student(tmp_path)
+    codec = codec_of(CheckpointTeacher(str(folder)))
+    for source, extra in ((str(folder), ["--steps", "3", "--batch_size", "1"]), (str(path), [])):
+        args = [source, "--n", "2", "--label", "7", *extra]
+        sample_main([*args, "--out", str(tmp_path / "img")])
+        sample_main([*args, "--latents", "--out", str(tmp_path / "lat")])
+        x = np.load(tmp_path / "img" / "samples.npz")["x"]
+        z = np.load(tmp_path / "lat" / "samples.npz")["x"]
+        assert x.shape == (2, 3, 16, 16) and z.shape == (2, 4, 8, 8), (x.shape, z.shape)
+        assert np.abs(codec.decode(torch.from_numpy(z)).numpy() - x).max() < 1e-5
+        assert (tmp_path / "img" / "samples.png").stat().st_size > 0
