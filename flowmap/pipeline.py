@@ -16,7 +16,7 @@ Folder written by ``FlowMapPipeline.save_pretrained(OUT)`` (``scripts/export.py 
     pipe = FlowMapPipeline.from_pretrained(OUT)
     images = pipe(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
 
-Sampling is flowmap's multistep flow-map sampler x_{k+1} = X(x_k, t_k, t_{k+1}) on a uniform grid
+Sampling is flowmap's multistep flow-map sampler x_{k+1} = X(x_k, t_k, t_{k+1}) on a uniform grid, with the method's re-noising gamma
 (``flowmap.sampling.sample``), the same function ``load_student(...).sample`` runs; a latent student's samples
 are then decoded by the VAE (``output_type="latent"`` returns the latents).
 """
@@ -63,7 +63,8 @@ class FlowMapPipeline(DiffusionPipeline):
         self.prompt_encoder = prompt_encoder
         self.flow_map = flow_map
         self.student_config = dict(student_config)
-        self.sampler = dict(sampler or SCHEDULER)
+        saved = dict(self.student_config.get("sampler") or {})  # the method's defaults, e.g. gamma 1 for CD
+        self.sampler = {**SCHEDULER, **saved, **dict(sampler or {})}
 
     @classmethod
     def from_flow_map(cls, flow_map: FlowMap, student_config: dict) -> FlowMapPipeline:
@@ -165,7 +166,8 @@ class FlowMapPipeline(DiffusionPipeline):
         if class_labels is not None:
             cond = class_labels if isinstance(class_labels, Tensor) else torch.full((x0.shape[0],), int(class_labels))
             cond = cond.to(device)
-        images = sample(fm, x0, steps, cond=cond, guidance=guidance_scale)
+        gamma = float(self.sampler.get("gamma", 0.0))  # re-noising between steps (``flowmap.sampling.sample``)
+        images = sample(fm, x0, steps, cond=cond, guidance=guidance_scale, gamma=gamma, generator=generator)
         if self.codec is not None and output_type != "latent":
             images = self.codec.decode(images)
         if output_type not in ("pt", "latent"):
