@@ -50,6 +50,21 @@ class TrainingMixin:
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module, float]]:
         return []
 
+    # --- sharded training (flowmap.lightning.sharding.FSDPStrategy; no-ops under other strategies) ------------
+    _sharded: bool = False
+
+    def configure_model(self) -> None:
+        from flowmap.lightning.sharding import shard_networks
+
+        shard_networks(self)
+
+    def unshard_for_export(self) -> None:
+        """Replace a sharded EMA by a whole copy (a collective: every rank calls it, at the end of training)."""
+        if self._sharded:
+            from flowmap.lightning.sharding import gather_full
+
+            self.ema = gather_full(self, self.ema)
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         raise NotImplementedError
 
