@@ -58,6 +58,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled vs eager rows")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="peak memory per step")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--world", type=int, default=8, help="GPUs of the on-paper memory table")
+    p.add_argument("--paper_batch", type=int, default=32, help="per-GPU batch of the on-paper memory table")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     a = p.parse_args(argv)
     a.nets = [n for n in a.nets.split(",") if n]
@@ -179,6 +181,93 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --- memory per GPU on paper, from the measured costs -----------------------------------------------------
+
+PAPER_NETS = {  # student = teacher architecture; DiT: tokens x width x depth; UNet: base channels, mults, blocks, side
+    "DiT-XL/2, 256x256 (4x32x32 latents)": {"params": 675e6, "tokens": 256, "dim": 1152, "depth": 28},
+    "SD-size UNet (SD 1.5, 4x64x64 latents)": {"params": 860e6, "channels": 320, "mult": [1, 2, 4, 4], "blocks": 2,
+                                               "side": 64},
+}
+
+
+def feature_volume(channels: int, mult: list[int], blocks: int, side: int) -> float:
+    """sum over levels l of c_l H_l W_l (2 n + 1): the feature map a U-Net's blocks store per sample, up to a constant
+    (n blocks down, n + 1 up per level)."""
+    return float(sum(channels * m * (side // 2**lv) ** 2 * (2 * blocks + 1) for lv, m in enumerate(mult)))
+
+
+def activation_units(net: dict) -> tuple[float, float, int]:
+    """(size measure X, stored-input bytes per sample under activation checkpointing, FSDP units) of a net:
+    DiT: X = T D L, inputs 4 T D L, L units; UNet: X = feature_volume, inputs 4 X, levels (2n + 1) units."""
+    if "tokens" in net:
+        x = float(net["tokens"] * net["dim"] * net["depth"])
+        return x, 4.0 * x, int(net["depth"])
+    x = feature_volume(net["channels"], net["mult"], net["blocks"], net["side"])
+    return x, 4.0 * x, len(net["mult"]) * (2 * net["blocks"] + 1)
+
+
+def measured_costs(result: dict) -> dict:
+    """Bytes of stored activations per sample per unit of the size measure (``activation_units``), from the fm step's
+    peak memory minus its gradients: a = (peak - 4 P) / (B X); and the MeanFlow step's peak over fm's."""
+    costs = {}
+    for name, r in result["nets"].items():
+        rows, net = r["steps"], dict(SIZES[name])
+        fm_peak = rows.get("fm", {}).get("peak_mib")
+        if fm_peak is None:
+            continue
+        if net["name"] == "dit":
+            side = net["data_shape"][1] // net["patch"]
+            size = {"tokens": side * side, "dim": net["dim"], "depth": net["depth"]}
+        else:
+            size = {"channels": net["channels"], "mult": net["channel_mult"], "blocks": net["num_res_blocks"],
+                    "side": net["data_shape"][1]}
+        x, _, _ = activation_units(size)
+        act = max(fm_peak * 2**20 - 4.0 * r["params"], 0.0)
+        mf = rows.get("meanflow", {}).get("peak_mib")
+        costs[net["name"]] = {"bytes_per_unit": act / (r["batch"] * x), "meanflow_over_fm": (mf / fm_peak) if mf else None,
+                              "from": name}
+    return costs
+
+
+def paper_memory(costs: dict, world: int = 8, batch: int = 32, state_bytes: float = 16.0, ema_bytes: float = 4.0,
+                 teacher_bytes: float = 2.0) -> list[dict]:
+    """GiB per GPU for each ``PAPER_NETS`` entry under DDP, FSDP and FSDP + activation checkpointing:
+
+        DDP          (s + e) P       + t P + B A
+        FSDP         (s + e) P / N   + t P + 2 * 4 P / U + B A
+        FSDP + AC    (s + e) P / N   + t P + 2 * 4 P / U + B (I + A / U)
+
+    P parameters, s = 16 B (fp32 weights, gradients, Adam's two moments), e = 4 B (the evaluation EMA), t = 2 B
+    (the frozen teacher in bf16, whole on each rank), N GPUs, U FSDP units (two gathered at a time), B per-GPU batch,
+    A = a X activation bytes per sample (a measured, X the net's size measure), I the units' stored inputs."""
+    rows = []
+    for name, net in PAPER_NETS.items():
+        kind = "dit" if "tokens" in net else "unet"
+        if kind not in costs:
+            continue
+        x, inputs, units = activation_units(net)
+        act = costs[kind]["bytes_per_unit"] * x
+        p = net["params"]
+        fixed = teacher_bytes * p
+        gib = 2.0**30
+        rows.append({
+            "net": name, "params": p, "act_gib_per_sample": act / gib,
+            "ddp": ((state_bytes + ema_bytes) * p + fixed + batch * act) / gib,
+            "fsdp": ((state_bytes + ema_bytes) * p / world + fixed + 8 * p / units + batch * act) / gib,
+            "fsdp_ac": ((state_bytes + ema_bytes) * p / world + fixed + 8 * p / units + batch * (inputs + act / units)) / gib,
+        })
+    return rows
+
+
+def paper_table(rows: list[dict], world: int, batch: int) -> str:
+    lines = [f"\nmemory per GPU on paper (GiB; {world} GPUs, per-GPU batch {batch}, fp32 activations, flow-matching step)\n",
+             "| net | params | activations / sample | DDP | FSDP | FSDP + act. ckpt |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['net']} | {r['params'] / 1e6:.0f}M | {r['act_gib_per_sample']:.2f} | {r['ddp']:.0f} | "
+                     f"{r['fsdp']:.0f} | {r['fsdp_ac']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     threads = set_cpu_threads(a.threads)
@@ -186,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     where = f"this CPU, {threads} thread(s)" if device.type == "cpu" else f"this GPU ({a.device})"
     result = {"where": where, "nets": {n: run_net(n, a, device) for n in a.nets}}
     print(table(result))
+    result["costs"] = measured_costs(result)
+    result["paper"] = paper_memory(result["costs"], a.world, a.paper_batch)
+    if result["paper"]:
+        print(paper_table(result["paper"], a.world, a.paper_batch))
     return result
 
 

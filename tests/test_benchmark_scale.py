@@ -36,3 +36,18 @@ def test_scale_benchmark_refuses_unknown_net():
 
     with pytest.raises(ValueError, match="unknown"):
         benchmark_scale.main(["--nets", "resnet"])
+
+
+def test_paper_memory_formula():
+    """The on-paper table: with no activations DDP holds 16 + 4 + 2 = 22 bytes per parameter; FSDP over 8 GPUs
+    20 / 8 + 2 plus two gathered units; activation checkpointing lowers the per-GPU total once activations count."""
+    import benchmark_scale
+
+    xl = benchmark_scale.PAPER_NETS["DiT-XL/2, 256x256 (4x32x32 latents)"]
+    p, gib = xl["params"], 2.0**30
+    none = benchmark_scale.paper_memory({"dit": {"bytes_per_unit": 0.0}}, world=8, batch=32)[0]
+    assert none["ddp"] == pytest.approx(22 * p / gib)
+    assert none["fsdp"] == pytest.approx((20 * p / 8 + 2 * p + 8 * p / 28) / gib)
+    some = benchmark_scale.paper_memory({"dit": {"bytes_per_unit": 40.0}}, world=8, batch=32)[0]
+    assert some["act_gib_per_sample"] == pytest.approx(40.0 * 256 * 1152 * 28 / gib)
+    assert some["ddp"] > some["fsdp"] > some["fsdp_ac"]
