@@ -5,7 +5,8 @@ and data, in one launch (later Trainers reuse the process group).
     python tests/fsdp_worker.py --out DIR [--steps 10] [--cases ddp,fsdp,fsdp_ckpt,fsdp_func]
 
 Each case writes ``DIR/<case>/rank{r}.pt``: the per-step local losses, the first step's gradients (whole tensors),
-the final student and EMA (whole tensors, gathered from the shards under FSDP), the initial state; rank 0 exports.
+the final student and EMA (whole tensors, gathered from the shards under FSDP), the initial state; rank 0 exports
+and writes ``last.ckpt`` (Lightning's checkpoint, whole tensors).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def run_case(case: str, steps: int, out: Path) -> None:
         callbacks=[rec, ExportModel(str(out / "export.safetensors"))],
     )
     trainer.fit(module, train_dataloaders=data)
+    trainer.save_checkpoint(out / "last.ckpt")  # every rank calls it; one whole-state file (rank 0 writes)
     torch.save(
         {
             "losses": rec.losses,

@@ -4,7 +4,9 @@
   FSDP give the loss curve of the same run under DDP on both ranks (to 1e-5 relative), the same first-step
   gradients, final student and EMA; also with activation checkpointing. The student's parameters are DTensors.
 - test_fsdp_export_round_trip: the student file exported from the FSDP run (the EMA gathered from its shards)
-  equals the DDP run's export and the gathered EMA, and loads back as an ordinary single-process FlowMap.
+  equals the DDP run's export and the gathered EMA, and loads back as an ordinary single-process FlowMap; the
+  Lightning checkpoint written under FSDP holds the whole student (equal to the gathered parameters) and loads
+  into a fresh single-process DistillModule.
 """
 
 from __future__ import annotations
@@ -67,3 +69,16 @@ def test_fsdp_export_round_trip(runs):
     x, s, t = torch.randn(3, 1, 8, 8), torch.full((3,), 0.8), torch.full((3,), 0.3)
     assert torch.isfinite(student(x, s, t)).all()
     assert all(type(p) is torch.nn.Parameter for p in student.parameters())
+
+
+def test_fsdp_checkpoint_is_whole(runs):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import fsdp_worker
+
+    ckpt = torch.load(runs / "fsdp" / "last.ckpt", weights_only=True)
+    state = ckpt["state_dict"]
+    params = _load(runs, "fsdp", 0)["params"]
+    assert all(torch.equal(state[f"student.{k}"], v) for k, v in params.items())
+    module = fsdp_worker.build_module()
+    module.load_state_dict(state)  # strict: every key, whole shapes
+    assert ckpt["flowmap_run"] == {"kind": "DistillModule", "method": "meanflow"}
