@@ -15,7 +15,7 @@ each trainable network and its EMA / target copies alike:
   no communication, 1/world of the memory.
 * forward-mode AD: the objectives call the ``FlowMap`` wrapper, whose ``net(...)`` call runs FSDP's pre-forward
   all-gather, so the JVP (under ``no_grad``) sees ordinary full parameters and dual inputs; tested against DDP
-  in tests/test_fsdp.py for MeanFlow (both AD backends).
+  in tests/test_fsdp.py for MeanFlow with the default ``forward_ad`` backend.
 * the frozen teacher is kept whole on every rank (cast to ``teacher_dtype``; bfloat16 with bf16-mixed): it runs only
   under ``no_grad``, so it holds no gradients or optimizer state; sharding it would all-gather all of its
   weights on every call (1-3 calls per step), i.e. its full size in traffic per call, to save 2 bytes per
