@@ -208,7 +208,8 @@ def activation_units(net: dict) -> tuple[float, float, int]:
 
 def measured_costs(result: dict) -> dict:
     """Bytes of stored activations per sample per unit of the size measure (``activation_units``), from the fm step's
-    peak memory minus its gradients: a = (peak - 4 P) / (B X); and the MeanFlow step's peak over fm's."""
+    peak memory: a = peak / (B X) (the peak is measured on a second step, whose gradients and Adam state already
+    exist: what grows is the activations); and the MeanFlow step's peak over fm's."""
     costs = {}
     for name, r in result["nets"].items():
         rows, net = r["steps"], dict(SIZES[name])
@@ -222,7 +223,7 @@ def measured_costs(result: dict) -> dict:
             size = {"channels": net["channels"], "mult": net["channel_mult"], "blocks": net["num_res_blocks"],
                     "side": net["data_shape"][1]}
         x, _, _ = activation_units(size)
-        act = max(fm_peak * 2**20 - 4.0 * r["params"], 0.0)
+        act = fm_peak * 2**20
         mf = rows.get("meanflow", {}).get("peak_mib")
         costs[net["name"]] = {"bytes_per_unit": act / (r["batch"] * x), "meanflow_over_fm": (mf / fm_peak) if mf else None,
                               "from": name}
