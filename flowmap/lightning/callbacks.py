@@ -99,6 +99,8 @@ class ExportModel(L.Callback):
         saved = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, LastCheckpoint)]
         for cb in saved:
             cb.save_final(trainer)
+        if callable(getattr(pl_module, "unshard_for_export", None)):
+            pl_module.unshard_for_export()  # FSDP: the EMA gathered from its shards (every rank)
         if not trainer.is_global_zero:
             return
         try:

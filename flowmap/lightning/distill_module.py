@@ -41,6 +41,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
             whenever the student's architecture is the teacher's.
         ema_halflife: half-life of the evaluation EMA of the student (the exported weights): steps, or a fraction
             of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
+        compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
         ema_halflife: float = 0.1,
         ema_decay: float | None = None,
         max_nonfinite: int = 20,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["teacher"])

@@ -35,6 +35,7 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up; lr_decay: none | cosine.
         ema_halflife: half-life of the evaluation EMA of the weights (used for sampling and export): steps, or a fraction
             of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
+        compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
         max_nonfinite: stop with a clear error after this many non-finite steps in a row.
     """
 
@@ -53,6 +54,7 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         ema_halflife: float = 0.1,
         ema_decay: float | None = None,
         max_nonfinite: int = 20,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

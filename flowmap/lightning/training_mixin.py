@@ -50,6 +50,37 @@ class TrainingMixin:
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module, float]]:
         return []
 
+    # --- sharded training (flowmap.lightning.sharding.FSDPStrategy; no-ops under other strategies) ------------
+    _sharded: bool = False
+
+    def configure_model(self) -> None:
+        """Shard the networks under FSDPStrategy; with hparam ``compile``, compile what runs each step
+        (``compiled_networks``) with ``flowmap.compiled.compile_net`` (forward-mode JVP passes stay eager)."""
+        from flowmap.lightning.sharding import shard_networks
+
+        shard_networks(self)
+        if self.hparams.get("compile", False):
+            from flowmap.compiled import compile_net
+
+            for net in self.compiled_networks():
+                compile_net(net)
+
+    def compiled_networks(self) -> list[nn.Module]:
+        """The networks ``compile: true`` compiles: the trained ones (the sources of ``ema_pairs``), their targets."""
+        from flowmap.lightning.sharding import inner_net
+
+        nets = [inner_net(source) for _, source, _ in self.ema_pairs()]
+        nets += [inner_net(target) for target, _, _ in self.ema_pairs()[1:]]  # the first pair's is the evaluation EMA
+        teacher_net = getattr(getattr(self, "_teacher", None), "net", None)  # a frozen network teacher (NetVelocity)
+        return nets + ([teacher_net] if isinstance(teacher_net, nn.Module) else [])
+
+    def unshard_for_export(self) -> None:
+        """Replace a sharded EMA by a whole copy (a collective: every rank calls it, at the end of training)."""
+        if self._sharded:
+            from flowmap.lightning.sharding import gather_full
+
+            self.ema = gather_full(self, self.ema)
+
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         raise NotImplementedError
 

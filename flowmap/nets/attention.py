@@ -79,6 +79,8 @@ def _dual_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, H, N, d) tensors, with a forward-mode rule."""
+    if torch.compiler.is_compiling():  # no tangents here: flowmap.compiled runs JVP passes eager (no graph break)
+        return F.scaled_dot_product_attention(q, k, v)
     if any(is_functorch_wrapped_tensor(a) for a in (q, k, v)):
         return _FusedAttention.apply(q, k, v)
     if any(forward_ad.unpack_dual(a).tangent is not None for a in (q, k, v)):
