@@ -40,7 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_data_velocity, check_guidance, check_source, draw_guidance, stable_target, times_like
+from flowmap.objectives.common import (
+    check_data_velocity,
+    check_guidance,
+    check_source,
+    draw_guidance,
+    stable_target,
+    times_like,
+)
+from flowmap.solvers import teacher_step  # one ODE stepper (also imported from here by older code)
 from flowmap.time_grids import GRIDS, make_grid
 from flowmap.types import LossOutput, Teacher, expand_like
 
@@ -75,25 +83,6 @@ def consistency_fn(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, 
     """f(x, t) = X(x, s=t, t=0): (B, *data_shape)."""
     zero = torch.zeros_like(t)
     return model(x, t, zero, cond, w) if w is not None else model(x, t, zero, cond)
-
-
-def teacher_step(teacher: Teacher, x: Tensor, t: Tensor, r: Tensor, method: str = "heun", cond: Tensor | None = None,
-                 guidance: float | Tensor = 1.0) -> Tensor:
-    """One ODE step of the teacher from time t to time r (per-sample (B,) times), under no_grad.
-
-    euler:  x_r = x + (r - t) v(x, t)
-    heun:   x_r = x + (r - t) / 2 (v(x, t) + v(x_e, r)),  x_e = x + (r - t) v(x, t)    (Karras et al. 2022, Alg. 1)"""
-    if method not in SOLVERS:
-        raise ValueError(f"unknown teacher step {method!r}; choose from {list(SOLVERS)}")
-    g = guidance if cond is not None else 1.0
-    with torch.no_grad():
-        h = expand_like(r - t, x)
-        v = teacher.velocity(x, t, cond, guidance=g).to(x.dtype)
-        x_euler = x + h * v
-        if method == "euler":
-            return x_euler
-        v_next = teacher.velocity(x_euler, r, cond, guidance=g).to(x.dtype)
-        return x + 0.5 * h * (v + v_next)
 
 
 def check_metric(metric: str, huber_c: float | None) -> None:
