@@ -89,7 +89,12 @@ class LinearPath(AffinePath):
     def d_sigma(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
 
-    def t_from_ratio(self, r: Tensor) -> Tensor:
+    def ratio(self, t: Tensor | float) -> Tensor | float:
+        """r = t / (1 - t): the EDM noise level sigma of time t (tensors or floats; t = 1 -> inf)."""
+        return t / (1.0 - t)
+
+    def t_from_ratio(self, r: Tensor | float) -> Tensor | float:
+        """t = r / (1 + r): the time of noise level r (tensors or floats; the inverse of ``ratio``)."""
         return r / (1.0 + r)
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmap.paths import LinearPath
 from flowmap.time_grids import uniform_grid
 from flowmap.types import Teacher, expand_like
 
@@ -140,7 +141,7 @@ def _dpmpp_2m(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float]
             r = prev_h / h
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
         ratio = t_next / t  # sigma_i / sigma_{i-1}
-        exp_neg_h = 0.0 if t_next == 0.0 or t == 1.0 else (t_next / (1 - t_next)) * ((1 - t) / t)
+        exp_neg_h = 0.0 if t_next == 0.0 or t == 1.0 else LinearPath().ratio(t_next) * ((1 - t) / t)
         x = ratio * x - (1 - t_next) * (exp_neg_h - 1) * D
         prev_x0, prev_h = x0, h
         if callback is not None:
@@ -159,10 +160,10 @@ def _edm_heun(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float]
     B = x.shape[0]
 
     def sigma_of(t: float) -> float:
-        return sigma_max if t >= 1.0 else t / (1.0 - t)
+        return sigma_max if t >= 1.0 else LinearPath().ratio(t)
 
     def slope(x_ve: Tensor, sigma: float) -> Tensor:  # d = (x - D(x; sigma)) / sigma, Alg. 1 lines 4 and 7
-        t = sigma / (1.0 + sigma)
+        t = LinearPath().t_from_ratio(sigma)
         x_lin = x_ve / (1.0 + sigma)
         return x_lin + (1.0 - t) * f(x_lin, t)
 

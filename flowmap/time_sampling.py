@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowmap.paths import LinearPath
+
 
 def uniform(batch: int, device: torch.device | str | None = None, t_min: float = 0.0, t_max: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """t ~ U[t_min, t_max]."""
@@ -21,7 +23,7 @@ def logit_normal(batch: int, device: torch.device | str | None = None, mean: flo
 def lognormal_sigma(batch: int, device: torch.device | str | None = None, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None) -> Tensor:
     """ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1), mapped to t = sigma / (1 + sigma)."""
     sigma = torch.exp(p_mean + p_std * torch.randn(batch, device=device, generator=generator))
-    return sigma / (1 + sigma)
+    return LinearPath().t_from_ratio(sigma)
 
 
 def sample_times(kind: str, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None, **kwargs) -> Tensor:

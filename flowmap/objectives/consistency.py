@@ -48,12 +48,14 @@ from flowmap.objectives.common import (
     stable_target,
     times_like,
 )
+from flowmap.paths import LinearPath
 from flowmap.solvers import teacher_step  # one ODE stepper (also imported from here by older code)
 from flowmap.time_grids import GRIDS, make_grid
 from flowmap.types import LossOutput, Teacher, expand_like
 
 METRICS = ("l2", "pseudo_huber")
 SOLVERS = ("euler", "heun")
+LINEAR = LinearPath()  # the EDM noise level sigma = t / (1 - t) and back
 HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sqrt(d)
 
 
@@ -62,12 +64,12 @@ HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sq
 
 def sigma_to_t(sigma: Tensor) -> Tensor:
     """Noise level of the VE path -> time of the linear path: t = sigma / (1 + sigma) (inf -> 1)."""
-    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), LINEAR.t_from_ratio(sigma))
 
 
 def t_to_sigma(t: Tensor) -> Tensor:
     """sigma = t / (1 - t) (t = 1 -> inf)."""
-    return t / (1 - t)
+    return LINEAR.ratio(t)
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
