@@ -40,14 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import (
-    check_data_velocity,
-    check_guidance,
-    check_source,
-    draw_guidance,
-    stable_target,
-    times_like,
-)
+from flowmap.objectives.common import check_data_velocity, check_source, stable_target, times_like
+from flowmap.objectives.guidance import check_guidance, draw_guidance
 from flowmap.paths import LinearPath
 from flowmap.solvers import teacher_step  # one ODE stepper (also imported from here by older code)
 from flowmap.time_grids import GRIDS, make_grid

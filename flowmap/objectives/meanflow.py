@@ -31,16 +31,9 @@ from torch import Tensor, nn
 
 from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import (
-    check_guidance,
-    check_source,
-    draw_guidance,
-    equal_tail,
-    instantaneous_velocity,
-    moving_rows,
-    times_like,
-)
+from flowmap.objectives.common import check_source, equal_tail, instantaneous_velocity, moving_rows, times_like
 from flowmap.objectives.denoising import drop_labels
+from flowmap.objectives.guidance import check_guidance, draw_guidance
 from flowmap.time_sampling import ordered_pair
 from flowmap.types import LossOutput, expand_like
 
