@@ -34,6 +34,17 @@ def sample_times(kind: str, batch: int, device: torch.device | str | None = None
     return fns[kind](batch, device=device, generator=generator, **kwargs)
 
 
+TIME_KWARGS = {"logit_normal": ("mean", "std"), "lognormal": ("p_mean", "p_std"), "uniform": None}
+
+
+def pair_kwargs(kind: str, mean: float, std: float) -> dict:
+    """Keyword arguments of ``time_sampling.ordered_pair`` for the named time distribution."""
+    if kind not in TIME_KWARGS:
+        raise ValueError(f"unknown time distribution {kind!r}; choose from {sorted(TIME_KWARGS)}")
+    names = TIME_KWARGS[kind]
+    return {} if names is None else {names[0]: mean, names[1]: std}
+
+
 def ordered_pair(
     batch: int,
     device: torch.device | str | None = None,

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from flowmap.objectives.guidance import teacher_velocity
-from flowmap.types import Teacher, expand_like
+from flowmap.types import Teacher, expand_like, null_label
 
 SOURCES = ("teacher", "data")
+SOLVERS = ("euler", "heun")  # the teacher ODE steps of the consistency family (``flowmap.solvers.teacher_step``)
 DATA_VELOCITIES = ("conditional", "stf")  # a from-data velocity: eps - x0, or its batch-posterior estimate
 
 
@@ -88,6 +89,26 @@ def instantaneous_velocity(
     if teacher is None:
         raise ValueError("this objective distills a teacher (source='teacher'), but teacher is None")
     return teacher_velocity(teacher, x_t, t, cond, guidance)
+
+
+def drop_labels(cond: Tensor | None, num_classes: int, p_uncond: float) -> Tensor | None:
+    """Replace a share p_uncond of labels by the null label (classifier-free guidance training)."""
+    if cond is None or p_uncond <= 0:
+        return cond
+    drop = torch.rand(cond.shape, device=cond.device) < p_uncond
+    return torch.where(drop, torch.full_like(cond, null_label(num_classes)), cond)
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_step(step: int) -> int:
+    if step < 0:
+        raise ValueError(f"the training step must be >= 0, got {step}")
+    return int(step)
 
 
 def times_like(tau: Tensor, x: Tensor) -> Tensor:

@@ -40,7 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_data_velocity, check_source, stable_target, times_like
+from flowmap.objectives.common import (
+    SOLVERS,
+    check_count,
+    check_data_velocity,
+    check_source,
+    check_step,
+    stable_target,
+    times_like,
+)
 from flowmap.objectives.guidance import check_guidance, draw_guidance
 from flowmap.paths import LinearPath
 from flowmap.solvers import teacher_step  # one ODE stepper (also imported from here by older code)
@@ -48,7 +56,6 @@ from flowmap.time_grids import GRIDS, make_grid
 from flowmap.types import LossOutput, Teacher, expand_like
 
 METRICS = ("l2", "pseudo_huber")
-SOLVERS = ("euler", "heun")
 LINEAR = LinearPath()  # the EDM noise level sigma = t / (1 - t) and back
 HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sqrt(d)
 
@@ -116,18 +123,6 @@ def training_pair(data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Ten
         v = stable_target(x_t, t, x0, eps, cond, null)
         return x_t, x_t + expand_like(r - t, x0) * v
     return x_t, expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
-
-
-def check_count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_step(step: int) -> int:
-    if step < 0:
-        raise ValueError(f"the training step must be >= 0, got {step}")
-    return int(step)
 
 
 class _Consistency(Objective):

@@ -39,11 +39,16 @@ from torch import Tensor, nn
 from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.nets.embeddings import FourierTime
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_data_velocity, instantaneous_velocity, stable_target, times_like
-from flowmap.objectives.denoising import drop_labels, null_label
+from flowmap.objectives.common import (
+    check_data_velocity,
+    drop_labels,
+    instantaneous_velocity,
+    stable_target,
+    times_like,
+)
 from flowmap.objectives.guidance import check_guidance, draw_guidance
 from flowmap.paths import TrigFlowPath, to_linear, velocity_from_linear
-from flowmap.types import LossOutput, expand_like
+from flowmap.types import LossOutput, expand_like, null_label
 
 
 class LogVariance(nn.Module):
