@@ -59,7 +59,7 @@ class AffinePath:
         return 2.0 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
 
     def to_config(self) -> dict:
-        cfg = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "name"}
+        cfg = {k: getattr(self, k) for k, f in self.__dataclass_fields__.items() if f.init}
         return {"name": self.name, **cfg}
 
     def sample(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -89,31 +89,45 @@ class LinearPath(AffinePath):
     def d_sigma(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
 
-    def t_from_ratio(self, r: Tensor) -> Tensor:
+    def ratio(self, t: Tensor | float) -> Tensor | float:
+        """r = t / (1 - t): the EDM noise level sigma of time t (tensors or floats; t = 1 -> inf)."""
+        return t / (1.0 - t)
+
+    def t_from_ratio(self, r: Tensor | float) -> Tensor | float:
+        """t = r / (1 + r): the time of noise level r (tensors or floats; the inverse of ``ratio``)."""
         return r / (1.0 + r)
 
 
 @dataclass(frozen=True)
-class CosinePath(AffinePath):
-    """Cosine / TrigFlow path (Nichol & Dhariwal 2021; Lu & Song 2024, Eq. 2): alpha = cos(pi t / 2),
-    sigma = sin(pi t / 2). TrigFlow's angle is tau = pi t / 2 (with sigma_d folded into the data)."""
+class TrigFlowPath(AffinePath):
+    """TrigFlow (Lu & Song 2024, Sec. 3) with data scale sigma_d in data units: alpha = cos(theta),
+    sigma = sigma_d sin(theta), theta = pi t / 2 for the path time t in [0, 1]."""
 
-    name: str = field(default="cosine", init=False)
+    sigma_data: float = 1.0
+    name: str = field(default="trigflow", init=False)
 
     def alpha(self, t: Tensor) -> Tensor:
         return torch.cos(0.5 * math.pi * t)
 
     def sigma(self, t: Tensor) -> Tensor:
-        return torch.sin(0.5 * math.pi * t)
+        return self.sigma_data * torch.sin(0.5 * math.pi * t)
 
     def d_alpha(self, t: Tensor) -> Tensor:
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
     def d_sigma(self, t: Tensor) -> Tensor:
-        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+        return 0.5 * math.pi * self.sigma_data * torch.cos(0.5 * math.pi * t)
 
     def t_from_ratio(self, r: Tensor) -> Tensor:
-        return torch.atan(r) * (2.0 / math.pi)
+        return torch.atan(r / self.sigma_data) * (2.0 / math.pi)
+
+
+@dataclass(frozen=True)
+class CosinePath(TrigFlowPath):
+    """Cosine path (Nichol & Dhariwal 2021): alpha = cos(pi t / 2), sigma = sin(pi t / 2), TrigFlow at sigma_d = 1."""
+
+    sigma_data: float = field(default=1.0, init=False)
+    name: str = field(default="cosine", init=False)
 
 
 @dataclass(frozen=True)
@@ -247,7 +261,7 @@ class VEPath(AffinePath):
 PATHS: dict[str, type[AffinePath]] = {
     "linear": LinearPath,
     "cosine": CosinePath,
-    "trigflow": CosinePath,
+    "trigflow": TrigFlowPath,
     "vp": VPPath,
     "vp_discrete": DiscreteVPPath,
     "ve": VEPath,

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmap.paths import LinearPath
 from flowmap.time_grids import uniform_grid
 from flowmap.types import FlowMapLike
 
@@ -35,8 +36,7 @@ def check_grid(grid: Tensor) -> Tensor:
 
 def _renoise(x_hat: Tensor, t_hat: Tensor, t_next: Tensor, z: Tensor) -> Tensor:
     """x at t_hat -> x at t_next >= t_hat by the forward kernel of the linear path."""
-    r_hat = t_hat / (1 - t_hat)
-    r_next = t_next / (1 - t_next)
+    r_hat, r_next = LinearPath().ratio(t_hat), LinearPath().ratio(t_next)
     return (1 - t_next) * (x_hat / (1 - t_hat) + torch.sqrt((r_next**2 - r_hat**2).clamp_min(0)) * z)
 
 
@@ -85,5 +85,5 @@ def sample(
 
 def _ctm_time(t_next: float, gamma: float) -> float:
     """t' with noise-to-signal ratio r' = sqrt(1 - gamma^2) r(t_next)."""
-    r = t_next / (1 - t_next) * (1 - gamma**2) ** 0.5
-    return r / (1 + r)
+    r = LinearPath().ratio(t_next) * (1 - gamma**2) ** 0.5
+    return LinearPath().t_from_ratio(r)

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmap.paths import LinearPath
 from flowmap.time_grids import uniform_grid
-from flowmap.types import Teacher
+from flowmap.types import Teacher, expand_like
 
 Callback = Callable[[int, Tensor, Tensor], None]
 
@@ -41,22 +42,43 @@ def _check_grid(grid: Tensor) -> Tensor:
     return grid
 
 
-def _step(method: str, f: Callable[[Tensor, float], Tensor], x: Tensor, t: float, h: float) -> Tensor:
+def ode_step(method: str, f: Callable, x: Tensor, t: float | Tensor, h: float | Tensor,
+             t_next: float | Tensor | None = None, hx: float | Tensor | None = None) -> Tensor:
+    """One step of ``method`` (euler, midpoint, heun, rk4; table above) of dx/dt = f(x, t) from t to t + h.
+
+    t, h: floats, or per-sample (B,) tensors with ``hx`` = h shaped to multiply x (B, 1, ...) (default h);
+    t_next: the time the step ends at when the caller has it exactly (t + h may round differently)."""
+    hx = h if hx is None else hx
+    end = t + h if t_next is None else t_next
     if method == "euler":
-        return x + h * f(x, t)
+        return x + hx * f(x, t)
     if method == "midpoint":
-        return x + h * f(x + 0.5 * h * f(x, t), t + 0.5 * h)
+        return x + hx * f(x + 0.5 * hx * f(x, t), t + 0.5 * h)
     if method == "heun":
         k1 = f(x, t)
-        k2 = f(x + h * k1, t + h)
-        return x + 0.5 * h * (k1 + k2)
+        k2 = f(x + hx * k1, end)
+        return x + 0.5 * hx * (k1 + k2)
     if method == "rk4":
         k1 = f(x, t)
-        k2 = f(x + 0.5 * h * k1, t + 0.5 * h)
-        k3 = f(x + 0.5 * h * k2, t + 0.5 * h)
-        k4 = f(x + h * k3, t + h)
-        return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        k2 = f(x + 0.5 * hx * k1, t + 0.5 * h)
+        k3 = f(x + 0.5 * hx * k2, t + 0.5 * h)
+        k4 = f(x + hx * k3, end)
+        return x + hx / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     raise ValueError(f"unknown solver {method!r}; choose from {sorted(NFE_PER_STEP)}")
+
+
+def teacher_step(teacher: Teacher, x: Tensor, t: Tensor, r: Tensor, method: str = "heun", cond: Tensor | None = None,
+                 guidance: float | Tensor = 1.0) -> Tensor:
+    """One ODE step of the teacher from per-sample times t to r ((B,) each) under no_grad, in x's dtype;
+    guidance applies only with labels (``ode_step``; heun is Karras et al. 2022, Alg. 1, lines 5-8)."""
+    g = guidance if cond is not None else 1.0
+
+    def f(y: Tensor, tau: Tensor) -> Tensor:
+        return teacher.velocity(y, tau, cond, guidance=g).to(x.dtype)
+
+    with torch.no_grad():
+        h = r - t
+        return ode_step(method, f, x, t, h, t_next=r, hx=expand_like(h, x))
 
 
 @torch.no_grad()
@@ -86,7 +108,7 @@ def solve(
     if method == "edm_heun":
         return _edm_heun(f, x, grid, float(getattr(teacher, "sigma_max", EDM_SIGMA_MAX)), callback)
     for i in range(len(grid) - 1):
-        x = _step(method, f, x, grid[i], grid[i + 1] - grid[i])
+        x = ode_step(method, f, x, grid[i], grid[i + 1] - grid[i])
         if callback is not None:
             callback(i, torch.full((B,), grid[i + 1], device=x.device), x)
     return x
@@ -119,7 +141,7 @@ def _dpmpp_2m(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float]
             r = prev_h / h
             D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * prev_x0
         ratio = t_next / t  # sigma_i / sigma_{i-1}
-        exp_neg_h = 0.0 if t_next == 0.0 or t == 1.0 else (t_next / (1 - t_next)) * ((1 - t) / t)
+        exp_neg_h = 0.0 if t_next == 0.0 or t == 1.0 else LinearPath().ratio(t_next) * ((1 - t) / t)
         x = ratio * x - (1 - t_next) * (exp_neg_h - 1) * D
         prev_x0, prev_h = x0, h
         if callback is not None:
@@ -138,10 +160,10 @@ def _edm_heun(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float]
     B = x.shape[0]
 
     def sigma_of(t: float) -> float:
-        return sigma_max if t >= 1.0 else t / (1.0 - t)
+        return sigma_max if t >= 1.0 else LinearPath().ratio(t)
 
     def slope(x_ve: Tensor, sigma: float) -> Tensor:  # d = (x - D(x; sigma)) / sigma, Alg. 1 lines 4 and 7
-        t = sigma / (1.0 + sigma)
+        t = LinearPath().t_from_ratio(sigma)
         x_lin = x_ve / (1.0 + sigma)
         return x_lin + (1.0 - t) * f(x_lin, t)
 

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from flowmap.paths import LinearPath
+
 
 def _check_steps(steps: int) -> None:
     if not isinstance(steps, int) or steps < 1:
@@ -32,7 +34,7 @@ def edm_grid(steps: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: 
         return torch.tensor([1.0, 0.0], device=device)
     i = torch.arange(steps, dtype=torch.float64)
     sig = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([sig / (1 + sig), torch.zeros(1, dtype=torch.float64)])
+    t = torch.cat([LinearPath().t_from_ratio(sig), torch.zeros(1, dtype=torch.float64)])
     t[0] = 1.0
     return t.float().to(device)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowmap.paths import LinearPath
+
 
 def uniform(batch: int, device: torch.device | str | None = None, t_min: float = 0.0, t_max: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """t ~ U[t_min, t_max]."""
@@ -21,7 +23,7 @@ def logit_normal(batch: int, device: torch.device | str | None = None, mean: flo
 def lognormal_sigma(batch: int, device: torch.device | str | None = None, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None) -> Tensor:
     """ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1), mapped to t = sigma / (1 + sigma)."""
     sigma = torch.exp(p_mean + p_std * torch.randn(batch, device=device, generator=generator))
-    return sigma / (1 + sigma)
+    return LinearPath().t_from_ratio(sigma)
 
 
 def sample_times(kind: str, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None, **kwargs) -> Tensor:
@@ -30,6 +32,17 @@ def sample_times(kind: str, batch: int, device: torch.device | str | None = None
     if kind not in fns:
         raise ValueError(f"unknown time distribution {kind!r}; choose from {sorted(fns)}")
     return fns[kind](batch, device=device, generator=generator, **kwargs)
+
+
+TIME_KWARGS = {"logit_normal": ("mean", "std"), "lognormal": ("p_mean", "p_std"), "uniform": None}
+
+
+def pair_kwargs(kind: str, mean: float, std: float) -> dict:
+    """Keyword arguments of ``time_sampling.ordered_pair`` for the named time distribution."""
+    if kind not in TIME_KWARGS:
+        raise ValueError(f"unknown time distribution {kind!r}; choose from {sorted(TIME_KWARGS)}")
+    names = TIME_KWARGS[kind]
+    return {} if names is None else {names[0]: mean, names[1]: std}
 
 
 def ordered_pair(

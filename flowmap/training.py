@@ -7,14 +7,14 @@ EMA-target rule; this loop exists so that a method can be checked in seconds wit
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from flowmap.ema import ema_update, frozen_copy
+from flowmap.ema import EMASchedule, ema_update, frozen_copy
 from flowmap.optim import adam
+from flowmap.schedule import check_schedule, learning_rate
 from flowmap.types import LossOutput, Teacher
 
 Batch = tuple[Tensor, Tensor | None]
@@ -24,8 +24,14 @@ class TrainLoop:
     """Adam steps of ``objective`` on ``student``: loss, backward, gradient clipping, the learning rate of
     the step, the optimizer step (fused kernel where supported, ``flowmap.optim.adam``), the EMA target.
 
-    ``lr_final`` with ``steps`` turns on a half-cosine decay of the learning rate from ``lr`` to ``lr_final``
-    over ``steps`` steps (Loshchilov & Hutter 2017); without them the rate is constant."""
+    The learning rate follows ``flowmap.schedule.learning_rate`` (the Lightning modules' schedule): a linear
+    warm-up over ``warmup_steps``, then with ``lr_final`` (or ``lr_final_ratio`` * lr) and ``steps`` a half-cosine
+    decay to ``lr_final`` at the last step; else constant. ``betas``, ``decoupled`` (AdamW), ``ema`` (the
+    evaluation EMA ``self.ema``, updated after each step with ``EMASchedule``'s decay) and ``max_nonfinite`` (the
+    non-finite guard: a step whose loss or gradient is not finite is skipped, decided on the device, and
+    ``NonFiniteLossError`` is raised once ``max_nonfinite`` steps in a row were skipped; the host reads the
+    counters every ``max_nonfinite`` steps) are the Lightning modules' options of the same names
+    (``tests/test_one_training_semantics.py``)."""
 
     def __init__(
         self,
@@ -38,16 +44,28 @@ class TrainLoop:
         lr_final: float | None = None,
         steps: int | None = None,
         fused: bool | None = None,
+        warmup_steps: int = 0,
+        lr_final_ratio: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        decoupled: bool = False,
+        ema: EMASchedule | None = None,
+        max_nonfinite: int | None = None,
     ) -> None:
         if getattr(objective, "needs_teacher", False) and teacher is None:
             raise ValueError(f"objective {getattr(objective, 'name', objective)!r} distills a teacher, but none was given")
-        if lr_final is not None and not 0.0 <= lr_final <= lr:
-            raise ValueError(f"lr_final must lie in [0, lr={lr}], got {lr_final}")
-        if lr_final is not None and steps is None:
-            raise ValueError("lr_final (a cosine decay) needs the number of steps")
+        if lr_final_ratio is not None:
+            if lr_final is not None:
+                raise ValueError("give lr_final or lr_final_ratio, not both")
+            lr_final = lr * lr_final_ratio
+        check_schedule(lr, steps if lr_final is not None else None, warmup_steps, lr_final)
+        if max_nonfinite is not None and max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {max_nonfinite}")
         self.student, self.objective, self.teacher = student, objective, teacher
         self.lr, self.lr_final, self.steps, self.grad_clip = lr, lr_final, steps, grad_clip
+        self.warmup_steps, self.max_nonfinite = warmup_steps, max_nonfinite
         self.target = frozen_copy(student) if getattr(objective, "uses_target", False) else None
+        self.ema_schedule = ema
+        self.ema = frozen_copy(student) if ema is not None else None
         params = [p for p in student.parameters() if p.requires_grad]
         extra = getattr(objective, "parameters", None)
         if isinstance(objective, nn.Module):
@@ -55,15 +73,14 @@ class TrainLoop:
         elif callable(extra):
             params += list(extra())
         self.params = params
-        self.opt = adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+        self.opt = adam(params, lr=lr, betas=betas, weight_decay=weight_decay, decoupled=decoupled, fused=fused)
+        self.guard: Tensor | None = None  # (in a row, total, longest run since the last read) on the device
         self.k = 0
         student.train()
 
     def lr_at(self, step: int) -> float:
         """The learning rate of step ``step`` (0-based)."""
-        if self.lr_final is None:
-            return self.lr
-        return self.lr_final + (self.lr - self.lr_final) * 0.5 * (1 + math.cos(math.pi * step / max(self.steps - 1, 1)))
+        return learning_rate(step, self.lr, self.steps, self.warmup_steps, self.lr_final)
 
     def step(self, x0: Tensor, cond: Tensor | None = None) -> tuple[float, LossOutput]:
         """One step on the batch (x0, cond); returns (the mean loss, the objective's output)."""
@@ -73,14 +90,54 @@ class TrainLoop:
         loss.backward()
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        if self.lr_final is not None:
+        if self.lr_final is not None or self.warmup_steps:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.k)
-        self.opt.step()
+        if self.max_nonfinite is None:
+            self.opt.step()
+            active = None
+        else:
+            active = self._guarded_step(loss)
+        if self.ema is not None:
+            ema_update(self.ema, self.student, self.ema_schedule(self.k), active)
         if self.target is not None:
-            ema_update(self.target, self.student, self.objective.target_decay(self.k))
+            ema_update(self.target, self.student, self.objective.target_decay(self.k), active)
         self.k += 1
         return float(loss.detach()), out
+
+    def _guarded_step(self, loss: Tensor) -> Tensor:
+        """The optimizer step when the loss and every gradient are finite, as ``TrainingMixin.optimizer_step``
+        (a fused optimizer skips through ``found_inf``); counts skipped steps; returns the 0-d bool decision."""
+        checks = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
+        finite = torch.stack([*checks, torch.isfinite(loss).all()]).all()
+        if self.opt.defaults.get("fused"):
+            self.opt.found_inf = (~finite).to(torch.float32)
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+        elif bool(finite):
+            self.opt.step()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+        counts = self.guard if self.guard is not None else torch.zeros(3, dtype=torch.long, device=finite.device)
+        bad = (~finite).long()
+        run = (counts[0] + 1) * bad
+        self.guard = counts = torch.stack([run, counts[1] + bad, torch.maximum(counts[2], run)])
+        if (self.k + 1) % self.max_nonfinite == 0:  # one host read per ``max_nonfinite`` steps
+            longest = int(counts[2])
+            counts[2] = 0
+            if longest >= self.max_nonfinite:
+                from flowmap.lightning.training_mixin import NonFiniteLossError  # (torch only; the shells' error)
+
+                raise NonFiniteLossError(f"{longest} training steps in a row had a non-finite loss or gradient "
+                                         f"(step {self.k}); lower the learning rate, enable gradient clipping, or check the data")
+        return finite
+
+    @property
+    def nonfinite_total(self) -> int:
+        """The number of steps skipped by the non-finite guard."""
+        return 0 if self.guard is None else int(self.guard[1])
 
 
 def fit(
@@ -95,13 +152,15 @@ def fit(
     callback: Callable[[int, LossOutput], None] | None = None,
     lr_final: float | None = None,
     fused: bool | None = None,
+    **options,
 ) -> list[float]:
     """Train ``student`` with ``objective`` for ``steps`` Adam steps (``TrainLoop``); returns the mean loss per step.
 
     ``batches`` is either a function step -> (x0, cond) or an iterator of (x0, cond). ``lr_final`` turns on a
-    half-cosine decay of the learning rate from ``lr`` to ``lr_final`` over the run (Loshchilov & Hutter 2017)."""
+    half-cosine decay of the learning rate from ``lr`` to ``lr_final`` over the run (Loshchilov & Hutter 2017);
+    ``options`` go to ``TrainLoop`` (warmup_steps, betas, decoupled, ema, max_nonfinite, ...)."""
     loop = TrainLoop(student, objective, teacher, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                     lr_final=lr_final, steps=steps, fused=fused)
+                     lr_final=lr_final, steps=steps, fused=fused, **options)
     history: list[float] = []
     for step in range(steps):
         x0, cond = batches(step) if callable(batches) else next(batches)

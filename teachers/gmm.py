@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.paths import AffinePath, LinearPath
+from flowmap.solvers import ode_step
 from flowmap.types import check_labels, check_times, expand_like
 from flowmap.velocity import guided
 
@@ -158,14 +159,13 @@ class GaussianMixtureTeacher(nn.Module):
         xd = x.double()
         sd, td = s.double(), t.double()
         h = (td - sd) / steps
+        hx = expand_like(h, xd)
+
+        def f(y: Tensor, tau: Tensor) -> Tensor:
+            return self._v64(y, tau, cond, guidance)
+
         for i in range(steps):
-            tau = sd + i * h
-            hx = expand_like(h, xd)
-            k1 = self._v64(xd, tau, cond, guidance)
-            k2 = self._v64(xd + 0.5 * hx * k1, tau + 0.5 * h, cond, guidance)
-            k3 = self._v64(xd + 0.5 * hx * k2, tau + 0.5 * h, cond, guidance)
-            k4 = self._v64(xd + hx * k3, tau + h, cond, guidance)
-            xd = xd + hx / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            xd = ode_step("rk4", f, xd, sd + i * h, h, hx=hx)
         return xd.to(x.dtype)
 
     def _v64(self, x: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:

@@ -39,6 +39,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
         init_from_teacher: copy the teacher network's weights into the student where they fit; None (default):
             whenever the student's architecture is the teacher's.
+        lr_decay: none | cosine (to lr_final_ratio * lr at the last step, ``flowmap.schedule``).
         ema_halflife: half-life of the evaluation EMA of the student (the exported weights): steps, or a fraction
             of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
         compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
@@ -55,6 +56,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_decay: str = "none",
+        lr_final_ratio: float = 0.05,
         ema_halflife: float = 0.1,
         ema_decay: float | None = None,
         max_nonfinite: int = 20,

@@ -32,7 +32,8 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         prediction: ``velocity``, ``eps``, ``x0``, ``v`` or ``score``.
         time_sampling: ``uniform`` or ``logit_normal``.
         p_uncond: label dropout for classifier-free guidance (class-conditional nets only).
-        lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up; lr_decay: none | cosine.
+        lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up; lr_decay: none | cosine (to
+            lr_final_ratio * lr at the last step, ``flowmap.schedule``).
         ema_halflife: half-life of the evaluation EMA of the weights (used for sampling and export): steps, or a fraction
             of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
         compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
@@ -51,6 +52,7 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_decay: str = "none",
+        lr_final_ratio: float = 0.05,
         ema_halflife: float = 0.1,
         ema_decay: float | None = None,
         max_nonfinite: int = 20,

@@ -4,7 +4,6 @@ checkpoint (so a resumed run draws the same noise as an uninterrupted one)."""
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Iterable
 
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from flowmap.ema import EMASchedule, ema_update
 from flowmap.optim import adam
+from flowmap.schedule import LearningRate
 
 
 class NonFiniteLossError(RuntimeError):
@@ -22,7 +22,7 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingMixin:
     """Mixed into LightningModules that define ``ema_pairs()``, ``trainable_parameters()`` and hparams
-    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``max_nonfinite``."""
+    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``lr_decay``, ``lr_final_ratio``, ``max_nonfinite``."""
 
     _guard: Tensor | None = None  # device counters of the non-finite guard: (in a row, total, longest run since a read)
 
@@ -135,22 +135,15 @@ class TrainingMixin:
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         opt = adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, decoupled=True,
                    fused=False if scaler is not None else None)
-        warmup = max(int(hp.warmup_steps), 0)
         decay = getattr(hp, "lr_decay", "none")
         total = int(getattr(trainer, "max_steps", -1) or -1)
         if decay not in ("none", "cosine"):
             raise ValueError(f"lr_decay must be 'none' or 'cosine', got {decay!r}")
         if decay == "cosine" and total <= 0:
             raise ValueError("lr_decay='cosine' needs trainer.max_steps")
-
-        def factor(step: int) -> float:
-            f = min(1.0, (step + 1) / warmup) if warmup else 1.0
-            if decay == "cosine":  # half-cosine from 1 to 0.05 after the warm-up (Loshchilov & Hutter 2017)
-                p = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-                f *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-            return f
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # warm-up, then (cosine) a half-cosine to lr_final_ratio * lr at the last step: ``flowmap.schedule``
+        final = hp.lr * float(hp.get("lr_final_ratio", 0.05)) if decay == "cosine" else None
+        sched = LearningRate(opt, hp.lr, total if decay == "cosine" else None, max(int(hp.warmup_steps), 0), final)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:

@@ -30,10 +30,9 @@ from torch import Tensor, nn
 
 from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_guidance, times_like
-from flowmap.objectives.guidance import guided_draw, teacher_velocity
-from flowmap.objectives.meanflow import pair_kwargs
-from flowmap.time_sampling import gap_pair, ordered_pair
+from flowmap.objectives.common import times_like
+from flowmap.objectives.guidance import check_guidance, guided_draw, teacher_velocity
+from flowmap.time_sampling import gap_pair, ordered_pair, pair_kwargs
 from flowmap.types import LossOutput, expand_like
 
 VARIANTS = ("emd", "lmd")

@@ -1,5 +1,5 @@
 """Small pieces shared by the flow-map objectives: where the instantaneous velocity comes from (teacher or
-data), classifier-free guidance folded into a distillation target, and the times' dtype. No equations of a
+data), and the times' dtype (classifier-free guidance: ``flowmap.objectives.guidance``). No equations of a
 method live here.
 
     from data:     v = eps - x0                                  (conditional velocity, linear path)
@@ -10,11 +10,13 @@ method live here.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from flowmap.types import Teacher, expand_like
+from flowmap.objectives.guidance import teacher_velocity
+from flowmap.types import Teacher, expand_like, null_label
 
 SOURCES = ("teacher", "data")
+SOLVERS = ("euler", "heun")  # the teacher ODE steps of the consistency family (``flowmap.solvers.teacher_step``)
 DATA_VELOCITIES = ("conditional", "stf")  # a from-data velocity: eps - x0, or its batch-posterior estimate
 
 
@@ -68,30 +70,6 @@ def stable_target(x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Tensor 
     return (eps - x0) + (x0 - mean) / expand_like(s, x0)
 
 
-def check_guidance(source: str, guidance: float, guidance_max: float | None) -> None:
-    """Guidance is folded into a *teacher's* velocity; a range [guidance, guidance_max] needs a student
-    that takes the scale as input (checked at call time)."""
-    if guidance_max is not None and guidance_max < guidance:
-        raise ValueError(f"guidance_max={guidance_max} must be >= guidance={guidance}")
-    if source == "data" and (guidance != 1.0 or guidance_max is not None):
-        raise ValueError("classifier-free guidance is folded into the target only when distilling (source='teacher')")
-
-
-def draw_guidance(student: nn.Module, batch: int, device: torch.device, guidance: float, guidance_max: float | None) -> tuple[Tensor | None, float | Tensor]:
-    """(w fed to the student or None, w fed to the teacher).
-
-    A student built with ``guidance_input`` is trained at w ~ U[guidance, guidance_max] (or w = guidance);
-    otherwise the fixed scale is baked into the student and only the teacher sees it."""
-    if getattr(student, "guidance_input", False):
-        if guidance_max is None:  # one scale: the teacher gets a float (w = 1 skips its unconditional pass)
-            return torch.full((batch,), guidance, device=device), guidance
-        w = guidance + (guidance_max - guidance) * torch.rand(batch, device=device)
-        return w, w
-    if guidance_max is not None:
-        raise ValueError("a guidance range (guidance_max) needs a student built with guidance_input=True")
-    return None, guidance
-
-
 @torch.no_grad()
 def instantaneous_velocity(
     source: str,
@@ -110,8 +88,27 @@ def instantaneous_velocity(
         return eps - x0
     if teacher is None:
         raise ValueError("this objective distills a teacher (source='teacher'), but teacher is None")
-    g = guidance if cond is not None else 1.0  # guidance needs labels; without them v_c = v_u
-    return teacher.velocity(x_t, t, cond, guidance=g).to(x_t.dtype)
+    return teacher_velocity(teacher, x_t, t, cond, guidance)
+
+
+def drop_labels(cond: Tensor | None, num_classes: int, p_uncond: float) -> Tensor | None:
+    """Replace a share p_uncond of labels by the null label (classifier-free guidance training)."""
+    if cond is None or p_uncond <= 0:
+        return cond
+    drop = torch.rand(cond.shape, device=cond.device) < p_uncond
+    return torch.where(drop, torch.full_like(cond, null_label(num_classes)), cond)
+
+
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_step(step: int) -> int:
+    if step < 0:
+        raise ValueError(f"the training step must be >= 0, got {step}")
+    return int(step)
 
 
 def times_like(tau: Tensor, x: Tensor) -> Tensor:

@@ -40,12 +40,23 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_data_velocity, check_guidance, check_source, draw_guidance, stable_target, times_like
+from flowmap.objectives.common import (
+    SOLVERS,
+    check_count,
+    check_data_velocity,
+    check_source,
+    check_step,
+    stable_target,
+    times_like,
+)
+from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.paths import LinearPath
+from flowmap.solvers import teacher_step  # one ODE stepper (also imported from here by older code)
 from flowmap.time_grids import GRIDS, make_grid
 from flowmap.types import LossOutput, Teacher, expand_like
 
 METRICS = ("l2", "pseudo_huber")
-SOLVERS = ("euler", "heun")
+LINEAR = LinearPath()  # the EDM noise level sigma = t / (1 - t) and back
 HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sqrt(d)
 
 
@@ -54,12 +65,12 @@ HUBER_C_PER_SQRT_DIM = 0.00054  # Song & Dhariwal 2023, Sec. 3.3: c = 0.00054 sq
 
 def sigma_to_t(sigma: Tensor) -> Tensor:
     """Noise level of the VE path -> time of the linear path: t = sigma / (1 + sigma) (inf -> 1)."""
-    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), sigma / (1 + sigma))
+    return torch.where(torch.isinf(sigma), torch.ones_like(sigma), LINEAR.t_from_ratio(sigma))
 
 
 def t_to_sigma(t: Tensor) -> Tensor:
     """sigma = t / (1 - t) (t = 1 -> inf)."""
-    return t / (1 - t)
+    return LINEAR.ratio(t)
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
@@ -75,25 +86,6 @@ def consistency_fn(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, 
     """f(x, t) = X(x, s=t, t=0): (B, *data_shape)."""
     zero = torch.zeros_like(t)
     return model(x, t, zero, cond, w) if w is not None else model(x, t, zero, cond)
-
-
-def teacher_step(teacher: Teacher, x: Tensor, t: Tensor, r: Tensor, method: str = "heun", cond: Tensor | None = None,
-                 guidance: float | Tensor = 1.0) -> Tensor:
-    """One ODE step of the teacher from time t to time r (per-sample (B,) times), under no_grad.
-
-    euler:  x_r = x + (r - t) v(x, t)
-    heun:   x_r = x + (r - t) / 2 (v(x, t) + v(x_e, r)),  x_e = x + (r - t) v(x, t)    (Karras et al. 2022, Alg. 1)"""
-    if method not in SOLVERS:
-        raise ValueError(f"unknown teacher step {method!r}; choose from {list(SOLVERS)}")
-    g = guidance if cond is not None else 1.0
-    with torch.no_grad():
-        h = expand_like(r - t, x)
-        v = teacher.velocity(x, t, cond, guidance=g).to(x.dtype)
-        x_euler = x + h * v
-        if method == "euler":
-            return x_euler
-        v_next = teacher.velocity(x_euler, r, cond, guidance=g).to(x.dtype)
-        return x + 0.5 * h * (v + v_next)
 
 
 def check_metric(metric: str, huber_c: float | None) -> None:
@@ -131,18 +123,6 @@ def training_pair(data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Ten
         v = stable_target(x_t, t, x0, eps, cond, null)
         return x_t, x_t + expand_like(r - t, x0) * v
     return x_t, expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
-
-
-def check_count(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_step(step: int) -> int:
-    if step < 0:
-        raise ValueError(f"the training step must be >= 0, got {step}")
-    return int(step)
 
 
 class _Consistency(Objective):

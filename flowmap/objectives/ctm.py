@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_guidance, check_source, times_like
-from flowmap.objectives.consistency import SOLVERS, teacher_step
-from flowmap.objectives.guidance import guided_draw, teacher_velocity
+from flowmap.objectives.common import SOLVERS, check_source, times_like
+from flowmap.objectives.guidance import check_guidance, guided_draw, teacher_velocity
+from flowmap.solvers import teacher_step
 from flowmap.types import LossOutput, Teacher, expand_like
 
 

@@ -12,13 +12,13 @@ target eps - x0 (two tensor ops instead of the general path's coefficient tensor
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
+from flowmap.objectives.common import drop_labels
 from flowmap.paths import AffinePath, LinearPath, build_path
 from flowmap.predictions import check_prediction, from_x0_eps
-from flowmap.types import LossOutput, expand_like, null_label
+from flowmap.types import LossOutput, expand_like
 
 
 def sample_training_times(batch: int, device: torch.device, kind: str, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4) -> Tensor:
@@ -30,14 +30,6 @@ def sample_training_times(batch: int, device: torch.device, kind: str, mean: flo
     else:
         raise ValueError(f"unknown time sampling {kind!r} (uniform, logit_normal)")
     return t.clamp(t_min, 1.0 - t_min)
-
-
-def drop_labels(cond: Tensor | None, num_classes: int, p_uncond: float) -> Tensor | None:
-    """Replace a share p_uncond of labels by the null label (classifier-free guidance training)."""
-    if cond is None or p_uncond <= 0:
-        return cond
-    drop = torch.rand(cond.shape, device=cond.device) < p_uncond
-    return torch.where(drop, torch.full_like(cond, null_label(num_classes)), cond)
 
 
 class DenoisingLoss(nn.Module):

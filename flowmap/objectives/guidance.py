@@ -5,8 +5,9 @@ guided teacher velocity at w ~ U[guidance, guidance_max] it samples at any w in 
 
     v_w(x, t | c) = v_u + w (v_c - v_u) = w v_c + (1 - w) v_u          (Ho & Salimans 2022, Eq. 6)
 
-The per-example draw itself is ``common.draw_guidance`` (shared with MeanFlow, shortcut, sCD); this file
-adds the one check those methods leave to call time: guidance needs a class-conditional teacher and labels.
+Every objective takes its guidance from here: the config check (``check_guidance``), the per-example draw
+(``draw_guidance``; ``guided_draw`` adds the call-time check that guidance needs a class-conditional teacher
+and labels) and the teacher's guided velocity (``teacher_velocity``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.objectives.common import check_guidance, draw_guidance
 from flowmap.types import Teacher
 
 
@@ -24,6 +24,30 @@ def sample_guidance(batch: int, guidance_range: tuple[float, float], device: tor
     if not lo <= hi:
         raise ValueError(f"a guidance range needs lo <= hi, got {guidance_range}")
     return lo + (hi - lo) * torch.rand(batch, device=device)
+
+
+def check_guidance(source: str, guidance: float, guidance_max: float | None) -> None:
+    """Guidance is folded into a *teacher's* velocity; a range [guidance, guidance_max] needs a student
+    that takes the scale as input (checked at call time)."""
+    if guidance_max is not None and guidance_max < guidance:
+        raise ValueError(f"guidance_max={guidance_max} must be >= guidance={guidance}")
+    if source == "data" and (guidance != 1.0 or guidance_max is not None):
+        raise ValueError("classifier-free guidance is folded into the target only when distilling (source='teacher')")
+
+
+def draw_guidance(student: nn.Module, batch: int, device: torch.device, guidance: float, guidance_max: float | None) -> tuple[Tensor | None, float | Tensor]:
+    """(w fed to the student or None, w fed to the teacher).
+
+    A student built with ``guidance_input`` is trained at w ~ U[guidance, guidance_max] (or w = guidance);
+    otherwise the fixed scale is baked into the student and only the teacher sees it."""
+    if getattr(student, "guidance_input", False):
+        if guidance_max is None:  # one scale: the teacher gets a float (w = 1 skips its unconditional pass)
+            return torch.full((batch,), guidance, device=device), guidance
+        w = sample_guidance(batch, (guidance, guidance_max), device)
+        return w, w
+    if guidance_max is not None:
+        raise ValueError("a guidance range (guidance_max) needs a student built with guidance_input=True")
+    return None, guidance
 
 
 def check_guided_setup(student: nn.Module, teacher: Teacher | None, cond: Tensor | None, guidance: float, guidance_max: float | None) -> None:
@@ -54,4 +78,4 @@ def teacher_velocity(teacher: Teacher, x: Tensor, t: Tensor, cond: Tensor | None
     return teacher.velocity(x, t, cond, guidance=g).to(x.dtype)
 
 
-__all__ = ["check_guidance", "check_guided_setup", "guided_draw", "sample_guidance", "teacher_velocity"]
+__all__ = ["check_guidance", "check_guided_setup", "draw_guidance", "guided_draw", "sample_guidance", "teacher_velocity"]

@@ -32,27 +32,16 @@ from torch import Tensor, nn
 from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.base import Objective, mask_nonfinite
 from flowmap.objectives.common import (
-    check_guidance,
     check_source,
-    draw_guidance,
+    drop_labels,
     equal_tail,
     instantaneous_velocity,
     moving_rows,
     times_like,
 )
-from flowmap.objectives.denoising import drop_labels
-from flowmap.time_sampling import ordered_pair
+from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.time_sampling import ordered_pair, pair_kwargs
 from flowmap.types import LossOutput, expand_like
-
-TIME_KWARGS = {"logit_normal": ("mean", "std"), "lognormal": ("p_mean", "p_std"), "uniform": None}
-
-
-def pair_kwargs(kind: str, mean: float, std: float) -> dict:
-    """Keyword arguments of ``time_sampling.ordered_pair`` for the named time distribution."""
-    if kind not in TIME_KWARGS:
-        raise ValueError(f"unknown time distribution {kind!r}; choose from {sorted(TIME_KWARGS)}")
-    names = TIME_KWARGS[kind]
-    return {} if names is None else {names[0]: mean, names[1]: std}
 
 
 class MeanFlow(Objective):

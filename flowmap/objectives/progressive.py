@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from flowmap.ema import frozen_copy
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_guidance, draw_guidance, times_like
-from flowmap.objectives.consistency import SOLVERS, check_count, check_step, teacher_step
+from flowmap.objectives.common import SOLVERS, check_count, check_step, times_like
+from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.solvers import teacher_step
 from flowmap.types import LossOutput, Teacher, expand_like
 
 SNAPSHOT = "round_teacher"

@@ -32,7 +32,6 @@ student is called exactly once with grad; ``flowmap.jvp.require_inner`` refuses 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -40,35 +39,16 @@ from torch import Tensor, nn
 from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.nets.embeddings import FourierTime
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_data_velocity, check_guidance, draw_guidance, instantaneous_velocity, stable_target, times_like
-from flowmap.objectives.denoising import drop_labels, null_label
-from flowmap.paths import AffinePath, to_linear, velocity_from_linear
-from flowmap.types import LossOutput, expand_like
-
-
-@dataclass(frozen=True)
-class TrigFlowPath(AffinePath):
-    """TrigFlow with data scale sigma_d in data units (Lu & Song 2024, Sec. 3): alpha = cos(theta),
-    sigma = sigma_d sin(theta), theta = pi tau / 2 for the path time tau in [0, 1]. With sigma_d = 1 it is
-    ``flowmap.paths.CosinePath``."""
-
-    sigma_data: float = 0.5
-    name: str = field(default="trigflow_sd", init=False)
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return torch.cos(0.5 * math.pi * t)
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return self.sigma_data * torch.sin(0.5 * math.pi * t)
-
-    def d_alpha(self, t: Tensor) -> Tensor:
-        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
-
-    def d_sigma(self, t: Tensor) -> Tensor:
-        return 0.5 * math.pi * self.sigma_data * torch.cos(0.5 * math.pi * t)
-
-    def t_from_ratio(self, r: Tensor) -> Tensor:
-        return torch.atan(r / self.sigma_data) * (2.0 / math.pi)
+from flowmap.objectives.common import (
+    check_data_velocity,
+    drop_labels,
+    instantaneous_velocity,
+    stable_target,
+    times_like,
+)
+from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.paths import TrigFlowPath, to_linear, velocity_from_linear
+from flowmap.types import LossOutput, expand_like, null_label
 
 
 class LogVariance(nn.Module):

@@ -35,10 +35,15 @@ from torch.autograd import forward_ad
 from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, jvp, require_inner
 from flowmap.jvp_rules import dual_rules
 from flowmap.objectives.base import Objective
-from flowmap.objectives.common import check_data_velocity, equal_tail, moving_rows, stable_target, times_like
-from flowmap.objectives.denoising import drop_labels
-from flowmap.objectives.meanflow import pair_kwargs
-from flowmap.time_sampling import ordered_pair, sample_times
+from flowmap.objectives.common import (
+    check_data_velocity,
+    drop_labels,
+    equal_tail,
+    moving_rows,
+    stable_target,
+    times_like,
+)
+from flowmap.time_sampling import ordered_pair, pair_kwargs, sample_times
 from flowmap.types import LossOutput, expand_like
 
 VARIANTS = ("lagrangian", "eulerian", "progressive")

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_guidance, check_source, draw_guidance, instantaneous_velocity, times_like
-from flowmap.objectives.denoising import drop_labels
+from flowmap.objectives.common import check_source, drop_labels, instantaneous_velocity, times_like
+from flowmap.objectives.guidance import check_guidance, draw_guidance
 from flowmap.types import LossOutput, expand_like
 
 
