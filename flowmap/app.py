@@ -53,7 +53,14 @@ class Student(nn.Module):
             return tau.to(self.device, torch.float32)
         return torch.full((batch,), float(tau), dtype=torch.float32, device=self.device)
 
-    def forward(self, x: Tensor, s: float | Tensor, t: float | Tensor, labels: int | Tensor | None = None, guidance: float | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        s: float | Tensor,
+        t: float | Tensor,
+        labels: int | Tensor | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
         """X(x, s, t): x (B, *data_shape) at time s -> time t; s, t floats or (B,); labels int or (B,) long."""
         B = x.shape[0]
         w = None if guidance is None else torch.full((B,), float(guidance), device=x.device)
@@ -86,8 +93,9 @@ class Student(nn.Module):
             raise ValueError(f"steps must be at least 1, got {steps}")
         cond = self._labels(labels, noise.shape[0])
         gamma = float(self.sampler["gamma"]) if gamma is None else float(gamma)
-        return sample_flow_map(self.flow_map, noise, steps, cond=cond, gamma=gamma, guidance=guidance,
-                               generator=generator)
+        return sample_flow_map(
+            self.flow_map, noise, steps, cond=cond, gamma=gamma, guidance=guidance, generator=generator
+        )
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu") -> Student:
@@ -102,7 +110,9 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     state, config = read_state(p)
     kind = config.get("kind")
     if kind == "teacher":
-        raise CheckpointError(f"{p}: a teacher checkpoint, not a student; distill it first (scripts/distill.py --teacher {p})")
+        raise CheckpointError(
+            f"{p}: a teacher checkpoint, not a student; distill it first (scripts/distill.py --teacher {p})"
+        )
     if kind != "student":
         raise CheckpointError(f"{p}: unknown checkpoint kind {kind!r}; load_student needs a student")
     try:

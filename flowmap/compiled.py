@@ -34,8 +34,10 @@ def _dispatch(self: nn.Module, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     cached = state.get("fn")
     if cached is None or cached[0]() is not self:  # first call, or a deep copy of a compiled net
-        state["fn"] = cached = (weakref.ref(self), torch.compile(types.MethodType(type(self).forward, self),
-                                                                 **state["options"]))
+        state["fn"] = cached = (
+            weakref.ref(self),
+            torch.compile(types.MethodType(type(self).forward, self), **state["options"]),
+        )
     state["calls"]["compiled"] += 1
     return cached[1](*args, **kwargs)
 

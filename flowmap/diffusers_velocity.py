@@ -43,7 +43,9 @@ def require_diffusers():
     try:
         import diffusers
     except ImportError as err:
-        raise ImportError("reading a diffusers model folder needs the optional dependency `diffusers` (pip install diffusers)") from err
+        raise ImportError(
+            "reading a diffusers model folder needs the optional dependency `diffusers` (pip install diffusers)"
+        ) from err
     return diffusers
 
 
@@ -66,7 +68,9 @@ class DiffusersNet(nn.Module):
         self.data_shape: tuple[int, ...] = (C, int(H), int(W))
         out = int(cfg.out_channels if cfg.out_channels is not None else C)
         if out not in (C, 2 * C):
-            raise CheckpointError(f"{self.model_class}: out_channels={out} is neither in_channels={C} nor 2 x in_channels (learned variance)")
+            raise CheckpointError(
+                f"{self.model_class}: out_channels={out} is neither in_channels={C} nor 2 x in_channels (learned variance)"
+            )
         self.out_channels = out
         self.cond_kind = "text" if self.model_class in TEXT_MODELS else "labels"
         self.num_classes, self.has_null = (0, False) if self.cond_kind == "text" else self._classes(model, null_class)
@@ -78,21 +82,31 @@ class DiffusersNet(nn.Module):
         values = cond.values() if isinstance(cond, dict) else [cond]
         for v in values:
             if not isinstance(v, Tensor) or v.shape[0] != batch:
-                raise ValueError(f"{self.model_class} conditions must be (B, ...) = ({batch}, ...) tensors, got {type(v).__name__}")
+                raise ValueError(
+                    f"{self.model_class} conditions must be (B, ...) = ({batch}, ...) tensors, got {type(v).__name__}"
+                )
 
     def _classes(self, model: nn.Module, null_class: bool) -> tuple[int, bool]:
         cfg = model.config
         if self.model_class == "UNet2DModel":
             if cfg.class_embed_type is not None:
-                raise CheckpointError(f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported (only integer class labels)")
+                raise CheckpointError(
+                    f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported (only integer class labels)"
+                )
             n = int(cfg.num_class_embeds or 0)
             if null_class and n < 2:
-                raise ValueError("null_class=True needs a class-conditional UNet2DModel with at least two class embeddings")
+                raise ValueError(
+                    "null_class=True needs a class-conditional UNet2DModel with at least two class embeddings"
+                )
             return (n - 1, True) if null_class else (n, False)
         # DiT: labels 0..num_embeds_ada_norm - 1, plus the null label num_embeds_ada_norm when the
         # embedding table has a row for it (trained with label dropout).
         n = int(cfg.num_embeds_ada_norm or 0)
-        tables = [m.num_embeddings for name, m in model.named_modules() if name.endswith("embedding_table") and isinstance(m, nn.Embedding)]
+        tables = [
+            m.num_embeddings
+            for name, m in model.named_modules()
+            if name.endswith("embedding_table") and isinstance(m, nn.Embedding)
+        ]
         return n, bool(tables) and min(tables) > n
 
     def forward(self, x: Tensor, timestep: Tensor, cond=None) -> Tensor:
@@ -117,7 +131,9 @@ class DiffusersTeacher(NetVelocity):
         self.num_train_timesteps = int(num_train_timesteps)
         if isinstance(path, DiscreteVPPath):
             if path.num_steps != self.num_train_timesteps:
-                raise ValueError(f"alphas_cumprod has {path.num_steps} steps, num_train_timesteps is {self.num_train_timesteps}")
+                raise ValueError(
+                    f"alphas_cumprod has {path.num_steps} steps, num_train_timesteps is {self.num_train_timesteps}"
+                )
             table = torch.log(torch.tensor((1.0, *path.alphas_cumprod), dtype=torch.float64))
             self.register_buffer("log_abar", table, persistent=False)  # log abar at t = j / N, j = 0..N
 
@@ -169,8 +185,10 @@ class DiffusersTeacher(NetVelocity):
         guided = isinstance(guidance, Tensor) or float(guidance) != 1.0
         if null is None:
             if guided:
-                raise ValueError(f"guidance != 1 needs the empty prompt's embedding: load the {self.net.model_class} "
-                                 "from a pipeline folder with its tokenizer/ and text_encoder/")
+                raise ValueError(
+                    f"guidance != 1 needs the empty prompt's embedding: load the {self.net.model_class} "
+                    "from a pipeline folder with its tokenizer/ and text_encoder/"
+                )
             return self.linear_velocity(x, t, cond)
         uncond = null.to(x.device).expand(x.shape[0], *null.shape[1:])
         if cond is None:
@@ -179,7 +197,11 @@ class DiffusersTeacher(NetVelocity):
         if not guided:
             return v_c
         v_u = self.linear_velocity(x, t, uncond)
-        w = expand_like(guidance.reshape(-1).to(x.device, x.dtype), x) if isinstance(guidance, Tensor) else float(guidance)
+        w = (
+            expand_like(guidance.reshape(-1).to(x.device, x.dtype), x)
+            if isinstance(guidance, Tensor)
+            else float(guidance)
+        )
         return v_u + w * (v_c - v_u)
 
     def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:

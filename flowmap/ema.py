@@ -38,8 +38,11 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float, active: torch
         raise ValueError("EMA target and source have different parameter lists")
     if active is not None:  # lerp weight (1 - decay) or 0; a weight of 1 (decay 0) gives the source exactly
         weight = torch.where(active, 1.0 - decay, 0.0)
-        torch._foreach_lerp_(t_params, [p.detach().to(q.dtype) for p, q in zip(s_params, t_params)],
-                             [weight.to(q.device, q.dtype) for q in t_params])
+        torch._foreach_lerp_(
+            t_params,
+            [p.detach().to(q.dtype) for p, q in zip(s_params, t_params)],
+            [weight.to(q.device, q.dtype) for q in t_params],
+        )
     elif decay == 0.0:
         torch._foreach_copy_(t_params, [p.detach() for p in s_params])
     else:
@@ -73,7 +76,9 @@ class EMASchedule:
         if self.decay is not None and not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1], got {self.decay}")
         if self.decay is None and not self.halflife > 0:
-            raise ValueError(f"ema_halflife must be positive (steps if >= 1, a fraction of the run if < 1), got {self.halflife}")
+            raise ValueError(
+                f"ema_halflife must be positive (steps if >= 1, a fraction of the run if < 1), got {self.halflife}"
+            )
 
     def halflife_steps(self, step: int) -> float:
         """The half-life in steps at step k."""

@@ -28,7 +28,9 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         flow_map = getattr(student, "flow_map", student)
         if not isinstance(flow_map, FlowMap):
-            raise ValueError(f"OneStepGenerator needs a FlowMap student (or flowmap.app.Student), got {type(student).__name__}")
+            raise ValueError(
+                f"OneStepGenerator needs a FlowMap student (or flowmap.app.Student), got {type(student).__name__}"
+            )
         self.flow_map = flow_map
         self.data_shape: tuple[int, ...] = tuple(flow_map.data_shape)
         self.num_classes: int = int(flow_map.num_classes)

@@ -44,22 +44,37 @@ class DigitClassifier(nn.Module):
     -> Linear -> ``num_classes`` logits. No normalization layers, so train and eval modes compute the
     same function."""
 
-    def __init__(self, data_shape: tuple[int, ...] | list[int] = (1, 8, 8), num_classes: int = 10, width: int = 16,
-                 feature_dim: int = 64) -> None:
+    def __init__(
+        self,
+        data_shape: tuple[int, ...] | list[int] = (1, 8, 8),
+        num_classes: int = 10,
+        width: int = 16,
+        feature_dim: int = 64,
+    ) -> None:
         super().__init__()
         data_shape = tuple(int(d) for d in data_shape)
         if len(data_shape) != 3 or data_shape[1] != data_shape[2] or data_shape[1] % 2:
             raise ValueError(f"the digit classifier takes square images with an even side, got data_shape {data_shape}")
         if num_classes < 2 or width < 1 or feature_dim < 1:
-            raise ValueError(f"need num_classes >= 2, width >= 1, feature_dim >= 1; got {num_classes}, {width}, {feature_dim}")
+            raise ValueError(
+                f"need num_classes >= 2, width >= 1, feature_dim >= 1; got {num_classes}, {width}, {feature_dim}"
+            )
         C, H, _ = data_shape
-        self.config = {"name": "digit_cnn", "data_shape": list(data_shape), "num_classes": num_classes, "width": width,
-                       "feature_dim": feature_dim}
+        self.config = {
+            "name": "digit_cnn",
+            "data_shape": list(data_shape),
+            "num_classes": num_classes,
+            "width": width,
+            "feature_dim": feature_dim,
+        }
         self.data_shape, self.num_classes, self.num_features = data_shape, int(num_classes), int(feature_dim)
         self.convs = nn.Sequential(
-            nn.Conv2d(C, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(C, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.SiLU(),
         )
         self.embed = nn.Linear(2 * width * (H // 2) ** 2, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
@@ -106,8 +121,17 @@ def _shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
 
 
 def train_feature_net(
-    x: Tensor, y: Tensor, steps: int = 1000, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-    max_shift: int = 1, noise_std: float = 0.05, width: int = 16, feature_dim: int = 64, num_classes: int | None = None,
+    x: Tensor,
+    y: Tensor,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_shift: int = 1,
+    noise_std: float = 0.05,
+    width: int = 16,
+    feature_dim: int = 64,
+    num_classes: int | None = None,
 ) -> DigitClassifier:
     """Train a ``DigitClassifier`` on images x (N, C, H, W) in [-1, 1] with labels y (N,) long.
 
@@ -232,17 +256,22 @@ class InceptionFeatures(FeatureExtractor):
         super().__init__()
         path = Path(weights_path)
         if not path.is_file():
-            raise ValueError(f"--inception-weights: no such file {str(path)!r} (give the FID Inception weights, e.g. "
-                             "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+            raise ValueError(
+                f"--inception-weights: no such file {str(path)!r} (give the FID Inception weights, e.g. "
+                "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)"
+            )
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
         except ImportError as err:  # pragma: no cover - depends on the installed extras
             raise ValueError(f"Inception features need torchmetrics' image extra (torch-fidelity): {err}") from err
         try:
-            self.inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(feature)],
-                                                feature_extractor_weights_path=str(path))
+            self.inception = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=[str(feature)], feature_extractor_weights_path=str(path)
+            )
         except Exception as err:  # missing torch-fidelity, or a file that is not the Inception weights
-            raise ValueError(f"cannot build torchmetrics' Inception from {str(path)!r}: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"cannot build torchmetrics' Inception from {str(path)!r}: {type(err).__name__}: {err}"
+            ) from err
         self.num_features = int(feature)
         self.name = "inception"
         self.weights_path = str(path)
@@ -259,8 +288,11 @@ class InceptionFeatures(FeatureExtractor):
         return f"torchmetrics Inception-v3 pool features ({self.num_features}), weights {self.weights_path}"
 
 
-def build_feature_extractor(inception_weights: str | Path | None = None, classifier: DigitClassifier | None = None,
-                            source: str = "trained in this run") -> FeatureExtractor:
+def build_feature_extractor(
+    inception_weights: str | Path | None = None,
+    classifier: DigitClassifier | None = None,
+    source: str = "trained in this run",
+) -> FeatureExtractor:
     """Inception when a weights file is given, otherwise the digit classifier (required then)."""
     if inception_weights:
         return InceptionFeatures(inception_weights)
@@ -283,14 +315,18 @@ class _Precomputed(nn.Module):
         return f
 
 
-def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subsets: int = 50, kid_subset_size: int = 1000) -> dict[str, float]:
+def fid_kid_from_features(
+    real: Tensor, fake: Tensor, kid_subsets: int = 50, kid_subset_size: int = 1000
+) -> dict[str, float]:
     """{"fd", "kid", "kid_std"} between feature sets (N, D) and (M, D) with torchmetrics' FrechetInceptionDistance
     and KernelInceptionDistance (polynomial kernel, degree 3); the KID subset size is capped at min(N, M)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(
+            f"features must be (N, D) and (M, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     if min(len(real), len(fake)) < 2:
         raise ValueError("FID / KID need at least two feature vectors on each side")
     D = real.shape[1]

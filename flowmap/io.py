@@ -116,12 +116,15 @@ def read_config(path: str | Path) -> dict:
     except Exception as err:  # safetensors raises its own error types for foreign files
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({type(err).__name__}: {err})") from None
     if CONFIG_KEY not in meta:
-        raise CheckpointError(f"{path}: a safetensors file without a flowmap config (was it written by flowmap.io.save_model?)")
+        raise CheckpointError(
+            f"{path}: a safetensors file without a flowmap config (was it written by flowmap.io.save_model?)"
+        )
     try:
         config = json.loads(meta[CONFIG_KEY])
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not valid JSON ({err}); the file is damaged") \
-            from None
+        raise CheckpointError(
+            f"{path}: the {CONFIG_KEY} metadata is not valid JSON ({err}); the file is damaged"
+        ) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: the {CONFIG_KEY} metadata is not a JSON object; the file is damaged")
     if config.get("format") != FORMAT:
@@ -144,7 +147,11 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], what: str = "
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -218,15 +225,19 @@ def load_torch_file(path: str | Path, expected: str, map_location="cpu") -> dict
             f"Expected {expected}"
         ) from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a PyTorch file holding a {type(data).__name__}, not a dict; "
-                              f"expected {expected}")
+        raise CheckpointError(
+            f"{path}: a PyTorch file holding a {type(data).__name__}, not a dict; expected {expected}"
+        )
     return data
 
 
 def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
     """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
-    return [k for k, v in state.items()
-            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def fingerprint(state: dict[str, Tensor]) -> str:

@@ -89,12 +89,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check(primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> None:
     if len(primals) == 0 or len(primals) != len(tangents):
-        raise ValueError(f"jvp needs as many tangents as primals (>= 1), got {len(primals)} primals and {len(tangents)} tangents")
+        raise ValueError(
+            f"jvp needs as many tangents as primals (>= 1), got {len(primals)} primals and {len(tangents)} tangents"
+        )
     for i, (p, t) in enumerate(zip(primals, tangents)):
         if not isinstance(p, Tensor) or not isinstance(t, Tensor):
             raise ValueError(f"jvp primal/tangent {i} must be tensors, got {type(p).__name__} and {type(t).__name__}")
         if not (torch.is_floating_point(p) and torch.is_floating_point(t)):
-            raise ValueError(f"jvp primal/tangent {i} must be floating point (pass labels through a closure), got {p.dtype}, {t.dtype}")
+            raise ValueError(
+                f"jvp primal/tangent {i} must be floating point (pass labels through a closure), got {p.dtype}, {t.dtype}"
+            )
         if p.shape != t.shape:
             raise ValueError(f"jvp tangent {i} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
 
@@ -190,7 +194,9 @@ def _backend_error(backend: str, err: BaseException) -> BaseException:
     return err
 
 
-def _dual_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def _dual_jvp(
+    fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
     try:
         with forward_ad.dual_level(), dual_rules():  # one call per layer, no zero tangents (flowmap.jvp_rules)
             out = fn(*(forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)))
@@ -199,7 +205,9 @@ def _dual_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: 
             out, dout = forward_ad.unpack_dual(out)
     except (NotImplementedError, RuntimeError) as err:
         if "nested forward mode ad" in str(err).lower():
-            raise JVPBackendError('JVP backend "forward_ad" cannot run inside another forward-mode AD level; use backend="func"') from err
+            raise JVPBackendError(
+                'JVP backend "forward_ad" cannot run inside another forward-mode AD level; use backend="func"'
+            ) from err
         new = _backend_error("forward_ad", err)
         if new is err:
             raise
@@ -209,7 +217,9 @@ def _dual_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: 
     return out.to(primals[0].dtype), dout.to(primals[0].dtype)
 
 
-def _func_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def _func_jvp(
+    fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
     try:
         with constant_weight_rules():  # one product per linear layer (flowmap.jvp_rules)
             out, dout = torch.func.jvp(fn, primals, tangents)
@@ -221,4 +231,14 @@ def _func_jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: 
     return out.to(primals[0].dtype), dout.to(primals[0].dtype)
 
 
-__all__ = ["BACKENDS", "FD_EPS", "JVPBackendError", "check_backend", "compute_dtype", "jvp", "parse_fd_dtype", "promoted", "require_inner"]
+__all__ = [
+    "BACKENDS",
+    "FD_EPS",
+    "JVPBackendError",
+    "check_backend",
+    "compute_dtype",
+    "jvp",
+    "parse_fd_dtype",
+    "promoted",
+    "require_inner",
+]

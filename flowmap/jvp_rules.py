@@ -115,7 +115,10 @@ def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
     w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if dx is None or not _tangent_free(w, b):
         return None
-    rest = [_arg(args, kwargs, i, name, d) for i, (name, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)), 3)]
+    rest = [
+        _arg(args, kwargs, i, name, d)
+        for i, (name, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)), 3)
+    ]
     return forward_ad.make_dual(F.conv2d(x, w, b, *rest), F.conv2d(dx, w, None, *rest))
 
 
@@ -137,7 +140,9 @@ def _group_norm(args: tuple, kwargs: dict) -> Tensor | None:
     if dx is None or not _tangent_free(w, b) or x.dim() < 2:
         return None
     n, c = x.shape[:2]
-    y, mean, rstd = torch.native_group_norm(x, w, b, n, c, x[0, 0].numel(), groups, float(_arg(args, kwargs, 4, "eps", 1e-5)))
+    y, mean, rstd = torch.native_group_norm(
+        x, w, b, n, c, x[0, 0].numel(), groups, float(_arg(args, kwargs, 4, "eps", 1e-5))
+    )
     xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
     dy = _normalized_tangent(xg, dxg, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), (-1,)).reshape(x.shape)
     if w is not None:
@@ -155,7 +160,9 @@ def _gelu(args: tuple, kwargs: dict) -> Tensor | None:
     if dx is None or _traced(x, dx):  # the backward kernels' own derivatives: PyTorch's rule is the safe one
         return None
     approximate = _arg(args, kwargs, 1, "approximate", "none")
-    return forward_ad.make_dual(F.gelu(x, approximate=approximate), torch.ops.aten.gelu_backward(dx, x, approximate=approximate))
+    return forward_ad.make_dual(
+        F.gelu(x, approximate=approximate), torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
+    )
 
 
 def _silu(args: tuple, kwargs: dict) -> Tensor | None:
@@ -166,7 +173,12 @@ def _silu(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 _DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
-    F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.group_norm: _group_norm, F.gelu: _gelu, F.silu: _silu,
+    F.linear: _linear,
+    F.conv2d: _conv2d,
+    F.layer_norm: _layer_norm,
+    F.group_norm: _group_norm,
+    F.gelu: _gelu,
+    F.silu: _silu,
 }
 
 

@@ -32,8 +32,9 @@ class LatentCodec(nn.Module):
     ``scaling`` and ``shift`` are the VAE config's ``scaling_factor`` and ``shift_factor`` (0 when absent);
     ``source`` is the folder the VAE was loaded from (recorded so that students and pipelines reference it)."""
 
-    def __init__(self, vae: nn.Module, scaling: float, shift: float = 0.0, source: str | None = None,
-                 subfolder: str = "vae") -> None:
+    def __init__(
+        self, vae: nn.Module, scaling: float, shift: float = 0.0, source: str | None = None, subfolder: str = "vae"
+    ) -> None:
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
         self.vae_class = type(vae).__name__
@@ -86,9 +87,14 @@ class LatentCodec(nn.Module):
     def reference(self, latent_shape: tuple[int, ...]) -> dict:
         """What a student file or pipeline records to find and use the codec again (no weights)."""
         return {
-            "folder": self.source, "subfolder": self.subfolder, "class": self.vae_class,
-            "scaling_factor": self.scaling, "shift_factor": self.shift, "latent_shape": list(latent_shape),
-            "image_shape": list(self.image_shape(latent_shape)), "text": self.describe(latent_shape),
+            "folder": self.source,
+            "subfolder": self.subfolder,
+            "class": self.vae_class,
+            "scaling_factor": self.scaling,
+            "shift_factor": self.shift,
+            "latent_shape": list(latent_shape),
+            "image_shape": list(self.image_shape(latent_shape)),
+            "text": self.describe(latent_shape),
         }
 
     @classmethod
@@ -108,10 +114,13 @@ class LatentCodec(nn.Module):
         diffusers = require_diffusers()
         try:
             extra = {} if dtype is None else {"torch_dtype": dtype}
-            vae = getattr(diffusers, name).from_pretrained(str(vae_dir), use_safetensors=True, low_cpu_mem_usage=False,
-                                                           **extra)
+            vae = getattr(diffusers, name).from_pretrained(
+                str(vae_dir), use_safetensors=True, low_cpu_mem_usage=False, **extra
+            )
         except Exception as err:  # noqa: BLE001 (diffusers raises assorted types for missing or mismatched weights)
-            raise CheckpointError(f"{vae_dir}: diffusers could not load the {name} ({type(err).__name__}: {err})") from None
+            raise CheckpointError(
+                f"{vae_dir}: diffusers could not load the {name} ({type(err).__name__}: {err})"
+            ) from None
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
         return cls(vae, 0.18215 if scaling is None else scaling, shift or 0.0, str(Path(folder).resolve()), subfolder)
@@ -174,8 +183,9 @@ def decode_in_chunks(codec: LatentCodec, z: Tensor, batch_size: int = 64) -> Ten
     return torch.cat([codec.decode(z[i : i + batch_size]) for i in range(0, z.shape[0], batch_size)])
 
 
-def encode_items(codec: LatentCodec, items: Iterable[tuple[Tensor, Any]], batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> Iterator[tuple[Tensor, Any]]:
+def encode_items(
+    codec: LatentCodec, items: Iterable[tuple[Tensor, Any]], batch_size: int = 64, device: str | torch.device = "cpu"
+) -> Iterator[tuple[Tensor, Any]]:
     """(z (c, h, w) float32 on the CPU, y) per (x (C, H, W) in [-1, 1], y) item, encoded ``batch_size`` at a time
     on ``device`` (memory holds one chunk): the one encode pass of ``scripts/make_shards.py --encode``."""
     if batch_size < 1:

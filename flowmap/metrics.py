@@ -86,9 +86,7 @@ def _w2_sq_1d_sorted(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (widths[:, None] * (u[iu] - v[iv]) ** 2).sum(0)
 
 
-def sliced_w2(
-    x: ArrayLike, y: ArrayLike, n_projections: int = 256, generator: torch.Generator | None = None
-) -> float:
+def sliced_w2(x: ArrayLike, y: ArrayLike, n_projections: int = 256, generator: torch.Generator | None = None) -> float:
     """Sliced 2-Wasserstein distance (Rabin et al. 2011; Bonneel et al. 2015):
 
         SW2 = sqrt( E_theta [ W2^2(theta # mu, theta # nu) ] ),  theta uniform on the unit sphere,
@@ -108,7 +106,10 @@ def sliced_w2(
 
 
 def mmd_rbf(
-    x: ArrayLike, y: ArrayLike, bandwidths: Sequence[float] | None = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0), unbiased: bool = True
+    x: ArrayLike,
+    y: ArrayLike,
+    bandwidths: Sequence[float] | None = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+    unbiased: bool = True,
 ) -> float:
     """Squared maximum mean discrepancy MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2)) (Gretton et al. 2012).
 
@@ -209,8 +210,14 @@ def _mmd2_unbiased_poly(a: np.ndarray, b: np.ndarray, degree: int, gamma: float,
 
 
 def kid(
-    feat_a: ArrayLike, feat_b: ArrayLike, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
-    gamma: float | None = None, coef0: float = 1.0, generator: torch.Generator | None = None,
+    feat_a: ArrayLike,
+    feat_b: ArrayLike,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the polynomial kernel
     k(u, v) = (u.v / D + 1)^3, averaged over ``subsets`` random subsets of ``subset_size`` rows drawn

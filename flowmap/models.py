@@ -146,7 +146,9 @@ def save_lora_adapter(path: str | Path, student: FlowMap, **extra) -> Path:
 
     if "lora" not in getattr(student.net, "config", {}):
         raise ValueError("save_lora_adapter needs a student trained with LoRA adapters (student.lora)")
-    return save_model(path, _TensorCarrier(lora_state(student.net)), student_config(student, kind="lora_adapter", **extra))
+    return save_model(
+        path, _TensorCarrier(lora_state(student.net)), student_config(student, kind="lora_adapter", **extra)
+    )
 
 
 def load_lora_adapter(student: FlowMap, path: str | Path) -> FlowMap:

@@ -38,8 +38,14 @@ from flowmap.sampling import sample
 from flowmap.student import FlowMap
 from flowmap.text import PromptEncoder, find_text_encoder
 
-SCHEDULER = {"_class_name": "FlowMapUniformScheduler", "default_steps": 1, "max_steps": 4, "grid": "uniform",
-             "t_start": 1.0, "t_end": 0.0}
+SCHEDULER = {
+    "_class_name": "FlowMapUniformScheduler",
+    "default_steps": 1,
+    "max_steps": 4,
+    "grid": "uniform",
+    "t_start": 1.0,
+    "t_end": 0.0,
+}
 
 
 def _subfolder(model_class: str) -> str:
@@ -50,8 +56,14 @@ class FlowMapPipeline(DiffusionPipeline):
     """Samples of a flow-map student in 1-4 network calls. ``unet`` or ``transformer``: the diffusers model
     (the student's weights); ``flow_map``: the student X(x, s, t) around it; ``config_dict``: its config."""
 
-    def __init__(self, flow_map: FlowMap, student_config: dict, sampler: dict | None = None,
-                 codec: LatentCodec | None = None, prompt_encoder: PromptEncoder | None = None) -> None:
+    def __init__(
+        self,
+        flow_map: FlowMap,
+        student_config: dict,
+        sampler: dict | None = None,
+        codec: LatentCodec | None = None,
+        prompt_encoder: PromptEncoder | None = None,
+    ) -> None:
         super().__init__()
         net: DiffusersStudentNet = flow_map.net
         self.register_modules(**{_subfolder(net.config["model_class"]): net.model})
@@ -77,9 +89,17 @@ class FlowMapPipeline(DiffusionPipeline):
             flow_map = FlowMap(net, flow_map.param)
             student_config = {**student_config, "net": net.config}
         ref = latent_reference(student_config)
-        text = (student_config.get("teacher") or {}).get("text") if isinstance(student_config.get("teacher"), dict) else None
-        return cls(flow_map, student_config, codec=None if ref is None else LatentCodec.from_reference(ref),
-                   prompt_encoder=None if not text else PromptEncoder.from_folder(text["folder"]))
+        text = (
+            (student_config.get("teacher") or {}).get("text")
+            if isinstance(student_config.get("teacher"), dict)
+            else None
+        )
+        return cls(
+            flow_map,
+            student_config,
+            codec=None if ref is None else LatentCodec.from_reference(ref),
+            prompt_encoder=None if not text else PromptEncoder.from_folder(text["folder"]),
+        )
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         out = Path(save_directory)

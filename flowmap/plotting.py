@@ -26,7 +26,9 @@ def image_grid(x, nrow: int | None = None) -> np.ndarray:
     grid = np.ones((ncol * (H + 1) + 1, nrow * (W + 1) + 1, C), dtype=np.float32)
     for i in range(B):
         r, c = divmod(i, nrow)
-        grid[1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = np.transpose((x[i] + 1) / 2, (1, 2, 0))
+        grid[1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = np.transpose(
+            (x[i] + 1) / 2, (1, 2, 0)
+        )
     return (np.clip(grid, 0, 1) * 255).astype(np.uint8)
 
 
@@ -78,7 +80,14 @@ def save_trajectories(path: str | Path, trajectories: np.ndarray | torch.Tensor,
     return path
 
 
-def save_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str, logy: bool = False, logx: bool = False) -> Path:
+def save_curves(
+    path: str | Path,
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+    logx: bool = False,
+) -> Path:
     """Named (x, y) curves on one axis."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, (xs, ys) in curves.items():

@@ -14,8 +14,9 @@ import math
 import torch
 
 
-def check_schedule(lr: float, total_steps: int | None = None, warmup_steps: int = 0,
-                   lr_final: float | None = None) -> None:
+def check_schedule(
+    lr: float, total_steps: int | None = None, warmup_steps: int = 0, lr_final: float | None = None
+) -> None:
     """Raise one ValueError for a schedule ``learning_rate`` cannot follow."""
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -25,8 +26,9 @@ def check_schedule(lr: float, total_steps: int | None = None, warmup_steps: int 
         raise ValueError("lr_final (a cosine decay) needs the number of steps")
 
 
-def learning_rate(step: int, lr: float, total_steps: int | None = None, warmup_steps: int = 0,
-                  lr_final: float | None = None) -> float:
+def learning_rate(
+    step: int, lr: float, total_steps: int | None = None, warmup_steps: int = 0, lr_final: float | None = None
+) -> float:
     """The learning rate of optimizer step ``step`` (0-based); see the module docstring."""
     rate = lr
     if lr_final is not None:
@@ -41,8 +43,14 @@ class LearningRate(torch.optim.lr_scheduler.LRScheduler):
     """``learning_rate`` as a torch scheduler: every parameter group's rate at step k is ``learning_rate(k, ...)``
     (the same floats ``TrainLoop`` sets; call ``step()`` once after each optimizer step)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, total_steps: int | None = None,
-                 warmup_steps: int = 0, lr_final: float | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: float,
+        total_steps: int | None = None,
+        warmup_steps: int = 0,
+        lr_final: float | None = None,
+    ) -> None:
         check_schedule(lr, total_steps, warmup_steps, lr_final)
         self.rate = {"lr": lr, "total_steps": total_steps, "warmup_steps": warmup_steps, "lr_final": lr_final}
         super().__init__(optimizer)

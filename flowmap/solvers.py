@@ -42,8 +42,15 @@ def _check_grid(grid: Tensor) -> Tensor:
     return grid
 
 
-def ode_step(method: str, f: Callable, x: Tensor, t: float | Tensor, h: float | Tensor,
-             t_next: float | Tensor | None = None, hx: float | Tensor | None = None) -> Tensor:
+def ode_step(
+    method: str,
+    f: Callable,
+    x: Tensor,
+    t: float | Tensor,
+    h: float | Tensor,
+    t_next: float | Tensor | None = None,
+    hx: float | Tensor | None = None,
+) -> Tensor:
     """One step of ``method`` (euler, midpoint, heun, rk4; table above) of dx/dt = f(x, t) from t to t + h.
 
     t, h: floats, or per-sample (B,) tensors with ``hx`` = h shaped to multiply x (B, 1, ...) (default h);
@@ -67,8 +74,15 @@ def ode_step(method: str, f: Callable, x: Tensor, t: float | Tensor, h: float | 
     raise ValueError(f"unknown solver {method!r}; choose from {sorted(NFE_PER_STEP)}")
 
 
-def teacher_step(teacher: Teacher, x: Tensor, t: Tensor, r: Tensor, method: str = "heun", cond: Tensor | None = None,
-                 guidance: float | Tensor = 1.0) -> Tensor:
+def teacher_step(
+    teacher: Teacher,
+    x: Tensor,
+    t: Tensor,
+    r: Tensor,
+    method: str = "heun",
+    cond: Tensor | None = None,
+    guidance: float | Tensor = 1.0,
+) -> Tensor:
     """One ODE step of the teacher from per-sample times t to r ((B,) each) under no_grad, in x's dtype;
     guidance applies only with labels (``ode_step``; heun is Karras et al. 2022, Alg. 1, lines 5-8)."""
     g = guidance if cond is not None else 1.0
@@ -101,7 +115,12 @@ def solve(
 
     def f(y: Tensor, tau: float) -> Tensor:
         tau = min(max(tau, 0.0), 1.0)
-        return teacher.velocity(y, torch.full((B,), tau, device=y.device, dtype=torch.float32 if y.dtype != torch.float64 else y.dtype), cond, guidance)
+        return teacher.velocity(
+            y,
+            torch.full((B,), tau, device=y.device, dtype=torch.float32 if y.dtype != torch.float64 else y.dtype),
+            cond,
+            guidance,
+        )
 
     if method == "dpm++2m":
         return _dpmpp_2m(f, x, grid, callback)
@@ -149,8 +168,9 @@ def _dpmpp_2m(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float]
     return x
 
 
-def _edm_heun(f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float], sigma_max: float,
-              callback: Callback | None) -> Tensor:
+def _edm_heun(
+    f: Callable[[Tensor, float], Tensor], x: Tensor, grid: list[float], sigma_max: float, callback: Callback | None
+) -> Tensor:
     """Karras et al. 2022, Alg. 1 (deterministic) with s(t) = 1, sigma(t) = t, in x_ve = x_lin / (1 - t).
 
     The denoiser of the linear-axis field is D = x_lin - t v(x_lin, t), so the EDM slope (x_ve - D) / sigma

@@ -74,7 +74,9 @@ class FlowMap(nn.Module):
     def __init__(self, net: nn.Module, parametrization: Parametrization | dict | str | None = None) -> None:
         super().__init__()
         self.net = net
-        self.param = parametrization if isinstance(parametrization, Parametrization) else build_parametrization(parametrization)
+        self.param = (
+            parametrization if isinstance(parametrization, Parametrization) else build_parametrization(parametrization)
+        )
         self.data_shape: tuple[int, ...] = tuple(getattr(net, "data_shape", ()))
         self.num_classes: int = int(getattr(net, "num_classes", 0))
         self.guidance_input: bool = bool(getattr(net, "guidance_input", False))
@@ -82,7 +84,9 @@ class FlowMap(nn.Module):
 
     def check_inputs(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None) -> None:
         if self.data_shape and tuple(x.shape[1:]) != self.data_shape:
-            raise ValueError(f"x has shape {tuple(x.shape)}, the student expects (B, {', '.join(map(str, self.data_shape))})")
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}, the student expects (B, {', '.join(map(str, self.data_shape))})"
+            )
         check_times(s, t, batch=x.shape[0])
         check_cond = getattr(self.net, "check_cond", None)  # nets with other conditions (text) check their own
         if check_cond is not None:
@@ -90,9 +94,13 @@ class FlowMap(nn.Module):
         else:
             check_labels(cond, self.num_classes, x.shape[0])
         if w is not None and not self.guidance_input:
-            raise ValueError("a guidance scale was given to a student that was not built to take one (guidance_input=False)")
+            raise ValueError(
+                "a guidance scale was given to a student that was not built to take one (guidance_input=False)"
+            )
 
-    def average_velocity(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+    def average_velocity(
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
         """u_theta(x, s, t): (B, *data_shape)."""
         if self.validate and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self.check_inputs(x, s, t, cond, w)

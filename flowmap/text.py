@@ -39,8 +39,9 @@ class PromptEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
@@ -50,8 +51,13 @@ class PromptEncoder(nn.Module):
         return f"text-conditioned ({self.encoder_class}, {self.max_length} tokens x {self.dim}), CFG against the empty prompt"
 
     def reference(self) -> dict:
-        return {"folder": self.source, "class": self.encoder_class, "max_length": self.max_length, "dim": self.dim,
-                "text": self.describe()}
+        return {
+            "folder": self.source,
+            "class": self.encoder_class,
+            "max_length": self.max_length,
+            "dim": self.dim,
+            "text": self.describe(),
+        }
 
     @classmethod
     def from_folder(cls, folder: str | Path, dtype: torch.dtype | None = None) -> PromptEncoder:
@@ -62,11 +68,14 @@ class PromptEncoder(nn.Module):
             config = json.loads((root / "text_encoder" / "config.json").read_text())
             name = (config.get("architectures") or ["CLIPTextModel"])[0]
             extra = {} if dtype is None else {"dtype": dtype}
-            encoder = getattr(transformers, name).from_pretrained(str(root / "text_encoder"), use_safetensors=True,
-                                                                  **extra)
+            encoder = getattr(transformers, name).from_pretrained(
+                str(root / "text_encoder"), use_safetensors=True, **extra
+            )
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tokenizer"))
         except Exception as err:  # noqa: BLE001 (transformers raises assorted types for missing or mismatched files)
-            raise CheckpointError(f"{root}: could not load its tokenizer / text encoder ({type(err).__name__}: {err})") from None
+            raise CheckpointError(
+                f"{root}: could not load its tokenizer / text encoder ({type(err).__name__}: {err})"
+            ) from None
         return cls(tokenizer, encoder, str(root.resolve()))
 
 

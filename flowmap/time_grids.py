@@ -26,7 +26,13 @@ def uniform_grid(steps: int, device: torch.device | str | None = None) -> Tensor
     return torch.linspace(1.0, 0.0, steps + 1, device=device)
 
 
-def edm_grid(steps: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0, device: torch.device | str | None = None) -> Tensor:
+def edm_grid(
+    steps: int,
+    rho: float = 7.0,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Karras et al. 2022, Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
     mapped to t = sigma / (1 + sigma), with t_0 = 1 and t_N = 0."""
     _check_steps(steps)
@@ -39,7 +45,12 @@ def edm_grid(steps: int, rho: float = 7.0, sigma_min: float = 0.002, sigma_max: 
     return t.float().to(device)
 
 
-def logsnr_grid(steps: int, lambda_min: float = -2 * math.log(80.0), lambda_max: float = -2 * math.log(0.002), device: torch.device | str | None = None) -> Tensor:
+def logsnr_grid(
+    steps: int,
+    lambda_min: float = -2 * math.log(80.0),
+    lambda_max: float = -2 * math.log(0.002),
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Uniform in lambda = 2 log((1 - t) / t) (Lu et al. 2022, DPM-Solver, Sec. 3.3), t_0 = 1, t_N = 0."""
     _check_steps(steps)
     lam = torch.linspace(lambda_min, lambda_max, steps + 1, dtype=torch.float64)

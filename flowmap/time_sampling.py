@@ -10,23 +10,43 @@ from torch import Tensor
 from flowmap.paths import LinearPath
 
 
-def uniform(batch: int, device: torch.device | str | None = None, t_min: float = 0.0, t_max: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def uniform(
+    batch: int,
+    device: torch.device | str | None = None,
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """t ~ U[t_min, t_max]."""
     return t_min + (t_max - t_min) * torch.rand(batch, device=device, generator=generator)
 
 
-def logit_normal(batch: int, device: torch.device | str | None = None, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def logit_normal(
+    batch: int,
+    device: torch.device | str | None = None,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """t = sigmoid(N(mean, std^2)) (Esser et al. 2024, Eq. 19)."""
     return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))
 
 
-def lognormal_sigma(batch: int, device: torch.device | str | None = None, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None) -> Tensor:
+def lognormal_sigma(
+    batch: int,
+    device: torch.device | str | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1), mapped to t = sigma / (1 + sigma)."""
     sigma = torch.exp(p_mean + p_std * torch.randn(batch, device=device, generator=generator))
     return LinearPath().t_from_ratio(sigma)
 
 
-def sample_times(kind: str, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None, **kwargs) -> Tensor:
+def sample_times(
+    kind: str, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None, **kwargs
+) -> Tensor:
     """One of ``uniform``, ``logit_normal``, ``lognormal`` by name."""
     fns = {"uniform": uniform, "logit_normal": logit_normal, "lognormal": lognormal_sigma}
     if kind not in fns:

@@ -52,7 +52,9 @@ class TrainLoop:
         max_nonfinite: int | None = None,
     ) -> None:
         if getattr(objective, "needs_teacher", False) and teacher is None:
-            raise ValueError(f"objective {getattr(objective, 'name', objective)!r} distills a teacher, but none was given")
+            raise ValueError(
+                f"objective {getattr(objective, 'name', objective)!r} distills a teacher, but none was given"
+            )
         if lr_final_ratio is not None:
             if lr_final is not None:
                 raise ValueError("give lr_final or lr_final_ratio, not both")
@@ -84,7 +86,9 @@ class TrainLoop:
 
     def step(self, x0: Tensor, cond: Tensor | None = None) -> tuple[float, LossOutput]:
         """One step on the batch (x0, cond); returns (the mean loss, the objective's output)."""
-        out = self.objective(student=self.student, teacher=self.teacher, target=self.target, x0=x0, cond=cond, step=self.k)
+        out = self.objective(
+            student=self.student, teacher=self.teacher, target=self.target, x0=x0, cond=cond, step=self.k
+        )
         loss = out.loss.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,8 +134,10 @@ class TrainLoop:
             if longest >= self.max_nonfinite:
                 from flowmap.lightning.training_mixin import NonFiniteLossError  # (torch only; the shells' error)
 
-                raise NonFiniteLossError(f"{longest} training steps in a row had a non-finite loss or gradient "
-                                         f"(step {self.k}); lower the learning rate, enable gradient clipping, or check the data")
+                raise NonFiniteLossError(
+                    f"{longest} training steps in a row had a non-finite loss or gradient "
+                    f"(step {self.k}); lower the learning rate, enable gradient clipping, or check the data"
+                )
         return finite
 
     @property
@@ -159,8 +165,18 @@ def fit(
     ``batches`` is either a function step -> (x0, cond) or an iterator of (x0, cond). ``lr_final`` turns on a
     half-cosine decay of the learning rate from ``lr`` to ``lr_final`` over the run (Loshchilov & Hutter 2017);
     ``options`` go to ``TrainLoop`` (warmup_steps, betas, decoupled, ema, max_nonfinite, ...)."""
-    loop = TrainLoop(student, objective, teacher, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-                     lr_final=lr_final, steps=steps, fused=fused, **options)
+    loop = TrainLoop(
+        student,
+        objective,
+        teacher,
+        lr=lr,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        lr_final=lr_final,
+        steps=steps,
+        fused=fused,
+        **options,
+    )
     history: list[float] = []
     for step in range(steps):
         x0, cond = batches(step) if callable(batches) else next(batches)

@@ -39,8 +39,9 @@ class FlowMapLike(Protocol):
 
     ``w``: (B,) guidance scales, only for flow maps built to take one (``guidance_input``)."""
 
-    def __call__(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None) -> Tensor:
-        ...
+    def __call__(
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor: ...
 
 
 @runtime_checkable
@@ -52,8 +53,9 @@ class FlowMapStudent(FlowMapLike, Protocol):
     num_classes: int
     guidance_input: bool
 
-    def average_velocity(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None,
-                         w: Tensor | None = None) -> Tensor:
+    def average_velocity(
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
         """x: (B, *data_shape), s, t: (B,) -> u: (B, *data_shape)."""
         ...
 

@@ -50,7 +50,9 @@ class NetVelocity(nn.Module):
 
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
         if self.data_shape and tuple(x.shape[1:]) != self.data_shape:
-            raise ValueError(f"x has shape {tuple(x.shape)}, the teacher expects (B, {', '.join(map(str, self.data_shape))})")
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}, the teacher expects (B, {', '.join(map(str, self.data_shape))})"
+            )
         check_times(t, batch=x.shape[0])
         check_labels(cond, self.num_classes, x.shape[0])
         unguided = not isinstance(guidance, Tensor) and float(guidance) == 1.0

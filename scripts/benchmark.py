@@ -124,17 +124,41 @@ class Budget:
 BUDGETS = {
     "full": Budget(
         mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0, "fourier_features": 4},
-        digits_net={"name": "unet", "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
-              "heads": 2, "emb_dim": 64},
+        digits_net={
+            "name": "unet",
+            "channels": 16,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [4],
+            "heads": 2,
+            "emb_dim": 64,
+        },
         cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
         dit={"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4},
-        teacher_steps_2d=8000, teacher_steps_digits=3000,
-        student_steps_2d=4000, student_steps_digits=400, student_steps_gmm=1000,
-        batch_2d=256, batch_digits=64, lr_2d=1e-3, lr_digits=5e-4,
-        n_eval_2d=2000, n_eval_digits=1000, exact_map_steps=200, feature_steps=1000, kid_subsets=50,
-        cost_batch_mlp=512, cost_batch_dit=64, cost_repeats=7, cost_steps=3,
-        throughput_batch_mlp=4096, throughput_batch_dit=256, throughput_repeats=7, throughput_inner=5,
-        peer_steps=1000, peer_block=50,
+        teacher_steps_2d=8000,
+        teacher_steps_digits=3000,
+        student_steps_2d=4000,
+        student_steps_digits=400,
+        student_steps_gmm=1000,
+        batch_2d=256,
+        batch_digits=64,
+        lr_2d=1e-3,
+        lr_digits=5e-4,
+        n_eval_2d=2000,
+        n_eval_digits=1000,
+        exact_map_steps=200,
+        feature_steps=1000,
+        kid_subsets=50,
+        cost_batch_mlp=512,
+        cost_batch_dit=64,
+        cost_repeats=7,
+        cost_steps=3,
+        throughput_batch_mlp=4096,
+        throughput_batch_dit=256,
+        throughput_repeats=7,
+        throughput_inner=5,
+        peer_steps=1000,
+        peer_block=50,
         mixture_mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0},
     ),
     "quick": Budget(
@@ -142,19 +166,45 @@ BUDGETS = {
         digits_net={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},
         cost_mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
         dit={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},
-        teacher_steps_2d=150, teacher_steps_digits=30,
-        student_steps_2d=15, student_steps_digits=4, student_steps_gmm=15,
-        batch_2d=256, batch_digits=32, lr_2d=2e-3, lr_digits=1e-3,
-        n_eval_2d=300, n_eval_digits=100, exact_map_steps=40, feature_steps=150, kid_subsets=5,
-        cost_batch_mlp=256, cost_batch_dit=16, cost_repeats=3, cost_steps=1,
-        throughput_batch_mlp=1024, throughput_batch_dit=32, throughput_repeats=3, throughput_inner=2,
-        peer_steps=40, peer_block=10, peer_seeds=1,
-        stream_batch=64, stream_batches=8,
+        teacher_steps_2d=150,
+        teacher_steps_digits=30,
+        student_steps_2d=15,
+        student_steps_digits=4,
+        student_steps_gmm=15,
+        batch_2d=256,
+        batch_digits=32,
+        lr_2d=2e-3,
+        lr_digits=1e-3,
+        n_eval_2d=300,
+        n_eval_digits=100,
+        exact_map_steps=40,
+        feature_steps=150,
+        kid_subsets=5,
+        cost_batch_mlp=256,
+        cost_batch_dit=16,
+        cost_repeats=3,
+        cost_steps=1,
+        throughput_batch_mlp=1024,
+        throughput_batch_dit=32,
+        throughput_repeats=3,
+        throughput_inner=2,
+        peer_steps=40,
+        peer_block=10,
+        peer_seeds=1,
+        stream_batch=64,
+        stream_batches=8,
     ),
 }
 
 
-STEP_FIELDS = ("teacher_steps_2d", "teacher_steps_digits", "student_steps_2d", "student_steps_digits", "student_steps_gmm", "peer_steps")
+STEP_FIELDS = (
+    "teacher_steps_2d",
+    "teacher_steps_digits",
+    "student_steps_2d",
+    "student_steps_digits",
+    "student_steps_gmm",
+    "peer_steps",
+)
 
 
 def scaled(budget: Budget, scale: float) -> Budget:
@@ -165,7 +215,15 @@ def scaled(budget: Budget, scale: float) -> Budget:
 
 
 CONFIG_DATA = {"checkerboard": "checkerboard", "eight_gaussians": "checkerboard", "gmm": "gmm", "digits": "digits"}
-CURRICULUM_KEYS = ("total_steps", "stage_steps", "steps_per_round", "first_round_steps", "tangent_warmup", "warmup_steps", "sd_warmup")
+CURRICULUM_KEYS = (
+    "total_steps",
+    "stage_steps",
+    "steps_per_round",
+    "first_round_steps",
+    "tangent_warmup",
+    "warmup_steps",
+    "sd_warmup",
+)
 # net options a method's config may set on its student: a guidance input (zero-initialized, so the student
 # still starts as the teacher; sampled at w = 1 here) or another time scale (another function: from scratch)
 NET_EXTRAS = ("time_scale", "guidance_input")
@@ -198,8 +256,12 @@ def distill_yaml(name: str, dataset: str | None) -> dict | None:
     if objective.get("name", name) != name:
         return None
     net = (model.get("student") or {}).get("net") or {}
-    return {"objective": objective, "max_steps": int((cfg.get("trainer") or {}).get("max_steps") or 0),
-            "net_extras": {k: net[k] for k in NET_EXTRAS if k in net}, "path": str(path.relative_to(ROOT))}
+    return {
+        "objective": objective,
+        "max_steps": int((cfg.get("trainer") or {}).get("max_steps") or 0),
+        "net_extras": {k: net[k] for k in NET_EXTRAS if k in net},
+        "path": str(path.relative_to(ROOT)),
+    }
 
 
 def method_config(name: str, kind: str, steps: int, dataset: str | None = None) -> dict:
@@ -374,7 +436,9 @@ class FlowMatching(nn.Module):
         super().__init__()
         self.loss = DenoisingLoss("linear", "velocity", time_sampling=time_sampling, p_uncond=p_uncond)
 
-    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
+    ) -> LossOutput:
         net = getattr(student, "net", student)
         return self.loss(net, x0, cond)
 
@@ -382,7 +446,9 @@ class FlowMatching(nn.Module):
 class Setting:
     """One benchmark setting: data (batches and evaluation), teacher and student nets."""
 
-    def __init__(self, name: str, budget: Budget, device: torch.device, cache: Path, fresh: bool, reuse_only: bool = False) -> None:
+    def __init__(
+        self, name: str, budget: Budget, device: torch.device, cache: Path, fresh: bool, reuse_only: bool = False
+    ) -> None:
         self.name, self.budget, self.device, self.cache, self.fresh = name, budget, device, cache, fresh
         self.reuse_only = reuse_only
         self.kind = "digits" if name == "digits" else "2d"
@@ -394,7 +460,10 @@ class Setting:
             self.student_steps, self.batch, self.lr = budget.student_steps_digits, budget.batch_digits, budget.lr_digits
         else:
             self.data_shape = (2,)
-            self.net_config = {**(budget.mixture_mlp if name == "gmm" and budget.mixture_mlp else budget.mlp), "data_shape": [2]}
+            self.net_config = {
+                **(budget.mixture_mlp if name == "gmm" and budget.mixture_mlp else budget.mlp),
+                "data_shape": [2],
+            }
             self.batch, self.lr = budget.batch_2d, budget.lr_2d
             self.student_steps = budget.student_steps_gmm if name == "gmm" else budget.student_steps_2d
         if name == "gmm":
@@ -429,7 +498,9 @@ class Setting:
     # teacher ----------------------------------------------------------------------------------------
     def teacher_key(self) -> str:
         steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
-        return key_of("teacher", self.name, self.net_config, steps, self.batch, self.lr, 1, "cosine", self.budget.lr_decay)
+        return key_of(
+            "teacher", self.name, self.net_config, steps, self.batch, self.lr, 1, "cosine", self.budget.lr_decay
+        )
 
     def get_teacher(self):
         """The teacher (trained or loaded from the cache); the mixture's is exact. Also sets ``init_net``, the
@@ -461,8 +532,14 @@ class Setting:
         objective = FlowMatching(p_uncond=0.1 if self.num_classes else 0.0)
         log(f"{self.name}: training the {what} ({steps} steps, batch {self.batch})")
         t0 = time.time()
-        losses = fit(net, objective, self.batches(seed_of("teacher-data", self.name)), steps, lr=self.lr * 2,
-                     lr_final=self.lr * 2 * self.budget.lr_decay)
+        losses = fit(
+            net,
+            objective,
+            self.batches(seed_of("teacher-data", self.name)),
+            steps,
+            lr=self.lr * 2,
+            lr_final=self.lr * 2 * self.budget.lr_decay,
+        )
         self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
         save_teacher(path, teacher, data=self.name, extra={"steps": steps})
         self.teacher_code = code_fingerprint()
@@ -486,8 +563,19 @@ class Setting:
         lr = self.lr * scale
         if scale != 1.0:
             note += f"; learning rate {scale:g}x the budget's ({lr:g}, LR_SCALE)"
-        key = key_of("student", self.name, method, config, net_config, self.student_steps, self.batch, lr, "cosine", self.budget.lr_decay,
-                     self.teacher_key())
+        key = key_of(
+            "student",
+            self.name,
+            method,
+            config,
+            net_config,
+            self.student_steps,
+            self.batch,
+            lr,
+            "cosine",
+            self.budget.lr_decay,
+            self.teacher_key(),
+        )
         path = self.cache / f"student_{self.name}_{method}_{key}.safetensors"
         meta_path = path.with_suffix(".json")
         if path.is_file() and meta_path.is_file() and not self.fresh:
@@ -510,13 +598,26 @@ class Setting:
             init = f"scratch (net options {(tuned or {}).get('net_extras')} differ from the teacher's)"
         teacher = self.teacher if getattr(objective, "needs_teacher", False) else None
         t0 = time.time()
-        losses = fit(student, objective, self.batches(seed_of("student-data", self.name, method)), self.student_steps,
-                     teacher=teacher, lr=lr, lr_final=lr * self.budget.lr_decay)
+        losses = fit(
+            student,
+            objective,
+            self.batches(seed_of("student-data", self.name, method)),
+            self.student_steps,
+            teacher=teacher,
+            lr=lr,
+            lr_final=lr * self.budget.lr_decay,
+        )
         seconds = time.time() - t0
         if not all(math.isfinite(v) for v in losses[-10:]):
             raise FloatingPointError(f"the loss is not finite at the end of training (last {losses[-1]})")
-        meta = {"losses": losses, "seconds": seconds, "steps": self.student_steps, "init": init, "config_source": note,
-                "code": code_fingerprint()}
+        meta = {
+            "losses": losses,
+            "seconds": seconds,
+            "steps": self.student_steps,
+            "init": init,
+            "config_source": note,
+            "code": code_fingerprint(),
+        }
         save_student(path, student, method=method, data=self.name, extra={"objective": config})
         meta_path.write_text(json.dumps(meta))
         return {"student": student.eval(), "config": config, **meta, "cached": False}
@@ -556,7 +657,11 @@ class Evaluator:
                 self.data_std = float(torch.cat([self.ref, other]).double().var(0).mean().sqrt())
                 t0 = time.time()
                 one = torch.ones(n, device=dev, dtype=torch.float64)
-                self.exact = setting.exact_teacher.flow_map(self.noise.double(), one, 0 * one, steps=budget.exact_map_steps).float().cpu()
+                self.exact = (
+                    setting.exact_teacher.flow_map(self.noise.double(), one, 0 * one, steps=budget.exact_map_steps)
+                    .float()
+                    .cpu()
+                )
                 log(f"gmm: exact flow map of {n} noises in {time.time() - t0:.1f} s")
             else:
                 self.ref = setting.source.sample(n, generator=gd)
@@ -657,15 +762,18 @@ class StepRunner:
     """Exactly one ``flowmap.training.fit`` step (a ``TrainLoop`` step: objective, backward, clipping, Adam, EMA
     target) on ``batch()``, callable repeatedly so that several objectives can be timed interleaved."""
 
-    def __init__(self, student: nn.Module, objective: nn.Module, teacher, batch: Callable[[], tuple[Tensor, Tensor | None]]) -> None:
+    def __init__(
+        self, student: nn.Module, objective: nn.Module, teacher, batch: Callable[[], tuple[Tensor, Tensor | None]]
+    ) -> None:
         self.loop, self.batch = TrainLoop(student, objective, teacher, lr=1e-4), batch
 
     def step(self) -> None:
         self.loop.step(*self.batch())
 
 
-def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, inner: int, device: torch.device,
-                      warmup: int = 0) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], None]], repeats: int, inner: int, device: torch.device, warmup: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each, then ``repeats`` rounds, each calling
     every function ``inner`` times in a rotated order, so slow phases of a shared machine hit all of them alike."""
     names = list(fns)
@@ -674,7 +782,7 @@ def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, inner: i
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             sync(device)
             t0 = time.perf_counter()
@@ -694,7 +802,12 @@ def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory
     out = {}
     nets = {
         "mlp": ({**budget.cost_mlp, "data_shape": [2]}, budget.cost_batch_mlp, budget.throughput_batch_mlp, 0),
-        "dit": ({**budget.dit, "data_shape": [1, 8, 8], "num_classes": 10}, budget.cost_batch_dit, budget.throughput_batch_dit, 10),
+        "dit": (
+            {**budget.dit, "data_shape": [1, 8, 8], "num_classes": 10},
+            budget.cost_batch_dit,
+            budget.throughput_batch_dit,
+            10,
+        ),
     }
     for net_name, (cfg, batch, tp_batch, classes) in nets.items():
         log(f"cost: {net_name} ({', '.join(['fm', *methods])}), batch {batch}")
@@ -728,13 +841,20 @@ def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory
             except Exception as err:
                 errors[name] = f"{type(err).__name__}: {str(err)[:200]}"
                 log(f"cost: {net_name}/{name} failed: {errors[name]}")
-        times = interleaved_times({n: r.step for n, r in runners.items()}, budget.cost_repeats, budget.cost_steps, device)
+        times = interleaved_times(
+            {n: r.step for n, r in runners.items()}, budget.cost_repeats, budget.cost_steps, device
+        )
         base = median(times["fm"]) if "fm" in times else float("nan")
         rows = {}
         for name, runner in runners.items():
             step_s = median(times[name])
-            rows[name] = {"step_s": step_s, "ratio": step_s / base, "samples": len(times[name]),
-                          "peak_mib": memory.measure(runner.step), "config": configs[name]}
+            rows[name] = {
+                "step_s": step_s,
+                "ratio": step_s / base,
+                "samples": len(times[name]),
+                "peak_mib": memory.measure(runner.step),
+                "config": configs[name],
+            }
         for name, err in errors.items():
             rows[name] = {"error": err}
         # sampling throughput: raw forward vs 1-NFE student sampling vs the teacher's 64 Euler steps
@@ -749,17 +869,28 @@ def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory
 
         fns = {"raw forward": raw, "student 1 NFE": lambda: sample(student, noise, 1, cond=cond)}
         tp = interleaved_times(fns, budget.throughput_repeats, budget.throughput_inner, device, warmup=1)
-        t64 = interleaved_times({"teacher 64 NFE": lambda: solve(teacher, noise, 64, "euler", cond=cond)},
-                                max(1, budget.throughput_repeats // 3), 1, device)
+        t64 = interleaved_times(
+            {"teacher 64 NFE": lambda: solve(teacher, noise, 64, "euler", cond=cond)},
+            max(1, budget.throughput_repeats // 3),
+            1,
+            device,
+        )
         tp.update(t64)
         throughput = {n: {"samples_per_s": tp_batch / median(v), "call_s": median(v)} for n, v in tp.items()}
         raw_tp = throughput["raw forward"]["samples_per_s"]
         for n in throughput:
             throughput[n]["vs_raw_forward"] = throughput[n]["samples_per_s"] / raw_tp
-        throughput["student 1 NFE"]["vs_teacher_64"] = (throughput["student 1 NFE"]["samples_per_s"]
-                                                         / throughput["teacher 64 NFE"]["samples_per_s"])
-        out[net_name] = {"net": cfg, "batch": batch, "throughput_batch": tp_batch, "steps": rows, "throughput": throughput,
-                         "params": sum(p.numel() for p in teacher.net.parameters())}
+        throughput["student 1 NFE"]["vs_teacher_64"] = (
+            throughput["student 1 NFE"]["samples_per_s"] / throughput["teacher 64 NFE"]["samples_per_s"]
+        )
+        out[net_name] = {
+            "net": cfg,
+            "batch": batch,
+            "throughput_batch": tp_batch,
+            "steps": rows,
+            "throughput": throughput,
+            "params": sum(p.numel() for p in teacher.net.parameters()),
+        }
     return out
 
 
@@ -774,13 +905,18 @@ def streaming_table(budget: Budget) -> dict:
     from flowmap.data import get_dataset
     from flowmap.data.shards import streaming_throughput, write_source_shards
 
-    log(f"streaming: digits shards vs memory, batch {budget.stream_batch}, {budget.stream_batches} batches, 1 and 2 workers")
+    log(
+        f"streaming: digits shards vs memory, batch {budget.stream_batch}, {budget.stream_batches} batches, 1 and 2 workers"
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="flowmap-bench-shards-") as tmp:
             index = write_source_shards(get_dataset("digits"), Path(tmp) / "digits", max_count=200)
-            result = streaming_throughput(Path(tmp) / "digits", batch_size=budget.stream_batch, num_batches=budget.stream_batches,
-                                          workers=(1, 2))
-            result.update({"available": True, "data": f"digits (8x8, {index.encoding} in tar)", "encoding": index.encoding})
+            result = streaming_throughput(
+                Path(tmp) / "digits", batch_size=budget.stream_batch, num_batches=budget.stream_batches, workers=(1, 2)
+            )
+            result.update(
+                {"available": True, "data": f"digits (8x8, {index.encoding} in tar)", "encoding": index.encoding}
+            )
             return result
     except Exception as err:  # noqa: BLE001 - a platform without worker processes: say why
         return {"available": False, "reason": f"{type(err).__name__}: {str(err)[:200]}"}
@@ -808,8 +944,8 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
     a seed every trainer draws the same times and noises at every step (common random numbers). Step times are
     medians over all timed blocks of all seeds, the trainers' order rotating from block to block."""
     try:
-        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
         import torchcfm
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
     except ImportError as err:
         return {"available": False, "reason": f"torchcfm is not installed ({err}); pip install torchcfm --no-deps"}
     cfm = ConditionalFlowMatcher(sigma=0.0)
@@ -854,13 +990,16 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
 
             return step
 
-        fns = {"ours": step_ours, "torchcfm": peer_step("torchcfm", False),
-               "torchcfm, our schedule": peer_step("torchcfm, our schedule", True)}
+        fns = {
+            "ours": step_ours,
+            "torchcfm": peer_step("torchcfm", False),
+            "torchcfm, our schedule": peer_step("torchcfm, our schedule", True),
+        }
         losses: dict[str, list[float]] = {n: [] for n in PEER_TRAINERS}
         done = block = 0
         while done < steps:
             k = min(budget.peer_block, steps - done)
-            order = list(PEER_TRAINERS[block % 3:] + PEER_TRAINERS[: block % 3])
+            order = list(PEER_TRAINERS[block % 3 :] + PEER_TRAINERS[: block % 3])
             if (block // 3) % 2:
                 order.reverse()
             for name in order:
@@ -874,15 +1013,32 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
             block += 1
         for name, net in nets.items():
             x = solve(NetVelocity(net.eval()), evaluator.noise, 32, "heun")
-            per_seed[name].append({"w2": evaluator.point_metrics(x, None)["w2"],
-                                   "final_loss": float(sum(losses[name][-20:]) / len(losses[name][-20:]))})
-    result = {"available": True, "version": getattr(torchcfm, "__version__", "?"), "steps": steps,
-              "batch": budget.batch_2d, "data": setting.name, "net": {**budget.mlp, "data_shape": [2]}, "seeds": budget.peer_seeds,
-              "lr": lr, "lr_final": lr_final, "trainers": list(PEER_TRAINERS)}
+            per_seed[name].append(
+                {
+                    "w2": evaluator.point_metrics(x, None)["w2"],
+                    "final_loss": float(sum(losses[name][-20:]) / len(losses[name][-20:])),
+                }
+            )
+    result = {
+        "available": True,
+        "version": getattr(torchcfm, "__version__", "?"),
+        "steps": steps,
+        "batch": budget.batch_2d,
+        "data": setting.name,
+        "net": {**budget.mlp, "data_shape": [2]},
+        "seeds": budget.peer_seeds,
+        "lr": lr,
+        "lr_final": lr_final,
+        "trainers": list(PEER_TRAINERS),
+    }
     for name in PEER_TRAINERS:
         w2s = [r["w2"] for r in per_seed[name]]
-        result[name] = {"step_s": median(times[name]), "w2": sum(w2s) / len(w2s), "w2_per_seed": w2s,
-                        "final_loss": sum(r["final_loss"] for r in per_seed[name]) / len(per_seed[name])}
+        result[name] = {
+            "step_s": median(times[name]),
+            "w2": sum(w2s) / len(w2s),
+            "w2_per_seed": w2s,
+            "final_loss": sum(r["final_loss"] for r in per_seed[name]) / len(per_seed[name]),
+        }
     # against torchcfm as documented (the targets) and against torchcfm with our schedule (the implementations alone);
     # the W2 differences are paired by seed (same init, data and noise): their mean and standard error tell a real gap
     # from the seed-to-seed spread of two runs
@@ -900,28 +1056,59 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=None, help="comma-separated objectives (default: every registered one; --quick: cd,meanflow)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated objectives (default: every registered one; --quick: cd,meanflow)",
+    )
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {','.join(DATASETS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks"), help="output folder (RESULTS.md, results.json, plots)")
-    p.add_argument("--cache", default=None, help="cache folder for teachers, students and the feature net (default <out>/cache)")
+    p.add_argument(
+        "--cache", default=None, help="cache folder for teachers, students and the feature net (default <out>/cache)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny budgets and two methods: a smoke run of every table")
     p.add_argument("--fresh", action="store_true", help="ignore cached teachers and students")
-    p.add_argument("--reuse-only", action="store_true",
-                   help="evaluate only the students already in the cache (the others are listed as not run); teachers are still trained if missing")
+    p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="evaluate only the students already in the cache (the others are listed as not run); teachers are still trained if missing",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = 1 on a busy machine, else all cores)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="train teachers and students in this many worker processes first (one torch thread each; on a CPU "
-                        "use the number of free cores); the run then evaluates them from the cache. 1: train in the main process")
-    p.add_argument("--inception-weights", default=None, help="FID Inception weights file: use Inception features for digits")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train teachers and students in this many worker processes first (one torch thread each; on a CPU "
+        "use the number of free cores); the run then evaluates them from the cache. 1: train in the main process",
+    )
+    p.add_argument(
+        "--inception-weights", default=None, help="FID Inception weights file: use Inception features for digits"
+    )
     p.add_argument("--skip", default="", help="comma-separated parts to skip: cost, peer, plots")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every training step count (teachers, students, peer)")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every training step count (teachers, students, peer)"
+    )
     return p.parse_args(argv)
 
 
 # heaviest first (measured ms per step on the 2-D MLP), so the pool's last tasks are short ones
-PRETRAIN_ORDER = ("fmsd_eulerian", "ctm", "fmsd_progressive", "meanflow", "sct", "fmsd_lagrangian", "ayf_emd", "shortcut",
-                  "ayf_lmd", "scd", "pd", "ict", "cd", "ect")
+PRETRAIN_ORDER = (
+    "fmsd_eulerian",
+    "ctm",
+    "fmsd_progressive",
+    "meanflow",
+    "sct",
+    "fmsd_lagrangian",
+    "ayf_emd",
+    "shortcut",
+    "ayf_lmd",
+    "scd",
+    "pd",
+    "ict",
+    "cd",
+    "ect",
+)
 
 
 def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
@@ -942,8 +1129,9 @@ def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
         return name, method, f"{type(err).__name__}: {str(err)[:300]}", time.time() - t0
 
 
-def pretrain(datasets: list[str], methods: list[str], budget: Budget, device: torch.device, cache: Path, fresh: bool,
-             jobs: int) -> set[tuple[str, str]]:
+def pretrain(
+    datasets: list[str], methods: list[str], budget: Budget, device: torch.device, cache: Path, fresh: bool, jobs: int
+) -> set[tuple[str, str]]:
     """Train every teacher and every (data set, method) student in ``jobs`` spawned worker processes (one torch
     thread each), into ``cache``; returns the pairs trained here. A data set's students are queued (heaviest
     first) as soon as its teacher is done: they start from it."""
@@ -960,7 +1148,9 @@ def pretrain(datasets: list[str], methods: list[str], budget: Budget, device: to
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
                 name, method, err, seconds = f.result()
-                log(f"pretrain: {f'{name}/{method}' if method else f'{name} teacher'} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)")
+                log(
+                    f"pretrain: {f'{name}/{method}' if method else f'{name} teacher'} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)"
+                )
                 if method is None and not err:
                     pending |= {submit(name, m) for m in sorted(methods, key=lambda m: rank.get(m, -1))}
                 elif method is not None and not err:
@@ -992,25 +1182,55 @@ def main(argv: list[str] | None = None) -> dict:
 
     threads = pick_threads(a.threads)
     torch.set_num_threads(threads)
-    requested = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else (list(QUICK_METHODS) if a.quick else None)
+    requested = (
+        [m.strip() for m in a.methods.split(",") if m.strip()]
+        if a.methods
+        else (list(QUICK_METHODS) if a.quick else None)
+    )
     methods, skipped = discover_methods(requested)
     out = Path(a.out)
     cache = Path(a.cache) if a.cache else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     memory = Memory(device)
-    log(f"benchmark ({budget_name}): methods {methods}, skipped {sorted(skipped)}, datasets {datasets}, {threads} thread(s), device {device}")
+    log(
+        f"benchmark ({budget_name}): methods {methods}, skipped {sorted(skipped)}, datasets {datasets}, {threads} thread(s), device {device}"
+    )
 
     results: dict = {
-        "meta": {"budget": budget_name, "scale": a.scale, "code": code_fingerprint(), "budget_values": asdict(budget), "methods": methods, "skipped_methods": skipped,
-                 "lr_scale": {f"{d}/{m}": lr_scale(m, d) for d in datasets for m in methods if lr_scale(m, d) != 1.0},
-                 "datasets": datasets, "device": str(device), "threads": threads, "torch": torch.__version__,
-                 "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                 "cpu_count": os.cpu_count(), "load_average_start": _loadavg(), "memory_method": memory.method,
-                 "method_configs": {d: {m: method_config(m, "digits" if d == "digits" else "2d",
-                                                         budget.student_steps_digits if d == "digits" else budget.student_steps_2d, d)
-                                        for m in methods} for d in datasets}},
-        "quality": {}, "cost": {}, "peer": {},
+        "meta": {
+            "budget": budget_name,
+            "scale": a.scale,
+            "code": code_fingerprint(),
+            "budget_values": asdict(budget),
+            "methods": methods,
+            "skipped_methods": skipped,
+            "lr_scale": {f"{d}/{m}": lr_scale(m, d) for d in datasets for m in methods if lr_scale(m, d) != 1.0},
+            "datasets": datasets,
+            "device": str(device),
+            "threads": threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpu_count": os.cpu_count(),
+            "load_average_start": _loadavg(),
+            "memory_method": memory.method,
+            "method_configs": {
+                d: {
+                    m: method_config(
+                        m,
+                        "digits" if d == "digits" else "2d",
+                        budget.student_steps_digits if d == "digits" else budget.student_steps_2d,
+                        d,
+                    )
+                    for m in methods
+                }
+                for d in datasets
+            },
+        },
+        "quality": {},
+        "cost": {},
+        "peer": {},
     }
     samples: dict = {}
     extractor = None
@@ -1030,13 +1250,25 @@ def main(argv: list[str] | None = None) -> dict:
         ev = Evaluator(setting, budget, extractor)
         log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
         teacher_rows, teacher_samples = ev.teacher_rows(teacher)
-        q = {"floor": ev.floor, "n_eval": len(ev.noise), "teacher": teacher_rows, "teacher_seconds": setting.teacher_seconds,
-             "teacher_losses": setting.teacher_losses, "students": {}, "failed": {}, "student_steps": setting.student_steps,
-             "teacher_code": setting.teacher_code}
+        q = {
+            "floor": ev.floor,
+            "n_eval": len(ev.noise),
+            "teacher": teacher_rows,
+            "teacher_seconds": setting.teacher_seconds,
+            "teacher_losses": setting.teacher_losses,
+            "students": {},
+            "failed": {},
+            "student_steps": setting.student_steps,
+            "teacher_code": setting.teacher_code,
+        }
         if name == "gmm":
             q["data_std"] = ev.data_std
-        sm = {"data": ev.ref if name != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()), "teacher": teacher_samples,
-              "students": {}, "trajectories": {}}
+        sm = {
+            "data": ev.ref if name != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()),
+            "teacher": teacher_samples,
+            "students": {},
+            "trajectories": {},
+        }
         if name != "digits":
             sm["trajectories"]["teacher (Euler 64)"] = ev.trajectory(teacher, 64)
         for method in methods:
@@ -1051,11 +1283,19 @@ def main(argv: list[str] | None = None) -> dict:
                 q["failed"][method] = f"{type(err).__name__}: {str(err)[:300]}"
                 log(f"{name}/{method}: FAILED {q['failed'][method]}")
                 continue
-            q["students"][method] = {"nfe": rows, "config": trained["config"], "losses": trained["losses"],
-                                     "seconds": trained["seconds"], "steps": trained["steps"], "init": trained["init"],
-                                     "config_source": trained.get("config_source", ""),
-                                     "cached": trained["cached"], "worker": trained.get("worker", False), "sampler_gamma": gamma,
-                                     "code": trained.get("code")}
+            q["students"][method] = {
+                "nfe": rows,
+                "config": trained["config"],
+                "losses": trained["losses"],
+                "seconds": trained["seconds"],
+                "steps": trained["steps"],
+                "init": trained["init"],
+                "config_source": trained.get("config_source", ""),
+                "cached": trained["cached"],
+                "worker": trained.get("worker", False),
+                "sampler_gamma": gamma,
+                "code": trained.get("code"),
+            }
             sm["students"][method] = student_samples
             if name != "digits":
                 sm["trajectories"][f"{method} (4 NFE)"] = ev.trajectory(trained["student"], 4, gamma=gamma)
@@ -1072,8 +1312,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["peer"] = {"available": False, "reason": "skipped (--skip peer)"}
     if "cost" not in skip:
         results["cost"] = cost_tables(methods, budget, device, memory)
-    results["streaming"] = ({"available": False, "reason": "skipped (--skip streaming)"} if "streaming" in skip
-                            else streaming_table(budget))
+    results["streaming"] = (
+        {"available": False, "reason": "skipped (--skip streaming)"} if "streaming" in skip else streaming_table(budget)
+    )
     results["meta"]["seconds"] = time.time() - start
     results["meta"]["load_average_end"] = _loadavg()
 
@@ -1097,7 +1338,9 @@ def _feature_extractor(inception_weights: str | None, cache: Path, budget: Budge
     from flowmap.features import load_feature_net
 
     net = load_feature_net(path)  # carries its test accuracy
-    return build_feature_extractor(None, net, source=f"{budget.feature_steps} steps, {'cached' if existed else 'trained in this run'}")
+    return build_feature_extractor(
+        None, net, source=f"{budget.feature_steps} steps, {'cached' if existed else 'trained in this run'}"
+    )
 
 
 def _by_class(x: Tensor, y: Tensor, per_class: int = 4) -> Tensor:

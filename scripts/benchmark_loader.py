@@ -66,17 +66,28 @@ def write_jpeg_shards(root: Path, size: int, count: int, shards: int, seed: int 
     return str(root / f"train-{{000000..{written - 1:06d}}}.tar"), total / count
 
 
-def loader_rate(shards: str, size: int, workers: int, batch_size: int, batches: int, warmup: int,
-                seconds: float = 2.0) -> float:
+def loader_rate(
+    shards: str, size: int, workers: int, batch_size: int, batches: int, warmup: int, seconds: float = 2.0
+) -> float:
     """Samples per second of ``WebDatasetStream`` in a DataLoader with ``workers`` workers (0: main process),
     timed over at least ``batches`` batches and ``seconds`` seconds, after ``warmup`` batches plus the batches
     the workers prefetch (which would otherwise arrive at no cost at the start of the timed window)."""
     prefetch = 2
     warmup += prefetch * workers
-    stream = WebDatasetStream(shards, batch_size=batch_size, epoch_length=10**6, image_size=size, num_classes=10,
-                              shuffle_buffer=batch_size, num_workers=workers, rank=0, world_size=1)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         prefetch_factor=prefetch if workers else None)
+    stream = WebDatasetStream(
+        shards,
+        batch_size=batch_size,
+        epoch_length=10**6,
+        image_size=size,
+        num_classes=10,
+        shuffle_buffer=batch_size,
+        num_workers=workers,
+        rank=0,
+        world_size=1,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch if workers else None
+    )
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -95,8 +106,17 @@ def step_rate(size: int, batch_size: int, steps: int, dim: int, depth: int, head
     from flowmap.objectives.denoising import DenoisingLoss
     from flowmap.optim import adam
 
-    net = build_net({"name": "dit", "data_shape": [3, size, size], "patch": max(size // TOKENS_SIDE, 1), "dim": dim,
-                     "depth": depth, "heads": heads, "num_classes": 10})
+    net = build_net(
+        {
+            "name": "dit",
+            "data_shape": [3, size, size],
+            "patch": max(size // TOKENS_SIDE, 1),
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "num_classes": 10,
+        }
+    )
     loss_fn = DenoisingLoss("linear", "velocity", "logit_normal")
     opt = adam(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -152,7 +172,9 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         cells = [f"{row['size']}x{row['size']}", f"{row['jpeg_bytes'] / 1024:.1f}"]
         cells += [f"{row['loader'][w]:.0f}" for w in workers]
-        cells += [f"{row['train']['samples_per_s']:.1f} ({row['train']['step_s'] * 1e3:.0f} ms / {result['batch_size']})"]
+        cells += [
+            f"{row['train']['samples_per_s']:.1f} ({row['train']['step_s'] * 1e3:.0f} ms / {result['batch_size']})"
+        ]
         cells += [f"{row['keeps_up_ratio']:.1f}x" if row["keeps_up_ratio"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -163,8 +185,13 @@ def run(a: argparse.Namespace) -> dict:
     if a.shards < max(max(workers), 1) or a.count < a.shards:
         raise ValueError(f"--shards ({a.shards}) must be >= the largest worker count and <= --count ({a.count})")
     threads = set_cpu_threads(a.threads)
-    result = {"threads": threads, "batch_size": a.batch_size, "workers": workers, "rows": [],
-              "model": {"dim": a.dim, "depth": a.depth, "heads": a.heads, "tokens": TOKENS_SIDE**2}}
+    result = {
+        "threads": threads,
+        "batch_size": a.batch_size,
+        "workers": workers,
+        "rows": [],
+        "model": {"dim": a.dim, "depth": a.depth, "heads": a.heads, "tokens": TOKENS_SIDE**2},
+    }
     with tempfile.TemporaryDirectory(prefix="flowmap-loader-") as tmp:
         base = Path(a.out) if a.out else Path(tmp)
         for size in sizes:
@@ -173,16 +200,19 @@ def run(a: argparse.Namespace) -> dict:
             torch.set_num_threads(threads)  # DataLoader start-up may change the main process's count
             train = step_rate(size, a.batch_size, a.steps, a.dim, a.depth, a.heads)
             ratio = loader[2] / train["samples_per_s"] if 2 in loader else None
-            result["rows"].append({"size": size, "jpeg_bytes": jpeg_bytes, "loader": loader, "train": train,
-                                   "keeps_up_ratio": ratio})
+            result["rows"].append(
+                {"size": size, "jpeg_bytes": jpeg_bytes, "loader": loader, "train": train, "keeps_up_ratio": ratio}
+            )
     return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     result = run(a)
-    print(f"samples/s; {result['threads']} torch thread(s) for the step, loader workers 1 thread each; DiT "
-          f"dim {a.dim}, depth {a.depth}, {TOKENS_SIDE**2} tokens; batch {a.batch_size}")
+    print(
+        f"samples/s; {result['threads']} torch thread(s) for the step, loader workers 1 thread each; DiT "
+        f"dim {a.dim}, depth {a.depth}, {TOKENS_SIDE**2} tokens; batch {a.batch_size}"
+    )
     print(table(result))
     return result
 

@@ -17,8 +17,12 @@ import torch
 TARGET_TEACHER_NFE_2D = 64
 TARGET_TEACHER_NFE_DIGITS = 32
 ONE_NFE_PRECISION_METHODS = ("meanflow", "scd", "cd")  # "MeanFlow, sCM and consistency distillation"
-DATA_TITLES = {"checkerboard": "Checkerboard", "eight_gaussians": "Eight Gaussians", "digits": "Digits (8x8, class-conditional)",
-               "gmm": "Analytic mixture ring8 (data-free distillation)"}
+DATA_TITLES = {
+    "checkerboard": "Checkerboard",
+    "eight_gaussians": "Eight Gaussians",
+    "digits": "Digits (8x8, class-conditional)",
+    "gmm": "Analytic mixture ring8 (data-free distillation)",
+}
 
 
 # --- targets ---------------------------------------------------------------------------------------
@@ -32,19 +36,35 @@ def _decay(meta: dict) -> str:
 def _lr_exceptions(meta: dict) -> str:
     """The students whose rate the script's ``LR_SCALE`` scales, as a clause ('' when none)."""
     scales = meta.get("lr_scale") or {}
-    return "" if not scales else " except " + ", ".join(f"{k} at {v:g}x it" for k, v in sorted(scales.items())) + " (`LR_SCALE`)"
+    return (
+        ""
+        if not scales
+        else " except " + ", ".join(f"{k} at {v:g}x it" for k, v in sorted(scales.items())) + " (`LR_SCALE`)"
+    )
 
 
 def _target(text: str, value: float | None, threshold: float, sense: str, note: str = "") -> dict:
     """One target: met when value <= threshold (sense '<=') or >= threshold ('>='); the margin is relative."""
     if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return {"target": text, "value": None, "threshold": threshold, "sense": sense, "met": None,
-                "margin": f"not evaluated{': ' + note if note else ''}"}
+        return {
+            "target": text,
+            "value": None,
+            "threshold": threshold,
+            "sense": sense,
+            "met": None,
+            "margin": f"not evaluated{': ' + note if note else ''}",
+        }
     met = value <= threshold if sense == "<=" else value >= threshold
     rel = abs(value - threshold) / abs(threshold) if threshold else abs(value - threshold)
     margin = f"met, {rel:.0%} to spare" if met else f"missed by {rel:.0%}"
-    return {"target": text, "value": float(value), "threshold": threshold, "sense": sense, "met": bool(met),
-            "margin": margin + (f" ({note})" if note else "")}
+    return {
+        "target": text,
+        "value": float(value),
+        "threshold": threshold,
+        "sense": sense,
+        "met": bool(met),
+        "margin": margin + (f" ({note})" if note else ""),
+    }
 
 
 def _get(d: dict, *keys):
@@ -64,23 +84,45 @@ def evaluate_targets(results: dict) -> list[dict]:
         ref = _get(cb, "teacher", "heun", TARGET_TEACHER_NFE_2D, "w2")
         for m, st in cb["students"].items():
             w2 = _get(st, "nfe", 2, "w2")
-            out.append(_target(f"checkerboard: {m} W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]",
-                               w2 / ref if (w2 is not None and ref) else None, 1.25, "<="))
+            out.append(
+                _target(
+                    f"checkerboard: {m} W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]",
+                    w2 / ref if (w2 is not None and ref) else None,
+                    1.25,
+                    "<=",
+                )
+            )
         for m in ONE_NFE_PRECISION_METHODS:
             prec = _get(cb, "students", m, "nfe", 1, "precision")
             why = "method not run" if m not in cb["students"] else ""
             why = cb.get("failed", {}).get(m, why)
-            out.append(_target(f"checkerboard: {m} at 1 NFE puts >= 0.90 of its samples on occupied cells", prec, 0.90, ">=", why if prec is None else ""))
+            out.append(
+                _target(
+                    f"checkerboard: {m} at 1 NFE puts >= 0.90 of its samples on occupied cells",
+                    prec,
+                    0.90,
+                    ">=",
+                    why if prec is None else "",
+                )
+            )
     gmm = q.get("gmm")
     if gmm:
         best = {m: _get(st, "nfe", 1, "rmse") for m, st in gmm["students"].items()}
         best = {m: v for m, v in best.items() if v is not None and math.isfinite(v)}
         if best:
             m = min(best, key=best.get)
-            out.append(_target(f"mixture: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std ({gmm['data_std']:.3f}) [RMSE / std]",
-                               best[m] / gmm["data_std"], 0.05, "<="))
+            out.append(
+                _target(
+                    f"mixture: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std ({gmm['data_std']:.3f}) [RMSE / std]",
+                    best[m] / gmm["data_std"],
+                    0.05,
+                    "<=",
+                )
+            )
         else:
-            out.append(_target("mixture: best 1-NFE flow-map RMSE < 5% of the data std", None, 0.05, "<=", "no student"))
+            out.append(
+                _target("mixture: best 1-NFE flow-map RMSE < 5% of the data std", None, 0.05, "<=", "no student")
+            )
     dg = q.get("digits")
     if dg:
         ref = _get(dg, "teacher", "heun", TARGET_TEACHER_NFE_DIGITS, "fd")
@@ -88,36 +130,88 @@ def evaluate_targets(results: dict) -> list[dict]:
         fds = {m: v for m, v in fds.items() if v is not None and math.isfinite(v)}
         if fds and ref:
             m = min(fds, key=fds.get)
-            out.append(_target(f"digits: best student's FD at 2 NFE ({m}: {fds[m]:.3f}) <= 1.5x the teacher's at 32 NFE "
-                               f"(Heun, {ref:.3f}) [ratio]", fds[m] / ref, 1.5, "<="))
+            out.append(
+                _target(
+                    f"digits: best student's FD at 2 NFE ({m}: {fds[m]:.3f}) <= 1.5x the teacher's at 32 NFE "
+                    f"(Heun, {ref:.3f}) [ratio]",
+                    fds[m] / ref,
+                    1.5,
+                    "<=",
+                )
+            )
         else:
-            out.append(_target("digits: best student's FD at 2 NFE <= 1.5x the teacher's at 32 NFE", None, 1.5, "<=", "no student"))
+            out.append(
+                _target(
+                    "digits: best student's FD at 2 NFE <= 1.5x the teacher's at 32 NFE", None, 1.5, "<=", "no student"
+                )
+            )
     cost = results.get("cost", {})
     for net, limit in (("mlp", 2.5), ("dit", 3.0)):
         configured = _get(cost, net, "steps", "meanflow", "ratio")
         worst = _get(cost, net, "steps", "meanflow (every pair s != t)", "ratio")
-        ratio = max(r for r in (configured, worst) if r is not None) if configured is not None or worst is not None else None
+        ratio = (
+            max(r for r in (configured, worst) if r is not None)
+            if configured is not None or worst is not None
+            else None
+        )
         note = "" if ratio is not None else ("cost table skipped" if not cost else "meanflow not run")
-        detail = f"as configured {configured:.2f}, every pair s != t {worst:.2f}; the larger" if configured is not None and worst is not None else ""
-        out.append(_target(f"cost: a MeanFlow step <= {limit}x a flow-matching step ({net.upper()}) [ratio{'; ' + detail if detail else ''}]",
-                           ratio, limit, "<=", note))
+        detail = (
+            f"as configured {configured:.2f}, every pair s != t {worst:.2f}; the larger"
+            if configured is not None and worst is not None
+            else ""
+        )
+        out.append(
+            _target(
+                f"cost: a MeanFlow step <= {limit}x a flow-matching step ({net.upper()}) [ratio{'; ' + detail if detail else ''}]",
+                ratio,
+                limit,
+                "<=",
+                note,
+            )
+        )
     for net in ("mlp", "dit"):
         r = _get(cost, net, "throughput", "student 1 NFE", "vs_raw_forward")
-        out.append(_target(f"cost: 1-NFE sampling >= 0.9x the raw forward's throughput ({net.upper()}) [ratio]", r, 0.9, ">=",
-                           "" if r is not None else "cost table skipped"))
+        out.append(
+            _target(
+                f"cost: 1-NFE sampling >= 0.9x the raw forward's throughput ({net.upper()}) [ratio]",
+                r,
+                0.9,
+                ">=",
+                "" if r is not None else "cost table skipped",
+            )
+        )
     peer = results.get("peer", {})
     reason = peer.get("reason", "peer not run")
-    same = (f"; with our schedule on torchcfm's loop {peer['same_schedule_step_ratio']:.3f}"
-            if peer.get("same_schedule_step_ratio") is not None else "")
-    out.append(_target(f"peer: our flow-matching step no slower than torchcfm's [time ratio ours / torchcfm{same}]",
-                       peer.get("step_ratio"), 1.0, "<=", "" if peer.get("available") else reason))
+    same = (
+        f"; with our schedule on torchcfm's loop {peer['same_schedule_step_ratio']:.3f}"
+        if peer.get("same_schedule_step_ratio") is not None
+        else ""
+    )
+    out.append(
+        _target(
+            f"peer: our flow-matching step no slower than torchcfm's [time ratio ours / torchcfm{same}]",
+            peer.get("step_ratio"),
+            1.0,
+            "<=",
+            "" if peer.get("available") else reason,
+        )
+    )
     same = ""
     if peer.get("same_schedule_w2_ratio") is not None:
         se = peer.get("same_schedule_w2_diff_se")
-        same = (f"; with our schedule on torchcfm's loop {peer['same_schedule_w2_ratio']:.3f}, paired difference "
-                f"{_d(peer['same_schedule_w2_diff'])}" + (f" +- {_d(se, False)}" if se is not None else ""))
-    out.append(_target(f"peer: our final W2 no worse than torchcfm's [W2 ratio ours / torchcfm{same}]",
-                       peer.get("w2_ratio"), 1.0, "<=", "" if peer.get("available") else reason))
+        same = (
+            f"; with our schedule on torchcfm's loop {peer['same_schedule_w2_ratio']:.3f}, paired difference "
+            f"{_d(peer['same_schedule_w2_diff'])}" + (f" +- {_d(se, False)}" if se is not None else "")
+        )
+    out.append(
+        _target(
+            f"peer: our final W2 no worse than torchcfm's [W2 ratio ours / torchcfm{same}]",
+            peer.get("w2_ratio"),
+            1.0,
+            "<=",
+            "" if peer.get("available") else reason,
+        )
+    )
     return out
 
 
@@ -158,8 +252,8 @@ CELL_LEGEND = {
     "eight_gaussians": "exact W2 to fresh data / share of samples within 4 std of a centre",
     "gmm": "flow-map RMSE of X(eps, 1, 0) against the exact map on the same eps (n/a for re-noising samplers above 1 NFE) / exact W2 to fresh mixture samples",
     "digits": "FD / KID against the train split's features (class accuracy of the samples: share the classifier assigns to the requested label). "
-              "The floor has only the 359 test images, so its FD carries a larger small-sample bias than the models' (FD falls "
-              "as N grows); KID is unbiased and compares across sample sizes",
+    "The floor has only the 359 test images, so its FD carries a larger small-sample bias than the models' (FD falls "
+    "as N grows); KID is unbiased and compares across sample sizes",
 }
 
 
@@ -174,12 +268,17 @@ def code_note(results: dict) -> str:
         if "teacher_code" in q and q["teacher_code"] != code:
             what = "flow-matching init net" if name == "gmm" else "teacher"
             other.append(f"{name} {what} ({q['teacher_code'] or 'unrecorded'})")
-        other += [f"{name}/{m} ({st.get('code') or 'unrecorded'})" for m, st in q.get("students", {}).items()
-                  if "code" in st and st["code"] != code]
+        other += [
+            f"{name}/{m} ({st.get('code') or 'unrecorded'})"
+            for m, st in q.get("students", {}).items()
+            if "code" in st and st["code"] != code
+        ]
     if not other:
         return f"Training code fingerprint {code} (`flowmap/`, `teachers/`): every teacher and student here was trained under it."
-    return (f"Training code fingerprint {code} (`flowmap/`, `teachers/`). **Trained under other code** (reused from the cache, "
-            f"which is keyed on configs; `--fresh` retrains): {', '.join(other)}.")
+    return (
+        f"Training code fingerprint {code} (`flowmap/`, `teachers/`). **Trained under other code** (reused from the cache, "
+        f"which is keyed on configs; `--fresh` retrains): {', '.join(other)}."
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -201,27 +300,37 @@ def markdown(results: dict, targets: list[dict]) -> str:
     L: list[str] = ["# flowmap benchmark", ""]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     scale = f", steps x {meta['scale']}" if meta.get("scale", 1.0) != 1.0 else ""
-    L.append(f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: {meta['machine']}, {meta['cpu_count']} cores, "
-             f"{meta['threads']} torch thread(s), device {meta['device']}, torch {meta['torch']}, Python {meta['python']}; "
-             f"load average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end; "
-             f"{meta.get('seconds', 0) / 60:.1f} min in all.")
+    L.append(
+        f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: {meta['machine']}, {meta['cpu_count']} cores, "
+        f"{meta['threads']} torch thread(s), device {meta['device']}, torch {meta['torch']}, Python {meta['python']}; "
+        f"load average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end; "
+        f"{meta.get('seconds', 0) / 60:.1f} min in all."
+    )
     if meta.get("jobs", 1) > 1:
         L.append("")
-        L.append(f"Teachers and students were trained in {meta['jobs']} worker processes of one torch thread each (`--jobs "
-                 f"{meta['jobs']}`; step times marked *worker* ran side by side with another training), then evaluated here.")
+        L.append(
+            f"Teachers and students were trained in {meta['jobs']} worker processes of one torch thread each (`--jobs "
+            f"{meta['jobs']}`; step times marked *worker* ran side by side with another training), then evaluated here."
+        )
     L.append("")
     if meta["budget"] == "quick":
-        L += ["> **Quick smoke run.** Tiny nets and budgets: every table is filled so the pipeline is checked, "
-              "but these numbers say nothing about the methods. Run `python scripts/benchmark.py` for the real ones.", ""]
-    L += ["Every student is a `FlowMap` with the same backbone as its teacher, initialized from the teacher's weights "
-          "(the mixture's students from a flow-matching net trained on the mixture's own samples; the exact mixture "
-          "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
-          f"with the same batch and Adam learning rate ({_decay(meta)}){_lr_exceptions(meta)}; "
-          "methods' hyperparameters are their tuned configs (`configs/distill`) or defaults, with curricula scaled "
-          "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. Students sample with "
-          "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
-          "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "
-          "along the grid (gamma = 0).", ""]
+        L += [
+            "> **Quick smoke run.** Tiny nets and budgets: every table is filled so the pipeline is checked, "
+            "but these numbers say nothing about the methods. Run `python scripts/benchmark.py` for the real ones.",
+            "",
+        ]
+    L += [
+        "Every student is a `FlowMap` with the same backbone as its teacher, initialized from the teacher's weights "
+        "(the mixture's students from a flow-matching net trained on the mixture's own samples; the exact mixture "
+        "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
+        f"with the same batch and Adam learning rate ({_decay(meta)}){_lr_exceptions(meta)}; "
+        "methods' hyperparameters are their tuned configs (`configs/distill`) or defaults, with curricula scaled "
+        "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. Students sample with "
+        "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
+        "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "
+        "along the grid (gamma = 0).",
+        "",
+    ]
     L += [code_note(results), ""]
     L.append(f"Methods run: {', '.join(meta['methods']) or 'none'}.")
     for m, why in meta.get("skipped_methods", {}).items():
@@ -230,12 +339,25 @@ def markdown(results: dict, targets: list[dict]) -> str:
         for m, why in q.get("failed", {}).items():
             L.append(f"- `{m}` failed on {name}: {why}")
     if "features" in meta:
-        L += ["", f"Digit features: {meta['features']}. FD and KID values in these features are not comparable with "
-              "Inception FID / KID."]
+        L += [
+            "",
+            f"Digit features: {meta['features']}. FD and KID values in these features are not comparable with "
+            "Inception FID / KID.",
+        ]
     L += ["", "## Targets", ""]
-    L += _table(["target", "value", "threshold", "met", "margin"],
-                [[t["target"], _f(t["value"]), f"{t['sense']} {t['threshold']}",
-                  {True: "yes", False: "**no**", None: "-"}[t["met"]], t["margin"]] for t in targets])
+    L += _table(
+        ["target", "value", "threshold", "met", "margin"],
+        [
+            [
+                t["target"],
+                _f(t["value"]),
+                f"{t['sense']} {t['threshold']}",
+                {True: "yes", False: "**no**", None: "-"}[t["met"]],
+                t["margin"],
+            ]
+            for t in targets
+        ],
+    )
     n_met = sum(t["met"] is True for t in targets)
     n_eval = sum(t["met"] is not None for t in targets)
     L += ["", f"{n_met} of {n_eval} evaluated targets met."]
@@ -244,11 +366,17 @@ def markdown(results: dict, targets: list[dict]) -> str:
     for name, q in results["quality"].items():
         L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {CELL_LEGEND[name]}.", ""]
         fl = q["floor"]
-        L.append(f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; the data-vs-data "
-                 f"floor compares {fl.get('n')} other data samples with the same reference: {_cell(name, fl)}." + (f" Data std (per coordinate, RMS): {q['data_std']:.4f}." if "data_std" in q else ""))
+        L.append(
+            f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; the data-vs-data "
+            f"floor compares {fl.get('n')} other data samples with the same reference: {_cell(name, fl)}."
+            + (f" Data std (per coordinate, RMS): {q['data_std']:.4f}." if "data_std" in q else "")
+        )
         L.append("")
         nfes = sorted({n for s in q["teacher"].values() for n in _nfe_keys(s)})
-        rows = [[f"teacher, {solver}"] + [_cell(name, _row(q["teacher"][solver], n)) for n in nfes] for solver in ("euler", "heun")]
+        rows = [
+            [f"teacher, {solver}"] + [_cell(name, _row(q["teacher"][solver], n)) for n in nfes]
+            for solver in ("euler", "heun")
+        ]
         L += _table(["teacher \\ NFE", *map(str, nfes)], rows)
         L.append("")
         what = "Flow-matching init net" if name == "gmm" else "Teacher"
@@ -257,16 +385,32 @@ def markdown(results: dict, targets: list[dict]) -> str:
         rows = []
         for m, st in q["students"].items():
             per = st["seconds"] / max(1, st["steps"])
-            rows.append([m] + [_cell(name, _row(st["nfe"], n)) for n in _nfe_keys(st["nfe"])]
-                        + [str(st["steps"]), f"{per * 1e3:.1f}" + (" (cached)" if st.get("cached") else " (worker)" if st.get("worker") else "")])
+            rows.append(
+                [m]
+                + [_cell(name, _row(st["nfe"], n)) for n in _nfe_keys(st["nfe"])]
+                + [
+                    str(st["steps"]),
+                    f"{per * 1e3:.1f}" + (" (cached)" if st.get("cached") else " (worker)" if st.get("worker") else ""),
+                ]
+            )
         if rows:
-            L += _table(["student \\ NFE", *map(str, sorted(_nfe_keys(next(iter(q["students"].values()))["nfe"]))), "steps", "ms / step (wall)"], rows)
+            L += _table(
+                [
+                    "student \\ NFE",
+                    *map(str, sorted(_nfe_keys(next(iter(q["students"].values()))["nfe"]))),
+                    "steps",
+                    "ms / step (wall)",
+                ],
+                rows,
+            )
         else:
             L.append("No student finished on this data set.")
         L.append("")
-        notes = [f"`{m}`: init {st.get('init', '?')}; {st.get('config_source') or 'benchmark defaults'}"
-                 + (f"; sampler gamma {st['sampler_gamma']}" if st.get("sampler_gamma") else "")
-                 for m, st in q["students"].items()]
+        notes = [
+            f"`{m}`: init {st.get('init', '?')}; {st.get('config_source') or 'benchmark defaults'}"
+            + (f"; sampler gamma {st['sampler_gamma']}" if st.get("sampler_gamma") else "")
+            for m, st in q["students"].items()
+        ]
         if notes:
             L += ["<details><summary>students' initialization and hyperparameter sources</summary>", ""]
             L += [f"- {n}" for n in notes] + ["", "</details>", ""]
@@ -276,11 +420,16 @@ def markdown(results: dict, targets: list[dict]) -> str:
     if not cost:
         L += ["Skipped.", ""]
     else:
-        L += [f"Seconds per training step (objective, backward, clipping, Adam, EMA target), medians over interleaved "
-              f"repeats in one process, and the ratio to a plain flow-matching step on the same net and batch. "
-              f"Peak memory: {meta['memory_method']}, of one step after warm-up, in MiB.", ""]
+        L += [
+            f"Seconds per training step (objective, backward, clipping, Adam, EMA target), medians over interleaved "
+            f"repeats in one process, and the ratio to a plain flow-matching step on the same net and batch. "
+            f"Peak memory: {meta['memory_method']}, of one step after warm-up, in MiB.",
+            "",
+        ]
         for net, c in cost.items():
-            L.append(f"**{net.upper()}** ({c['params']:,} parameters, batch {c['batch']}, config `{json.dumps(c['net'])}`)")
+            L.append(
+                f"**{net.upper()}** ({c['params']:,} parameters, batch {c['batch']}, config `{json.dumps(c['net'])}`)"
+            )
             L.append("")
             rows = []
             for m, r in c["steps"].items():
@@ -294,11 +443,27 @@ def markdown(results: dict, targets: list[dict]) -> str:
         rows = []
         for net, c in cost.items():
             tp = c["throughput"]
-            rows.append([net.upper(), str(c["throughput_batch"]), f"{tp['raw forward']['samples_per_s']:.4g}",
-                         f"{tp['student 1 NFE']['samples_per_s']:.4g} ({tp['student 1 NFE']['vs_raw_forward']:.2f}x)",
-                         f"{tp['teacher 64 NFE']['samples_per_s']:.4g}", f"{tp['student 1 NFE']['vs_teacher_64']:.1f}x"])
-        L += _table(["net", "batch", "raw forward (samples/s)", "student 1 NFE (x raw)", "teacher 64 NFE Euler",
-                     "1 NFE speed-up over teacher"], rows)
+            rows.append(
+                [
+                    net.upper(),
+                    str(c["throughput_batch"]),
+                    f"{tp['raw forward']['samples_per_s']:.4g}",
+                    f"{tp['student 1 NFE']['samples_per_s']:.4g} ({tp['student 1 NFE']['vs_raw_forward']:.2f}x)",
+                    f"{tp['teacher 64 NFE']['samples_per_s']:.4g}",
+                    f"{tp['student 1 NFE']['vs_teacher_64']:.1f}x",
+                ]
+            )
+        L += _table(
+            [
+                "net",
+                "batch",
+                "raw forward (samples/s)",
+                "student 1 NFE (x raw)",
+                "teacher 64 NFE Euler",
+                "1 NFE speed-up over teacher",
+            ],
+            rows,
+        )
         L.append("")
     L += ["## Peer: flow-matching teacher against torchcfm", ""]
     peer = results.get("peer") or {}
@@ -306,21 +471,33 @@ def markdown(results: dict, targets: list[dict]) -> str:
         L += [f"Not run: {peer.get('reason', 'no peer result')}.", ""]
     else:
         trainers = peer.get("trainers", ["ours", "torchcfm"])
-        L += [f"torchcfm {peer['version']} `ConditionalFlowMatcher(sigma=0)` (its x_t = t x1 + (1 - t) x0 with x0 = data, "
-              f"x1 = noise is our linear path) against our `DenoisingLoss` (uniform times), on the same MLP (same init), "
-              f"{peer['data']} batches ({peer['batch']}), {peer['steps']} steps, peak learning rate "
-              f"{peer.get('lr', float('nan')):g} and gradient clipping at 1, timed in blocks of alternating order. "
-              "Trainers: `ours` is `flowmap.training.TrainLoop` as this benchmark trains its teachers (Adam on the fused "
-              f"kernel, half-cosine decay of the rate to {peer.get('lr_final', float('nan')):g}); `torchcfm` is torchcfm's "
-              "documented loop (`torch.optim.Adam` at a constant rate); `torchcfm, our schedule` is that loop with our rate "
-              "schedule, so ours against it compares the implementations alone (loss arithmetic, optimizer kernel). "
-              f"W2 of 64-NFE Heun samples, the mean over {peer.get('seeds', 1)} seed(s) (init, data and noise; one run's W2 "
-              "moves by tens of percent with the seed); within a seed all trainers draw the same times and noises at every "
-              "step (common random numbers).", ""]
-        L += _table(["trainer", "ms / step", "final W2 (mean)", "W2 per seed", "final loss"],
-                    [[n, f"{peer[n]['step_s'] * 1e3:.2f}", _f(peer[n]["w2"]),
-                      ", ".join(_f(w) for w in peer[n].get("w2_per_seed", [peer[n]["w2"]])), _f(peer[n]["final_loss"])]
-                     for n in trainers])
+        L += [
+            f"torchcfm {peer['version']} `ConditionalFlowMatcher(sigma=0)` (its x_t = t x1 + (1 - t) x0 with x0 = data, "
+            f"x1 = noise is our linear path) against our `DenoisingLoss` (uniform times), on the same MLP (same init), "
+            f"{peer['data']} batches ({peer['batch']}), {peer['steps']} steps, peak learning rate "
+            f"{peer.get('lr', float('nan')):g} and gradient clipping at 1, timed in blocks of alternating order. "
+            "Trainers: `ours` is `flowmap.training.TrainLoop` as this benchmark trains its teachers (Adam on the fused "
+            f"kernel, half-cosine decay of the rate to {peer.get('lr_final', float('nan')):g}); `torchcfm` is torchcfm's "
+            "documented loop (`torch.optim.Adam` at a constant rate); `torchcfm, our schedule` is that loop with our rate "
+            "schedule, so ours against it compares the implementations alone (loss arithmetic, optimizer kernel). "
+            f"W2 of 64-NFE Heun samples, the mean over {peer.get('seeds', 1)} seed(s) (init, data and noise; one run's W2 "
+            "moves by tens of percent with the seed); within a seed all trainers draw the same times and noises at every "
+            "step (common random numbers).",
+            "",
+        ]
+        L += _table(
+            ["trainer", "ms / step", "final W2 (mean)", "W2 per seed", "final loss"],
+            [
+                [
+                    n,
+                    f"{peer[n]['step_s'] * 1e3:.2f}",
+                    _f(peer[n]["w2"]),
+                    ", ".join(_f(w) for w in peer[n].get("w2_per_seed", [peer[n]["w2"]])),
+                    _f(peer[n]["final_loss"]),
+                ]
+                for n in trainers
+            ],
+        )
         L.append("")
         for key, other in (("", "torchcfm"), ("same_schedule_", "torchcfm, our schedule")):
             if peer.get(f"{key}step_ratio") is None:
@@ -328,8 +505,10 @@ def markdown(results: dict, targets: list[dict]) -> str:
             line = f"Ours / `{other}`: time {peer[f'{key}step_ratio']:.3f}, W2 {peer[f'{key}w2_ratio']:.3f}"
             d, se = peer.get(f"{key}w2_diff"), peer.get(f"{key}w2_diff_se")
             if d is not None and se is not None:  # a standard error needs two seeds or more
-                line += (f"; W2 difference paired by seed {_d(d)} +- {_d(se, False)} (standard error over {peer.get('seeds', 1)} "
-                         f"seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero)")
+                line += (
+                    f"; W2 difference paired by seed {_d(d)} +- {_d(se, False)} (standard error over {peer.get('seeds', 1)} "
+                    f"seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero)"
+                )
             elif d is not None:
                 line += f"; W2 difference {_d(d)} (one seed: no standard error)"
             L.append(line + ".")
@@ -339,14 +518,24 @@ def markdown(results: dict, targets: list[dict]) -> str:
     if not st.get("available"):
         L += [f"Not run: {st.get('reason', 'no streaming result')}.", ""]
     else:
-        L += [f"{st['data']}: {st['count']} samples in {st['shards']} shards, batch {st['batch_size']}, {st['num_batches']} batches "
-              "per measurement (worker start-up included).", ""]
+        L += [
+            f"{st['data']}: {st['count']} samples in {st['shards']} shards, batch {st['batch_size']}, {st['num_batches']} batches "
+            "per measurement (worker start-up included).",
+            "",
+        ]
         rows = [["memory (TensorDataset)", f"{st['memory']:.4g}", "1.00"]]
-        rows += [[f"shards, {w} worker{'s' if w > 1 else ''}", f"{st[f'shards_w{w}']:.4g}", f"{st[f'ratio_w{w}']:.3f}"]
-                 for w in (1, 2) if f"shards_w{w}" in st]
+        rows += [
+            [f"shards, {w} worker{'s' if w > 1 else ''}", f"{st[f'shards_w{w}']:.4g}", f"{st[f'ratio_w{w}']:.3f}"]
+            for w in (1, 2)
+            if f"shards_w{w}" in st
+        ]
         L += _table(["source", "samples / s", "x memory"], rows)
-        L += ["", "Tiny decoded samples make memory the upper bound; shards pay tar parsing and PNG decoding per sample, "
-              "which worker processes hide once the model step costs more than the decode.", ""]
+        L += [
+            "",
+            "Tiny decoded samples make memory the upper bound; shards pay tar parsing and PNG decoding per sample, "
+            "which worker processes hide once the model step costs more than the decode.",
+            "",
+        ]
     plots = results.get("plots", [])
     if plots:
         L += ["## Plots", ""] + [f"- [{p}]({p})" for p in plots] + [""]
@@ -420,7 +609,9 @@ def trajectory_grid(path: Path, trajectories: dict, lim: float) -> None:
     for ax, (title, traj) in zip(axes.flat, trajectories.items()):
         tr = traj.float().numpy()
         ax.axis("on")
-        paths = np.concatenate([tr, np.full((1, *tr.shape[1:]), np.nan)]).transpose(1, 0, 2).reshape(-1, 2)  # one NaN-separated line
+        paths = (
+            np.concatenate([tr, np.full((1, *tr.shape[1:]), np.nan)]).transpose(1, 0, 2).reshape(-1, 2)
+        )  # one NaN-separated line
         ax.plot(paths[:, 0], paths[:, 1], color="0.6", lw=0.4, alpha=0.5)
         ax.scatter(tr[0, :, 0], tr[0, :, 1], s=2, c="tab:blue")
         ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=2, c="tab:red")
@@ -527,7 +718,9 @@ def write_plots(samples: dict, results: dict, out: Path) -> list[str]:
             p = out / f"trajectories_{name}.png"
             trajectory_grid(p, sm["trajectories"], lims[name])
             files.append(p.name)
-        for i, key in enumerate({"checkerboard": ["w2"], "eight_gaussians": ["w2"], "gmm": ["rmse", "w2"], "digits": ["fd"]}[name]):
+        for i, key in enumerate(
+            {"checkerboard": ["w2"], "eight_gaussians": ["w2"], "gmm": ["rmse", "w2"], "digits": ["fd"]}[name]
+        ):
             p = out / (f"quality_vs_nfe_{name}.png" if i == 0 else f"quality_vs_nfe_{name}_{key}.png")
             quality_curves(p, name, q, key)
             files.append(p.name)

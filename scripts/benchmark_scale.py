@@ -36,8 +36,16 @@ import torch
 from flowmap.runtime import THREADS_HELP, set_cpu_threads
 
 SIZES = {
-    "unet": {"name": "unet", "data_shape": [3, 32, 32], "channels": 128, "channel_mult": [2, 2, 2], "num_res_blocks": 4,
-             "attn_resolutions": [16], "heads": 4, "emb_dim": 512},
+    "unet": {
+        "name": "unet",
+        "data_shape": [3, 32, 32],
+        "channels": 128,
+        "channel_mult": [2, 2, 2],
+        "num_res_blocks": 4,
+        "attn_resolutions": [16],
+        "heads": 4,
+        "emb_dim": 512,
+    },
     "dit_s2": {"name": "dit", "data_shape": [4, 32, 32], "patch": 2, "dim": 384, "depth": 12, "heads": 6},
     "dit_b2": {"name": "dit", "data_shape": [4, 32, 32], "patch": 2, "dim": 768, "depth": 12, "heads": 12},
     "dit_tiny": {"name": "dit", "data_shape": [4, 8, 8], "patch": 2, "dim": 32, "depth": 2, "heads": 2},  # for tests
@@ -119,7 +127,9 @@ def run_net(net_name: str, a: argparse.Namespace, device: torch.device) -> dict:
     batch_fn = lambda: (x, None)
     configs: dict[str, dict | None] = {"fm": None}
     for m in a.methods:
-        configs[m] = bench.method_config(m, "digits", 1000)  # the benchmark's image defaults (no guidance: unconditional)
+        configs[m] = bench.method_config(
+            m, "digits", 1000
+        )  # the benchmark's image defaults (no guidance: unconditional)
         if m == "meanflow":
             configs[m] = {**configs[m], "equal_share": 0.0}  # every pair s != t: a JVP for the whole batch
             configs[MEANFLOW_FUNC] = {**configs[m], "jvp_backend": "func"}
@@ -158,16 +168,26 @@ def run_net(net_name: str, a: argparse.Namespace, device: torch.device) -> dict:
     fns = {"raw forward": raw, "student 1 NFE": lambda: sample(student, noise, 1)}
     tp = bench.interleaved_times(fns, max(a.steps, 2), 1, device, warmup=1)
     throughput = {n: a.batch / bench.median(v) for n, v in tp.items()}
-    return {"net": cfg, "params": params, "batch": a.batch, "steps": rows, "samples_per_s": throughput,
-            "state_bytes_per_param": state_bytes,
-            "sampling_vs_raw": throughput["student 1 NFE"] / throughput["raw forward"], "memory": memory.method}
+    return {
+        "net": cfg,
+        "params": params,
+        "batch": a.batch,
+        "steps": rows,
+        "samples_per_s": throughput,
+        "state_bytes_per_param": state_bytes,
+        "sampling_vs_raw": throughput["student 1 NFE"] / throughput["raw forward"],
+        "memory": memory.method,
+    }
 
 
 def table(result: dict) -> str:
     lines = []
     for net_name, r in result["nets"].items():
-        lines += [f"\n{net_name}: {r['params'] / 1e6:.1f}M parameters, batch {r['batch']} ({result['where']})\n",
-                  "| step | s/step (this CPU) | x fm step | peak MiB | compiled speed-up |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"\n{net_name}: {r['params'] / 1e6:.1f}M parameters, batch {r['batch']} ({result['where']})\n",
+            "| step | s/step (this CPU) | x fm step | peak MiB | compiled speed-up |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, row in r["steps"].items():
             if "error" in row:
                 lines.append(f"| {name} | failed: {row['error']} | | | |")
@@ -176,8 +196,10 @@ def table(result: dict) -> str:
             speed = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else ""
             lines.append(f"| {name} | {row['step_s']:.2f} | {row['ratio']:.2f}x | {peak} | {speed} |")
         tp = r["samples_per_s"]
-        lines.append(f"\nsampling: raw forward {tp['raw forward']:.2f} samples/s, student 1 NFE "
-                     f"{tp['student 1 NFE']:.2f} samples/s ({r['sampling_vs_raw']:.2f}x)")
+        lines.append(
+            f"\nsampling: raw forward {tp['raw forward']:.2f} samples/s, student 1 NFE "
+            f"{tp['student 1 NFE']:.2f} samples/s ({r['sampling_vs_raw']:.2f}x)"
+        )
     return "\n".join(lines)
 
 
@@ -185,8 +207,13 @@ def table(result: dict) -> str:
 
 PAPER_NETS = {  # student = teacher architecture; DiT: tokens x width x depth; UNet: base channels, mults, blocks, side
     "DiT-XL/2, 256x256 (4x32x32 latents)": {"params": 675e6, "tokens": 256, "dim": 1152, "depth": 28},
-    "SD-size UNet (SD 1.5, 4x64x64 latents)": {"params": 860e6, "channels": 320, "mult": [1, 2, 4, 4], "blocks": 2,
-                                               "side": 64},
+    "SD-size UNet (SD 1.5, 4x64x64 latents)": {
+        "params": 860e6,
+        "channels": 320,
+        "mult": [1, 2, 4, 4],
+        "blocks": 2,
+        "side": 64,
+    },
 }
 
 
@@ -220,18 +247,31 @@ def measured_costs(result: dict) -> dict:
             side = net["data_shape"][1] // net["patch"]
             size = {"tokens": side * side, "dim": net["dim"], "depth": net["depth"]}
         else:
-            size = {"channels": net["channels"], "mult": net["channel_mult"], "blocks": net["num_res_blocks"],
-                    "side": net["data_shape"][1]}
+            size = {
+                "channels": net["channels"],
+                "mult": net["channel_mult"],
+                "blocks": net["num_res_blocks"],
+                "side": net["data_shape"][1],
+            }
         x, _, _ = activation_units(size)
         act = fm_peak * 2**20
         mf = rows.get("meanflow", {}).get("peak_mib")
-        costs[net["name"]] = {"bytes_per_unit": act / (r["batch"] * x), "meanflow_over_fm": (mf / fm_peak) if mf else None,
-                              "from": name}
+        costs[net["name"]] = {
+            "bytes_per_unit": act / (r["batch"] * x),
+            "meanflow_over_fm": (mf / fm_peak) if mf else None,
+            "from": name,
+        }
     return costs
 
 
-def paper_memory(costs: dict, world: int = 8, batch: int = 32, state_bytes: float = 16.0, ema_bytes: float = 4.0,
-                 teacher_bytes: float = 2.0) -> list[dict]:
+def paper_memory(
+    costs: dict,
+    world: int = 8,
+    batch: int = 32,
+    state_bytes: float = 16.0,
+    ema_bytes: float = 4.0,
+    teacher_bytes: float = 2.0,
+) -> list[dict]:
     """GiB per GPU for each ``PAPER_NETS`` entry under DDP, FSDP and FSDP + activation checkpointing:
 
         DDP          (s + e) P       + t P + B A
@@ -251,21 +291,33 @@ def paper_memory(costs: dict, world: int = 8, batch: int = 32, state_bytes: floa
         p = net["params"]
         fixed = teacher_bytes * p
         gib = 2.0**30
-        rows.append({
-            "net": name, "params": p, "act_gib_per_sample": act / gib,
-            "ddp": ((state_bytes + ema_bytes) * p + fixed + batch * act) / gib,
-            "fsdp": ((state_bytes + ema_bytes) * p / world + fixed + 8 * p / units + batch * act) / gib,
-            "fsdp_ac": ((state_bytes + ema_bytes) * p / world + fixed + 8 * p / units + batch * (inputs + act / units)) / gib,
-        })
+        rows.append(
+            {
+                "net": name,
+                "params": p,
+                "act_gib_per_sample": act / gib,
+                "ddp": ((state_bytes + ema_bytes) * p + fixed + batch * act) / gib,
+                "fsdp": ((state_bytes + ema_bytes) * p / world + fixed + 8 * p / units + batch * act) / gib,
+                "fsdp_ac": (
+                    (state_bytes + ema_bytes) * p / world + fixed + 8 * p / units + batch * (inputs + act / units)
+                )
+                / gib,
+            }
+        )
     return rows
 
 
 def paper_table(rows: list[dict], world: int, batch: int) -> str:
-    lines = [f"\nmemory per GPU on paper (GiB; {world} GPUs, per-GPU batch {batch}, fp32 activations, flow-matching step)\n",
-             "| net | params | activations / sample | DDP | FSDP | FSDP + act. ckpt |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"\nmemory per GPU on paper (GiB; {world} GPUs, per-GPU batch {batch}, fp32 activations, flow-matching step)\n",
+        "| net | params | activations / sample | DDP | FSDP | FSDP + act. ckpt |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['net']} | {r['params'] / 1e6:.0f}M | {r['act_gib_per_sample']:.2f} | {r['ddp']:.0f} | "
-                     f"{r['fsdp']:.0f} | {r['fsdp_ac']:.0f} |")
+        lines.append(
+            f"| {r['net']} | {r['params'] / 1e6:.0f}M | {r['act_gib_per_sample']:.2f} | {r['ddp']:.0f} | "
+            f"{r['fsdp']:.0f} | {r['fsdp_ac']:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -36,7 +36,9 @@ N_EVAL = 4000
 
 
 def methods() -> list[str]:
-    return sorted(p.name.removesuffix("_checkerboard.yaml") for p in (ROOT / "configs" / "distill").glob("*_checkerboard.yaml"))
+    return sorted(
+        p.name.removesuffix("_checkerboard.yaml") for p in (ROOT / "configs" / "distill").glob("*_checkerboard.yaml")
+    )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +72,15 @@ def main(argv: list[str] | None = None) -> Path:
     print("[1/3] training the checkerboard teacher", flush=True)
     from scripts.train_teacher import main as train_teacher
 
-    teacher_args = ["--config", str(ROOT / "configs/teacher/checkerboard.yaml"), "--run_dir", str(out / "teacher_run"), "--export", str(out / "teacher.safetensors"), *common]
+    teacher_args = [
+        "--config",
+        str(ROOT / "configs/teacher/checkerboard.yaml"),
+        "--run_dir",
+        str(out / "teacher_run"),
+        "--export",
+        str(out / "teacher.safetensors"),
+        *common,
+    ]
     if a.teacher_steps:
         teacher_args += ["--trainer.max_steps", str(a.teacher_steps)]
     train_teacher(teacher_args)
@@ -78,7 +88,17 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"[2/3] distilling it with {a.method}", flush=True)
     from scripts.distill import main as distill
 
-    student_args = ["--config", str(ROOT / f"configs/distill/{a.method}_checkerboard.yaml"), "--teacher", str(out / "teacher.safetensors"), "--run_dir", str(out / "student_run"), "--export", str(out / "student.safetensors"), *common]
+    student_args = [
+        "--config",
+        str(ROOT / f"configs/distill/{a.method}_checkerboard.yaml"),
+        "--teacher",
+        str(out / "teacher.safetensors"),
+        "--run_dir",
+        str(out / "student_run"),
+        "--export",
+        str(out / "student.safetensors"),
+        *common,
+    ]
     if a.student_steps:
         student_args += ["--trainer.max_steps", str(a.student_steps)]
     distill(student_args)
@@ -110,9 +130,16 @@ def main(argv: list[str] | None = None) -> Path:
         "seconds": time.time() - start,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_panels(out / "comparison.png", {"data": data, "teacher, 64 NFE": x_teacher, f"{a.method}, 1 NFE": x_s1, f"{a.method}, 2 NFE": x_s2})
-    print(f"\nteacher W2 / data-vs-data W2 = {metrics['teacher_w2_over_floor']:.2f} (target <= 1.4); teacher on occupied cells {rows['teacher, Heun 64 NFE']['precision']:.3f} (target >= 0.85)")
-    print(f"done in {metrics['seconds']:.0f} s; results in {out.resolve()}  (comparison.png, metrics.json, *.safetensors)")
+    save_panels(
+        out / "comparison.png",
+        {"data": data, "teacher, 64 NFE": x_teacher, f"{a.method}, 1 NFE": x_s1, f"{a.method}, 2 NFE": x_s2},
+    )
+    print(
+        f"\nteacher W2 / data-vs-data W2 = {metrics['teacher_w2_over_floor']:.2f} (target <= 1.4); teacher on occupied cells {rows['teacher, Heun 64 NFE']['precision']:.3f} (target >= 0.85)"
+    )
+    print(
+        f"done in {metrics['seconds']:.0f} s; results in {out.resolve()}  (comparison.png, metrics.json, *.safetensors)"
+    )
     return out
 
 

@@ -42,7 +42,10 @@ def expand_teacher_flag(args: list[str]) -> list[str]:
 
     _, description = load_teacher(path, allow_clip_mismatch=allow)
     print(f"teacher: {describe_teacher(description)}", flush=True)
-    spec = {"class_path": "teachers.CheckpointTeacher", "init_args": {"path": path, **({"allow_clip_mismatch": True} if allow else {})}}
+    spec = {
+        "class_path": "teachers.CheckpointTeacher",
+        "init_args": {"path": path, **({"allow_clip_mismatch": True} if allow else {})},
+    }
     return args[:i] + ["--model.teacher", json.dumps(spec)] + args[i + 2 :]
 
 

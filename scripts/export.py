@@ -28,32 +28,44 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.app import load_student  # noqa: E402
 from flowmap.export import export_generator  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
 TOLERANCE = 1e-5
 FORMATS = ("pt2", "diffusers", "lora_merged", "lora_adapter")
-DEFAULT_OUT = {"pt2": "generator.pt2", "diffusers": "pipeline", "lora_merged": "merged.safetensors",
-               "lora_adapter": "adapter.safetensors"}
+DEFAULT_OUT = {
+    "pt2": "generator.pt2",
+    "diffusers": "pipeline",
+    "lora_merged": "merged.safetensors",
+    "lora_adapter": "adapter.safetensors",
+}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="a student .safetensors file (save_student / DistillModule.export)")
-    p.add_argument("--format", default="pt2", choices=FORMATS, help="pt2 (torch.export), diffusers (a pipeline "
-                   "folder), lora_merged or lora_adapter (students trained with LoRA)")
+    p.add_argument(
+        "--format",
+        default="pt2",
+        choices=FORMATS,
+        help="pt2 (torch.export), diffusers (a pipeline "
+        "folder), lora_merged or lora_adapter (students trained with LoRA)",
+    )
     p.add_argument("--out", default=None, help="output .pt2 / folder / .safetensors (default: next to the student)")
     p.add_argument("--batch", type=int, default=4, help="example batch size for tracing")
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the exported program accepts")
     p.add_argument("--static", action="store_true", help="export with a fixed batch size instead of a dynamic one")
     p.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale baked in (students trained with a guidance input)"
+    )
     a = p.parse_args(argv)
     if a.batch < 1 or a.max_batch < a.batch:
-        raise ValueError(f"--batch must be at least 1 and at most --max-batch, got --batch {a.batch} "
-                         f"--max-batch {a.max_batch}")
+        raise ValueError(
+            f"--batch must be at least 1 and at most --max-batch, got --batch {a.batch} --max-batch {a.max_batch}"
+        )
     return a
 
 
@@ -64,11 +76,15 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_student(a.student)
     if a.format != "pt2":
         return export_other(student, a.format, out, a.batch)
-    result = export_generator(student, out, batch=a.batch, guidance=a.guidance, dynamic=not a.static, max_batch=a.max_batch)
+    result = export_generator(
+        student, out, batch=a.batch, guidance=a.guidance, dynamic=not a.static, max_batch=a.max_batch
+    )
     ok = result["max_abs_diff"] < TOLERANCE
     result["matches_eager"] = ok
     print(json.dumps(result))
-    print(f"{'ok' if ok else 'MISMATCH'}: max |exported - eager| = {result['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}) over batches {result['checked_batches']}; wrote {out}")
+    print(
+        f"{'ok' if ok else 'MISMATCH'}: max |exported - eager| = {result['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}) over batches {result['checked_batches']}; wrote {out}"
+    )
     if not ok:
         raise SystemExit(1)
     return result
@@ -83,8 +99,11 @@ def export_other(student, fmt: str, out: Path, batch: int) -> dict:
 
     if getattr(student.flow_map.net, "config", {}).get("name") != "diffusers":
         raise ValueError(f"--format {fmt} needs a student made from a diffusers model (net 'diffusers')")
-    extra = {k: v for k, v in student.config.items() if k not in ("kind", "net", "parametrization", "data_shape",
-                                                                   "num_classes", "format", "version")}
+    extra = {
+        k: v
+        for k, v in student.config.items()
+        if k not in ("kind", "net", "parametrization", "data_shape", "num_classes", "format", "version")
+    }
     if fmt == "lora_adapter":
         save_lora_adapter(out, student.flow_map, **extra)
         result = {"format": fmt, "out": str(out)}

@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.data.registry import get_dataset  # noqa: E402
 from flowmap.data.shards import ShardIndex, write_source_shards  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
+from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -69,10 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encode", default=None, help="a pipeline folder with vae/: write its scaled latents, not images")
     g.add_argument("--device", default="cpu", help="(--encode) torch device of the VAE, e.g. cuda, cuda:1")
     g.add_argument("--batch-size", type=int, default=64, help="(--encode) images per VAE call")
-    g.add_argument("--prompts", default=None, help="(--encode) a text file of captions, one per image, encoded "
-                   "once by the folder's text encoder into the shards")
-    g.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="(--encode) the VAE's dtype")
+    g.add_argument(
+        "--prompts",
+        default=None,
+        help="(--encode) a text file of captions, one per image, encoded "
+        "once by the folder's text encoder into the shards",
+    )
+    g.add_argument(
+        "--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(--encode) the VAE's dtype"
+    )
     return p
 
 
@@ -104,10 +109,20 @@ def make_shards(args: list[str] | None = None) -> ShardIndex:
     if codec is not None:
         return encode_shards(a, codec, latent_shape, name, kwargs, meta)
     source = get_dataset(name, **kwargs)
-    index = write_source_shards(source, a.out, split=a.split, encoding=a.encoding, max_count=a.max_count,
-                                max_bytes=a.max_bytes, overwrite=a.overwrite, meta=meta)
-    print(f"wrote {index.count} samples of shape {list(index.shape)} ({index.encoding}, {index.num_classes} classes) "
-          f"into {len(index.shards)} shard(s) under {a.out}")
+    index = write_source_shards(
+        source,
+        a.out,
+        split=a.split,
+        encoding=a.encoding,
+        max_count=a.max_count,
+        max_bytes=a.max_bytes,
+        overwrite=a.overwrite,
+        meta=meta,
+    )
+    print(
+        f"wrote {index.count} samples of shape {list(index.shape)} ({index.encoding}, {index.num_classes} classes) "
+        f"into {len(index.shards)} shard(s) under {a.out}"
+    )
     return index
 
 
@@ -149,8 +164,10 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
         items = (ds[i] for i in range(len(ds)))
     want = codec.image_shape(latent_shape)
     if tuple(shape) != want:
-        raise ValueError(f"the images are {tuple(shape)}, the VAE of {a.encode} makes {latent_shape} latents from "
-                         f"{want} images: resize them (--image-size {want[1]}, --channels {want[0]})")
+        raise ValueError(
+            f"the images are {tuple(shape)}, the VAE of {a.encode} makes {latent_shape} latents from "
+            f"{want} images: resize them (--image-size {want[1]}, --channels {want[0]})"
+        )
     conds = None
     if a.prompts:
         conds = prompt_rows(a, count)
@@ -163,12 +180,23 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
             yield z, (int(y) if conds is None else next(conds))
 
     source = {**meta, "encoded_by": codec.reference(latent_shape), "images": list(shape), "prompts": a.prompts}
-    index = write_shards(rows(), a.out, shape=latent_shape, num_classes=num_classes, classes=classes,
-                         encoding="npy", max_count=a.max_count, max_bytes=a.max_bytes, overwrite=a.overwrite,
-                         source=source)
+    index = write_shards(
+        rows(),
+        a.out,
+        shape=latent_shape,
+        num_classes=num_classes,
+        classes=classes,
+        encoding="npy",
+        max_count=a.max_count,
+        max_bytes=a.max_bytes,
+        overwrite=a.overwrite,
+        source=source,
+    )
     bar.close()
-    print(f"encoded {index.count} images of shape {list(shape)} into latents of shape {list(index.shape)} "
-          f"({codec.describe(latent_shape)}) in {len(index.shards)} shard(s) under {a.out}")
+    print(
+        f"encoded {index.count} images of shape {list(shape)} into latents of shape {list(index.shape)} "
+        f"({codec.describe(latent_shape)}) in {len(index.shards)} shard(s) under {a.out}"
+    )
     return index
 
 
@@ -181,7 +209,9 @@ def prompt_rows(a: argparse.Namespace, count: int):
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"--prompts {a.prompts}: unreadable ({err})") from None
     if len(lines) != count:
-        raise ValueError(f"--prompts {a.prompts} has {len(lines)} lines, the source has {count} images (one caption each)")
+        raise ValueError(
+            f"--prompts {a.prompts} has {len(lines)} lines, the source has {count} images (one caption each)"
+        )
     if not find_text_encoder(a.encode):
         raise ValueError(f"--prompts needs a text-to-image folder: {a.encode} has no tokenizer/ and text_encoder/")
     encoder = PromptEncoder.from_folder(a.encode).to(a.device)

@@ -43,8 +43,8 @@ from flowmap.plotting import save_panels  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
-from flowmap.text import prompt_encoder_of  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
+from flowmap.text import prompt_encoder_of  # noqa: E402
 from flowmap.time_grids import GRIDS, make_grid  # noqa: E402
 
 
@@ -54,8 +54,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for students, 32 for teachers)")
     p.add_argument("--solver", default="heun", help="teacher ODE solver: euler, heun, midpoint, rk4, dpm++2m, edm_heun")
-    p.add_argument("--gamma", type=float, default=None,
-                   help="stochastic re-noising between student steps, in [0, 1] (default: the student's method's)")
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=None,
+        help="stochastic re-noising between student steps, in [0, 1] (default: the student's method's)",
+    )
     p.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
     p.add_argument("--prompt", default=None, help="text prompt (text-to-image models)")
     p.add_argument("--prompts", default=None, help="a text file of prompts, one per line, cycled over the samples")
@@ -78,10 +82,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def add_teacher_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teachers")
     g.add_argument("--grid", default="uniform", choices=sorted(GRIDS), help="time grid of the ODE solver")
-    g.add_argument("--teacher_sampler", default="ode", choices=["ode", "diffusers"],
-                   help="ode: --solver on --grid; diffusers: the folder's DDIM / flow Euler, x0 clipping included")
-    g.add_argument("--allow_clip_mismatch", action="store_true",
-                   help="sample the unclipped ODE of a diffusers folder whose scheduler clips x0")
+    g.add_argument(
+        "--teacher_sampler",
+        default="ode",
+        choices=["ode", "diffusers"],
+        help="ode: --solver on --grid; diffusers: the folder's DDIM / flow Euler, x0 clipping included",
+    )
+    g.add_argument(
+        "--allow_clip_mismatch",
+        action="store_true",
+        help="sample the unclipped ODE of a diffusers folder whose scheduler clips x0",
+    )
     g.add_argument("--batch_size", type=int, default=1000, help="samples per chunk (memory holds one chunk)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cuda, cuda:1, cpu")
     g.add_argument("--shards", action="store_true", help="write OUT/shards/ (flowmap/data/shards.py), not samples.npz")
@@ -148,8 +159,10 @@ def prompt_table(model, a: argparse.Namespace) -> torch.Tensor | None:
         prompts = [a.prompt]
     encoder = prompt_encoder_of(model)
     if encoder is None:
-        raise ValueError("--prompt needs a text-to-image model (a pipeline folder with tokenizer/ and text_encoder/, "
-                         "or a student distilled from one)")
+        raise ValueError(
+            "--prompt needs a text-to-image model (a pipeline folder with tokenizer/ and text_encoder/, "
+            "or a student distilled from one)"
+        )
     return torch.cat([encoder.encode(prompts[i : i + a.batch_size]) for i in range(0, len(prompts), a.batch_size)])
 
 
@@ -186,14 +199,22 @@ def sample_teacher(teacher, a: argparse.Namespace) -> Path:
         y = -1 if a.label is None else int(a.label)
         text = a.prompt is not None or a.prompts is not None  # rows carry their prompt embedding
         rows = ((row, e if text else y) for x, c in chunks() for row, e in zip(x, c if text else x))
-        write_shards(rows, out / "shards", shape=shape, num_classes=int(getattr(teacher, "num_classes", 0)),
-                     max_count=a.shard_size, overwrite=True, source={"teacher": str(a.checkpoint), "steps": steps})
+        write_shards(
+            rows,
+            out / "shards",
+            shape=shape,
+            num_classes=int(getattr(teacher, "num_classes", 0)),
+            max_count=a.shard_size,
+            overwrite=True,
+            source={"teacher": str(a.checkpoint), "steps": steps},
+        )
         target = out / "shards"
     else:
         extra = None if a.label is None else {"y": np.full(a.n, a.label, dtype=np.int64)}
         rows = (decode(x).numpy() if decoded else x.numpy() for x, _ in chunks())
-        target = write_npz_chunks(out / "samples.npz", rows, a.n, codec.image_shape(shape) if decoded else shape,
-                                  extra=extra)
+        target = write_npz_chunks(
+            out / "samples.npz", rows, a.n, codec.image_shape(shape) if decoded else shape, extra=extra
+        )
     bar.close()
     how = f"diffusers sampler {steps} steps" if a.teacher_sampler == "diffusers" else f"{a.solver} {steps} steps"
     save_panels(out / "samples.png", {f"teacher, {how}": first[0]})

@@ -48,12 +48,17 @@ def main(argv: list[str] | None = None) -> float:
     x, y = load_digits_tensors("train")
     xt, yt = load_digits_tensors("test")
     start = time.time()
-    net = train_feature_net(x, y, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, width=a.width,
-                            feature_dim=a.feature_dim)
+    net = train_feature_net(
+        x, y, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, width=a.width, feature_dim=a.feature_dim
+    )
     train_acc, test_acc = accuracy(net, x, y), accuracy(net, xt, yt)
-    save_feature_net(a.out, net, test_accuracy=test_acc, train_accuracy=train_acc, steps=a.steps, seed=a.seed, data="digits")
-    print(f"digit classifier: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f} on {len(xt)} images "
-          f"({a.steps} steps, {time.time() - start:.1f} s) -> {a.out}")
+    save_feature_net(
+        a.out, net, test_accuracy=test_acc, train_accuracy=train_acc, steps=a.steps, seed=a.seed, data="digits"
+    )
+    print(
+        f"digit classifier: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f} on {len(xt)} images "
+        f"({a.steps} steps, {time.time() - start:.1f} s) -> {a.out}"
+    )
     if test_acc < a.min_accuracy:
         raise ValueError(f"test accuracy {test_acc:.4f} is below --min-accuracy {a.min_accuracy}")
     return test_acc

@@ -21,7 +21,9 @@ from flowmap.io import CheckpointError, file_kind, load_state_strict, load_torch
 from flowmap.models import load_model
 from flowmap.velocity import NetVelocity
 
-EXPECTED = "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder"
+EXPECTED = (
+    "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder"
+)
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
@@ -33,7 +35,9 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: the saved config does not describe a flowmap teacher ({err})") from None
     config = model.config
     if config.get("kind") != "teacher":
-        raise CheckpointError(f"{path}: a flowmap {config.get('kind')} checkpoint, not a teacher (load a student with flowmap.load_student)")
+        raise CheckpointError(
+            f"{path}: a flowmap {config.get('kind')} checkpoint, not a teacher (load a student with flowmap.load_student)"
+        )
     return model, _net_description("safetensors", path, model, config.get("net", {}).get("name"))
 
 
@@ -41,11 +45,17 @@ def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
     ckpt = load_torch_file(path, expected=EXPECTED)
     hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: a PyTorch file without Lightning's 'state_dict' and 'hyper_parameters'; expected {EXPECTED}")
+        raise CheckpointError(
+            f"{path}: a PyTorch file without Lightning's 'state_dict' and 'hyper_parameters'; expected {EXPECTED}"
+        )
     if "student" in hp or "objective" in hp:
-        raise CheckpointError(f"{path}: a DistillModule (student) checkpoint, not a teacher; export the student and use flowmap.load_student")
+        raise CheckpointError(
+            f"{path}: a DistillModule (student) checkpoint, not a teacher; export the student and use flowmap.load_student"
+        )
     if "net" not in hp:
-        raise CheckpointError(f"{path}: a Lightning checkpoint without hyper_parameters['net'] (not a flowmap TeacherModule); expected {EXPECTED}")
+        raise CheckpointError(
+            f"{path}: a Lightning checkpoint without hyper_parameters['net'] (not a flowmap TeacherModule); expected {EXPECTED}"
+        )
     from flowmap.nets import build_net
 
     try:
@@ -57,7 +67,9 @@ def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     load_state_strict(net, weights, what=f"{path} ({prefix}* weights)")
     teacher = NetVelocity(net, hp.get("path", "linear"), hp.get("prediction", "velocity")).eval()
-    return teacher, _net_description("lightning", path, teacher, hp["net"].get("name"), weights="ema" if prefix == "ema." else "net")
+    return teacher, _net_description(
+        "lightning", path, teacher, hp["net"].get("name"), weights="ema" if prefix == "ema." else "net"
+    )
 
 
 def _net_description(kind: str, path: Path, teacher: NetVelocity, net_name: str | None, **extra) -> dict:
@@ -74,7 +86,9 @@ def _net_description(kind: str, path: Path, teacher: NetVelocity, net_name: str 
     }
 
 
-def load_teacher(path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False) -> tuple[nn.Module, dict]:
+def load_teacher(
+    path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False
+) -> tuple[nn.Module, dict]:
     """(teacher, description) from ``path``: see the module docstring for the kinds detected.
 
     ``null_class`` applies to class-conditional diffusers UNet2DModels only: their last class embedding
@@ -96,7 +110,9 @@ def _load_any(p: Path, null_class: bool, allow_clip_mismatch: bool) -> tuple[nn.
         from teachers.diffusers_adapter import is_diffusers_folder, load_diffusers_teacher
 
         if not is_diffusers_folder(p):
-            raise CheckpointError(f"{p}: a folder that is not a diffusers model folder (no model_index.json or config.json with _class_name); expected {EXPECTED}")
+            raise CheckpointError(
+                f"{p}: a folder that is not a diffusers model folder (no model_index.json or config.json with _class_name); expected {EXPECTED}"
+            )
         return load_diffusers_teacher(p, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file or folder; expected {EXPECTED}")
@@ -105,7 +121,9 @@ def _load_any(p: Path, null_class: bool, allow_clip_mismatch: bool) -> tuple[nn.
         return _load_safetensors(p)
     if kind in ("torch-zip", "pickle"):
         return _load_lightning(p)  # a bare pickle stream is refused there with the same one line
-    raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a PyTorch/Lightning file); expected {EXPECTED}")
+    raise CheckpointError(
+        f"{p}: not a checkpoint (neither safetensors nor a PyTorch/Lightning file); expected {EXPECTED}"
+    )
 
 
 def describe_teacher(description: dict) -> str:
@@ -117,7 +135,11 @@ def describe_teacher(description: dict) -> str:
     if d.get("scheduler"):
         what += f" + {d['scheduler']}"
     n = int(d.get("num_classes", 0))
-    classes = "unconditional" if n == 0 else f"{n} classes" + (" + null label (CFG)" if d.get("null_class") else ", no null label (no CFG)")
+    classes = (
+        "unconditional"
+        if n == 0
+        else f"{n} classes" + (" + null label (CFG)" if d.get("null_class") else ", no null label (no CFG)")
+    )
     pred = d.get("prediction", "?")
     if d.get("diffusers_prediction"):
         pred = f"{d['diffusers_prediction']} -> {pred}"

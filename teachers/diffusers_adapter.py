@@ -86,15 +86,26 @@ def find_model_and_scheduler(path: str | Path) -> tuple[Path, dict, dict]:
     root = Path(path)
     if (root / "model_index.json").is_file():
         candidates = [root / name for name in ("unet", "transformer")] + sorted(p for p in root.iterdir() if p.is_dir())
-        model_dir = next((d for d in candidates if (d / "config.json").is_file() and _read_json(d / "config.json").get("_class_name") in MODELS), None)
+        model_dir = next(
+            (
+                d
+                for d in candidates
+                if (d / "config.json").is_file() and _read_json(d / "config.json").get("_class_name") in MODELS
+            ),
+            None,
+        )
         if model_dir is None:
-            raise CheckpointError(f"{root}: a diffusers pipeline folder without a supported model (one of {list(MODELS)} in unet/ or transformer/)")
+            raise CheckpointError(
+                f"{root}: a diffusers pipeline folder without a supported model (one of {list(MODELS)} in unet/ or transformer/)"
+            )
         sched_files = [root / "scheduler" / "scheduler_config.json"]
     elif (root / "config.json").is_file():
         model_dir = root
         sched_files = [root / "scheduler_config.json", root.parent / "scheduler" / "scheduler_config.json"]
     else:
-        raise CheckpointError(f"{root}: not a diffusers folder (expected model_index.json, or config.json with scheduler_config.json)")
+        raise CheckpointError(
+            f"{root}: not a diffusers folder (expected model_index.json, or config.json with scheduler_config.json)"
+        )
     model_cfg = _read_json(model_dir / "config.json")
     name = model_cfg.get("_class_name")
     if name not in MODELS:
@@ -111,7 +122,13 @@ def find_model_and_scheduler(path: str | Path) -> tuple[Path, dict, dict]:
 # VP_SCHEDULERS are examples only: every scheduler with training betas is read (schedule_from_config)
 FLOW_MATCH_SCHEDULERS = (*FLOW_SCHEDULERS, "FlowMatchHeunDiscreteScheduler")
 # schedulers of consistency-distilled models: their network is a student, not a diffusion teacher
-CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler", "FlowMatchLCMScheduler", "CMStochasticIterativeScheduler", "SCMScheduler")
+CONSISTENCY_SCHEDULERS = (
+    "LCMScheduler",
+    "TCDScheduler",
+    "FlowMatchLCMScheduler",
+    "CMStochasticIterativeScheduler",
+    "SCMScheduler",
+)
 
 
 def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
@@ -124,16 +141,24 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
         raise CheckpointError(f"{name} samples a consistency-distilled model (a student), not a diffusion teacher")
     if name in FLOW_MATCH_SCHEDULERS or config.get("use_flow_sigmas", False):
         if config.get("use_flow_sigmas", False) and kind != "flow_prediction":
-            raise CheckpointError(f"{name} with use_flow_sigmas=True needs prediction_type='flow_prediction', got {kind!r}")
+            raise CheckpointError(
+                f"{name} with use_flow_sigmas=True needs prediction_type='flow_prediction', got {kind!r}"
+            )
         if config.get("invert_sigmas", False):
             raise CheckpointError(f"{name} with invert_sigmas=True is not supported")
         return LinearPath(), "velocity", N
     if kind not in PREDICTION_TYPES:
-        raise CheckpointError(f"{name} with prediction_type={kind!r} is not supported; supported: {sorted(PREDICTION_TYPES)}")
+        raise CheckpointError(
+            f"{name} with prediction_type={kind!r} is not supported; supported: {sorted(PREDICTION_TYPES)}"
+        )
     if config.get("rescale_betas_zero_snr", False):
-        raise CheckpointError(f"{name} with rescale_betas_zero_snr=True is not supported (alpha = 0 at the last step has no finite place on the linear axis)")
+        raise CheckpointError(
+            f"{name} with rescale_betas_zero_snr=True is not supported (alpha = 0 at the last step has no finite place on the linear axis)"
+        )
     if config.get("timestep_type", "discrete") != "discrete":
-        raise CheckpointError(f"{name} with timestep_type={config['timestep_type']!r} is not supported (the model's time input is not the train step)")
+        raise CheckpointError(
+            f"{name} with timestep_type={config['timestep_type']!r} is not supported (the model's time input is not the train step)"
+        )
     diffusers = require_diffusers()
     cls = getattr(diffusers, str(name), None)
     if cls is None or not hasattr(cls, "from_config"):
@@ -141,7 +166,9 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     try:
         scheduler = cls.from_config(config)
     except (ImportError, TypeError, ValueError, AttributeError) as err:  # e.g. one needing torchsde
-        raise CheckpointError(f"diffusers could not build {name} from the folder's config ({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"diffusers could not build {name} from the folder's config ({type(err).__name__}: {err})"
+        ) from None
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None:
         raise CheckpointError(
@@ -167,8 +194,10 @@ def clip_mismatch(config: dict) -> str | None:
     """What the scheduler's sampler does to the x0 estimate that a velocity field does not (None: nothing).
     diffusers applies ``thresholding`` in place of ``clip_sample`` when both are set."""
     if config.get("thresholding", False):
-        return (f"dynamic thresholding of x0 (thresholding=True, ratio {config.get('dynamic_thresholding_ratio', 0.995)}, "
-                f"max {config.get('sample_max_value', 1.0)})")
+        return (
+            f"dynamic thresholding of x0 (thresholding=True, ratio {config.get('dynamic_thresholding_ratio', 0.995)}, "
+            f"max {config.get('sample_max_value', 1.0)})"
+        )
     if config.get("clip_sample", False):
         r = config.get("clip_sample_range", 1.0)
         return f"clipping of x0 to [-{r}, {r}] (clip_sample=True)"
@@ -181,15 +210,22 @@ def clip_mismatch(config: dict) -> str | None:
 # DiffusersNet and DiffusersTeacher live in flowmap.diffusers_velocity (the student reuses them).
 
 
-def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False) -> tuple[DiffusersTeacher, dict]:
+def load_diffusers_teacher(
+    path: str | Path, null_class: bool = False, allow_clip_mismatch: bool = False
+) -> tuple[DiffusersTeacher, dict]:
     """(teacher, description) of a diffusers folder; weights from safetensors only (never pickle).
 
     A scheduler that clips or thresholds x0 is refused with one line unless ``allow_clip_mismatch``
     (then the description's notes say what differs)."""
     model_dir, model_cfg, sched_cfg = find_model_and_scheduler(path)
     spath, prediction, N = schedule_from_config(sched_cfg)  # scheduler errors before loading weights
-    if not any(model_dir.glob(f"{WEIGHTS}*.safetensors")) and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file():
-        raise CheckpointError(f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)")
+    if (
+        not any(model_dir.glob(f"{WEIGHTS}*.safetensors"))
+        and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file()
+    ):
+        raise CheckpointError(
+            f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)"
+        )
     sched_cfg = full_scheduler_config(sched_cfg)
     mismatch = clip_mismatch(sched_cfg)
     if mismatch and not allow_clip_mismatch:
@@ -203,7 +239,9 @@ def load_diffusers_teacher(path: str | Path, null_class: bool = False, allow_cli
     try:
         model = cls.from_pretrained(str(model_dir), use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as err:  # diffusers raises assorted types for weights that do not fit the config
-        raise CheckpointError(f"{model_dir}: diffusers could not load the {model_cfg['_class_name']} ({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{model_dir}: diffusers could not load the {model_cfg['_class_name']} ({type(err).__name__}: {err})"
+        ) from None
     model.requires_grad_(False).eval()
     net = DiffusersNet(model, null_class=null_class)
     teacher = DiffusersTeacher(net, spath, prediction, N).eval()
@@ -252,7 +290,9 @@ def attach_codec(teacher: DiffusersTeacher, description: dict, path: str | Path)
     codec = LatentCodec.from_folder(path)
     shape = tuple(teacher.net.data_shape)
     if codec.latent_channels != shape[0]:
-        raise CheckpointError(f"{path}: the VAE has {codec.latent_channels} latent channels, the model takes {shape[0]}")
+        raise CheckpointError(
+            f"{path}: the VAE has {codec.latent_channels} latent channels, the model takes {shape[0]}"
+        )
     object.__setattr__(teacher, "codec", codec)
     description["latent"] = codec.reference(shape)
 

@@ -64,9 +64,15 @@ def ddim_plan(teacher: DiffusersTeacher, steps: int, config: dict | None = None)
     config = dict(config if config is not None else getattr(teacher, "scheduler_config", {}))
     diffusers = require_diffusers()
     if not isinstance(teacher.path, DiscreteVPPath):
-        name = config.get("_class_name") if config.get("_class_name") in FLOW_MATCH_SCHEDULERS else "FlowMatchEulerDiscreteScheduler"
+        name = (
+            config.get("_class_name")
+            if config.get("_class_name") in FLOW_MATCH_SCHEDULERS
+            else "FlowMatchEulerDiscreteScheduler"
+        )
         if config.get("use_dynamic_shifting", False):
-            raise ValueError("a scheduler with use_dynamic_shifting needs the resolution's shift (mu): not reproduced here")
+            raise ValueError(
+                "a scheduler with use_dynamic_shifting needs the resolution's shift (mu): not reproduced here"
+            )
         if "flow_shift" in config:  # DPMSolver / UniPC with use_flow_sigmas name the shift flow_shift
             config["shift"] = config["flow_shift"]
         sched = getattr(diffusers, name).from_config(config)

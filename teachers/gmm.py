@@ -32,7 +32,9 @@ class GaussianMixtureTeacher(nn.Module):
     With labels, the teacher is class-conditional: cond = c restricts the mixture to the components
     labelled c, and the null label (= num_classes) or cond=None uses the whole mixture."""
 
-    def __init__(self, means: Tensor, covs: Tensor, weights: Tensor | None = None, labels: Tensor | None = None) -> None:
+    def __init__(
+        self, means: Tensor, covs: Tensor, weights: Tensor | None = None, labels: Tensor | None = None
+    ) -> None:
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         covs = torch.as_tensor(covs, dtype=torch.float64)
@@ -45,7 +47,11 @@ class GaussianMixtureTeacher(nn.Module):
             raise ValueError(f"covs must be (K, D, D) = ({K}, {D}, {D}), got {tuple(covs.shape)}")
         if not torch.allclose(covs, covs.transpose(1, 2)) or torch.linalg.eigvalsh(covs).min() <= 0:
             raise ValueError("covariances must be symmetric positive definite")
-        weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = (
+            torch.full((K,), 1.0 / K, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if weights.shape != (K,) or torch.any(weights <= 0):
             raise ValueError(f"weights must be (K,) = ({K},) positive numbers")
         self.register_buffer("means", means)
@@ -89,14 +95,21 @@ class GaussianMixtureTeacher(nn.Module):
         if missing:
             raise ValueError(f"{path}: a mixture file needs keys means and covs; missing {sorted(missing)}")
         f64 = torch.float64  # JSON holds float64 values; torch.tensor's default float32 would round them
-        return cls(torch.tensor(spec["means"], dtype=f64), torch.tensor(spec["covs"], dtype=f64), spec.get("weights"), spec.get("labels"))
+        return cls(
+            torch.tensor(spec["means"], dtype=f64),
+            torch.tensor(spec["covs"], dtype=f64),
+            spec.get("weights"),
+            spec.get("labels"),
+        )
 
     # ---- data -------------------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None) -> Tensor:
         """n float32 samples (n, D) of the data distribution (of class ``cond`` when given)."""
         return self.sample_labeled(n, generator, cond)[0]
 
-    def sample_labeled(self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def sample_labeled(
+        self, n: int, generator: torch.Generator | None = None, cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(x0 (n, D) float32, labels (n,) long: component label, or -1 for an unlabelled mixture)."""
         dev = self.means.device
         check_labels(cond, self.num_classes, n)
@@ -154,7 +167,9 @@ class GaussianMixtureTeacher(nn.Module):
 
     # ---- exact flow map ---------------------------------------------------------------------
     @torch.no_grad()
-    def flow_map(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float = 1.0, steps: int = 200) -> Tensor:
+    def flow_map(
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float = 1.0, steps: int = 200
+    ) -> Tensor:
         """X(x, s, t): float64 RK4 with ``steps`` steps per sample (error ~1e-9 on smooth mixtures)."""
         xd = x.double()
         sd, td = s.double(), t.double()
@@ -182,7 +197,9 @@ def preset_mixture(name: str = "ring8", dim: int = 2) -> GaussianMixtureTeacher:
     if name == "ring8":
         ang = torch.arange(8, dtype=torch.float64) * (2 * torch.pi / 8)
         means = 2.0 * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
-        rot = torch.stack([torch.stack([torch.cos(ang), -torch.sin(ang)], 1), torch.stack([torch.sin(ang), torch.cos(ang)], 1)], 1)
+        rot = torch.stack(
+            [torch.stack([torch.cos(ang), -torch.sin(ang)], 1), torch.stack([torch.sin(ang), torch.cos(ang)], 1)], 1
+        )
         diag = torch.diag(torch.tensor([0.08, 0.02], dtype=torch.float64))
         covs = rot @ diag @ rot.transpose(1, 2)
         return GaussianMixtureTeacher(means, covs, None, torch.arange(8) % 2)
@@ -204,11 +221,25 @@ class PresetMixture(GaussianMixtureTeacher):
         super().__init__(src.means, src.covs, src.weights, src.labels)
 
 
-def gmm_source(preset: str = "ring8", path: str | None = None, dim: int = 2, n_train: int = 50_000, n_val: int = 5_000, seed: int = 0):
+def gmm_source(
+    preset: str = "ring8",
+    path: str | None = None,
+    dim: int = 2,
+    n_train: int = 50_000,
+    n_val: int = 5_000,
+    seed: int = 0,
+):
     """The mixture's own samples as a registered data set (``get_dataset("gmm", preset="ring8")``), so that
     data-driven objectives and DataModules can train on exactly the distribution the teacher models."""
     from flowmap.data.registry import SampledSource
 
     mix = PresetMixture(preset, path, dim)
-    return SampledSource(f"gmm:{preset if path is None else path}", mix.sample_labeled, mix.data_shape, mix.num_classes,
-                         n_train=n_train, n_val=n_val, seed=seed)
+    return SampledSource(
+        f"gmm:{preset if path is None else path}",
+        mix.sample_labeled,
+        mix.data_shape,
+        mix.num_classes,
+        n_train=n_train,
+        n_val=n_val,
+        seed=seed,
+    )

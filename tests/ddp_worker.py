@@ -67,7 +67,9 @@ def build_module(case: str) -> L.LightningModule:
         return TeacherModule(net=dict(NET), lr=1e-3, ema_decay=0.9)
     from flowmap.lightning.distill_module import DistillModule
 
-    return DistillModule(student=student_config(), objective=objective_config(case), teacher=make_teacher(), lr=1e-3, ema_decay=0.9)
+    return DistillModule(
+        student=student_config(), objective=objective_config(case), teacher=make_teacher(), lr=1e-3, ema_decay=0.9
+    )
 
 
 class Recorder(L.Callback):
@@ -90,7 +92,9 @@ class Recorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.grads is None:
-            self.grads = {n: p.grad.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            self.grads = {
+                n: p.grad.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.grad is not None
+            }
 
 
 class IndexedData(L.LightningDataModule):
@@ -110,14 +114,24 @@ def run_case(case: str, a: argparse.Namespace, out: Path) -> None:
     if a.shards:
         from flowmap.lightning.streaming import ShardDataModule
 
-        data = ShardDataModule(root=a.shards, batch_size=B, epoch_length=a.steps, shuffle_buffer=0, num_workers=0, seed=0, split="by_rank")
+        data = ShardDataModule(
+            root=a.shards, batch_size=B, epoch_length=a.steps, shuffle_buffer=0, num_workers=0, seed=0, split="by_rank"
+        )
     else:
         data = IndexedData(make_data())
     rec = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", devices=a.devices, strategy="ddp" if a.devices > 1 else "auto", max_steps=a.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[rec, ExportModel(str(out / "export.safetensors"))], default_root_dir=str(out), use_distributed_sampler=not a.shards,
+        accelerator="cpu",
+        devices=a.devices,
+        strategy="ddp" if a.devices > 1 else "auto",
+        max_steps=a.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[rec, ExportModel(str(out / "export.safetensors"))],
+        default_root_dir=str(out),
+        use_distributed_sampler=not a.shards,
     )
     trainer.fit(module, datamodule=data)
     rank = trainer.global_rank
@@ -130,7 +144,11 @@ def run_case(case: str, a: argparse.Namespace, out: Path) -> None:
             "init_state": rec.init_params,
             "params": {n: p.detach().cpu().clone() for n, p in module.named_parameters()},
             "ema": {n: p.detach().cpu().clone() for n, p in module.ema.named_parameters()},
-            "target": ({n: p.detach().cpu().clone() for n, p in module.target.named_parameters()} if getattr(module, "target", None) is not None else None),
+            "target": (
+                {n: p.detach().cpu().clone() for n, p in module.target.named_parameters()}
+                if getattr(module, "target", None) is not None
+                else None
+            ),
         },
         out / f"rank{rank}.pt",
     )

@@ -31,7 +31,9 @@ class _MapStudent(nn.Module):
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
         raise NotImplementedError
 
-    def average_velocity(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+    def average_velocity(
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
         gap = t - s
         moving = gap != 0
         safe = torch.where(moving, gap, torch.ones_like(gap))
@@ -120,8 +122,16 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def train_on_ring8(student: nn.Module, objective: nn.Module, steps: int, lr: float = 1e-3, lr_final: float | None = None,
-                   batch: int = 256, ema_decay: float = 0.995, source: str = "teacher") -> nn.Module:
+def train_on_ring8(
+    student: nn.Module,
+    objective: nn.Module,
+    steps: int,
+    lr: float = 1e-3,
+    lr_final: float | None = None,
+    batch: int = 256,
+    ema_decay: float = 0.995,
+    source: str = "teacher",
+) -> nn.Module:
     """``flowmap.training.fit`` on ring8 samples (teacher = the exact mixture); returns the evaluation EMA of
     the student (the weights DistillModule exports)."""
     from flowmap.ema import ema_update, frozen_copy
@@ -132,13 +142,22 @@ def train_on_ring8(student: nn.Module, objective: nn.Module, steps: int, lr: flo
     pool = teacher.sample(100_000, generator=torch.Generator().manual_seed(5))
     ema = frozen_copy(student)
     with one_thread():
-        fit(student, objective, lambda step: (pool[torch.randint(0, len(pool), (batch,))], None), steps,
-            teacher=teacher if source == "teacher" else None, lr=lr, lr_final=lr_final,
-            callback=lambda step, out: ema_update(ema, student, ema_decay))
+        fit(
+            student,
+            objective,
+            lambda step: (pool[torch.randint(0, len(pool), (batch,))], None),
+            steps,
+            teacher=teacher if source == "teacher" else None,
+            lr=lr,
+            lr_final=lr_final,
+            callback=lambda step, out: ema_update(ema, student, ema_decay),
+        )
     return ema
 
 
-def one_step_run(student: nn.Module, objective: nn.Module, steps: int, **train_kwargs) -> tuple[float, float, float, float]:
+def one_step_run(
+    student: nn.Module, objective: nn.Module, steps: int, **train_kwargs
+) -> tuple[float, float, float, float]:
     """Train ``student`` with ``objective`` on ring8 (``train_on_ring8``); returns (untrained 1-NFE error, trained
     (EMA) 1-NFE error, the exact teacher's own 2-step Euler error, seconds of training)."""
     import time
@@ -175,7 +194,11 @@ def assert_fd64_matches_func(student: nn.Module, config: dict, teacher: nn.Modul
     from flowmap.objectives import build_objective
 
     losses = {}
-    for key, backend, fd_dtype in (("forward_ad", "forward_ad", None), ("func", "func", None), ("fd64", "fd", "float64")):
+    for key, backend, fd_dtype in (
+        ("forward_ad", "forward_ad", None),
+        ("func", "func", None),
+        ("fd64", "fd", "float64"),
+    ):
         torch.manual_seed(5)
         obj = build_objective({**config, "jvp_backend": backend, "fd_dtype": fd_dtype})
         losses[key] = obj(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0).loss.detach()

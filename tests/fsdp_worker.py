@@ -31,8 +31,7 @@ NET = {"name": "dit", "data_shape": [1, 8, 8], "patch": 2, "dim": 32, "depth": 2
 def build_module(backend: str = "forward_ad"):
     from flowmap.lightning.distill_module import DistillModule
 
-    objective = {"name": "meanflow", "source": "data", "equal_share": 0.0, "p": 0.0,
-                 "jvp_backend": backend}
+    objective = {"name": "meanflow", "source": "data", "equal_share": 0.0, "p": 0.0, "jvp_backend": backend}
     return DistillModule(student={"net": dict(NET)}, objective=objective, lr=1e-3, ema_decay=0.9)
 
 
@@ -70,8 +69,15 @@ def run_case(case: str, steps: int, out: Path) -> None:
     strategy = "ddp" if case == "ddp" else FSDPStrategy(activation_checkpointing=case == "fsdp_ckpt")
     rec = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
         callbacks=[rec, ExportModel(str(out / "export.safetensors"))],
     )
     trainer.fit(module, train_dataloaders=data)

@@ -12,9 +12,16 @@ import torch
 def tiny_vae(shift: float | None = None, seed: int = 1) -> diffusers.AutoencoderKL:
     torch.manual_seed(seed)
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        layers_per_block=1, norm_num_groups=4, sample_size=16, shift_factor=shift,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        shift_factor=shift,
     ).eval()
 
 
@@ -22,8 +29,14 @@ def tiny_dit(seed: int = 0) -> diffusers.DiTTransformer2DModel:
     """DiT with learned sigma (out 2 x 4 channels) and 1000 classes + DiT's null label 1000 (as DiTPipeline expects)."""
     torch.manual_seed(seed)
     return diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=1000,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
     ).eval()
 
 
@@ -33,8 +46,13 @@ def ddim_scheduler() -> diffusers.DDIMScheduler:
 
 def tiny_autoencoder_tiny(seed: int = 1) -> diffusers.AutoencoderTiny:
     torch.manual_seed(seed)
-    return diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                                     num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4).eval()
+    return diffusers.AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).eval()
 
 
 def dit_folder(root: Path, shift: float | None = None, vae: str = "kl") -> Path:
@@ -64,18 +82,33 @@ def tiny_text_encoder(vocab_size: int, max_length: int = 12, seed: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(config).eval()
 
 
 def tiny_cond_unet(seed: int = 3) -> diffusers.UNet2DConditionModel:
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
     ).eval()
 
 
@@ -83,8 +116,14 @@ def text_folder(root: Path) -> Path:
     """A StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; no safety checker)."""
     tokenizer = tiny_tokenizer()
     pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer, unet=tiny_cond_unet(),
-        scheduler=ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=tiny_cond_unet(),
+        scheduler=ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(str(root), safe_serialization=True)
     return Path(root)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from weights import trained_like
 
 import flowmap
 from flowmap.io import CheckpointError
@@ -19,12 +20,22 @@ from flowmap.nets import build_net
 from flowmap.sampling import sample
 from flowmap.student import FlowMap
 from flowmap.velocity import NetVelocity
-from weights import trained_like
 
 
 def conditional_student() -> FlowMap:
-    net = build_net({"name": "unet", "data_shape": [1, 8, 8], "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                     "attn_resolutions": [4], "heads": 2, "emb_dim": 32, "num_classes": 3})
+    net = build_net(
+        {
+            "name": "unet",
+            "data_shape": [1, 8, 8],
+            "channels": 8,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [4],
+            "heads": 2,
+            "emb_dim": 32,
+            "num_classes": 3,
+        }
+    )
     return FlowMap(trained_like(net)).eval()
 
 
@@ -59,8 +70,14 @@ def test_load_student_bit_identical_in_a_fresh_process(tmp_path, repo_root):
     assert torch.equal(app(noise, 1.0, 0.0, torch.tensor([0, 1, 2, 3, 1])), x1)
 
     out = tmp_path / "fresh.safetensors"
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(path), str(out)], cwd=repo_root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(repo_root)})
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(path), str(out)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info == {"lightning": False, "pytorch_lightning": False, "type": "Student", "is_module": True}
@@ -94,7 +111,9 @@ def test_load_student_refuses_pickle_teachers_and_foreign_files(tmp_path):
         p.write_bytes(ckpt.read_bytes())
         with pytest.raises(CheckpointError, match="only safetensors"):
             flowmap.load_student(p)
-    teacher = NetVelocity(build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 8}), "linear", "velocity")
+    teacher = NetVelocity(
+        build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 8}), "linear", "velocity"
+    )
     tpath = save_teacher(tmp_path / "teacher.safetensors", teacher)
     with pytest.raises(CheckpointError, match="teacher checkpoint, not a student"):
         flowmap.load_student(tpath)

@@ -19,8 +19,12 @@ sys.path.insert(0, str(ROOT))
 from scripts.benchmark_report import _target, evaluate_targets  # noqa: E402
 
 DATASETS = ("checkerboard", "eight_gaussians", "digits", "gmm")
-METRICS = {"checkerboard": ("w2", "precision"), "eight_gaussians": ("w2", "precision"), "gmm": ("rmse", "w2"),
-           "digits": ("fd", "kid", "class_acc")}
+METRICS = {
+    "checkerboard": ("w2", "precision"),
+    "eight_gaussians": ("w2", "precision"),
+    "gmm": ("rmse", "w2"),
+    "digits": ("fd", "kid", "class_acc"),
+}
 
 
 def finite(x) -> bool:
@@ -32,8 +36,19 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(out), "--methods", "cd,meanflow,no_such_method"],
-        capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--methods",
+            "cd,meanflow,no_such_method",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(ROOT),
     )
     print(f"benchmark --quick: {time.time() - t0:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -45,7 +60,10 @@ def test_quality_tables_hold_numbers(quick_run):
     _, res, md = quick_run
     assert set(res["quality"]) == set(DATASETS)
     # a fresh cache: every model carries this code's fingerprint, and the report says so
-    assert f"Training code fingerprint {res['meta']['code']}" in md and "every teacher and student here was trained under it" in md
+    assert (
+        f"Training code fingerprint {res['meta']['code']}" in md
+        and "every teacher and student here was trained under it" in md
+    )
     for name, q in res["quality"].items():
         keys = METRICS[name]
         # the data-vs-data floor
@@ -62,14 +80,27 @@ def test_quality_tables_hold_numbers(quick_run):
             assert sorted(map(int, st["nfe"])) == [1, 2, 4, 8]
             for nfe, row in st["nfe"].items():
                 stochastic = st["sampler_gamma"] > 0 and int(nfe) > 1  # re-noising: no deterministic map to compare
-                assert all(finite(row[k]) or (k == "rmse" and stochastic and row[k] is None) for k in keys), (name, m, row)
+                assert all(finite(row[k]) or (k == "rmse" and stochastic and row[k] is None) for k in keys), (
+                    name,
+                    m,
+                    row,
+                )
             assert len(st["losses"]) == st["steps"] > 0 and all(finite(v) for v in st["losses"])
     # a flow map error of the exact teacher falls with NFE (Heun 64 far below Euler 1): the table is not noise
     gmm = res["quality"]["gmm"]["teacher"]
     assert gmm["heun"]["64"]["rmse"] < 0.01 * gmm["euler"]["1"]["rmse"]
     assert finite(res["quality"]["gmm"]["data_std"])
-    for title in ("## Targets", "## Quality per NFE", "### Checkerboard", "### Eight Gaussians", "### Digits", "### Analytic mixture",
-                  "## Training cost", "### Sampling throughput", "## Peer"):
+    for title in (
+        "## Targets",
+        "## Quality per NFE",
+        "### Checkerboard",
+        "### Eight Gaussians",
+        "### Digits",
+        "### Analytic mixture",
+        "## Training cost",
+        "### Sampling throughput",
+        "## Peer",
+    ):
         assert title in md, title
     assert "project digit classifier" in md  # says which features were used
     assert "skipped `no_such_method`: not in the objective registry" in md
@@ -90,8 +121,11 @@ def test_cost_throughput_and_peer_tables_hold_numbers(quick_run):
         for k in ("raw forward", "student 1 NFE", "teacher 64 NFE"):
             assert finite(tp[k]["samples_per_s"]) and tp[k]["samples_per_s"] > 0
         assert finite(tp["student 1 NFE"]["vs_raw_forward"]) and finite(tp["student 1 NFE"]["vs_teacher_64"])
-    assert "peak resident-set growth" in res["meta"]["memory_method"] or "cuda" in res["meta"]["memory_method"] or \
-        res["meta"]["memory_method"] == "unavailable"
+    assert (
+        "peak resident-set growth" in res["meta"]["memory_method"]
+        or "cuda" in res["meta"]["memory_method"]
+        or res["meta"]["memory_method"] == "unavailable"
+    )
     peer = res["peer"]
     if peer["available"]:
         for side in ("ours", "torchcfm"):
@@ -124,8 +158,16 @@ def test_streaming_row_compares_shards_with_memory(quick_run):
 @pytest.mark.slow
 def test_plots_are_written(quick_run):
     out, res, _ = quick_run
-    expected = {"scatter_checkerboard.png", "scatter_eight_gaussians.png", "scatter_gmm.png", "samples_digits.png",
-                "trajectories_checkerboard.png", "quality_vs_nfe_digits.png", "quality_vs_nfe_gmm.png", "loss_checkerboard.png"}
+    expected = {
+        "scatter_checkerboard.png",
+        "scatter_eight_gaussians.png",
+        "scatter_gmm.png",
+        "samples_digits.png",
+        "trajectories_checkerboard.png",
+        "quality_vs_nfe_digits.png",
+        "quality_vs_nfe_gmm.png",
+        "loss_checkerboard.png",
+    }
     assert expected <= set(res["plots"])
     for name in res["plots"]:
         data = (out / name).read_bytes()
@@ -139,17 +181,28 @@ def test_targets_are_read_with_their_margin():
     assert _target("x", float("nan"), 0.9, ">=", "no run")["met"] is None
     results = {
         "quality": {
-            "checkerboard": {"teacher": {"heun": {"64": {"w2": 0.2}}},
-                             "students": {"cd": {"nfe": {"1": {"precision": 0.95}, "2": {"w2": 0.24}}},
-                                          "pd": {"nfe": {"1": {"precision": 0.5}, "2": {"w2": 0.3}}}}},
-            "gmm": {"data_std": 1.0, "students": {"cd": {"nfe": {"1": {"rmse": 0.04}}}, "pd": {"nfe": {"1": {"rmse": 0.2}}}}},
+            "checkerboard": {
+                "teacher": {"heun": {"64": {"w2": 0.2}}},
+                "students": {
+                    "cd": {"nfe": {"1": {"precision": 0.95}, "2": {"w2": 0.24}}},
+                    "pd": {"nfe": {"1": {"precision": 0.5}, "2": {"w2": 0.3}}},
+                },
+            },
+            "gmm": {
+                "data_std": 1.0,
+                "students": {"cd": {"nfe": {"1": {"rmse": 0.04}}}, "pd": {"nfe": {"1": {"rmse": 0.2}}}},
+            },
         },
-        "cost": {"mlp": {"steps": {"meanflow": {"ratio": 2.0}}, "throughput": {"student 1 NFE": {"vs_raw_forward": 0.8}}}},
+        "cost": {
+            "mlp": {"steps": {"meanflow": {"ratio": 2.0}}, "throughput": {"student 1 NFE": {"vs_raw_forward": 0.8}}}
+        },
         "peer": {"available": False, "reason": "torchcfm is not installed"},
     }
     by_text = {t["target"]: t for t in evaluate_targets(results)}
     w2 = {k: v for k, v in by_text.items() if "W2 at 2 NFE" in k}
-    assert w2["checkerboard: cd W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]"]["value"] == pytest.approx(1.2)
+    assert w2["checkerboard: cd W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]"]["value"] == pytest.approx(
+        1.2
+    )
     assert w2["checkerboard: pd W2 at 2 NFE <= 1.25x the teacher's (Heun, 64 NFE) [ratio]"]["met"] is False
     prec = {k: v for k, v in by_text.items() if "occupied cells" in k}
     assert prec["checkerboard: cd at 1 NFE puts >= 0.90 of its samples on occupied cells"]["met"] is True
@@ -185,18 +238,34 @@ def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
     pass evaluates them (marked trained by a worker), and a second run with --jobs 1 loads the very same students
     (identical metrics, marked cached)."""
     cache = tmp_path / "cache"
-    args = ["--quick", "--datasets", "checkerboard,gmm", "--methods", "cd", "--skip", "cost,peer,plots,streaming",
-            "--cache", str(cache)]
+    args = [
+        "--quick",
+        "--datasets",
+        "checkerboard,gmm",
+        "--methods",
+        "cd",
+        "--skip",
+        "cost,peer,plots,streaming",
+        "--cache",
+        str(cache),
+    ]
 
     def run(out: Path, jobs: int) -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--out", str(out), "--jobs", str(jobs)],
-                              capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--out", str(out), "--jobs", str(jobs)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=str(ROOT),
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
 
     first, log = run(tmp_path / "a", 2)
     assert "pretrain: 2 teachers, then 2 students, in 2 worker processes" in log and "pretrain: gmm/cd done" in log
-    assert len(list(cache.glob("student_*_cd_*.safetensors"))) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 2
+    assert (
+        len(list(cache.glob("student_*_cd_*.safetensors"))) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 2
+    )
     second, _ = run(tmp_path / "b", 1)
     for name in ("checkerboard", "gmm"):
         a, b = first["quality"][name]["students"]["cd"], second["quality"][name]["students"]["cd"]
@@ -204,8 +273,22 @@ def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
         assert all(finite(row["w2"]) for row in a["nfe"].values())
         assert a["nfe"] == b["nfe"]  # the same weights, evaluated twice with the same noise
     with pytest.raises(subprocess.CalledProcessError):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--jobs", "0", "--out", str(tmp_path / "c")],
-                       capture_output=True, text=True, timeout=120, cwd=str(ROOT), check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "benchmark.py"),
+                "--quick",
+                "--jobs",
+                "0",
+                "--out",
+                str(tmp_path / "c"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=str(ROOT),
+            check=True,
+        )
 
 
 def test_report_names_what_was_trained_under_other_code() -> None:
@@ -216,9 +299,13 @@ def test_report_names_what_was_trained_under_other_code() -> None:
 
     code = benchmark.code_fingerprint()
     assert len(code) == 12 and code == benchmark.code_fingerprint()
-    results = {"meta": {"code": code}, "quality": {
-        "checkerboard": {"teacher_code": code, "students": {"cd": {"code": code}, "meanflow": {"code": code}}},
-        "gmm": {"teacher_code": code, "students": {"cd": {"code": code}}}}}
+    results = {
+        "meta": {"code": code},
+        "quality": {
+            "checkerboard": {"teacher_code": code, "students": {"cd": {"code": code}, "meanflow": {"code": code}}},
+            "gmm": {"teacher_code": code, "students": {"cd": {"code": code}}},
+        },
+    }
     assert "every teacher and student here was trained under it" in code_note(results)
     results["quality"]["checkerboard"]["students"]["meanflow"]["code"] = "0123456789ab"
     results["quality"]["gmm"]["teacher_code"] = None  # written before fingerprints were recorded
@@ -273,8 +360,13 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
             assert err is None and m == method
     finally:
         torch.set_num_threads(threads)
-    assert calls == [("teacher", "checkerboard", True), ("teacher", "checkerboard", False), ("cd", "checkerboard", True),
-                     ("teacher", "checkerboard", False), ("meanflow", "checkerboard", True)]
+    assert calls == [
+        ("teacher", "checkerboard", True),
+        ("teacher", "checkerboard", False),
+        ("cd", "checkerboard", True),
+        ("teacher", "checkerboard", False),
+        ("meanflow", "checkerboard", True),
+    ]
 
 
 def test_students_train_at_the_budget_rate_times_their_lr_scale(tmp_path, monkeypatch) -> None:
@@ -306,5 +398,8 @@ def test_students_train_at_the_budget_rate_times_their_lr_scale(tmp_path, monkey
     assert seen["cd"] == pytest.approx((base, base * budget.lr_decay))
     assert seen["meanflow"] == pytest.approx((0.5 * base, 0.5 * base * budget.lr_decay))
     assert benchmark.lr_scale("meanflow", "eight_gaussians") == 0.5 and benchmark.lr_scale("meanflow", "gmm") == 1.0
-    assert _lr_exceptions({"lr_scale": {"checkerboard/meanflow": 0.5}}) == " except checkerboard/meanflow at 0.5x it (`LR_SCALE`)"
+    assert (
+        _lr_exceptions({"lr_scale": {"checkerboard/meanflow": 0.5}})
+        == " except checkerboard/meanflow at 0.5x it (`LR_SCALE`)"
+    )
     assert _lr_exceptions({}) == ""

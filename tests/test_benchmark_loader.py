@@ -14,11 +14,36 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def test_loader_benchmark_reports_every_worker_count(tmp_path, capsys):
     import benchmark_loader
 
-    result = benchmark_loader.main([
-        "--sizes", "32", "--workers", "0,2", "--count", "24", "--shards", "2", "--batch-size", "4",
-        "--batches", "2", "--seconds", "0", "--steps", "1", "--dim", "32", "--depth", "1", "--heads", "2",
-        "--out", str(tmp_path), "--threads", "1",
-    ])
+    result = benchmark_loader.main(
+        [
+            "--sizes",
+            "32",
+            "--workers",
+            "0,2",
+            "--count",
+            "24",
+            "--shards",
+            "2",
+            "--batch-size",
+            "4",
+            "--batches",
+            "2",
+            "--seconds",
+            "0",
+            "--steps",
+            "1",
+            "--dim",
+            "32",
+            "--depth",
+            "1",
+            "--heads",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ]
+    )
     assert [r["size"] for r in result["rows"]] == [32]
     assert len(list((tmp_path / "jpeg32").glob("train-*.tar"))) == 2
     for row in result["rows"]:

@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_scale_benchmark_tiny(capsys):
     import benchmark_scale
 
-    result = benchmark_scale.main(["--nets", "dit_tiny", "--methods", "meanflow,cd", "--steps", "2", "--no-compile",
-                                   "--threads", "1"])
+    result = benchmark_scale.main(
+        ["--nets", "dit_tiny", "--methods", "meanflow,cd", "--steps", "2", "--no-compile", "--threads", "1"]
+    )
     rows = result["nets"]["dit_tiny"]["steps"]
     assert set(rows) == {"fm", "meanflow", benchmark_scale.MEANFLOW_FUNC, "cd"}
     assert all("error" not in r for r in rows.values()), rows

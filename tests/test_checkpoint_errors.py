@@ -39,8 +39,14 @@ def test_pickle_bearing_ckpt_is_refused_without_running_its_code(tmp_path):
     marker = tmp_path / "side_effect.txt"
     bad = tmp_path / "model.ckpt"
     net = build_net(MLP)
-    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": {"net": MLP},
-                "callbacks": Payload(str(marker))}, bad)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {"net": MLP},
+            "callbacks": Payload(str(marker)),
+        },
+        bad,
+    )
     with pytest.raises(CheckpointError, match=r"refused.*weights_only=True.*none of its code was run"):
         load_teacher(bad)
     with pytest.raises(CheckpointError, match="only safetensors"):
@@ -85,14 +91,20 @@ def test_checkpoint_for_another_architecture(tmp_path):
         load_teacher(path)
     # the same for a Lightning-layout checkpoint and for a student
     ckpt = tmp_path / "teacher.ckpt"
-    torch.save({"state_dict": {f"net.{k}": v for k, v in small.state_dict().items()}, "hyper_parameters": {"net": wide}}, ckpt)
+    torch.save(
+        {"state_dict": {f"net.{k}": v for k, v in small.state_dict().items()}, "hyper_parameters": {"net": wide}}, ckpt
+    )
     with pytest.raises(CheckpointError, match="does not fit the network"):
         load_teacher(ckpt)
     mlp3 = build_net(dict(MLP, depth=3))
-    spath = save_model(tmp_path / "student.safetensors", mlp3, {"kind": "student", "net": MLP, "parametrization": {"name": "identity"}})
+    spath = save_model(
+        tmp_path / "student.safetensors", mlp3, {"kind": "student", "net": MLP, "parametrization": {"name": "identity"}}
+    )
     with pytest.raises(CheckpointError, match="does not fit the network: unexpected"):
         flowmap.load_student(spath)
-    unknown = save_model(tmp_path / "unknown.safetensors", small, dict(teacher_config(teacher), net={"name": "resnet9000"}))
+    unknown = save_model(
+        tmp_path / "unknown.safetensors", small, dict(teacher_config(teacher), net={"name": "resnet9000"})
+    )
     with pytest.raises(CheckpointError, match="unknown net"):
         load_teacher(unknown)
 
@@ -117,10 +129,23 @@ def test_our_lightning_ckpt_loads_with_ema_weights(tmp_path):
         for p in module.ema.parameters():
             p.add_(0.1 * torch.randn_like(p))
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": "2.6",
-                "global_step": 3}, ckpt)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": "2.6",
+            "global_step": 3,
+        },
+        ckpt,
+    )
     teacher, d = load_teacher(ckpt)
-    assert (d["kind"], d["weights"], d["prediction"], d["path"], d["data_shape"]) == ("lightning", "ema", "eps", "cosine", [2])
+    assert (d["kind"], d["weights"], d["prediction"], d["path"], d["data_shape"]) == (
+        "lightning",
+        "ema",
+        "eps",
+        "cosine",
+        [2],
+    )
     assert "lightning mlp: prediction eps, path cosine" in describe_teacher(d)
     x, t = torch.randn(8, 2), torch.rand(8) * 0.9 + 0.05
     with torch.no_grad():
@@ -133,8 +158,16 @@ def test_our_lightning_ckpt_loads_with_ema_weights(tmp_path):
 
 def test_diffusers_folders_with_unsupported_parts(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                                 norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
 
     def folder(name: str, scheduler=None, edit: dict | None = None, safe: bool = True) -> Path:
         d = tmp_path / name
@@ -149,7 +182,9 @@ def test_diffusers_folders_with_unsupported_parts(tmp_path):
     with pytest.raises(CheckpointError, match="unsupported diffusers scheduler 'EDMEulerScheduler': no training betas"):
         load_teacher(folder("edm", diffusers.EDMEulerScheduler()))
     with pytest.raises(CheckpointError, match="prediction_type='flow_prediction' is not supported"):
-        load_teacher(folder("pred", diffusers.DDPMScheduler(num_train_timesteps=50), edit={"prediction_type": "flow_prediction"}))
+        load_teacher(
+            folder("pred", diffusers.DDPMScheduler(num_train_timesteps=50), edit={"prediction_type": "flow_prediction"})
+        )
     with pytest.raises(CheckpointError, match="rescale_betas_zero_snr"):
         load_teacher(folder("zsnr", diffusers.DDIMScheduler(num_train_timesteps=50, rescale_betas_zero_snr=True)))
     with pytest.raises(CheckpointError, match="no scheduler config"):
@@ -160,18 +195,26 @@ def test_diffusers_folders_with_unsupported_parts(tmp_path):
     diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=1).save_pretrained(other)
     with pytest.raises(CheckpointError, match="unsupported diffusers model class 'AutoencoderKL'"):
         load_teacher(other)
-    ok, d = load_teacher(folder("ddpm_sample", diffusers.DDPMScheduler(num_train_timesteps=50, prediction_type="sample", clip_sample=False)))
+    ok, d = load_teacher(
+        folder(
+            "ddpm_sample", diffusers.DDPMScheduler(num_train_timesteps=50, prediction_type="sample", clip_sample=False)
+        )
+    )
     assert d["prediction"] == "x0" and d["scheduler"] == "DDPMScheduler"
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():  # an x0-predicting model's velocity stays finite at the data end (Heun's last stage)
-        assert torch.isfinite(ok.velocity(x, torch.zeros(2))).all() and torch.isfinite(ok.velocity(x, torch.ones(2))).all()
+        assert (
+            torch.isfinite(ok.velocity(x, torch.zeros(2))).all() and torch.isfinite(ok.velocity(x, torch.ones(2))).all()
+        )
 
 
 def test_missing_diffusers_gives_a_clear_import_error(tmp_path, monkeypatch):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
-    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 10}))
+    (folder / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 10})
+    )
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     with pytest.raises(ImportError, match="optional dependency `diffusers`"):
         load_teacher(folder)

@@ -10,7 +10,10 @@ import torch
 
 from flowmap.compiled import compile_calls, has_c_compiler
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not has_c_compiler(), reason="inductor needs a C++ compiler (none on PATH)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not has_c_compiler(), reason="inductor needs a C++ compiler (none on PATH)"),
+]
 
 NET = {"name": "mlp", "data_shape": [2], "width": 32, "depth": 2, "emb_dim": 32}
 

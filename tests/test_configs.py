@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flowmap.io import load_matching
 from flowmap.models import build_student
 from flowmap.nets import build_net
 from flowmap.objectives import OBJECTIVES, build_objective
-from flowmap.io import load_matching
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = sorted((ROOT / "configs" / "distill").glob("*.yaml"))

@@ -72,7 +72,9 @@ def test_checkerboard_geometry():
     assert len(CHECKERBOARD.occupied_cells()) == 8
     assert math.isclose(CHECKERBOARD.side * CHECKERBOARD.cells, 2 * CHECKERBOARD.half_width)
     a, s = CHECKERBOARD.half_width, CHECKERBOARD.side
-    pts = torch.tensor([[-a + 0.5 * s, -a + 0.5 * s], [-a + 1.5 * s, -a + 0.5 * s], [a + 0.1, 0.0], [-a + 1.5 * s, -a + 1.5 * s]])
+    pts = torch.tensor(
+        [[-a + 0.5 * s, -a + 0.5 * s], [-a + 1.5 * s, -a + 0.5 * s], [a + 0.1, 0.0], [-a + 1.5 * s, -a + 1.5 * s]]
+    )
     assert CHECKERBOARD.occupied(pts).tolist() == [True, False, False, True]
     assert CHECKERBOARD.cell_index(pts)[2].tolist() == [-1, -1]
 
@@ -345,7 +347,15 @@ def test_datamodule_in_trainer(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model = Probe()
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     assert model.seen == [((32, 1, 8, 8), torch.long)] * 3

@@ -27,7 +27,18 @@ CASES = ["teacher", "meanflow", "meanflow_func", "scd"]
 def ddp_runs(tmp_path_factory) -> Path:
     """One two-process launch that runs every case (a launch costs ~10 s of start-up)."""
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), "--case", ",".join(CASES), "--out", str(out), "--devices", "2", "--steps", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "ddp_worker.py"),
+        "--case",
+        ",".join(CASES),
+        "--out",
+        str(out),
+        "--devices",
+        "2",
+        "--steps",
+        "1",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -59,7 +70,9 @@ def _loss(module, batch) -> torch.Tensor:
     x0, cond = unpack_batch(batch)
     if hasattr(module, "loss_fn"):
         return module.loss_fn(module.net, x0, cond).loss.mean()
-    out = module.objective(student=module.student, teacher=module.teacher, target=module.target, x0=x0, cond=cond, step=0)
+    out = module.objective(
+        student=module.student, teacher=module.teacher, target=module.target, x0=x0, cond=cond, step=0
+    )
     return out.loss.mean()
 
 

@@ -42,8 +42,18 @@ def test_two_ranks_stream_disjoint_shards_with_equal_batches_and_gradients(tmp_p
     assert len(cases) >= 2, "no student objective imports"
     x = ddp_worker.make_data()
     write_shards(((xi, -1) for xi in x), tmp_path / "shards", shape=(2,), max_count=16)  # 4 shards of 16
-    cmd = [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), "--case", ",".join(cases), "--out", str(tmp_path / "out"),
-           "--shards", str(tmp_path / "shards"), "--steps", str(STEPS)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "ddp_worker.py"),
+        "--case",
+        ",".join(cases),
+        "--out",
+        str(tmp_path / "out"),
+        "--shards",
+        str(tmp_path / "shards"),
+        "--steps",
+        str(STEPS),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     B = ddp_worker.B
@@ -67,7 +77,11 @@ def test_two_ranks_stream_disjoint_shards_with_equal_batches_and_gradients(tmp_p
             if ranks[0][key] is not None:
                 for name, p in ranks[0][key].items():
                     assert torch.equal(p, ranks[1][key][name]), f"{case}: {key} {name} differs across ranks"
-        assert not all(torch.equal(p, ranks[0]["init_state"][n]) for n, p in ranks[0]["params"].items() if n in ranks[0]["init_state"])
+        assert not all(
+            torch.equal(p, ranks[0]["init_state"][n])
+            for n, p in ranks[0]["params"].items()
+            if n in ranks[0]["init_state"]
+        )
         # one export, written by rank 0, that loads back
         assert sorted(p.name for p in out.glob("*.safetensors")) == ["export.safetensors"], case
         from flowmap.models import load_model

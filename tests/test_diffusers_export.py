@@ -69,9 +69,15 @@ def test_export_diffusers_folder_samples_like_load_student(tmp_path, case):
 
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     torch.save((noise, labels), tmp_path / "noise.pt")
-    run = subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "noise.pt"), str(tmp_path / "x.pt")],
-                         check=True, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH, str(out), str(tmp_path / "noise.pt"), str(tmp_path / "x.pt")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["banned"] == [] and report["pil"] == [[8, 8], [8, 8]]
     with torch.no_grad():
@@ -85,9 +91,14 @@ def test_export_refuses_a_student_of_flowmaps_own_nets(tmp_path, capsys):
     from flowmap.student import FlowMap
 
     path = save_student(tmp_path / "s.safetensors", FlowMap(build_net({"name": "mlp", "data_shape": [2]})))
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), str(path), "--format", "diffusers"],
-                         capture_output=True, text=True, timeout=120, check=False,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export.py"), str(path), "--format", "diffusers"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "made from a diffusers model" in run.stderr
 
 

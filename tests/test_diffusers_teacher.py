@@ -22,7 +22,6 @@ from flowmap.training import fit  # noqa: E402
 from teachers import CheckpointTeacher, EDMDenoiserTeacher, GaussianMixtureTeacher, describe_teacher, load_teacher  # noqa: E402
 from teachers.diffusers_adapter import ddim_time_grid  # noqa: E402
 
-
 N_TRAIN = 50  # DDPM train steps of the tiny schedule
 K = 10  # DDIM inference steps
 
@@ -30,15 +29,29 @@ K = 10  # DDIM inference steps
 def tiny_unet(**kwargs) -> "diffusers.UNet2DModel":
     torch.manual_seed(0)
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), **kwargs,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        **kwargs,
     ).eval()
 
 
 def ddim(prediction: str, set_alpha_to_one: bool = True, steps_offset: int = 0) -> "diffusers.DDIMScheduler":
     # clip_sample=False: clipping x0 is a sampler heuristic that no velocity field reproduces.
-    return diffusers.DDIMScheduler(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2, prediction_type=prediction,
-                                   clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset)
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=N_TRAIN,
+        beta_start=1e-3,
+        beta_end=0.2,
+        prediction_type=prediction,
+        clip_sample=False,
+        set_alpha_to_one=set_alpha_to_one,
+        steps_offset=steps_offset,
+    )
 
 
 def save_folder(folder, model, scheduler):
@@ -64,7 +77,7 @@ def euler_on_linear_axis(teacher, scheduler, noise: torch.Tensor, shift_steps: i
     if shift_steps:  # negative control: every time moved by `shift_steps` train steps on the VP axis
         abar = torch.tensor(teacher.teacher.path.alphas_cumprod, dtype=torch.float64)
         k = (scheduler.timesteps.long() + shift_steps).clamp(0, N_TRAIN - 1)
-        grid = torch.cat([((1 - abar[k]).sqrt() / (abar[k].sqrt() + (1 - abar[k]).sqrt())), grid[len(k):]])
+        grid = torch.cat([((1 - abar[k]).sqrt() / (abar[k].sqrt() + (1 - abar[k]).sqrt())), grid[len(k) :]])
     abar0 = scheduler.alphas_cumprod[scheduler.timesteps[0]].double()
     scale = float(abar0.sqrt() + (1 - abar0).sqrt())  # alpha + sigma of the VP path at the first timestep
     x_lin = solve(teacher, noise / scale, grid, "euler")
@@ -83,7 +96,12 @@ def test_euler_on_converted_path_reproduces_diffusers_ddim(tmp_path, prediction,
     folder = save_folder(tmp_path / "model", unet, scheduler)
     teacher = CheckpointTeacher(str(folder))
     d = teacher.description
-    assert (d["kind"], d["model"], d["scheduler"], d["path"]) == ("diffusers", "UNet2DModel", "DDIMScheduler", "vp_discrete")
+    assert (d["kind"], d["model"], d["scheduler"], d["path"]) == (
+        "diffusers",
+        "UNet2DModel",
+        "DDIMScheduler",
+        "vp_discrete",
+    )
     assert d["prediction"] == {"epsilon": "eps", "v_prediction": "v"}[prediction]
     assert teacher.data_shape == (1, 8, 8) and teacher.num_classes == 0
     line = describe_teacher(d)
@@ -123,12 +141,24 @@ def test_flow_matching_dit_with_labels_and_guidance(tmp_path):
     """DiT + FlowMatchEulerDiscreteScheduler: diffusers' sigma is our t, the output is our velocity;
     its Euler sampler is ours on the scheduler's sigmas; CFG uses DiT's null label."""
     torch.manual_seed(0)
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=1,
-                                          sample_size=8, patch_size=2, num_embeds_ada_norm=3).eval()  # eval: no label dropout
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=3,
+    ).eval()  # eval: no label dropout
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=2.0)
     folder = save_folder(tmp_path / "dit", dit, scheduler)
     teacher = CheckpointTeacher(str(folder))
-    assert teacher.num_classes == 3 and teacher.description["null_class"] and teacher.description["prediction"] == "velocity"
+    assert (
+        teacher.num_classes == 3
+        and teacher.description["null_class"]
+        and teacher.description["prediction"] == "velocity"
+    )
     assert teacher.description["path"] == "linear"
 
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -205,13 +235,26 @@ def test_distill_from_diffusers_teacher_and_save_student(tmp_path):
     """A few steps of consistency distillation from the diffusers teacher, then save and reload the student."""
     folder = save_folder(tmp_path / "model", tiny_unet(), ddim("epsilon"))
     teacher = CheckpointTeacher(str(folder))
-    student = FlowMap(build_net({"name": "unet", "data_shape": [1, 8, 8], "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                                 "attn_resolutions": [], "emb_dim": 32}))
+    student = FlowMap(
+        build_net(
+            {
+                "name": "unet",
+                "data_shape": [1, 8, 8],
+                "channels": 8,
+                "channel_mult": [1, 2],
+                "num_res_blocks": 1,
+                "attn_resolutions": [],
+                "emb_dim": 32,
+            }
+        )
+    )
     objective = build_objective({"name": "cd", "steps": 8, "solver": "euler", "target_ema": 0.9})
     with torch.no_grad():  # data-free: x0 from the teacher's own Euler samples
         x0 = solve(teacher, torch.randn(16, 1, 8, 8), 8, "euler")
     before = [p.detach().clone() for p in student.parameters()]
-    losses = fit(student, objective, lambda step: (x0[(4 * step) % 16 : (4 * step) % 16 + 4], None), steps=4, teacher=teacher)
+    losses = fit(
+        student, objective, lambda step: (x0[(4 * step) % 16 : (4 * step) % 16 + 4], None), steps=4, teacher=teacher
+    )
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     path = save_student(tmp_path / "student.safetensors", student, method="cd", teacher=json.dumps(teacher.description))
@@ -225,10 +268,10 @@ def test_distill_script_detects_the_folder_and_builds_the_teacher_from_yaml(tmp_
     """scripts/distill.py --teacher FOLDER says what it found, and LightningCLI builds the teacher from
     the spec it writes ({"class_path": "teachers.CheckpointTeacher", "init_args": {"path": ...}})."""
     import numpy as np
+    from lightning import LightningDataModule
 
     from flowmap.lightning.cli import FlowmapCLI
     from flowmap.lightning.distill_module import DistillModule
-    from lightning import LightningDataModule
     from scripts.distill import expand_teacher_flag
 
     folder = save_folder(tmp_path / "model", tiny_unet(), ddim("v_prediction"))
@@ -243,12 +286,18 @@ def test_distill_script_detects_the_folder_and_builds_the_teacher_from_yaml(tmp_
         f"  init_args: {{path: {tmp_path / 'x.npz'}, batch_size: 4}}\n"
         "trainer: {max_steps: 1, enable_progress_bar: false}\n"
     )
-    args = expand_teacher_flag(["--teacher", str(folder), "--config", str(config), "--run_dir", str(tmp_path / "run"), "--logger", "none"])
+    args = expand_teacher_flag(
+        ["--teacher", str(folder), "--config", str(config), "--run_dir", str(tmp_path / "run"), "--logger", "none"]
+    )
     out = capsys.readouterr().out
     assert "teacher: diffusers UNet2DModel + DDIMScheduler: prediction v_prediction -> v, path vp_discrete" in out
     cli = FlowmapCLI(DistillModule, LightningDataModule, subclass_mode_data=True, args=args)
     teacher = cli.model.teacher
-    assert isinstance(teacher, CheckpointTeacher) and teacher.source == str(folder) and not any(p.requires_grad for p in teacher.parameters())
+    assert (
+        isinstance(teacher, CheckpointTeacher)
+        and teacher.source == str(folder)
+        and not any(p.requires_grad for p in teacher.parameters())
+    )
     x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
     with torch.no_grad():
         assert torch.equal(teacher.velocity(x, t), load_teacher(folder)[0].velocity(x, t))
@@ -260,8 +309,15 @@ def test_pipeline_folder_layout(tmp_path):
     pipe = tmp_path / "pipe"
     unet.save_pretrained(pipe / "unet")
     scheduler.save_pretrained(pipe / "scheduler")
-    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DDIMPipeline", "unet": ["diffusers", "UNet2DModel"],
-                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    (pipe / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDIMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            }
+        )
+    )
     flat = save_folder(tmp_path / "flat", unet, scheduler)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8])
     with torch.no_grad():

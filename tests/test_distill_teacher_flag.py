@@ -36,9 +36,16 @@ def test_allow_clip_mismatch_reaches_the_checkpoint_teacher(tmp_path):
     from flowmap.io import CheckpointError
     from teachers import CheckpointTeacher
 
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                                 norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     folder = tmp_path / "ddim"
     unet.save_pretrained(folder)
     diffusers.DDIMScheduler(num_train_timesteps=20).save_pretrained(folder)  # clip_sample=True by default
@@ -47,6 +54,8 @@ def test_allow_clip_mismatch_reaches_the_checkpoint_teacher(tmp_path):
     args = distill_script.expand_teacher_flag(["--allow_clip_mismatch", "--teacher", str(folder), "--config", "x.yaml"])
     i = args.index("--model.teacher")
     spec = json.loads(args[i + 1])
-    assert spec["init_args"] == {"path": str(folder), "allow_clip_mismatch": True} and "--allow_clip_mismatch" not in args
+    assert (
+        spec["init_args"] == {"path": str(folder), "allow_clip_mismatch": True} and "--allow_clip_mismatch" not in args
+    )
     teacher = CheckpointTeacher(**spec["init_args"])
     assert any("clip" in note for note in teacher.description["notes"])

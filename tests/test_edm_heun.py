@@ -72,8 +72,9 @@ def test_edm_heun_from_an_intermediate_time_converges_to_the_exact_gmm_map():
     teacher = preset_mixture("ring8")
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.7
     s = 0.8
-    exact = teacher.flow_map(x, torch.full((256,), s, dtype=torch.float64), torch.zeros(256, dtype=torch.float64),
-                             steps=500)
+    exact = teacher.flow_map(
+        x, torch.full((256,), s, dtype=torch.float64), torch.zeros(256, dtype=torch.float64), steps=500
+    )
     errs = []
     for n in (8, 16):
         grid = torch.linspace(s, 0.0, n + 1, dtype=torch.float64)

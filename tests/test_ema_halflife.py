@@ -28,7 +28,7 @@ def _weights(schedule: EMASchedule, steps: int) -> torch.Tensor:
 def test_fraction_halflife_gives_every_run_length_the_same_weight_on_its_last_tenth(steps):
     w = _weights(EMASchedule(halflife=0.1, total_steps=steps), steps)
     assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
-    last = float(w[steps - steps // 10: steps].sum())
+    last = float(w[steps - steps // 10 : steps].sum())
     assert last == pytest.approx(0.5, abs=1e-9)  # half-life = the last 10%: 1 - 0.5 ** 1
     assert float(w[steps]) == pytest.approx(0.5**10, rel=1e-9)  # the init: ten half-lives ago
     # the old constant 0.999 keeps (0.999 ** 50 =) 95% of a 50-step run's initialization
@@ -45,7 +45,7 @@ def test_halflife_in_steps_and_growing_fraction():
     w = _weights(EMASchedule(halflife=0.1), T)
     harmonic = sum(1.0 / (k + 1) for k in range(T))
     assert float(w[T]) == pytest.approx(2.0 ** (-harmonic / 0.1), rel=1e-6)
-    assert float(w[T - 20: T].sum()) > 0.5
+    assert float(w[T - 20 : T].sum()) > 0.5
 
 
 def test_bad_settings_are_refused():
@@ -63,12 +63,20 @@ def _short_run(**ema) -> tuple[float, float]:
     from flowmap.lightning.teacher_module import TeacherModule
 
     torch.manual_seed(0)
-    module = TeacherModule(net={"name": "mlp", "data_shape": [2], "width": 32, "depth": 2, "emb_dim": 16}, lr=1e-2, **ema)
+    module = TeacherModule(
+        net={"name": "mlp", "data_shape": [2], "width": 32, "depth": 2, "emb_dim": 16}, lr=1e-2, **ema
+    )
     init = torch.cat([p.detach().flatten().clone() for p in module.net.parameters()])
     data = torch.randn(2048, 2) * 0.5 + 2.0
     loader = DataLoader(TensorDataset(data), batch_size=64, shuffle=True)
-    trainer = L.Trainer(max_steps=50, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=50,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, loader)
     raw = torch.cat([p.detach().flatten() for p in module.net.parameters()])
     ema = torch.cat([p.detach().flatten() for p in module.ema.parameters()])

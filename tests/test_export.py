@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from weights import trained_like
 
 from flowmap.app import load_student
 from flowmap.export import OneStepGenerator, export_generator
 from flowmap.models import save_student
 from flowmap.nets import build_net
 from flowmap.student import FlowMap
-from weights import trained_like
 
 
 def test_export_script_matches_eager_with_dynamic_batch(tmp_path, capsys):
@@ -20,13 +20,27 @@ def test_export_script_matches_eager_with_dynamic_batch(tmp_path, capsys):
     reloaded program agrees with load_student's eager one-step sample for batch sizes it never saw."""
     import scripts.export as export_script
 
-    net = build_net({"name": "unet", "data_shape": [1, 8, 8], "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                     "attn_resolutions": [4], "heads": 2, "emb_dim": 32, "num_classes": 3})
+    net = build_net(
+        {
+            "name": "unet",
+            "data_shape": [1, 8, 8],
+            "channels": 8,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [4],
+            "heads": 2,
+            "emb_dim": 32,
+            "num_classes": 3,
+        }
+    )
     path = save_student(tmp_path / "student.safetensors", FlowMap(trained_like(net, 7)))
     out = tmp_path / "gen.pt2"
     result = export_script.main([str(path), "--out", str(out), "--batch", "4"])
     printed = capsys.readouterr().out
-    assert json.loads(printed.splitlines()[0])["max_abs_diff"] == result["max_abs_diff"] and "ok: max |exported - eager|" in printed
+    assert (
+        json.loads(printed.splitlines()[0])["max_abs_diff"] == result["max_abs_diff"]
+        and "ok: max |exported - eager|" in printed
+    )
     assert result["dynamic_batch"] and result["max_abs_diff"] < 1e-5 and out.is_file()
 
     program = torch.export.load(str(out)).module()
@@ -54,7 +68,9 @@ def test_export_unconditional_guidance_student_static_batch(tmp_path):
     with torch.no_grad():
         ref = student(noise, torch.ones(6), torch.zeros(6), None, torch.full((6,), 2.0))
         assert float((program(noise) - ref).abs().max()) < 1e-5
-        assert float((OneStepGenerator(student, guidance=1.0)(noise) - ref).abs().max()) > 1e-4  # the baked-in scale matters
+        assert (
+            float((OneStepGenerator(student, guidance=1.0)(noise) - ref).abs().max()) > 1e-4
+        )  # the baked-in scale matters
     with pytest.raises(ValueError, match=".pt2"):
         export_generator(student, tmp_path / "g.onnx")
     plain = FlowMap(build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 8}))

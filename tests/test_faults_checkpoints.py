@@ -68,7 +68,10 @@ class BlockExport(L.Callback):
             Path(self.path).write_text("not a folder")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        BlockExport.FINAL = {"step": trainer.global_step, "state": {k: v.clone() for k, v in pl_module.state_dict().items()}}
+        BlockExport.FINAL = {
+            "step": trainer.global_step,
+            "state": {k: v.clone() for k, v in pl_module.state_dict().items()},
+        }
 
 
 def _load(path: Path) -> dict:
@@ -84,7 +87,9 @@ def _assert_same_run(a: dict, b: dict, what: str) -> None:
     assert not differ, f"{what}: weights differ in {differ[:5]}"
     oa, ob = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert set(oa) == set(ob) and len(oa) > 0, what
-    differ = [(i, k) for i in oa for k in oa[i] if not torch.equal(torch.as_tensor(oa[i][k]), torch.as_tensor(ob[i][k]))]
+    differ = [
+        (i, k) for i in oa for k in oa[i] if not torch.equal(torch.as_tensor(oa[i][k]), torch.as_tensor(ob[i][k]))
+    ]
     assert not differ, f"{what}: optimizer state differs in {differ[:5]}"
 
 
@@ -92,8 +97,19 @@ def _spawn(script: str, config: Path, run_dir: Path, *extra: str) -> tuple[subpr
     """The script in a subprocess (one thread, output to a file: a full pipe would stall it)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     log = run_dir.parent / f"{run_dir.name}_{time.monotonic_ns()}.log"
-    cmd = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--config", str(config), "--run_dir", str(run_dir),
-           "--logger", "none", "--ckpt_every", "1", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / f"{script}.py"),
+        "--config",
+        str(config),
+        "--run_dir",
+        str(run_dir),
+        "--logger",
+        "none",
+        "--ckpt_every",
+        "1",
+        *extra,
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)), log
 
@@ -157,8 +173,11 @@ def test_kill9_mid_write_then_resume_is_exact_teacher(tmp_path, shards):  # noqa
     left = _kill_mid_write("train_teacher", config, tmp_path / "run", step, *steps)
     _run("train_teacher", config, tmp_path / "run", "--ckpt_every", "1", "--resume", "last", *steps)
     assert not (tmp_path / "run" / "checkpoints" / left).exists(), "the killed write's temporary file is still there"
-    _assert_same_run(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
-                     _load(tmp_path / "run" / "checkpoints" / "last.ckpt"), f"teacher killed at step {step} (seed {seed})")
+    _assert_same_run(
+        _load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+        _load(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+        f"teacher killed at step {step} (seed {seed})",
+    )
 
 
 @pytest.mark.slow
@@ -176,7 +195,10 @@ def test_kill9_mid_round_then_resume_is_exact_progressive_distillation(tmp_path,
     _kill_at_step("distill", config, tmp_path / "run", second, "--resume", "last", *steps)
     assert not (tmp_path / "run" / "checkpoints" / left).exists(), "the killed write's temporary file is still there"
     _run("distill", config, tmp_path / "run", "--ckpt_every", "1", "--resume", "last", *steps)
-    full, resumed = _load(tmp_path / "full" / "checkpoints" / "last.ckpt"), _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    full, resumed = (
+        _load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+        _load(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+    )
     _assert_same_run(full, resumed, f"pd killed at steps {first} and {second} (seed {seed})")
     assert int(resumed["state_dict"]["objective.snapshot_round"]) == 3
     assert any(k.startswith("objective.round_teacher.") for k in resumed["state_dict"])
@@ -195,7 +217,9 @@ def test_last_ckpt_is_the_newest_state_at_the_end_and_after_a_resume_with_anothe
         last = _load(folder / "last.ckpt")
         assert last["global_step"] == total == cli.trainer.global_step
         state = cli.model.state_dict()
-        assert set(last["state_dict"]) == set(state) and all(torch.equal(v, state[k]) for k, v in last["state_dict"].items())
+        assert set(last["state_dict"]) == set(state) and all(
+            torch.equal(v, state[k]) for k, v in last["state_dict"].items()
+        )
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"] + [f"step{s:07d}.ckpt" for s in (3, 6, 8, 10)]
     _run("train_teacher", config, tmp_path / "full", "--ckpt_every", "5", "--trainer.max_steps", "11")
     _assert_same_run(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"), last, "7 steps, then 4 more")
@@ -214,7 +238,9 @@ def test_an_export_failing_at_the_end_keeps_the_final_checkpoint(tmp_path, shard
         main_guard(lambda: _run("train_teacher", config, run, *args, "--trainer.callbacks", callbacks))
     assert exit_info.value.code == 2 and blocked.is_file()
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and f"the trained weights are saved in {run / 'checkpoints' / 'last.ckpt'}" in lines[0], lines
+    assert len(lines) == 1 and f"the trained weights are saved in {run / 'checkpoints' / 'last.ckpt'}" in lines[0], (
+        lines
+    )
     last, final = _load(run / "checkpoints" / "last.ckpt"), BlockExport.FINAL
     assert last["global_step"] == final["step"] == 6  # not the periodic save of step 4
     assert set(last["state_dict"]) == set(final["state"])
@@ -239,8 +265,13 @@ def test_artefacts_are_written_with_the_process_umask(tmp_path, shards, umask, m
         export_generator(student, run / "generator.pt2", dynamic=False)
     finally:
         os.umask(before)
-    files = [run / "checkpoints" / "last.ckpt", run / "checkpoints" / "step0000002.ckpt", run / "teacher.safetensors",
-             run / "student.safetensors", run / "generator.pt2"]
+    files = [
+        run / "checkpoints" / "last.ckpt",
+        run / "checkpoints" / "step0000002.ckpt",
+        run / "teacher.safetensors",
+        run / "student.safetensors",
+        run / "generator.pt2",
+    ]
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(mode) for f in files}
     assert not [p for p in run.rglob(".*.tmp*")]
 
@@ -251,10 +282,21 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path, shards): 
     (hpc_ckpt) and next to the export are removed when a run starts; other files there are left alone."""
     config, run, out = _config(tmp_path, "teacher", shards, None, TEACHER), tmp_path / "run", tmp_path / "out"
     folder = run / "checkpoints"
-    stale = [folder / ".last.ckpt.ab12cd34.tmp", folder / ".step0000004.ckpt.zz_9xy01.tmp",
-             run / ".hpc_ckpt_1.ckpt.q1w2e3r4.tmp", out / ".teacher.safetensors.0a1b2c3d.tmp"]
-    kept = [folder / "notes.tmp", folder / ".last.ckpt.tmp", folder / ".notes.txt.ab12cd34.tmp", run / "data.ckpt",
-            out / ".other.safetensors.abcdefgh.tmp", out / ".teacher.safetensors.abc.tmp", out / "teacher.tmp"]
+    stale = [
+        folder / ".last.ckpt.ab12cd34.tmp",
+        folder / ".step0000004.ckpt.zz_9xy01.tmp",
+        run / ".hpc_ckpt_1.ckpt.q1w2e3r4.tmp",
+        out / ".teacher.safetensors.0a1b2c3d.tmp",
+    ]
+    kept = [
+        folder / "notes.tmp",
+        folder / ".last.ckpt.tmp",
+        folder / ".notes.txt.ab12cd34.tmp",
+        run / "data.ckpt",
+        out / ".other.safetensors.abcdefgh.tmp",
+        out / ".teacher.safetensors.abc.tmp",
+        out / "teacher.tmp",
+    ]
     for path in stale + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"\0" * 1000)
@@ -273,6 +315,16 @@ def test_resume_from_an_epochs_last_batch_is_exact(tmp_path, shards):  # noqa: F
     _run("train_teacher", _config(tmp_path, "teacher", shards, None, TEACHER), tmp_path / "full", *steps)
     _run("train_teacher", _config(tmp_path, "teacher", shards, 6, TEACHER), tmp_path / "run", *steps)
     assert _load(tmp_path / "run" / "checkpoints" / "last.ckpt")["ShardDataModule"] == {"epoch": 1, "consumed": 3}
-    _run("train_teacher", _config(tmp_path, "teacher", shards, None, TEACHER), tmp_path / "run", *steps, "--resume", "last")
-    _assert_same_run(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
-                     _load(tmp_path / "run" / "checkpoints" / "last.ckpt"), "resumed after the last batch of epoch 1")
+    _run(
+        "train_teacher",
+        _config(tmp_path, "teacher", shards, None, TEACHER),
+        tmp_path / "run",
+        *steps,
+        "--resume",
+        "last",
+    )
+    _assert_same_run(
+        _load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+        _load(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+        "resumed after the last batch of epoch 1",
+    )

@@ -77,8 +77,18 @@ def _alive(pid: int) -> bool:
 def test_hole12_a_raising_rank_brings_every_rank_down_within_10_s(tmp_path, rank):
     (tmp_path / "cfg.yaml").write_text(CONFIG.format(rank=rank, step=STEP, busy=BUSY, out=tmp_path))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_teacher.py"), "--config", str(ROOT / "configs/trainer/ddp_cpu.yaml"),
-           "--config", str(tmp_path / "cfg.yaml"), "--run_dir", str(tmp_path / "run"), "--logger", "none"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train_teacher.py"),
+        "--config",
+        str(ROOT / "configs/trainer/ddp_cpu.yaml"),
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--logger",
+        "none",
+    ]
     log = (tmp_path / "stderr").open("w")  # a file, not a pipe: a full pipe would block the ranks
     launcher = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
     pids: list[int] = []
@@ -86,7 +96,9 @@ def test_hole12_a_raising_rank_brings_every_rank_down_within_10_s(tmp_path, rank
         deadline = time.time() + 150
         while not (tmp_path / "raised").exists() and launcher.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert (tmp_path / "raised").exists(), "the fault was never injected: " + (tmp_path / "stderr").read_text()[-3000:]
+        assert (tmp_path / "raised").exists(), (
+            "the fault was never injected: " + (tmp_path / "stderr").read_text()[-3000:]
+        )
         raised = float((tmp_path / "raised").read_text())
         pids = [int((tmp_path / f"pid-rank{r}").read_text()) for r in range(2)]
         assert pids[0] == launcher.pid  # rank 0 is the launched process, rank 1 its child

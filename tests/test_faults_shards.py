@@ -40,8 +40,11 @@ def _truncate(path: Path, keep: float) -> None:
 
 
 def _garble(path: Path) -> None:
-    path.write_bytes(torch.randint(0, 256, (path.stat().st_size,), generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (path.stat().st_size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        .numpy()
+        .tobytes()
+    )
 
 
 def _drop_members(path: Path, n: int) -> None:
@@ -66,8 +69,14 @@ def damaged(tmp_path) -> Path:
 
 def _fit(dm: ShardDataModule, tmp_path: Path, max_steps: int) -> L.Trainer:
     module = TeacherModule(net={"name": "mlp", "data_shape": [2], "width": 8, "depth": 1, "emb_dim": 8})
-    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -102,8 +111,9 @@ def test_hole2_limit_judges_the_last_window_samples(tmp_path):
     _garble(root / "shard-000007.tar")  # the last shard of a pass: 64 of 512 samples lost (12.5 %)
 
     def run(**kw) -> tuple[int, int]:
-        stream = ShardStream(root, batch_size=64, epoch_length=15, shuffle_buffer=0, split="by_rank",
-                             max_corrupt_fraction=0.3, **kw)
+        stream = ShardStream(
+            root, batch_size=64, epoch_length=15, shuffle_buffer=0, split="by_rank", max_corrupt_fraction=0.3, **kw
+        )
         list(stream)  # two passes over the shards and the first shard again
         return stream.counts()
 
@@ -118,23 +128,35 @@ def test_hole2_limit_judges_the_last_window_samples(tmp_path):
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in members:
             tar.addfile(m, io.BytesIO(b"\x93NUMPY garbage" + data[14:] if m.name == "000000000.npy" else data))
-    stream = ShardStream(root, batch_size=64, epoch_length=2, shuffle_buffer=0, split="by_rank", max_corrupt_fraction=0.05)
+    stream = ShardStream(
+        root, batch_size=64, epoch_length=2, shuffle_buffer=0, split="by_rank", max_corrupt_fraction=0.05
+    )
     assert len(list(stream)) == 2 and stream.counts() == (128, 1)
-    strict = ShardStream(root, batch_size=64, epoch_length=2, shuffle_buffer=0, split="by_rank", max_corrupt_fraction=0.05,
-                         corrupt_min_samples=1)
+    strict = ShardStream(
+        root,
+        batch_size=64,
+        epoch_length=2,
+        shuffle_buffer=0,
+        split="by_rank",
+        max_corrupt_fraction=0.05,
+        corrupt_min_samples=1,
+    )
     with pytest.raises(CorruptShardError, match=r"1 of the last 1 samples"):
         list(strict)
 
 
-@pytest.mark.parametrize("edit, field", [
-    (lambda m: m.pop("count"), "'count'"),
-    (lambda m: m.pop("shape"), "'shape'"),
-    (lambda m: m.pop("dtype"), "'dtype'"),
-    (lambda m: m.pop("num_classes"), "'num_classes'"),
-    (lambda m: m["shards"][1].pop("start"), "'shards[1].start'"),
-    (lambda m: m.update(count="many"), "'count' has the bad value 'many'"),
-    (lambda m: m.update(shape=5), "'shape' has the bad value 5"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.pop("count"), "'count'"),
+        (lambda m: m.pop("shape"), "'shape'"),
+        (lambda m: m.pop("dtype"), "'dtype'"),
+        (lambda m: m.pop("num_classes"), "'num_classes'"),
+        (lambda m: m["shards"][1].pop("start"), "'shards[1].start'"),
+        (lambda m: m.update(count="many"), "'count' has the bad value 'many'"),
+        (lambda m: m.update(shape=5), "'shape' has the bad value 5"),
+    ],
+)
 def test_hole3_index_field_missing_or_bad_names_file_and_field(tmp_path, edit, field):
     root = _write(tmp_path / "s")
     meta = json.loads((root / "index.json").read_text())
@@ -157,13 +179,26 @@ def test_hole3_index_without_count_is_one_line_from_the_script(tmp_path, capsys)
     del meta["count"]
     (root / "index.json").write_text(json.dumps(meta))
     (tmp_path / "cfg.yaml").write_text("model:\n  net: {name: mlp, data_shape: [2], width: 8, depth: 1}\n")
-    args = ["--config", str(tmp_path / "cfg.yaml"), "--data", "flowmap.lightning.streaming.ShardDataModule",
-            "--data.root", str(root), "--run_dir", str(tmp_path / "run"), "--logger", "none"]
+    args = [
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--data",
+        "flowmap.lightning.streaming.ShardDataModule",
+        "--data.root",
+        str(root),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--logger",
+        "none",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main_guard(lambda: train_teacher.main(args))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: {str(root / 'index.json')!r} lacks the required field 'count'; rewrite it with scripts/make_shards.py"
+    assert (
+        err[-1]
+        == f"error: {str(root / 'index.json')!r} lacks the required field 'count'; rewrite it with scripts/make_shards.py"
+    )
     # garbled JSON: the file and the parser's position
     (root / "index.json").write_text('{"format": "flowmap-shards", "count": 5')
     with pytest.raises(ValueError, match=r"index.json' is not readable JSON \(Expecting .* line 1 column"):

@@ -62,7 +62,9 @@ def test_hole13_bogus_wandb_key_without_network_falls_back_to_csv_within_seconds
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli = train_teacher.main(["--config", str(tmp_path / "cfg.yaml"), "--run_dir", str(tmp_path / "run"), "--logger", "wandb"])
+        cli = train_teacher.main(
+            ["--config", str(tmp_path / "cfg.yaml"), "--run_dir", str(tmp_path / "run"), "--logger", "wandb"]
+        )
     elapsed = time.perf_counter() - start
     assert elapsed < 30, f"start-up plus 3 steps took {elapsed:.1f} s"  # the old code waited ~95 s for W&B alone
     assert cli.trainer.global_step == 3

@@ -58,7 +58,9 @@ def test_features_separate_digits_from_noise_and_match_our_formulas(trained):
     assert f_train.shape == (len(x), net.num_features)
     real = fid_kid_from_features(f_train, f_test, kid_subsets=20, kid_subset_size=200)
     fake = fid_kid_from_features(f_train, f_noise, kid_subsets=20, kid_subset_size=200)
-    print(f"FD test vs train {real['fd']:.3f}, noise vs train {fake['fd']:.3f}; KID {real['kid']:.4f} vs {fake['kid']:.4f}")
+    print(
+        f"FD test vs train {real['fd']:.3f}, noise vs train {fake['fd']:.3f}; KID {real['kid']:.4f} vs {fake['kid']:.4f}"
+    )
     assert fake["fd"] > 20 * real["fd"]
     assert fake["kid"] > 20 * abs(real["kid"])
     # torchmetrics' FD on our features equals flowmap.metrics.frechet_distance (independent eigen-based code)
@@ -81,7 +83,9 @@ def test_save_load_round_trip_and_wrong_files(trained, tmp_path):
     assert torch.equal(back.features(xt), net.features(xt))
     assert back.checkpoint_config["extra"]["test_accuracy"] == 0.97
     assert "test accuracy 0.970" in ClassifierFeatures(back).describe()
-    other = save_model(tmp_path / "other.safetensors", torch.nn.Linear(2, 2), {"kind": "teacher", "net": {"name": "mlp"}})
+    other = save_model(
+        tmp_path / "other.safetensors", torch.nn.Linear(2, 2), {"kind": "teacher", "net": {"name": "mlp"}}
+    )
     with pytest.raises(CheckpointError, match="feature-net"):
         load_feature_net(other)
 

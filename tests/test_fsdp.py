@@ -26,7 +26,16 @@ CASES = ["ddp", "fsdp", "fsdp_ckpt"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    cmd = [sys.executable, str(ROOT / "tests" / "fsdp_worker.py"), "--out", str(out), "--steps", "10", "--cases", ",".join(CASES)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "fsdp_worker.py"),
+        "--out",
+        str(out),
+        "--steps",
+        "10",
+        "--cases",
+        ",".join(CASES),
+    ]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -63,7 +72,7 @@ def test_fsdp_export_round_trip(runs):
 
     exported, ref = load_file(runs / "fsdp" / "export.safetensors"), load_file(runs / "ddp" / "export.safetensors")
     assert _worst(exported, ref) < 1e-5
-    ema = {k[len("net."):]: v for k, v in _load(runs, "fsdp", 0)["ema"].items()}
+    ema = {k[len("net.") :]: v for k, v in _load(runs, "fsdp", 0)["ema"].items()}
     assert all(torch.equal(exported[k], ema[k]) for k in exported) and set(exported) == set(ema)
     student = load_model(runs / "fsdp" / "export.safetensors", expect="student")
     x, s, t = torch.randn(3, 1, 8, 8), torch.full((3,), 0.8), torch.full((3,), 0.3)

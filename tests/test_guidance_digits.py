@@ -32,8 +32,17 @@ from flowmap.training import fit
 from flowmap.types import LossOutput
 from flowmap.velocity import NetVelocity
 
-NET = {"name": "unet", "data_shape": [1, 8, 8], "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-       "attn_resolutions": [4], "heads": 2, "emb_dim": 64, "num_classes": 10}
+NET = {
+    "name": "unet",
+    "data_shape": [1, 8, 8],
+    "channels": 16,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [4],
+    "heads": 2,
+    "emb_dim": 64,
+    "num_classes": 10,
+}
 TEACHER_STEPS = 2500
 STUDENT_STEPS = 1000
 STUDENT_OBJECTIVE = {"name": "ayf_lmd", "equal_share": 0.25, "guidance": 1.0, "guidance_max": 4.0}
@@ -53,7 +62,9 @@ class FlowMatching(nn.Module):
         super().__init__()
         self.loss = DenoisingLoss("linear", "velocity", time_sampling="logit_normal", p_uncond=0.1)
 
-    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
+    ) -> LossOutput:
         return self.loss(student, x0, cond)
 
 
@@ -122,16 +133,25 @@ def test_guided_student_tracks_the_guided_teacher_on_digits():
 
     before = {k: shares(k) for k in (1, 2)}
     t0 = time.time()
-    fit(student, build_objective(dict(STUDENT_OBJECTIVE)), digit_batches(1), STUDENT_STEPS, teacher=teacher,
-        lr=3e-4, lr_final=1.5e-5)
+    fit(
+        student,
+        build_objective(dict(STUDENT_OBJECTIVE)),
+        digit_batches(1),
+        STUDENT_STEPS,
+        teacher=teacher,
+        lr=3e-4,
+        lr_final=1.5e-5,
+    )
     t_student = time.time() - t0
     after = {k: shares(k) for k in (1, 2)}
 
     fmt = lambda d: " / ".join(f"{d[w]:.3f}" for w in WS)  # noqa: E731
-    print(f"\nclass share at w = {' / '.join(f'{w:g}' for w in WS)}: teacher 64 NFE {fmt(ref)} "
-          f"({TEACHER_STEPS} steps, {t_teacher:.0f}s); AYF-LMD student {STUDENT_STEPS} steps ({t_student:.0f}s): "
-          f"1 NFE {fmt(before[1])} -> {fmt(after[1])}, 2 NFE {fmt(before[2])} -> {fmt(after[2])}; "
-          f"total {time.time() - t_start:.0f}s")
+    print(
+        f"\nclass share at w = {' / '.join(f'{w:g}' for w in WS)}: teacher 64 NFE {fmt(ref)} "
+        f"({TEACHER_STEPS} steps, {t_teacher:.0f}s); AYF-LMD student {STUDENT_STEPS} steps ({t_student:.0f}s): "
+        f"1 NFE {fmt(before[1])} -> {fmt(after[1])}, 2 NFE {fmt(before[2])} -> {fmt(after[2])}; "
+        f"total {time.time() - t_start:.0f}s"
+    )
 
     # the teacher itself responds to w (else the test checks nothing)
     assert ref[4.0] - ref[1.0] > FLAT and not rises_like(ref, ref)

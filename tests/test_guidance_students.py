@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
+from flowmap.ema import ema_update, frozen_copy
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.objectives.guidance import sample_guidance, teacher_velocity
 from flowmap.student import FlowMap
-from flowmap.ema import ema_update, frozen_copy
 from flowmap.training import fit
 from teachers import GaussianMixtureTeacher, preset_mixture
 
@@ -22,8 +22,19 @@ GUIDED = ["ayf_emd", "ayf_lmd", "ctm"]
 
 
 def student(guidance_input: bool = True, num_classes: int = 2, width: int = 32, depth: int = 2, **kw) -> FlowMap:
-    return FlowMap(build_net({"name": "mlp", "data_shape": [2], "width": width, "depth": depth, "num_classes": num_classes,
-                              "guidance_input": guidance_input, **kw}))
+    return FlowMap(
+        build_net(
+            {
+                "name": "mlp",
+                "data_shape": [2],
+                "width": width,
+                "depth": depth,
+                "num_classes": num_classes,
+                "guidance_input": guidance_input,
+                **kw,
+            }
+        )
+    )
 
 
 def config(name: str, **kw) -> dict:
@@ -111,12 +122,22 @@ def test_guided_student_tracks_the_exact_guided_map_at_each_w():
 
     ema = frozen_copy(st)  # evaluation EMA (Karras et al. 2022), not part of the objective
     t0 = time.time()
-    fit(st, build_objective({"name": "ayf_lmd", "equal_share": 0.25, "guidance": 1.0, "guidance_max": 4.0}), batch, STEPS,
-        teacher=teacher, lr=1e-3, lr_final=1e-5, callback=lambda k, out: ema_update(ema, st, 0.998))
+    fit(
+        st,
+        build_objective({"name": "ayf_lmd", "equal_share": 0.25, "guidance": 1.0, "guidance_max": 4.0}),
+        batch,
+        STEPS,
+        teacher=teacher,
+        lr=1e-3,
+        lr_final=1e-5,
+        callback=lambda k, out: ema_update(ema, st, 0.998),
+    )
     after = errors(ema)
-    print("guided ayf_lmd ring8 1-NFE rmse (EMA): " + ", ".join(f"w={w:g}: {before[w]:.3f} -> {after[w]:.3f} ({after[w] / before[w]:.3f})"
-                                                            for w in refs)
-          + f" ({STEPS} steps, {time.time() - t0:.0f}s)")
+    print(
+        "guided ayf_lmd ring8 1-NFE rmse (EMA): "
+        + ", ".join(f"w={w:g}: {before[w]:.3f} -> {after[w]:.3f} ({after[w] / before[w]:.3f})" for w in refs)
+        + f" ({STEPS} steps, {time.time() - t0:.0f}s)"
+    )
     for w in refs:
         assert after[w] <= before[w] / 5, f"w={w}"
 

@@ -26,8 +26,18 @@ NETS = {
     "mlp": {"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 8},
     "dit": {"name": "dit", "data_shape": [1, 4, 4], "patch": 2, "dim": 16, "depth": 1, "heads": 2},
 }
-TENSOR_METHODS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy", "nonzero",
-                  "masked_select")
+TENSOR_METHODS = (
+    "item",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "tolist",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "masked_select",
+)
 TORCH_FUNCTIONS = ("nonzero", "unique", "masked_select")
 # torch.optim keeps Adam's step counters on the host (a CPU tensor read with .item(): no device sync)
 ALLOWED_FILES = ("torch/optim/",)
@@ -120,12 +130,19 @@ def test_one_training_step_makes_no_host_sync(objective, net):
 
 # class-conditional students with label dropout and a guidance range where the method takes them
 CONDITIONAL_NET = dict(NETS["dit"], num_classes=2)
-CONDITIONAL = {"ayf_emd": {"guidance_max": 2.0}, "ayf_lmd": {"guidance_max": 2.0}, "cd": {"guidance_max": 2.0},
-               "ctm": {"guidance_max": 2.0, "dsm_source": "teacher"},
-               "meanflow": {"guidance_max": 2.0, "p_uncond": 0.2},
-               "pd": {"guidance_max": 2.0}, "scd": {"guidance_max": 2.0, "p_uncond": 0.2},
-               "shortcut": {"guidance_max": 2.0, "p_uncond": 0.2}, "fmsd_eulerian": {"p_uncond": 0.2},
-               "fmsd_lagrangian": {"p_uncond": 0.2}, "fmsd_progressive": {"p_uncond": 0.2}}
+CONDITIONAL = {
+    "ayf_emd": {"guidance_max": 2.0},
+    "ayf_lmd": {"guidance_max": 2.0},
+    "cd": {"guidance_max": 2.0},
+    "ctm": {"guidance_max": 2.0, "dsm_source": "teacher"},
+    "meanflow": {"guidance_max": 2.0, "p_uncond": 0.2},
+    "pd": {"guidance_max": 2.0},
+    "scd": {"guidance_max": 2.0, "p_uncond": 0.2},
+    "shortcut": {"guidance_max": 2.0, "p_uncond": 0.2},
+    "fmsd_eulerian": {"p_uncond": 0.2},
+    "fmsd_lagrangian": {"p_uncond": 0.2},
+    "fmsd_progressive": {"p_uncond": 0.2},
+}
 
 
 @pytest.mark.parametrize("objective", sorted(CONDITIONAL))
@@ -141,8 +158,14 @@ def test_conditional_guided_step_makes_no_host_sync(objective):
     def step(x0: torch.Tensor, cond: torch.Tensor) -> None:
         def closure():
             optimizer.zero_grad(set_to_none=True)
-            out = module.objective(student=module.student, teacher=module.teacher, target=module.target, x0=x0,
-                                   cond=cond, step=module.global_step)
+            out = module.objective(
+                student=module.student,
+                teacher=module.teacher,
+                target=module.target,
+                x0=x0,
+                cond=cond,
+                step=module.global_step,
+            )
             loss = out.loss.mean()
             loss.backward()
             return loss

@@ -27,9 +27,25 @@ from flowmap.student import FlowMap
 
 NETS = {
     "mlp": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 3},
-    "mlp_fourier": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 3, "fourier_features": 4, "time_scale": 10.0},
-    "unet": {"name": "unet", "data_shape": [1, 8, 8], "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-             "attn_resolutions": [4], "heads": 2, "emb_dim": 32, "num_classes": 3},
+    "mlp_fourier": {
+        "name": "mlp",
+        "data_shape": [2],
+        "width": 64,
+        "depth": 3,
+        "fourier_features": 4,
+        "time_scale": 10.0,
+    },
+    "unet": {
+        "name": "unet",
+        "data_shape": [1, 8, 8],
+        "channels": 16,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [4],
+        "heads": 2,
+        "emb_dim": 32,
+        "num_classes": 3,
+    },
     "dit": {"name": "dit", "data_shape": [1, 8, 8], "dim": 32, "depth": 2, "heads": 2, "num_classes": 3},
 }
 
@@ -59,6 +75,7 @@ def inputs(student: FlowMap, batch: int = 4):
 
 def reference_jvp(fn, primals, tangents, h: float = 1e-5) -> torch.Tensor:
     """Fourth-order central difference in float64."""
+
     def at(e: float) -> torch.Tensor:
         return fn(*(p + e * d for p, d in zip(primals, tangents)))
 
@@ -86,12 +103,20 @@ def test_func_and_fd_match_float64_reference(name):
     _, d_fd64 = jvp(lambda x, s, t: student64.average_velocity(x, s, t, cond), p64, t64, "fd")
     _, d_fd32 = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "fd")
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    _, d_fd_promoted = jvp(lambda x, s, t: student.average_velocity(x, s, t, cond), primals, tangents, "fd",
-                           fd_dtype="float64", modules=(student,))
+    _, d_fd_promoted = jvp(
+        lambda x, s, t: student.average_velocity(x, s, t, cond),
+        primals,
+        tangents,
+        "fd",
+        fd_dtype="float64",
+        modules=(student,),
+    )
     e_func, e_fd64, e_fd32 = rel(d_func, ref), rel(d_fd64, ref), rel(d_fd32, ref)
     e_promoted, e_dual, e_dual64 = rel(d_fd_promoted, ref), rel(d_dual, ref), rel(d_dual64, ref)
-    print(f"{name}: rel. error vs float64 reference: forward_ad(f64) {e_dual64:.2e}  forward_ad(f32) {e_dual:.2e}  "
-          f"func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  fd(f32) {e_fd32:.2e}")
+    print(
+        f"{name}: rel. error vs float64 reference: forward_ad(f64) {e_dual64:.2e}  forward_ad(f32) {e_dual:.2e}  "
+        f"func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  fd(f32) {e_fd32:.2e}"
+    )
     assert d_func.dtype == torch.float32 and d_fd64.dtype == torch.float64 and d_fd_promoted.dtype == torch.float32
     assert d_dual.dtype == torch.float32 and d_dual64.dtype == torch.float64
     assert e_dual64 < 1e-8
@@ -130,14 +155,18 @@ def test_constant_weight_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     monkeypatch.setattr(jvp_rules._ConstantWeightLinear, "jvp", staticmethod(counted))
     out, d_rules = jvp(fn, primals, tangents, "func")
     n_linear = sum(isinstance(m, nn.Linear) for m in student.modules())
-    print(f"{name}: {calls[0]} rule calls for {n_linear} linear layers; "
-          f"max |tangent difference| {float((d_rules - d_builtin).abs().max()):.1e}")
+    print(
+        f"{name}: {calls[0]} rule calls for {n_linear} linear layers; "
+        f"max |tangent difference| {float((d_rules - d_builtin).abs().max()):.1e}"
+    )
     assert torch.allclose(d_rules, d_builtin, rtol=1e-6, atol=1e-6) and torch.equal(out, out_builtin)
     assert n_linear - 2 <= calls[0] <= n_linear  # label / guidance embeddings carry no tangent
     # outside the no-grad tangent pass nothing is rerouted: a with-grad forward still trains the weights
     loss = student.average_velocity(*primals, cond).pow(2).sum()
     loss.backward()
-    assert calls[0] <= n_linear and all(p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1)
+    assert calls[0] <= n_linear and all(
+        p.grad is not None for p in student.parameters() if p.requires_grad and p.dim() > 1
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp", "mlp_fourier", "unet", "dit"])
@@ -155,18 +184,19 @@ def test_dual_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     primals, tangents = tuple(p.double() for p in primals), tuple(d.double() for d in tangents)
     fn = lambda x, s, t: student.average_velocity(x, s, t, cond)  # noqa: E731
     # PyTorch's rules: forward_ad without ours, math attention in place of the fused kernel
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
-                        lambda q, k, v: math_attention(q, k, v))
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", lambda q, k, v: math_attention(q, k, v))
     with torch.no_grad(), forward_ad.dual_level():
         out = fn(*(forward_ad.make_dual(p, d) for p, d in zip(primals, tangents)))
         out_builtin, d_builtin = (a.clone() for a in forward_ad.unpack_dual(out))
     monkeypatch.undo()
     calls: dict[str, int] = {}
     for func, rule in list(jvp_rules._DUAL_RULES.items()):
+
         def counted(args, kwargs, rule=rule, key=rule.__name__):
             out = rule(args, kwargs)
             calls[key] = calls.get(key, 0) + (out is not None)
             return out
+
         monkeypatch.setitem(jvp_rules._DUAL_RULES, func, counted)
     original_attention = attention_module._dual_attention
 
@@ -178,10 +208,20 @@ def test_dual_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     out, d_rules = jvp(fn, primals, tangents, "forward_ad")
     print(f"{name}: rule calls {calls}; rel. difference to PyTorch's rules {rel(d_rules, d_builtin):.1e}")
     assert rel(d_rules, d_builtin) < 1e-12 and rel(out, out_builtin) < 1e-12
-    kinds = {"_linear": nn.Linear, "_conv2d": nn.Conv2d, "_layer_norm": nn.LayerNorm, "_group_norm": nn.GroupNorm, "_gelu": nn.GELU}
+    kinds = {
+        "_linear": nn.Linear,
+        "_conv2d": nn.Conv2d,
+        "_layer_norm": nn.LayerNorm,
+        "_group_norm": nn.GroupNorm,
+        "_gelu": nn.GELU,
+    }
     for key, kind in kinds.items():
         n = sum(isinstance(m, kind) for m in student.modules())
-        assert (n - 2 if key == "_linear" else n) <= calls.get(key, 0) <= n, (key, n, calls)  # label/guidance embeddings: no tangent
+        assert (n - 2 if key == "_linear" else n) <= calls.get(key, 0) <= n, (
+            key,
+            n,
+            calls,
+        )  # label/guidance embeddings: no tangent
     assert calls.get("_silu", 0) >= 1
     n_attention = sum(type(m).__name__ in ("JVPAttention", "AttnBlock") for m in student.modules())
     assert calls.get("attention", 0) == n_attention and name.startswith("mlp") == (n_attention == 0)

@@ -43,8 +43,20 @@ def image_folder(root: Path, n: int = 6, side: int = 16) -> Path:
 def test_encode_image_folder_and_image_shards_to_latents(tmp_path):
     folder = dit_folder(tmp_path / "dit")
     images = image_folder(tmp_path / "images")
-    make_shards(["--image-folder", str(images), "--encode", str(folder), "--out", str(tmp_path / "lat"),
-                 "--max-count", "4", "--batch-size", "4"])
+    make_shards(
+        [
+            "--image-folder",
+            str(images),
+            "--encode",
+            str(folder),
+            "--out",
+            str(tmp_path / "lat"),
+            "--max-count",
+            "4",
+            "--batch-size",
+            "4",
+        ]
+    )
     z, y = read_all(tmp_path / "lat")
     ds = get_dataset("image_folder", root=str(images), image_size=16, channels=3).dataset("train")
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -55,16 +67,47 @@ def test_encode_image_folder_and_image_shards_to_latents(tmp_path):
     index = read_index(tmp_path / "lat")
     assert len(index.shards) == 2 and index.source["encoded_by"]["scaling_factor"] == pytest.approx(0.18215)
 
-    make_shards(["--image-folder", str(images), "--image-size", "16", "--out", str(tmp_path / "img"), "--max-count", "5"])
-    make_shards(["--from-shards", str(tmp_path / "img"), "--encode", str(folder), "--out", str(tmp_path / "lat2"),
-                 "--max-count", "6", "--batch-size", "5"])
+    make_shards(
+        ["--image-folder", str(images), "--image-size", "16", "--out", str(tmp_path / "img"), "--max-count", "5"]
+    )
+    make_shards(
+        [
+            "--from-shards",
+            str(tmp_path / "img"),
+            "--encode",
+            str(folder),
+            "--out",
+            str(tmp_path / "lat2"),
+            "--max-count",
+            "6",
+            "--batch-size",
+            "5",
+        ]
+    )
     z2, y2 = read_all(tmp_path / "lat2")
     assert float((z2 - direct).abs().max()) < 1e-5 and torch.equal(y2, labels)
 
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shards.py"), "--image-folder", str(images),
-                          "--image-size", "8", "--encode", str(folder), "--out", str(tmp_path / "bad"), "--max-count", "4"],
-                         capture_output=True, text=True, timeout=120, check=False,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_shards.py"),
+            "--image-folder",
+            str(images),
+            "--image-size",
+            "8",
+            "--encode",
+            str(folder),
+            "--out",
+            str(tmp_path / "bad"),
+            "--max-count",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "--image-size 16" in run.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -74,8 +117,18 @@ def test_distill_streams_latent_shards_without_the_vae(tmp_path, monkeypatch):
     import distill
 
     folder = dit_folder(tmp_path / "dit")
-    make_shards(["--image-folder", str(image_folder(tmp_path / "images")), "--encode", str(folder),
-                 "--out", str(tmp_path / "lat"), "--max-count", "4"])
+    make_shards(
+        [
+            "--image-folder",
+            str(image_folder(tmp_path / "images")),
+            "--encode",
+            str(folder),
+            "--out",
+            str(tmp_path / "lat"),
+            "--max-count",
+            "4",
+        ]
+    )
 
     def never(*args, **kwargs):
         raise AssertionError("the VAE ran during training")
@@ -93,8 +146,20 @@ def test_distill_streams_latent_shards_without_the_vae(tmp_path, monkeypatch):
         "trainer: {max_steps: 3, enable_progress_bar: false}\n"
     )
     out = tmp_path / "student.safetensors"
-    cli = distill.main(["--teacher", str(folder), "--config", str(config), "--run_dir", str(tmp_path / "run"),
-                        "--logger", "none", "--export", str(out)])
+    cli = distill.main(
+        [
+            "--teacher",
+            str(folder),
+            "--config",
+            str(config),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logger",
+            "none",
+            "--export",
+            str(out),
+        ]
+    )
     module = cli.model
     assert module.global_step == 3 and codec_of(module.teacher) is not None
     teacher_state = module.teacher.teacher.net.model.state_dict()

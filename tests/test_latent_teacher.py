@@ -45,8 +45,13 @@ def test_latent_ddim_then_decode_equals_dit_pipeline(tmp_path, vae, guidance):
     pipe = diffusers.DiTPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     labels = [3, 997]
-    ref = pipe(class_labels=labels, guidance_scale=guidance, num_inference_steps=6, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    ref = pipe(
+        class_labels=labels,
+        guidance_scale=guidance,
+        num_inference_steps=6,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     teacher = CheckpointTeacher(str(folder))
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     z = ddim_sample(teacher, noise, 6, cond=torch.tensor(labels), guidance=guidance)

@@ -39,8 +39,13 @@ def test_text_teacher_equals_stable_diffusion_pipeline(tmp_path, guidance):
     folder = text_folder(tmp_path / "sd")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompt=PROMPTS, guidance_scale=guidance, num_inference_steps=5, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    ref = pipe(
+        prompt=PROMPTS,
+        guidance_scale=guidance,
+        num_inference_steps=5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     teacher = CheckpointTeacher(str(folder))
     line = describe_teacher(teacher.description)
     assert "latent (4, 8, 8) via AutoencoderKL, scaling 0.18215" in line and "text-conditioned (CLIPTextModel" in line
@@ -105,8 +110,22 @@ def test_prompt_shards_made_once_and_a_text_distillation_streams_them(tmp_path, 
     images = image_folder(tmp_path / "images")
     captions = ["a red cat", "two dogs", "", "blue sky 3", "cat", "a b c"]
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
-    make_shards(["--image-folder", str(images), "--encode", str(folder), "--prompts", str(tmp_path / "captions.txt"),
-                 "--out", str(tmp_path / "lat"), "--max-count", "4", "--batch-size", "4"])
+    make_shards(
+        [
+            "--image-folder",
+            str(images),
+            "--encode",
+            str(folder),
+            "--prompts",
+            str(tmp_path / "captions.txt"),
+            "--out",
+            str(tmp_path / "lat"),
+            "--max-count",
+            "4",
+            "--batch-size",
+            "4",
+        ]
+    )
     z, emb = read_all(tmp_path / "lat")
     ds = get_dataset("image_folder", root=str(images), image_size=16, channels=3).dataset("train")
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -130,8 +149,20 @@ def test_prompt_shards_made_once_and_a_text_distillation_streams_them(tmp_path, 
         "trainer: {max_steps: 3, enable_progress_bar: false}\n"
     )
     out = tmp_path / "student.safetensors"
-    module = distill.main(["--teacher", str(folder), "--config", str(config), "--run_dir", str(tmp_path / "run"),
-                           "--logger", "none", "--export", str(out)]).model
+    module = distill.main(
+        [
+            "--teacher",
+            str(folder),
+            "--config",
+            str(config),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logger",
+            "none",
+            "--export",
+            str(out),
+        ]
+    ).model
     assert module.global_step == 3
     teacher_state = module.teacher.teacher.net.model.state_dict()
     student_state = module.student.net.model.state_dict()
@@ -176,8 +207,13 @@ def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
         f"x = pipe(prompt={PROMPTS!r}, latents=torch.load({str(tmp_path / 'noise.pt')!r}), output_type='pt').images\n"
         f"torch.save(x, {str(tmp_path / 'x.pt')!r})\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120,
-                   env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     got = torch.load(tmp_path / "x.pt")
     assert got.shape == (2, 3, 16, 16) and float((got - ref).abs().max()) < 1e-5
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
@@ -193,8 +229,19 @@ def test_data_free_prompt_shards_from_the_teacher(tmp_path):
     folder = text_folder(tmp_path / "sd")
     prompts = ["a red cat", "blue", "two dogs 7"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    args = [str(folder), "--n", "4", "--batch_size", "3", "--steps", "3", "--guidance", "2",
-            "--prompts", str(tmp_path / "prompts.txt")]
+    args = [
+        str(folder),
+        "--n",
+        "4",
+        "--batch_size",
+        "3",
+        "--steps",
+        "3",
+        "--guidance",
+        "2",
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+    ]
     sample_main([*args, "--shards", "--out", str(tmp_path / "free")])
     sample_main([*args, "--latents", "--out", str(tmp_path / "npz")])
     z, emb = read_all(tmp_path / "free" / "shards")

@@ -36,8 +36,14 @@ def test_lora_student_trains_adapters_only_and_exports_merged_and_alone(tmp_path
     with torch.no_grad():
         x0 = solve(teacher, torch.randn(16, 1, 8, 8, generator=g), 8, "euler")
     objective = build_objective({"name": "cd", "steps": 8, "solver": "euler", "target_ema": 0.9})
-    fit(student, objective, lambda step: (x0[4 * (step % 4): 4 * (step % 4) + 4], None), steps=4, teacher=teacher,
-        lr=1e-2)
+    fit(
+        student,
+        objective,
+        lambda step: (x0[4 * (step % 4) : 4 * (step % 4) + 4], None),
+        steps=4,
+        teacher=teacher,
+        lr=1e-2,
+    )
     after = student.net.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base.items())  # the copy of the teacher stays frozen
     assert any(float(after[k].abs().max()) > 0 for k in after if "lora_B" in k)  # the adapters trained

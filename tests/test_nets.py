@@ -15,8 +15,16 @@ from flowmap.nets.attention import _FusedAttention, attention, math_attention
 SMALL = {
     "mlp": {"name": "mlp", "data_shape": [3], "width": 32, "depth": 2, "emb_dim": 32},
     "mlp_fourier": {"name": "mlp", "data_shape": [3], "width": 32, "depth": 2, "emb_dim": 32, "fourier_features": 3},
-    "unet": {"name": "unet", "data_shape": [2, 8, 8], "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-             "attn_resolutions": [4], "heads": 2, "emb_dim": 32},
+    "unet": {
+        "name": "unet",
+        "data_shape": [2, 8, 8],
+        "channels": 16,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [4],
+        "heads": 2,
+        "emb_dim": 32,
+    },
     "dit": {"name": "dit", "data_shape": [2, 8, 8], "patch": 2, "dim": 32, "depth": 2, "heads": 2},
 }
 ZERO_LAST = ("cond.emb_d.3.", "cond.emb_w.3.")  # the zero-initialized last layers of emb_d and emb_w
@@ -213,6 +221,9 @@ def test_func_jvp_runs_through_unet_and_dit(name):
         net.double()
         h = 1e-6
         args = [a.double() for a in (x, s, t, dx, ds)]
-        fd = (fn(args[0] + h * args[3], args[1] + h * args[4], args[2]) - fn(args[0] - h * args[3], args[1] - h * args[4], args[2])) / (2 * h)
+        fd = (
+            fn(args[0] + h * args[3], args[1] + h * args[4], args[2])
+            - fn(args[0] - h * args[3], args[1] - h * args[4], args[2])
+        ) / (2 * h)
         rel = ((tangent.double() - fd).norm() / fd.norm()).item()
         assert rel < 1e-4, f"{name}: func.jvp vs central difference, relative {rel:.3g}"

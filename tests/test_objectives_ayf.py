@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, assert_fd64_matches_func, ring8_reference
+
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
@@ -101,7 +101,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="time distribution"):
         build_objective({"name": "ayf_emd", "time_dist": "beta"})
     with pytest.raises(ValueError, match="teacher is None"):
-        build_objective("ayf_lmd")(student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0)
+        build_objective("ayf_lmd")(
+            student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0
+        )
     gap = build_objective({"name": "ayf_emd", "time_dist": "gap_logit_normal", "equal_share": 0.25})
     s, t = gap.sample_times(4000, torch.zeros(4000, 2))
     assert torch.all((0 <= t) & (t <= s) & (s <= 1)) and abs(float((s == t).float().mean()) - 0.25) < 0.03
@@ -127,11 +129,15 @@ def test_bad_input():
 # FM-style init (u = teacher velocity) then 1000-1200 steps (0.29-0.39). An evaluation EMA (0.99-0.998) of the
 # weights changed the final ratios by < 0.01 (the cosine decay already averages), so the test evaluates raw weights.
 SMALL = {"width": 64, "depth": 3, "emb_dim": 64, "time_scale": 10.0}
-AYF_TRAIN = {"ayf_lmd": ({"name": "ayf_lmd", "equal_share": 0.25}, 1500, 3e-3),
-             "ayf_emd": ({"name": "ayf_emd", "equal_share": 0.25, "tangent_c": 1.0}, 2000, 3e-3)}
+AYF_TRAIN = {
+    "ayf_lmd": ({"name": "ayf_lmd", "equal_share": 0.25}, 1500, 3e-3),
+    "ayf_emd": ({"name": "ayf_emd", "equal_share": 0.25, "tangent_c": 1.0}, 2000, 3e-3),
+}
 
 
-def distill_on_ring8(config: dict, steps: int, lr: float, seed: int = 0) -> tuple[tuple[float, float], tuple[float, float], float]:
+def distill_on_ring8(
+    config: dict, steps: int, lr: float, seed: int = 0
+) -> tuple[tuple[float, float], tuple[float, float], float]:
     """Train a fresh SMALL student on ring8 with ``config``; returns (errors before, errors after, seconds)."""
     torch.set_num_threads(1)
     teacher = preset_mixture("ring8")
@@ -140,8 +146,15 @@ def distill_on_ring8(config: dict, steps: int, lr: float, seed: int = 0) -> tupl
     before = nfe_errors(student)
     pool = teacher.sample(100_000, generator=torch.Generator().manual_seed(5 + seed))
     t0 = time.time()
-    fit(student, build_objective(config), lambda k: (pool[torch.randint(0, len(pool), (256,))], None), steps,
-        teacher=teacher, lr=lr, lr_final=1e-5)
+    fit(
+        student,
+        build_objective(config),
+        lambda k: (pool[torch.randint(0, len(pool), (256,))], None),
+        steps,
+        teacher=teacher,
+        lr=lr,
+        lr_final=1e-5,
+    )
     return before, nfe_errors(student), time.time() - t0
 
 
@@ -151,7 +164,9 @@ def test_distillation_on_ring8_cuts_one_and_two_step_errors(name):
     (budgets and measured ratios in the comment above AYF_TRAIN)."""
     config, steps, lr = AYF_TRAIN[name]
     before, after, secs = distill_on_ring8(config, steps, lr)
-    print(f"{name} ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
-          f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({steps} steps, {secs:.0f}s)")
+    print(
+        f"{name} ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
+        f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({steps} steps, {secs:.0f}s)"
+    )
     assert after[0] <= before[0] / 5 and after[1] <= before[1] / 5
     assert after[1] <= after[0] * 1.02  # the map stays consistent as steps are added

@@ -13,6 +13,7 @@ from torch import nn
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
+from flowmap.objectives.common import stable_target
 from flowmap.objectives.consistency import (
     ConsistencyDistillation,
     EasyConsistencyTuning,
@@ -23,14 +24,12 @@ from flowmap.objectives.consistency import (
     teacher_step,
     training_pair,
 )
-from flowmap.objectives.common import stable_target
 from flowmap.student import FlowMap
 from flowmap.training import fit
 from flowmap.types import LossOutput
 from teachers.gmm import preset_mixture
 
 N_EVAL = 2000
-
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,9 @@ class ExactFlowMap(nn.Module):
 
 
 def small_student(num_classes: int = 0, dtype=torch.float32) -> FlowMap:
-    net = build_net({"name": "mlp", "data_shape": [2], "width": 128, "depth": 2, "emb_dim": 64, "num_classes": num_classes})
+    net = build_net(
+        {"name": "mlp", "data_shape": [2], "width": 128, "depth": 2, "emb_dim": 64, "num_classes": num_classes}
+    )
     return FlowMap(net).to(dtype)
 
 
@@ -75,7 +76,9 @@ def one_step_error(student, eps, ref, cond=None) -> float:
 def mean_loss(objective, student, target, teacher, x0, step=0, seed=0, cond=None) -> float:
     torch.manual_seed(seed)
     with torch.no_grad():
-        return float(objective(student=student, teacher=teacher, target=target, x0=x0, cond=cond, step=step).loss.mean())
+        return float(
+            objective(student=student, teacher=teacher, target=target, x0=x0, cond=cond, step=step).loss.mean()
+        )
 
 
 # --- pieces ------------------------------------------------------------------------------------------
@@ -139,7 +142,9 @@ def test_ect_mapping_function_shrinks_dt():
         n = 1 + 8 * torch.sigmoid(-sig_t)
         assert torch.allclose(sig_r, (sig_t * (1 - n / 2 ** (stage + 1))).clamp_min(0))
         gaps.append(sig_t - sig_r)
-    assert torch.equal(gaps[0][:2], sig_t[:2])  # first stage, n(sigma) > 2 at small sigma: r = 0, the denoising end of ECT
+    assert torch.equal(
+        gaps[0][:2], sig_t[:2]
+    )  # first stage, n(sigma) > 2 at small sigma: r = 0, the denoising end of ECT
     assert torch.allclose(gaps[5] / gaps[4], torch.full_like(sig_t, 0.5))  # later stages halve dt
 
 
@@ -171,7 +176,9 @@ def test_cd_loss_at_the_exact_map_is_the_teacher_step_error(ring8):
             cd = ConsistencyDistillation(steps=n, grid="uniform", solver=solver, target_ema=0.0)
             medians.append(cd(student=exact, teacher=ring8, target=exact, x0=x0).loss.detach().median().item())
         ratios[solver] = medians[0] / medians[1]
-        print(f"CD loss at the exact map, {solver}: median N=32 {medians[0]:.3e}, N=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}")
+        print(
+            f"CD loss at the exact map, {solver}: median N=32 {medians[0]:.3e}, N=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}"
+        )
     assert 11 < ratios["euler"] < 22
     assert 40 < ratios["heun"] < 90
 
@@ -202,7 +209,9 @@ def test_consistency_training_gap_at_the_exact_map_is_first_order(ring8):
         torch.manual_seed(0)
         out = ict(student=exact, target=exact, teacher=None, x0=x0, cond=None, step=step)
         gaps.append(out.logs["mse"].median().item())
-    print(f"iCT at the exact map: median squared gap {gaps[0]:.3e} (N=11) -> {gaps[1]:.3e} (N=161), {gaps[0] / gaps[1]:.1f}x smaller")
+    print(
+        f"iCT at the exact map: median squared gap {gaps[0]:.3e} (N=11) -> {gaps[1]:.3e} (N=161), {gaps[0] / gaps[1]:.1f}x smaller"
+    )
     assert gaps[0] / gaps[1] > 100
 
 
@@ -225,8 +234,10 @@ def test_stf_pairs_lie_closer_to_the_exact_ode_step(ring8):
             x_t, x_r = training_pair(dv, x0, eps, t, r, None, 0)
             assert torch.allclose(x_t, (1 - t[:, None]) * x0 + t[:, None] * eps)
             errs[dv] = (x_r - ring8.flow_map(x_t, t, r, steps=40)).pow(2).sum(1).mean().item()
-        print(f"{name} pairs, mean squared distance of x_r to the exact ODE step: conditional {errs['conditional']:.3e}, "
-              f"stf {errs['stf']:.3e}")
+        print(
+            f"{name} pairs, mean squared distance of x_r to the exact ODE step: conditional {errs['conditional']:.3e}, "
+            f"stf {errs['stf']:.3e}"
+        )
         assert errs["stf"] < 0.2 * errs["conditional"]
 
 
@@ -245,9 +256,15 @@ class NetTeacher(nn.Module):
         return self.fm.velocity(x, t, cond)
 
 
-@pytest.mark.parametrize("config", [{"name": "cd", "steps": 8}, {"name": "ict", "total_steps": 100},
-                                    {"name": "ect", "stage_steps": 20, "target_ema": 0.5},
-                                    {"name": "ect", "stage_steps": 20, "source": "teacher"}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "cd", "steps": 8},
+        {"name": "ict", "total_steps": 100},
+        {"name": "ect", "stage_steps": 20, "target_ema": 0.5},
+        {"name": "ect", "stage_steps": 20, "source": "teacher"},
+    ],
+)
 def test_no_gradient_reaches_teacher_or_target(config):
     student, teacher = small_student(), NetTeacher()
     target = copy.deepcopy(student)  # requires_grad left on: only the objective's no_grad protects it
@@ -267,7 +284,9 @@ def test_target_decay_and_missing_target():
     assert ImprovedConsistencyTraining().target_decay(10) == 0.0
     x0 = torch.randn(8, 2)
     with pytest.raises(ValueError, match="needs an EMA target"):
-        ConsistencyDistillation(target_ema=0.95)(student=small_student(), teacher=preset_mixture("ring8"), target=None, x0=x0)
+        ConsistencyDistillation(target_ema=0.95)(
+            student=small_student(), teacher=preset_mixture("ring8"), target=None, x0=x0
+        )
     # decay 0: the target is the stop-gradient student itself
     out = ImprovedConsistencyTraining()(student=small_student(), teacher=None, target=None, x0=x0)
     assert torch.isfinite(out.loss).all()
@@ -286,15 +305,24 @@ def test_bad_input_raises_clear_errors(ring8):
     with pytest.raises(ValueError, match="distills a teacher"):
         fit(small_student(), ConsistencyDistillation(), lambda k: (torch.randn(4, 2), None), 1, teacher=None)
     with pytest.raises(ValueError, match="needs a teacher"):
-        EasyConsistencyTuning(source="teacher")(student=small_student(), teacher=None, target=None, x0=torch.randn(4, 2))
-    for bad in ({"name": "cd", "steps": -3}, {"name": "cd", "steps": 0}, {"name": "ict", "total_steps": -1},
-                {"name": "ict", "s0": -10}, {"name": "ect", "stage_steps": -5}):
+        EasyConsistencyTuning(source="teacher")(
+            student=small_student(), teacher=None, target=None, x0=torch.randn(4, 2)
+        )
+    for bad in (
+        {"name": "cd", "steps": -3},
+        {"name": "cd", "steps": 0},
+        {"name": "ict", "total_steps": -1},
+        {"name": "ict", "s0": -10},
+        {"name": "ect", "stage_steps": -5},
+    ):
         with pytest.raises(ValueError, match="must be an integer >= 1"):
             build_objective(bad)
     with pytest.raises(ValueError, match="training step must be >= 0"):
         ImprovedConsistencyTraining().discretization_steps(-1)
     with pytest.raises(ValueError, match="training step must be >= 0"):
-        ConsistencyDistillation()(student=small_student(), teacher=ring8, target=small_student(), x0=torch.randn(4, 2), step=-1)
+        ConsistencyDistillation()(
+            student=small_student(), teacher=ring8, target=small_student(), x0=torch.randn(4, 2), step=-1
+        )
     with pytest.raises(ValueError, match="unknown consistency metric"):
         build_objective({"name": "cd", "metric": "lpips"})
     with pytest.raises(ValueError, match="unknown teacher step"):
@@ -335,7 +363,14 @@ def pretrain_flow_matching(student, pool, steps, batch=1024, lr=3e-3, lr_final=N
             loss = (u - v).pow(2).sum(1)
             return LossOutput(loss=loss, logs={"mse": loss.detach()})
 
-    fit(student, _FlowMatching(), lambda k: (pool[torch.randint(0, len(pool), (batch,))], None), steps, lr=lr, lr_final=lr_final)
+    fit(
+        student,
+        _FlowMatching(),
+        lambda k: (pool[torch.randint(0, len(pool), (batch,))], None),
+        steps,
+        lr=lr,
+        lr_final=lr_final,
+    )
 
 
 def train_and_measure(ring8, reference, config, steps, cond_classes=0, lr=3e-3, lr_final=1e-4, batch=256, init_steps=0):
@@ -359,7 +394,9 @@ def train_and_measure(ring8, reference, config, steps, cond_classes=0, lr=3e-3, 
         return pool[idx], (labels[idx] if cond_classes else None)
 
     objective = build_objective(config)
-    fit(student, objective, batches, steps, teacher=ring8 if objective.needs_teacher else None, lr=lr, lr_final=lr_final)
+    fit(
+        student, objective, batches, steps, teacher=ring8 if objective.needs_teacher else None, lr=lr, lr_final=lr_final
+    )
     after = one_step_error(student, eps, ref, eval_cond)
     print(f"{config}: 1-NFE rmse vs exact map {before:.4f} (untrained) -> {after:.4f} ({after / before:.3f}x)")
     return before, after
@@ -367,8 +404,12 @@ def train_and_measure(ring8, reference, config, steps, cond_classes=0, lr=3e-3, 
 
 @pytest.mark.slow
 def test_cd_cuts_the_one_step_error_five_fold(ring8, reference):
-    before, after = train_and_measure(ring8, reference, {"name": "cd", "steps": 8, "grid": "uniform", "solver": "heun",
-                                                         "metric": "l2", "target_ema": 0.9}, steps=800)
+    before, after = train_and_measure(
+        ring8,
+        reference,
+        {"name": "cd", "steps": 8, "grid": "uniform", "solver": "heun", "metric": "l2", "target_ema": 0.9},
+        steps=800,
+    )
     assert after <= before / 5
 
 
@@ -404,7 +445,14 @@ def test_ect_from_data_cuts_the_one_step_error_five_fold(ring8, reference):
     wall on a loaded 2-core machine. Before (shared-noise pairs, pseudo-Huber c = 0.05, lambda = 1 / dsigma): 0.248;
     the same with the STF pair 0.201; l2 / uniform with the STF pair but no flow-matching initialization (1000 steps)
     0.304; an STF target in the initialization too 0.190 (no gain)."""
-    config = {"name": "ect", "stage_steps": 160, "source": "data", "metric": "l2", "weighting": "uniform", "data_velocity": "stf"}
+    config = {
+        "name": "ect",
+        "stage_steps": 160,
+        "source": "data",
+        "metric": "l2",
+        "weighting": "uniform",
+        "data_velocity": "stf",
+    }
     before, after = train_and_measure(ring8, reference, config, steps=800, batch=1024, init_steps=400)
     assert after <= before / 5
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from exact_maps import GaussianFlow, NaNRows
+from test_objectives_ayf import distill_on_ring8
+
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.objectives.ctm import frozen_call, teacher_segment
 from flowmap.student import FlowMap
 from teachers import preset_mixture
-from test_objectives_ayf import distill_on_ring8
 
 
 def mlp_student(width: int = 32, depth: int = 2, **kw) -> FlowMap:
@@ -45,7 +45,9 @@ def test_loss_vanishes_at_the_exact_map_and_not_at_a_bent_one():
     out = obj(student=flow, teacher=flow, target=None, x0=x0, cond=None, step=0)
     torch.manual_seed(0)
     bent = obj(student=Bent(mean, 0.7), teacher=flow, target=None, x0=x0, cond=None, step=0)
-    print(f"ctm: exact max loss {out.loss.max():.2e} (ctm {out.logs['ctm'].max():.2e}); 10% bent median {bent.loss.median():.2e}")
+    print(
+        f"ctm: exact max loss {out.loss.max():.2e} (ctm {out.logs['ctm'].max():.2e}); 10% bent median {bent.loss.median():.2e}"
+    )
     assert out.logs["dsm"].max() < 1e-20  # the diagonal is the teacher's velocity
     assert out.logs["ctm"].max() < 1e-6  # Heun segment error (40 steps) only
     assert bent.loss.median() > 1e-4 and bent.loss.median() > 100 * out.loss.max()
@@ -80,7 +82,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="dsm_source='teacher'"):
         build_objective({"name": "ctm", "guidance": 2.0})
     with pytest.raises(ValueError, match="teacher is None"):
-        build_objective("ctm")(student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0)
+        build_objective("ctm")(
+            student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0
+        )
 
 
 def test_distillation_on_ring8_cuts_one_and_two_step_errors():
@@ -90,8 +94,10 @@ def test_distillation_on_ring8_cuts_one_and_two_step_errors():
     seed 1 0.187 / 0.157; target_ema 0.95: 0.185 / 0.150. FM-style init (u = teacher velocity for all t) and 4-step Heun
     segments did not help (0.197 / 0.162)."""
     before, after, secs = distill_on_ring8(CTM_TRAIN, STEPS, 3e-3)
-    print(f"ctm ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
-          f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({STEPS} steps, {secs:.0f}s)")
+    print(
+        f"ctm ring8: 1-NFE {before[0]:.3f} -> {after[0]:.3f} ({after[0] / before[0]:.3f}), "
+        f"2-NFE {before[1]:.3f} -> {after[1]:.3f} ({after[1] / before[1]:.3f}) ({STEPS} steps, {secs:.0f}s)"
+    )
     assert after[0] <= before[0] / 5 and after[1] <= before[1] / 5
 
 

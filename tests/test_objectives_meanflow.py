@@ -4,11 +4,10 @@ on the ring8 mixture cuts the 1-NFE error."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, one_step_run
+
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.student import FlowMap
@@ -25,10 +24,14 @@ def test_loss_vanishes_at_exact_gmm_map_fd_backend():
     teacher = preset_mixture("ring8")
     exact = ExactGMMMap(teacher, steps=40)
     x0 = teacher.sample(24, generator=torch.Generator().manual_seed(0)).double()
-    obj = build_objective({"name": "meanflow", "jvp_backend": "fd", "equal_share": 0.25, "time_dist": "uniform", "p": 0.0})
+    obj = build_objective(
+        {"name": "meanflow", "jvp_backend": "fd", "equal_share": 0.25, "time_dist": "uniform", "p": 0.0}
+    )
     out = obj(student=exact, teacher=teacher, target=None, x0=x0, cond=None, step=0)
     scale = 2.0 + x0.pow(2).mean()  # E||eps - x0||^2 / dim, the size of u^2
-    print(f"meanflow at exact GMM map: max mse {out.logs['mse'].max():.2e}, median {out.logs['mse'].median():.2e} (u^2 ~ {scale:.1f})")
+    print(
+        f"meanflow at exact GMM map: max mse {out.logs['mse'].max():.2e}, median {out.logs['mse'].median():.2e} (u^2 ~ {scale:.1f})"
+    )
     assert out.logs["mse"].max() < 1e-8 * scale  # RK4 (40 steps per jump) and fd (h = 1e-6) errors
     assert out.logs["mse"].median() < 1e-12 * scale
     # the same check fails for a map that is 1% off
@@ -73,19 +76,43 @@ def test_gradient_reaches_only_the_student_in_one_with_grad_call():
 def test_image_students_run_the_func_jvp_through_attention(name):
     """The DiT / UNet attention has its own forward-mode rule, so the func backend serves the whole net; the
     loss matches the fd backend's (same draws) to the fd accuracy."""
-    cfg = {"dit": {"name": "dit", "data_shape": [1, 8, 8], "dim": 32, "depth": 1, "heads": 2, "num_classes": 3},
-           "unet": {"name": "unet", "data_shape": [1, 8, 8], "channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-                    "attn_resolutions": [4], "heads": 2, "emb_dim": 32, "num_classes": 3}}[name]
+    cfg = {
+        "dit": {"name": "dit", "data_shape": [1, 8, 8], "dim": 32, "depth": 1, "heads": 2, "num_classes": 3},
+        "unet": {
+            "name": "unet",
+            "data_shape": [1, 8, 8],
+            "channels": 16,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [4],
+            "heads": 2,
+            "emb_dim": 32,
+            "num_classes": 3,
+        },
+    }[name]
     student = FlowMap(build_net(cfg))
     with torch.no_grad():  # wake up the zero-initialized heads so the loss depends on every layer
         for p in student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     x0, cond = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
     losses = {}
-    for key, backend, fd_dtype in (("forward_ad", "forward_ad", None), ("func", "func", None), ("fd", "fd", None), ("fd64", "fd", "float64")):
+    for key, backend, fd_dtype in (
+        ("forward_ad", "forward_ad", None),
+        ("func", "func", None),
+        ("fd", "fd", None),
+        ("fd64", "fd", "float64"),
+    ):
         torch.manual_seed(3)
-        obj = build_objective({"name": "meanflow", "source": "data", "jvp_backend": backend, "fd_dtype": fd_dtype,
-                               "equal_share": 0.0, "p": 0.0})
+        obj = build_objective(
+            {
+                "name": "meanflow",
+                "source": "data",
+                "jvp_backend": backend,
+                "fd_dtype": fd_dtype,
+                "equal_share": 0.0,
+                "p": 0.0,
+            }
+        )
         out = obj(student=student, teacher=None, target=None, x0=x0, cond=cond, step=0)
         losses[key] = out.loss.detach()
     out.loss.mean().backward()
@@ -104,7 +131,9 @@ def test_bf16_autocast_keeps_the_tangent_in_float32():
     for amp in (False, True):
         torch.manual_seed(4)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = build_objective({"name": "meanflow", "p": 0.0})(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0)
+            out = build_objective({"name": "meanflow", "p": 0.0})(
+                student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0
+            )
         losses[amp] = out.logs["mse"]
     assert torch.isfinite(losses[True]).all()
     rel = float((losses[True] - losses[False]).abs().mean() / losses[False].mean())
@@ -125,7 +154,9 @@ def test_nonfinite_teacher_rows_are_masked_counted_and_logged():
 def test_guidance_is_folded_into_the_teacher_velocity():
     """With CFG the target at s = t is v_u + w (v_c - v_u); a student with a guidance input gets w."""
     teacher = preset_mixture("ring8")  # 2 classes
-    student = FlowMap(build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "num_classes": 2, "guidance_input": True}))
+    student = FlowMap(
+        build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "num_classes": 2, "guidance_input": True})
+    )
     seen = {}
     student.net.register_forward_pre_hook(lambda m, i: seen.update(w=i[4] if len(i) > 4 else None))
     obj = build_objective({"name": "meanflow", "equal_share": 1.0, "guidance": 2.0, "guidance_max": 4.0, "p": 0.0})
@@ -136,8 +167,9 @@ def test_guidance_is_folded_into_the_teacher_velocity():
     with pytest.raises(ValueError, match="only when distilling"):
         build_objective({"name": "meanflow", "source": "data", "guidance": 2.0})
     with pytest.raises(ValueError, match="guidance_input"):
-        build_objective({"name": "meanflow", "guidance_max": 3.0})(student=mlp_student(), teacher=teacher, target=None,
-                                                                 x0=torch.randn(4, 2), cond=None, step=0)
+        build_objective({"name": "meanflow", "guidance_max": 3.0})(
+            student=mlp_student(), teacher=teacher, target=None, x0=torch.randn(4, 2), cond=None, step=0
+        )
 
 
 def test_bad_hyperparameters():
@@ -163,10 +195,17 @@ def test_distillation_on_ring8_cuts_one_step_error():
     """Test-sized budget (MLP 128x3, batch 256): settings found on this mixture; the time embedding uses a small
     scale (time_scale=10) because the JVP differentiates it in time (see flowmap/nets/embeddings.py)."""
     torch.manual_seed(0)
-    before, after, euler2, secs = one_step_run(mlp_student(width=128, depth=3, time_scale=10.0), build_objective(MEANFLOW_TEST_CONFIG),
-                                               STEPS, lr=2e-3, lr_final=1e-4)
-    print(f"meanflow ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
-          f"teacher 2-step Euler {euler2:.3f}; {STEPS} steps in {secs:.0f}s")
+    before, after, euler2, secs = one_step_run(
+        mlp_student(width=128, depth=3, time_scale=10.0),
+        build_objective(MEANFLOW_TEST_CONFIG),
+        STEPS,
+        lr=2e-3,
+        lr_final=1e-4,
+    )
+    print(
+        f"meanflow ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
+        f"teacher 2-step Euler {euler2:.3f}; {STEPS} steps in {secs:.0f}s"
+    )
     assert after <= before / 5
     assert after < euler2
 

@@ -20,7 +20,6 @@ from teachers.gmm import preset_mixture
 N_EVAL = 2000
 
 
-
 @pytest.fixture(scope="module")
 def ring8():
     return preset_mixture("ring8")
@@ -52,7 +51,9 @@ class NetTeacher(nn.Module):
 
 
 def small_student(num_classes: int = 0, dtype=torch.float32) -> FlowMap:
-    net = build_net({"name": "mlp", "data_shape": [2], "width": 128, "depth": 2, "emb_dim": 64, "num_classes": num_classes})
+    net = build_net(
+        {"name": "mlp", "data_shape": [2], "width": 128, "depth": 2, "emb_dim": 64, "num_classes": num_classes}
+    )
     return FlowMap(net).to(dtype)
 
 
@@ -90,7 +91,9 @@ def test_loss_vanishes_when_the_student_and_round_teacher_are_the_exact_map(ring
     loss_exact = mean_loss(pd, exact, ring8, x0, step=15)  # round 1: snapshot of the exact map
     assert pd.snapshot_round.item() == 1 and isinstance(pd.round_teacher, ExactFlowMap)
     untrained = small_student(dtype=torch.float64)
-    loss_untrained = mean_loss(ProgressiveDistillation(initial_steps=4, steps_per_round=10), untrained, ring8, x0, step=15)
+    loss_untrained = mean_loss(
+        ProgressiveDistillation(initial_steps=4, steps_per_round=10), untrained, ring8, x0, step=15
+    )
     print(f"PD loss, round 1: exact map {loss_exact:.3e}, untrained student {loss_untrained:.3e}")
     assert loss_exact < 1e-8 * loss_untrained
 
@@ -107,10 +110,14 @@ def test_round_zero_loss_at_the_exact_map_is_the_teacher_two_step_error(ring8):
         medians = []
         for n0 in (32, 64):
             torch.manual_seed(0)
-            out = ProgressiveDistillation(initial_steps=n0, solver=solver)(student=exact, teacher=ring8, target=None, x0=x0, step=0)
+            out = ProgressiveDistillation(initial_steps=n0, solver=solver)(
+                student=exact, teacher=ring8, target=None, x0=x0, step=0
+            )
             medians.append(out.loss.detach().median().item())
         ratios[solver] = medians[0] / medians[1]
-        print(f"PD round-0 loss at the exact map, {solver}: median N0=32 {medians[0]:.3e}, N0=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}")
+        print(
+            f"PD round-0 loss at the exact map, {solver}: median N0=32 {medians[0]:.3e}, N0=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}"
+        )
     assert 3.2 < ratios["euler"] < 4.8
     assert 12 < ratios["heun"] < 20
 
@@ -202,14 +209,26 @@ def test_pd_ends_as_a_one_step_sampler_far_better_than_the_untrained_student_and
         before = flow_map_rmse(student(eps, ones, zeros), ref)
     euler_1 = flow_map_rmse(solve(ring8, eps, 1, "euler"), ref)
 
-    pd = build_objective({"name": "pd", "initial_steps": 2, "steps_per_round": 300, "first_round_steps": 700, "solver": "heun"})
+    pd = build_objective(
+        {"name": "pd", "initial_steps": 2, "steps_per_round": 300, "first_round_steps": 700, "solver": "heun"}
+    )
     pool = ring8.sample(256 * 40, torch.Generator().manual_seed(7))
     steps_seen = []
-    fit(student, pd, lambda k: (pool[torch.randint(0, len(pool), (256,))], None), pd.total_steps, teacher=ring8, lr=3e-3,
-        lr_final=1e-4, callback=lambda k, out: steps_seen.append(int(out.logs["student_steps"])))
+    fit(
+        student,
+        pd,
+        lambda k: (pool[torch.randint(0, len(pool), (256,))], None),
+        pd.total_steps,
+        teacher=ring8,
+        lr=3e-3,
+        lr_final=1e-4,
+        callback=lambda k, out: steps_seen.append(int(out.logs["student_steps"])),
+    )
     with torch.no_grad():
         after = flow_map_rmse(student(eps, ones, zeros), ref)
-    print(f"PD 1-NFE rmse vs exact map: untrained {before:.4f}, teacher 1 Euler step {euler_1:.4f}, distilled {after:.4f}")
+    print(
+        f"PD 1-NFE rmse vs exact map: untrained {before:.4f}, teacher 1 Euler step {euler_1:.4f}, distilled {after:.4f}"
+    )
     assert steps_seen[0] == 2 and steps_seen[-1] == 1 and sorted(set(steps_seen)) == [1, 2]
     assert pd.current_steps(pd.total_steps - 1) == 1 and pd.snapshot_round.item() == pd.num_rounds - 1
     assert all(not p.requires_grad for p in pd.round_teacher.parameters())
@@ -241,11 +260,27 @@ def test_retaining_the_finer_grids_keeps_two_and_four_step_sampling(ring8):
     for share in (0.0, 0.5):
         torch.manual_seed(0)
         student = small_student()
-        pd = build_objective({"name": "pd", "initial_steps": 4, "steps_per_round": 300, "first_round_steps": 700, "solver": "heun",
-                              "retain_share": share})
+        pd = build_objective(
+            {
+                "name": "pd",
+                "initial_steps": 4,
+                "steps_per_round": 300,
+                "first_round_steps": 700,
+                "solver": "heun",
+                "retain_share": share,
+            }
+        )
         retained = []
-        fit(student, pd, lambda k: (pool[torch.randint(0, len(pool), (256,))], None), pd.total_steps, teacher=ring8, lr=3e-3,
-            lr_final=1e-4, callback=lambda k, out: retained.append(float(out.logs["retained"].mean())))
+        fit(
+            student,
+            pd,
+            lambda k: (pool[torch.randint(0, len(pool), (256,))], None),
+            pd.total_steps,
+            teacher=ring8,
+            lr=3e-3,
+            lr_final=1e-4,
+            callback=lambda k, out: retained.append(float(out.logs["retained"].mean())),
+        )
         errors[share] = _errors_at_1_2_4_nfe(student, ring8)
         if share == 0.0:
             assert max(retained) == 0.0
@@ -267,14 +302,19 @@ def test_rounds_are_driven_by_the_lightning_callback():
     from flowmap.lightning.distill_module import DistillModule
 
     net = {"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 16}
-    module = DistillModule(student={"net": net}, objective={"name": "pd", "initial_steps": 4, "steps_per_round": 3},
-                           teacher=preset_mixture("grid4"))
+    module = DistillModule(
+        student={"net": net},
+        objective={"name": "pd", "initial_steps": 4, "steps_per_round": 3},
+        teacher=preset_mixture("grid4"),
+    )
     assert [type(c).__name__ for c in module.configure_callbacks()] == ["ProgressiveRounds"]
     cd_module = DistillModule(student={"net": net}, objective={"name": "cd"}, teacher=preset_mixture("grid4"))
     assert cd_module.configure_callbacks() == []
 
     logged: list[tuple[str, float]] = []
-    fake = SimpleNamespace(objective=module.objective, student=module.student, log=lambda k, v, **kw: logged.append((k, v)))
+    fake = SimpleNamespace(
+        objective=module.objective, student=module.student, log=lambda k, v, **kw: logged.append((k, v))
+    )
     callback, seen = ProgressiveRounds(), []
     for step in range(9):  # rounds: [0, 3) N=4 (the teacher), [3, 6) N=2, [6, ...) N=1
         callback.on_train_batch_start(SimpleNamespace(global_step=step), fake, None, step)

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, assert_fd64_matches_func, one_step_run
+
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.objectives.scm import TrigFlowPath, t_lin_of
@@ -95,7 +95,9 @@ def test_tangent_vanishes_at_the_exact_gmm_map_fd_backend():
     obj = build_objective({"name": "scd", "tangent_warmup": 0, "jvp_backend": "fd", "sigma_data": 1.0})
     x0 = teacher.sample(16, generator=torch.Generator().manual_seed(4)).double()
     out = obj(student=exact, teacher=teacher, target=None, x0=x0, cond=None, step=0)
-    print(f"scd at the exact ring8 map (fd): max ||g|| {out.logs['tangent_norm'].max():.1e}, median {out.logs['tangent_norm'].median():.1e}")
+    print(
+        f"scd at the exact ring8 map (fd): max ||g|| {out.logs['tangent_norm'].max():.1e}, median {out.logs['tangent_norm'].median():.1e}"
+    )
     assert out.logs["tangent_norm"].median() < 1e-7 and out.logs["tangent_norm"].max() < 1e-4
 
 
@@ -105,7 +107,9 @@ def test_float64_finite_differences_match_the_func_backend(name):
     to ~1e-6 (float32 fd: ~1e-3), and the student's weights come back untouched."""
     teacher = preset_mixture("ring8")
     x0 = teacher.sample(64, generator=torch.Generator().manual_seed(4))
-    assert_fd64_matches_func(mlp_student(width=32, depth=2), {"name": name, "tangent_warmup": 0, "sigma_data": 1.0}, teacher, x0)
+    assert_fd64_matches_func(
+        mlp_student(width=32, depth=2), {"name": name, "tangent_warmup": 0, "sigma_data": 1.0}, teacher, x0
+    )
 
 
 def test_gradient_is_the_continuous_limit_of_discrete_consistency():
@@ -151,13 +155,18 @@ def test_stf_data_velocity_approaches_the_teachers():
     g = torch.Generator().manual_seed(3)
     x0 = teacher.sample(1024, generator=g)
     config = {"sigma_data": 1.4, "p_mean": 0.0, "p_std": 1.6}
-    sct, stf, scd = (build_objective({"name": n, **config, **kw}) for n, kw in (("sct", {}), ("sct", {"data_velocity": "stf"}), ("scd", {})))
+    sct, stf, scd = (
+        build_objective({"name": n, **config, **kw})
+        for n, kw in (("sct", {}), ("sct", {"data_velocity": "stf"}), ("scd", {}))
+    )
     theta = sct.sample_angles(1024, x0)
     z = 1.4 * torch.randn(1024, 2, generator=g)
     x = torch.cos(theta)[:, None] * x0 + torch.sin(theta)[:, None] * z
     exact = scd.velocity(teacher, x, theta, x0, z, None, 1.0)
-    errs = {name: (obj.velocity(None, x, theta, x0, z, None, 1.0) - exact).pow(2).sum(1).mean().item()
-            for name, obj in (("conditional", sct), ("stf", stf))}
+    errs = {
+        name: (obj.velocity(None, x, theta, x0, z, None, 1.0) - exact).pow(2).sum(1).mean().item()
+        for name, obj in (("conditional", sct), ("stf", stf))
+    }
     print(f"sCT dx/dtheta, mean squared distance to the exact PF-ODE's: {errs}")
     assert errs["stf"] < 0.2 * errs["conditional"]
 
@@ -208,7 +217,14 @@ def test_learned_log_variance_reaches_its_fixed_point():
 def test_nonfinite_teacher_rows_are_masked_counted_and_logged():
     student = mlp_student()
     obj = build_objective({"name": "scd"})
-    out = obj(student=student, teacher=NaNRows(preset_mixture("ring8"), rows=3), target=None, x0=torch.randn(16, 2), cond=None, step=0)
+    out = obj(
+        student=student,
+        teacher=NaNRows(preset_mixture("ring8"), rows=3),
+        target=None,
+        x0=torch.randn(16, 2),
+        cond=None,
+        step=0,
+    )
     assert int(out.logs["nonfinite_targets"]) == 3
     assert torch.isfinite(out.loss).all() and torch.all(out.loss[:3] == 0)
     out.loss.mean().backward()
@@ -230,7 +246,9 @@ def test_schedule_and_bad_input():
     with pytest.raises(ValueError, match="not to distillation"):
         build_objective({"name": "scd", "data_velocity": "stf"})
     with pytest.raises(ValueError, match="teacher is None"):
-        build_objective({"name": "scd"})(student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0)
+        build_objective({"name": "scd"})(
+            student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0
+        )
 
 
 @pytest.mark.slow
@@ -240,11 +258,18 @@ def test_training_on_ring8_cuts_one_step_error(name):
     the proposal is widened (P_mean 0, P_std 1.6) so that t_lin = sigmoid(tau) reaches the 1-NFE time t = 1.
     sCT uses ``data_velocity='stf'`` (the batch-posterior velocity, Xu et al. 2023; data samples only)."""
     torch.manual_seed(0)
-    before, after, euler2, secs = one_step_run(mlp_student(width=128, depth=3, time_scale=10.0),
-                                               build_objective({"name": name, **SCM_TEST_CONFIG, **EXTRA[name]}), STEPS[name],
-                                               lr=2e-3, lr_final=1e-4, source="teacher" if name == "scd" else "data")
-    print(f"{name} ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
-          f"teacher 2-step Euler {euler2:.3f}; {STEPS[name]} steps in {secs:.0f}s")
+    before, after, euler2, secs = one_step_run(
+        mlp_student(width=128, depth=3, time_scale=10.0),
+        build_objective({"name": name, **SCM_TEST_CONFIG, **EXTRA[name]}),
+        STEPS[name],
+        lr=2e-3,
+        lr_final=1e-4,
+        source="teacher" if name == "scd" else "data",
+    )
+    print(
+        f"{name} ring8: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
+        f"teacher 2-step Euler {euler2:.3f}; {STEPS[name]} steps in {secs:.0f}s"
+    )
     assert after <= before * RATIO[name]
     if name == "scd":
         assert after < euler2
@@ -269,10 +294,17 @@ def test_sct_longer_run_cuts_one_step_error_five_fold():
     func JVP backend; with forward_ad (the default since) 0.179 at seed 0 (75 s) and 0.129 at seed 1 (0.106 vs 0.822).
     The 1-NFE error ends far below the teacher's 2-step Euler error (0.524) at both seeds."""
     torch.manual_seed(0)
-    before, after, euler2, secs = one_step_run(mlp_student(width=128, depth=3, time_scale=10.0),
-                                               build_objective({"name": "sct", **SCM_TEST_CONFIG, **EXTRA["sct"]}), 3000,
-                                               lr=2e-3, lr_final=1e-4, source="data")
-    print(f"sct ring8, 3000 steps: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
-          f"teacher 2-step Euler {euler2:.3f}; {secs:.0f}s")
+    before, after, euler2, secs = one_step_run(
+        mlp_student(width=128, depth=3, time_scale=10.0),
+        build_objective({"name": "sct", **SCM_TEST_CONFIG, **EXTRA["sct"]}),
+        3000,
+        lr=2e-3,
+        lr_final=1e-4,
+        source="data",
+    )
+    print(
+        f"sct ring8, 3000 steps: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
+        f"teacher 2-step Euler {euler2:.3f}; {secs:.0f}s"
+    )
     assert after <= before / 5
     assert after < euler2  # issue 4: sCM's 1-NFE error below the teacher's own 2-step Euler error

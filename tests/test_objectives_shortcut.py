@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from exact_maps import ExactGMMMap, GaussianFlow, NaNRows, one_step_error, ring8_reference, train_on_ring8
+
 from flowmap.ema import frozen_copy
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
@@ -45,7 +45,9 @@ def test_exact_map_zero_except_finest_anchor(source, sigma0):
         assert fm.sum() > 0 and finest.sum() > 0 and others.sum() > 0
         assert out.loss[fm].max() < 1e-24 and out.loss[others].max() < 1e-24
         finest_means.append(float(out.loss[finest].mean()))
-    print(f"shortcut ({source}) exact map: finest-level loss (two Euler steps of the d=0 velocity) for k=3,4,5: {finest_means}")
+    print(
+        f"shortcut ({source}) exact map: finest-level loss (two Euler steps of the d=0 velocity) for k=3,4,5: {finest_means}"
+    )
     if sigma0 > 0:  # the Euler anchor's error is O(d) in u: the squared loss drops ~4x or more per level
         assert finest_means[0] > 3 * finest_means[1] > 9 * finest_means[2] > 0
     else:  # a point mass has straight trajectories: Euler is exact
@@ -59,8 +61,10 @@ def test_exact_gmm_map_consistency_and_flow_matching_rows():
     x0 = teacher.sample(24, generator=torch.Generator().manual_seed(0)).double()
     out = obj(student=exact, teacher=teacher, target=exact, x0=x0, cond=None, step=0)
     fm, finest, others = split_rows(out, 3)
-    print(f"shortcut exact ring8 map: flow-matching {out.loss[fm].max():.1e}, consistency {out.loss[others].max():.1e}, "
-          f"finest anchor {out.loss[finest].mean():.1e}")
+    print(
+        f"shortcut exact ring8 map: flow-matching {out.loss[fm].max():.1e}, consistency {out.loss[others].max():.1e}, "
+        f"finest anchor {out.loss[finest].mean():.1e}"
+    )
     assert out.loss[fm].max() < 1e-24
     assert out.loss[others].max() < 1e-10  # RK4 (40 steps per jump) round trip; u^2 ~ 4
     assert out.loss[finest].mean() > 1e-6  # the d=0 anchor is two Euler steps
@@ -95,8 +99,14 @@ def test_gradient_reaches_only_the_student_in_one_with_grad_call():
 def test_nonfinite_teacher_rows_are_masked_counted_and_logged():
     student = mlp_student()
     obj = build_objective({"name": "shortcut", "consistency_share": 0.25})
-    out = obj(student=student, teacher=NaNRows(preset_mixture("ring8"), rows=3), target=frozen_copy(student),
-              x0=torch.randn(16, 2), cond=None, step=0)
+    out = obj(
+        student=student,
+        teacher=NaNRows(preset_mixture("ring8"), rows=3),
+        target=frozen_copy(student),
+        x0=torch.randn(16, 2),
+        cond=None,
+        step=0,
+    )
     assert int(out.logs["nonfinite_targets"]) == 3
     assert torch.isfinite(out.loss).all() and torch.all(out.loss[4:7] == 0)  # rows 4..6 = first FM rows
     out.loss.mean().backward()
@@ -113,7 +123,9 @@ def test_bad_input():
     obj = build_objective({"name": "shortcut"})
     assert obj.uses_target and obj.needs_teacher
     with pytest.raises(ValueError, match="EMA target"):
-        obj(student=mlp_student(), teacher=preset_mixture("ring8"), target=None, x0=torch.randn(4, 2), cond=None, step=0)
+        obj(
+            student=mlp_student(), teacher=preset_mixture("ring8"), target=None, x0=torch.randn(4, 2), cond=None, step=0
+        )
 
 
 @pytest.mark.slow
@@ -125,8 +137,10 @@ def test_distillation_on_ring8_cuts_one_step_error_and_samples_with_any_dyadic_s
     ema = train_on_ring8(student, build_objective(SHORTCUT_TEST_CONFIG), STEPS, lr=2e-3, lr_final=1e-4)
     z, ref = ring8_reference()
     errs = {n: round(flow_map_rmse(sample(ema, z, n), ref), 4) for n in (1, 2, 4, 8, 16)}
-    print(f"shortcut ring8: 1-NFE rmse untrained {before:.3f} -> trained {errs[1]:.3f} (EMA; ratio {errs[1] / before:.3f}); "
-          f"rmse by number of steps {errs}; {STEPS} steps in {time.time() - t0:.0f}s")
+    print(
+        f"shortcut ring8: 1-NFE rmse untrained {before:.3f} -> trained {errs[1]:.3f} (EMA; ratio {errs[1] / before:.3f}); "
+        f"rmse by number of steps {errs}; {STEPS} steps in {time.time() - t0:.0f}s"
+    )
     assert errs[1] <= before / 5
     assert max(errs.values()) <= before / 4  # 1 to 2^4 uniform steps all sample the trained pairs well
 

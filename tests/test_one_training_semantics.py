@@ -30,8 +30,14 @@ from flowmap.training import TrainLoop
 
 STEPS, SEED = 20, 11
 NET = {"name": "mlp", "data_shape": [2], "width": 32, "depth": 2, "emb_dim": 16}
-OPTIONS = {"lr": 3e-3, "betas": (0.9, 0.99), "weight_decay": 1e-2, "warmup_steps": 4, "lr_final_ratio": 0.05,
-           "max_nonfinite": 5}
+OPTIONS = {
+    "lr": 3e-3,
+    "betas": (0.9, 0.99),
+    "weight_decay": 1e-2,
+    "warmup_steps": 4,
+    "lr_final_ratio": 0.05,
+    "max_nonfinite": 5,
+}
 
 
 def test_schedule_warmup_then_cosine_to_the_final_rate() -> None:
@@ -39,8 +45,11 @@ def test_schedule_warmup_then_cosine_to_the_final_rate() -> None:
     rates = [learning_rate(k, lr, total, warm, final) for k in range(total)]
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and rates[-1] == final
     mid = warm + (total - warm - 1) / 2  # halfway through the decay: the mean of lr and lr_final
-    assert learning_rate(math.floor(mid), lr, total, warm, final) > (lr + final) / 2 > learning_rate(math.ceil(mid), lr,
-                                                                                                      total, warm, final)
+    assert (
+        learning_rate(math.floor(mid), lr, total, warm, final)
+        > (lr + final) / 2
+        > learning_rate(math.ceil(mid), lr, total, warm, final)
+    )
     assert all(a >= b for a, b in itertools.pairwise(rates[3:]))
     assert [learning_rate(k, lr, None, 0, None) for k in (0, 100)] == [lr, lr]
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
@@ -72,20 +81,37 @@ def test_lightning_and_train_loop_give_the_same_weights(method: str) -> None:
 
     teacher = preset_mixture("ring8")
     torch.manual_seed(0)
-    module = DistillModule({"name": method}, {"net": NET}, teacher=teacher, lr_decay="cosine", ema_halflife=0.25,
-                           **OPTIONS)
+    module = DistillModule(
+        {"name": method}, {"net": NET}, teacher=teacher, lr_decay="cosine", ema_halflife=0.25, **OPTIONS
+    )
     student = copy.deepcopy(module.student)
     batches = _batches()
     before = [p.detach().clone() for p in student.parameters()]
 
     loader = DataLoader(batches, batch_size=None, generator=torch.Generator())  # draws nothing from the global RNG
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        callbacks=[_Seed()])
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[_Seed()],
+    )
     trainer.fit(module, train_dataloaders=loader)
 
-    loop = TrainLoop(student, build_objective({"name": method}), teacher, steps=STEPS, grad_clip=1.0, decoupled=True,
-                     ema=EMASchedule(halflife=0.25, total_steps=STEPS), **OPTIONS)
+    loop = TrainLoop(
+        student,
+        build_objective({"name": method}),
+        teacher,
+        steps=STEPS,
+        grad_clip=1.0,
+        decoupled=True,
+        ema=EMASchedule(halflife=0.25, total_steps=STEPS),
+        **OPTIONS,
+    )
     torch.manual_seed(SEED)
     for x0 in batches:
         loop.step(x0)

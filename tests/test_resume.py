@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 NET = "{name: mlp, data_shape: [2], width: 16, depth: 2, emb_dim: 16}"
-TOTAL, STOP = 8, 5  # uninterrupted steps; the interrupted run ends after step STOP (last.ckpt: step STOP, saved at the end)
+TOTAL, STOP = (
+    8,
+    5,
+)  # uninterrupted steps; the interrupted run ends after step STOP (last.ckpt: step STOP, saved at the end)
 
 
 class StopAt(L.Callback):
@@ -67,7 +70,9 @@ trainer:
 
 def _run(script: str, config: Path, run_dir: Path, *extra: str):
     module = __import__(script)
-    cli = module.main(["--config", str(config), "--run_dir", str(run_dir), "--logger", "none", "--ckpt_every", "2", *extra])
+    cli = module.main(
+        ["--config", str(config), "--run_dir", str(run_dir), "--logger", "none", "--ckpt_every", "2", *extra]
+    )
     return cli
 
 
@@ -77,7 +82,9 @@ def _assert_exact_resume(tmp_path: Path, script: str, kind: str, model_yaml: str
     assert full.trainer.global_step == TOTAL and part.trainer.global_step == STOP
     last = torch.load(tmp_path / f"{kind}_b" / "checkpoints" / "last.ckpt", weights_only=True)  # primitives only
     assert last["global_step"] == STOP and last["ShardDataModule"] == {"epoch": 1, "consumed": 2}  # mid-epoch
-    resumed = _run(script, _config(tmp_path, kind, shards, None, model_yaml, workers), tmp_path / f"{kind}_b", "--resume", "last")
+    resumed = _run(
+        script, _config(tmp_path, kind, shards, None, model_yaml, workers), tmp_path / f"{kind}_b", "--resume", "last"
+    )
     assert resumed.trainer.global_step == TOTAL
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert set(a) == set(b)
@@ -127,15 +134,19 @@ def test_distillation_resume_is_exact_including_round_state(tmp_path, shards):
 def test_resuming_with_another_method_or_module_is_one_clear_error(tmp_path, shards, capsys):
     from flowmap.lightning.cli import main_guard
 
-    model = lambda objective: f"""  student: {{net: {NET}}}
+    model = lambda objective: (
+        f"""  student: {{net: {NET}}}
   objective: {objective}
-  teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""  # noqa: E731
+  teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""
+    )  # noqa: E731
     _run("distill", _config(tmp_path, "cd", shards, 3, model("{name: cd}")), tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["flowmap_run"] == {"kind": "DistillModule", "method": "cd"}
     before = last.read_bytes()
-    for script, cfg in (("distill", _config(tmp_path, "shortcut", shards, None, model("{name: shortcut}"))),
-                        ("train_teacher", _config(tmp_path, "teacher", shards, None, f"  net: {NET}"))):
+    for script, cfg in (
+        ("distill", _config(tmp_path, "shortcut", shards, None, model("{name: shortcut}"))),
+        ("train_teacher", _config(tmp_path, "teacher", shards, None, f"  net: {NET}")),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main_guard(lambda: _run(script, cfg, tmp_path / "run", "--resume", "last"))
         assert exit_info.value.code == 2
@@ -171,8 +182,15 @@ def test_bf16_mixed_runs_finite_with_float32_jvps(tmp_path, shards, monkeypatch)
   objective: {{name: meanflow}}
   teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""
     for script, kind, yaml in (("train_teacher", "teacher", f"  net: {NET}"), ("distill", "meanflow", model)):
-        cli = _run(script, _config(tmp_path, kind, shards, None, yaml), tmp_path / f"bf16_{kind}", "--trainer.precision", "bf16-mixed",
-                   "--trainer.max_steps", "4")
+        cli = _run(
+            script,
+            _config(tmp_path, kind, shards, None, yaml),
+            tmp_path / f"bf16_{kind}",
+            "--trainer.precision",
+            "bf16-mixed",
+            "--trainer.max_steps",
+            "4",
+        )
         assert cli.trainer.global_step == 4 and cli.trainer.precision == "bf16-mixed"
         state = cli.model.state_dict()
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -197,9 +215,17 @@ def _guard_run(tmp_path: Path, batches: list[torch.Tensor], max_nonfinite: int, 
 
     from flowmap.lightning.teacher_module import TeacherModule
 
-    module = TeacherModule(net={"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 16}, max_nonfinite=max_nonfinite)
-    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(str(tmp_path), name="log", version=""), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    module = TeacherModule(
+        net={"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 16}, max_nonfinite=max_nonfinite
+    )
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=CSVLogger(str(tmp_path), name="log", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     return module, trainer
 
 

@@ -53,8 +53,23 @@ def test_flowmap_teacher_file_in_chunks_gives_the_solver_samples(tmp_path):
     teacher = NetVelocity(build_net(dict(MLP)), "linear", "velocity").eval()
     path = save_teacher(tmp_path / "t.safetensors", teacher)
     with MaxBatch() as seen:
-        sample_script.main([str(path), "--n", "10", "--batch_size", "4", "--steps", "6", "--solver", "edm_heun",
-                            "--grid", "edm", "--out", str(tmp_path / "o")])
+        sample_script.main(
+            [
+                str(path),
+                "--n",
+                "10",
+                "--batch_size",
+                "4",
+                "--steps",
+                "6",
+                "--solver",
+                "edm_heun",
+                "--grid",
+                "edm",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert seen.largest == 4  # memory holds one chunk
     with np.load(tmp_path / "o" / "samples.npz", allow_pickle=False) as f:
         x = torch.from_numpy(f["x"])
@@ -64,8 +79,26 @@ def test_flowmap_teacher_file_in_chunks_gives_the_solver_samples(tmp_path):
     assert torch.allclose(x, want, atol=1e-6, rtol=0)
     assert (tmp_path / "o" / "samples.png").is_file()
     # the same run as shards holds the same samples
-    sample_script.main([str(path), "--n", "10", "--batch_size", "4", "--steps", "6", "--solver", "edm_heun",
-                        "--grid", "edm", "--shards", "--shard_size", "3", "--out", str(tmp_path / "o")])
+    sample_script.main(
+        [
+            str(path),
+            "--n",
+            "10",
+            "--batch_size",
+            "4",
+            "--steps",
+            "6",
+            "--solver",
+            "edm_heun",
+            "--grid",
+            "edm",
+            "--shards",
+            "--shard_size",
+            "3",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     xs, ys = read_all(tmp_path / "o" / "shards")
     assert torch.equal(xs, x) and torch.equal(ys, torch.full((10,), -1))
 
@@ -93,9 +126,16 @@ def test_npz_stream_round_trip_and_bad_chunks(tmp_path):
 def clip_folder(tmp_path_factory) -> Path:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                                 norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     folder = tmp_path_factory.mktemp("diffusers") / "ddpm"
     unet.save_pretrained(folder)
     diffusers.DDPMScheduler(num_train_timesteps=50, beta_end=0.2).save_pretrained(folder)  # clip_sample=True
@@ -107,8 +147,21 @@ def test_diffusers_folder_with_clipping_is_sampled_like_diffusers(tmp_path, clip
     from teachers.diffusers_sampler import ddim_sample
 
     folder = clip_folder
-    sample_script.main([str(folder), "--n", "6", "--batch_size", "4", "--steps", "5", "--teacher_sampler", "diffusers",
-                        "--out", str(tmp_path / "d")])
+    sample_script.main(
+        [
+            str(folder),
+            "--n",
+            "6",
+            "--batch_size",
+            "4",
+            "--steps",
+            "5",
+            "--teacher_sampler",
+            "diffusers",
+            "--out",
+            str(tmp_path / "d"),
+        ]
+    )
     teacher, _ = load_teacher(folder, allow_clip_mismatch=True)
     want = torch.cat([ddim_sample(teacher, z, 5) for z in chunk_noise(6, 4, (1, 8, 8))])
     with np.load(tmp_path / "d" / "samples.npz", allow_pickle=False) as f:

@@ -23,7 +23,9 @@ N, PER_SHARD = 128, 32
 @pytest.fixture
 def shards(tmp_path):
     """4 shards of 32 samples; sample i is (i, -i), so a value names its key."""
-    write_shards(((torch.tensor([float(i), -float(i)]), -1) for i in range(N)), tmp_path / "s", shape=(2,), max_count=PER_SHARD)
+    write_shards(
+        ((torch.tensor([float(i), -float(i)]), -1) for i in range(N)), tmp_path / "s", shape=(2,), max_count=PER_SHARD
+    )
     return tmp_path / "s"
 
 
@@ -53,7 +55,9 @@ def test_by_shard_ranks_read_their_own_shards_with_equal_batch_counts(shards):
 
 def test_by_rank_split_is_disjoint_and_in_key_order(shards):
     for rank in range(3):
-        stream = ShardStream(shards, batch_size=5, epoch_length=4, shuffle_buffer=0, split="by_rank", rank=rank, world_size=3)
+        stream = ShardStream(
+            shards, batch_size=5, epoch_length=4, shuffle_buffer=0, split="by_rank", rank=rank, world_size=3
+        )
         assert _keys(list(stream)) == list(range(rank, N, 3))[:20]
 
 
@@ -124,8 +128,9 @@ def test_truncated_tar_is_a_counted_skip_then_a_clear_error(shards):
     lost = PER_SHARD - _intact_samples(shards / "shard-000001.tar")
     assert 10 <= lost <= 22
     # reading every shard twice (resample=False, one slot): the loss is counted exactly, the epoch completes
-    stream = ShardStream(shards, batch_size=2, epoch_length=N - lost, shuffle_buffer=0, resample=False,
-                         max_corrupt_fraction=0.25)
+    stream = ShardStream(
+        shards, batch_size=2, epoch_length=N - lost, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.25
+    )
     batches = list(stream)
     assert len(batches) == len(stream) == N - lost
     good, bad = stream.counts()
@@ -134,7 +139,9 @@ def test_truncated_tar_is_a_counted_skip_then_a_clear_error(shards):
     stream.set_epoch(1)  # the counters run on across epochs
     assert len(list(stream)) == N - lost and stream.counts() == (4 * N - 4 * lost, 4 * lost)
     # past max_corrupt_fraction: one clear error, also through DataLoader workers (no hang)
-    strict = ShardStream(shards, batch_size=4, epoch_length=50, num_workers=1, max_corrupt_fraction=0.05, resample=False)
+    strict = ShardStream(
+        shards, batch_size=4, epoch_length=50, num_workers=1, max_corrupt_fraction=0.05, resample=False
+    )
     with pytest.raises(CorruptShardError, match="damaged or missing, more than max_corrupt_fraction=0.05"):
         list(DataLoader(strict, batch_size=None, num_workers=1, timeout=60))
 
@@ -148,7 +155,9 @@ def test_undecodable_member_is_skipped_and_counted(shards):
             if m.name == "000000100.npy":
                 data = b"\x93NUMPY garbage" + data[14:]  # a broken header, same size
             tar.addfile(m, io.BytesIO(data))
-    stream = ShardStream(shards, batch_size=N - 1, epoch_length=1, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.05)
+    stream = ShardStream(
+        shards, batch_size=N - 1, epoch_length=1, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.05
+    )
     keys = _keys(list(stream))
     assert stream.counts() == (N - 1, 1) and 100 not in keys and sorted(keys) == [k for k in range(N) if k != 100]
 
@@ -160,11 +169,19 @@ def test_datamodule_logs_corrupt_samples_and_trains_on(shards, tmp_path):
     from flowmap.lightning.teacher_module import TeacherModule
 
     _truncate(shards / "shard-000000.tar", keep=0.9)
-    dm = ShardDataModule(str(shards), batch_size=16, epoch_length=6, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.3)
+    dm = ShardDataModule(
+        str(shards), batch_size=16, epoch_length=6, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.3
+    )
     assert dm.data_shape == (2,) and dm.num_classes == 0
     module = TeacherModule(net={"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 16})
-    trainer = L.Trainer(max_steps=6, logger=CSVLogger(str(tmp_path), name="log", version=""), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=CSVLogger(str(tmp_path), name="log", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 6 and dm.corrupt_samples() > 0
     header, *rows = (tmp_path / "log" / "metrics.csv").read_text().splitlines()

@@ -154,9 +154,23 @@ def test_sample_gamma1_runs_and_keeps_shape():
     c = sample(EulerFlowMap(mix), z, 4, gamma=1.0, generator=torch.Generator().manual_seed(4))
     assert (a - c).abs().max() > 1e-3
     # image-shaped and labelled, through a student
-    student = FlowMap(_randomized(build_net({"name": "unet", "data_shape": [1, 8, 8], "channels": 8,
-                                             "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                                             "heads": 1, "emb_dim": 16, "num_classes": 2})))
+    student = FlowMap(
+        _randomized(
+            build_net(
+                {
+                    "name": "unet",
+                    "data_shape": [1, 8, 8],
+                    "channels": 8,
+                    "channel_mult": [1, 2],
+                    "num_res_blocks": 1,
+                    "attn_resolutions": [],
+                    "heads": 1,
+                    "emb_dim": 16,
+                    "num_classes": 2,
+                }
+            )
+        )
+    )
     imgs = sample(student, torch.randn(3, 1, 8, 8), 2, cond=torch.tensor([0, 1, 2]), gamma=1.0)
     assert imgs.shape == (3, 1, 8, 8) and torch.all(torch.isfinite(imgs))
 
@@ -173,7 +187,9 @@ class _GaussianMap(nn.Module):
 
     def forward(self, x, s, t, cond=None):
         s, t = s.to(x.dtype), t.to(x.dtype)
-        return expand_like(1 - t, x) * self.m + expand_like(self.std(t) / self.std(s), x) * (x - expand_like(1 - s, x) * self.m)
+        return expand_like(1 - t, x) * self.m + expand_like(self.std(t) / self.std(s), x) * (
+            x - expand_like(1 - s, x) * self.m
+        )
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
@@ -185,8 +201,14 @@ def test_sample_with_exact_map_draws_the_data(gamma):
     z = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     states = {}
     grid = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
-    out = sample(fm, z, grid, gamma=gamma, generator=torch.Generator().manual_seed(1),
-                 callback=lambda i, t, x: states.update({float(t[0]): x}))
+    out = sample(
+        fm,
+        z,
+        grid,
+        gamma=gamma,
+        generator=torch.Generator().manual_seed(1),
+        callback=lambda i, t, x: states.update({float(t[0]): x}),
+    )
     for tau, x in states.items():
         mean, std = (1 - tau) * m, math.sqrt((1 - tau) ** 2 * sd**2 + tau**2)
         assert (x.mean(0) - mean).abs().max().item() < 5 * std / math.sqrt(n), (gamma, tau)

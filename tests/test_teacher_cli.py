@@ -22,11 +22,25 @@ def _train(tmp_path: Path, config: str, *extra: str) -> Path:
     import train_teacher
 
     out = tmp_path / "teacher.safetensors"
-    train_teacher.main([
-        "--config", str(ROOT / config), "--run_dir", str(tmp_path / "run"), "--logger", "csv",
-        "--export", str(out), "--trainer.max_steps", "30", "--trainer.enable_progress_bar", "false",
-        "--trainer.log_every_n_steps", "5", *extra,
-    ])
+    train_teacher.main(
+        [
+            "--config",
+            str(ROOT / config),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logger",
+            "csv",
+            "--export",
+            str(out),
+            "--trainer.max_steps",
+            "30",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.log_every_n_steps",
+            "5",
+            *extra,
+        ]
+    )
     return out
 
 
@@ -74,11 +88,27 @@ def test_digits_unet_teacher_guided_sampling(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_teacher.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_teacher.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_unknown_config_key_is_one_clear_line(tmp_path):
-    r = _cli("--config", str(ROOT / "configs/teacher/checkerboard.yaml"), "--model.not_a_key", "1", "--run_dir", str(tmp_path / "r"), "--logger", "none", cwd=tmp_path)
+    r = _cli(
+        "--config",
+        str(ROOT / "configs/teacher/checkerboard.yaml"),
+        "--model.not_a_key",
+        "1",
+        "--run_dir",
+        str(tmp_path / "r"),
+        "--logger",
+        "none",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "not_a_key" in last
@@ -87,7 +117,17 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
 
 
 def test_unknown_data_set_is_one_clear_line(tmp_path):
-    r = _cli("--config", str(ROOT / "configs/teacher/checkerboard.yaml"), "--data.init_args.name", "no_such_set", "--run_dir", str(tmp_path / "r"), "--logger", "none", cwd=tmp_path)
+    r = _cli(
+        "--config",
+        str(ROOT / "configs/teacher/checkerboard.yaml"),
+        "--data.init_args.name",
+        "no_such_set",
+        "--run_dir",
+        str(tmp_path / "r"),
+        "--logger",
+        "none",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "no_such_set" in last
@@ -96,7 +136,11 @@ def test_unknown_data_set_is_one_clear_line(tmp_path):
 
 def test_checkpoint_for_another_net_is_refused(tmp_path):
     small = build_net({"name": "mlp", "data_shape": [2], "width": 32, "depth": 2})
-    path = save_model(tmp_path / "t.safetensors", small, {"kind": "teacher", "net": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 2}})
+    path = save_model(
+        tmp_path / "t.safetensors",
+        small,
+        {"kind": "teacher", "net": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 2}},
+    )
     with pytest.raises(CheckpointError, match="does not fit|mis-shaped|shape"):
         load_model(path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")

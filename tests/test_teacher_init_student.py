@@ -26,43 +26,78 @@ N_TRAIN = 50
 
 
 def ddim(prediction: str) -> diffusers.DDIMScheduler:
-    return diffusers.DDIMScheduler(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2,
-                                   prediction_type=prediction, clip_sample=False)
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2, prediction_type=prediction, clip_sample=False
+    )
 
 
 def teacher_of(model, scheduler) -> DiffusersTeacher:
     path, prediction, n = schedule_from_config({**scheduler.config, "_class_name": type(scheduler).__name__})
-    return DiffusersTeacher(DiffusersNet(model.eval().requires_grad_(False), null_class=False), path, prediction, n).eval()
+    return DiffusersTeacher(
+        DiffusersNet(model.eval().requires_grad_(False), null_class=False), path, prediction, n
+    ).eval()
 
 
 def unet(**kw):
     torch.manual_seed(0)
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), **kw,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        **kw,
     )
 
 
 def dit():
     torch.manual_seed(0)
-    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2,
-                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=3)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=3,
+    )
 
 
 def cond_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=4,
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
     )
 
 
 def sd3():
     torch.manual_seed(0)
-    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=2, out_channels=2, num_layers=2,
-                                           attention_head_dim=4, num_attention_heads=2, joint_attention_dim=12,
-                                           caption_projection_dim=8, pooled_projection_dim=6, pos_embed_max_size=8)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=2,
+        out_channels=2,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        caption_projection_dim=8,
+        pooled_projection_dim=6,
+        pos_embed_max_size=8,
+    )
 
 
 def edm_teacher() -> EDMDenoiserTeacher:
@@ -79,8 +114,13 @@ CASES = {
     "unet_v": (lambda: teacher_of(unet(), ddim("v_prediction")), lambda g: None),
     "dit_labels": (lambda: flow(dit()), lambda g: torch.tensor([0, 2, 3, 1, 3, 0])),  # 3 = null label
     "unet_cond": (lambda: teacher_of(cond_unet(), ddim("epsilon")), lambda g: torch.randn(6, 5, 12, generator=g)),
-    "sd3_flow": (lambda: flow(sd3()), lambda g: {"encoder_hidden_states": torch.randn(6, 5, 12, generator=g),
-                                                  "pooled_projections": torch.randn(6, 6, generator=g)}),
+    "sd3_flow": (
+        lambda: flow(sd3()),
+        lambda g: {
+            "encoder_hidden_states": torch.randn(6, 5, 12, generator=g),
+            "pooled_projections": torch.randn(6, 6, generator=g),
+        },
+    ),
     "edm": (edm_teacher, lambda g: None),
 }
 
@@ -173,8 +213,20 @@ def test_distill_script_with_a_folder_and_no_student_trains_from_the_teachers_we
         "trainer: {max_steps: 20, enable_progress_bar: false}\n"
     )
     out = tmp_path / "student.safetensors"
-    cli = distill.main(["--teacher", str(folder), "--config", str(config), "--run_dir", str(tmp_path / "run"),
-                        "--logger", "none", "--export", str(out)])
+    cli = distill.main(
+        [
+            "--teacher",
+            str(folder),
+            "--config",
+            str(config),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logger",
+            "none",
+            "--export",
+            str(out),
+        ]
+    )
     module = cli.model
     assert module.hparams.student is None and module.hparams.init_from_teacher is None
     assert module.global_step == 20
@@ -194,8 +246,13 @@ def test_distill_script_with_a_folder_and_no_student_trains_from_the_teachers_we
         f"x = load_student({str(out)!r}).sample(n, steps=2)\n"
         f"torch.save(x, {str(tmp_path / 'fresh.pt')!r})\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120,
-                   env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert torch.equal(torch.load(tmp_path / "fresh.pt"), ours)
 
 
@@ -213,8 +270,9 @@ def test_jvp_through_the_wrapped_network_matches_finite_differences(backend):
     _, ours = jvp(student, (x, s, t), tangents, backend=backend)
     _, ref = jvp(student, (x, s, t), tangents, backend="fd", fd_dtype="float64", modules=[student])
     assert rel(ours, ref) < 1e-3
-    assert all(type(m.processor).__name__ == "AttnProcessor2_0" for m in student.net.model.modules()
-               if hasattr(m, "processor"))  # the fused kernels are back after the JVP
+    assert all(
+        type(m.processor).__name__ == "AttnProcessor2_0" for m in student.net.model.modules() if hasattr(m, "processor")
+    )  # the fused kernels are back after the JVP
 
 
 def test_init_from_teacher_defaults_to_same_architecture():

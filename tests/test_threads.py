@@ -25,12 +25,29 @@ def _teacher(tmp_path: Path, *extra: str) -> Path:
     import train_teacher
 
     out = tmp_path / "teacher.safetensors"
-    train_teacher.main([
-        "--config", str(ROOT / "configs/teacher/checkerboard.yaml"), "--data.init_args.n_train", "512",
-        "--data.init_args.batch_size", "64", "--model.net", '{"name": "mlp", "data_shape": [2], "width": 16, "depth": 2}',
-        "--run_dir", str(tmp_path / "run"), "--logger", "none", "--export", str(out), "--trainer.max_steps", "2",
-        "--trainer.enable_progress_bar", "false", *extra,
-    ])
+    train_teacher.main(
+        [
+            "--config",
+            str(ROOT / "configs/teacher/checkerboard.yaml"),
+            "--data.init_args.n_train",
+            "512",
+            "--data.init_args.batch_size",
+            "64",
+            "--model.net",
+            '{"name": "mlp", "data_shape": [2], "width": 16, "depth": 2}',
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logger",
+            "none",
+            "--export",
+            str(out),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
     return out
 
 
@@ -44,8 +61,20 @@ def test_threads_flag_sets_the_count_in_lightning_and_argparse_scripts(tmp_path,
     torch.set_num_threads(2)
     sample.main([str(teacher), "--n", "16", "--steps", "2", "--out", str(tmp_path / "s"), "--threads", "1"])
     assert torch.get_num_threads() == 1
-    make_shards.make_shards(["--dataset", "checkerboard", "--kwargs", '{"n_train": 64, "n_val": 8}',
-                             "--out", str(tmp_path / "shards"), "--max-count", "32", "--threads", "3"])
+    make_shards.make_shards(
+        [
+            "--dataset",
+            "checkerboard",
+            "--kwargs",
+            '{"n_train": 64, "n_val": 8}',
+            "--out",
+            str(tmp_path / "shards"),
+            "--max-count",
+            "32",
+            "--threads",
+            "3",
+        ]
+    )
     assert torch.get_num_threads() == 3
     with pytest.raises(ValueError, match="--threads must be >= 0"):
         sample.main([str(teacher), "--threads", "-1"])

@@ -109,8 +109,12 @@ def test_offline_wandb_run_holds_losses_config_and_sample_images(tmp_path, monke
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert all(row["samples/width"] > 100 and row["samples/height"] > 100 for row in rows if "samples/width" in row)
     # the full config (model hyperparameters) went with the run
-    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") in ("run", "config")
-              for u in (r.run.config.update if r.HasField("run") else r.config.update)}
+    config = {
+        u.key: json.loads(u.value_json)
+        for r in records
+        if r.WhichOneof("record_type") in ("run", "config")
+        for u in (r.run.config.update if r.HasField("run") else r.config.update)
+    }
     assert config["model"]["net"]["width"] == 16 and config["data"]["init_args"]["batch_size"] == 64
     assert config["trainer"]["max_steps"] == 4 and config["sample_every"] == 2
 

@@ -57,8 +57,13 @@ def write_set(root: Path, n: int = N, extra=None, broken: set[int] = frozenset()
             if i in broken:
                 data, fmt = encode(img, "JPEG")[:200], "JPEG"
             ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
-            sample = {"__key__": f"s{i:06d}", ext: data, "cls": i % 10, "txt": f"sample {i}",
-                      "json": {"label": i % 10, "caption": f"sample {i}", "id": i}}
+            sample = {
+                "__key__": f"s{i:06d}",
+                ext: data,
+                "cls": i % 10,
+                "txt": f"sample {i}",
+                "json": {"label": i % 10, "caption": f"sample {i}", "id": i},
+            }
             sample.update(extra(i) if extra else {})
             sink.write({k: v for k, v in sample.items() if v is not None})  # extra may drop a member with None
             originals[i] = img
@@ -80,8 +85,17 @@ def ids(batch) -> list[int]:
 
 def one_pass(tmp_path: Path, **kw) -> list:
     """Every batch of one pass over the set, in stream order (no resampling, no shuffle)."""
-    kw = {"batch_size": 4, "epoch_length": N // 4, "image_size": S, "captions": True, "shuffle_buffer": 0,
-          "resample": False, "rank": 0, "world_size": 1, **kw}
+    kw = {
+        "batch_size": 4,
+        "epoch_length": N // 4,
+        "image_size": S,
+        "captions": True,
+        "shuffle_buffer": 0,
+        "resample": False,
+        "rank": 0,
+        "world_size": 1,
+        **kw,
+    }
     return list(WebDatasetStream(str(tmp_path / "train-*.tar"), **kw))
 
 
@@ -101,8 +115,15 @@ def test_shard_lists_brace_glob_and_directory(shard_set):
 
 def test_batches_have_the_students_shape_range_and_labels(shard_set):
     tmp_path, _ = shard_set
-    dm = WebDataModule(str(tmp_path / "train-*.tar"), image_size=S, num_classes=10, captions=True, batch_size=8,
-                       epoch_length=3, shuffle_buffer=16)
+    dm = WebDataModule(
+        str(tmp_path / "train-*.tar"),
+        image_size=S,
+        num_classes=10,
+        captions=True,
+        batch_size=8,
+        epoch_length=3,
+        shuffle_buffer=16,
+    )
     assert dm.data_shape == (3, S, S) and dm.num_classes == 10
     batches = list(dm.train_dataloader())
     assert len(batches) == 3
@@ -156,8 +177,18 @@ def test_two_ranks_read_disjoint_equal_streams(shard_set, monkeypatch):
     # resampled and shuffled, two workers per rank: still equal length and disjoint
     resampled = {}
     for rank in (0, 1):
-        stream = WebDatasetStream(str(tmp_path), batch_size=4, epoch_length=5, image_size=S, captions=True,
-                                  shuffle_buffer=8, rank=rank, world_size=2, num_workers=2, seed=3)
+        stream = WebDatasetStream(
+            str(tmp_path),
+            batch_size=4,
+            epoch_length=5,
+            image_size=S,
+            captions=True,
+            shuffle_buffer=8,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            seed=3,
+        )
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
         batches = list(loader)
         assert len(batches) == 5
@@ -189,15 +220,30 @@ def test_pickle_members_are_never_unpickled(tmp_path):
 
 def test_a_corrupt_jpeg_is_skipped_and_counted(tmp_path):
     write_set(tmp_path, n=24, broken={5})
-    stream = WebDatasetStream(str(tmp_path / "train-*.tar"), batch_size=23, epoch_length=1, image_size=S,
-                              captions=True, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.1)
+    stream = WebDatasetStream(
+        str(tmp_path / "train-*.tar"),
+        batch_size=23,
+        epoch_length=1,
+        image_size=S,
+        captions=True,
+        shuffle_buffer=0,
+        resample=False,
+        max_corrupt_fraction=0.1,
+    )
     (batch,) = list(stream)
     assert stream.counts() == (23, 1)
     assert sorted(ids(batch)) == [i for i in range(24) if i != 5]
     # past max_corrupt_fraction (1 of 24 > 1%, judged from 100 samples on) the stream stops with the shard
     # reader's error, also when every epoch is shorter than that: the counts run on across epochs
-    strict = WebDatasetStream(str(tmp_path), batch_size=4, epoch_length=5, image_size=S, shuffle_buffer=0,
-                              max_corrupt_fraction=0.01, corrupt_min_samples=100)
+    strict = WebDatasetStream(
+        str(tmp_path),
+        batch_size=4,
+        epoch_length=5,
+        image_size=S,
+        shuffle_buffer=0,
+        max_corrupt_fraction=0.01,
+        corrupt_min_samples=100,
+    )
     with pytest.raises(CorruptShardError, match="more than max_corrupt_fraction=0.01") as err:
         for epoch in range(10):
             strict.set_epoch(epoch)
@@ -213,8 +259,15 @@ def test_flowmap_shards_with_index_are_read_exactly(tmp_path):
     samples = [(x[i], i % 4) for i in range(16)]
     write_shards(samples, tmp_path / "own", shape=(3, 8, 8), num_classes=4, encoding="png", max_count=8)
     ref_x, ref_y = read_all(tmp_path / "own")
-    stream = WebDatasetStream(str(tmp_path / "own"), batch_size=16, epoch_length=1, image_size=8, num_classes=4,
-                              shuffle_buffer=0, resample=False)
+    stream = WebDatasetStream(
+        str(tmp_path / "own"),
+        batch_size=16,
+        epoch_length=1,
+        image_size=8,
+        num_classes=4,
+        shuffle_buffer=0,
+        resample=False,
+    )
     got_x, got_y = next(iter(stream))
     match = (got_x[:, None] == ref_x[None]).flatten(2).all(2)  # (16 read, 16 reference): bit-equal images
     idx = match.float().argmax(1)
@@ -222,8 +275,16 @@ def test_flowmap_shards_with_index_are_read_exactly(tmp_path):
     assert torch.equal(got_y, ref_y[idx])
     shard = tmp_path / "own" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 3 * 1024])  # keeps the first sample or two of 8
-    stream = WebDatasetStream(str(tmp_path / "own"), batch_size=1, epoch_length=100, image_size=8,
-                              shuffle_buffer=0, resample=False, max_corrupt_fraction=0.2, corrupt_min_samples=16)
+    stream = WebDatasetStream(
+        str(tmp_path / "own"),
+        batch_size=1,
+        epoch_length=100,
+        image_size=8,
+        shuffle_buffer=0,
+        resample=False,
+        max_corrupt_fraction=0.2,
+        corrupt_min_samples=16,
+    )
     with pytest.raises(CorruptShardError) as err:
         list(stream)
     bad, total = (int(v) for v in re.match(r"(\d+) of the last (\d+) samples", str(err.value)).groups())
@@ -244,15 +305,44 @@ def test_train_teacher_on_webdataset_shards(shard_set, tmp_path):
         "  lr: 0.001\n"
     )
     out = tmp_path / "teacher.safetensors"
-    train_teacher.main([
-        "--config", str(model), "--config", str(ROOT / "configs/data/webdataset.yaml"),
-        "--data.init_args.shards", str(shards / "train-{000000..000003}.tar"), "--data.init_args.image_size", "16",
-        "--data.init_args.num_classes", "10", "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "2",
-        "--data.init_args.shuffle_buffer", "16", "--data.init_args.epoch_length", "4",
-        "--data.init_args.captions", "true",  # dict batches with caption strings pass through the module
-        "--run_dir", str(tmp_path / "run"), "--logger", "csv", "--export", str(out), "--trainer.max_steps", "6",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1", "--threads", "1",
-    ])
+    train_teacher.main(
+        [
+            "--config",
+            str(model),
+            "--config",
+            str(ROOT / "configs/data/webdataset.yaml"),
+            "--data.init_args.shards",
+            str(shards / "train-{000000..000003}.tar"),
+            "--data.init_args.image_size",
+            "16",
+            "--data.init_args.num_classes",
+            "10",
+            "--data.init_args.batch_size",
+            "8",
+            "--data.init_args.num_workers",
+            "2",
+            "--data.init_args.shuffle_buffer",
+            "16",
+            "--data.init_args.epoch_length",
+            "4",
+            "--data.init_args.captions",
+            "true",  # dict batches with caption strings pass through the module
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--logger",
+            "csv",
+            "--export",
+            str(out),
+            "--trainer.max_steps",
+            "6",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
     assert out.is_file()
     rows = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()
     col = rows[0].split(",").index("train/loss")

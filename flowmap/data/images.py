@@ -56,7 +56,9 @@ def find_images(root: str | Path, classes: Sequence[str] | None = None) -> tuple
     else:
         unknown = sorted(set(names) - set(classes))
         if unknown:
-            raise ValueError(f"class folder(s) {unknown} in {str(root)!r} are not among the known classes {list(classes)}")
+            raise ValueError(
+                f"class folder(s) {unknown} in {str(root)!r} are not among the known classes {list(classes)}"
+            )
     index = {c: i for i, c in enumerate(classes)}
     paths, labels = [], []
     for d in subdirs:
@@ -127,12 +129,17 @@ class UInt8ImageDataset(Dataset):
     ``labels`` (N,) long, or None for unconditional data (y = -1)."""
 
     def __init__(
-        self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor | None = None, num_classes: int | None = None,
+        self,
+        images: np.ndarray | Tensor,
+        labels: np.ndarray | Tensor | None = None,
+        num_classes: int | None = None,
         image_size: int | None = None,
     ) -> None:
         images = torch.as_tensor(np.asarray(images))
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"images must be uint8 (N, H, W, C) with C in (1, 3), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be uint8 (N, H, W, C) with C in (1, 3), got {images.dtype} {tuple(images.shape)}"
+            )
         self.images = images
         if labels is None:
             self.labels = torch.full((len(images),), UNCONDITIONAL_LABEL, dtype=torch.long)
@@ -199,7 +206,9 @@ def cifar10_dataset(root: str | Path, split: str = "train", image_size: int | No
 
 
 def write_image_folder(
-    images: np.ndarray | Tensor, labels: Sequence[int] | np.ndarray | Tensor | None, root: str | Path,
+    images: np.ndarray | Tensor,
+    labels: Sequence[int] | np.ndarray | Tensor | None,
+    root: str | Path,
     classes: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write uint8 (N, H, W, C) images as PNGs ``root/<class>/<i>.png`` (flat ``root/<i>.png`` without labels)."""

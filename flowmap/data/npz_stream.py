@@ -20,8 +20,14 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> dict:
     return {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
 
 
-def write_npz_chunks(path: str | Path, chunks: Iterable[np.ndarray], n: int, shape: tuple[int, ...],
-                     extra: dict[str, np.ndarray] | None = None, dtype=np.float32) -> Path:
+def write_npz_chunks(
+    path: str | Path,
+    chunks: Iterable[np.ndarray],
+    n: int,
+    shape: tuple[int, ...],
+    extra: dict[str, np.ndarray] | None = None,
+    dtype=np.float32,
+) -> Path:
     """Stream ``chunks`` (each (b, *shape), b summing to n) into array ``x`` of ``path``, then the small arrays
     of ``extra``, which may be filled while the chunks are consumed (e.g. labels). Atomic: a failure leaves
     no file. Raises ValueError when the chunks do not add up to (n, *shape)."""
@@ -36,7 +42,9 @@ def write_npz_chunks(path: str | Path, chunks: Iterable[np.ndarray], n: int, sha
                 for chunk in chunks:
                     chunk = np.ascontiguousarray(chunk, dtype=dtype)
                     if tuple(chunk.shape[1:]) != shape or seen + chunk.shape[0] > n:
-                        raise ValueError(f"chunk of shape {chunk.shape} does not fit x of shape {(n, *shape)} at row {seen}")
+                        raise ValueError(
+                            f"chunk of shape {chunk.shape} does not fit x of shape {(n, *shape)} at row {seen}"
+                        )
                     f.write(chunk.tobytes())
                     seen += chunk.shape[0]
                 if seen != n:

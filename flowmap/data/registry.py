@@ -70,7 +70,9 @@ class DataSource:
         self._cache: dict[str, Dataset] = {}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, data_shape={self.data_shape}, num_classes={self.num_classes})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, data_shape={self.data_shape}, num_classes={self.num_classes})"
+        )
 
     def has_split(self, split: str) -> bool:
         return _check_split(split) in self._builders
@@ -105,8 +107,14 @@ class SampledSource(DataSource):
     can_sample = True
 
     def __init__(
-        self, name: str, sampler: Sampler, data_shape: tuple[int, ...], num_classes: int = 0,
-        n_train: int = 50_000, n_val: int = 5_000, seed: int = 0,
+        self,
+        name: str,
+        sampler: Sampler,
+        data_shape: tuple[int, ...],
+        num_classes: int = 0,
+        n_train: int = 50_000,
+        n_val: int = 5_000,
+        seed: int = 0,
     ) -> None:
         if n_train < 1 or n_val < 0:
             raise ValueError(f"n_train must be >= 1 and n_val >= 0, got {n_train}, {n_val}")
@@ -130,7 +138,9 @@ class SampledSource(DataSource):
         out = self.sampler(n, generator)
         x, y = out if isinstance(out, (tuple, list)) else (out, None)
         if tuple(x.shape) != (n, *self.data_shape):
-            raise ValueError(f"the sampler of {self.name!r} returned shape {tuple(x.shape)}, expected {(n, *self.data_shape)}")
+            raise ValueError(
+                f"the sampler of {self.name!r} returned shape {tuple(x.shape)}, expected {(n, *self.data_shape)}"
+            )
         if y is None:
             if self.num_classes > 0:
                 raise ValueError(f"the sampler of the class-conditional set {self.name!r} returned no labels")
@@ -187,7 +197,12 @@ def load_tensor_file(path: str | Path) -> tuple[Tensor, Tensor | None]:
 
 
 def tensor_source(
-    name: str, x: Tensor, y: Tensor | None = None, num_classes: int | None = None, val_fraction: float = 0.0, seed: int = 0
+    name: str,
+    x: Tensor,
+    y: Tensor | None = None,
+    num_classes: int | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> DataSource:
     """A DataSource over in-memory tensors; ``val_fraction`` > 0 holds out a seeded random share as ``val``.
 
@@ -224,13 +239,19 @@ def _digits(test_fraction: float = 0.2, seed: int = 0, image_size: int | None = 
     load = partial(load_digits_tensors, test_fraction=test_fraction, seed=seed, image_size=image_size)
     side = image_size or 8
     return DataSource(
-        "digits", (1, side, side), DIGITS_CLASSES,
+        "digits",
+        (1, side, side),
+        DIGITS_CLASSES,
         {"train": lambda: TensorDataset(*load("train")), "val": lambda: TensorDataset(*load("test"))},
     )
 
 
 def _image_folder(
-    root: str, image_size: int | None = None, channels: int = 3, val_root: str | None = None, class_conditional: bool = True
+    root: str,
+    image_size: int | None = None,
+    channels: int = 3,
+    val_root: str | None = None,
+    class_conditional: bool = True,
 ) -> DataSource:
     train = ImageFolderDataset(root, image_size=image_size, channels=channels)
     if not class_conditional:
@@ -238,6 +259,7 @@ def _image_folder(
         train.num_classes = 0
     builders = {"train": lambda: train}
     if val_root is not None:
+
         def build_val() -> Dataset:
             val = ImageFolderDataset(val_root, image_size=image_size, channels=channels, classes=train.classes or None)
             if not class_conditional:
@@ -328,7 +350,9 @@ def get_dataset(name: str, **kwargs) -> DataSource:
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as err:
-        raise ValueError(f"data set {name!r}: bad arguments {sorted(kwargs)} ({err}); signature {inspect.signature(factory)}") from err
+        raise ValueError(
+            f"data set {name!r}: bad arguments {sorted(kwargs)} ({err}); signature {inspect.signature(factory)}"
+        ) from err
     source = factory(**kwargs)
     if not isinstance(source, DataSource):
         raise ValueError(f"the factory of {name!r} returned {type(source).__name__}, not a DataSource")

@@ -87,8 +87,15 @@ class ShardIndex:
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT, "version": VERSION, "count": self.count, "shape": list(self.shape), "dtype": self.dtype,
-            "encoding": self.encoding, "num_classes": self.num_classes, "classes": self.classes, "shards": self.shards,
+            "format": FORMAT,
+            "version": VERSION,
+            "count": self.count,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "encoding": self.encoding,
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+            "shards": self.shards,
             "source": self.source,
         }
 
@@ -100,7 +107,9 @@ def read_index(root: str | Path) -> ShardIndex:
         raise ValueError(f"shard directory {str(root)!r} does not exist (write one with scripts/make_shards.py)")
     path = root / INDEX_NAME
     if not path.is_file():
-        raise ValueError(f"{str(root)!r} has no {INDEX_NAME}: not a flowmap shard directory (write one with scripts/make_shards.py)")
+        raise ValueError(
+            f"{str(root)!r} has no {INDEX_NAME}: not a flowmap shard directory (write one with scripts/make_shards.py)"
+        )
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -119,9 +128,15 @@ def read_index(root: str | Path) -> ShardIndex:
         for name, kind in (("name", str), ("start", int), ("count", int)):
             field(shard, name, kind, f"shards[{i}].")
     return ShardIndex(
-        root=root, count=field(meta, "count", int), shape=field(meta, "shape", lambda v: tuple(int(d) for d in v)),
-        dtype=field(meta, "dtype", str), encoding=meta["encoding"], num_classes=field(meta, "num_classes", int),
-        classes=meta.get("classes"), shards=shards, source=dict(meta.get("source") or {}),
+        root=root,
+        count=field(meta, "count", int),
+        shape=field(meta, "shape", lambda v: tuple(int(d) for d in v)),
+        dtype=field(meta, "dtype", str),
+        encoding=meta["encoding"],
+        num_classes=field(meta, "num_classes", int),
+        classes=meta.get("classes"),
+        shards=shards,
+        source=dict(meta.get("source") or {}),
     )
 
 
@@ -182,12 +197,16 @@ def decode_sample(sample: dict, encoding: str, shape: tuple[int, ...]) -> tuple[
     """A webdataset sample dict (member suffix -> bytes) -> (x (*shape) float32, y long scalar).
     Raises ValueError for a missing or undecodable member or a wrong shape."""
     if encoding not in sample or "cls" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')!r} lacks its .{encoding} or .cls member (found {sorted(k for k in sample if not k.startswith('__'))})")
+        raise ValueError(
+            f"sample {sample.get('__key__')!r} lacks its .{encoding} or .cls member (found {sorted(k for k in sample if not k.startswith('__'))})"
+        )
     if encoding == "npy":
         raw = sample["npy"]
         header = _npy_header(tuple(shape))
-        if len(raw) == len(header) + 4 * math.prod(shape) and raw.startswith(header):  # what we write: skip np.load's parser
-            x = torch.frombuffer(bytearray(raw[len(header):]), dtype=torch.float32).reshape(shape)
+        if len(raw) == len(header) + 4 * math.prod(shape) and raw.startswith(
+            header
+        ):  # what we write: skip np.load's parser
+            x = torch.frombuffer(bytearray(raw[len(header) :]), dtype=torch.float32).reshape(shape)
         else:
             arr = np.load(io.BytesIO(raw), allow_pickle=False)
             if arr.dtype != np.float32:
@@ -228,9 +247,17 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    samples: Iterable[tuple[Tensor, int | Tensor]], out_dir: str | Path, *, shape: Sequence[int], num_classes: int = 0,
-    classes: Sequence[str] | None = None, encoding: str = "npy", max_count: int | None = None, max_bytes: int | None = None,
-    overwrite: bool = False, source: dict | None = None,
+    samples: Iterable[tuple[Tensor, int | Tensor]],
+    out_dir: str | Path,
+    *,
+    shape: Sequence[int],
+    num_classes: int = 0,
+    classes: Sequence[str] | None = None,
+    encoding: str = "npy",
+    max_count: int | None = None,
+    max_bytes: int | None = None,
+    overwrite: bool = False,
+    source: dict | None = None,
 ) -> ShardIndex:
     """Write (x (*shape), y) samples as tar shards plus ``index.json`` into ``out_dir``.
 
@@ -255,8 +282,17 @@ def write_shards(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished set gets the usual permissions
     try:
         shards = _write_tars(samples, tmp, shape, num_classes, encoding, max_count, max_bytes)
-        index = ShardIndex(out_dir, sum(s["count"] for s in shards), shape, "uint8" if encoding == "png" else "float32",
-                           encoding, int(num_classes), list(classes) if classes else None, shards, dict(source or {}))
+        index = ShardIndex(
+            out_dir,
+            sum(s["count"] for s in shards),
+            shape,
+            "uint8" if encoding == "png" else "float32",
+            encoding,
+            int(num_classes),
+            list(classes) if classes else None,
+            shards,
+            dict(source or {}),
+        )
         (tmp / INDEX_NAME).write_text(json.dumps(index.to_json(), indent=1))
         _move_into_place(tmp, out_dir)
     finally:
@@ -275,13 +311,16 @@ def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"sample {i} holds NaN or inf values")
         if not (y == -1 if num_classes == 0 else 0 <= y < num_classes):
-            raise ValueError(f"sample {i} has label {y}; expected {'-1 (unconditional)' if num_classes == 0 else f'0..{num_classes - 1}'}")
+            raise ValueError(
+                f"sample {i} has label {y}; expected {'-1 (unconditional)' if num_classes == 0 else f'0..{num_classes - 1}'}"
+            )
         data = encode_sample(x, y, encoding)
         if emb is not None:
             data["emb.npy"] = encode_sample(emb, -1, "npy")["npy"]
         size = sum(_tar_member_bytes(len(v)) for v in data.values())
         full = tar is not None and (
-            (max_count is not None and count >= max_count) or (max_bytes is not None and _tar_file_bytes(members + size) > max_bytes)
+            (max_count is not None and count >= max_count)
+            or (max_bytes is not None and _tar_file_bytes(members + size) > max_bytes)
         )
         if tar is None or full:
             if tar is not None:
@@ -324,7 +363,12 @@ def dataset_encoding(ds: Dataset, data_shape: tuple[int, ...]) -> str:
 
 
 def write_source_shards(
-    data: DataSource, out_dir: str | Path, split: str = "train", encoding: str = "auto", meta: dict | None = None, **kwargs
+    data: DataSource,
+    out_dir: str | Path,
+    split: str = "train",
+    encoding: str = "auto",
+    meta: dict | None = None,
+    **kwargs,
 ) -> ShardIndex:
     """Shards of one split of a registered data set (``get_dataset(...)``), in its item order; ``kwargs`` go to
     ``write_shards`` (max_count, max_bytes, overwrite), ``meta`` into the index's "source" entry.
@@ -334,8 +378,16 @@ def write_source_shards(
         encoding = dataset_encoding(ds, data.data_shape)
     classes = getattr(ds, "classes", None) or None
     items = (ds[i] for i in range(len(ds)))
-    return write_shards(items, out_dir, shape=data.data_shape, num_classes=data.num_classes, classes=classes,
-                        encoding=encoding, source={"name": data.name, "split": split, **dict(meta or {})}, **kwargs)
+    return write_shards(
+        items,
+        out_dir,
+        shape=data.data_shape,
+        num_classes=data.num_classes,
+        classes=classes,
+        encoding=encoding,
+        source={"name": data.name, "split": split, **dict(meta or {})},
+        **kwargs,
+    )
 
 
 def read_all(root: str | Path) -> tuple[Tensor, Tensor]:
@@ -466,7 +518,12 @@ class _ShardReader:
             yield item
         self._count(bad=max(self.expected(shard) - seen, 0))
         if self.shard_errors:
-            log.warning("damaged samples skipped in %s (%s); %d lost so far", path.name, "; ".join(self.shard_errors[:2]), self.bad)
+            log.warning(
+                "damaged samples skipped in %s (%s); %d lost so far",
+                path.name,
+                "; ".join(self.shard_errors[:2]),
+                self.bad,
+            )
 
 
 # --- the stream ----------------------------------------------------------------------------------------
@@ -496,13 +553,26 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(
-        self, root: str | Path, batch_size: int, epoch_length: int, shuffle_buffer: int = 1000, seed: int = 0,
-        split: str = "by_shard", resample: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01, corrupt_window: int = 100_000, corrupt_min_samples: int = 100,
+        self,
+        root: str | Path,
+        batch_size: int,
+        epoch_length: int,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        split: str = "by_shard",
+        resample: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        max_corrupt_fraction: float = 0.01,
+        corrupt_window: int = 100_000,
+        corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
         if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0:
-            raise ValueError(f"batch_size and epoch_length must be >= 1 and shuffle_buffer >= 0, got {batch_size}, {epoch_length}, {shuffle_buffer}")
+            raise ValueError(
+                f"batch_size and epoch_length must be >= 1 and shuffle_buffer >= 0, got {batch_size}, {epoch_length}, {shuffle_buffer}"
+            )
         if split not in SPLIT_MODES:
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
         if not 0.0 <= max_corrupt_fraction <= 1.0:
@@ -514,7 +584,11 @@ class ShardStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.index = read_index(root)
-        self.batch_size, self.epoch_length, self.shuffle_buffer = int(batch_size), int(epoch_length), int(shuffle_buffer)
+        self.batch_size, self.epoch_length, self.shuffle_buffer = (
+            int(batch_size),
+            int(epoch_length),
+            int(shuffle_buffer),
+        )
         self.seed, self.split, self.resample = int(seed), split, bool(resample)
         self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
         self.max_corrupt_fraction = float(max_corrupt_fraction)
@@ -553,7 +627,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != max(self.num_workers, 1):
-            raise ValueError(f"ShardStream was set up for {self.num_workers} worker(s) but runs in a loader with {workers}")
+            raise ValueError(
+                f"ShardStream was set up for {self.num_workers} worker(s) but runs in a loader with {workers}"
+            )
         slot = self.rank * workers + worker
         n_batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
         rng = random.Random(mix_seed(self.seed, self.epoch, slot))
@@ -596,8 +672,10 @@ class ShardStream(IterableDataset):
             shards_read += 1
             if shards_read % n_own == 0:
                 if reader.good == good_before:
-                    raise CorruptShardError(f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} "
-                                            f"(slot {slot}); last error: {reader.last_error}")
+                    raise CorruptShardError(
+                        f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} "
+                        f"(slot {slot}); last error: {reader.last_error}"
+                    )
                 good_before = reader.good
 
     def _count(self, slot: int, worker: int, reader: _ShardReader, n: int, damaged: bool) -> None:
@@ -615,7 +693,11 @@ class ShardStream(IterableDataset):
 
 
 def streaming_throughput(
-    root: str | Path, batch_size: int = 256, num_batches: int = 50, workers: int | Sequence[int] = (1, 2), shuffle_buffer: int = 1000,
+    root: str | Path,
+    batch_size: int = 256,
+    num_batches: int = 50,
+    workers: int | Sequence[int] = (1, 2),
+    shuffle_buffer: int = 1000,
 ) -> dict:
     """Samples per second reading ``num_batches`` batches from the shards at ``root`` (``ShardStream`` in a
     DataLoader with each worker count in ``workers``; 0 = main process) against the same data held in memory
@@ -627,7 +709,12 @@ def streaming_throughput(
     workers = [workers] if isinstance(workers, int) else list(workers)
     x, y = read_all(root)
     index = read_index(root)
-    result: dict = {"batch_size": int(batch_size), "num_batches": int(num_batches), "shards": len(index.shards), "count": index.count}
+    result: dict = {
+        "batch_size": int(batch_size),
+        "num_batches": int(num_batches),
+        "shards": len(index.shards),
+        "count": index.count,
+    }
 
     def rate(loader) -> float:
         start, seen = time.perf_counter(), 0
@@ -639,7 +726,9 @@ def streaming_throughput(
     mem = TensorDataset(x, y)
     if len(mem) < batch_size:
         raise ValueError(f"{len(mem)} samples are fewer than one batch of {batch_size}")
-    sampler = torch.utils.data.RandomSampler(mem, replacement=True, num_samples=batch_size * num_batches, generator=torch.Generator().manual_seed(0))
+    sampler = torch.utils.data.RandomSampler(
+        mem, replacement=True, num_samples=batch_size * num_batches, generator=torch.Generator().manual_seed(0)
+    )
     result["memory"] = rate(DataLoader(mem, batch_size=batch_size, sampler=sampler, drop_last=True))
     for w in workers:
         split = "by_shard" if len(index.shards) >= max(w, 1) else "by_rank"

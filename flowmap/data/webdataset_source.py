@@ -100,8 +100,14 @@ def _json(sample: dict) -> dict:
 
 
 def decode_webdataset_sample(
-    sample: dict, image_size: int, channels: int = 3, num_classes: int = 0, captions: bool = False,
-    label_key: str = "label", caption_key: str = "caption", encoding: str | None = None,
+    sample: dict,
+    image_size: int,
+    channels: int = 3,
+    num_classes: int = 0,
+    captions: bool = False,
+    label_key: str = "label",
+    caption_key: str = "caption",
+    encoding: str | None = None,
 ) -> tuple[Tensor, Tensor, str | None]:
     """A webdataset sample (member suffix -> bytes) -> (x (channels, image_size, image_size) in [-1, 1],
     y long scalar (-1 when ``num_classes`` is 0), caption str or None when ``captions`` is False).
@@ -154,10 +160,23 @@ class WebDatasetStream(IterableDataset):
     """
 
     def __init__(
-        self, source: str | Sequence[str], batch_size: int, epoch_length: int, image_size: int, channels: int = 3,
-        num_classes: int = 0, captions: bool = False, shuffle_buffer: int = 1000, seed: int = 0,
-        resample: bool = True, rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01, corrupt_window: int = 100_000, corrupt_min_samples: int = 100,
+        self,
+        source: str | Sequence[str],
+        batch_size: int,
+        epoch_length: int,
+        image_size: int,
+        channels: int = 3,
+        num_classes: int = 0,
+        captions: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        resample: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        max_corrupt_fraction: float = 0.01,
+        corrupt_window: int = 100_000,
+        corrupt_min_samples: int = 100,
         label_key: str = "label",
         caption_key: str = "caption",
     ) -> None:
@@ -168,11 +187,15 @@ class WebDatasetStream(IterableDataset):
                 f"got {batch_size}, {epoch_length}, {shuffle_buffer}, {num_workers}"
             )
         if image_size < 1 or channels not in (1, 3) or num_classes < 0:
-            raise ValueError(f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {image_size}, "
-                             f"{channels}, {num_classes}")
+            raise ValueError(
+                f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {image_size}, "
+                f"{channels}, {num_classes}"
+            )
         if not 0.0 <= max_corrupt_fraction <= 1.0 or corrupt_min_samples < 1:
-            raise ValueError(f"max_corrupt_fraction must lie in [0, 1] and corrupt_min_samples be >= 1, got "
-                             f"{max_corrupt_fraction}, {corrupt_min_samples}")
+            raise ValueError(
+                f"max_corrupt_fraction must lie in [0, 1] and corrupt_min_samples be >= 1, got "
+                f"{max_corrupt_fraction}, {corrupt_min_samples}"
+            )
         if rank is None or world_size is None:
             from webdataset.utils import pytorch_worker_info
 
@@ -183,10 +206,19 @@ class WebDatasetStream(IterableDataset):
         self.urls, self.expected, self.encoding = resolve_shards(source)
         if self.encoding not in (None, "npy", "png"):
             raise ValueError(f"unknown flowmap shard encoding {self.encoding!r}")
-        self.batch_size, self.epoch_length, self.shuffle_buffer = int(batch_size), int(epoch_length), int(shuffle_buffer)
+        self.batch_size, self.epoch_length, self.shuffle_buffer = (
+            int(batch_size),
+            int(epoch_length),
+            int(shuffle_buffer),
+        )
         self.decode = partial(
-            decode_webdataset_sample, image_size=int(image_size), channels=int(channels), num_classes=int(num_classes),
-            captions=bool(captions), label_key=label_key, caption_key=caption_key,
+            decode_webdataset_sample,
+            image_size=int(image_size),
+            channels=int(channels),
+            num_classes=int(num_classes),
+            captions=bool(captions),
+            label_key=label_key,
+            caption_key=caption_key,
             encoding="npy" if self.encoding == "npy" else None,
         )
         self.data_shape = (int(channels), int(image_size), int(image_size))
@@ -264,8 +296,10 @@ class WebDatasetStream(IterableDataset):
             yield from reader.read(url)
             if n % len(own) == 0:
                 if reader.good == good_at_pass:
-                    raise CorruptShardError(f"no readable sample in {len(own)} shard(s) of {self.source!r} "
-                                            f"(reader {slot}); last error: {reader.last_error}")
+                    raise CorruptShardError(
+                        f"no readable sample in {len(own)} shard(s) of {self.source!r} "
+                        f"(reader {slot}); last error: {reader.last_error}"
+                    )
                 good_at_pass = reader.good
 
     def _count(self, slot: int, worker: int, reader: _Reader, n: int, damaged: bool) -> None:

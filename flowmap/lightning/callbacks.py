@@ -61,12 +61,19 @@ class LastCheckpoint(ModelCheckpoint):
 
     def save_final(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` with the current state unless it already holds this step (all ranks call it)."""
-        if not self.save_last or trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        if (
+            not self.save_last
+            or trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+        ):
             return
         if self._last_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
             # the last step, saved where periodic saves are: a resume (with more steps) goes on exactly; the loop

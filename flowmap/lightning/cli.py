@@ -82,18 +82,35 @@ class FlowmapCLI(LightningCLI):
         from flowmap.runtime import THREADS_HELP
 
         parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
-        parser.add_argument("--run_dir", type=str, default="runs/default", help="directory for checkpoints, logs, samples")
+        parser.add_argument(
+            "--run_dir", type=str, default="runs/default", help="directory for checkpoints, logs, samples"
+        )
         parser.add_argument("--logger", type=str, default="wandb", help=f"one of {LOGGERS}")
         parser.add_argument("--export", type=str, default=None, help="safetensors path for the final model")
-        parser.add_argument("--resume", type=str, default=None, help="checkpoint path, 'last', or 'auto' (last if it exists)")
+        parser.add_argument(
+            "--resume", type=str, default=None, help="checkpoint path, 'last', or 'auto' (last if it exists)"
+        )
         parser.add_argument("--ckpt_every", type=int, default=1000, help="steps between periodic checkpoints")
         parser.add_argument("--sample_every", type=int, default=0, help="steps between logged sample images (0: off)")
-        parser.add_argument("--teacher_swap", action=ActionYesNo, default=False,
-                            help="with --resume: continue a distillation with another teacher than the checkpoint's")
+        parser.add_argument(
+            "--teacher_swap",
+            action=ActionYesNo,
+            default=False,
+            help="with --resume: continue a distillation with another teacher than the checkpoint's",
+        )
         parser.add_argument("--debug", action=ActionYesNo, default=False, help="show tracebacks (also FLOWMAP_DEBUG=1)")
         if "teacher" in inspect.signature(self.model_class).parameters:  # scripts/distill.py expands it before parsing
-            parser.add_argument("--teacher", type=Optional[str], default=None, help="teacher: our .safetensors / .ckpt file or a diffusers folder (sets --model.teacher)")
-            parser.add_argument("--allow_clip_mismatch", action="store_true", help="accept a diffusers scheduler that clips x0 (the velocity field does not)")
+            parser.add_argument(
+                "--teacher",
+                type=Optional[str],
+                default=None,
+                help="teacher: our .safetensors / .ckpt file or a diffusers folder (sets --model.teacher)",
+            )
+            parser.add_argument(
+                "--allow_clip_mismatch",
+                action="store_true",
+                help="accept a diffusers scheduler that clips x0 (the velocity field does not)",
+            )
 
     def resume_path(self) -> str | None:
         """``--resume`` resolved to a file path (``last``: the run's last.ckpt; ``auto``: it if it exists)."""
@@ -144,8 +161,18 @@ class FlowmapCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", str(run_dir))
         trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
         if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = make_logger(cfg["logger"], run_dir / "logs", name=run_dir.name, config=_plain(cfg)) or False
-        callbacks = [LastCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="step{step:07d}", every_n_train_steps=max(int(cfg["ckpt_every"]), 1), save_top_k=-1, auto_insert_metric_name=False)]
+            kwargs["logger"] = (
+                make_logger(cfg["logger"], run_dir / "logs", name=run_dir.name, config=_plain(cfg)) or False
+            )
+        callbacks = [
+            LastCheckpoint(
+                dirpath=str(run_dir / "checkpoints"),
+                filename="step{step:07d}",
+                every_n_train_steps=max(int(cfg["ckpt_every"]), 1),
+                save_top_k=-1,
+                auto_insert_metric_name=False,
+            )
+        ]
         callbacks.append(RankGuard())  # one failing rank stops every rank (Lightning's own ddp launcher)
         if cfg["sample_every"]:
             callbacks.append(SampleLogger(every_n_steps=cfg["sample_every"]))

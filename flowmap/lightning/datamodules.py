@@ -63,8 +63,13 @@ class SourceDataModule(L.LightningDataModule):
         if len(ds) < self.batch_size:
             raise ValueError(f"the training set has {len(ds)} samples, fewer than one batch of {self.batch_size}")
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed),
+            ds,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_tensors(self) -> tuple[Tensor, Tensor]:
@@ -80,7 +85,11 @@ class DatasetDataModule(SourceDataModule):
     """Any registered data set by name: ``get_dataset(dataset, **dataset_kwargs)`` (e.g. cifar10, gmm)."""
 
     def __init__(
-        self, dataset: str, dataset_kwargs: dict[str, Any] | None = None, batch_size: int = 256, seed: int = 0,
+        self,
+        dataset: str,
+        dataset_kwargs: dict[str, Any] | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__(get_dataset(dataset, **dict(dataset_kwargs or {})), batch_size, seed, num_workers)
@@ -92,8 +101,15 @@ class ToyDataModule(SourceDataModule):
     ``dataset_kwargs`` go to the set's factory besides n_train, n_val, seed (e.g. parameters of a registered gmm)."""
 
     def __init__(
-        self, name: str = "checkerboard", n_train: int = 100_000, n_val: int = 5_000, batch_size: int = 256,
-        seed: int = 0, fresh: bool = False, num_workers: int = 0, dataset_kwargs: dict[str, Any] | None = None,
+        self,
+        name: str = "checkerboard",
+        n_train: int = 100_000,
+        n_val: int = 5_000,
+        batch_size: int = 256,
+        seed: int = 0,
+        fresh: bool = False,
+        num_workers: int = 0,
+        dataset_kwargs: dict[str, Any] | None = None,
     ) -> None:
         source = get_dataset(name, n_train=n_train, n_val=n_val, seed=seed, **dict(dataset_kwargs or {}))
         if not isinstance(source, SampledSource):
@@ -112,8 +128,13 @@ class DigitsDataModule(SourceDataModule):
     (``class_conditional=False`` drops the labels)."""
 
     def __init__(
-        self, batch_size: int = 128, seed: int = 0, test_fraction: float = 0.2, image_size: int | None = None,
-        class_conditional: bool = True, num_workers: int = 0,
+        self,
+        batch_size: int = 128,
+        seed: int = 0,
+        test_fraction: float = 0.2,
+        image_size: int | None = None,
+        class_conditional: bool = True,
+        num_workers: int = 0,
     ) -> None:
         source = get_dataset("digits", test_fraction=test_fraction, seed=seed, image_size=image_size)
         if not class_conditional:
@@ -125,11 +146,22 @@ class ImageFolderDataModule(SourceDataModule):
     """Images under ``root`` (one subfolder per class, or flat = unconditional), (C, S, S) in [-1, 1]."""
 
     def __init__(
-        self, root: str, image_size: int | None = None, channels: int = 3, batch_size: int = 64, seed: int = 0,
-        val_root: str | None = None, class_conditional: bool = True, num_workers: int = 0,
+        self,
+        root: str,
+        image_size: int | None = None,
+        channels: int = 3,
+        batch_size: int = 64,
+        seed: int = 0,
+        val_root: str | None = None,
+        class_conditional: bool = True,
+        num_workers: int = 0,
     ) -> None:
         source = get_dataset(
-            "image_folder", root=root, image_size=image_size, channels=channels, val_root=val_root,
+            "image_folder",
+            root=root,
+            image_size=image_size,
+            channels=channels,
+            val_root=val_root,
             class_conditional=class_conditional,
         )
         super().__init__(source, batch_size, seed, num_workers)
@@ -140,8 +172,13 @@ class TensorDataModule(SourceDataModule):
     ``flowmap.data.registry.load_tensor_file``), e.g. teacher samples saved to disk."""
 
     def __init__(
-        self, path: str, batch_size: int = 256, seed: int = 0, val_fraction: float = 0.0,
-        num_classes: int | None = None, num_workers: int = 0,
+        self,
+        path: str,
+        batch_size: int = 256,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        num_classes: int | None = None,
+        num_workers: int = 0,
     ) -> None:
         x, y = load_tensor_file(path)
         source = tensor_source("tensor_file", x, y, num_classes=num_classes, val_fraction=val_fraction, seed=seed)
@@ -149,8 +186,14 @@ class TensorDataModule(SourceDataModule):
 
     @classmethod
     def from_tensors(
-        cls, x: Tensor, y: Tensor | None = None, batch_size: int = 256, seed: int = 0, val_fraction: float = 0.0,
-        num_classes: int | None = None, num_workers: int = 0,
+        cls,
+        x: Tensor,
+        y: Tensor | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        num_classes: int | None = None,
+        num_workers: int = 0,
     ) -> SourceDataModule:
         """The same module over in-memory tensors (for code and tests, not the CLI)."""
         source = tensor_source("tensors", x, y, num_classes=num_classes, val_fraction=val_fraction, seed=seed)

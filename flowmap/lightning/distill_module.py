@@ -22,7 +22,13 @@ from flowmap.ema import frozen_copy
 from flowmap.io import fingerprint
 from flowmap.lightning.batches import unpack_batch
 from flowmap.lightning.training_mixin import TrainingMixin
-from flowmap.models import build_student, init_student_from_teacher, same_architecture, save_student, student_from_teacher
+from flowmap.models import (
+    build_student,
+    init_student_from_teacher,
+    same_architecture,
+    save_student,
+    student_from_teacher,
+)
 from flowmap.objectives import build_objective
 from flowmap.sampling import sample
 from flowmap.student import FlowMap
@@ -90,10 +96,14 @@ class DistillModule(TrainingMixin, L.LightningModule):
         if teacher is None:
             raise ValueError("no student network given (model.student.net) and no teacher to build one from")
         options = {k: student[k] for k in ("guidance_input", "freq_dim", "time_scale", "lora") if k in student}
-        built = student_from_teacher(teacher, init=init is not False, parametrization=student.get("parametrization"), **options)
+        built = student_from_teacher(
+            teacher, init=init is not False, parametrization=student.get("parametrization"), **options
+        )
         if built is None:
-            raise ValueError("no student network given (model.student.net), and the teacher's network is not one that "
-                             "can be wrapped (diffusers folders and EDM denoisers can): name a student net")
+            raise ValueError(
+                "no student network given (model.student.net), and the teacher's network is not one that "
+                "can be wrapped (diffusers folders and EDM denoisers can): name a student net"
+            )
         return built
 
     # the teacher is frozen and unregistered: no gradients, not in the state dict, moved by hand
@@ -184,7 +194,9 @@ class DistillModule(TrainingMixin, L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0, cond = unpack_batch(batch)
         self.check_batch(x0, cond)
-        out = self.objective(student=self.student, teacher=self._teacher, target=self.target, x0=x0, cond=cond, step=self.global_step)
+        out = self.objective(
+            student=self.student, teacher=self._teacher, target=self.target, x0=x0, cond=cond, step=self.global_step
+        )
         loss = out.loss.mean()
         self.log_dict({f"train/{k}": v.float().mean() for k, v in out.logs.items() if k != "loss"})
         self.log("train/loss", loss, prog_bar=True)
@@ -204,7 +216,15 @@ class DistillModule(TrainingMixin, L.LightningModule):
 
     # --- using the result ---------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, n: int, steps: int = 1, cond: Tensor | None = None, gamma: float = 0.0, generator: torch.Generator | None = None, use_ema: bool = True) -> Tensor:
+    def generate(
+        self,
+        n: int,
+        steps: int = 1,
+        cond: Tensor | None = None,
+        gamma: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> Tensor:
         noise = torch.randn((n, *self.data_shape), generator=generator, device=self.device)
         return sample(self.ema if use_ema else self.student, noise, steps, cond=cond, gamma=gamma)
 

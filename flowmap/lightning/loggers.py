@@ -26,7 +26,9 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def make_logger(kind: str, save_dir: str | Path, name: str | None = None, project: str = "flowmap", config: dict | None = None):
+def make_logger(
+    kind: str, save_dir: str | Path, name: str | None = None, project: str = "flowmap", config: dict | None = None
+):
     """A Lightning logger of ``kind`` writing below ``save_dir``; None for ``none``."""
     if kind not in LOGGERS:
         raise ValueError(f"unknown logger {kind!r}; choose from {list(LOGGERS)}")
@@ -56,8 +58,15 @@ def make_logger(kind: str, save_dir: str | Path, name: str | None = None, projec
         from lightning.pytorch.loggers import WandbLogger
 
         settings = wandb.Settings(init_timeout=_init_timeout())  # read here: wandb reads its variable once a process
-        logger = WandbLogger(project=project, name=name, save_dir=str(save_dir), offline=offline, log_model=False,
-                             config=config, settings=settings)
+        logger = WandbLogger(
+            project=project,
+            name=name,
+            save_dir=str(save_dir),
+            offline=offline,
+            log_model=False,
+            config=config,
+            settings=settings,
+        )
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)  # wandb >= 0.19 warns that it has no effect
         _ = logger.experiment  # start now (rank 0 only), so a failure falls back here, not mid-training
         return logger
@@ -66,7 +75,6 @@ def make_logger(kind: str, save_dir: str | Path, name: str | None = None, projec
         wait = "" if offline else f" within WANDB_INIT_TIMEOUT={_init_timeout():g} s"
         warnings.warn(f"W&B logger failed to start{wait} ({type(err).__name__}: {first}); logging to CSV instead")
         return make_logger("csv", save_dir)
-
 
 
 def _init_timeout() -> float:

@@ -67,8 +67,11 @@ class RankGuard(L.Callback):
                 if code:  # None: running; 0: finished cleanly
                     if self._stop.is_set():
                         return
-                    print(f"error: rank {rank} (pid {proc.pid}) stopped with exit code {code}; stopping every rank",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"error: rank {rank} (pid {proc.pid}) stopped with exit code {code}; stopping every rank",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self._kill_children()
                     os.kill(os.getpid(), KILL)
                     return

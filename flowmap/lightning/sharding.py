@@ -41,8 +41,13 @@ class FSDPStrategy(ModelParallelStrategy):
     """FSDP2 over all ranks. ``teacher_dtype``: the frozen teacher's dtype per rank (bfloat16 | float16 | float32 |
     None to keep it as built); ``activation_checkpointing``: recompute each unit's activations in the backward."""
 
-    def __init__(self, activation_checkpointing: bool = False, teacher_dtype: str | None = None,
-                 save_distributed_checkpoint: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        teacher_dtype: str | None = None,
+        save_distributed_checkpoint: bool = False,
+        **kwargs,
+    ) -> None:
         if teacher_dtype is not None and teacher_dtype not in DTYPES:
             raise ValueError(f"teacher_dtype must be one of {sorted(DTYPES)} or null, got {teacher_dtype!r}")
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
@@ -109,8 +114,10 @@ def shard_networks(module) -> None:
             shard_net(net, mesh, strategy.activation_checkpointing and net is inner_net(source))
     loose = [n for n, p in module.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if loose:
-        raise ValueError(f"FSDPStrategy: trainable parameters outside the sharded networks ({loose[:3]}); "
-                         "train with the ddp strategy (configs/trainer/ddp_cpu.yaml / gpu_bf16.yaml)")
+        raise ValueError(
+            f"FSDPStrategy: trainable parameters outside the sharded networks ({loose[:3]}); "
+            "train with the ddp strategy (configs/trainer/ddp_cpu.yaml / gpu_bf16.yaml)"
+        )
     teacher = getattr(module, "_teacher", None)
     if isinstance(teacher, nn.Module) and strategy.teacher_dtype is not None:
         teacher.to(DTYPES[strategy.teacher_dtype])

@@ -34,10 +34,19 @@ class ShardLoader(DataLoader):
     resumable in Lightning's sense."""
 
     def __init__(
-        self, stream: ShardStream, num_workers: int, epoch_fn: Callable[[], int | None], seed: int = 0, timeout: float = 0
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        epoch_fn: Callable[[], int | None],
+        seed: int = 0,
+        timeout: float = 0,
     ) -> None:
         super().__init__(
-            stream, batch_size=None, num_workers=num_workers, persistent_workers=False, timeout=timeout,
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            timeout=timeout,
             generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched by loader start-up
         )
         self.epoch_fn = epoch_fn  # the trainer's epoch, or None: then passes are counted here
@@ -91,16 +100,35 @@ class ShardDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, root: str, batch_size: int = 256, epoch_length: int = 1000, shuffle_buffer: int = 1000, num_workers: int = 0,
-        seed: int = 0, split: str = "by_shard", resample: bool = True, max_corrupt_fraction: float = 0.01, timeout: float = 0,
-        corrupt_window: int = 100_000, corrupt_min_samples: int = 100,
+        self,
+        root: str,
+        batch_size: int = 256,
+        epoch_length: int = 1000,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+        split: str = "by_shard",
+        resample: bool = True,
+        max_corrupt_fraction: float = 0.01,
+        timeout: float = 0,
+        corrupt_window: int = 100_000,
+        corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
         self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
         self.root = str(root)
-        self.kwargs = dict(batch_size=batch_size, epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, seed=seed,
-                           split=split, resample=resample, num_workers=num_workers, max_corrupt_fraction=max_corrupt_fraction,
-                           corrupt_window=corrupt_window, corrupt_min_samples=corrupt_min_samples)
+        self.kwargs = dict(
+            batch_size=batch_size,
+            epoch_length=epoch_length,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            split=split,
+            resample=resample,
+            num_workers=num_workers,
+            max_corrupt_fraction=max_corrupt_fraction,
+            corrupt_window=corrupt_window,
+            corrupt_min_samples=corrupt_min_samples,
+        )
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self.index.shape
         self.num_classes: int = self.index.num_classes
@@ -125,11 +153,18 @@ class ShardDataModule(L.LightningDataModule):
         """Every shard the index lists must exist; a size that differs from the index is logged as damage."""
         missing = [p.name for p in self.index.paths if not p.is_file()]
         if missing:
-            raise ValueError(f"{len(missing)} shard file(s) listed in {self.root}/index.json are missing: {missing[:5]}")
+            raise ValueError(
+                f"{len(missing)} shard file(s) listed in {self.root}/index.json are missing: {missing[:5]}"
+            )
         for path, shard in zip(self.index.paths, self.index.shards):
             size = path.stat().st_size
             if "bytes" in shard and size != int(shard["bytes"]):
-                log.warning("%s has %d bytes, the index says %d: damaged samples will be skipped and counted", path, size, shard["bytes"])
+                log.warning(
+                    "%s has %d bytes, the index says %d: damaged samples will be skipped and counted",
+                    path,
+                    size,
+                    shard["bytes"],
+                )
 
     def setup(self, stage: str) -> None:
         """Runs on every rank before training: the same checks, so all ranks fail alike (no rank left waiting)."""

@@ -62,7 +62,9 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         self.save_hyperparameters()
         self.ema_schedule()  # checks ema_halflife / ema_decay
         self.net = build_net(dict(net))
-        self.loss_fn = DenoisingLoss(path, prediction, time_sampling, p_uncond=p_uncond if self.net.num_classes else 0.0)
+        self.loss_fn = DenoisingLoss(
+            path, prediction, time_sampling, p_uncond=p_uncond if self.net.num_classes else 0.0
+        )
         self.ema = frozen_copy(self.net)
         self.data_shape = tuple(self.net.data_shape)
         self.num_classes = int(self.net.num_classes)
@@ -73,7 +75,15 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         return NetVelocity(self.ema if use_ema else self.net, self.loss_fn.path, self.loss_fn.prediction)
 
     @torch.no_grad()
-    def generate(self, n: int, steps: int = 32, method: str = "heun", cond: Tensor | None = None, guidance: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        n: int,
+        steps: int = 32,
+        method: str = "heun",
+        cond: Tensor | None = None,
+        guidance: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         noise = torch.randn((n, *self.data_shape), generator=generator, device=self.device)
         return solve(self.teacher(), noise, uniform_grid(steps).to(self.device), method, cond=cond, guidance=guidance)
 

@@ -88,7 +88,9 @@ class TrainingMixin:
         shape = tuple(getattr(self, "data_shape", ()))
         if shape and tuple(x0.shape[1:]) != shape:
             raise ValueError(f"the data has shape {tuple(x0.shape[1:])} per sample, the model expects {shape}")
-        if cond is not None and cond.dim() == 1 and int(getattr(self, "num_classes", 0)) == 0:  # labels (text: (B, L, D))
+        if (
+            cond is not None and cond.dim() == 1 and int(getattr(self, "num_classes", 0)) == 0
+        ):  # labels (text: (B, L, D))
             raise ValueError("the data has class labels but the model is unconditional (num_classes=0)")
 
     # --- pre-flight: checked before anything is written (FlowmapCLI.preflight) -------------------------
@@ -106,6 +108,7 @@ class TrainingMixin:
         return a note to print when the checkpoint is resumed (called by the pre-flight and on load)."""
         stored, mine = checkpoint.get("flowmap_run"), self.run_identity()
         if stored is not None and stored != mine:
+
             def say(d: dict) -> str:
                 return d.get("method") or d.get("kind", "?")
 
@@ -115,16 +118,23 @@ class TrainingMixin:
             )
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
-            raise ValueError("--resume: the checkpoint has no Lightning 'state_dict'; give a checkpoint of a flowmap run")
+            raise ValueError(
+                "--resume: the checkpoint has no Lightning 'state_dict'; give a checkpoint of a flowmap run"
+            )
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+        ]
         if missing or shapes:  # (extra tensors may be state a module rebuilds on load, e.g. a round's teacher)
             found = (("missing", missing), ("shape mismatch", shapes))
             parts = [f"{name} {items[:3]}{' ...' if len(items) > 3 else ''}" for name, items in found if items]
-            raise ValueError(f"--resume: the checkpoint does not fit this run's networks ({'; '.join(parts)}); "
-                             "resume with the configuration the run was started with, or start a new --run_dir")
+            raise ValueError(
+                f"--resume: the checkpoint does not fit this run's networks ({'; '.join(parts)}); "
+                "resume with the configuration the run was started with, or start a new --run_dir"
+            )
         return None
 
     def configure_optimizers(self):
@@ -133,8 +143,14 @@ class TrainingMixin:
         # the fused kernel unscales inside step(): Lightning's GradScaler path (16-mixed) clips before that
         trainer = getattr(self, "_trainer", None)  # None outside a Trainer (``self.trainer`` would raise)
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        opt = adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, decoupled=True,
-                   fused=False if scaler is not None else None)
+        opt = adam(
+            params,
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            weight_decay=hp.weight_decay,
+            decoupled=True,
+            fused=False if scaler is not None else None,
+        )
         decay = getattr(hp, "lr_decay", "none")
         total = int(getattr(trainer, "max_steps", -1) or -1)
         if decay not in ("none", "cosine"):
@@ -206,8 +222,11 @@ class TrainingMixin:
         hp = self.hparams
         trainer = getattr(self, "_trainer", None)
         total = int(getattr(trainer, "max_steps", -1) or -1)
-        return EMASchedule(halflife=float(hp.get("ema_halflife", 0.1)), total_steps=total if total > 0 else None,
-                           decay=None if hp.get("ema_decay") is None else float(hp.get("ema_decay")))
+        return EMASchedule(
+            halflife=float(hp.get("ema_halflife", 0.1)),
+            total_steps=total if total > 0 else None,
+            decay=None if hp.get("ema_decay") is None else float(hp.get("ema_decay")),
+        )
 
     def update_emas(self, active: Tensor | None = None) -> None:
         """EMA / target updates after each optimizer step (Lightning calls callbacks such as ModelCheckpoint
@@ -258,7 +277,9 @@ class TrainingMixin:
         if state is not None:
             per_rank = state.get("torch_per_rank")
             rank = int(getattr(self.trainer, "global_rank", 0))
-            torch.set_rng_state(per_rank[rank].clone() if per_rank is not None and rank < len(per_rank) else state["torch"])
+            torch.set_rng_state(
+                per_rank[rank].clone() if per_rank is not None and rank < len(per_rank) else state["torch"]
+            )
             np.random.set_state(_numpy_state_from_torch(state["numpy"]))
             random.setstate(state["python"])
             self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
@@ -268,7 +289,13 @@ class TrainingMixin:
 def _numpy_state_to_torch(state: tuple) -> dict:
     """numpy's RNG state without numpy arrays (checkpoints load with ``weights_only=True``)."""
     name, keys, pos, has_gauss, cached = state
-    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_torch(state: dict) -> tuple:

@@ -32,18 +32,42 @@ class WebDataModule(ShardDataModule):
     """
 
     def __init__(
-        self, shards: str, image_size: int, channels: int = 3, num_classes: int = 0, captions: bool = False,
-        batch_size: int = 256, epoch_length: int = 1000, shuffle_buffer: int = 1000, num_workers: int = 0,
-        seed: int = 0, resample: bool = True, max_corrupt_fraction: float = 0.01, corrupt_window: int = 100_000,
-        corrupt_min_samples: int = 100, timeout: float = 0, label_key: str = "label", caption_key: str = "caption",
+        self,
+        shards: str,
+        image_size: int,
+        channels: int = 3,
+        num_classes: int = 0,
+        captions: bool = False,
+        batch_size: int = 256,
+        epoch_length: int = 1000,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+        resample: bool = True,
+        max_corrupt_fraction: float = 0.01,
+        corrupt_window: int = 100_000,
+        corrupt_min_samples: int = 100,
+        timeout: float = 0,
+        label_key: str = "label",
+        caption_key: str = "caption",
     ) -> None:
         L.LightningDataModule.__init__(self)  # ShardDataModule's own __init__ reads a flowmap index.json
         self.shards = shards
         self.kwargs = {
-            "image_size": image_size, "channels": channels, "num_classes": num_classes, "captions": captions,
-            "batch_size": batch_size, "epoch_length": epoch_length, "shuffle_buffer": shuffle_buffer, "seed": seed,
-            "resample": resample, "num_workers": num_workers, "max_corrupt_fraction": max_corrupt_fraction,
-            "corrupt_window": corrupt_window, "corrupt_min_samples": corrupt_min_samples, "label_key": label_key,
+            "image_size": image_size,
+            "channels": channels,
+            "num_classes": num_classes,
+            "captions": captions,
+            "batch_size": batch_size,
+            "epoch_length": epoch_length,
+            "shuffle_buffer": shuffle_buffer,
+            "seed": seed,
+            "resample": resample,
+            "num_workers": num_workers,
+            "max_corrupt_fraction": max_corrupt_fraction,
+            "corrupt_window": corrupt_window,
+            "corrupt_min_samples": corrupt_min_samples,
+            "label_key": label_key,
             "caption_key": caption_key,
         }
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)

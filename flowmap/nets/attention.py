@@ -25,7 +25,16 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad
 
 
-def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None, block: int = 1024) -> Tensor:
+def attention_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    dq: Tensor | None,
+    dk: Tensor | None,
+    dv: Tensor | None,
+    block: int = 1024,
+) -> Tensor:
     """Tangent of O = softmax(q k^T / sqrt(d)) v. Shapes (B, H, N, d); computed in at least float32."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     dt = torch.promote_types(q.dtype, torch.float32)

@@ -66,7 +66,9 @@ class IntervalInjection(nn.Module):
     """emb_d(s - t) [+ emb_w(w / 10)] (B, width), zero at init, added to the hooked modules' outputs during
     one forward of the student (``offset`` is set by the net and cleared after)."""
 
-    def __init__(self, width: int, freq_dim: int = 128, time_scale: float = 1000.0, guidance_input: bool = False) -> None:
+    def __init__(
+        self, width: int, freq_dim: int = 128, time_scale: float = 1000.0, guidance_input: bool = False
+    ) -> None:
         super().__init__()
         self.emb_d = _embedding_mlp(freq_dim, width, zero_last=True, scale=time_scale)
         self.emb_w = _embedding_mlp(freq_dim, width, zero_last=True) if guidance_input else None
@@ -118,11 +120,20 @@ class DiffusersStudentNet(nn.Module):
             model = getattr(require_diffusers(), model_class).from_config(dict(model_config))
         teacher = dict(teacher)
         kind = teacher.get("kind")
-        self.config = json.loads(json.dumps({  # plain JSON types, as the config reads back from a file
-            "name": "diffusers", "model_class": model_class, "model_config": _json_config(model_config),
-            "teacher": teacher, "freq_dim": int(freq_dim), "time_scale": float(time_scale),
-            "guidance_input": bool(guidance_input), **({"lora": dict(lora)} if lora else {}),
-        }))
+        self.config = json.loads(
+            json.dumps(
+                {  # plain JSON types, as the config reads back from a file
+                    "name": "diffusers",
+                    "model_class": model_class,
+                    "model_config": _json_config(model_config),
+                    "teacher": teacher,
+                    "freq_dim": int(freq_dim),
+                    "time_scale": float(time_scale),
+                    "guidance_input": bool(guidance_input),
+                    **({"lora": dict(lora)} if lora else {}),
+                }
+            )
+        )
         net = DiffusersNet(model, null_class=bool(teacher.get("null_class", False)))
         if kind == "diffusers":
             self.velocity = DiffusersTeacher(
@@ -130,8 +141,11 @@ class DiffusersStudentNet(nn.Module):
             )
         elif kind == "edm":
             self.velocity = EDMDenoiserTeacher(
-                net, sigma_data=teacher.get("sigma_data"), data_shape=net.data_shape,
-                num_classes=int(teacher.get("num_classes", 0)), sigma_min=float(teacher.get("sigma_min", 0.002)),
+                net,
+                sigma_data=teacher.get("sigma_data"),
+                data_shape=net.data_shape,
+                num_classes=int(teacher.get("num_classes", 0)),
+                sigma_min=float(teacher.get("sigma_min", 0.002)),
                 sigma_max=float(teacher.get("sigma_max", 80.0)),
             )
         else:
@@ -198,8 +212,13 @@ def _math_attention(model: nn.Module) -> list[tuple[nn.Module, object]]:
     return swapped
 
 
-def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, target_modules: list[str] | None = None,
-             dropout: float = 0.0) -> None:
+def add_lora(
+    model: nn.Module,
+    rank: int = 4,
+    alpha: float | None = None,
+    target_modules: list[str] | None = None,
+    dropout: float = 0.0,
+) -> None:
     """Inject LoRA adapters W + (alpha / r) B A (B = 0 at init) into ``model`` with peft; only they train."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
@@ -207,8 +226,12 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None, target
         raise ImportError("LoRA students need the optional dependency `peft` (pip install peft)") from err
     if target_modules is None:
         target_modules = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
-                        target_modules=list(target_modules), lora_dropout=float(dropout))
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=float(alpha if alpha is not None else rank),
+        target_modules=list(target_modules),
+        lora_dropout=float(dropout),
+    )
     inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
@@ -250,22 +273,32 @@ def teacher_spec(teacher: nn.Module) -> tuple[nn.Module, dict] | None:
     """(network, teacher entry of the config) of a diffusers or EDM teacher whose network can be wrapped, else None."""
     if isinstance(teacher, DiffusersTeacher):
         spec = {
-            "kind": "diffusers", "path": teacher.path.to_config(), "prediction": teacher.prediction,
-            "num_train_timesteps": teacher.num_train_timesteps, "null_class": bool(teacher.net.has_null),
+            "kind": "diffusers",
+            "path": teacher.path.to_config(),
+            "prediction": teacher.prediction,
+            "num_train_timesteps": teacher.num_train_timesteps,
+            "null_class": bool(teacher.net.has_null),
         }
         return teacher.net.model, spec
     if isinstance(teacher, EDMDenoiserTeacher) and isinstance(teacher.net, DiffusersNet):
         spec = {
-            "kind": "edm", "sigma_data": teacher.sigma_data, "sigma_min": teacher.sigma_min,
-            "sigma_max": teacher.sigma_max, "num_classes": teacher.num_classes,
+            "kind": "edm",
+            "sigma_data": teacher.sigma_data,
+            "sigma_min": teacher.sigma_min,
+            "sigma_max": teacher.sigma_max,
+            "num_classes": teacher.num_classes,
         }
         return teacher.net.model, spec
     return None
 
 
 def student_net_from_teacher(
-    teacher: nn.Module, copy_weights: bool = True, guidance_input: bool = False, freq_dim: int = 128,
-    time_scale: float = 1000.0, lora: dict | None = None,
+    teacher: nn.Module,
+    copy_weights: bool = True,
+    guidance_input: bool = False,
+    freq_dim: int = 128,
+    time_scale: float = 1000.0,
+    lora: dict | None = None,
 ) -> DiffusersStudentNet | None:
     """The student net around a deep copy of the teacher's network (``copy_weights``), or around a freshly
     initialized network of the same class and config (training from scratch); None for other teachers."""
@@ -275,6 +308,12 @@ def student_net_from_teacher(
     model, spec = found
     own = copy.deepcopy(model).requires_grad_(True).train() if copy_weights else None
     return DiffusersStudentNet(
-        type(model).__name__, dict(model.config), spec, freq_dim=freq_dim, time_scale=time_scale,
-        guidance_input=guidance_input, lora=lora, model=own,
+        type(model).__name__,
+        dict(model.config),
+        spec,
+        freq_dim=freq_dim,
+        time_scale=time_scale,
+        guidance_input=guidance_input,
+        lora=lora,
+        model=own,
     )

@@ -54,7 +54,9 @@ def _sincos_2d(dim: int, grid: int) -> Tensor:
     """Fixed 2-D sine-cosine positional embedding (grid^2, dim)."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     out = [f(pos.reshape(-1)[:, None] * omega[None]) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1).float()
 
@@ -77,12 +79,23 @@ class DiT(nn.Module):
         super().__init__()
         data_shape = tuple(int(d) for d in data_shape)
         if len(data_shape) != 3 or data_shape[1] != data_shape[2] or data_shape[1] % patch:
-            raise ValueError(f"the DiT takes square images with side divisible by patch={patch}, got data_shape {data_shape}")
+            raise ValueError(
+                f"the DiT takes square images with side divisible by patch={patch}, got data_shape {data_shape}"
+            )
         if dim % 4 or dim % heads:
             raise ValueError(f"DiT dim={dim} must be divisible by 4 and by heads={heads}")
-        self.config = {"name": "dit", "data_shape": list(data_shape), "patch": patch, "dim": dim, "depth": depth,
-                       "heads": heads, "mlp_ratio": mlp_ratio, "num_classes": num_classes, "guidance_input": guidance_input,
-                       "time_scale": time_scale}
+        self.config = {
+            "name": "dit",
+            "data_shape": list(data_shape),
+            "patch": patch,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "mlp_ratio": mlp_ratio,
+            "num_classes": num_classes,
+            "guidance_input": guidance_input,
+            "time_scale": time_scale,
+        }
         self.data_shape = data_shape
         self.num_classes = int(num_classes)
         self.guidance_input = bool(guidance_input)

@@ -58,7 +58,14 @@ class ConditionEmbedding(nn.Module):
     students (MeanFlow, sCM) train faster and more stably with a small scale (e.g. 10), since the tangent
     differentiates the features in time (Lu & Song 2024, Sec. 4.1, on the time-conditioning's scale)."""
 
-    def __init__(self, dim: int, num_classes: int = 0, guidance_input: bool = False, freq_dim: int = 128, time_scale: float = 1000.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int = 0,
+        guidance_input: bool = False,
+        freq_dim: int = 128,
+        time_scale: float = 1000.0,
+    ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.guidance_input = bool(guidance_input)
@@ -71,7 +78,9 @@ class ConditionEmbedding(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor, y: Tensor | None = None, w: Tensor | None = None) -> Tensor:
         with torch.autocast(device_type=t.device.type, enabled=False):
-            c = self.emb_t(s) + self.emb_d(s - t)  # current time s; FourierTime casts to float32 (float64 for a float64 net)
+            c = self.emb_t(s) + self.emb_d(
+                s - t
+            )  # current time s; FourierTime casts to float32 (float64 for a float64 net)
             if self.emb_w is not None:
                 if w is None:
                     w = torch.ones_like(t)

@@ -62,17 +62,27 @@ class MLP(nn.Module):
             raise ValueError(f"fourier_features (octaves) must be an int >= 0, got {fourier_features!r}")
         if not fourier_scale > 0:
             raise ValueError(f"fourier_scale (the lowest angular frequency) must be positive, got {fourier_scale}")
-        self.config = {"name": "mlp", "data_shape": list(data_shape), "width": width, "depth": depth,
-                       "emb_dim": emb_dim, "num_classes": num_classes, "guidance_input": guidance_input,
-                       "time_scale": time_scale}
+        self.config = {
+            "name": "mlp",
+            "data_shape": list(data_shape),
+            "width": width,
+            "depth": depth,
+            "emb_dim": emb_dim,
+            "num_classes": num_classes,
+            "guidance_input": guidance_input,
+            "time_scale": time_scale,
+        }
         if fourier_features:  # only when used, so configs of nets without features stay as they were
             self.config.update(fourier_features=int(fourier_features), fourier_scale=float(fourier_scale))
         self.data_shape = data_shape
         self.num_classes = int(num_classes)
         self.guidance_input = bool(guidance_input)
         dim = data_shape[0]
-        self.register_buffer("freqs", float(fourier_scale) * 2.0 ** torch.arange(int(fourier_features), dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "freqs",
+            float(fourier_scale) * 2.0 ** torch.arange(int(fourier_features), dtype=torch.float32),
+            persistent=False,
+        )
         self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_input, time_scale=time_scale)
         self.inp = nn.Linear(dim * (1 + 2 * int(fourier_features)), width)
         self.cond_in = nn.Linear(emb_dim, width)

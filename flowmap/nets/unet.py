@@ -3,8 +3,8 @@ net(x, s, t, y, w) -> (B, C, H, W). Attention blocks use ``flowmap.nets.attentio
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from flowmap.nets.attention import attention
 from flowmap.nets.embeddings import ConditionEmbedding
@@ -81,11 +81,23 @@ class UNet(nn.Module):
             raise ValueError(f"the UNet takes images, data_shape must be (C, H, W), got {data_shape}")
         C, H, W = data_shape
         if H % 2 ** (len(channel_mult) - 1) or W % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image size {H}x{W} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {list(channel_mult)}")
-        self.config = {"name": "unet", "data_shape": list(data_shape), "channels": channels, "channel_mult": list(channel_mult),
-                       "num_res_blocks": num_res_blocks, "attn_resolutions": list(attn_resolutions), "heads": heads,
-                       "emb_dim": emb_dim, "dropout": dropout, "num_classes": num_classes, "guidance_input": guidance_input,
-                       "time_scale": time_scale}
+            raise ValueError(
+                f"image size {H}x{W} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {list(channel_mult)}"
+            )
+        self.config = {
+            "name": "unet",
+            "data_shape": list(data_shape),
+            "channels": channels,
+            "channel_mult": list(channel_mult),
+            "num_res_blocks": num_res_blocks,
+            "attn_resolutions": list(attn_resolutions),
+            "heads": heads,
+            "emb_dim": emb_dim,
+            "dropout": dropout,
+            "num_classes": num_classes,
+            "guidance_input": guidance_input,
+            "time_scale": time_scale,
+        }
         self.data_shape = data_shape
         self.num_classes = int(num_classes)
         self.guidance_input = bool(guidance_input)
@@ -106,7 +118,9 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch, heads), ResBlock(ch, ch, emb_dim, dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch, heads), ResBlock(ch, ch, emb_dim, dropout)]
+        )
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):

@@ -36,7 +36,9 @@ from flowmap.time_sampling import gap_pair, ordered_pair, pair_kwargs
 from flowmap.types import LossOutput, expand_like
 
 VARIANTS = ("emd", "lmd")
-GAP_DIST = "gap_logit_normal"  # the paper's interval sampling (Alg. 1): gap ~ sigmoid(N(mean, std)), end ~ U[0, 1 - gap]
+GAP_DIST = (
+    "gap_logit_normal"  # the paper's interval sampling (Alg. 1): gap ~ sigmoid(N(mean, std)), end ~ U[0, 1 - gap]
+)
 
 
 class AlignYourFlow(Objective):
@@ -107,7 +109,13 @@ class AlignYourFlow(Objective):
         if self.time_dist == GAP_DIST:
             s, t = gap_pair(batch, x0.device, self.time_mean, self.time_std, self.equal_share)
         else:
-            s, t = ordered_pair(batch, x0.device, self.time_dist, self.equal_share, **pair_kwargs(self.time_dist, self.time_mean, self.time_std))
+            s, t = ordered_pair(
+                batch,
+                x0.device,
+                self.time_dist,
+                self.equal_share,
+                **pair_kwargs(self.time_dist, self.time_mean, self.time_std),
+            )
         s, t = times_like(s, x0), times_like(t, x0)
         if self.jvp_backend == "fd":  # keep the perturbed time inside [0, 1] for the central difference
             h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(s.dtype), 5e-5)
@@ -122,7 +130,9 @@ class AlignYourFlow(Objective):
         norm = T.flatten(1).norm(dim=1)
         return T / expand_like(norm + self.tangent_c, T)
 
-    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
+    ) -> LossOutput:
         student = require_inner(student)
         if teacher is None:
             raise ValueError(f"{self.name!r} distills a teacher, but teacher is None")
@@ -139,13 +149,27 @@ class AlignYourFlow(Objective):
         gap = expand_like(t - s, x0)
         if self._variant == "emd":
             v = teacher_velocity(teacher, x_s, s, cond, w_teacher)
-            u0, du = jvp(u_fn, (x_s, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), self.jvp_backend, self.fd_eps,
-                         fd_dtype=self.fd_dtype, modules=(student,))
+            u0, du = jvp(
+                u_fn,
+                (x_s, s, t),
+                (v, torch.ones_like(s), torch.zeros_like(t)),
+                self.jvp_backend,
+                self.fd_eps,
+                fd_dtype=self.fd_dtype,
+                modules=(student,),
+            )
             T = v - u0.to(v.dtype) + r * gap * du.to(v.dtype)  # dX/ds along the teacher ODE
             sign = 1.0
         else:
-            u0, du = jvp(u_fn, (x_s, s, t), (torch.zeros_like(x_s), torch.zeros_like(s), torch.ones_like(t)), self.jvp_backend, self.fd_eps,
-                         fd_dtype=self.fd_dtype, modules=(student,))
+            u0, du = jvp(
+                u_fn,
+                (x_s, s, t),
+                (torch.zeros_like(x_s), torch.zeros_like(s), torch.ones_like(t)),
+                self.jvp_backend,
+                self.fd_eps,
+                fd_dtype=self.fd_dtype,
+                modules=(student,),
+            )
             u0, du = u0.to(x_s.dtype), du.to(x_s.dtype)
             X = x_s + gap * u0
             T = u0 + r * gap * du - teacher_velocity(teacher, X, t, cond, w_teacher)  # dX/dt - v(X, t)
@@ -154,7 +178,7 @@ class AlignYourFlow(Objective):
 
         u = student.average_velocity(x_s, s, t, cond, w_student)  # the one with-grad forward
         dtype = torch.promote_types(u.dtype, torch.float32)
-        u_tgt = (u.detach().to(dtype) + sign * g.to(dtype))
+        u_tgt = u.detach().to(dtype) + sign * g.to(dtype)
         sq = (u.to(dtype) - u_tgt).pow(2).flatten(1).sum(1) * finite  # = ||g||^2 in value
         D = x0[0].numel()
         return LossOutput(
@@ -173,11 +197,34 @@ class AYFEulerian(AlignYourFlow):
 
     name = "ayf_emd"
 
-    def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.1,
-                 tangent_c: float | None = 0.1, warmup_steps: int = 0, guidance: float = 1.0, guidance_max: float | None = None,
-                 jvp_backend: str = "forward_ad", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
-        super().__init__("emd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps,
-                         fd_dtype)
+    def __init__(
+        self,
+        time_dist: str = "uniform",
+        time_mean: float = 0.0,
+        time_std: float = 1.0,
+        equal_share: float = 0.1,
+        tangent_c: float | None = 0.1,
+        warmup_steps: int = 0,
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+        jvp_backend: str = "forward_ad",
+        fd_eps: float | None = None,
+        fd_dtype: str | None = None,
+    ) -> None:
+        super().__init__(
+            "emd",
+            time_dist,
+            time_mean,
+            time_std,
+            equal_share,
+            tangent_c,
+            warmup_steps,
+            guidance,
+            guidance_max,
+            jvp_backend,
+            fd_eps,
+            fd_dtype,
+        )
 
 
 class AYFLagrangian(AlignYourFlow):
@@ -185,8 +232,31 @@ class AYFLagrangian(AlignYourFlow):
 
     name = "ayf_lmd"
 
-    def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.1,
-                 tangent_c: float | None = 0.1, warmup_steps: int = 0, guidance: float = 1.0, guidance_max: float | None = None,
-                 jvp_backend: str = "forward_ad", fd_eps: float | None = None, fd_dtype: str | None = None) -> None:
-        super().__init__("lmd", time_dist, time_mean, time_std, equal_share, tangent_c, warmup_steps, guidance, guidance_max, jvp_backend, fd_eps,
-                         fd_dtype)
+    def __init__(
+        self,
+        time_dist: str = "uniform",
+        time_mean: float = 0.0,
+        time_std: float = 1.0,
+        equal_share: float = 0.1,
+        tangent_c: float | None = 0.1,
+        warmup_steps: int = 0,
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+        jvp_backend: str = "forward_ad",
+        fd_eps: float | None = None,
+        fd_dtype: str | None = None,
+    ) -> None:
+        super().__init__(
+            "lmd",
+            time_dist,
+            time_mean,
+            time_std,
+            equal_share,
+            tangent_c,
+            warmup_steps,
+            guidance,
+            guidance_max,
+            jvp_backend,
+            fd_eps,
+            fd_dtype,
+        )

@@ -51,8 +51,16 @@ class Objective(nn.Module):
 
     def to_config(self) -> dict:
         """JSON-able hyperparameters (recorded in exported checkpoints)."""
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"
-                                      and isinstance(v, (int, float, str, bool, type(None), list, tuple))}}
+        return {
+            "name": self.name,
+            **{
+                k: v
+                for k, v in vars(self).items()
+                if not k.startswith("_")
+                and k != "training"
+                and isinstance(v, (int, float, str, bool, type(None), list, tuple))
+            },
+        }
 
 
 def mask_nonfinite(target: Tensor) -> tuple[Tensor, Tensor, Tensor]:

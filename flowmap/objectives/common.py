@@ -47,7 +47,9 @@ def check_data_velocity(value: str, key: str = "data_velocity") -> str:
     return value
 
 
-def stable_target(x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Tensor | None = None, null: int = -1) -> Tensor:
+def stable_target(
+    x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Tensor | None = None, null: int = -1
+) -> Tensor:
     """Flow-matching target with the batch as reference set (Xu et al. 2023, "Stable Target Field for Reduced
     Variance Score Estimation", Eq. 5), written for the linear path x_s = (1 - s) x0 + s eps:
 

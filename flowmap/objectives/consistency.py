@@ -110,14 +110,15 @@ def distance(a: Tensor, b: Tensor, metric: str, huber_c: float | None) -> Tensor
     return torch.sqrt(sq + c * c) - c
 
 
-def training_pair(data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Tensor | None,
-                  null: int) -> tuple[Tensor, Tensor]:
+def training_pair(
+    data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Tensor | None, null: int
+) -> tuple[Tensor, Tensor]:
     """(x_t, x_r) of consistency training from data, t > r (B,):
 
-        conditional:   x_t = (1 - t) x0 + t eps,  x_r = (1 - r) x0 + r eps = x_t + (r - t)(eps - x0)   (Song et al. 2023)
-        stf:           x_r = x_t + (r - t) v_hat(x_t, t),  v_hat = the batch-posterior estimate of E[eps - x0 | x_t]
-                       (Xu et al. 2023, Stable Target Field; ``stable_target``): one Euler step of the empirical
-                       marginal velocity instead of the conditional one, far lower variance, data samples only."""
+    conditional:   x_t = (1 - t) x0 + t eps,  x_r = (1 - r) x0 + r eps = x_t + (r - t)(eps - x0)   (Song et al. 2023)
+    stf:           x_r = x_t + (r - t) v_hat(x_t, t),  v_hat = the batch-posterior estimate of E[eps - x0 | x_t]
+                   (Xu et al. 2023, Stable Target Field; ``stable_target``): one Euler step of the empirical
+                   marginal velocity instead of the conditional one, far lower variance, data samples only."""
     x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
     if data_velocity == "stf":
         v = stable_target(x_t, t, x0, eps, cond, null)
@@ -145,12 +146,24 @@ class _Consistency(Objective):
         """mu of theta- <- mu theta- + (1 - mu) theta (Song et al. 2023, Eq. 8)."""
         return self.target_ema
 
-    def consistency_loss(self, student: nn.Module, target: nn.Module | None, x_t: Tensor, t: Tensor, x_r: Tensor, r: Tensor,
-                         cond: Tensor | None, w: Tensor | None, weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def consistency_loss(
+        self,
+        student: nn.Module,
+        target: nn.Module | None,
+        x_t: Tensor,
+        t: Tensor,
+        x_r: Tensor,
+        r: Tensor,
+        cond: Tensor | None,
+        w: Tensor | None,
+        weight: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """(per-sample loss (B,), logs). x_t, x_r: (B, *data_shape); t > r: (B,); weight lambda: (B,)."""
         if target is None:
             if self.target_ema != 0.0:
-                raise ValueError(f"objective {self.name!r} with target_ema={self.target_ema} needs an EMA target network")
+                raise ValueError(
+                    f"objective {self.name!r} with target_ema={self.target_ema} needs an EMA target network"
+                )
             target = student  # decay 0: theta- = sg(theta)
         with torch.no_grad():
             f_target = consistency_fn(target, x_r, r, cond, w)
@@ -160,8 +173,13 @@ class _Consistency(Objective):
         loss = weight.to(d.dtype) * d * finite
         D = f_student[0].numel()
         gap = (f_student.detach() - f_target).flatten(1)
-        logs = {"mse": gap.pow(2).sum(1) / D * finite, "weight": weight.detach().float(), "t": t.detach().float(),
-                "dt": (t - r).detach().float(), "nonfinite_targets": n_bad.float()}
+        logs = {
+            "mse": gap.pow(2).sum(1) / D * finite,
+            "weight": weight.detach().float(),
+            "t": t.detach().float(),
+            "dt": (t - r).detach().float(),
+            "nonfinite_targets": n_bad.float(),
+        }
         return loss, logs
 
 
@@ -172,7 +190,9 @@ def _weights_in_sigma(kind: str, sigma_t: Tensor, sigma_r: Tensor, sigma_data: f
         return torch.ones_like(sigma_t)
     if kind == "inverse_dsigma":
         gap = sigma_t - sigma_r
-        return torch.where(gap > 0, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), torch.zeros_like(gap))  # no gap, no signal
+        return torch.where(
+            gap > 0, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), torch.zeros_like(gap)
+        )  # no gap, no signal
     if kind == "snr":
         return 1.0 / sigma_t**2 + 1.0 / sigma_data**2
     raise ValueError(f"unknown consistency weighting {kind!r}; choose from ['inverse_dsigma', 'snr', 'uniform']")
@@ -204,11 +224,22 @@ class ConsistencyDistillation(_Consistency):
     name = "cd"
     needs_teacher = True
 
-    def __init__(self, steps: int = 8, grid: str = "uniform", rho: float = 7.0, solver: str = "heun", metric: str = "l2",
-                 huber_c: float | None = None, target_ema: float = 0.9, guidance: float = 1.0,
-                 guidance_max: float | None = None) -> None:
+    def __init__(
+        self,
+        steps: int = 8,
+        grid: str = "uniform",
+        rho: float = 7.0,
+        solver: str = "heun",
+        metric: str = "l2",
+        huber_c: float | None = None,
+        target_ema: float = 0.9,
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+    ) -> None:
         super().__init__(metric, huber_c, target_ema, guidance)
-        check_guidance("teacher", guidance, guidance_max)  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
+        check_guidance(
+            "teacher", guidance, guidance_max
+        )  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
         self.guidance_max = guidance_max
         self.steps = check_count("steps", steps, 1)
         if grid not in GRIDS:
@@ -216,10 +247,20 @@ class ConsistencyDistillation(_Consistency):
         if solver not in SOLVERS:
             raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
         self.grid, self.rho, self.solver = grid, float(rho), solver
-        self.register_buffer("times", make_grid(grid, steps, **({"rho": rho} if grid == "edm" else {})).double(), persistent=False)
+        self.register_buffer(
+            "times", make_grid(grid, steps, **({"rho": rho} if grid == "edm" else {})).double(), persistent=False
+        )
 
-    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
-                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None = None,
+        target: nn.Module | None = None,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
         check_step(step)
         if teacher is None:
             raise ValueError("consistency distillation ('cd') needs a teacher; use 'ict' or 'ect' to train from data")
@@ -262,10 +303,23 @@ class ImprovedConsistencyTraining(_Consistency):
     name = "ict"
     needs_teacher = False
 
-    def __init__(self, total_steps: int = 4000, s0: int = 8, s1: int = 256, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 rho: float = 7.0, p_mean: float = -1.1, p_std: float = 2.0, metric: str = "pseudo_huber",
-                 huber_c: float | None = None, weighting: str = "inverse_dsigma", sigma_data: float = 0.5,
-                 target_ema: float = 0.0, data_velocity: str = "conditional") -> None:
+    def __init__(
+        self,
+        total_steps: int = 4000,
+        s0: int = 8,
+        s1: int = 256,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        metric: str = "pseudo_huber",
+        huber_c: float | None = None,
+        weighting: str = "inverse_dsigma",
+        sigma_data: float = 0.5,
+        target_ema: float = 0.0,
+        data_velocity: str = "conditional",
+    ) -> None:
         super().__init__(metric, huber_c, target_ema, 1.0)
         self.data_velocity = check_data_velocity(data_velocity)
         self.total_steps = check_count("total_steps", total_steps, 1)
@@ -274,7 +328,9 @@ class ImprovedConsistencyTraining(_Consistency):
         if s1 < s0:
             raise ValueError(f"the curriculum must grow: s1={s1} < s0={s0}")
         if not 0 < sigma_min < sigma_max or rho <= 0 or p_std <= 0:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, rho > 0 and p_std > 0; got {sigma_min}, {sigma_max}, {rho}, {p_std}")
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, rho > 0 and p_std > 0; got {sigma_min}, {sigma_max}, {rho}, {p_std}"
+            )
         _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
@@ -296,8 +352,16 @@ class ImprovedConsistencyTraining(_Consistency):
         p = cdf[1:] - cdf[:-1]
         return p / p.sum()
 
-    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
-                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None = None,
+        target: nn.Module | None = None,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
         B = x0.shape[0]
         sigmas = self.sigmas(step)
         i = torch.multinomial(self.interval_probs(sigmas), B, replacement=True)
@@ -341,22 +405,40 @@ class EasyConsistencyTuning(_Consistency):
 
     name = "ect"
 
-    def __init__(self, stage_steps: int = 300, q: float = 2.0, k: float = 8.0, b: float = 1.0, p_mean: float = -1.1,
-                 p_std: float = 2.0, metric: str = "pseudo_huber", huber_c: float | None = None,
-                 weighting: str = "inverse_dsigma", sigma_data: float = 0.5, source: str = "data", solver: str = "heun",
-                 target_ema: float = 0.0, guidance: float = 1.0, data_velocity: str = "conditional") -> None:
+    def __init__(
+        self,
+        stage_steps: int = 300,
+        q: float = 2.0,
+        k: float = 8.0,
+        b: float = 1.0,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        metric: str = "pseudo_huber",
+        huber_c: float | None = None,
+        weighting: str = "inverse_dsigma",
+        sigma_data: float = 0.5,
+        source: str = "data",
+        solver: str = "heun",
+        target_ema: float = 0.0,
+        guidance: float = 1.0,
+        data_velocity: str = "conditional",
+    ) -> None:
         super().__init__(metric, huber_c, target_ema, guidance)
         self.data_velocity = check_data_velocity(data_velocity)
         self.stage_steps = check_count("stage_steps", stage_steps, 1)
         if q <= 1 or k < 0 or b < 0 or p_std <= 0:
-            raise ValueError(f"the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); got q={q}, k={k}, b={b}, p_std={p_std}")
+            raise ValueError(
+                f"the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); got q={q}, k={k}, b={b}, p_std={p_std}"
+            )
         self.source = check_source(source)
         if solver not in SOLVERS:
             raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
         if source == "data" and guidance != 1.0:
             raise ValueError("guidance applies to a teacher's step (source='teacher'), not to training from data")
         if source == "teacher" and data_velocity != "conditional":
-            raise ValueError("data_velocity applies to training from data (source='data'); a teacher's step replaces x_r")
+            raise ValueError(
+                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
+            )
         _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
         self.q, self.k, self.b = float(q), float(k), float(b)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
@@ -376,8 +458,16 @@ class EasyConsistencyTuning(_Consistency):
         n = 1 + self.k * torch.sigmoid(-self.b * sigma_t)
         return (sigma_t * (1 - n / self.q ** (self.stage(step) + 1))).clamp_min(0.0)
 
-    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
-                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None = None,
+        target: nn.Module | None = None,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
         B = x0.shape[0]
         sig_t = torch.exp(self.p_mean + self.p_std * torch.randn(B, device=x0.device, dtype=torch.float64))
         sig_r = self.r_of_t(sig_t, step)

@@ -32,8 +32,16 @@ from flowmap.solvers import teacher_step
 from flowmap.types import LossOutput, Teacher, expand_like
 
 
-def teacher_segment(teacher: Teacher, x: Tensor, s: Tensor, u: Tensor, steps: int, method: str, cond: Tensor | None,
-                    guidance: float | Tensor) -> Tensor:
+def teacher_segment(
+    teacher: Teacher,
+    x: Tensor,
+    s: Tensor,
+    u: Tensor,
+    steps: int,
+    method: str,
+    cond: Tensor | None,
+    guidance: float | Tensor,
+) -> Tensor:
     """The teacher's ODE from s to u (per-sample times (B,)) in ``steps`` equal steps, no grad: (B, *data_shape)."""
     with torch.no_grad():
         for k in range(steps):
@@ -64,8 +72,16 @@ class CTM(Objective):
     needs_teacher = True
     uses_target = True
 
-    def __init__(self, solver: str = "heun", solver_steps: int = 2, lambda_dsm: float = 1.0, dsm_source: str = "data",
-                 target_ema: float = 0.999, guidance: float = 1.0, guidance_max: float | None = None) -> None:
+    def __init__(
+        self,
+        solver: str = "heun",
+        solver_steps: int = 2,
+        lambda_dsm: float = 1.0,
+        dsm_source: str = "data",
+        target_ema: float = 0.999,
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+    ) -> None:
         super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
@@ -77,7 +93,9 @@ class CTM(Objective):
             raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
         check_guidance("teacher", guidance, guidance_max)
         if dsm_source == "data" and (guidance != 1.0 or guidance_max is not None):
-            raise ValueError("with guidance the denoising term must follow the guided teacher: use dsm_source='teacher'")
+            raise ValueError(
+                "with guidance the denoising term must follow the guided teacher: use dsm_source='teacher'"
+            )
         self.solver, self.solver_steps = solver, int(solver_steps)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
@@ -94,8 +112,16 @@ class CTM(Objective):
         u = t + (s - t) * times_like(torch.rand(batch, device=x0.device), x0)
         return s, u, t
 
-    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
-                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None = None,
+        target: nn.Module | None = None,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
         if teacher is None:
             raise ValueError("'ctm' distills a teacher's ODE segments, but teacher is None")
         target = student if target is None else target
@@ -123,6 +149,10 @@ class CTM(Objective):
         loss = ctm * finite * finite_v + self.lambda_dsm * dsm * finite_v
         return LossOutput(
             loss=loss,
-            logs={"ctm": ctm.detach() * finite, "dsm": dsm.detach() * finite_v, "gap": (s - t).float(),
-                  "nonfinite_targets": (n_bad + n_bad_v).float()},
+            logs={
+                "ctm": ctm.detach() * finite,
+                "dsm": dsm.detach() * finite_v,
+                "gap": (s - t).float(),
+                "nonfinite_targets": (n_bad + n_bad_v).float(),
+            },
         )

@@ -21,7 +21,9 @@ from flowmap.predictions import check_prediction, from_x0_eps
 from flowmap.types import LossOutput, expand_like
 
 
-def sample_training_times(batch: int, device: torch.device, kind: str, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4) -> Tensor:
+def sample_training_times(
+    batch: int, device: torch.device, kind: str, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4
+) -> Tensor:
     """Training times (B,): ``uniform`` on [t_min, 1 - t_min] or ``logit_normal`` (Esser et al. 2024, Eq. 19)."""
     if kind == "uniform":
         t = torch.rand(batch, device=device)
@@ -76,5 +78,3 @@ class DenoisingLoss(nn.Module):
             "time_sampling": self.time_sampling,
             "p_uncond": self.p_uncond,
         }
-
-

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from flowmap.types import Teacher
 
 
-def sample_guidance(batch: int, guidance_range: tuple[float, float], device: torch.device | str | None = None) -> Tensor:
+def sample_guidance(
+    batch: int, guidance_range: tuple[float, float], device: torch.device | str | None = None
+) -> Tensor:
     """w ~ U[lo, hi] per example: (B,) float32."""
     lo, hi = float(guidance_range[0]), float(guidance_range[1])
     if not lo <= hi:
@@ -35,7 +37,9 @@ def check_guidance(source: str, guidance: float, guidance_max: float | None) -> 
         raise ValueError("classifier-free guidance is folded into the target only when distilling (source='teacher')")
 
 
-def draw_guidance(student: nn.Module, batch: int, device: torch.device, guidance: float, guidance_max: float | None) -> tuple[Tensor | None, float | Tensor]:
+def draw_guidance(
+    student: nn.Module, batch: int, device: torch.device, guidance: float, guidance_max: float | None
+) -> tuple[Tensor | None, float | Tensor]:
     """(w fed to the student or None, w fed to the teacher).
 
     A student built with ``guidance_input`` is trained at w ~ U[guidance, guidance_max] (or w = guidance);
@@ -50,7 +54,9 @@ def draw_guidance(student: nn.Module, batch: int, device: torch.device, guidance
     return None, guidance
 
 
-def check_guided_setup(student: nn.Module, teacher: Teacher | None, cond: Tensor | None, guidance: float, guidance_max: float | None) -> None:
+def check_guided_setup(
+    student: nn.Module, teacher: Teacher | None, cond: Tensor | None, guidance: float, guidance_max: float | None
+) -> None:
     """One clear error when guidance cannot apply: a range needs a student with ``guidance_input``, and any
     guidance (w != 1 or a range) needs a class-conditional teacher and labels."""
     guided = guidance_max is not None or guidance != 1.0
@@ -59,13 +65,22 @@ def check_guided_setup(student: nn.Module, teacher: Teacher | None, cond: Tensor
     if guidance_max is not None and not getattr(student, "guidance_input", False):
         raise ValueError("a guidance range (guidance_max) needs a student built with guidance_input=True")
     if teacher is None or int(getattr(teacher, "num_classes", 0)) == 0:
-        raise ValueError("classifier-free guidance needs a class-conditional teacher (num_classes > 0); this one is unconditional")
+        raise ValueError(
+            "classifier-free guidance needs a class-conditional teacher (num_classes > 0); this one is unconditional"
+        )
     if cond is None:
         raise ValueError("classifier-free guidance needs class labels (cond), got None")
 
 
-def guided_draw(student: nn.Module, teacher: Teacher | None, cond: Tensor | None, batch: int, device: torch.device,
-                guidance: float, guidance_max: float | None) -> tuple[Tensor | None, float | Tensor]:
+def guided_draw(
+    student: nn.Module,
+    teacher: Teacher | None,
+    cond: Tensor | None,
+    batch: int,
+    device: torch.device,
+    guidance: float,
+    guidance_max: float | None,
+) -> tuple[Tensor | None, float | Tensor]:
     """(w for the student or None, w for the teacher) after ``check_guided_setup``."""
     check_guided_setup(student, teacher, cond, guidance, guidance_max)
     return draw_guidance(student, batch, device, guidance, guidance_max)
@@ -78,4 +93,11 @@ def teacher_velocity(teacher: Teacher, x: Tensor, t: Tensor, cond: Tensor | None
     return teacher.velocity(x, t, cond, guidance=g).to(x.dtype)
 
 
-__all__ = ["check_guidance", "check_guided_setup", "draw_guidance", "guided_draw", "sample_guidance", "teacher_velocity"]
+__all__ = [
+    "check_guidance",
+    "check_guided_setup",
+    "draw_guidance",
+    "guided_draw",
+    "sample_guidance",
+    "teacher_velocity",
+]

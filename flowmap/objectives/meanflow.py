@@ -112,7 +112,9 @@ class MeanFlow(Objective):
             t = torch.minimum(t, s)
         return s, equal_tail(s, t, self.equal_share)
 
-    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
+    ) -> LossOutput:
         student = require_inner(student)
         B = x0.shape[0]
         s, t = self.sample_times(B, x0)
@@ -134,8 +136,16 @@ class MeanFlow(Objective):
                 return student.average_velocity(x, s_, t_, c_m, w_m)
 
             s_m = pick(s)
-            _, du_m = jvp(u_fn, (pick(x_s), s_m, pick(t)), (pick(v), torch.ones_like(s_m), torch.zeros_like(s_m)),
-                          self.jvp_backend, self.fd_eps, primal_out=False, fd_dtype=self.fd_dtype, modules=(student,))
+            _, du_m = jvp(
+                u_fn,
+                (pick(x_s), s_m, pick(t)),
+                (pick(v), torch.ones_like(s_m), torch.zeros_like(s_m)),
+                self.jvp_backend,
+                self.fd_eps,
+                primal_out=False,
+                fd_dtype=self.fd_dtype,
+                modules=(student,),
+            )
             du_ds = du_m if n == B else torch.cat([du_m.to(du_ds.dtype), du_ds[n:]])
         u_tgt = v - expand_like(s - t, v) * du_ds.to(v.dtype)  # u = v - (s - t) du/ds
         u_tgt, finite, n_bad = mask_nonfinite(u_tgt)

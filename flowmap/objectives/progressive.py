@@ -43,7 +43,9 @@ from flowmap.types import LossOutput, Teacher, expand_like
 SNAPSHOT = "round_teacher"
 
 
-def average_velocity(model: nn.Module, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
+def average_velocity(
+    model: nn.Module, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None
+) -> Tensor:
     """u(x, s, t) of a ``FlowMap``; for any other flow map, (X(x, s, t) - x) / (t - s)."""
     if hasattr(model, "average_velocity"):
         return model.average_velocity(x, s, t, cond, w) if w is not None else model.average_velocity(x, s, t, cond)
@@ -70,20 +72,34 @@ class ProgressiveDistillation(Objective):
     uses_target = False
     callbacks = ("flowmap.lightning.callbacks:ProgressiveRounds",)  # calls ``advance`` before each batch
 
-    def __init__(self, initial_steps: int = 8, steps_per_round: int = 500, first_round_steps: int | None = None, solver: str = "heun",
-                 guidance: float = 1.0, guidance_max: float | None = None, retain_share: float = 0.0) -> None:
+    def __init__(
+        self,
+        initial_steps: int = 8,
+        steps_per_round: int = 500,
+        first_round_steps: int | None = None,
+        solver: str = "heun",
+        guidance: float = 1.0,
+        guidance_max: float | None = None,
+        retain_share: float = 0.0,
+    ) -> None:
         super().__init__()
         if not 0.0 <= retain_share < 1.0:
             raise ValueError(f"retain_share must lie in [0, 1), got {retain_share}")
         self.retain_share = float(retain_share)
-        check_guidance("teacher", guidance, guidance_max)  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
+        check_guidance(
+            "teacher", guidance, guidance_max
+        )  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
         self.guidance_max = guidance_max
         check_count("initial_steps", initial_steps, 1)
         if initial_steps & (initial_steps - 1):
-            raise ValueError(f"initial_steps (N0) must be a power of two so that rounds halve it down to 1, got {initial_steps}")
+            raise ValueError(
+                f"initial_steps (N0) must be a power of two so that rounds halve it down to 1, got {initial_steps}"
+            )
         self.initial_steps = initial_steps
         self.steps_per_round = check_count("steps_per_round", steps_per_round, 1)
-        self.first_round_steps = steps_per_round if first_round_steps is None else check_count("first_round_steps", first_round_steps, 1)
+        self.first_round_steps = (
+            steps_per_round if first_round_steps is None else check_count("first_round_steps", first_round_steps, 1)
+        )
         if solver not in SOLVERS:
             raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
         self.solver = solver
@@ -134,8 +150,10 @@ class ProgressiveDistillation(Objective):
             self.snapshot_round.fill_(r)
             self._snapshot_round = r
         elif 0 < r < have:
-            raise ValueError(f"step {step} is in round {r}, but the round teacher is already the snapshot of round {have}; "
-                             "a run cannot go back to an earlier round")
+            raise ValueError(
+                f"step {step} is in round {r}, but the round teacher is already the snapshot of round {have}; "
+                "a run cannot go back to an earlier round"
+            )
 
     def _restore(self, student: nn.Module) -> None:
         snap = frozen_copy(student)
@@ -146,22 +164,35 @@ class ProgressiveDistillation(Objective):
         self.round_teacher = snap
         self._pending = None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """A checkpoint may hold a snapshot that this fresh objective has not built yet: keep its tensors and
         rebuild the snapshot from the student's architecture at the next ``advance``."""
         key = prefix + SNAPSHOT + "."
-        pending = {k[len(key):]: v for k, v in state_dict.items() if k.startswith(key)}
+        pending = {k[len(key) :]: v for k, v in state_dict.items() if k.startswith(key)}
         if self.round_teacher is None and pending:
             self._pending = pending
         elif self.round_teacher is not None and not pending:
             self.round_teacher = None  # the checkpoint predates the first snapshot
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._snapshot_round = None
         if self._pending is not None:
             unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(key)]
 
-    def previous_jump(self, teacher: Teacher, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w_student: Tensor | None,
-                      w_teacher: float | Tensor, r: int) -> Tensor:
+    def previous_jump(
+        self,
+        teacher: Teacher,
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        cond: Tensor | None,
+        w_student: Tensor | None,
+        w_teacher: float | Tensor,
+        r: int,
+    ) -> Tensor:
         """One jump s -> t of the previous round's model (the teacher in round 0), under no_grad."""
         with torch.no_grad():
             if r == 0:
@@ -170,8 +201,16 @@ class ProgressiveDistillation(Objective):
             return snap(x, s, t, cond, w_student) if w_student is not None else snap(x, s, t, cond)
 
     # --- the loss ----------------------------------------------------------------------------------------
-    def forward(self, *, student: nn.Module, teacher: Teacher | None = None, target: nn.Module | None = None, x0: Tensor,
-                cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student: nn.Module,
+        teacher: Teacher | None = None,
+        target: nn.Module | None = None,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
         if teacher is None:
             raise ValueError("progressive distillation ('pd') needs a teacher for its first round")
         self.advance(student, step)
@@ -202,6 +241,14 @@ class ProgressiveDistillation(Objective):
         delta = (u - u_target).flatten(1)
         delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
         loss = delta.pow(2).mean(1) * finite
-        return LossOutput(loss=loss, logs={"mse": loss.detach(), "round": torch.tensor(float(r)), "retained": retain.float(),
-                                           "student_steps": torch.tensor(float(N)), "t": t.detach().float(),
-                                           "nonfinite_targets": n_bad.float()})
+        return LossOutput(
+            loss=loss,
+            logs={
+                "mse": loss.detach(),
+                "round": torch.tensor(float(r)),
+                "retained": retain.float(),
+                "student_steps": torch.tensor(float(N)),
+                "t": t.detach().float(),
+                "nonfinite_targets": n_bad.float(),
+            },
+        )

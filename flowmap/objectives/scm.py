@@ -157,7 +157,9 @@ class _SCM(Objective):
         dD = self.sigma_data * torch.cos(theta) - torch.sin(theta)
         return (x * expand_like(dD / self.sigma_data, x) + u.to(x.dtype)) / expand_like(D, x)
 
-    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
+    ) -> LossOutput:
         student = require_inner(student)
         B = x0.shape[0]
         sd = self.sigma_data
@@ -167,16 +169,28 @@ class _SCM(Objective):
         x = cos * x0 + sin * z  # TrigFlow x_theta
         cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
         w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        dx = self.velocity(teacher, x, theta, x0, z, cond, w_teacher, null_label(int(getattr(student, "num_classes", 0))))  # dx/dtheta
+        dx = self.velocity(
+            teacher, x, theta, x0, z, cond, w_teacher, null_label(int(getattr(student, "num_classes", 0)))
+        )  # dx/dtheta
 
         F_fn = lambda x_, th_: self.trig_F(student, x_, th_, cond, w_student)  # noqa: E731
-        _, dF = jvp(F_fn, (x, theta), (dx, torch.ones_like(theta)), self.jvp_backend, self.fd_eps, primal_out=False,
-                    fd_dtype=self.fd_dtype, modules=(student,))
+        _, dF = jvp(
+            F_fn,
+            (x, theta),
+            (dx, torch.ones_like(theta)),
+            self.jvp_backend,
+            self.fd_eps,
+            primal_out=False,
+            fd_dtype=self.fd_dtype,
+            modules=(student,),
+        )
 
         F = self.trig_F(student, x, theta, cond, w_student)  # the one with-grad forward
         F_minus = F.detach()
         r = self.warmup(step)
-        g = -cos**2 * (sd * F_minus - dx) - r * cos * sin * (x + sd * dF.to(x.dtype))  # = cos(theta) df^-/dtheta at r = 1
+        g = -(cos**2) * (sd * F_minus - dx) - r * cos * sin * (
+            x + sd * dF.to(x.dtype)
+        )  # = cos(theta) df^-/dtheta at r = 1
         g, finite, n_bad = mask_nonfinite(g)
         g_norm = g.flatten(1).norm(dim=1)
         if self.tangent_c is not None:
@@ -201,15 +215,26 @@ class _SCM(Objective):
             },
         )
 
-    def velocity(self, teacher, x: Tensor, theta: Tensor, x0: Tensor, z: Tensor, cond: Tensor | None, w: float | Tensor,
-                 null: int = -1) -> Tensor:
+    def velocity(
+        self,
+        teacher,
+        x: Tensor,
+        theta: Tensor,
+        x0: Tensor,
+        z: Tensor,
+        cond: Tensor | None,
+        w: float | Tensor,
+        null: int = -1,
+    ) -> Tensor:
         """dx/dtheta: conditional (sCT), its batch-posterior estimate (sCT, ``data_velocity='stf'``; ``null`` = the
         null label) or the teacher's PF-ODE velocity moved onto TrigFlow time (sCD)."""
         if self.source == "data" and self.data_velocity == "conditional":
             return expand_like(torch.cos(theta), x) * z - expand_like(torch.sin(theta), x) * x0
         tau = theta * (2.0 / math.pi)
         x_lin, t_lin = to_linear(x, tau, self.path)
-        if self.source == "data":  # the batch-posterior estimate of E[eps - x0 | x_lin] (eps = z / sigma_d), moved like a teacher's
+        if (
+            self.source == "data"
+        ):  # the batch-posterior estimate of E[eps - x0 | x_lin] (eps = z / sigma_d), moved like a teacher's
             v_lin = stable_target(x_lin, t_lin.clamp(0.0, 1.0), x0, z / self.sigma_data, cond, null)
         else:
             v_lin = instantaneous_velocity("teacher", teacher, x_lin, t_lin.clamp(0.0, 1.0), None, None, cond, w)

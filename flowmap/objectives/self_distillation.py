@@ -49,8 +49,13 @@ from flowmap.types import LossOutput, expand_like
 VARIANTS = ("lagrangian", "eulerian", "progressive")
 
 
-def jvp_with_grad(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], backend: str,
-                  eps: float | None) -> tuple[Tensor, Tensor]:
+def jvp_with_grad(
+    fn: Callable[..., Tensor],
+    primals: tuple[Tensor, ...],
+    tangents: tuple[Tensor, ...],
+    backend: str,
+    eps: float | None,
+) -> tuple[Tensor, Tensor]:
     """(fn(*primals), d/de fn(p + e t)) with the graph kept, so the derivative itself is trained."""
     if backend == "func":
         return torch.func.jvp(fn, primals, tangents)
@@ -106,10 +111,23 @@ class FlowMapSelfDistillation(Objective):
     uses_target = False
     variant = "lagrangian"
 
-    def __init__(self, time_dist: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0, equal_share: float = 0.0,
-                 lambda_sd: float = 1.0, p_uncond: float = 0.0, jvp_backend: str = "func", fd_eps: float | None = None,
-                 fm_target: str = "conditional", sd_warmup: int = 0, sd_target_ema: float = 0.0,
-                 psd_space: str = "map", sd_gradient: str = "full", sd_normalize: float = 0.0) -> None:
+    def __init__(
+        self,
+        time_dist: str = "uniform",
+        time_mean: float = 0.0,
+        time_std: float = 1.0,
+        equal_share: float = 0.0,
+        lambda_sd: float = 1.0,
+        p_uncond: float = 0.0,
+        jvp_backend: str = "func",
+        fd_eps: float | None = None,
+        fm_target: str = "conditional",
+        sd_warmup: int = 0,
+        sd_target_ema: float = 0.0,
+        psd_space: str = "map",
+        sd_gradient: str = "full",
+        sd_normalize: float = 0.0,
+    ) -> None:
         super().__init__()
         pair_kwargs(time_dist, time_mean, time_std)
         if not 0.0 <= equal_share <= 1.0:
@@ -126,8 +144,10 @@ class FlowMapSelfDistillation(Objective):
         if sd_gradient not in ("full", "primal"):
             raise ValueError(f"sd_gradient must be 'full' or 'primal', got {sd_gradient!r}")
         if sd_gradient == "primal" and self.variant == "progressive":
-            raise ValueError("sd_gradient 'primal' applies to the derivative terms of LSD and ESD; PSD's target is already "
-                             "under stop-gradient")
+            raise ValueError(
+                "sd_gradient 'primal' applies to the derivative terms of LSD and ESD; PSD's target is already "
+                "under stop-gradient"
+            )
         if not sd_normalize >= 0:
             raise ValueError(f"sd_normalize must be >= 0, got {sd_normalize}")
         if sd_normalize > 0 and sd_gradient != "primal":
@@ -160,22 +180,31 @@ class FlowMapSelfDistillation(Objective):
             t = torch.minimum(t, s - h).clamp(min=h)
         return s, equal_tail(s, t, self.equal_share)  # rows [0, n) with s != t, the rest s = t
 
-    def distillation(self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None,
-                     sg: nn.Module | None = None) -> Tensor:
+    def distillation(
+        self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, sg: nn.Module | None = None
+    ) -> Tensor:
         """Per-sample squared residual of the self-distillation term (B,); ``sg`` (default: the student) gives the
         stop-gradient quantities."""
         sg = student if sg is None else sg
         if self.sd_gradient == "primal":  # LSD / ESD only (PSD rejects it)
             res = self.primal_residual(student, x_s, s, t, cond, sg)
         elif self.variant == "lagrangian":
-            X, dX_dt = jvp_with_grad(lambda t_: student(x_s, s, t_, cond), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps)
+            X, dX_dt = jvp_with_grad(
+                lambda t_: student(x_s, s, t_, cond), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps
+            )
             with torch.no_grad():
                 v = sg.average_velocity(X.detach(), t, t, cond)  # sg(v_theta(X, t))
             res = dX_dt - v
         elif self.variant == "eulerian":
             with torch.no_grad():
                 v = sg.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
-            _, res = jvp_with_grad(lambda x_, s_: student(x_, s_, t, cond), (x_s, s), (v, torch.ones_like(s)), self.jvp_backend, self.fd_eps)
+            _, res = jvp_with_grad(
+                lambda x_, s_: student(x_, s_, t, cond),
+                (x_s, s),
+                (v, torch.ones_like(s)),
+                self.jvp_backend,
+                self.fd_eps,
+            )
         else:
             m = t + (s - t) * times_like(torch.rand(s.shape[0], device=s.device), s)
             if self.psd_space == "velocity":
@@ -191,8 +220,9 @@ class FlowMapSelfDistillation(Objective):
                 res = student(x_s, s, t, cond) - tgt
         return res.pow(2).flatten(1).sum(1)
 
-    def primal_residual(self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None,
-                        sg: nn.Module) -> Tensor:
+    def primal_residual(
+        self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, sg: nn.Module
+    ) -> Tensor:
         """u(x_s, s, t) - sg(target) (B, *D) for ``sd_gradient="primal"``: the derivative in a no-grad JVP pass, the
         gradient through the one with-grad forward of u."""
         gap = expand_like(t - s, x_s)
@@ -200,22 +230,40 @@ class FlowMapSelfDistillation(Objective):
         if self.variant == "eulerian":
             with torch.no_grad():
                 v = sg.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
-            _, du = jvp(lambda x_, s_: student.average_velocity(x_, s_, t, cond), (x_s, s), (v, torch.ones_like(s)),
-                        self.jvp_backend, self.fd_eps, primal_out=False, modules=(student,))
+            _, du = jvp(
+                lambda x_, s_: student.average_velocity(x_, s_, t, cond),
+                (x_s, s),
+                (v, torch.ones_like(s)),
+                self.jvp_backend,
+                self.fd_eps,
+                primal_out=False,
+                modules=(student,),
+            )
             tgt = v + gap * du.to(v.dtype)  # u = v + (t - s) du/ds along v (MeanFlow identity)
         else:
-            _, du = jvp(lambda t_: student.average_velocity(x_s, s, t_, cond), (t,), (torch.ones_like(t),),
-                        self.jvp_backend, self.fd_eps, primal_out=False, modules=(student,))
+            _, du = jvp(
+                lambda t_: student.average_velocity(x_s, s, t_, cond),
+                (t,),
+                (torch.ones_like(t),),
+                self.jvp_backend,
+                self.fd_eps,
+                primal_out=False,
+                modules=(student,),
+            )
             with torch.no_grad():
                 v = sg.average_velocity(x_s + gap * u.detach(), t, t, cond)  # sg(v_theta(X, t))
             tgt = v - gap * du.to(v.dtype)  # dX/dt = u + (t - s) du/dt = v(X, t)
         res = u - tgt.detach()
-        if self.sd_normalize > 0:  # tangent normalization (Lu & Song 2024; AYF): res / (||res|| + c), gradient through u
+        if (
+            self.sd_normalize > 0
+        ):  # tangent normalization (Lu & Song 2024; AYF): res / (||res|| + c), gradient through u
             r = res.detach()
             res = u - (u.detach() - r / expand_like(r.flatten(1).norm(dim=1) + self.sd_normalize, r))
         return res
 
-    def forward(self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
+    ) -> LossOutput:
         student = require_inner(student)
         sg = None
         if self.uses_target:
@@ -230,7 +278,9 @@ class FlowMapSelfDistillation(Objective):
         cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
         # Diagonal (flow-matching) term at its own time r ~ time_dist (paper Eq. 3.2 with t ~ U[0, 1]): not at
         # the pair's s = max of two draws, which would starve the data end (density 2s under the uniform law).
-        r = times_like(sample_times(self.time_dist, B, x0.device, **pair_kwargs(self.time_dist, self.time_mean, self.time_std)), x0)
+        r = times_like(
+            sample_times(self.time_dist, B, x0.device, **pair_kwargs(self.time_dist, self.time_mean, self.time_std)), x0
+        )
         x_r = expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
         if self.fm_target == "stf":
             target = stable_target(x_r, r, x0, eps, cond, int(getattr(student, "num_classes", 0)))

@@ -81,10 +81,24 @@ class Shortcut(Objective):
         """(s, d) for n consistency samples: 2d = 2^-m, m ~ U{0..k-1}; s = 2d i, i ~ U{1..2^m}."""
         m = torch.randint(0, self.max_log2_steps, (n,), device=like.device)
         two_d = torch.pow(2.0, -m.float())  # dyadic: exact in float32, as is 2d * i
-        i = torch.floor(torch.rand(n, device=like.device) * torch.pow(2.0, m.float())).clamp_max(torch.pow(2.0, m.float()) - 1) + 1
+        i = (
+            torch.floor(torch.rand(n, device=like.device) * torch.pow(2.0, m.float())).clamp_max(
+                torch.pow(2.0, m.float()) - 1
+            )
+            + 1
+        )
         return times_like(two_d * i, like), times_like(two_d / 2, like)
 
-    def forward(self, *, student: nn.Module, teacher=None, target: nn.Module | None = None, x0: Tensor, cond: Tensor | None = None, step: int = 0) -> LossOutput:
+    def forward(
+        self,
+        *,
+        student: nn.Module,
+        teacher=None,
+        target: nn.Module | None = None,
+        x0: Tensor,
+        cond: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
         if target is None:
             raise ValueError("the shortcut objective needs the EMA target network (uses_target=True); got target=None")
         B = x0.shape[0]
@@ -121,11 +135,13 @@ class Shortcut(Objective):
         )
 
     @torch.no_grad()
-    def consistency_target(self, target: nn.Module, x: Tensor, s: Tensor, d: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
+    def consistency_target(
+        self, target: nn.Module, x: Tensor, s: Tensor, d: Tensor, cond: Tensor | None, w: Tensor | None
+    ) -> Tensor:
         """sg[(u1 + u2) / 2] with two d-steps of the target; d = 0 queries at the finest level. (n, *data_shape)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
-        finest = d <= 2.0 ** -self.max_log2_steps * (1 + 1e-6)
+        finest = d <= 2.0**-self.max_log2_steps * (1 + 1e-6)
         d_query = torch.where(finest, torch.zeros_like(d), d)  # step size the target is asked for
         u1 = target.average_velocity(x, s, s - d_query, cond, w)
         x_mid = x - expand_like(d, x) * u1  # X(x, s, s - d)
