@@ -104,7 +104,8 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{p}: load_student reads only safetensors files (a student written by save_student or DistillModule.export); "
+            f"{p}: load_student reads only safetensors files "
+            "(a student written by save_student or DistillModule.export); "
             f"{p.suffix} files are pickle-based and are never loaded"
         )
     state, config = read_state(p)

@@ -69,7 +69,8 @@ class DiffusersNet(nn.Module):
         out = int(cfg.out_channels if cfg.out_channels is not None else C)
         if out not in (C, 2 * C):
             raise CheckpointError(
-                f"{self.model_class}: out_channels={out} is neither in_channels={C} nor 2 x in_channels (learned variance)"
+                f"{self.model_class}: out_channels={out} is neither in_channels={C} "
+                "nor 2 x in_channels (learned variance)"
             )
         self.out_channels = out
         self.cond_kind = "text" if self.model_class in TEXT_MODELS else "labels"
@@ -91,7 +92,8 @@ class DiffusersNet(nn.Module):
         if self.model_class == "UNet2DModel":
             if cfg.class_embed_type is not None:
                 raise CheckpointError(
-                    f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported (only integer class labels)"
+                    f"UNet2DModel with class_embed_type={cfg.class_embed_type!r} is not supported "
+                    "(only integer class labels)"
                 )
             n = int(cfg.num_class_embeds or 0)
             if null_class and n < 2:
@@ -149,7 +151,8 @@ class DiffusersTeacher(NetVelocity):
         if not net.has_null and bool(torch.any(cond == net.num_classes)):
             raise ValueError(
                 f"this {net.model_class} has no null (unconditional) class: give labels in [0, {net.num_classes - 1}]; "
-                "classifier-free guidance is unavailable (for a UNet2DModel whose last class embedding is the null class, pass null_class=True)"
+                "classifier-free guidance is unavailable "
+                "(for a UNet2DModel whose last class embedding is the null class, pass null_class=True)"
             )
         return cond
 

@@ -171,7 +171,8 @@ def save_feature_net(path: str | Path, net: DigitClassifier, **extra) -> Path:
 
 
 def load_feature_net(path: str | Path) -> DigitClassifier:
-    """A ``DigitClassifier`` from ``save_feature_net``'s file, in eval mode (``.checkpoint_config`` holds the config)."""
+    """A ``DigitClassifier`` from ``save_feature_net``'s file, in eval mode
+    (``.checkpoint_config`` holds the config)."""
     state, config = read_state(path)
     if config.get("kind") != FEATURE_NET_KIND:
         raise CheckpointError(f"{path}: expected a feature-net checkpoint, found kind={config.get('kind')!r}")

@@ -97,7 +97,8 @@ def _check(primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> None:
             raise ValueError(f"jvp primal/tangent {i} must be tensors, got {type(p).__name__} and {type(t).__name__}")
         if not (torch.is_floating_point(p) and torch.is_floating_point(t)):
             raise ValueError(
-                f"jvp primal/tangent {i} must be floating point (pass labels through a closure), got {p.dtype}, {t.dtype}"
+                f"jvp primal/tangent {i} must be floating point (pass labels through a closure), "
+                f"got {p.dtype}, {t.dtype}"
             )
         if p.shape != t.shape:
             raise ValueError(f"jvp tangent {i} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")

@@ -1,7 +1,7 @@
 """The latent space of a latent diffusion model: its VAE as a small codec between images and the teacher's data.
 
-A pipeline folder with ``vae/`` (``AutoencoderKL``, or ``AutoencoderTiny``) gives a teacher whose data is the scaled latent
-(Rombach et al. 2022, Sec. 3 and App. G; Esser et al. 2024, Sec. 5.2.1 for the shift):
+A pipeline folder with ``vae/`` (``AutoencoderKL``, or ``AutoencoderTiny``) gives a teacher whose data is the
+scaled latent (Rombach et al. 2022, Sec. 3 and App. G; Esser et al. 2024, Sec. 5.2.1 for the shift):
 
     z = (E(x) - shift) * scaling,        x = D(z / scaling + shift),        x (B, 3, H, W) in [-1, 1]
 

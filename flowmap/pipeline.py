@@ -16,9 +16,9 @@ Folder written by ``FlowMapPipeline.save_pretrained(OUT)`` (``scripts/export.py 
     pipe = FlowMapPipeline.from_pretrained(OUT)
     images = pipe(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
 
-Sampling is flowmap's multistep flow-map sampler x_{k+1} = X(x_k, t_k, t_{k+1}) on a uniform grid, with the method's re-noising gamma
-(``flowmap.sampling.sample``), the same function ``load_student(...).sample`` runs; a latent student's samples
-are then decoded by the VAE (``output_type="latent"`` returns the latents).
+Sampling is flowmap's multistep flow-map sampler x_{k+1} = X(x_k, t_k, t_{k+1}) on a uniform grid, with the
+method's re-noising gamma (``flowmap.sampling.sample``), the same function ``load_student(...).sample`` runs; a
+latent student's samples are then decoded by the VAE (``output_type="latent"`` returns the latents).
 """
 
 from __future__ import annotations

@@ -48,7 +48,10 @@ class PromptEncoder(nn.Module):
         return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].float()
 
     def describe(self) -> str:
-        return f"text-conditioned ({self.encoder_class}, {self.max_length} tokens x {self.dim}), CFG against the empty prompt"
+        return (
+            f"text-conditioned ({self.encoder_class}, {self.max_length} tokens x {self.dim}), "
+            "CFG against the empty prompt"
+        )
 
     def reference(self) -> dict:
         return {

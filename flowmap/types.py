@@ -105,7 +105,8 @@ def check_times(*times: Tensor, batch: int | None = None) -> None:
     for tau in times:
         if bool(((tau < 0) | (tau > 1) | ~torch.isfinite(tau)).any()):
             raise ValueError(
-                f"times must lie in [0, 1] (t=0 data, t=1 noise), got min {tau.min().item():.4g} max {tau.max().item():.4g}"
+                "times must lie in [0, 1] (t=0 data, t=1 noise), "
+                f"got min {tau.min().item():.4g} max {tau.max().item():.4g}"
             )
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
 
-    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (< 60 min on a free 2-core CPU)
+    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes
+                                                 # (< 60 min on a free 2-core CPU)
     python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
 
@@ -325,7 +326,8 @@ def code_fingerprint() -> str:
 
 
 def other_code(code: str | None) -> str:
-    """For a cache-load log line: empty when ``code`` is this code's fingerprint, else says under what it was trained."""
+    """For a cache-load log line: empty when ``code`` is this code's fingerprint, else says under what it was
+    trained."""
     return "" if code == code_fingerprint() else f" (trained under other code: {code})"
 
 
@@ -376,7 +378,10 @@ class Memory:
                 self.libc = ctypes.CDLL("libc.so.6")
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-                self.method = "peak resident-set growth over the step (Linux VmHWM reset via /proc/self/clear_refs; resource-style RSS)"
+                self.method = (
+                    "peak resident-set growth over the step "
+                    "(Linux VmHWM reset via /proc/self/clear_refs; resource-style RSS)"
+                )
             except OSError:
                 self.libc = None
 
@@ -390,7 +395,8 @@ class Memory:
             self.libc.mallopt(option, value)
 
     def measure(self, fn: Callable[[], None]) -> float | None:
-        """MiB above the level before ``fn`` (None when unavailable); on CPU ``fn`` runs twice, the second is measured."""
+        """MiB above the level before ``fn`` (None when unavailable); on CPU ``fn`` runs twice, the second is
+        measured."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -906,7 +912,8 @@ def streaming_table(budget: Budget) -> dict:
     from flowmap.data.shards import streaming_throughput, write_source_shards
 
     log(
-        f"streaming: digits shards vs memory, batch {budget.stream_batch}, {budget.stream_batches} batches, 1 and 2 workers"
+        f"streaming: digits shards vs memory, batch {budget.stream_batch}, {budget.stream_batches} batches, "
+        "1 and 2 workers"
     )
     try:
         with tempfile.TemporaryDirectory(prefix="flowmap-bench-shards-") as tmp:
@@ -1071,7 +1078,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--reuse-only",
         action="store_true",
-        help="evaluate only the students already in the cache (the others are listed as not run); teachers are still trained if missing",
+        help="evaluate only the students already in the cache (the others are listed as not run); "
+        "teachers are still trained if missing",
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = 1 on a busy machine, else all cores)")
@@ -1149,7 +1157,8 @@ def pretrain(
             for f in finished:
                 name, method, err, seconds = f.result()
                 log(
-                    f"pretrain: {f'{name}/{method}' if method else f'{name} teacher'} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)"
+                    f"pretrain: {f'{name}/{method}' if method else f'{name} teacher'} "
+                    f"{'FAILED ' + err if err else 'done'} ({seconds:.0f} s)"
                 )
                 if method is None and not err:
                     pending |= {submit(name, m) for m in sorted(methods, key=lambda m: rank.get(m, -1))}
@@ -1194,7 +1203,8 @@ def main(argv: list[str] | None = None) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     memory = Memory(device)
     log(
-        f"benchmark ({budget_name}): methods {methods}, skipped {sorted(skipped)}, datasets {datasets}, {threads} thread(s), device {device}"
+        f"benchmark ({budget_name}): methods {methods}, skipped {sorted(skipped)}, datasets {datasets}, "
+        f"{threads} thread(s), device {device}"
     )
 
     results: dict = {
@@ -1344,7 +1354,8 @@ def _feature_extractor(inception_weights: str | None, cache: Path, budget: Budge
 
 
 def _by_class(x: Tensor, y: Tensor, per_class: int = 4) -> Tensor:
-    """(per_class * 10, ...) images ordered like the evaluation labels (arange(n) % 10): row r holds the r-th of each class."""
+    """(per_class * 10, ...) images ordered like the evaluation labels (arange(n) % 10): row r holds the r-th of
+    each class."""
     return torch.stack([x[(y == c).nonzero()[r, 0]] for r in range(per_class) for c in range(10)])
 
 

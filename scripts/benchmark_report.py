@@ -113,7 +113,8 @@ def evaluate_targets(results: dict) -> list[dict]:
             m = min(best, key=best.get)
             out.append(
                 _target(
-                    f"mixture: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std ({gmm['data_std']:.3f}) [RMSE / std]",
+                    f"mixture: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std "
+                    f"({gmm['data_std']:.3f}) [RMSE / std]",
                     best[m] / gmm["data_std"],
                     0.05,
                     "<=",
@@ -162,7 +163,8 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
         out.append(
             _target(
-                f"cost: a MeanFlow step <= {limit}x a flow-matching step ({net.upper()}) [ratio{'; ' + detail if detail else ''}]",
+                f"cost: a MeanFlow step <= {limit}x a flow-matching step ({net.upper()}) "
+                f"[ratio{'; ' + detail if detail else ''}]",
                 ratio,
                 limit,
                 "<=",
@@ -250,8 +252,10 @@ def _cell(name: str, m: dict | None) -> str:
 CELL_LEGEND = {
     "checkerboard": "exact W2 to fresh data (lower is better) / share of samples on occupied cells (higher is better)",
     "eight_gaussians": "exact W2 to fresh data / share of samples within 4 std of a centre",
-    "gmm": "flow-map RMSE of X(eps, 1, 0) against the exact map on the same eps (n/a for re-noising samplers above 1 NFE) / exact W2 to fresh mixture samples",
-    "digits": "FD / KID against the train split's features (class accuracy of the samples: share the classifier assigns to the requested label). "
+    "gmm": "flow-map RMSE of X(eps, 1, 0) against the exact map on the same eps "
+    "(n/a for re-noising samplers above 1 NFE) / exact W2 to fresh mixture samples",
+    "digits": "FD / KID against the train split's features "
+    "(class accuracy of the samples: share the classifier assigns to the requested label). "
     "The floor has only the 359 test images, so its FD carries a larger small-sample bias than the models' (FD falls "
     "as N grows); KID is unbiased and compares across sample sizes",
 }
@@ -274,9 +278,13 @@ def code_note(results: dict) -> str:
             if "code" in st and st["code"] != code
         ]
     if not other:
-        return f"Training code fingerprint {code} (`flowmap/`, `teachers/`): every teacher and student here was trained under it."
+        return (
+            f"Training code fingerprint {code} (`flowmap/`, `teachers/`): "
+            "every teacher and student here was trained under it."
+        )
     return (
-        f"Training code fingerprint {code} (`flowmap/`, `teachers/`). **Trained under other code** (reused from the cache, "
+        f"Training code fingerprint {code} (`flowmap/`, `teachers/`). "
+        "**Trained under other code** (reused from the cache, "
         f"which is keyed on configs; `--fresh` retrains): {', '.join(other)}."
     )
 
@@ -301,7 +309,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     scale = f", steps x {meta['scale']}" if meta.get("scale", 1.0) != 1.0 else ""
     L.append(
-        f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: {meta['machine']}, {meta['cpu_count']} cores, "
+        f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: "
+        f"{meta['machine']}, {meta['cpu_count']} cores, "
         f"{meta['threads']} torch thread(s), device {meta['device']}, torch {meta['torch']}, Python {meta['python']}; "
         f"load average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end; "
         f"{meta.get('seconds', 0) / 60:.1f} min in all."
@@ -325,7 +334,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
         "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
         f"with the same batch and Adam learning rate ({_decay(meta)}){_lr_exceptions(meta)}; "
         "methods' hyperparameters are their tuned configs (`configs/distill`) or defaults, with curricula scaled "
-        "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. Students sample with "
+        "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. "
+        "Students sample with "
         "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
         "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "
         "along the grid (gamma = 0).",
@@ -367,7 +377,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
         L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {CELL_LEGEND[name]}.", ""]
         fl = q["floor"]
         L.append(
-            f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; the data-vs-data "
+            f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; "
+            "the data-vs-data "
             f"floor compares {fl.get('n')} other data samples with the same reference: {_cell(name, fl)}."
             + (f" Data std (per coordinate, RMS): {q['data_std']:.4f}." if "data_std" in q else "")
         )
@@ -472,17 +483,19 @@ def markdown(results: dict, targets: list[dict]) -> str:
     else:
         trainers = peer.get("trainers", ["ours", "torchcfm"])
         L += [
-            f"torchcfm {peer['version']} `ConditionalFlowMatcher(sigma=0)` (its x_t = t x1 + (1 - t) x0 with x0 = data, "
-            f"x1 = noise is our linear path) against our `DenoisingLoss` (uniform times), on the same MLP (same init), "
+            f"torchcfm {peer['version']} `ConditionalFlowMatcher(sigma=0)` "
+            "(its x_t = t x1 + (1 - t) x0 with x0 = data, x1 = noise is our linear path) "
+            "against our `DenoisingLoss` (uniform times), on the same MLP (same init), "
             f"{peer['data']} batches ({peer['batch']}), {peer['steps']} steps, peak learning rate "
             f"{peer.get('lr', float('nan')):g} and gradient clipping at 1, timed in blocks of alternating order. "
-            "Trainers: `ours` is `flowmap.training.TrainLoop` as this benchmark trains its teachers (Adam on the fused "
-            f"kernel, half-cosine decay of the rate to {peer.get('lr_final', float('nan')):g}); `torchcfm` is torchcfm's "
-            "documented loop (`torch.optim.Adam` at a constant rate); `torchcfm, our schedule` is that loop with our rate "
-            "schedule, so ours against it compares the implementations alone (loss arithmetic, optimizer kernel). "
-            f"W2 of 64-NFE Heun samples, the mean over {peer.get('seeds', 1)} seed(s) (init, data and noise; one run's W2 "
-            "moves by tens of percent with the seed); within a seed all trainers draw the same times and noises at every "
-            "step (common random numbers).",
+            "Trainers: `ours` is `flowmap.training.TrainLoop` as this benchmark trains its teachers "
+            f"(Adam on the fused kernel, half-cosine decay of the rate to {peer.get('lr_final', float('nan')):g}); "
+            "`torchcfm` is torchcfm's documented loop (`torch.optim.Adam` at a constant rate); "
+            "`torchcfm, our schedule` is that loop with our rate schedule, so ours against it compares the "
+            "implementations alone (loss arithmetic, optimizer kernel). "
+            f"W2 of 64-NFE Heun samples, the mean over {peer.get('seeds', 1)} seed(s) "
+            "(init, data and noise; one run's W2 moves by tens of percent with the seed); "
+            "within a seed all trainers draw the same times and noises at every step (common random numbers).",
             "",
         ]
         L += _table(
@@ -506,7 +519,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
             d, se = peer.get(f"{key}w2_diff"), peer.get(f"{key}w2_diff_se")
             if d is not None and se is not None:  # a standard error needs two seeds or more
                 line += (
-                    f"; W2 difference paired by seed {_d(d)} +- {_d(se, False)} (standard error over {peer.get('seeds', 1)} "
+                    f"; W2 difference paired by seed {_d(d)} +- {_d(se, False)} "
+                    f"(standard error over {peer.get('seeds', 1)} "
                     f"seeds; {'within' if abs(d) <= 2 * se else 'outside'} two standard errors of zero)"
                 )
             elif d is not None:
@@ -519,7 +533,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
         L += [f"Not run: {st.get('reason', 'no streaming result')}.", ""]
     else:
         L += [
-            f"{st['data']}: {st['count']} samples in {st['shards']} shards, batch {st['batch_size']}, {st['num_batches']} batches "
+            f"{st['data']}: {st['count']} samples in {st['shards']} shards, batch {st['batch_size']}, "
+            f"{st['num_batches']} batches "
             "per measurement (worker start-up included).",
             "",
         ]

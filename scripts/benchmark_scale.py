@@ -11,8 +11,9 @@ attention at 16x16: 58M parameters); ``dit_s2`` / ``dit_b2`` DiT-S/2 and DiT-B/2
 
 - the training step (``scripts/benchmark.StepRunner``: objective, backward, clipping, Adam, EMA target) of fm,
   meanflow (every pair s != t; forward-mode rule and ``torch.func``), scd, ctm and cd, each with the benchmark's image
-  defaults (``method_config(name, "digits", 1000)``; unconditional, no guidance), timed interleaved (median of ``--steps`` rounds after one warm-up step) as a ratio
-  to the fm step; its peak memory (``scripts/benchmark.Memory``: CUDA allocator peak, CPU resident-set growth);
+  defaults (``method_config(name, "digits", 1000)``; unconditional, no guidance), timed interleaved (median of
+  ``--steps`` rounds after one warm-up step) as a ratio to the fm step; its peak memory (``scripts/benchmark.Memory``:
+  CUDA allocator peak, CPU resident-set growth);
 - with ``--compile``: the fm and meanflow steps with the student compiled (``flowmap.compiled``; the JVP pass
   eager), as a speed-up over eager;
 - sampling: 1-NFE ``flowmap.sampling.sample`` against a raw forward of the same net (samples/s).
@@ -124,7 +125,10 @@ def run_net(net_name: str, a: argparse.Namespace, device: torch.device) -> dict:
     shape = tuple(cfg["data_shape"])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, *shape, generator=g).to(device)
-    batch_fn = lambda: (x, None)
+
+    def batch_fn():
+        return x, None
+
     configs: dict[str, dict | None] = {"fm": None}
     for m in a.methods:
         configs[m] = bench.method_config(

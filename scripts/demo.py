@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> Path:
         {"data": data, "teacher, 64 NFE": x_teacher, f"{a.method}, 1 NFE": x_s1, f"{a.method}, 2 NFE": x_s2},
     )
     print(
-        f"\nteacher W2 / data-vs-data W2 = {metrics['teacher_w2_over_floor']:.2f} (target <= 1.4); teacher on occupied cells {rows['teacher, Heun 64 NFE']['precision']:.3f} (target >= 0.85)"
+        f"\nteacher W2 / data-vs-data W2 = {metrics['teacher_w2_over_floor']:.2f} (target <= 1.4); "
+        f"teacher on occupied cells {rows['teacher, Heun 64 NFE']['precision']:.3f} (target >= 0.85)"
     )
     print(
         f"done in {metrics['seconds']:.0f} s; results in {out.resolve()}  (comparison.png, metrics.json, *.safetensors)"

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["matches_eager"] = ok
     print(json.dumps(result))
     print(
-        f"{'ok' if ok else 'MISMATCH'}: max |exported - eager| = {result['max_abs_diff']:.3g} (tolerance {TOLERANCE:g}) over batches {result['checked_batches']}; wrote {out}"
+        f"{'ok' if ok else 'MISMATCH'}: max |exported - eager| = {result['max_abs_diff']:.3g} "
+        f"(tolerance {TOLERANCE:g}) over batches {result['checked_batches']}; wrote {out}"
     )
     if not ok:
         raise SystemExit(1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the project's digit classifier (FID / KID features without downloads) and report its test accuracy.
 
-    python scripts/train_feature_net.py                                  # -> benchmarks/cache/digit_features.safetensors
+    python scripts/train_feature_net.py                                 # -> benchmarks/cache/digit_features.safetensors
     python scripts/train_feature_net.py --out runs/features.safetensors --steps 3000
 
 Trains ``flowmap.features.DigitClassifier`` on the digits' train split (seeded), evaluates on the test

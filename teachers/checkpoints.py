@@ -36,7 +36,8 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
     config = model.config
     if config.get("kind") != "teacher":
         raise CheckpointError(
-            f"{path}: a flowmap {config.get('kind')} checkpoint, not a teacher (load a student with flowmap.load_student)"
+            f"{path}: a flowmap {config.get('kind')} checkpoint, not a teacher "
+            "(load a student with flowmap.load_student)"
         )
     return model, _net_description("safetensors", path, model, config.get("net", {}).get("name"))
 
@@ -50,11 +51,13 @@ def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
         )
     if "student" in hp or "objective" in hp:
         raise CheckpointError(
-            f"{path}: a DistillModule (student) checkpoint, not a teacher; export the student and use flowmap.load_student"
+            f"{path}: a DistillModule (student) checkpoint, not a teacher; "
+            "export the student and use flowmap.load_student"
         )
     if "net" not in hp:
         raise CheckpointError(
-            f"{path}: a Lightning checkpoint without hyper_parameters['net'] (not a flowmap TeacherModule); expected {EXPECTED}"
+            f"{path}: a Lightning checkpoint without hyper_parameters['net'] (not a flowmap TeacherModule); "
+            f"expected {EXPECTED}"
         )
     from flowmap.nets import build_net
 
@@ -100,7 +103,8 @@ def load_teacher(
     if bad:
         raise CheckpointError(
             f"{path}: the teacher's weights hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
-            f"{' ...' if len(bad) > 3 else ''}); refusing to distill from it: use a finite checkpoint (e.g. an earlier one)"
+            f"{' ...' if len(bad) > 3 else ''}); "
+            "refusing to distill from it: use a finite checkpoint (e.g. an earlier one)"
         )
     return teacher, description
 
@@ -111,7 +115,8 @@ def _load_any(p: Path, null_class: bool, allow_clip_mismatch: bool) -> tuple[nn.
 
         if not is_diffusers_folder(p):
             raise CheckpointError(
-                f"{p}: a folder that is not a diffusers model folder (no model_index.json or config.json with _class_name); expected {EXPECTED}"
+                f"{p}: a folder that is not a diffusers model folder "
+                f"(no model_index.json or config.json with _class_name); expected {EXPECTED}"
             )
         return load_diffusers_teacher(p, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
     if not p.is_file():

@@ -96,7 +96,8 @@ def find_model_and_scheduler(path: str | Path) -> tuple[Path, dict, dict]:
         )
         if model_dir is None:
             raise CheckpointError(
-                f"{root}: a diffusers pipeline folder without a supported model (one of {list(MODELS)} in unet/ or transformer/)"
+                f"{root}: a diffusers pipeline folder without a supported model "
+                f"(one of {list(MODELS)} in unet/ or transformer/)"
             )
         sched_files = [root / "scheduler" / "scheduler_config.json"]
     elif (root / "config.json").is_file():
@@ -153,11 +154,13 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
         )
     if config.get("rescale_betas_zero_snr", False):
         raise CheckpointError(
-            f"{name} with rescale_betas_zero_snr=True is not supported (alpha = 0 at the last step has no finite place on the linear axis)"
+            f"{name} with rescale_betas_zero_snr=True is not supported "
+            "(alpha = 0 at the last step has no finite place on the linear axis)"
         )
     if config.get("timestep_type", "discrete") != "discrete":
         raise CheckpointError(
-            f"{name} with timestep_type={config['timestep_type']!r} is not supported (the model's time input is not the train step)"
+            f"{name} with timestep_type={config['timestep_type']!r} is not supported "
+            "(the model's time input is not the train step)"
         )
     diffusers = require_diffusers()
     cls = getattr(diffusers, str(name), None)
@@ -172,8 +175,10 @@ def schedule_from_config(config: dict) -> tuple[AffinePath, str, int]:
     abar = getattr(scheduler, "alphas_cumprod", None)
     if abar is None:
         raise CheckpointError(
-            f"unsupported diffusers scheduler {name!r}: no training betas / alphas_cumprod and not a flow-matching scheduler; "
-            f"supported: any scheduler with betas (DDPM, DDIM, Euler, DPMSolverMultistep, PNDM, LMS, UniPC, Heun, ...) and {list(FLOW_MATCH_SCHEDULERS)}"
+            f"unsupported diffusers scheduler {name!r}: "
+            "no training betas / alphas_cumprod and not a flow-matching scheduler; "
+            "supported: any scheduler with betas (DDPM, DDIM, Euler, DPMSolverMultistep, PNDM, LMS, UniPC, Heun, ...) "
+            f"and {list(FLOW_MATCH_SCHEDULERS)}"
         )
     return DiscreteVPPath(tuple(float(a) for a in torch.as_tensor(abar).double())), PREDICTION_TYPES[kind], N
 
@@ -230,8 +235,9 @@ def load_diffusers_teacher(
     mismatch = clip_mismatch(sched_cfg)
     if mismatch and not allow_clip_mismatch:
         raise CheckpointError(
-            f"{path}: {sched_cfg['_class_name']} applies {mismatch} at every sampling step, which the teacher's velocity "
-            "field does not, so its ODE samples differ from diffusers' sampler; sample with scripts/sample.py "
+            f"{path}: {sched_cfg['_class_name']} applies {mismatch} at every sampling step, "
+            "which the teacher's velocity field does not, so its ODE samples differ from diffusers' sampler; "
+            "sample with scripts/sample.py "
             "--teacher_sampler diffusers (exact), or pass --allow_clip_mismatch to use the unclipped field"
         )
     diffusers = require_diffusers()

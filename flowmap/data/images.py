@@ -118,7 +118,8 @@ class ImageFolderDataset(Dataset):
         x = load_image(self.paths[i], self.image_size, self.channels)
         if tuple(x.shape) != self.data_shape:
             raise ValueError(
-                f"image {str(self.paths[i])!r} has shape {tuple(x.shape)}, expected {self.data_shape}; pass image_size to resize"
+                f"image {str(self.paths[i])!r} has shape {tuple(x.shape)}, expected {self.data_shape}; "
+                "pass image_size to resize"
             )
         return x, self.labels[i]
 

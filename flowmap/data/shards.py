@@ -198,7 +198,8 @@ def decode_sample(sample: dict, encoding: str, shape: tuple[int, ...]) -> tuple[
     Raises ValueError for a missing or undecodable member or a wrong shape."""
     if encoding not in sample or "cls" not in sample:
         raise ValueError(
-            f"sample {sample.get('__key__')!r} lacks its .{encoding} or .cls member (found {sorted(k for k in sample if not k.startswith('__'))})"
+            f"sample {sample.get('__key__')!r} lacks its .{encoding} or .cls member "
+            f"(found {sorted(k for k in sample if not k.startswith('__'))})"
         )
     if encoding == "npy":
         raw = sample["npy"]
@@ -312,7 +313,8 @@ def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max
             raise ValueError(f"sample {i} holds NaN or inf values")
         if not (y == -1 if num_classes == 0 else 0 <= y < num_classes):
             raise ValueError(
-                f"sample {i} has label {y}; expected {'-1 (unconditional)' if num_classes == 0 else f'0..{num_classes - 1}'}"
+                f"sample {i} has label {y}; "
+                f"expected {'-1 (unconditional)' if num_classes == 0 else f'0..{num_classes - 1}'}"
             )
         data = encode_sample(x, y, encoding)
         if emb is not None:
@@ -571,7 +573,8 @@ class ShardStream(IterableDataset):
         super().__init__()
         if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0:
             raise ValueError(
-                f"batch_size and epoch_length must be >= 1 and shuffle_buffer >= 0, got {batch_size}, {epoch_length}, {shuffle_buffer}"
+                "batch_size and epoch_length must be >= 1 and shuffle_buffer >= 0, "
+                f"got {batch_size}, {epoch_length}, {shuffle_buffer}"
             )
         if split not in SPLIT_MODES:
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
@@ -606,8 +609,9 @@ class ShardStream(IterableDataset):
         n_shards, who = len(self.index.shards), f"{self.world_size} rank(s) x {max(self.num_workers, 1)} worker(s)"
         if self.split == "by_shard" and n_shards < self.slots:
             raise ValueError(
-                f"{n_shards} shard(s) in {str(self.index.root)!r} for {who} = {self.slots} readers: every reader needs its own "
-                f"shard. Write at least {self.slots} shards (scripts/make_shards.py --max-count), use fewer workers, or split='by_rank'"
+                f"{n_shards} shard(s) in {str(self.index.root)!r} for {who} = {self.slots} readers: "
+                f"every reader needs its own shard. Write at least {self.slots} shards "
+                "(scripts/make_shards.py --max-count), use fewer workers, or split='by_rank'"
             )
         if self.split == "by_rank" and self.index.count < self.slots:
             raise ValueError(f"{self.index.count} sample(s) in {str(self.index.root)!r} cannot be split over {who}")

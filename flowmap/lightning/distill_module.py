@@ -39,8 +39,9 @@ class DistillModule(TrainingMixin, L.LightningModule):
 
     Args:
         student: ``{"net": {...}, "parametrization": "identity" | {"name": "consistency", ...}}``; without a
-            ``net`` (or None), the teacher's own network (diffusers / EDM teachers, ``flowmap.models.student_from_teacher``)
-            with ``{"guidance_input", "freq_dim", "time_scale", "lora"}`` from this dict.
+            ``net`` (or None), the teacher's own network (diffusers / EDM teachers,
+            ``flowmap.models.student_from_teacher``) with ``{"guidance_input", "freq_dim", "time_scale", "lora"}``
+            from this dict.
         objective: ``{"name": "cd" | "ict" | "ect" | "pd" | "meanflow" | ..., **hyperparameters}``.
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
         init_from_teacher: copy the teacher network's weights into the student where they fit; None (default):

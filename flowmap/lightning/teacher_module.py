@@ -34,8 +34,8 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         p_uncond: label dropout for classifier-free guidance (class-conditional nets only).
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up; lr_decay: none | cosine (to
             lr_final_ratio * lr at the last step, ``flowmap.schedule``).
-        ema_halflife: half-life of the evaluation EMA of the weights (used for sampling and export): steps, or a fraction
-            of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
+        ema_halflife: half-life of the evaluation EMA of the weights (used for sampling and export): steps, or a
+            fraction of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
         compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
         max_nonfinite: stop with a clear error after this many non-finite steps in a row.
     """

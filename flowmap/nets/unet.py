@@ -82,7 +82,8 @@ class UNet(nn.Module):
         C, H, W = data_shape
         if H % 2 ** (len(channel_mult) - 1) or W % 2 ** (len(channel_mult) - 1):
             raise ValueError(
-                f"image size {H}x{W} must be divisible by {2 ** (len(channel_mult) - 1)} for channel_mult {list(channel_mult)}"
+                f"image size {H}x{W} must be divisible by {2 ** (len(channel_mult) - 1)} "
+                f"for channel_mult {list(channel_mult)}"
             )
         self.config = {
             "name": "unet",

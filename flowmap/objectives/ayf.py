@@ -53,9 +53,10 @@ class AlignYourFlow(Objective):
             equal_share: share with s = t.
         tangent_c: c of the tangent normalization g = T / (||T|| + c) (paper: 0.1); None turns it off.
         warmup_steps: steps over which the (t - s) du/d. term ramps in (0: no warm-up).
-        guidance, guidance_max: CFG scale (a range trains a ``guidance_input`` student at w ~ U[guidance, guidance_max]).
-        jvp_backend, fd_eps, fd_dtype: ``"forward_ad"``, ``"func"`` or ``"fd"``, its step, and ``"float64"`` for differences taken in
-            float64 (see ``flowmap.jvp``).
+        guidance, guidance_max: CFG scale (a range trains a ``guidance_input`` student at
+            w ~ U[guidance, guidance_max]).
+        jvp_backend, fd_eps, fd_dtype: ``"forward_ad"``, ``"func"`` or ``"fd"``, its step, and ``"float64"`` for
+            differences taken in float64 (see ``flowmap.jvp``).
     """
 
     name = "ayf"

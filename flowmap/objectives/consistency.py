@@ -185,7 +185,8 @@ class _Consistency(Objective):
 
 def _weights_in_sigma(kind: str, sigma_t: Tensor, sigma_r: Tensor, sigma_data: float) -> Tensor:
     """lambda in the papers' units: ``inverse_dsigma`` 1 / (sigma_t - sigma_r) (Song & Dhariwal 2023, Sec. 3.1;
-    Geng et al. 2024), ``snr`` 1 / sigma_t^2 + 1 / sigma_data^2 (SNR + k of Geng et al.'s released ECT loss), ``uniform`` 1 (Song et al. 2023)."""
+    Geng et al. 2024), ``snr`` 1 / sigma_t^2 + 1 / sigma_data^2 (SNR + k of Geng et al.'s released ECT loss),
+    ``uniform`` 1 (Song et al. 2023)."""
     if kind == "uniform":
         return torch.ones_like(sigma_t)
     if kind == "inverse_dsigma":
@@ -386,8 +387,10 @@ class EasyConsistencyTuning(_Consistency):
     shrinking gap, best started from a diffusion / flow-matching teacher (``init_from_teacher``).
 
         sigma_t ~ lognormal(P_mean, P_std)
-        sigma_r = max(0, sigma_t (1 - n(sigma_t) / q^(a+1))),  n(sigma) = 1 + k sigmoid(-b sigma),  a = floor(step / stage_steps)
-        x_r = (1 - r) x0 + r eps  (shared eps; ``source='data'``)   or   one teacher step x_t -> r  (``source='teacher'``)
+        sigma_r = max(0, sigma_t (1 - n(sigma_t) / q^(a+1))),  n(sigma) = 1 + k sigmoid(-b sigma),
+            a = floor(step / stage_steps)
+        x_r = (1 - r) x0 + r eps  (shared eps; ``source='data'``)
+            or one teacher step x_t -> r  (``source='teacher'``)
         L = lambda(sigma_t, sigma_r) d(f_theta(x_t, t), sg f_theta(x_r, r)),  lambda = 1 / (sigma_t - sigma_r)
 
     At the first stages r is often 0, where f(x_r, 0) = x0: the loss is then denoising (diffusion
@@ -428,7 +431,8 @@ class EasyConsistencyTuning(_Consistency):
         self.stage_steps = check_count("stage_steps", stage_steps, 1)
         if q <= 1 or k < 0 or b < 0 or p_std <= 0:
             raise ValueError(
-                f"the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); got q={q}, k={k}, b={b}, p_std={p_std}"
+                "the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); "
+                f"got q={q}, k={k}, b={b}, p_std={p_std}"
             )
         self.source = check_source(source)
         if solver not in SOLVERS:

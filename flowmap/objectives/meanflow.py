@@ -54,7 +54,8 @@ class MeanFlow(Objective):
         p, c: adaptive weight 1 / (||delta||^2 + c)^p (paper: p = 1, c = 1e-3); p = 0 is plain L2.
         guidance, guidance_max: CFG scale folded into a distilled target (a range needs a student with
             ``guidance_input``); p_uncond: label dropout so the student also learns the null label.
-        jvp_backend: ``"forward_ad"`` (dual tensors, the fastest), ``"func"`` (torch.func.jvp) or ``"fd"`` (finite differences); fd_eps: its step;
+        jvp_backend: ``"forward_ad"`` (dual tensors, the fastest), ``"func"`` (torch.func.jvp) or ``"fd"``
+            (finite differences); fd_eps: its step;
         fd_dtype: ``"float64"`` takes the differences in float64 (``flowmap.jvp.promoted``), null: as the inputs.
     """
 

@@ -122,7 +122,8 @@ class ProgressiveDistillation(Objective):
 
     def rounds(self, step: int) -> int:
         """The round index r at ``step`` (0-based; stays at the last round after ``total_steps``):
-        round 0 spans [0, F), round r >= 1 spans [F + (r - 1) S, F + r S) with F = first_round_steps, S = steps_per_round."""
+        round 0 spans [0, F), round r >= 1 spans [F + (r - 1) S, F + r S) with F = first_round_steps,
+        S = steps_per_round."""
         k = check_step(step)
         if k < self.first_round_steps:
             return 0

@@ -74,8 +74,8 @@ class _SCM(Objective):
         tangent_c: c of the tangent normalization g / (||g|| + c) (paper: 0.1); None = off.
         adaptive: learn the log-variance weighting w_phi (else w = 0).
         guidance, guidance_max, p_uncond: CFG folded into the teacher's velocity (sCD only); label dropout.
-        jvp_backend: ``"forward_ad"``, ``"func"`` or ``"fd"``; fd_eps: its step; fd_dtype: ``"float64"`` takes the differences in
-            float64 (``flowmap.jvp.promoted``), null: in the inputs' dtype.
+        jvp_backend: ``"forward_ad"``, ``"func"`` or ``"fd"``; fd_eps: its step; fd_dtype: ``"float64"`` takes the
+            differences in float64 (``flowmap.jvp.promoted``), null: in the inputs' dtype.
         data_velocity: sCT's dx/dtheta, ``"conditional"`` (cos(theta) z - sin(theta) x0, paper) or ``"stf"``: the
             batch-posterior estimate of the linear path's E[eps - x0 | x_lin] (Xu et al. 2023, ``stable_target``;
             data samples only) moved onto TrigFlow time like a teacher's velocity.

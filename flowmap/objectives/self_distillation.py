@@ -10,8 +10,8 @@ and the off-diagonal by one self-distillation term with the velocity under stop-
     ESD (Eulerian,   Eq. 3.8):  ||d/ds X(I_s, s, t) + dX/dx(I_s, s, t) sg(u(I_s, s, s))||^2
     PSD (progressive, Eq. 3.10): ||X(I_s, s, t) - sg(X(X(I_s, s, m), m, t))||^2,  m ~ U[t, s]
 The LSD/ESD derivatives are differentiated *with* respect to theta (the student's own JVP under grad):
-``"forward_ad"`` (dual tensors with ``flowmap.jvp_rules.dual_rules``) or ``"func"`` (torch.func.jvp) runs forward-mode AD
-with autograd on, ``"fd"`` central differences (two with-grad forwards).
+``"forward_ad"`` (dual tensors with ``flowmap.jvp_rules.dual_rules``) or ``"func"`` (torch.func.jvp) runs
+forward-mode AD with autograd on, ``"fd"`` central differences (two with-grad forwards).
 Loss = L_FM + lambda_sd L_SD per sample.
 
 Sampling (diagonal and off-diagonal samples drawn separately): the flow-matching term uses its
@@ -83,8 +83,9 @@ class FlowMapSelfDistillation(Objective):
             is learned first; the ramp is the "tangent warm-up" of Lu & Song 2024 (sCM) applied to lambda_sd.
             At weight 0 the term is skipped (flow matching only, one forward).
         sd_target_ema: if > 0, the stop-gradient quantities (the velocity of LSD/ESD, the two jumps of PSD) come from
-            an EMA copy of the student with this decay (the EMA target network of Song et al. 2023, consistency models,
-            Sec. 5; ``fit`` keeps it and passes it as ``target``); 0 (default) is the paper's sg(theta) of the live weights.
+            an EMA copy of the student with this decay (the EMA target network of Song et al. 2023, consistency
+            models, Sec. 5; ``fit`` keeps it and passes it as ``target``); 0 (default) is the paper's sg(theta) of the
+            live weights.
         psd_space: PSD only. ``"map"`` (default, paper Eq. 3.10) compares flow maps X; ``"velocity"`` compares the
             average velocity u(I_s, s, t) with sg(((s - m) u(I_s, s, m) + (m - t) u(X(I_s, s, m), m, t)) / (s - t)),
             the same residual divided by (t - s), i.e. Eq. 3.10 weighted by 1 / (s - t)^2 (the self-consistency

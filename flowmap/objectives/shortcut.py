@@ -2,7 +2,7 @@
 
 The paper's step-size-conditioned s(x_t, t, d) is our average velocity with d = s - t (time runs
 1 = noise -> 0 = data, so a step of size d goes from s to s - d):
-    X(x, s, s - d) = x - d u(x, s, s - d)                              (the paper's x_{t+d} = x_t + s(x_t, t, d) d, Sec. 3)
+    X(x, s, s - d) = x - d u(x, s, s - d)                     (the paper's x_{t+d} = x_t + s(x_t, t, d) d, Sec. 3)
 
 Two losses share one with-grad forward over the batch:
     flow matching at d = 0:   u(x_s, s, s)      ~ v(x_s, s)              (empirical target, Sec. 3)
