@@ -177,7 +177,8 @@ def test_cd_loss_at_the_exact_map_is_the_teacher_step_error(ring8):
             medians.append(cd(student=exact, teacher=ring8, target=exact, x0=x0).loss.detach().median().item())
         ratios[solver] = medians[0] / medians[1]
         print(
-            f"CD loss at the exact map, {solver}: median N=32 {medians[0]:.3e}, N=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}"
+            f"CD loss at the exact map, {solver}: median N=32 {medians[0]:.3e}, N=64 {medians[1]:.3e}, "
+            f"ratio {ratios[solver]:.1f}"
         )
     assert 11 < ratios["euler"] < 22
     assert 40 < ratios["heun"] < 90
@@ -210,7 +211,8 @@ def test_consistency_training_gap_at_the_exact_map_is_first_order(ring8):
         out = ict(student=exact, target=exact, teacher=None, x0=x0, cond=None, step=step)
         gaps.append(out.logs["mse"].median().item())
     print(
-        f"iCT at the exact map: median squared gap {gaps[0]:.3e} (N=11) -> {gaps[1]:.3e} (N=161), {gaps[0] / gaps[1]:.1f}x smaller"
+        f"iCT at the exact map: median squared gap {gaps[0]:.3e} (N=11) -> {gaps[1]:.3e} (N=161), "
+        f"{gaps[0] / gaps[1]:.1f}x smaller"
     )
     assert gaps[0] / gaps[1] > 100
 

@@ -46,7 +46,8 @@ def test_loss_vanishes_at_the_exact_map_and_not_at_a_bent_one():
     torch.manual_seed(0)
     bent = obj(student=Bent(mean, 0.7), teacher=flow, target=None, x0=x0, cond=None, step=0)
     print(
-        f"ctm: exact max loss {out.loss.max():.2e} (ctm {out.logs['ctm'].max():.2e}); 10% bent median {bent.loss.median():.2e}"
+        f"ctm: exact max loss {out.loss.max():.2e} (ctm {out.logs['ctm'].max():.2e}); "
+        f"10% bent median {bent.loss.median():.2e}"
     )
     assert out.logs["dsm"].max() < 1e-20  # the diagonal is the teacher's velocity
     assert out.logs["ctm"].max() < 1e-6  # Heun segment error (40 steps) only

@@ -116,7 +116,8 @@ def test_round_zero_loss_at_the_exact_map_is_the_teacher_two_step_error(ring8):
             medians.append(out.loss.detach().median().item())
         ratios[solver] = medians[0] / medians[1]
         print(
-            f"PD round-0 loss at the exact map, {solver}: median N0=32 {medians[0]:.3e}, N0=64 {medians[1]:.3e}, ratio {ratios[solver]:.1f}"
+            f"PD round-0 loss at the exact map, {solver}: median N0=32 {medians[0]:.3e}, N0=64 {medians[1]:.3e}, "
+            f"ratio {ratios[solver]:.1f}"
         )
     assert 3.2 < ratios["euler"] < 4.8
     assert 12 < ratios["heun"] < 20

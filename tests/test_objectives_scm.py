@@ -96,7 +96,8 @@ def test_tangent_vanishes_at_the_exact_gmm_map_fd_backend():
     x0 = teacher.sample(16, generator=torch.Generator().manual_seed(4)).double()
     out = obj(student=exact, teacher=teacher, target=None, x0=x0, cond=None, step=0)
     print(
-        f"scd at the exact ring8 map (fd): max ||g|| {out.logs['tangent_norm'].max():.1e}, median {out.logs['tangent_norm'].median():.1e}"
+        f"scd at the exact ring8 map (fd): max ||g|| {out.logs['tangent_norm'].max():.1e}, "
+        f"median {out.logs['tangent_norm'].median():.1e}"
     )
     assert out.logs["tangent_norm"].median() < 1e-7 and out.logs["tangent_norm"].max() < 1e-4
 
@@ -303,7 +304,8 @@ def test_sct_longer_run_cuts_one_step_error_five_fold():
         source="data",
     )
     print(
-        f"sct ring8, 3000 steps: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} (EMA; ratio {after / before:.3f}); "
+        f"sct ring8, 3000 steps: 1-NFE rmse untrained {before:.3f} -> trained {after:.3f} "
+        f"(EMA; ratio {after / before:.3f}); "
         f"teacher 2-step Euler {euler2:.3f}; {secs:.0f}s"
     )
     assert after <= before / 5

@@ -50,7 +50,8 @@ def test_loss_vanishes_at_the_exact_map(name, backend, options):
     torch.manual_seed(0)
     off = obj(student=bent, teacher=None, target=bent if options else None, x0=x0, cond=None, step=step)
     print(
-        f"{name} ({backend}, {options}): exact max loss {out.loss.max():.2e}; bent median sd {off.logs['sd'].median():.2e}"
+        f"{name} ({backend}, {options}): exact max loss {out.loss.max():.2e}; "
+        f"bent median sd {off.logs['sd'].median():.2e}"
     )
     assert out.loss.max() < (1e-12 if backend == "fd" else 1e-20)
     assert off.logs["sd"].median() > 1e-6
@@ -131,7 +132,10 @@ def test_primal_gradient_keeps_the_loss_and_trains_only_through_u(name, backend)
             sign = -1.0 if name == "fmsd_eulerian" else 1.0  # r = sign * (u - target)
             ref = torch.autograd.grad((u - (u.detach() - sign * r)).pow(2).sum(), params)
     torch.testing.assert_close(losses["primal"], losses["full"], rtol=tol, atol=1e-9)
-    flat = lambda gs: torch.cat([g.flatten() for g in gs])
+
+    def flat(gs):
+        return torch.cat([g.flatten() for g in gs])
+
     assert float((flat(grads["primal"]) - flat(ref)).norm()) < tol * float(flat(ref).norm())
     assert float((flat(grads["primal"]) - flat(grads["full"])).norm()) > 1e-3 * float(flat(grads["full"]).norm())
 
@@ -407,7 +411,8 @@ def test_self_distillation_from_ring8_data_cuts_errors_five_fold(name):
     after = nfe_errors(ema)
     r1, r2 = after[0] / before[0], after[1] / before[1]
     print(
-        f"{name} ring8 from data, batch 1024: 1-NFE ratio {r1:.3f}, 2-NFE ratio {r2:.3f}; {time.process_time() - t0:.0f}s CPU"
+        f"{name} ring8 from data, batch 1024: 1-NFE ratio {r1:.3f}, 2-NFE ratio {r2:.3f}; "
+        f"{time.process_time() - t0:.0f}s CPU"
     )
     assert r1 <= 0.2 and r2 <= 0.2
     assert r2 <= r1 + 0.02
