@@ -185,8 +185,8 @@ def one_step_error(flow_map: nn.Module, n: int = 1000) -> float:
 
 def assert_fd64_matches_func(student: nn.Module, config: dict, teacher: nn.Module, x0: torch.Tensor) -> None:
     """A JVP objective built from ``config`` gives the same per-sample loss (same draws) with ``jvp_backend: func``,
-    with ``forward_ad`` and with float64 finite differences (``jvp_backend: fd, fd_dtype: float64``), and the float32 student comes
-    back bit-identical from the promoted tangent pass."""
+    with ``forward_ad`` and with float64 finite differences (``jvp_backend: fd, fd_dtype: float64``), and the float32
+    student comes back bit-identical from the promoted tangent pass."""
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))  # wake the zero-initialized layers

@@ -279,7 +279,8 @@ def test_distill_script_detects_the_folder_and_builds_the_teacher_from_yaml(tmp_
     config = tmp_path / "cd.yaml"
     config.write_text(
         "model:\n"
-        "  student: {net: {name: unet, data_shape: [1, 8, 8], channels: 8, channel_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [], emb_dim: 32}}\n"
+        "  student: {net: {name: unet, data_shape: [1, 8, 8], channels: 8, channel_mult: [1, 2], num_res_blocks: 1, "
+        "attn_resolutions: [], emb_dim: 32}}\n"
         "  objective: {name: cd, steps: 4, solver: euler}\n"
         "data:\n"
         "  class_path: flowmap.lightning.datamodules.TensorDataModule\n"

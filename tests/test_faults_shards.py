@@ -196,8 +196,8 @@ def test_hole3_index_without_count_is_one_line_from_the_script(tmp_path, capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert (
-        err[-1]
-        == f"error: {str(root / 'index.json')!r} lacks the required field 'count'; rewrite it with scripts/make_shards.py"
+        err[-1] == f"error: {str(root / 'index.json')!r} lacks the required field 'count'; "
+        "rewrite it with scripts/make_shards.py"
     )
     # garbled JSON: the file and the parser's position
     (root / "index.json").write_text('{"format": "flowmap-shards", "count": 5')

@@ -59,7 +59,8 @@ def test_features_separate_digits_from_noise_and_match_our_formulas(trained):
     real = fid_kid_from_features(f_train, f_test, kid_subsets=20, kid_subset_size=200)
     fake = fid_kid_from_features(f_train, f_noise, kid_subsets=20, kid_subset_size=200)
     print(
-        f"FD test vs train {real['fd']:.3f}, noise vs train {fake['fd']:.3f}; KID {real['kid']:.4f} vs {fake['kid']:.4f}"
+        f"FD test vs train {real['fd']:.3f}, noise vs train {fake['fd']:.3f}; "
+        f"KID {real['kid']:.4f} vs {fake['kid']:.4f}"
     )
     assert fake["fd"] > 20 * real["fd"]
     assert fake["kid"] > 20 * abs(real["kid"])

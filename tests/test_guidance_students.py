@@ -89,17 +89,7 @@ def test_clear_errors_where_guidance_cannot_apply(name):
 def test_guided_student_tracks_the_exact_guided_map_at_each_w():
     """Long (~300 s on one thread on 2 shared cores): issue 8's 1/5 at every w, 1-NFE, evaluation EMA (0.998) weights.
 
-    Measured 1-NFE ratios (error over the untrained student's) at w = 1 / 2 / 4, width 128, 3500 steps:
-      batch 512, lr 1e-3 (this test), seed 0: EMA 0.166 / 0.163 / 0.155, raw weights 0.165 / 0.171 / 0.170;
-        seed 1 (student init, batches, data pool from seed 6; untrained error 0.84 instead of 1.09, about the same
-        absolute errors after): EMA 0.196 / 0.159 / 0.156 (only just), raw 0.212 / 0.184 / 0.188 (misses at w = 1);
-        4500 steps, seed 1: EMA 0.200 / 0.202 / 0.220, raw 0.214 / 0.212 / 0.226 (more steps do not help);
-      batch 512, lr 5e-4, seed 1: EMA 0.208 / 0.206 / 0.214;  batch 256, lr 1e-3, seed 0: raw 0.170 / 0.178 / 0.195,
-        EMA 0.171 / 0.174 / 0.186;  batch 256, lr 2e-3 (before), seed 0: raw 0.208 / 0.208 / 0.207, EMA 0.201 / 0.192 /
-        0.204 (tangent_c 1: raw 0.200 / 0.193 / 0.222). At lr 2e-3 the raw ratios swing between 0.2 and 0.57 until the
-        cosine decay: the end point is noise-limited, which the larger batch, lower lr and the EMA cut. Earlier (lr 2e-3,
-        batch 256): 2500 steps w = 4 0.218; 4500 steps 0.183 / 0.237 / 0.295; width 64 / emb 64, 1500 steps: 0.371 /
-        0.298 / 0.283. So 1/5 holds at seed 0 with ~17% margin and at seed 1 with ~2%: the seed spread is ~0.03."""
+    The bound is the issue's 1/5 itself; measurements in docs/measurements.md."""
     torch.set_num_threads(1)
     teacher = preset_mixture("ring8")
     n = 500

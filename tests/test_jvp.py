@@ -115,7 +115,8 @@ def test_func_and_fd_match_float64_reference(name):
     e_promoted, e_dual, e_dual64 = rel(d_fd_promoted, ref), rel(d_dual, ref), rel(d_dual64, ref)
     print(
         f"{name}: rel. error vs float64 reference: forward_ad(f64) {e_dual64:.2e}  forward_ad(f32) {e_dual:.2e}  "
-        f"func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  fd(f32) {e_fd32:.2e}"
+        f"func(f32) {e_func:.2e}  fd(f64) {e_fd64:.2e}  fd(f32 net, fd_dtype=float64) {e_promoted:.2e}  "
+        f"fd(f32) {e_fd32:.2e}"
     )
     assert d_func.dtype == torch.float32 and d_fd64.dtype == torch.float64 and d_fd_promoted.dtype == torch.float32
     assert d_dual.dtype == torch.float32 and d_dual64.dtype == torch.float64
@@ -137,7 +138,8 @@ def test_func_and_fd_match_float64_reference(name):
 @pytest.mark.parametrize("name", ["mlp", "unet", "dit"])
 def test_constant_weight_rules_match_pytorchs_rules_and_fire(name, monkeypatch):
     """flowmap.jvp_rules: linear layers on dual inputs take one product (dx W^T) instead of PyTorch's
-    dx W^T + x 0^T; the tangent equals PyTorch's own rule and every linear layer that carries a tangent goes through it."""
+    dx W^T + x 0^T; the tangent equals PyTorch's own rule and every linear layer that carries a tangent goes
+    through it."""
     from flowmap import jvp_rules
 
     student = randomized_student(name)

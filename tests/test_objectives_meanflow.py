@@ -30,7 +30,8 @@ def test_loss_vanishes_at_exact_gmm_map_fd_backend():
     out = obj(student=exact, teacher=teacher, target=None, x0=x0, cond=None, step=0)
     scale = 2.0 + x0.pow(2).mean()  # E||eps - x0||^2 / dim, the size of u^2
     print(
-        f"meanflow at exact GMM map: max mse {out.logs['mse'].max():.2e}, median {out.logs['mse'].median():.2e} (u^2 ~ {scale:.1f})"
+        f"meanflow at exact GMM map: max mse {out.logs['mse'].max():.2e}, median {out.logs['mse'].median():.2e} "
+        f"(u^2 ~ {scale:.1f})"
     )
     assert out.logs["mse"].max() < 1e-8 * scale  # RK4 (40 steps per jump) and fd (h = 1e-6) errors
     assert out.logs["mse"].median() < 1e-12 * scale

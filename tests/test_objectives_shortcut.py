@@ -46,7 +46,8 @@ def test_exact_map_zero_except_finest_anchor(source, sigma0):
         assert out.loss[fm].max() < 1e-24 and out.loss[others].max() < 1e-24
         finest_means.append(float(out.loss[finest].mean()))
     print(
-        f"shortcut ({source}) exact map: finest-level loss (two Euler steps of the d=0 velocity) for k=3,4,5: {finest_means}"
+        f"shortcut ({source}) exact map: finest-level loss (two Euler steps of the d=0 velocity) "
+        f"for k=3,4,5: {finest_means}"
     )
     if sigma0 > 0:  # the Euler anchor's error is O(d) in u: the squared loss drops ~4x or more per level
         assert finest_means[0] > 3 * finest_means[1] > 9 * finest_means[2] > 0
@@ -138,7 +139,8 @@ def test_distillation_on_ring8_cuts_one_step_error_and_samples_with_any_dyadic_s
     z, ref = ring8_reference()
     errs = {n: round(flow_map_rmse(sample(ema, z, n), ref), 4) for n in (1, 2, 4, 8, 16)}
     print(
-        f"shortcut ring8: 1-NFE rmse untrained {before:.3f} -> trained {errs[1]:.3f} (EMA; ratio {errs[1] / before:.3f}); "
+        f"shortcut ring8: 1-NFE rmse untrained {before:.3f} -> trained {errs[1]:.3f} "
+        f"(EMA; ratio {errs[1] / before:.3f}); "
         f"rmse by number of steps {errs}; {STEPS} steps in {time.time() - t0:.0f}s"
     )
     assert errs[1] <= before / 5

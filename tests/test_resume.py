@@ -134,11 +134,11 @@ def test_distillation_resume_is_exact_including_round_state(tmp_path, shards):
 def test_resuming_with_another_method_or_module_is_one_clear_error(tmp_path, shards, capsys):
     from flowmap.lightning.cli import main_guard
 
-    model = lambda objective: (
-        f"""  student: {{net: {NET}}}
+    def model(objective):
+        return f"""  student: {{net: {NET}}}
   objective: {objective}
   teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""
-    )  # noqa: E731
+
     _run("distill", _config(tmp_path, "cd", shards, 3, model("{name: cd}")), tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["flowmap_run"] == {"kind": "DistillModule", "method": "cd"}

@@ -91,7 +91,7 @@ def test_offline_wandb_run_holds_losses_config_and_sample_images(tmp_path, monke
 
     try:
         _run_cli(tmp_path, "--logger", "wandb", "--sample_every", "2")
-    finally:  # finish the run and stop wandb's service so the offline file is complete (a CLI process does this at exit)
+    finally:  # finish the run and stop wandb's service so the offline file is complete (a CLI process does so at exit)
         wandb.finish()
         wandb.teardown()
     runs = list((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*"))
