@@ -1095,6 +1095,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip", default="", help="comma-separated parts to skip: cost, peer, plots")
     p.add_argument(
+        "--realistic",
+        action="store_true",
+        help="also time realistic-size nets (scripts/benchmark_scale.py) and the webdataset loader at 64 and 256 px "
+        "(scripts/benchmark_loader.py) on --device; tables in <out>/REALISTIC.md",
+    )
+    p.add_argument(
         "--scale", type=float, default=1.0, help="multiply every training step count (teachers, students, peer)"
     )
     return p.parse_args(argv)
@@ -1332,8 +1338,38 @@ def main(argv: list[str] | None = None) -> dict:
 
     log("writing RESULTS.md, results.json and plots")
     write_report(results, samples, out, plots="plots" not in skip)
+    if a.realistic:
+        realistic(out, a.device, threads)
     log(f"done in {time.time() - start:.0f} s: {out / 'RESULTS.md'}, {out / 'results.json'}")
     return results
+
+
+def realistic(out: Path, device: str, threads: int) -> None:
+    """Realistic sizes, one run: each method's step over a flow-matching step, peak memory, forward-mode rule vs
+    torch.func, compiled vs eager, 1-NFE sampling vs a raw forward (``benchmark_scale``), and the webdataset
+    loader's samples/s at 0-4 workers beside a DiT-S step (``benchmark_loader``); written to REALISTIC.md."""
+    import benchmark_loader
+    import benchmark_scale
+
+    where = f"--device {device}, {threads} thread(s)"
+    log(f"realistic sizes: nets and loader ({where})")
+    scale = benchmark_scale.main(["--device", device, "--threads", str(threads)])
+    loader = benchmark_loader.main(["--threads", str(threads)])
+    text = [
+        "# Realistic sizes",
+        "",
+        f"Measured by `scripts/benchmark.py --realistic` ({scale['where']}); absolute times are this machine's.",
+        "",
+        benchmark_scale.table(scale),
+        "",
+        benchmark_scale.paper_table(scale["paper"], 8, 32) if scale.get("paper") else "",
+        "",
+        "## Data throughput (samples/s)",
+        "",
+        benchmark_loader.table(loader),
+        "",
+    ]
+    (out / "REALISTIC.md").write_text("\n".join(text))
 
 
 def _feature_extractor(inception_weights: str | None, cache: Path, budget: Budget):
