@@ -457,6 +457,18 @@ class DamageWindow:
         rings, states = self._rows()
         return int(states[reader, 1]), int(min(states[reader, 0], rings.shape[1]))
 
+    def record(
+        self, reader: int, n: int, damaged: bool, max_fraction: float, min_samples: int, where: str, last_error: str
+    ) -> None:
+        """Record ``n`` samples of ``reader``; raise ``CorruptShardError`` (naming ``where``) when, once the reader has
+        tried ``min_samples``, more than ``max_fraction`` of its window was damaged or missing."""
+        bad, total = self.add(reader, n, damaged)
+        if total >= min_samples and bad > max_fraction * total:
+            raise CorruptShardError(
+                f"{bad} of the last {total} samples read from {where} were damaged or missing, more than "
+                f"max_corrupt_fraction={max_fraction}; last error: {last_error or 'a short shard'}"
+            )
+
     def totals(self) -> tuple[int, int]:
         """(intact, damaged) samples read by all readers since the window was made."""
         good, bad = self.state[:, 2:].sum(0).tolist()
@@ -684,13 +696,10 @@ class ShardStream(IterableDataset):
 
     def _count(self, slot: int, worker: int, reader: _ShardReader, n: int, damaged: bool) -> None:
         """Record ``n`` samples of this worker in the damage window; raise past the limit."""
-        bad, total = self.damage.add(worker, n, damaged)
-        if total >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * total:
-            raise CorruptShardError(
-                f"{bad} of the last {total} samples read from {str(self.index.root)!r} (rank {self.rank}, slot {slot}) "
-                f"were damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
-                f"last error: {reader.last_error or 'a short shard'}"
-            )
+        where = f"{str(self.index.root)!r} (rank {self.rank}, slot {slot})"
+        self.damage.record(
+            worker, n, damaged, self.max_corrupt_fraction, self.corrupt_min_samples, where, reader.last_error
+        )
 
 
 # --- benchmark ---------------------------------------------------------------------------------------

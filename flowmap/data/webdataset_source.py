@@ -304,13 +304,10 @@ class WebDatasetStream(IterableDataset):
 
     def _count(self, slot: int, worker: int, reader: _Reader, n: int, damaged: bool) -> None:
         """Record ``n`` samples in this reader's window; raise past the limit."""
-        bad, total = self.damage.add(worker, n, damaged)
-        if total >= self.corrupt_min_samples and bad > self.max_corrupt_fraction * total:
-            raise CorruptShardError(
-                f"{bad} of the last {total} samples read from {self.source!r} (rank {self.rank}, reader {slot}) were "
-                f"damaged or missing, more than max_corrupt_fraction={self.max_corrupt_fraction}; "
-                f"last error: {reader.last_error or 'a short shard'}"
-            )
+        where = f"{self.source!r} (rank {self.rank}, reader {slot})"
+        self.damage.record(
+            worker, n, damaged, self.max_corrupt_fraction, self.corrupt_min_samples, where, reader.last_error
+        )
 
 
 class _Reader:
