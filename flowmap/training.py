@@ -124,31 +124,15 @@ def fit(
     batches: Callable[[int], Batch] | Iterator[Batch],
     steps: int,
     teacher: Teacher | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    grad_clip: float | None = 1.0,
     callback: Callable[[int, LossOutput], None] | None = None,
-    lr_final: float | None = None,
-    fused: bool | None = None,
     **options,
 ) -> list[float]:
-    """Train ``student`` with ``objective`` for ``steps`` Adam steps (``TrainLoop``); returns the mean loss per step.
+    """Train ``student`` with ``objective`` for ``steps`` steps of ``TrainLoop``; returns the mean loss per step.
 
-    ``batches`` is either a function step -> (x0, cond) or an iterator of (x0, cond). ``lr_final`` turns on a
-    half-cosine decay of the learning rate from ``lr`` to ``lr_final`` over the run (Loshchilov & Hutter 2017);
-    ``options`` go to ``TrainLoop`` (warmup_steps, betas, decoupled, ema, max_nonfinite, ...)."""
-    loop = TrainLoop(
-        student,
-        objective,
-        teacher,
-        lr=lr,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        lr_final=lr_final,
-        steps=steps,
-        fused=fused,
-        **options,
-    )
+    ``batches`` is either a function step -> (x0, cond) or an iterator of (x0, cond); ``options`` are
+    ``TrainLoop``'s (lr, lr_final or lr_final_ratio for the half-cosine decay over the run, warmup_steps,
+    grad_clip, weight_decay, betas, decoupled, fused, ema, max_nonfinite)."""
+    loop = TrainLoop(student, objective, teacher, steps=steps, **options)
     history: list[Tensor] = []
     for step in range(steps):
         x0, cond = batches(step) if callable(batches) else next(batches)
