@@ -49,7 +49,7 @@ def _one_line(err: BaseException) -> str:
 def _is_user_error(err: BaseException, root: BaseException) -> bool:
     """User mistakes (bad values, paths, files) and the faults a run stops on (non-finite loss, corrupt data)."""
     from flowmap.data.shards import CorruptShardError
-    from flowmap.lightning.training_mixin import NonFiniteLossError
+    from flowmap.nonfinite import NonFiniteLossError
 
     faults = (ValueError, OSError, KeyError, NonFiniteLossError, CorruptShardError)
     lightning_config = any(c.__name__ == "MisconfigurationException" for c in type(root).__mro__)

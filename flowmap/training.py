@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.ema import EMASchedule, ema_update, frozen_copy
+from flowmap.nonfinite import NonFiniteCounter, all_finite, guarded_step
 from flowmap.optim import adam
 from flowmap.schedule import check_schedule, learning_rate
 from flowmap.types import LossOutput, Teacher
@@ -60,8 +61,6 @@ class TrainLoop:
                 raise ValueError("give lr_final or lr_final_ratio, not both")
             lr_final = lr * lr_final_ratio
         check_schedule(lr, steps if lr_final is not None else None, warmup_steps, lr_final)
-        if max_nonfinite is not None and max_nonfinite < 1:
-            raise ValueError(f"max_nonfinite must be >= 1, got {max_nonfinite}")
         self.student, self.objective, self.teacher = student, objective, teacher
         self.lr, self.lr_final, self.steps, self.grad_clip = lr, lr_final, steps, grad_clip
         self.warmup_steps, self.max_nonfinite = warmup_steps, max_nonfinite
@@ -76,7 +75,7 @@ class TrainLoop:
             params += list(extra())
         self.params = params
         self.opt = adam(params, lr=lr, betas=betas, weight_decay=weight_decay, decoupled=decoupled, fused=fused)
-        self.guard: Tensor | None = None  # (in a row, total, longest run since the last read) on the device
+        self.guard = NonFiniteCounter(max_nonfinite) if max_nonfinite is not None else None
         self.k = 0
         student.train()
 
@@ -84,8 +83,9 @@ class TrainLoop:
         """The learning rate of step ``step`` (0-based)."""
         return learning_rate(step, self.lr, self.steps, self.warmup_steps, self.lr_final)
 
-    def step(self, x0: Tensor, cond: Tensor | None = None) -> tuple[float, LossOutput]:
-        """One step on the batch (x0, cond); returns (the mean loss, the objective's output)."""
+    def step(self, x0: Tensor, cond: Tensor | None = None) -> tuple[Tensor, LossOutput]:
+        """One step on the batch (x0, cond); returns (the mean loss, a 0-d tensor on the device: reading it is the
+        caller's host sync, the objective's output)."""
         out = self.objective(
             student=self.student, teacher=self.teacher, target=self.target, x0=x0, cond=cond, step=self.k
         )
@@ -97,53 +97,25 @@ class TrainLoop:
         if self.lr_final is not None or self.warmup_steps:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.k)
-        if self.max_nonfinite is None:
+        active, stepped = None, True
+        if self.guard is None:
             self.opt.step()
-            active = None
-        else:
-            active = self._guarded_step(loss)
-        if self.ema is not None:
+        else:  # the shells' guard (``flowmap.nonfinite``): on the device with a fused optimizer, else on the host
+            finite = all_finite(loss, self.params, loss.device)
+            active = finite if guarded_step(self.opt, finite) else None
+            stepped = active is not None or bool(finite)
+            self.guard.update(finite, self.k)
+        if stepped and self.ema is not None:
             ema_update(self.ema, self.student, self.ema_schedule(self.k), active)
-        if self.target is not None:
+        if stepped and self.target is not None:
             ema_update(self.target, self.student, self.objective.target_decay(self.k), active)
         self.k += 1
-        return float(loss.detach()), out
-
-    def _guarded_step(self, loss: Tensor) -> Tensor:
-        """The optimizer step when the loss and every gradient are finite, as ``TrainingMixin.optimizer_step``
-        (a fused optimizer skips through ``found_inf``); counts skipped steps; returns the 0-d bool decision."""
-        checks = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
-        finite = torch.stack([*checks, torch.isfinite(loss).all()]).all()
-        if self.opt.defaults.get("fused"):
-            self.opt.found_inf = (~finite).to(torch.float32)
-            try:
-                self.opt.step()
-            finally:
-                del self.opt.found_inf
-        elif bool(finite):
-            self.opt.step()
-        else:
-            self.opt.zero_grad(set_to_none=True)
-        counts = self.guard if self.guard is not None else torch.zeros(3, dtype=torch.long, device=finite.device)
-        bad = (~finite).long()
-        run = (counts[0] + 1) * bad
-        self.guard = counts = torch.stack([run, counts[1] + bad, torch.maximum(counts[2], run)])
-        if (self.k + 1) % self.max_nonfinite == 0:  # one host read per ``max_nonfinite`` steps
-            longest = int(counts[2])
-            counts[2] = 0
-            if longest >= self.max_nonfinite:
-                from flowmap.lightning.training_mixin import NonFiniteLossError  # (torch only; the shells' error)
-
-                raise NonFiniteLossError(
-                    f"{longest} training steps in a row had a non-finite loss or gradient "
-                    f"(step {self.k}); lower the learning rate, enable gradient clipping, or check the data"
-                )
-        return finite
+        return loss.detach(), out
 
     @property
     def nonfinite_total(self) -> int:
         """The number of steps skipped by the non-finite guard."""
-        return 0 if self.guard is None else int(self.guard[1])
+        return 0 if self.guard is None else self.guard.total
 
 
 def fit(
@@ -152,32 +124,16 @@ def fit(
     batches: Callable[[int], Batch] | Iterator[Batch],
     steps: int,
     teacher: Teacher | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    grad_clip: float | None = 1.0,
     callback: Callable[[int, LossOutput], None] | None = None,
-    lr_final: float | None = None,
-    fused: bool | None = None,
     **options,
 ) -> list[float]:
-    """Train ``student`` with ``objective`` for ``steps`` Adam steps (``TrainLoop``); returns the mean loss per step.
+    """Train ``student`` with ``objective`` for ``steps`` steps of ``TrainLoop``; returns the mean loss per step.
 
-    ``batches`` is either a function step -> (x0, cond) or an iterator of (x0, cond). ``lr_final`` turns on a
-    half-cosine decay of the learning rate from ``lr`` to ``lr_final`` over the run (Loshchilov & Hutter 2017);
-    ``options`` go to ``TrainLoop`` (warmup_steps, betas, decoupled, ema, max_nonfinite, ...)."""
-    loop = TrainLoop(
-        student,
-        objective,
-        teacher,
-        lr=lr,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        lr_final=lr_final,
-        steps=steps,
-        fused=fused,
-        **options,
-    )
-    history: list[float] = []
+    ``batches`` is either a function step -> (x0, cond) or an iterator of (x0, cond); ``options`` are
+    ``TrainLoop``'s (lr, lr_final or lr_final_ratio for the half-cosine decay over the run, warmup_steps,
+    grad_clip, weight_decay, betas, decoupled, fused, ema, max_nonfinite)."""
+    loop = TrainLoop(student, objective, teacher, steps=steps, **options)
+    history: list[Tensor] = []
     for step in range(steps):
         x0, cond = batches(step) if callable(batches) else next(batches)
         loss, out = loop.step(x0, cond)
@@ -185,4 +141,4 @@ def fit(
         if callback is not None:
             callback(step, out)
     student.eval()
-    return history
+    return torch.stack(history).tolist() if history else []  # one host read for the whole run

@@ -975,7 +975,7 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
 
         def step_ours(x0: Tensor, i: int) -> float:
             torch.manual_seed(step_seeds[i])
-            return ours.step(x0)[0]
+            return float(ours.step(x0)[0])
 
         def peer_step(name: str, schedule: bool) -> Callable[[Tensor, int], float]:
             net, opt = nets[name], peer_opts[name]

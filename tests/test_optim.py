@@ -84,7 +84,7 @@ def test_train_loop_schedule_and_fit_agree() -> None:
     batches = [torch.randn(16, 3, generator=g) for _ in range(steps)]
     held = torch.cat(batches)
     before = float((net_a(held) - held.flip(1)).pow(2).mean())
-    hist_a = [loop.step(x)[0] for x in batches]
+    hist_a = [float(loop.step(x)[0]) for x in batches]
     assert loop.opt.param_groups[0]["lr"] == pytest.approx(lr_final)
     hist_b = fit(net_b, _Regression(), lambda k: (batches[k], None), steps, lr=lr, lr_final=lr_final)
     assert hist_a == pytest.approx(hist_b, rel=1e-6)

@@ -41,10 +41,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, TensorDataset, get_worker_info
+from torch.utils.data import Dataset, TensorDataset
 
 from flowmap.data.images import ImageFolderDataset, UInt8ImageDataset, model_to_uint8, uint8_to_model
-from flowmap.data.registry import DataSource, mix_seed
+from flowmap.data.registry import DataSource
+from flowmap.data.slot_stream import CorruptShardError, DamageWindow, SlotStream  # noqa: F401  (re-exported)
 
 log = logging.getLogger("flowmap.data.shards")
 
@@ -57,10 +58,6 @@ SPLIT_MODES = ("by_shard", "by_rank")
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK  # tarfile pads a closed archive to a multiple of 10 KiB
 KEY_DIGITS = 9
-
-
-class CorruptShardError(RuntimeError):
-    """More than ``max_corrupt_fraction`` of the samples a stream tried to read were damaged or missing."""
 
 
 # --- the index -----------------------------------------------------------------------------------------
@@ -409,72 +406,6 @@ def read_all(root: str | Path) -> tuple[Tensor, Tensor]:
 # --- reading: one shard, with damage accounting ----------------------------------------------------------
 
 
-class DamageWindow:
-    """Which of the last ``size`` samples each of ``readers`` readers tried to read were damaged, in shared memory:
-    the tally survives epochs and DataLoader worker restarts (each worker writes only its own row).
-
-    ``ring`` (readers, size) uint8 holds 1 for a damaged sample at position (samples recorded) mod size;
-    ``state`` (readers, 4) int64 holds samples recorded, damaged ones in the window, intact and damaged in total."""
-
-    def __init__(self, readers: int, size: int) -> None:
-        if readers < 1 or size < 1:
-            raise ValueError(f"a damage window needs readers >= 1 and size >= 1, got {readers}, {size}")
-        self.ring = torch.zeros(readers, size, dtype=torch.uint8).share_memory_()
-        self.state = torch.zeros(readers, 4, dtype=torch.long).share_memory_()
-        self._views: tuple[np.ndarray, np.ndarray] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_views": None}  # numpy views would pickle as copies; the tensors stay shared
-
-    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """numpy views of ``ring`` and ``state``, made once (``Tensor.numpy`` costs a few us). A forked worker
-        inherits them still mapped onto the shared memory; a spawned one gets the tensors and makes its own."""
-        if self._views is None:
-            self._views = (self.ring.numpy(), self.state.numpy())
-        return self._views
-
-    def add(self, reader: int, n: int, damaged: bool) -> tuple[int, int]:
-        """Record ``n`` samples of ``reader`` as intact or damaged; returns ``recent(reader)``."""
-        rings, states = self._rows()
-        ring, state, flag = rings[reader], states[reader], int(damaged)
-        size, done = len(ring), int(state[0])
-        if n == 1:  # the common case (one sample): scalar updates only
-            pos = done % size
-            if ring[pos] != flag:
-                state[1] += 1 if flag else -1
-                ring[pos] = flag
-        elif n > 1:  # only the last min(n, size) of the n records stay in the window
-            k = min(n, size)
-            idx = (done + n - k + np.arange(k)) % size
-            state[1] += flag * k - int(ring[idx].sum())
-            ring[idx] = flag
-        state[0] = done + max(n, 0)
-        state[2 + flag] += max(n, 0)
-        return int(state[1]), min(done + max(n, 0), size)
-
-    def recent(self, reader: int) -> tuple[int, int]:
-        """(damaged, samples) over ``reader``'s window: its last ``size`` samples, or all it has read if fewer."""
-        rings, states = self._rows()
-        return int(states[reader, 1]), int(min(states[reader, 0], rings.shape[1]))
-
-    def record(
-        self, reader: int, n: int, damaged: bool, max_fraction: float, min_samples: int, where: str, last_error: str
-    ) -> None:
-        """Record ``n`` samples of ``reader``; raise ``CorruptShardError`` (naming ``where``) when, once the reader has
-        tried ``min_samples``, more than ``max_fraction`` of its window was damaged or missing."""
-        bad, total = self.add(reader, n, damaged)
-        if total >= min_samples and bad > max_fraction * total:
-            raise CorruptShardError(
-                f"{bad} of the last {total} samples read from {where} were damaged or missing, more than "
-                f"max_corrupt_fraction={max_fraction}; last error: {last_error or 'a short shard'}"
-            )
-
-    def totals(self) -> tuple[int, int]:
-        """(intact, damaged) samples read by all readers since the window was made."""
-        good, bad = self.state[:, 2:].sum(0).tolist()
-        return int(good), int(bad)
-
-
 class _ShardReader:
     """Reads the samples of one shard through webdataset's tar reader, keeping those with ``mine(key)``.
     ``good`` counts samples yielded, ``bad`` samples lost: undecodable ones at once, and at the end of a shard
@@ -543,7 +474,7 @@ class _ShardReader:
 # --- the stream ----------------------------------------------------------------------------------------
 
 
-class ShardStream(IterableDataset):
+class ShardStream(SlotStream):
     """Batches (x (B, *shape) float32, y (B,) long) from a shard directory; ``len()`` = ``epoch_length`` batches.
 
     Every (rank, DataLoader worker) pair is a *slot*; there are world_size x num_workers slots.
@@ -583,38 +514,23 @@ class ShardStream(IterableDataset):
         corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0:
-            raise ValueError(
-                "batch_size and epoch_length must be >= 1 and shuffle_buffer >= 0, "
-                f"got {batch_size}, {epoch_length}, {shuffle_buffer}"
-            )
         if split not in SPLIT_MODES:
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
-        if not 0.0 <= max_corrupt_fraction <= 1.0:
-            raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {max_corrupt_fraction}")
-        if corrupt_window < 1 or corrupt_min_samples < 1:
-            raise ValueError(
-                f"corrupt_window and corrupt_min_samples must be >= 1, got {corrupt_window}, {corrupt_min_samples}"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.index = read_index(root)
-        self.batch_size, self.epoch_length, self.shuffle_buffer = (
-            int(batch_size),
-            int(epoch_length),
-            int(shuffle_buffer),
+        self.split = split
+        self.setup_slots(
+            batch_size,
+            epoch_length,
+            shuffle_buffer,
+            seed,
+            resample,
+            rank,
+            world_size,
+            num_workers,
+            max_corrupt_fraction,
+            corrupt_window,
+            corrupt_min_samples,
         )
-        self.seed, self.split, self.resample = int(seed), split, bool(resample)
-        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.max_corrupt_fraction = float(max_corrupt_fraction)
-        self.corrupt_min_samples = int(corrupt_min_samples)
-        self.epoch = 0
-        self.check_slots()
-        self.damage = DamageWindow(max(self.num_workers, 1), int(corrupt_window))  # one row per worker
-
-    @property
-    def slots(self) -> int:
-        return self.world_size * max(self.num_workers, 1)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot feed every (rank, worker) slot."""
@@ -628,78 +544,22 @@ class ShardStream(IterableDataset):
         if self.split == "by_rank" and self.index.count < self.slots:
             raise ValueError(f"{self.index.count} sample(s) in {str(self.index.root)!r} cannot be split over {who}")
 
-    def __len__(self) -> int:
-        return self.epoch_length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def counts(self) -> tuple[int, int]:
-        """(good, damaged) samples read so far by all slots of this rank, over all epochs."""
-        return self.damage.totals()
-
-    # --- one slot's pipeline ---------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != max(self.num_workers, 1):
-            raise ValueError(
-                f"ShardStream was set up for {self.num_workers} worker(s) but runs in a loader with {workers}"
-            )
-        slot = self.rank * workers + worker
-        n_batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
-        rng = random.Random(mix_seed(self.seed, self.epoch, slot))
-        samples = self._samples(slot, worker, rng)
-        if self.shuffle_buffer > 1:
-            from webdataset.filters import shuffle
-
-            samples = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        for _ in range(n_batches):
-            batch = [next(samples) for _ in range(self.batch_size)]
-            yield torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
-
     def _shard_order(self, slot: int, rng: random.Random) -> Iterator[int]:
         """Indices of the shards this slot reads, forever."""
         n = len(self.index.shards)
         if self.split == "by_rank":
             while True:
                 yield from range(n)
-        own = list(range(slot, n, self.slots))
-        if self.resample:
-            from webdataset.shardlists import ResampledShards
-
-            urls = [str(i) for i in own]
-            drawn = ResampledShards(urls, seed=rng.getrandbits(63), worker_seed=partial(int, slot), deterministic=True)
-            yield from (int(d["url"]) for d in drawn)
-        else:
-            while True:
-                rng.shuffle(own)
-                yield from list(own)
+        yield from self.shard_order(range(slot, n, self.slots), slot, rng)
 
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor]]:
         slots = self.slots
         mine = (lambda key: key % slots == slot) if self.split == "by_rank" else None
         reader = _ShardReader(self.index, mine)
-        reader.on_count = partial(self._count, slot, worker, reader)
         n_own = len(self.index.shards) if self.split == "by_rank" else len(range(slot, len(self.index.shards), slots))
-        shards_read, good_before = 0, 0
-        for i in self._shard_order(slot, rng):
-            yield from reader.read(self.index.paths[i], self.index.shards[i])
-            shards_read += 1
-            if shards_read % n_own == 0:
-                if reader.good == good_before:
-                    raise CorruptShardError(
-                        f"no readable sample in {n_own} shard(s) of {str(self.index.root)!r} "
-                        f"(slot {slot}); last error: {reader.last_error}"
-                    )
-                good_before = reader.good
-
-    def _count(self, slot: int, worker: int, reader: _ShardReader, n: int, damaged: bool) -> None:
-        """Record ``n`` samples of this worker in the damage window; raise past the limit."""
+        order = ((self.index.paths[i], self.index.shards[i]) for i in self._shard_order(slot, rng))
         where = f"{str(self.index.root)!r} (rank {self.rank}, slot {slot})"
-        self.damage.record(
-            worker, n, damaged, self.max_corrupt_fraction, self.corrupt_min_samples, where, reader.last_error
-        )
+        yield from self.read_passes(reader, order, n_own, worker, where)
 
 
 # --- benchmark ---------------------------------------------------------------------------------------

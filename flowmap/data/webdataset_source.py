@@ -38,11 +38,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, get_worker_info
 
 from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
-from flowmap.data.registry import mix_seed
-from flowmap.data.shards import INDEX_NAME, CorruptShardError, DamageWindow, decode_sample, read_index
+from flowmap.data.shards import INDEX_NAME, decode_sample, read_index
+from flowmap.data.slot_stream import SlotStream
 
 log = logging.getLogger("flowmap.data.webdataset_source")
 
@@ -145,7 +144,7 @@ def decode_webdataset_sample(
 # --- the stream ------------------------------------------------------------------------------------------
 
 
-class WebDatasetStream(IterableDataset):
+class WebDatasetStream(SlotStream):
     """Batches from a standard webdataset shard set; ``len()`` = ``epoch_length`` batches.
 
     A batch is ``(x (B, C, S, S) float32 in [-1, 1], y (B,) long)``, or with ``captions=True`` the dict
@@ -181,36 +180,19 @@ class WebDatasetStream(IterableDataset):
         caption_key: str = "caption",
     ) -> None:
         super().__init__()
-        if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0 or num_workers < 0:
-            raise ValueError(
-                f"batch_size and epoch_length must be >= 1, shuffle_buffer and num_workers >= 0; "
-                f"got {batch_size}, {epoch_length}, {shuffle_buffer}, {num_workers}"
-            )
         if image_size < 1 or channels not in (1, 3) or num_classes < 0:
             raise ValueError(
                 f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {image_size}, "
                 f"{channels}, {num_classes}"
             )
-        if not 0.0 <= max_corrupt_fraction <= 1.0 or corrupt_min_samples < 1:
-            raise ValueError(
-                f"max_corrupt_fraction must lie in [0, 1] and corrupt_min_samples be >= 1, got "
-                f"{max_corrupt_fraction}, {corrupt_min_samples}"
-            )
         if rank is None or world_size is None:
             from webdataset.utils import pytorch_worker_info
 
             rank, world_size = pytorch_worker_info()[:2]
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.source = source if isinstance(source, str) else list(source)
         self.urls, self.expected, self.encoding = resolve_shards(source)
         if self.encoding not in (None, "npy", "png"):
             raise ValueError(f"unknown flowmap shard encoding {self.encoding!r}")
-        self.batch_size, self.epoch_length, self.shuffle_buffer = (
-            int(batch_size),
-            int(epoch_length),
-            int(shuffle_buffer),
-        )
         self.decode = partial(
             decode_webdataset_sample,
             image_size=int(image_size),
@@ -222,16 +204,20 @@ class WebDatasetStream(IterableDataset):
             encoding="npy" if self.encoding == "npy" else None,
         )
         self.data_shape = (int(channels), int(image_size), int(image_size))
-        self.captions, self.seed, self.resample = bool(captions), int(seed), bool(resample)
-        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.max_corrupt_fraction, self.corrupt_min_samples = float(max_corrupt_fraction), int(corrupt_min_samples)
-        self.epoch = 0
-        self.check_slots()
-        self.damage = DamageWindow(max(self.num_workers, 1), int(corrupt_window))  # checks corrupt_window >= 1
-
-    @property
-    def slots(self) -> int:
-        return self.world_size * max(self.num_workers, 1)
+        self.captions = bool(captions)
+        self.setup_slots(
+            batch_size,
+            epoch_length,
+            shuffle_buffer,
+            seed,
+            resample,
+            rank,
+            world_size,
+            num_workers,
+            max_corrupt_fraction,
+            corrupt_window,
+            corrupt_min_samples,
+        )
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot give every (rank, worker) reader its own shard."""
@@ -241,73 +227,21 @@ class WebDatasetStream(IterableDataset):
                 f"{self.slots} readers: every reader needs its own shard. Use fewer workers or more, smaller shards"
             )
 
-    def __len__(self) -> int:
-        return self.epoch_length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def counts(self) -> tuple[int, int]:
-        """(good, damaged) samples read so far by all readers of this rank."""
-        return self.damage.totals()
-
     def own_urls(self, slot: int) -> list[str]:
         """The shards of reader ``slot`` (= rank x workers + worker): by rank, then by worker."""
         by_rank = self.urls[self.rank :: self.world_size]
         workers = max(self.num_workers, 1)
         return by_rank[slot - self.rank * workers :: workers]
 
-    def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != max(self.num_workers, 1):
-            raise ValueError(f"WebDatasetStream was set up for {self.num_workers} worker(s) but runs with {workers}")
-        slot = self.rank * workers + worker
-        n_batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
-        rng = random.Random(mix_seed(self.seed, self.epoch, slot))
-        samples = self._samples(slot, worker, rng)
-        if self.shuffle_buffer > 1:
-            from webdataset.filters import shuffle
-
-            samples = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        for _ in range(n_batches):
-            batch = [next(samples) for _ in range(self.batch_size)]
-            x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-            yield {"x": x, "y": y, "caption": [b[2] for b in batch]} if self.captions else (x, y)
-
-    def _shard_order(self, own: list[str], slot: int, rng: random.Random) -> Iterator[str]:
-        if self.resample:
-            from webdataset.shardlists import ResampledShards
-
-            drawn = ResampledShards(own, seed=rng.getrandbits(63), worker_seed=partial(int, slot), deterministic=True)
-            yield from (d["url"] for d in drawn)
-        else:
-            own = list(own)
-            while True:
-                rng.shuffle(own)
-                yield from list(own)
+    def collate(self, batch: list) -> tuple | dict:
+        x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+        return {"x": x, "y": y, "caption": [b[2] for b in batch]} if self.captions else (x, y)
 
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor, str | None]]:
         own = self.own_urls(slot)
-        reader = _Reader(self.decode, self.expected)
-        reader.on_count = partial(self._count, slot, worker, reader)
-        good_at_pass = 0
-        for n, url in enumerate(self._shard_order(own, slot, rng), start=1):
-            yield from reader.read(url)
-            if n % len(own) == 0:
-                if reader.good == good_at_pass:
-                    raise CorruptShardError(
-                        f"no readable sample in {len(own)} shard(s) of {self.source!r} "
-                        f"(reader {slot}); last error: {reader.last_error}"
-                    )
-                good_at_pass = reader.good
-
-    def _count(self, slot: int, worker: int, reader: _Reader, n: int, damaged: bool) -> None:
-        """Record ``n`` samples in this reader's window; raise past the limit."""
+        order = ((url,) for url in self.shard_order(own, slot, rng))
         where = f"{self.source!r} (rank {self.rank}, reader {slot})"
-        self.damage.record(
-            worker, n, damaged, self.max_corrupt_fraction, self.corrupt_min_samples, where, reader.last_error
-        )
+        yield from self.read_passes(_Reader(self.decode, self.expected), order, len(own), worker, where)
 
 
 class _Reader:

@@ -222,11 +222,15 @@ class DistillModule(TrainingMixin, L.LightningModule):
         n: int,
         steps: int = 1,
         cond: Tensor | None = None,
-        gamma: float = 0.0,
+        gamma: float | None = None,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
     ) -> Tensor:
+        """n samples (n, *data_shape) in ``steps`` jumps; ``gamma`` None: the method's own re-noising
+        (``Objective.sampler_defaults``), as the exported student samples."""
         noise = torch.randn((n, *self.data_shape), generator=generator, device=self.device)
+        if gamma is None:
+            gamma = self.objective.sampler_defaults()["gamma"]
         return sample(self.ema if use_ema else self.student, noise, steps, cond=cond, gamma=gamma)
 
     def export(self, path: str | Path, **extra) -> Path:

@@ -12,40 +12,34 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.ema import EMASchedule, ema_update
+from flowmap.nonfinite import NonFiniteCounter, NonFiniteLossError, all_finite, guarded_step
 from flowmap.optim import adam
 from flowmap.schedule import LearningRate
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after ``max_nonfinite`` consecutive steps with a non-finite loss or gradient."""
+__all__ = ["NonFiniteLossError", "TrainingMixin"]
 
 
 class TrainingMixin:
     """Mixed into LightningModules that define ``ema_pairs()``, ``trainable_parameters()`` and hparams
     ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``lr_decay``, ``lr_final_ratio``, ``max_nonfinite``."""
 
-    _guard: Tensor | None = None  # device counters of the non-finite guard: (in a row, total, longest run since a read)
+    _guard: NonFiniteCounter | None = None  # the non-finite guard's device counters (``flowmap.nonfinite``)
 
-    def _guard_counts(self) -> Tensor:
+    def _counter(self) -> NonFiniteCounter:
         if self._guard is None:
-            self._guard = torch.zeros(3, dtype=torch.long)
+            limit = int(self.hparams.max_nonfinite)
+            trainer = getattr(self, "_trainer", None)
+            every = min(limit, int(getattr(trainer, "log_every_n_steps", limit) or limit))
+            self._guard = NonFiniteCounter(limit, every)
         return self._guard
 
     @property
     def nonfinite_in_a_row(self) -> int:
-        return int(self._guard_counts()[0])
-
-    @nonfinite_in_a_row.setter
-    def nonfinite_in_a_row(self, value: int) -> None:
-        self._guard_counts()[0] = int(value)
+        return self._counter().in_a_row
 
     @property
     def nonfinite_total(self) -> int:
-        return int(self._guard_counts()[1])
-
-    @nonfinite_total.setter
-    def nonfinite_total(self, value: int) -> None:
-        self._guard_counts()[1] = int(value)
+        return self._counter().total
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module, float]]:
         return []
@@ -164,51 +158,16 @@ class TrainingMixin:
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Run forward/backward, then update only if every gradient and the loss are finite (DDP averages
-        gradients before this point, so all ranks take the same decision).
-
-        The decision stays on the device: a fused optimizer skips its own update through ``found_inf`` (as under
-        a GradScaler), the EMA updates are masked, and the counters are device tensors; the host reads them
-        every min(max_nonfinite, log_every_n_steps) steps and stops once ``max_nonfinite`` steps in a row were
-        skipped. A non-fused optimizer (e.g. with a GradScaler) decides on the host each step."""
+        gradients before this point, so all ranks take the same decision): ``flowmap.nonfinite``, the guard
+        ``flowmap.training.TrainLoop`` runs too. The host reads the counters every min(max_nonfinite,
+        log_every_n_steps) steps and stops once ``max_nonfinite`` steps in a row were skipped."""
         loss = optimizer_closure() if optimizer_closure is not None else None
-        checks = [torch.isfinite(p.grad).all() for p in self.trainable_parameters() if p.grad is not None]
-        if loss is not None:
-            checks.append(torch.isfinite(loss).all())
-        finite = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=self.device)
-        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
-        if inner.defaults.get("fused"):
-            inner.found_inf = (~finite).to(torch.float32)
-            try:
-                optimizer.step()
-            finally:
-                del inner.found_inf
-            self.update_emas(finite)  # here, not in on_train_batch_end: a checkpoint callback saved there would miss it
-        elif bool(finite):
-            optimizer.step()
-            self.update_emas()
-        else:
-            optimizer.zero_grad(set_to_none=True)
-        self._count_nonfinite(finite)
-
-    def _count_nonfinite(self, finite: Tensor) -> None:
-        counts = self._guard_counts()
-        if counts.device != finite.device:
-            counts = self._guard = counts.to(finite.device)
-        bad = (~finite).long()
-        run = (counts[0] + 1) * bad  # 0 after a finite step
-        self._guard = counts = torch.stack([run, counts[1] + bad, torch.maximum(counts[2], run)])
+        finite = all_finite(loss, self.trainable_parameters(), self.device)
+        on_device = guarded_step(optimizer, finite)
+        if on_device or bool(finite):  # here, not in on_train_batch_end: a checkpoint saved there would miss it
+            self.update_emas(finite if on_device else None)
+        counts = self._counter().update(finite, self.global_step)
         self.log("train/skipped_steps", counts[1].float())
-        limit = int(self.hparams.max_nonfinite)
-        trainer = getattr(self, "_trainer", None)
-        every = max(1, min(limit, int(getattr(trainer, "log_every_n_steps", limit) or limit)))
-        if (self.global_step + 1) % every == 0:  # one host read per ``every`` steps
-            longest = int(counts[2])
-            counts[2] = 0
-            if longest >= limit:
-                raise NonFiniteLossError(
-                    f"{longest} training steps in a row had a non-finite loss or gradient "
-                    f"(step {self.global_step}); lower the learning rate, enable gradient clipping, or check the data"
-                )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
@@ -282,7 +241,7 @@ class TrainingMixin:
             )
             np.random.set_state(_numpy_state_from_torch(state["numpy"]))
             random.setstate(state["python"])
-            self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
+            self._counter().set(*state["nonfinite"])
             self._pending_rng = None
 
 
