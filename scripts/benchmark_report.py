@@ -28,19 +28,10 @@ DATA_TITLES = {
 # --- targets ---------------------------------------------------------------------------------------
 
 
-def _decay(meta: dict) -> str:
-    d = (meta.get("budget_values") or {}).get("lr_decay")
-    return "constant" if d is None else f"cosine decay to {d:g}x of it, as for the teachers"
-
-
-def _lr_exceptions(meta: dict) -> str:
-    """The students whose rate the script's ``LR_SCALE`` scales, as a clause ('' when none)."""
-    scales = meta.get("lr_scale") or {}
-    return (
-        ""
-        if not scales
-        else " except " + ", ".join(f"{k} at {v:g}x it" for k, v in sorted(scales.items())) + " (`LR_SCALE`)"
-    )
+def _sets(meta: dict) -> str:
+    """The config files of each set, as a clause."""
+    sets = meta.get("sets") or {}
+    return "; ".join(f"{d}: " + " + ".join(f"`{f}`" for f in files) for d, files in sets.items())
 
 
 def _target(text: str, value: float | None, threshold: float, sense: str, note: str = "") -> dict:
@@ -329,12 +320,15 @@ def markdown(results: dict, targets: list[dict]) -> str:
             "",
         ]
     L += [
-        "Every student is a `FlowMap` with the same backbone as its teacher, initialized from the teacher's weights "
-        "(the mixture's students from a flow-matching net trained on the mixture's own samples; the exact mixture "
-        "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
-        f"with the same batch and Adam learning rate ({_decay(meta)}){_lr_exceptions(meta)}; "
-        "methods' hyperparameters are their tuned configs (`configs/distill`) or defaults, with curricula scaled "
-        "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. "
+        "Every student trains the recipe a user runs with `scripts/distill.py`: the set's data and model configs "
+        f"({_sets(meta)}) composed with `configs/distill/<method>.yaml` and its override for the set, if any "
+        "(`flowmap.recipe.compose`; objective, net, batch, learning rate, warm-up, cosine decay, AdamW, EMA "
+        "half-life, gradient clipping, for the data config's `trainer.max_steps`"
+        + (f" times {meta['scale']:g}" if meta.get("scale", 1.0) != 1.0 else "")
+        + "), through `flowmap.training.TrainLoop` with the Lightning modules' semantics, and is evaluated with its "
+        "EMA weights, as users export them. It starts from the teacher's weights when the recipe says so "
+        "(`init_from_teacher`, or unset and the same net); the mixture's exact teacher has no weights, so its "
+        "students start from a flow-matching net trained on the mixture's own samples. Seeds are fixed. "
         "Students sample with "
         "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
         "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "

@@ -56,9 +56,14 @@ def expand_teacher_flag(args: list[str]) -> list[str]:
     return args[:i] + ["--model.teacher", json.dumps(spec)] + args[i + 2 :]
 
 
+def build_cli(args: list[str]) -> FlowmapCLI:
+    """The parsed and instantiated run (module, data, trainer) of a command line, not yet fitted."""
+    args = expand_teacher_flag(expand_config_flags(list(args)))
+    return FlowmapCLI(DistillModule, LightningDataModule, subclass_mode_data=True, args=args)
+
+
 def main(args: list[str] | None = None) -> FlowmapCLI:
-    args = expand_teacher_flag(expand_config_flags(list(sys.argv[1:] if args is None else args)))
-    cli = FlowmapCLI(DistillModule, LightningDataModule, subclass_mode_data=True, args=args)
+    cli = build_cli(sys.argv[1:] if args is None else args)
     cli.fit()
     return cli
 
