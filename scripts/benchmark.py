@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
 
-    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes
-                                                 # (< 60 min on a free 2-core CPU)
+    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (32 min on a free
+                                                 # 2-core CPU with the former 400-step digits budget; the
+                                                 # configs' 1000 steps of their UNet take longer)
+    python scripts/benchmark.py --jobs 2 --scale 0.5   # every run length halved (the recipes' fractions follow)
     python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
 
