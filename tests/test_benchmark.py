@@ -397,6 +397,8 @@ def test_students_train_their_recipe_and_are_evaluated_with_the_ema(tmp_path, mo
     for method, loop in loops.items():
         r = benchmark.recipe("checkerboard", method, budget)
         assert loop.options == r["options"] and loop.k == r["options"]["steps"] == setting.student_steps
+        assert trained[method]["config"] == r["objective"] and loop.objective.name == method
+        assert loop.student.net.config == benchmark.build_student(dict(r["student"])).net.config
         assert loop.shapes[0][0] == r["cfg"]["data"]["init_args"]["batch_size"]
         student = trained[method]["student"]
         ema = [p.detach() for p in loop.ema.parameters()]
