@@ -214,9 +214,9 @@ def expand_config_flags(args: list[str]) -> list[str]:
             max_steps = int(rest[j + 1])
         elif a.startswith("--trainer.max_steps="):
             max_steps = int(a.split("=", 1)[1])
-    files = with_overrides(found)
-    for extra in files:
-        if str(extra) not in found and extra not in [Path(f) for f in found]:
+    quiet = any(a.startswith("--print_config") for a in rest)  # its output must stay a YAML file
+    for extra in with_overrides(found):
+        if extra not in [Path(f) for f in found] and not quiet:
             print(f"config: {extra} (this method's settings for this data) applied after the method", flush=True)
     cfg = compose(found, max_steps)
     return ["--config", yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None), *rest]
