@@ -1,20 +1,26 @@
 #!/usr/bin/env python
 """One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
 
-    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes
-                                                 # (< 60 min on a free 2-core CPU)
+    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (32 min on a free
+                                                 # 2-core CPU with the former 400-step digits budget; the
+                                                 # configs' 1000 steps of their UNet take longer)
+    python scripts/benchmark.py --jobs 2 --scale 0.5   # every run length halved (the recipes' fractions follow)
     python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
 
 What it does, with fixed budgets and seeds (``BUDGETS``):
 
 1. teachers: flow matching (``DenoisingLoss``, linear path, velocity) on checkerboard and eight Gaussians
-   (MLP) and class-conditional digits (U-Net; a tiny DiT in --quick), trained by ``flowmap.training.fit`` or reused from
-   ``<out>/cache``; the analytic ring8 Gaussian mixture (``teachers.gmm``) is its own exact teacher;
-2. students: every objective in ``flowmap.objectives.OBJECTIVES`` that imports and builds (the others are
-   listed with the reason), each a ``FlowMap`` initialized from its teacher's weights (the mixture's from a
-   flow-matching net trained on its samples; data-free: x0 are samples of the teacher), trained for the same
-   number of steps with the same batch and learning rate (times a tuned ``LR_SCALE``, named in the report);
+   and class-conditional digits, with the net of each set's model config (``SETS``: configs/data/<set>.yaml and
+   configs/model/<net>.yaml), trained by ``flowmap.training.fit`` or reused from ``<out>/cache``; the analytic
+   ring8 Gaussian mixture (``teachers.gmm``, configs/data/ring8.yaml) is its own exact teacher;
+2. students: every objective in ``flowmap.objectives.OBJECTIVES`` with a ``configs/distill/<method>.yaml`` (the
+   others are listed with the reason), each trained with the recipe a user composes from the set's data and model
+   configs and the method's config (``flowmap.recipe.compose``: objective, net, batch, init rule; the Lightning
+   trainer semantics through ``TrainLoop``: lr, warm-up, cosine decay, AdamW, EMA half-life, gradient clipping,
+   non-finite guard) for the data config's ``trainer.max_steps`` (times ``--scale``), and evaluated with its EMA
+   weights, as users export them. The mixture's exact teacher has no weights: its students start from a
+   flow-matching net trained on its samples (data-free: x0 are samples of the teacher);
 3. quality at 1, 2, 4, 8 NFE (teachers at 1 ... 64 NFE, Euler and Heun, and the data-vs-data floor):
    exact W2 and support precision (2-D), flow-map RMSE against the exact map (mixture), FD / KID in the
    features of the project's digit classifier or Inception (digits);
@@ -58,10 +64,18 @@ from flowmap.data.toy2d import EIGHT_GAUSSIANS_STD, eight_gaussians_centers  # n
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
 from flowmap.metrics import checkerboard_precision, flow_map_rmse, w2_exact  # noqa: E402
-from flowmap.models import init_student_from_teacher, load_model, save_student, save_teacher  # noqa: E402
+from flowmap.models import (  # noqa: E402
+    build_student,
+    init_student_from_teacher,
+    load_model,
+    same_architecture,
+    save_student,
+    save_teacher,
+)
 from flowmap.nets import build_net  # noqa: E402
 from flowmap.objectives import OBJECTIVES, build_objective, sampler_defaults  # noqa: E402
 from flowmap.objectives.denoising import DenoisingLoss  # noqa: E402
+from flowmap.recipe import CONFIGS, compose, recipe_files, train_options, with_overrides  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
@@ -69,7 +83,6 @@ from flowmap.training import TrainLoop, fit  # noqa: E402
 from flowmap.types import LossOutput  # noqa: E402
 from flowmap.velocity import NetVelocity  # noqa: E402
 
-DATASETS = ("checkerboard", "eight_gaussians", "digits", "gmm")
 STUDENT_NFE = (1, 2, 4, 8)
 TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
 QUICK_METHODS = ("cd", "meanflow")
@@ -80,26 +93,36 @@ def sampler_gamma(method: str) -> float:
     return sampler_defaults(method)["gamma"]
 
 
-# --- budgets ---------------------------------------------------------------------------------------
+# --- budgets and recipes -----------------------------------------------------------------------------
+
+# benchmark set -> (configs/data/<data>.yaml, configs/model/<model>.yaml). A student of method M on a set trains the
+# recipe a user composes from those two files and configs/distill/M.yaml (+ its override for the data), with the same
+# trainer semantics (``flowmap.recipe.train_options``), for the data config's trainer.max_steps (times --scale).
+# Another mixture: a data config naming its preset (copy configs/data/ring8.yaml) and one line here.
+SETS = {
+    "checkerboard": ("checkerboard", "mlp2d"),
+    "eight_gaussians": ("eight_gaussians", "mlp2d"),
+    "digits": ("digits", "unet_digits"),
+    "gmm": ("ring8", "mlp2d_smooth"),
+}
+DATASETS = tuple(SETS)
+# --quick only: smaller nets (the recipe's net with these options), so that the smoke run takes a minute
+QUICK_NETS = {
+    "mlp": {"width": 64, "depth": 2, "emb_dim": 32},
+    "unet": {"channels": 8, "emb_dim": 32, "attn_resolutions": []},
+    "dit": {"dim": 32, "depth": 1, "heads": 2},
+}
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Every size and step count of one run (fixed, so results are comparable across runs)."""
+    """The benchmark's own sizes (teachers, evaluation, cost tables, peer); the students' steps are their recipes'
+    trainer.max_steps times ``student_scale``."""
 
-    mlp: dict
-    digits_net: dict
     cost_mlp: dict
     dit: dict
     teacher_steps_2d: int
     teacher_steps_digits: int
-    student_steps_2d: int
-    student_steps_digits: int
-    student_steps_gmm: int
-    batch_2d: int
-    batch_digits: int
-    lr_2d: float
-    lr_digits: float
     n_eval_2d: int
     n_eval_digits: int
     exact_map_steps: int
@@ -116,35 +139,19 @@ class Budget:
     peer_steps: int
     peer_block: int
     peer_seeds: int = 8
-    lr_decay: float = 0.05  # cosine decay of every training run to lr * lr_decay (teachers and students)
+    student_scale: float = 1.0  # students train trainer.max_steps * student_scale steps (--scale, --quick)
+    lr_decay: float = 0.05  # the teachers' cosine decay to lr * lr_decay (students: their recipe's lr_final_ratio)
     stream_batch: int = 256
     stream_batches: int = 40
-    mixture_mlp: dict | None = None  # the mixture's net (default ``mlp``): smooth maps need no Fourier features
+    quick_nets: bool = False  # shrink the recipes' nets (QUICK_NETS)
 
 
 BUDGETS = {
     "full": Budget(
-        mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0, "fourier_features": 4},
-        digits_net={
-            "name": "unet",
-            "channels": 16,
-            "channel_mult": [1, 2],
-            "num_res_blocks": 1,
-            "attn_resolutions": [4],
-            "heads": 2,
-            "emb_dim": 64,
-        },
         cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
         dit={"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4},
         teacher_steps_2d=8000,
         teacher_steps_digits=3000,
-        student_steps_2d=4000,
-        student_steps_digits=400,
-        student_steps_gmm=1000,
-        batch_2d=256,
-        batch_digits=64,
-        lr_2d=1e-3,
-        lr_digits=5e-4,
         n_eval_2d=2000,
         n_eval_digits=1000,
         exact_map_steps=200,
@@ -160,22 +167,12 @@ BUDGETS = {
         throughput_inner=5,
         peer_steps=1000,
         peer_block=50,
-        mixture_mlp={"name": "mlp", "width": 128, "depth": 3, "emb_dim": 128, "time_scale": 10.0},
     ),
     "quick": Budget(
-        mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
-        digits_net={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},
         cost_mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
         dit={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},
         teacher_steps_2d=150,
         teacher_steps_digits=30,
-        student_steps_2d=15,
-        student_steps_digits=4,
-        student_steps_gmm=15,
-        batch_2d=256,
-        batch_digits=32,
-        lr_2d=2e-3,
-        lr_digits=1e-3,
         n_eval_2d=300,
         n_eval_digits=100,
         exact_map_steps=40,
@@ -192,119 +189,67 @@ BUDGETS = {
         peer_steps=40,
         peer_block=10,
         peer_seeds=1,
+        student_scale=0.004,
         stream_batch=64,
         stream_batches=8,
+        quick_nets=True,
     ),
 }
 
 
-STEP_FIELDS = (
-    "teacher_steps_2d",
-    "teacher_steps_digits",
-    "student_steps_2d",
-    "student_steps_digits",
-    "student_steps_gmm",
-    "peer_steps",
-)
+STEP_FIELDS = ("teacher_steps_2d", "teacher_steps_digits", "peer_steps")
 
 
 def scaled(budget: Budget, scale: float) -> Budget:
     """``budget`` with every training step count multiplied by ``scale`` (at least one step each)."""
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"--scale must be a positive number, got {scale}")
-    return replace(budget, **{f: max(1, int(round(getattr(budget, f) * scale))) for f in STEP_FIELDS})
+    steps = {f: max(1, int(round(getattr(budget, f) * scale))) for f in STEP_FIELDS}
+    return replace(budget, student_scale=budget.student_scale * scale, **steps)
 
 
-CONFIG_DATA = {"checkerboard": "checkerboard", "eight_gaussians": "checkerboard", "gmm": "gmm", "digits": "digits"}
-CURRICULUM_KEYS = (
-    "total_steps",
-    "stage_steps",
-    "steps_per_round",
-    "first_round_steps",
-    "tangent_warmup",
-    "warmup_steps",
-    "sd_warmup",
-)
-# net options a method's config may set on its student: a guidance input (zero-initialized, so the student
-# still starts as the teacher; sampled at w = 1 here) or another time scale (another function: from scratch)
-NET_EXTRAS = ("time_scale", "guidance_input")
-INIT_COMPATIBLE = ("guidance_input",)
-# Per-method multipliers of the budget's learning rate, keyed (method, config data); every method keeps the same
-# steps, batch and schedule. MeanFlow regresses onto its own JVP (a self-referential target): on checkerboard
-# (4000 steps, seeds 0/1/2, occupancy on 40000 fresh noises) half the rate lifts 1-NFE occupancy from 0.900 /
-# 0.882 / 0.883 to 0.905 / 0.892 / 0.894, and 2- and 4-NFE with it (0.35x and 0.25x: 0.894 on average).
-LR_SCALE = {("meanflow", "checkerboard"): 0.5}
+def set_files(name: str, method: str | None = None) -> list[Path]:
+    """The config files of benchmark set ``name`` (data, model) and of ``method`` (configs/distill/<method>.yaml)."""
+    data, model = SETS[name]
+    if method is None:
+        return [CONFIGS / "data" / f"{data}.yaml", CONFIGS / "model" / f"{model}.yaml"]
+    return recipe_files(data, model, method)
 
 
-def lr_scale(method: str, dataset: str) -> float:
-    """The multiplier of the budget's learning rate for ``method`` on ``dataset`` (1 unless tuned in ``LR_SCALE``)."""
-    return LR_SCALE.get((method, CONFIG_DATA[dataset]), 1.0)
+def student_steps(name: str, budget: Budget) -> int:
+    """The students' steps on set ``name``: the data config's trainer.max_steps times ``budget.student_scale``."""
+    max_steps = int(compose(set_files(name))["trainer"]["max_steps"])
+    return max(1, int(round(max_steps * budget.student_scale)))
 
 
-def distill_yaml(name: str, dataset: str | None) -> dict | None:
-    """The method owner's tuned config ``configs/distill/<name>_<data>.yaml`` (eight Gaussians read the
-    checkerboard one): {"objective", "max_steps", "net_extras", "path"}, or None when there is none."""
-    if dataset is None:
-        return None
-    path = ROOT / "configs" / "distill" / f"{name}_{CONFIG_DATA[dataset]}.yaml"
-    if not path.is_file():
-        return None
-    import yaml
+def shrink(net: dict, budget: Budget) -> dict:
+    """The net config, with ``QUICK_NETS``' options under --quick."""
+    return {**net, **QUICK_NETS.get(net.get("name"), {})} if budget.quick_nets else dict(net)
 
-    cfg = yaml.safe_load(path.read_text()) or {}
-    model = cfg.get("model", {})
-    objective = dict(model.get("objective") or {})
-    if objective.get("name", name) != name:
-        return None
-    net = (model.get("student") or {}).get("net") or {}
+
+def recipe(name: str, method: str, budget: Budget) -> dict:
+    """What a user's ``scripts/distill.py --config <data> --config <model> --config <method>`` run trains, for the
+    benchmark's run length: {"cfg" (composed, trainer.max_steps = the students' steps), "objective", "student",
+    "options" (``TrainLoop`` options), "files"}."""
+    files = set_files(name, method)
+    steps = student_steps(name, budget)
+    cfg = compose(files, max_steps=steps)
+    cfg["trainer"]["max_steps"] = steps
+    student = dict(cfg["model"]["student"])
+    student["net"] = shrink(student["net"], budget)
     return {
-        "objective": objective,
-        "max_steps": int((cfg.get("trainer") or {}).get("max_steps") or 0),
-        "net_extras": {k: net[k] for k in NET_EXTRAS if k in net},
-        "path": str(path.relative_to(ROOT)),
+        "cfg": cfg,
+        "objective": dict(cfg["model"]["objective"]),
+        "student": student,
+        "init_from_teacher": cfg["model"].get("init_from_teacher"),
+        "options": train_options(cfg),
+        "files": [str(p.relative_to(ROOT)) for p in with_overrides(files)],
     }
 
 
-def method_config(name: str, kind: str, steps: int, dataset: str | None = None) -> dict:
-    """Hyperparameters of ``name`` for data ``kind`` (``2d`` | ``digits``) and a run of ``steps`` steps.
-
-    The method owner's ``configs/distill/<name>_<data>.yaml`` objective when there is one, else the defaults
-    below (the objective's own defaults otherwise: the papers' values). Curricula (iCT's discretization,
-    ECT's stages, PD's rounds, sCM's / AYF's tangent warm-up) are rescaled from the config's ``max_steps`` to
-    the benchmark's ``steps``."""
-    sigma_data = 0.5 if kind == "digits" else 1.0  # 2-D sets have unit per-coordinate variance
-    configs = {
-        "cd": {"target_ema": 0.95},
-        "ict": {"total_steps": steps},
-        "ect": {"stage_steps": max(1, steps // 4)},
-        "pd": {"initial_steps": 8, "steps_per_round": max(1, steps // 4)},
-        "meanflow": {"time_dist": "uniform", "equal_share": 0.25} if kind != "digits" else {},
-        "shortcut": {"target_ema": 0.99},
-        "ctm": {"target_ema": 0.99},
-        "scd": {"sigma_data": sigma_data, "tangent_warmup": max(1, steps // 4)},
-        "sct": {"sigma_data": sigma_data, "tangent_warmup": max(1, steps // 4)},
-    }
-    config = {"name": name, **configs.get(name, {})}
-    tuned = distill_yaml(name, dataset)
-    if tuned is not None:
-        obj = dict(tuned["objective"])
-        if tuned["max_steps"] > 0:
-            for k in CURRICULUM_KEYS:
-                if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool) and obj[k] > 0:
-                    obj[k] = max(1, round(obj[k] * steps / tuned["max_steps"]))
-        config = {**config, **obj, "name": name}
-    elif name not in configs:  # a method added later: scale a curriculum length the objective exposes
-        try:
-            import inspect
-
-            from flowmap.objectives import objective_class
-
-            params = inspect.signature(objective_class(name).__init__).parameters
-            if "total_steps" in params:
-                config["total_steps"] = steps
-        except Exception:  # noqa: BLE001 - an objective that does not import is reported by discover_methods
-            pass
-    return config
+def options_record(options: dict) -> dict:
+    """``train_options`` as JSON-able values (cache keys, results.json)."""
+    return {k: (asdict(v) if k == "ema" else v) for k, v in options.items()}
 
 
 # --- small utilities -------------------------------------------------------------------------------
@@ -449,53 +394,59 @@ class FlowMatching(nn.Module):
         return self.loss(net, x0, cond)
 
 
+def instantiate(spec: dict):
+    """An object from a config's ``{"class_path": ..., "init_args": {...}}`` (as LightningCLI builds it)."""
+    import importlib
+
+    module, _, cls = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), cls)(**dict(spec.get("init_args") or {}))
+
+
 class Setting:
-    """One benchmark setting: data (batches and evaluation), teacher and student nets."""
+    """One benchmark setting: data (batches and evaluation), teacher and student nets, read from its configs
+    (``SETS``): the data config's set, batch, learning rate and run length, the model config's net."""
 
     def __init__(
         self, name: str, budget: Budget, device: torch.device, cache: Path, fresh: bool, reuse_only: bool = False
     ) -> None:
         self.name, self.budget, self.device, self.cache, self.fresh = name, budget, device, cache, fresh
         self.reuse_only = reuse_only
-        self.kind = "digits" if name == "digits" else "2d"
-        self.num_classes = 10 if name == "digits" else 0
-        if name == "digits":
-            self.data_shape = (1, 8, 8)
-            self.net_config = {**budget.digits_net, "data_shape": [1, 8, 8], "num_classes": 10}
+        cfg = compose(set_files(name))
+        data = cfg["data"]
+        args = dict(data.get("init_args") or {})
+        self.kind = "digits" if data["class_path"].endswith("DigitsDataModule") else "2d"
+        self.student_config = dict(cfg["model"]["student"])
+        self.net_config = shrink(self.student_config["net"], budget)  # the teacher's net, and the students' base
+        self.data_shape = tuple(self.net_config["data_shape"])
+        self.num_classes = int(self.net_config.get("num_classes", 0) or 0)
+        self.batch, self.lr = int(args.get("batch_size", 256)), float(cfg["model"].get("lr", 1e-3))
+        self.student_steps = student_steps(name, budget)
+        teacher_spec = cfg["model"].get("teacher")
+        self.is_mixture = isinstance(teacher_spec, dict) and "class_path" in teacher_spec
+        if self.is_mixture:  # data-free: the data config's analytic teacher is the data
+            self.mixture = instantiate(teacher_spec)  # on the CPU: sampling with seeded CPU generators
+            self.exact_teacher = instantiate(teacher_spec).to(device)
+        elif self.kind == "digits":
             self.x_train, self.y_train = (t.to(device) for t in load_digits_tensors("train"))
-            self.student_steps, self.batch, self.lr = budget.student_steps_digits, budget.batch_digits, budget.lr_digits
         else:
-            self.data_shape = (2,)
-            self.net_config = {
-                **(budget.mixture_mlp if name == "gmm" and budget.mixture_mlp else budget.mlp),
-                "data_shape": [2],
-            }
-            self.batch, self.lr = budget.batch_2d, budget.lr_2d
-            self.student_steps = budget.student_steps_gmm if name == "gmm" else budget.student_steps_2d
-        if name == "gmm":
-            from teachers.gmm import preset_mixture
-
-            self.mixture = preset_mixture("ring8")  # on the CPU: sampling with seeded CPU generators
-            self.exact_teacher = preset_mixture("ring8").to(device)
-        elif name != "digits":
-            self.source = get_dataset(name)
+            self.source = get_dataset(args.get("name", name), **dict(args.get("dataset_kwargs") or {}))
         self.teacher = None
         self.teacher_seconds = 0.0
         self.teacher_losses: list[float] = []
         self.teacher_code: str | None = None
 
     # data -------------------------------------------------------------------------------------------
-    def batches(self, seed: int) -> Callable[[int], tuple[Tensor, Tensor | None]]:
+    def batches(self, seed: int, batch: int | None = None) -> Callable[[int], tuple[Tensor, Tensor | None]]:
         """step -> (x0, cond): fresh samples (2-D), the teacher's samples (mixture, data-free), or a random
         batch of the digits' train split with its labels."""
         g = torch.Generator().manual_seed(seed)
-        B = self.batch
+        B = batch or self.batch
 
         def get(step: int):
-            if self.name == "digits":
+            if self.kind == "digits":
                 idx = torch.randint(0, len(self.x_train), (B,), generator=g).to(self.device)
                 return self.x_train[idx], self.y_train[idx]
-            if self.name == "gmm":
+            if self.is_mixture:
                 return self.mixture.sample(B, generator=g).to(self.device), None
             return self.source.sample(B, generator=g).to(self.device), None
 
@@ -514,12 +465,12 @@ class Setting:
         trained on the mixture's samples (data-free: samples of the teacher)."""
         net = self._flow_matching_net()
         self.init_net = net
-        self.teacher = self.exact_teacher if self.name == "gmm" else net
+        self.teacher = self.exact_teacher if self.is_mixture else net
         return self.teacher
 
     def _flow_matching_net(self) -> NetVelocity:
         steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
-        what = "flow-matching init net" if self.name == "gmm" else "teacher"
+        what = "flow-matching init net" if self.is_mixture else "teacher"
         path = self.cache / f"teacher_{self.name}_{self.teacher_key()}.safetensors"
         meta_path = path.with_suffix(".json")
         if path.is_file() and meta_path.is_file() and not self.fresh:
@@ -554,32 +505,22 @@ class Setting:
 
     # students ---------------------------------------------------------------------------------------
     def train_student(self, method: str) -> dict:
-        """Train (or load) the student of ``method``; returns {"student", "config", "losses", "seconds", ...}."""
-        config = method_config(method, self.kind, self.student_steps, self.name)
-        tuned = distill_yaml(method, self.name)
-        note = f"hyperparameters from {tuned['path']} (curricula rescaled)" if tuned else "benchmark defaults"
-        try:
-            objective = seeded_objective(config, "objective", self.name, method).to(self.device)
-        except ValueError as err:  # a tuned config this objective no longer accepts: fall back, say so
-            config = method_config(method, self.kind, self.student_steps)
-            objective = seeded_objective(config, "objective", self.name, method).to(self.device)
-            note = f"benchmark defaults ({tuned['path'] if tuned else 'config'} rejected: {err})"
-        net_config = {**self.net_config, **(tuned or {}).get("net_extras", {})}
-        scale = lr_scale(method, self.name)
-        lr = self.lr * scale
-        if scale != 1.0:
-            note += f"; learning rate {scale:g}x the budget's ({lr:g}, LR_SCALE)"
+        """Train (or load) the student of ``method`` with its recipe (``recipe``: the objective, net, batch and
+        ``TrainLoop`` options of the configs a user composes); the EMA weights are kept, as users export them.
+        Returns {"student", "config", "losses", "seconds", ...}."""
+        r = recipe(self.name, method, self.budget)
+        config, options = r["objective"], r["options"]
+        batch = int(r["cfg"]["data"].get("init_args", {}).get("batch_size", self.batch))
         key = key_of(
             "student",
             self.name,
             method,
             config,
-            net_config,
+            r["student"],
+            r["init_from_teacher"],
             self.student_steps,
-            self.batch,
-            lr,
-            "cosine",
-            self.budget.lr_decay,
+            batch,
+            options_record(options),
             self.teacher_key(),
         )
         path = self.cache / f"student_{self.name}_{method}_{key}.safetensors"
@@ -594,39 +535,46 @@ class Setting:
                 log(f"{self.name}/{method}: cached student unusable ({err}); retraining")
         if self.reuse_only:
             raise LookupError(f"no cached student {path.name} (--reuse-only: not trained in this run)")
+        objective = seeded_objective(config, "objective", self.name, method).to(self.device)
         torch.manual_seed(seed_of("student", self.name, method))
-        student = FlowMap(build_net(dict(net_config))).to(self.device)
-        same = lambda c: {k: v for k, v in c.items() if k not in INIT_COMPATIBLE}  # noqa: E731
-        if same(net_config) == same(self.net_config):
-            init_student_from_teacher(student, self.init_net)
-            init = "flow-matching net trained on the mixture's samples" if self.name == "gmm" else "teacher"
-        else:  # e.g. another time_scale: the teacher's weights would compute another function
-            init = f"scratch (net options {(tuned or {}).get('net_extras')} differ from the teacher's)"
+        student = build_student(dict(r["student"])).to(self.device)
+        # DistillModule's rule: init_from_teacher, or (unset) whenever the student's net is the teacher's; the
+        # mixture's exact teacher has no weights: its students start from the flow-matching net of its samples
+        init_from = r["init_from_teacher"]
+        if init_from is None:
+            init_from = same_architecture(student, self.init_net)
+        if init_from:
+            copied, _ = init_student_from_teacher(student, self.init_net)
+            if not copied:
+                raise ValueError("init_from_teacher: no tensor of the teacher fits the student's network")
+            init = "flow-matching net trained on the mixture's samples" if self.is_mixture else "teacher"
+        else:
+            init = "scratch"
         teacher = self.teacher if getattr(objective, "needs_teacher", False) else None
+        loop = TrainLoop(student, objective, teacher, **options)
+        batches = self.batches(seed_of("student-data", self.name, method), batch)
         t0 = time.time()
-        losses = fit(
-            student,
-            objective,
-            self.batches(seed_of("student-data", self.name, method)),
-            self.student_steps,
-            teacher=teacher,
-            lr=lr,
-            lr_final=lr * self.budget.lr_decay,
-        )
+        losses = []
+        for step in range(self.student_steps):
+            losses.append(loop.step(*batches(step))[0])
         seconds = time.time() - t0
-        if not all(math.isfinite(v) for v in losses[-10:]):
-            raise FloatingPointError(f"the loss is not finite at the end of training (last {losses[-1]})")
+        student.load_state_dict(loop.ema.state_dict())  # the evaluation EMA: what a user's run exports
+        student.eval()
+        if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+            raise FloatingPointError(f"the student's weights are not finite after training (last loss {losses[-1]})")
         meta = {
             "losses": losses,
             "seconds": seconds,
             "steps": self.student_steps,
             "init": init,
-            "config_source": note,
+            "config_source": "recipe " + " + ".join(r["files"]),
+            "options": options_record(options),
+            "batch": batch,
             "code": code_fingerprint(),
         }
         save_student(path, student, method=method, data=self.name, extra={"objective": config})
         meta_path.write_text(json.dumps(meta))
-        return {"student": student.eval(), "config": config, **meta, "cached": False}
+        return {"student": student, "config": config, **meta, "cached": False}
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -645,7 +593,7 @@ class Evaluator:
         self.s, self.budget, self.extractor = setting, budget, extractor
         dev = setting.device
         g = torch.Generator().manual_seed(seed_of("eval", setting.name))
-        if setting.name == "digits":
+        if setting.kind == "digits":
             n = budget.n_eval_digits
             self.noise = torch.randn(n, *setting.data_shape, generator=g).to(dev)
             self.cond = (torch.arange(n) % 10).to(dev)
@@ -654,10 +602,10 @@ class Evaluator:
             self.floor = {**self.image_metrics(x_test, None), "n": len(x_test), "n_ref": len(self.ref_feats)}
         else:
             n = budget.n_eval_2d
-            self.noise = torch.randn(n, 2, generator=g).to(dev)
+            self.noise = torch.randn(n, *setting.data_shape, generator=g).to(dev)
             self.cond = None
             gd = torch.Generator().manual_seed(seed_of("eval-data", setting.name))
-            if setting.name == "gmm":
+            if setting.is_mixture:
                 self.ref = setting.mixture.sample(n, generator=gd).cpu()
                 other = setting.mixture.sample(n, generator=gd).cpu()
                 self.data_std = float(torch.cat([self.ref, other]).double().var(0).mean().sqrt())
@@ -668,12 +616,12 @@ class Evaluator:
                     .float()
                     .cpu()
                 )
-                log(f"gmm: exact flow map of {n} noises in {time.time() - t0:.1f} s")
+                log(f"{setting.name}: exact flow map of {n} noises in {time.time() - t0:.1f} s")
             else:
                 self.ref = setting.source.sample(n, generator=gd)
                 other = setting.source.sample(n, generator=gd)
             self.floor = {**self.point_metrics(other, exact=None), "n": n, "n_ref": n}
-            if setting.name == "gmm":
+            if setting.is_mixture:
                 self.floor["rmse"] = 0.0
 
     def point_metrics(self, x: Tensor, exact: Tensor | None) -> dict:
@@ -702,9 +650,9 @@ class Evaluator:
         return out
 
     def metrics(self, x: Tensor) -> dict:
-        if self.s.name == "digits":
+        if self.s.kind == "digits":
             return self.image_metrics(x, self.cond.cpu())
-        return self.point_metrics(x, self.exact if self.s.name == "gmm" else None)
+        return self.point_metrics(x, self.exact if self.s.is_mixture else None)
 
     def teacher_rows(self, teacher) -> tuple[dict, dict]:
         """{solver: {nfe: metrics}} for Euler and Heun (Heun: 2 NFE per step, so odd NFE are absent), and samples."""
@@ -746,7 +694,8 @@ class Evaluator:
 
 
 def discover_methods(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
-    """(methods that import and build with their benchmark config, {method: reason} for the others)."""
+    """(methods that import and build with their recipe, {method: reason} for the others: a method needs its
+    ``configs/distill/<method>.yaml``)."""
     names = list(OBJECTIVES) if requested is None else requested
     ok, skipped = [], {}
     for name in names:
@@ -754,7 +703,7 @@ def discover_methods(requested: list[str] | None) -> tuple[list[str], dict[str, 
             skipped[name] = f"not in the objective registry (known: {sorted(OBJECTIVES)})"
             continue
         try:
-            build_objective(method_config(name, "2d", 100))
+            build_objective(recipe("checkerboard", name, BUDGETS["full"])["objective"])
             ok.append(name)
         except Exception as err:  # a method being written elsewhere: note it, go on
             skipped[name] = f"does not build: {type(err).__name__}: {str(err)[:200]}"
@@ -825,12 +774,14 @@ def cost_tables(methods: list[str], budget: Budget, device: torch.device, memory
         c_fixed = torch.randint(0, classes, (batch,), generator=g).to(device) if classes else None
         batch_fn = lambda: (x_fixed, c_fixed)  # noqa: E731
         runners, errors = {}, {}
-        kind, data = ("digits", "digits") if net_name == "dit" else ("2d", "checkerboard")
-        # each method as configured for the quality tables' runs on this kind of data; MeanFlow also with every
-        # pair s != t (some configs keep the paper's share of s = t pairs, which need no JVP): the most JVP work.
-        # A method's net options (a guidance input, a time scale) are applied as in its quality runs.
-        configs = {"fm": None, **{m: method_config(m, kind, 1000, data) for m in methods}}
-        extras = {m: ((distill_yaml(m, data) or {}).get("net_extras") or {}) for m in methods}
+        data = "digits" if net_name == "dit" else "checkerboard"
+        # each method with its recipe on this kind of data (the full run's); MeanFlow also with every pair s != t
+        # (some recipes keep the paper's share of s = t pairs, which need no JVP): the most JVP work. A method's
+        # net options (a guidance input, a time scale) are applied as in its quality runs.
+        base = compose(set_files(data))["model"]["student"]["net"]
+        recipes = {m: recipe(data, m, BUDGETS["full"]) for m in methods}
+        configs = {"fm": None, **{m: r["objective"] for m, r in recipes.items()}}
+        extras = {m: {k: v for k, v in r["student"]["net"].items() if base.get(k) != v} for m, r in recipes.items()}
         if "meanflow" in methods:
             configs[MEANFLOW_ALL_MOVING] = {**configs["meanflow"], "equal_share": 0.0}
             extras[MEANFLOW_ALL_MOVING] = extras["meanflow"]
@@ -956,18 +907,18 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
     except ImportError as err:
         return {"available": False, "reason": f"torchcfm is not installed ({err}); pip install torchcfm --no-deps"}
     cfm = ConditionalFlowMatcher(sigma=0.0)
-    lr, lr_final, steps = budget.lr_2d * 2, budget.lr_2d * 2 * budget.lr_decay, budget.peer_steps
+    lr, lr_final, steps = setting.lr * 2, setting.lr * 2 * budget.lr_decay, budget.peer_steps
     times: dict[str, list[float]] = {n: [] for n in PEER_TRAINERS}
     per_seed: dict[str, list[dict]] = {n: [] for n in PEER_TRAINERS}
     for seed in range(budget.peer_seeds):
         torch.manual_seed(seed_of("peer-net", seed))
-        nets = {"ours": build_net({**budget.mlp, "data_shape": [2]}).to(device)}
+        nets = {"ours": build_net(dict(setting.net_config)).to(device)}
         for name in PEER_TRAINERS[1:]:
             nets[name] = copy.deepcopy(nets["ours"])
         ours = TrainLoop(nets["ours"], FlowMatching("uniform", 0.0), lr=lr, lr_final=lr_final, steps=steps)
         peer_opts = {n: torch.optim.Adam(nets[n].parameters(), lr=lr) for n in PEER_TRAINERS[1:]}
         g = torch.Generator().manual_seed(seed_of("peer-data", seed))
-        data = [setting.source.sample(budget.batch_2d, generator=g).to(device) for _ in range(min(steps, 64))]
+        data = [setting.source.sample(setting.batch, generator=g).to(device) for _ in range(min(steps, 64))]
 
         # common random numbers: step i of every trainer starts from the same RNG state, so all draw the same
         # times t = rand(B) and noises randn(B, 2) (ours inside DenoisingLoss, torchcfm's passed to it in that order)
@@ -1030,9 +981,9 @@ def peer_table(setting: Setting, budget: Budget, device: torch.device, evaluator
         "available": True,
         "version": getattr(torchcfm, "__version__", "?"),
         "steps": steps,
-        "batch": budget.batch_2d,
+        "batch": setting.batch,
         "data": setting.name,
-        "net": {**budget.mlp, "data_shape": [2]},
+        "net": dict(setting.net_config),
         "seeds": budget.peer_seeds,
         "lr": lr,
         "lr_final": lr_final,
@@ -1221,7 +1172,6 @@ def main(argv: list[str] | None = None) -> dict:
             "budget_values": asdict(budget),
             "methods": methods,
             "skipped_methods": skipped,
-            "lr_scale": {f"{d}/{m}": lr_scale(m, d) for d in datasets for m in methods if lr_scale(m, d) != 1.0},
             "datasets": datasets,
             "device": str(device),
             "threads": threads,
@@ -1231,18 +1181,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(),
             "load_average_start": _loadavg(),
             "memory_method": memory.method,
-            "method_configs": {
-                d: {
-                    m: method_config(
-                        m,
-                        "digits" if d == "digits" else "2d",
-                        budget.student_steps_digits if d == "digits" else budget.student_steps_2d,
-                        d,
-                    )
-                    for m in methods
-                }
-                for d in datasets
-            },
+            "sets": {d: [str(p.relative_to(ROOT)) for p in set_files(d)] for d in datasets},
+            "method_configs": {d: {m: recipe(d, m, budget)["objective"] for m in methods} for d in datasets},
         },
         "quality": {},
         "cost": {},
@@ -1277,15 +1217,15 @@ def main(argv: list[str] | None = None) -> dict:
             "student_steps": setting.student_steps,
             "teacher_code": setting.teacher_code,
         }
-        if name == "gmm":
+        if setting.is_mixture:
             q["data_std"] = ev.data_std
         sm = {
-            "data": ev.ref if name != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()),
+            "data": ev.ref if setting.kind != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()),
             "teacher": teacher_samples,
             "students": {},
             "trajectories": {},
         }
-        if name != "digits":
+        if setting.kind != "digits":
             sm["trajectories"]["teacher (Euler 64)"] = ev.trajectory(teacher, 64)
         for method in methods:
             try:
@@ -1313,7 +1253,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "code": trained.get("code"),
             }
             sm["students"][method] = student_samples
-            if name != "digits":
+            if setting.kind != "digits":
                 sm["trajectories"][f"{method} (4 NFE)"] = ev.trajectory(trained["student"], 4, gamma=gamma)
             log(f"{name}/{method}: " + ", ".join(f"{k} NFE {_fmt_row(v)}" for k, v in rows.items()))
         results["quality"][name] = q

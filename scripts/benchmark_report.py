@@ -28,19 +28,10 @@ DATA_TITLES = {
 # --- targets ---------------------------------------------------------------------------------------
 
 
-def _decay(meta: dict) -> str:
-    d = (meta.get("budget_values") or {}).get("lr_decay")
-    return "constant" if d is None else f"cosine decay to {d:g}x of it, as for the teachers"
-
-
-def _lr_exceptions(meta: dict) -> str:
-    """The students whose rate the script's ``LR_SCALE`` scales, as a clause ('' when none)."""
-    scales = meta.get("lr_scale") or {}
-    return (
-        ""
-        if not scales
-        else " except " + ", ".join(f"{k} at {v:g}x it" for k, v in sorted(scales.items())) + " (`LR_SCALE`)"
-    )
+def _sets(meta: dict) -> str:
+    """The config files of each set, as a clause."""
+    sets = meta.get("sets") or {}
+    return "; ".join(f"{d}: " + " + ".join(f"`{f}`" for f in files) for d, files in sets.items())
 
 
 def _target(text: str, value: float | None, threshold: float, sense: str, note: str = "") -> dict:
@@ -105,15 +96,17 @@ def evaluate_targets(results: dict) -> list[dict]:
                     why if prec is None else "",
                 )
             )
-    gmm = q.get("gmm")
-    if gmm:
+    for name, gmm in q.items():  # every mixture set (an exact flow map: ``data_std`` is recorded)
+        if "data_std" not in gmm:
+            continue
+        label = "mixture" if name == "gmm" else f"mixture {name}"
         best = {m: _get(st, "nfe", 1, "rmse") for m, st in gmm["students"].items()}
         best = {m: v for m, v in best.items() if v is not None and math.isfinite(v)}
         if best:
             m = min(best, key=best.get)
             out.append(
                 _target(
-                    f"mixture: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std "
+                    f"{label}: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) < 5% of the data std "
                     f"({gmm['data_std']:.3f}) [RMSE / std]",
                     best[m] / gmm["data_std"],
                     0.05,
@@ -122,7 +115,7 @@ def evaluate_targets(results: dict) -> list[dict]:
             )
         else:
             out.append(
-                _target("mixture: best 1-NFE flow-map RMSE < 5% of the data std", None, 0.05, "<=", "no student")
+                _target(f"{label}: best 1-NFE flow-map RMSE < 5% of the data std", None, 0.05, "<=", "no student")
             )
     dg = q.get("digits")
     if dg:
@@ -243,7 +236,7 @@ def _cell(name: str, m: dict | None) -> str:
         return "-"
     if name in ("checkerboard", "eight_gaussians"):
         return f"{_f(m.get('w2'))} / {_f(m.get('precision'), 3)}"
-    if name == "gmm":
+    if name != "digits":  # a mixture set
         return f"{_f(m.get('rmse'))} / {_f(m.get('w2'))}"
     acc = m.get("class_acc")
     return f"{_f(m.get('fd'))} / {_f(m.get('kid'), 3)}" + (f" ({acc:.2f})" if acc is not None else "")
@@ -270,7 +263,7 @@ def code_note(results: dict) -> str:
     other = []
     for name, q in results.get("quality", {}).items():
         if "teacher_code" in q and q["teacher_code"] != code:
-            what = "flow-matching init net" if name == "gmm" else "teacher"
+            what = "flow-matching init net" if "data_std" in q else "teacher"
             other.append(f"{name} {what} ({q['teacher_code'] or 'unrecorded'})")
         other += [
             f"{name}/{m} ({st.get('code') or 'unrecorded'})"
@@ -329,12 +322,15 @@ def markdown(results: dict, targets: list[dict]) -> str:
             "",
         ]
     L += [
-        "Every student is a `FlowMap` with the same backbone as its teacher, initialized from the teacher's weights "
-        "(the mixture's students from a flow-matching net trained on the mixture's own samples; the exact mixture "
-        "stays their teacher), trained by `flowmap.training.fit` for the same number of steps "
-        f"with the same batch and Adam learning rate ({_decay(meta)}){_lr_exceptions(meta)}; "
-        "methods' hyperparameters are their tuned configs (`configs/distill`) or defaults, with curricula scaled "
-        "to the budget (`method_config` in the script, recorded in results.json). Seeds are fixed. "
+        "Every student trains the recipe a user runs with `scripts/distill.py`: the set's data and model configs "
+        f"({_sets(meta)}) composed with `configs/distill/<method>.yaml` and its override for the set, if any "
+        "(`flowmap.recipe.compose`; objective, net, batch, learning rate, warm-up, cosine decay, AdamW, EMA "
+        "half-life, gradient clipping, for the data config's `trainer.max_steps`"
+        + (f" times {meta['scale']:g}" if meta.get("scale", 1.0) != 1.0 else "")
+        + "), through `flowmap.training.TrainLoop` with the Lightning modules' semantics, and is evaluated with its "
+        "EMA weights, as users export them. It starts from the teacher's weights when the recipe says so "
+        "(`init_from_teacher`, or unset and the same net); the mixture's exact teacher has no weights, so its "
+        "students start from a flow-matching net trained on the mixture's own samples. Seeds are fixed. "
         "Students sample with "
         "`flowmap.sampling.sample` on a uniform grid; consistency-type students (which learn only jumps to t = 0: "
         "cd, ict, ect, scd, sct) re-noise between steps (gamma = 1, multistep consistency sampling), the others jump "
@@ -374,7 +370,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
 
     L += ["", "## Quality per NFE", ""]
     for name, q in results["quality"].items():
-        L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {CELL_LEGEND[name]}.", ""]
+        L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {CELL_LEGEND.get(name, CELL_LEGEND['gmm'])}.", ""]
         fl = q["floor"]
         L.append(
             f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; "
@@ -390,7 +386,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
         ]
         L += _table(["teacher \\ NFE", *map(str, nfes)], rows)
         L.append("")
-        what = "Flow-matching init net" if name == "gmm" else "Teacher"
+        what = "Flow-matching init net" if "data_std" in q else "Teacher"
         L.append(f"{what}: {_f(q.get('teacher_seconds'), 3)} s of training.")
         L.append("")
         rows = []
@@ -728,13 +724,13 @@ def write_plots(samples: dict, results: dict, out: Path) -> list[str]:
             files.append(p.name)
         else:
             p = out / f"scatter_{name}.png"
-            scatter_grid(p, sm, lims[name])
+            scatter_grid(p, sm, lims.get(name, 3.0))
             files.append(p.name)
             p = out / f"trajectories_{name}.png"
-            trajectory_grid(p, sm["trajectories"], lims[name])
+            trajectory_grid(p, sm["trajectories"], lims.get(name, 3.0))
             files.append(p.name)
         for i, key in enumerate(
-            {"checkerboard": ["w2"], "eight_gaussians": ["w2"], "gmm": ["rmse", "w2"], "digits": ["fd"]}[name]
+            {"checkerboard": ["w2"], "eight_gaussians": ["w2"], "digits": ["fd"]}.get(name, ["rmse", "w2"])
         ):
             p = out / (f"quality_vs_nfe_{name}.png" if i == 0 else f"quality_vs_nfe_{name}_{key}.png")
             quality_curves(p, name, q, key)

@@ -10,8 +10,8 @@ attention at 16x16: 58M parameters); ``dit_s2`` / ``dit_b2`` DiT-S/2 and DiT-B/2
 33M / 130M). For each net, from one seed, with a teacher of the same architecture:
 
 - the training step (``scripts/benchmark.StepRunner``: objective, backward, clipping, Adam, EMA target) of fm,
-  meanflow (every pair s != t; forward-mode rule and ``torch.func``), scd, ctm and cd, each with the benchmark's image
-  defaults (``method_config(name, "digits", 1000)``; unconditional, no guidance), timed interleaved (median of
+  meanflow (every pair s != t; forward-mode rule and ``torch.func``), scd, ctm and cd, each with its method config
+  (``configs/distill/<method>.yaml`` for a 1000-step run; unconditional, no data override), timed interleaved (median of
   ``--steps`` rounds after one warm-up step) as a ratio to the fm step; its peak memory (``scripts/benchmark.Memory``:
   CUDA allocator peak, CPU resident-set growth);
 - with ``--compile``: the fm and meanflow steps with the student compiled (``flowmap.compiled``; the JVP pass
@@ -131,9 +131,7 @@ def run_net(net_name: str, a: argparse.Namespace, device: torch.device) -> dict:
 
     configs: dict[str, dict | None] = {"fm": None}
     for m in a.methods:
-        configs[m] = bench.method_config(
-            m, "digits", 1000
-        )  # the benchmark's image defaults (no guidance: unconditional)
+        configs[m] = bench.compose([bench.CONFIGS / "distill" / f"{m}.yaml"], max_steps=1000)["model"]["objective"]
         if m == "meanflow":
             configs[m] = {**configs[m], "equal_share": 0.0}  # every pair s != t: a JVP for the whole batch
             configs[MEANFLOW_FUNC] = {**configs[m], "jvp_backend": "func"}

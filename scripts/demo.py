@@ -2,7 +2,10 @@
 """The demo: train a checkerboard teacher, distill it into a flow-map student, and compare them.
 
     python scripts/demo.py                    # default method, results under runs/demo
-    python scripts/demo.py --method meanflow  # any config in configs/distill/<method>_checkerboard.yaml
+    python scripts/demo.py --method meanflow  # any method with a configs/distill/<method>.yaml
+
+The student is the recipe a user composes: configs/data/checkerboard.yaml + configs/model/mlp2d.yaml +
+configs/distill/<method>.yaml (and its checkerboard override, if any); the teacher is configs/teacher/checkerboard.yaml.
 
 Writes to the output folder: teacher.safetensors, student.safetensors, comparison.png
 (data | teacher at 64 NFE | student at 1 and 2 NFE), metrics.json, and the Lightning run folders.
@@ -36,9 +39,10 @@ N_EVAL = 4000
 
 
 def methods() -> list[str]:
-    return sorted(
-        p.name.removesuffix("_checkerboard.yaml") for p in (ROOT / "configs" / "distill").glob("*_checkerboard.yaml")
-    )
+    """The methods with a method config (configs/distill/<method>.yaml named after a registered objective)."""
+    from flowmap.objectives import OBJECTIVES
+
+    return sorted(p.stem for p in (ROOT / "configs" / "distill").glob("*.yaml") if p.stem in OBJECTIVES)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -88,9 +92,9 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"[2/3] distilling it with {a.method}", flush=True)
     from scripts.distill import main as distill
 
+    recipe = ("data/checkerboard", "model/mlp2d", f"distill/{a.method}")
     student_args = [
-        "--config",
-        str(ROOT / f"configs/distill/{a.method}_checkerboard.yaml"),
+        *(x for c in recipe for x in ("--config", str(ROOT / f"configs/{c}.yaml"))),
         "--teacher",
         str(out / "teacher.safetensors"),
         "--run_dir",

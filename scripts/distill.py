@@ -1,8 +1,14 @@
 #!/usr/bin/env python
 """Distill a teacher into a flow-map student with LightningCLI.
 
-    python scripts/distill.py --config configs/distill/cd_checkerboard.yaml \
-        --teacher runs/teacher/teacher.safetensors --run_dir runs/cd --export runs/cd/student.safetensors
+    python scripts/distill.py --config configs/data/checkerboard.yaml --config configs/model/mlp2d.yaml \
+        --config configs/distill/cd.yaml --teacher runs/teacher/teacher.safetensors --run_dir runs/cd \
+        --export runs/cd/student.safetensors
+
+The ``--config`` files compose (``flowmap.recipe.compose``): a data config (the data and its training budget), a
+model config (the student net) and a method config (the objective only), deep-merged in order, with
+``configs/distill/overrides/<method>_<data>.yaml`` applied after the method where it exists; the benchmark trains
+the same recipe (``scripts/benchmark.py``).
 
 ``--teacher PATH`` accepts our safetensors or Lightning checkpoints and diffusers model folders; the
 script says what it found before training. A config that names no student net (``model.student.net``) gets
@@ -25,6 +31,7 @@ from lightning import LightningDataModule  # noqa: E402
 
 from flowmap.lightning.cli import FlowmapCLI, main_guard  # noqa: E402
 from flowmap.lightning.distill_module import DistillModule  # noqa: E402
+from flowmap.recipe import expand_config_flags  # noqa: E402
 
 
 def expand_teacher_flag(args: list[str]) -> list[str]:
@@ -49,9 +56,14 @@ def expand_teacher_flag(args: list[str]) -> list[str]:
     return args[:i] + ["--model.teacher", json.dumps(spec)] + args[i + 2 :]
 
 
+def build_cli(args: list[str]) -> FlowmapCLI:
+    """The parsed and instantiated run (module, data, trainer) of a command line, not yet fitted."""
+    args = expand_teacher_flag(expand_config_flags(list(args)))
+    return FlowmapCLI(DistillModule, LightningDataModule, subclass_mode_data=True, args=args)
+
+
 def main(args: list[str] | None = None) -> FlowmapCLI:
-    args = expand_teacher_flag(list(sys.argv[1:] if args is None else args))
-    cli = FlowmapCLI(DistillModule, LightningDataModule, subclass_mode_data=True, args=args)
+    cli = build_cli(sys.argv[1:] if args is None else args)
     cli.fit()
     return cli
 

@@ -228,17 +228,19 @@ def gmm_source(
     n_train: int = 50_000,
     n_val: int = 5_000,
     seed: int = 0,
+    labels: bool = True,
 ):
     """The mixture's own samples as a registered data set (``get_dataset("gmm", preset="ring8")``), so that
-    data-driven objectives and DataModules can train on exactly the distribution the teacher models."""
+    data-driven objectives and DataModules can train on exactly the distribution the teacher models
+    (``labels=False``: without the components' labels, an unconditional set)."""
     from flowmap.data.registry import SampledSource
 
     mix = PresetMixture(preset, path, dim)
     return SampledSource(
         f"gmm:{preset if path is None else path}",
-        mix.sample_labeled,
+        mix.sample_labeled if labels else mix.sample,
         mix.data_shape,
-        mix.num_classes,
+        mix.num_classes if labels else 0,
         n_train=n_train,
         n_val=n_val,
         seed=seed,

@@ -369,37 +369,40 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
     ]
 
 
-def test_students_train_at_the_budget_rate_times_their_lr_scale(tmp_path, monkeypatch) -> None:
-    """MeanFlow on checkerboard (and eight Gaussians, which read its config) trains at LR_SCALE x the budget's rate,
-    cd at the budget's (peak and final rate as handed to ``fit``); the report names the exception."""
+def test_students_train_their_recipe_and_are_evaluated_with_the_ema(tmp_path, monkeypatch) -> None:
+    """Every student's ``TrainLoop`` gets exactly its recipe's options (``benchmark.recipe``: the configs' lr, warm-up,
+    decay, EMA, clipping; no per-method or per-data exception: meanflow trains at cd's rate), its recipe's batch, and
+    the student handed to the evaluation holds the loop's EMA weights, not the last raw weights."""
     from scripts import benchmark
-    from scripts.benchmark_report import _lr_exceptions
 
-    seen: dict = {}
-    real_fit = benchmark.fit
+    loops: dict = {}
 
-    class Stop(Exception):
-        pass
+    class Loop(benchmark.TrainLoop):
+        def __init__(self, student, objective, teacher=None, **options):
+            super().__init__(student, objective, teacher, **options)
+            loops[objective.name] = self
+            self.options, self.shapes = options, []
 
-    def fit(student, objective, batches, steps, teacher=None, lr=1e-3, lr_final=None, **kw):
-        if getattr(objective, "name", "") in ("meanflow", "cd"):
-            seen[objective.name] = (lr, lr_final)
-            raise Stop
-        return real_fit(student, objective, batches, steps, teacher=teacher, lr=lr, lr_final=lr_final, **kw)
+        def step(self, x0, cond=None):
+            self.shapes.append(tuple(x0.shape))
+            out = super().step(x0, cond)
+            self.raw = [p.detach().clone() for p in self.student.parameters()]
+            return out
 
-    monkeypatch.setattr(benchmark, "fit", fit)
+    monkeypatch.setattr(benchmark, "TrainLoop", Loop)
     budget = benchmark.BUDGETS["quick"]
     setting = benchmark.Setting("checkerboard", budget, torch.device("cpu"), tmp_path, fresh=True)
     setting.get_teacher()
-    for method in ("meanflow", "cd"):
-        with pytest.raises(Stop):
-            setting.train_student(method)
-    base = budget.lr_2d
-    assert seen["cd"] == pytest.approx((base, base * budget.lr_decay))
-    assert seen["meanflow"] == pytest.approx((0.5 * base, 0.5 * base * budget.lr_decay))
-    assert benchmark.lr_scale("meanflow", "eight_gaussians") == 0.5 and benchmark.lr_scale("meanflow", "gmm") == 1.0
-    assert (
-        _lr_exceptions({"lr_scale": {"checkerboard/meanflow": 0.5}})
-        == " except checkerboard/meanflow at 0.5x it (`LR_SCALE`)"
-    )
-    assert _lr_exceptions({}) == ""
+    trained = {m: setting.train_student(m) for m in ("cd", "meanflow")}
+    for method, loop in loops.items():
+        r = benchmark.recipe("checkerboard", method, budget)
+        assert loop.options == r["options"] and loop.k == r["options"]["steps"] == setting.student_steps
+        assert trained[method]["config"] == r["objective"] and loop.objective.name == method
+        assert loop.student.net.config == benchmark.build_student(dict(r["student"])).net.config
+        assert loop.shapes[0][0] == r["cfg"]["data"]["init_args"]["batch_size"]
+        student = trained[method]["student"]
+        ema = [p.detach() for p in loop.ema.parameters()]
+        assert all(torch.equal(a, b) for a, b in zip(student.parameters(), ema))
+        assert any(not torch.equal(a, b) for a, b in zip(ema, loop.raw))  # the EMA lags the raw weights
+    assert loops["meanflow"].options["lr"] == loops["cd"].options["lr"]
+    assert not hasattr(benchmark, "LR_SCALE") and not hasattr(benchmark, "method_config")

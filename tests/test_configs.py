@@ -1,25 +1,41 @@
-"""Every shipped YAML builds: each ``configs/distill/*.yaml`` names a registered objective with valid
-hyperparameters and a student net that builds, and a student that starts from its teacher
-(``init_from_teacher: true``) takes every tensor of the matching ``configs/teacher/<data>.yaml`` net, so
-``u(x, t, t)`` starts as the teacher's velocity. Each teacher config builds its net too."""
+"""Configs compose, and the benchmark trains what they say.
+
+* test_every_method_has_a_method_config: each registered objective has ``configs/distill/<method>.yaml`` holding
+  only the method (no data, trainer or net architecture), and each override names an existing method and data set.
+* test_teacher_config_builds / test_a_student_starts_as_its_teacher: teacher configs build, and a model config's
+  student takes every tensor of the matching teacher config's net.
+* test_step_fractions_and_sigma_data_resolve: a fraction of trainer.max_steps becomes a step count (of a
+  ``--trainer.max_steps`` given on the command line too), sigma_data comes from the data config, overrides apply.
+* test_the_cli_builds_the_benchmark_recipe: for every benchmark set (and the digits DiT) and every method, the
+  composed command line builds with the LightningCLI, and the module, trainer and data it builds equal the
+  benchmark's recipe for that set and method: the objective config, the student net, init_from_teacher, the batch,
+  lr / betas / weight decay / warm-up / decay / EMA / guard and the trainer's max_steps and gradient clipping.
+"""
 
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flowmap.io import load_matching
-from flowmap.models import build_student
-from flowmap.nets import build_net
-from flowmap.objectives import OBJECTIVES, build_objective
-
 ROOT = Path(__file__).resolve().parents[1]
-DISTILL = sorted((ROOT / "configs" / "distill").glob("*.yaml"))
-TEACHER = sorted((ROOT / "configs" / "teacher").glob("*.yaml"))
-DATA_SETS = ("checkerboard", "digits", "gmm")
+sys.path.insert(0, str(ROOT))
+
+from flowmap.io import load_matching  # noqa: E402
+from flowmap.models import build_student  # noqa: E402
+from flowmap.nets import build_net  # noqa: E402
+from flowmap.objectives import OBJECTIVES, build_objective  # noqa: E402
+from flowmap.recipe import CONFIGS, compose, expand_config_flags  # noqa: E402
+
+TEACHER = sorted((CONFIGS / "teacher").glob("*.yaml"))
+METHOD_FILES = sorted((CONFIGS / "distill").glob("*.yaml"))
+OVERRIDES = sorted((CONFIGS / "distill" / "overrides").glob("*.yaml"))
+DATA = {p.stem for p in (CONFIGS / "data").glob("*.yaml")}
+# model config -> the teacher config whose net it is (the student starts as that teacher)
+TEACHER_OF = {"mlp2d": "checkerboard", "unet_digits": "digits", "dit_digits": "digits_dit"}
 
 
 def load(path: Path) -> dict:
@@ -31,10 +47,23 @@ def import_class(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def test_every_method_has_a_config_per_data_set():
-    have = {p.stem for p in DISTILL}
-    missing = [f"{m}_{d}" for m in OBJECTIVES for d in DATA_SETS if f"{m}_{d}" not in have]
-    assert not missing, f"configs/distill lacks {missing}"
+def test_every_method_has_a_method_config():
+    have = {p.stem for p in METHOD_FILES}
+    assert not sorted(set(OBJECTIVES) - have), f"configs/distill lacks {sorted(set(OBJECTIVES) - have)}"
+    for path in METHOD_FILES:
+        cfg = load(path)
+        assert set(cfg) <= {"model", "data", "trainer"}, path.name
+        model = cfg["model"]
+        assert model["objective"]["name"] in OBJECTIVES
+        assert set(model) <= {"objective", "student", "init_from_teacher", "lr"}, path.name
+        assert set((model.get("student") or {}).get("net") or {}) <= {"time_scale", "guidance_input"}, path.name
+        if not path.stem.endswith("_fromdata"):  # a from-scratch config brings its budget; the others none
+            assert "data" not in cfg and "trainer" not in cfg, path.name
+    methods = {p.stem for p in METHOD_FILES}
+    for path in OVERRIDES:
+        method, data = next((m, path.stem[len(m) + 1 :]) for m in methods if path.stem.startswith(m + "_"))
+        assert data in DATA, f"{path.name}: no configs/data/{data}.yaml"
+        assert "name" not in load(path)["model"].get("objective", {}), f"{path.name} may not change the method"
 
 
 @pytest.mark.parametrize("path", TEACHER, ids=lambda p: p.stem)
@@ -45,21 +74,85 @@ def test_teacher_config_builds(path):
     import_class(cfg["data"]["class_path"])
 
 
-@pytest.mark.parametrize("path", DISTILL, ids=lambda p: p.stem)
-def test_distill_config_builds_and_fits_its_teacher(path):
-    cfg = load(path)
-    model = cfg["model"]
-    objective = build_objective(dict(model["objective"]))
-    assert model["objective"]["name"] in OBJECTIVES and objective is not None
-    student = build_student(dict(model["student"]))
-    import_class(cfg["data"]["class_path"])
-    if "teacher" in model:
-        import_class(model["teacher"]["class_path"])
-    if model.get("init_from_teacher"):
-        data = next(d for d in DATA_SETS if f"_{d}" in path.stem)
-        net_name = model["student"]["net"]["name"]
-        teacher_path = ROOT / "configs" / "teacher" / (f"{data}_dit.yaml" if net_name == "dit" else f"{data}.yaml")
-        assert teacher_path.is_file(), f"{path.name}: init_from_teacher but no {teacher_path.name}"
-        teacher_net = build_net(dict(load(teacher_path)["model"]["net"]))
-        copied, skipped = load_matching(student.net, teacher_net.state_dict())
-        assert copied and not skipped, f"{path.name}: the teacher's {skipped[:4]} do not fit the student"
+@pytest.mark.parametrize("model,data", [("mlp2d", "checkerboard"), ("unet_digits", "digits"), ("dit_digits", "digits")])
+def test_a_student_starts_as_its_teacher(model, data):
+    cfg = compose([CONFIGS / "data" / f"{data}.yaml", CONFIGS / "model" / f"{model}.yaml"])
+    student = build_student(dict(cfg["model"]["student"]))
+    teacher_net = build_net(dict(load(CONFIGS / "teacher" / f"{TEACHER_OF[model]}.yaml")["model"]["net"]))
+    copied, skipped = load_matching(student.net, teacher_net.state_dict())
+    assert len(copied) == len(teacher_net.state_dict()) and not skipped
+
+
+def test_step_fractions_and_sigma_data_resolve(tmp_path):
+    files = [CONFIGS / "data" / "ring8.yaml", CONFIGS / "model" / "mlp2d_smooth.yaml", CONFIGS / "distill" / "scd.yaml"]
+    cfg = compose(files)
+    assert cfg["trainer"]["max_steps"] == 1000 and "sigma_data" not in cfg
+    objective = cfg["model"]["objective"]
+    assert objective["sigma_data"] == load(files[0])["sigma_data"]  # from the data config
+    assert (objective["tangent_warmup"], objective["p_mean"]) == (100, 0.0)  # 0.1 of 1000: the ring8 override
+    ict = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "distill" / "ict.yaml"])["model"]["objective"]
+    assert ict["total_steps"] == 4000 and ict["sigma_data"] == 1.0  # the whole run; the checkerboard's std
+    cd = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "distill" / "cd.yaml"])["model"]["objective"]
+    assert "sigma_data" not in cd  # cd has no sigma_data hyperparameter
+    args = expand_config_flags(["--config", str(files[0]), "--config", str(files[2]), "--trainer.max_steps", "40"])
+    assert args[0] == "--config" and args[2:] == ["--trainer.max_steps", "40"]
+    assert yaml.safe_load(args[1])["model"]["objective"]["tangent_warmup"] == 4  # 0.1 of the command line's 40
+    assert expand_config_flags(["--config", "{}"]) == ["--config", "{}"]  # a config string: left to the CLI
+    with pytest.raises(ValueError, match="no such file"):
+        expand_config_flags(["--config", str(tmp_path / "missing.yaml")])
+
+
+def _teacher_file(tmp_path: Path, net: dict) -> str:
+    from flowmap.models import save_teacher
+    from flowmap.velocity import NetVelocity
+
+    path = tmp_path / f"teacher_{net['name']}.safetensors"
+    if not path.is_file():
+        save_teacher(path, NetVelocity(build_net(dict(net)), "linear", "velocity"), data="test")
+    return str(path)
+
+
+# the benchmark's sets, and the digits DiT a user composes instead of the UNet
+COMBOS = [("checkerboard", None), ("eight_gaussians", None), ("gmm", None), ("digits", None), ("digits", "dit_digits")]
+
+
+@pytest.mark.parametrize("name,model", COMBOS, ids=lambda v: str(v))
+@pytest.mark.timeout(240)
+def test_the_cli_builds_the_benchmark_recipe(tmp_path, name, model):
+    from scripts import benchmark
+    from scripts.distill import build_cli
+
+    budget = benchmark.BUDGETS["full"]
+    data_file, model_file = benchmark.set_files(name)
+    if model is not None:
+        model_file = CONFIGS / "model" / f"{model}.yaml"
+    for method in sorted(OBJECTIVES):
+        r = benchmark.recipe(name, method, budget)
+        if model is not None:  # the benchmark's recipe with another model config: the same rule
+            cfg = compose([data_file, model_file, CONFIGS / "distill" / f"{method}.yaml"])
+            r = {**r, "objective": cfg["model"]["objective"], "student": cfg["model"]["student"]}
+        files = [data_file, model_file, CONFIGS / "distill" / f"{method}.yaml"]
+        args = [x for f in files for x in ("--config", str(f))]
+        args += ["--run_dir", str(tmp_path / "run"), "--logger", "none"]
+        composed = compose(files)
+        if "teacher" not in composed["model"]:
+            args += ["--teacher", _teacher_file(tmp_path, composed["model"]["student"]["net"])]
+        cli = build_cli(args)
+        module, trainer, options = cli.model, cli.trainer, r["options"]
+        assert dict(module.hparams.objective) == r["objective"], method
+        assert build_objective(dict(r["objective"])).name == method
+        assert module.student.net.config == build_student(dict(r["student"])).net.config, method
+        assert module.hparams.init_from_teacher == r["init_from_teacher"], method
+        assert cli.datamodule.batch_size == int(r["cfg"]["data"]["init_args"]["batch_size"])
+        hp = module.hparams
+        assert (hp.lr, tuple(hp.betas), hp.weight_decay, hp.warmup_steps, hp.max_nonfinite) == (
+            options["lr"],
+            options["betas"],
+            options["weight_decay"],
+            options["warmup_steps"],
+            options["max_nonfinite"],
+        ), method
+        assert (hp.lr_final_ratio if hp.lr_decay == "cosine" else None) == options["lr_final_ratio"]
+        assert (hp.ema_halflife, hp.ema_decay) == (options["ema"].halflife, options["ema"].decay)
+        assert trainer.max_steps == options["steps"] == options["ema"].total_steps
+        assert trainer.gradient_clip_val == options["grad_clip"]

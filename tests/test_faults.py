@@ -60,8 +60,11 @@ QUICK = [
 ]
 TEACHER = ["--config", str(ROOT / "configs/teacher/checkerboard.yaml"), *QUICK, "--model.net", NET_YAML]
 DISTILL = [
-    "--config",
-    str(ROOT / "configs/distill/cd_checkerboard.yaml"),
+    *(
+        x
+        for c in ("data/checkerboard", "model/mlp2d", "distill/cd")
+        for x in ("--config", str(ROOT / f"configs/{c}.yaml"))
+    ),
     *QUICK,
     "--model.student",
     f"{{net: {NET_YAML}}}",

@@ -31,7 +31,7 @@ def benchmark_evaluator(n: int = 256) -> Evaluator:
     """The benchmark's evaluator on ring8-like data (eight_gaussians) with ``n`` fixed noises; its teacher and
     trained students are not needed to sample a given student."""
     ev = Evaluator.__new__(Evaluator)
-    ev.s = SimpleNamespace(name="eight_gaussians")
+    ev.s = SimpleNamespace(name="eight_gaussians", kind="2d", is_mixture=False)
     g = torch.Generator().manual_seed(seed_of("eval", "eight_gaussians"))
     ev.noise, ev.cond = torch.randn(n, 2, generator=g), None
     ev.ref = get_dataset("eight_gaussians").sample(n, generator=torch.Generator().manual_seed(1))
