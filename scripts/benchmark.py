@@ -557,6 +557,7 @@ class Setting:
         losses = []
         for step in range(self.student_steps):
             losses.append(loop.step(*batches(step))[0])
+        losses = torch.stack(losses).tolist()  # one host read for the run
         seconds = time.time() - t0
         student.load_state_dict(loop.ema.state_dict())  # the evaluation EMA: what a user's run exports
         student.eval()
