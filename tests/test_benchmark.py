@@ -303,7 +303,7 @@ def test_report_names_what_was_trained_under_other_code() -> None:
         "meta": {"code": code},
         "quality": {
             "checkerboard": {"teacher_code": code, "students": {"cd": {"code": code}, "meanflow": {"code": code}}},
-            "gmm": {"teacher_code": code, "students": {"cd": {"code": code}}},
+            "gmm": {"teacher_code": code, "data_std": 1.0, "students": {"cd": {"code": code}}},
         },
     }
     assert "every teacher and student here was trained under it" in code_note(results)
