@@ -133,7 +133,7 @@ def test_benchmark_presets_flow_map_is_the_velocity_flow(name):
     full = mix.flow_map(z, one, 0 * one, steps=100)
     mid = mix.flow_map(z, one, 0.4 * one, steps=60)
     two = mix.flow_map(mid, 0.4 * one, 0 * one, steps=60)
-    assert (two - full).abs().max().item() < 1e-6
+    assert (two - full).abs().max().item() < 1e-4  # RK4 error of the sharpest component (std 0.02)
     s, h = 0.6 * one, 1e-4
     x_s = mix.flow_map(z, one, s, steps=40)
     fd = (mix.flow_map(x_s, s, s - h, steps=4) - mix.flow_map(x_s, s, s + h, steps=4)) / (2 * h)
