@@ -192,7 +192,10 @@ def preset_mixture(name: str = "ring8", dim: int = 2) -> GaussianMixtureTeacher:
 
     ring8: 8 anisotropic Gaussians on a circle of radius 2 (2-D, labels = ring index mod 2 classes);
     grid4: 4 Gaussians on a 2x2 grid with unequal weights (unlabelled);
-    highdim: 4 Gaussians in ``dim`` dimensions."""
+    highdim: 4 Gaussians in ``dim`` dimensions;
+    aniso2d: 5 elongated 2-D Gaussians (axis ratios 5-15, each turned its own way) with weights 0.35 to 0.07;
+    scales16: 6 Gaussians in 16-D (``dim`` >= 16 overrides) with full covariances of scales 0.05 to 0.6 and
+    weights 0.3 to 0.05, means of norm ~2.5 (unlabelled; both about unit variance per coordinate)."""
     g = torch.Generator().manual_seed(0)
     if name == "ring8":
         ang = torch.arange(8, dtype=torch.float64) * (2 * torch.pi / 8)
@@ -209,7 +212,26 @@ def preset_mixture(name: str = "ring8", dim: int = 2) -> GaussianMixtureTeacher:
     if name == "highdim":
         means = torch.randn(4, dim, generator=g, dtype=torch.float64)
         return GaussianMixtureTeacher(means, torch.full((4,), 0.5))
-    raise ValueError(f"unknown mixture preset {name!r}; choose from ['grid4', 'highdim', 'ring8']")
+    if name == "aniso2d":
+        means = torch.tensor([[-1.6, -0.8], [1.2, -1.2], [0.4, 1.4], [-1.0, 1.2], [1.8, 0.6]], dtype=torch.float64)
+        ang = torch.tensor([0.3, -0.9, 1.4, 0.6, 2.2], dtype=torch.float64)
+        rot = torch.stack(
+            [torch.stack([torch.cos(ang), -torch.sin(ang)], 1), torch.stack([torch.sin(ang), torch.cos(ang)], 1)], 1
+        )
+        var = torch.tensor([[0.45, 0.002], [0.30, 0.012], [0.20, 0.004], [0.10, 0.02], [0.25, 0.005]])
+        covs = rot @ torch.diag_embed(var.double()) @ rot.transpose(1, 2)
+        return GaussianMixtureTeacher(means, covs, torch.tensor([0.35, 0.25, 0.18, 0.15, 0.07]))
+    if name == "scales16":
+        D, K = max(dim, 16), 6
+        means = torch.randn(K, D, generator=g, dtype=torch.float64)
+        means = 2.5 * means / means.norm(dim=1, keepdim=True)
+        scales = torch.tensor([0.6, 0.4, 0.25, 0.15, 0.1, 0.05], dtype=torch.float64)
+        A = torch.randn(K, D, D, generator=g, dtype=torch.float64) / D**0.5
+        covs = scales[:, None, None] ** 2 * (A @ A.transpose(1, 2) + 0.25 * torch.eye(D, dtype=torch.float64)) / 1.25
+        return GaussianMixtureTeacher(means, covs, torch.tensor([0.3, 0.2, 0.2, 0.15, 0.1, 0.05]))
+    raise ValueError(
+        f"unknown mixture preset {name!r}; choose from ['aniso2d', 'grid4', 'highdim', 'ring8', 'scales16']"
+    )
 
 
 class PresetMixture(GaussianMixtureTeacher):

@@ -67,10 +67,10 @@ def _points(mix, path, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
     return path.sample(x0, eps, t), t
 
 
-@pytest.mark.parametrize("mixture", ["ring8", "random3d"])
+@pytest.mark.parametrize("mixture", ["ring8", "random3d", "aniso2d", "scales16"])
 @pytest.mark.parametrize("path", [LinearPath(), VPPath(), CosinePath()], ids=lambda p: p.name)
 def test_velocity_satisfies_continuity_equation(mixture, path):
-    mix = preset_mixture("ring8") if mixture == "ring8" else _random_mixture()
+    mix = _random_mixture() if mixture == "random3d" else preset_mixture(mixture)
     x, t = _points(mix, path, 48)
     v = lambda y, tau: mix.path_velocity(y, tau, path)  # noqa: E731
     res, scale = _continuity_residual(mix, path, x, t, v)
@@ -118,6 +118,33 @@ def test_single_gaussian_flow_map_closed_form():
     # the field is not trivial: one Euler step over the same jumps misses by far more
     euler = x_s + (t - s)[:, None] * teacher.velocity(x_s, s)
     assert (euler - want).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["aniso2d", "scales16"])
+def test_benchmark_presets_flow_map_is_the_velocity_flow(name):
+    """The presets of the mixture benchmark: their exact flow map composes (X(X(x, 1, 0.4), 0.4, 0) = X(x, 1, 0)),
+    its time derivative at t = s is the velocity, and it carries noise to the data's moments."""
+    mix = preset_mixture(name)
+    D = mix.data_shape[0]
+    assert D == (2 if name == "aniso2d" else 16)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(64, D, generator=g, dtype=torch.float64)
+    one = torch.ones(64, dtype=torch.float64)
+    full = mix.flow_map(z, one, 0 * one, steps=100)
+    mid = mix.flow_map(z, one, 0.4 * one, steps=60)
+    two = mix.flow_map(mid, 0.4 * one, 0 * one, steps=60)
+    assert (two - full).abs().max().item() < 1e-4  # RK4 error of the sharpest component (std 0.02)
+    s, h = 0.6 * one, 1e-4
+    x_s = mix.flow_map(z, one, s, steps=40)
+    fd = (mix.flow_map(x_s, s, s - h, steps=4) - mix.flow_map(x_s, s, s + h, steps=4)) / (2 * h)
+    v = mix.velocity(x_s, s)
+    assert (fd + v).abs().max().item() < 1e-6 * (1 + v.abs().max().item())  # d/dt X(x, s, t) at t = s is v
+    # the map's samples have the data's per-coordinate variance (the presets are about unit scale)
+    n = 1000
+    x0 = mix.flow_map(torch.randn(n, D, generator=g, dtype=torch.float64), torch.ones(n), torch.zeros(n), steps=12)
+    data = mix.sample(50_000, generator=g).double()
+    assert 0.3 < data.var(0).mean().sqrt().item() < 1.5
+    assert (x0.var(0).mean() / data.var(0).mean() - 1).abs().item() < 0.1
 
 
 def test_sample_mean_and_covariance():
