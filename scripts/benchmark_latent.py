@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def log(msg: str) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks"), help="directory of LATENT.md and latent.json")
-    p.add_argument("--work", default=None, help="working directory (pipeline folder, shards; default OUT/latent_work)")
+    p.add_argument("--work", default=None, help="working directory (pipeline folder, shards; default a temporary one)")
     p.add_argument("--budget", default="full", choices=sorted(BUDGETS))
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
@@ -117,7 +119,7 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch: int, device: torch.device
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -142,7 +144,7 @@ def train_teacher(unet, z: torch.Tensor, y: torch.Tensor, steps: int, batch: int
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = BUDGETS[a.budget]
     device = torch.device(a.device)
     out = Path(a.out)
-    work = Path(a.work) if a.work else out / "latent_work"
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="flowmap_latent_"))
     work.mkdir(parents=True, exist_ok=True)
     folder = work / "pipe"
     B = budget["batch"]
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
         mem["student_step" + ("_checkpointed" if ac else "")] = memory.measure(lambda: loop.step(zb, yb))
     result["memory_mib"] = mem
     result["seconds_total"] = time.time() - t_start
-    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__}
+    result["machine"] = {"platform": platform.platform(), "torch": torch.__version__, "loadavg": os.getloadavg()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "latent.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "LATENT.md").write_text(report(result))
@@ -367,7 +369,9 @@ def report(r: dict) -> str:
         "# Latent row: digits through a VAE trained here",
         "",
         "Written by `python scripts/benchmark_latent.py` (or `scripts/benchmark.py --latent`); "
-        f"budget `{r['budget']}`, device {r['device']}, {r['threads']} thread(s), {r['seconds_total']:.0f} s in all.",
+        f"budget `{r['budget']}`, device {r['device']}, {r['threads']} thread(s), {r['seconds_total']:.0f} s in all "
+        f"(load average at the end {', '.join(f'{v:.1f}' for v in r['machine']['loadavg'])}: times are this "
+        "machine's under that load).",
         "",
         "Digits 8x8 -> bilinear 16x16 (1 channel) -> an `AutoencoderKL` trained by the script "
         f"({r['vae']['params']:,} parameters, {r['vae_steps']} steps, latent (4, 8, 8), scaling_factor "
