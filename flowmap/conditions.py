@@ -87,9 +87,16 @@ class TextCondition:
         )
 
     def with_null(self, null: TextCondition | None) -> TextCondition:
-        """The same rows with ``null`` as the unconditional counterpart (kept when already set or ``null`` is None)."""
+        """The same rows with ``null`` as the unconditional counterpart (kept when already set or ``null`` is None);
+        the null's fields this condition lacks (pooled embeddings, mask: e.g. shards of embeddings only) are left
+        out."""
         if self.null is not None or null is None:
             return self
+        null = TextCondition(
+            null.prompt_embeds,
+            None if self.pooled_embeds is None else null.pooled_embeds,
+            None if self.attention_mask is None else null.attention_mask,
+        )
         return replace(self, null=null.to(self.device, self.prompt_embeds.dtype))
 
     def uncond(self) -> TextCondition:

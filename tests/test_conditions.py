@@ -125,3 +125,24 @@ def test_sd3_teacher_and_student_pass_pooled_projections():
         assert float((student(x, s, t2, c) - euler).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="pooled"):
         teacher.velocity(x, t, TextCondition(c.prompt_embeds))
+
+
+def test_batches_of_embeddings_become_records_with_the_teachers_null():
+    """unpack_batch turns shard embeddings (B, L, D) into a TextCondition carrying the null found on the (wrapped)
+    teacher by null_of; label dropout (drop_labels, p = 1) then gives that null on every row; labels stay labels."""
+    from types import SimpleNamespace
+
+    from flowmap.conditions import null_of
+    from flowmap.lightning.batches import unpack_batch
+    from flowmap.objectives.common import drop_labels
+
+    c = record()
+    wrapped = SimpleNamespace(teacher=SimpleNamespace(null_condition=c.null))
+    assert null_of(wrapped) is c.null and null_of(SimpleNamespace(teacher=None)) is None
+    x = torch.randn(6, 4, 8, 8)
+    x0, got = unpack_batch((x, c.prompt_embeds), null_of(wrapped))
+    assert x0 is x and isinstance(got, TextCondition) and torch.equal(got.prompt_embeds, c.prompt_embeds)
+    dropped = drop_labels(got, 0, 1.0)
+    assert torch.equal(dropped.prompt_embeds, c.null.prompt_embeds.expand(6, -1, -1))
+    _, labels = unpack_batch((x, torch.arange(6)))
+    assert torch.equal(labels, torch.arange(6))

@@ -198,8 +198,8 @@ def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
     path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
     app = load_student(path)
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    emb = prompt_encoder_of(app).encode(PROMPTS)
-    ref = codec_of(app).decode(app.sample(noise, labels=emb))
+    cond = prompt_encoder_of(app).condition(PROMPTS)  # the application wrapper takes the condition record
+    ref = codec_of(app).decode(app.sample(noise, labels=cond))
     FlowMapPipeline.from_flow_map(app.flow_map, app.config).save_pretrained(tmp_path / "pipe")
     shutil.rmtree(folder)
     torch.save(noise, tmp_path / "noise.pt")
