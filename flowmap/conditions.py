@@ -29,7 +29,7 @@ from torch import Tensor
 from flowmap.types import check_labels, null_label
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: tensors have no single truth value
 class TextCondition:
     """Prompt embeddings of a batch (see the module docstring for shapes); ``null`` is the empty prompt's record
     (batch 1, its own ``null`` None), needed by ``uncond`` and ``drop``."""
