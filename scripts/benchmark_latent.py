@@ -383,7 +383,8 @@ def report(r: dict) -> str:
         "",
         f"FD: the project's digit features (`flowmap/features.py`) of {r['n_eval']} decoded samples (labels "
         "0..9 in turn), average-pooled back to 8x8, against the digits' train split. The codec floor is the test "
-        "split through encode + decode.",
+        "split through encode + decode (it includes the 8 -> 16 -> 8 resampling, which blurs what the classifier "
+        "sees).",
         "",
         "| model | NFE | FD | class accuracy |",
         "| --- | --- | --- | --- |",
