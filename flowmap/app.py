@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditions import TextCondition
 from flowmap.io import CheckpointError, load_state_strict, read_state
 from flowmap.models import build_student, student_sampler
 from flowmap.sampling import sample as sample_flow_map
@@ -44,8 +45,8 @@ class Student(nn.Module):
         return next(self.flow_map.parameters()).device
 
     def _labels(self, labels: int | Tensor | None, batch: int) -> Tensor | None:
-        if labels is None or isinstance(labels, Tensor):
-            return labels.to(self.device) if isinstance(labels, Tensor) else None
+        if labels is None or isinstance(labels, (Tensor, TextCondition)):  # labels or a text condition record
+            return None if labels is None else labels.to(self.device)
         return torch.full((batch,), int(labels), dtype=torch.long, device=self.device)
 
     def _times(self, tau: float | Tensor, batch: int) -> Tensor:

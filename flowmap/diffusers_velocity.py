@@ -17,9 +17,9 @@ Timestep map: t on the VP axis is the fractional step tau = N t - 1 (t_k = (k + 
 within ``SNAP`` of a train step is evaluated exactly at that step; between steps the model receives the fractional
 timestep tau; below the first step it is called at timestep 0, above the last one at N - 1.
 
-Conditions: class labels (B,) long for UNet2DModel / DiT; for the text-conditioned classes a (B, L, D)
-``encoder_hidden_states`` tensor or a dict of the model's keyword arguments (e.g. ``encoder_hidden_states`` and
-``pooled_projections`` for SD3).
+Conditions (``flowmap.conditions``): class labels (B,) long for UNet2DModel / DiT; for the text-conditioned classes
+a ``TextCondition`` (prompt embeddings, pooled embeddings for SD3's ``pooled_projections``, attention mask), whose
+empty-prompt ``null`` is the unconditional side of classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditions import TextCondition, as_condition, check
 from flowmap.io import CheckpointError
 from flowmap.paths import AffinePath, DiscreteVPPath, LinearPath
 from flowmap.predictions import to_x0_eps
@@ -77,15 +78,9 @@ class DiffusersNet(nn.Module):
         self.num_classes, self.has_null = (0, False) if self.cond_kind == "text" else self._classes(model, null_class)
 
     def check_cond(self, cond, batch: int) -> None:
-        """Text conditions: a (B, L, D) tensor or a dict of (B, ...) tensors (labels are checked by the callers)."""
-        if cond is None:
-            return
-        values = cond.values() if isinstance(cond, dict) else [cond]
-        for v in values:
-            if not isinstance(v, Tensor) or v.shape[0] != batch:
-                raise ValueError(
-                    f"{self.model_class} conditions must be (B, ...) = ({batch}, ...) tensors, got {type(v).__name__}"
-                )
+        """Text conditions: a ``TextCondition`` (or bare (B, L, D) embeddings, or a dict of the model's keyword
+        arguments) of batch B (labels are checked by the callers)."""
+        check(cond, batch, text=True)
 
     def _classes(self, model: nn.Module, null_class: bool) -> tuple[int, bool]:
         cfg = model.config
@@ -115,10 +110,10 @@ class DiffusersNet(nn.Module):
         dtype = next(self.model.parameters()).dtype
         if self.cond_kind == "labels":
             kwargs = {"class_labels": cond}
-        elif isinstance(cond, dict):
-            kwargs = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in cond.items()}
+        elif cond is None:
+            kwargs = {"encoder_hidden_states": None}
         else:
-            kwargs = {"encoder_hidden_states": None if cond is None else cond.to(dtype)}
+            kwargs = as_condition(cond).model_kwargs(self.model_class, dtype)
         out = self.model(x.to(dtype), timestep=timestep.to(dtype), return_dict=False, **kwargs)[0]
         return out[:, : self.data_shape[0]].to(x.dtype)
 
@@ -177,29 +172,30 @@ class DiffusersTeacher(NetVelocity):
         return tau, (tau + 1.0) / N
 
     def velocity(self, x: Tensor, t: Tensor, cond=None, guidance: float | Tensor = 1.0) -> Tensor:
-        """Labels: ``NetVelocity.velocity`` (with classifier-free guidance). Text conditions: with the folder's
-        text encoder (``null_embedding``, the empty prompt's embedding; None = unconditional), classifier-free
-        guidance v_u + w (v_c - v_u) against it (Ho & Salimans 2022, Eq. 6); without, the conditional velocity."""
+        """Labels: ``NetVelocity.velocity`` (with classifier-free guidance). Text conditions (``TextCondition``):
+        classifier-free guidance v_u + w (v_c - v_u) against the condition's null, else the teacher's
+        ``null_condition`` (the empty prompt of the folder's text encoder) (Ho & Salimans 2022, Eq. 6); without
+        either, the conditional velocity only. cond None with a null: the empty prompt's velocity."""
         if self.net.cond_kind == "labels":
             return super().velocity(x, t, cond, guidance)
         check_times(t, batch=x.shape[0])
         self.net.check_cond(cond, x.shape[0])
-        null = getattr(self, "null_embedding", None)
         guided = isinstance(guidance, Tensor) or float(guidance) != 1.0
-        if null is None:
+        null = getattr(self, "null_condition", None)
+        cond = None if cond is None else as_condition(cond).with_null(null)
+        if cond is None or cond.null is None:
             if guided:
                 raise ValueError(
-                    f"guidance != 1 needs the empty prompt's embedding: load the {self.net.model_class} "
-                    "from a pipeline folder with its tokenizer/ and text_encoder/"
+                    f"guidance != 1 needs the empty prompt's condition: load the {self.net.model_class} "
+                    "from a pipeline folder with its tokenizer/ and text_encoder/, or give a TextCondition with null"
                 )
+            if cond is None and null is not None:  # unconditional = the empty prompt
+                return self.linear_velocity(x, t, TextCondition.cat([null.to(x.device)] * x.shape[0]))
             return self.linear_velocity(x, t, cond)
-        uncond = null.to(x.device).expand(x.shape[0], *null.shape[1:])
-        if cond is None:
-            return self.linear_velocity(x, t, uncond)
-        v_c = self.linear_velocity(x, t, cond)
         if not guided:
-            return v_c
-        v_u = self.linear_velocity(x, t, uncond)
+            return self.linear_velocity(x, t, cond)
+        both = TextCondition.cat([cond.uncond(), cond])  # one batched pass, as diffusers' pipelines do
+        v_u, v_c = self.linear_velocity(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         w = (
             expand_like(guidance.reshape(-1).to(x.device, x.dtype), x)
             if isinstance(guidance, Tensor)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from flowmap.conditions import Condition
 from flowmap.paths import LinearPath
 from flowmap.time_grids import uniform_grid
 from flowmap.types import FlowMapLike
@@ -45,7 +46,7 @@ def sample(
     flow_map: FlowMapLike,
     noise: Tensor,
     grid: Tensor | int = 1,
-    cond: Tensor | None = None,
+    cond: Condition = None,
     gamma: float = 0.0,
     guidance: float | Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -54,7 +55,8 @@ def sample(
     """Multistep flow-map sampling; NFE = len(grid) - 1.
 
     noise: (B, *data_shape) at t = 1; grid: steps (int, uniform) or a decreasing (K + 1,) tensor;
-    cond: (B,) labels or None; guidance: scale w fed to students built to take it;
+    cond: (B,) labels, a ``TextCondition`` (``flowmap.conditions``; passed to every jump unchanged) or None;
+    guidance: scale w fed to students built to take it;
     callback(i, t, x) is called after each step with the state at time t."""
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")

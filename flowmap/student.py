@@ -11,7 +11,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowmap.types import Teacher, check_labels, check_times, expand_like
+from flowmap.conditions import Condition
+from flowmap.conditions import check as check_condition
+from flowmap.types import Teacher, check_times, expand_like
 
 
 class Parametrization(nn.Module):
@@ -67,8 +69,9 @@ def build_parametrization(config: dict | str | None) -> Parametrization:
 class FlowMap(nn.Module):
     """X_theta(x, s, t) = x + (t - s) u_theta(x, s, t) around a backbone ``net(x, s, t, cond, w)``.
 
-    Shapes: x (B, *data_shape); s, t (B,) in [0, 1]; cond (B,) long or None; w (B,) float or None
-    (guidance scale, only for nets built with ``guidance_input=True``).
+    Shapes: x (B, *data_shape); s, t (B,) in [0, 1]; cond: labels (B,) long, a ``TextCondition`` of B rows
+    (``flowmap.conditions``, passed to the net unchanged) or None; w (B,) float or None (guidance scale, only for
+    nets built with ``guidance_input=True``).
     """
 
     def __init__(self, net: nn.Module, parametrization: Parametrization | dict | str | None = None) -> None:
@@ -82,7 +85,7 @@ class FlowMap(nn.Module):
         self.guidance_input: bool = bool(getattr(net, "guidance_input", False))
         self.validate = True
 
-    def check_inputs(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None) -> None:
+    def check_inputs(self, x: Tensor, s: Tensor, t: Tensor, cond: Condition, w: Tensor | None) -> None:
         if self.data_shape and tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(
                 f"x has shape {tuple(x.shape)}, the student expects (B, {', '.join(map(str, self.data_shape))})"
@@ -92,14 +95,14 @@ class FlowMap(nn.Module):
         if check_cond is not None:
             check_cond(cond, x.shape[0])
         else:
-            check_labels(cond, self.num_classes, x.shape[0])
+            check_condition(cond, x.shape[0], self.num_classes)
         if w is not None and not self.guidance_input:
             raise ValueError(
                 "a guidance scale was given to a student that was not built to take one (guidance_input=False)"
             )
 
     def average_velocity(
-        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Condition = None, w: Tensor | None = None
     ) -> Tensor:
         """u_theta(x, s, t): (B, *data_shape)."""
         if self.validate and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
@@ -107,12 +110,12 @@ class FlowMap(nn.Module):
         F = self.net(x, s, t, cond, w) if w is not None else self.net(x, s, t, cond)
         return self.param(F, x, s, t)
 
-    def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Condition = None, w: Tensor | None = None) -> Tensor:
         """X_theta(x, s, t) = x + (t - s) u_theta(x, s, t)."""
         u = self.average_velocity(x, s, t, cond, w)  # validates the inputs before t - s broadcasts
         return x + expand_like(t - s, x) * u
 
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, cond: Condition = None, guidance: float | Tensor = 1.0) -> Tensor:
         """u_theta(x, t, t): the student's instantaneous velocity (the Teacher protocol)."""
         w = _guidance_tensor(guidance, x) if self.guidance_input else None
         if not self.guidance_input and not _is_one(guidance):
@@ -133,11 +136,11 @@ class EulerFlowMap(nn.Module):
         self.num_classes = int(teacher.num_classes)
         self.guidance_input = False
 
-    def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, t: Tensor, cond: Condition = None, w: Tensor | None = None) -> Tensor:
         g = self.guidance if w is None else w
         return x + expand_like(t - s, x) * self.teacher.velocity(x, s, cond, guidance=g)
 
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, cond: Condition = None, guidance: float | Tensor = 1.0) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance=guidance)
 
 

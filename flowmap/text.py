@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditions import TextCondition
 from flowmap.io import CheckpointError
 
 
 class PromptEncoder(nn.Module):
-    """encode(prompts: list[str]) -> (B, L, D) float32 prompt embeddings; ``null`` = encode([""]) (1, L, D)."""
+    """condition(prompts: list[str]) -> ``TextCondition`` (B rows; its null the empty prompt's, ``null()``);
+    encode(prompts) -> its (B, L, D) float32 prompt embeddings."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, source: str | None = None) -> None:
         super().__init__()
@@ -31,6 +33,7 @@ class PromptEncoder(nn.Module):
         self.source = source
         self.max_length = int(tokenizer.model_max_length)
         self.dim = int(text_encoder.config.hidden_size)
+        self._null: TextCondition | None = None
 
     @property
     def device(self) -> torch.device:
@@ -38,6 +41,28 @@ class PromptEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> Tensor:
+        """The prompt embeddings (B, L, D) float32 (``condition(prompts).prompt_embeds``)."""
+        return self._encode(prompts)[0]
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str] | str) -> TextCondition:
+        """The prompts' ``TextCondition`` (embeddings, pooled embeddings for a text encoder with a projection,
+        the attention mask when the encoder uses one) with the empty prompt's condition as its null."""
+        return self._record(prompts).with_null(self.null())
+
+    def null(self) -> TextCondition:
+        """The empty prompt's condition (batch 1): the unconditional side of classifier-free guidance; encoded
+        once and kept on the encoder's device."""
+        if self._null is None or self._null.device != self.device:
+            self._null = self._record([""])
+        return self._null
+
+    def _record(self, prompts: list[str] | str) -> TextCondition:
+        embeds, pooled, mask = self._encode(prompts)
+        return TextCondition(embeds, pooled, mask)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str] | str) -> tuple[Tensor, Tensor | None, Tensor | None]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
@@ -45,7 +70,9 @@ class PromptEncoder(nn.Module):
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].float()
+        out = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)
+        pooled = getattr(out, "text_embeds", None)  # CLIPTextModelWithProjection: the projected pooled output
+        return out[0].float(), None if pooled is None else pooled.float(), mask
 
     def describe(self) -> str:
         return (

@@ -1126,6 +1126,10 @@ def pretrain(
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if "--latent" in (args := sys.argv[1:] if argv is None else list(argv)):  # the latent row, benchmarks/LATENT.md
+        from benchmark_latent import main as latent  # its own options (scripts/benchmark_latent.py --help)
+
+        return latent([v for v in args if v != "--latent"])
     a = parse(argv)
     start = time.time()
     budget_name = "quick" if a.quick else "full"

@@ -274,14 +274,14 @@ def load_diffusers_teacher(
 
 def attach_prompt_encoder(teacher: DiffusersTeacher, description: dict, path: str | Path) -> None:
     """A text-conditioned model in a pipeline folder with tokenizer/ and text_encoder/: ``teacher.prompt_encoder``
-    (referenced, ``flowmap.text``) and the empty prompt's embedding as the teacher's null condition (CFG)."""
+    (referenced, ``flowmap.text``) and the empty prompt's ``TextCondition`` as the teacher's null condition (CFG)."""
     from flowmap.text import PromptEncoder, find_text_encoder
 
     if teacher.net.cond_kind != "text" or not find_text_encoder(path):
         return
     encoder = PromptEncoder.from_folder(path)
     object.__setattr__(teacher, "prompt_encoder", encoder)
-    teacher.register_buffer("null_embedding", encoder.encode([""]), persistent=False)
+    object.__setattr__(teacher, "null_condition", encoder.null())
     description["text"] = encoder.reference()
 
 

@@ -13,7 +13,10 @@
   --latents run, 1e-6) with prompt i mod P's embedding (= a direct encode, 1e-5).
 - test_guidance_conditioned_student_on_the_text_teacher: the text teacher's CFG (w = 1 is its conditional
   velocity); a guidance-conditioned student starts as its Euler step at w = 1 and 3 (1e-5), trains with
-  w ~ U[1, 3], then differs between w = 1 and 3.
+  w ~ U[1, 3], then differs between w = 1 and 3; it samples at w = 1, 2, 3 in its range (finite, different) and at
+  w = 1 gives its unguided output bit for bit.
+- test_ayf_and_ctm_distill_the_guided_text_teacher: AYF and CTM with w ~ U[1, 3] on text condition records run two
+  steps to finite losses and move the weights.
 """
 
 from __future__ import annotations
@@ -195,8 +198,8 @@ def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
     path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
     app = load_student(path)
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    emb = prompt_encoder_of(app).encode(PROMPTS)
-    ref = codec_of(app).decode(app.sample(noise, labels=emb))
+    cond = prompt_encoder_of(app).condition(PROMPTS)  # the application wrapper takes the condition record
+    ref = codec_of(app).decode(app.sample(noise, labels=cond))
     FlowMapPipeline.from_flow_map(app.flow_map, app.config).save_pretrained(tmp_path / "pipe")
     shutil.rmtree(folder)
     torch.save(noise, tmp_path / "noise.pt")
@@ -288,3 +291,41 @@ def test_guidance_conditioned_student_on_the_text_teacher():
     with torch.no_grad():
         a, b = (student(x, s, t, emb, torch.full((4,), w)) for w in (1.0, 3.0))
     assert float((a - b).abs().max()) > 1e-6
+    from flowmap.sampling import sample
+
+    noise = torch.randn((4, 4, 8, 8), generator=g)
+    cond = prompt_encoder_of(teacher).condition(PROMPTS * 2)  # the record: embeddings + the empty prompt's null
+    assert torch.equal(cond.prompt_embeds, emb)
+    unguided = sample(student, noise, 2, cond=cond)
+    draws = {w: sample(student, noise, 2, cond=cond, guidance=w) for w in (1.0, 2.0, 3.0)}
+    assert torch.equal(draws[1.0], unguided)  # w = 1 is the student's unguided output
+    assert all(bool(torch.isfinite(v).all()) for v in draws.values())
+    assert float((draws[2.0] - draws[1.0]).abs().max()) > 1e-7 and float((draws[3.0] - draws[2.0]).abs().max()) > 1e-7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ayf_emd", "ctm"])
+def test_ayf_and_ctm_distill_the_guided_text_teacher(name):
+    """AYF (EMD, a JVP through the UNet2DConditionModel) and CTM with w ~ U[1, 3] on text conditions (records with the
+    empty prompt's null): two steps train to finite losses and move the student's weights."""
+    import math
+    import tempfile
+    from pathlib import Path
+
+    from flowmap.models import student_from_teacher
+    from flowmap.objectives import build_objective
+    from flowmap.training import fit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = CheckpointTeacher(str(text_folder(Path(tmp) / "sd")))
+    cond = prompt_encoder_of(teacher).condition(PROMPTS)
+    student = student_from_teacher(teacher, guidance_input=True)
+    before = [p.detach().clone() for p in student.parameters()]
+    config = {"name": name, "guidance": 1.0, "guidance_max": 3.0}
+    if name == "ctm":
+        config.update(dsm_source="teacher", solver="euler", solver_steps=1)
+    data = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    losses = fit(student, build_objective(config), lambda step: (data, cond), steps=2, teacher=teacher, lr=1e-3)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    moved = sum(float((p.detach() - q).abs().sum()) for p, q in zip(student.parameters(), before))
+    assert moved > 0

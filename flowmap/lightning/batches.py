@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from flowmap.conditions import Condition, TextCondition, as_condition
 
-def unpack_batch(batch) -> tuple[Tensor, Tensor | None]:
-    """Tensor | (x,) | (x, y) | {"x": ..., "y": ...} -> (x0 (B, ...), cond (B,) long or None).
+
+def unpack_batch(batch, null: TextCondition | None = None) -> tuple[Tensor, Condition]:
+    """Tensor | (x,) | (x, y) | {"x": ..., "y": ...} -> (x0 (B, ...), cond (B,) long, a ``TextCondition`` (prompt
+    embeddings, with ``null``, the empty prompt's condition, attached) or None).
 
     Labels < 0 mean "unconditional": a batch whose labels are all negative gives cond = None."""
     if isinstance(batch, Tensor):
@@ -21,8 +24,8 @@ def unpack_batch(batch) -> tuple[Tensor, Tensor | None]:
         raise ValueError(f"cannot read a batch of type {type(batch).__name__}")
     if x is None:
         raise ValueError("the batch has no 'x'")
-    if isinstance(y, Tensor) and y.dim() > 1 and y.is_floating_point():
-        return x, y  # prompt embeddings (B, L, D) of text-conditioned teachers (flowmap/text.py)
+    if isinstance(y, TextCondition) or (isinstance(y, Tensor) and y.dim() > 1 and y.is_floating_point()):
+        return x, as_condition(y).with_null(null)  # prompt embeddings (B, L, D) of a text teacher (flowmap/text.py)
     if y is not None:
         if not isinstance(y, Tensor) or y.dim() != 1:
             y = None

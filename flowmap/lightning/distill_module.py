@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditions import null_of
 from flowmap.ema import frozen_copy
 from flowmap.io import fingerprint
 from flowmap.lightning.batches import unpack_batch
@@ -193,7 +194,7 @@ class DistillModule(TrainingMixin, L.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0, cond = unpack_batch(batch)
+        x0, cond = unpack_batch(batch, null_of(self._teacher))
         self.check_batch(x0, cond)
         out = self.objective(
             student=self.student, teacher=self._teacher, target=self.target, x0=x0, cond=cond, step=self.global_step

@@ -83,8 +83,8 @@ class TrainingMixin:
         if shape and tuple(x0.shape[1:]) != shape:
             raise ValueError(f"the data has shape {tuple(x0.shape[1:])} per sample, the model expects {shape}")
         if (
-            cond is not None and cond.dim() == 1 and int(getattr(self, "num_classes", 0)) == 0
-        ):  # labels (text: (B, L, D))
+            isinstance(cond, Tensor) and cond.dim() == 1 and int(getattr(self, "num_classes", 0)) == 0
+        ):  # labels (text: a TextCondition)
             raise ValueError("the data has class labels but the model is unconditional (num_classes=0)")
 
     # --- pre-flight: checked before anything is written (FlowmapCLI.preflight) -------------------------

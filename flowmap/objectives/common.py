@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowmap.conditions import drop
 from flowmap.objectives.guidance import teacher_velocity
-from flowmap.types import Teacher, expand_like, null_label
+from flowmap.types import Teacher, expand_like
 
 SOURCES = ("teacher", "data")
 SOLVERS = ("euler", "heun")  # the teacher ODE steps of the consistency family (``flowmap.solvers.teacher_step``)
@@ -93,12 +94,10 @@ def instantaneous_velocity(
     return teacher_velocity(teacher, x_t, t, cond, guidance)
 
 
-def drop_labels(cond: Tensor | None, num_classes: int, p_uncond: float) -> Tensor | None:
-    """Replace a share p_uncond of labels by the null label (classifier-free guidance training)."""
-    if cond is None or p_uncond <= 0:
-        return cond
-    drop = torch.rand(cond.shape, device=cond.device) < p_uncond
-    return torch.where(drop, torch.full_like(cond, null_label(num_classes)), cond)
+def drop_labels(cond, num_classes: int, p_uncond: float):
+    """Replace a share p_uncond of conditions by their unconditional counterpart (classifier-free guidance
+    training): the null label, or the empty prompt of a text condition (``flowmap.conditions.drop``)."""
+    return drop(cond, p_uncond, num_classes)
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:

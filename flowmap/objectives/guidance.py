@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flowmap.conditions import TextCondition, as_condition
 from flowmap.types import Teacher
 
 
@@ -64,12 +65,13 @@ def check_guided_setup(
         return
     if guidance_max is not None and not getattr(student, "guidance_input", False):
         raise ValueError("a guidance range (guidance_max) needs a student built with guidance_input=True")
-    if teacher is None or int(getattr(teacher, "num_classes", 0)) == 0:
+    text = isinstance(as_condition(cond), TextCondition)  # guided against the empty prompt (flowmap.conditions)
+    if teacher is None or (int(getattr(teacher, "num_classes", 0)) == 0 and not text):
         raise ValueError(
             "classifier-free guidance needs a class-conditional teacher (num_classes > 0); this one is unconditional"
         )
     if cond is None:
-        raise ValueError("classifier-free guidance needs class labels (cond), got None")
+        raise ValueError("classifier-free guidance needs class labels or a text condition (cond), got None")
 
 
 def guided_draw(
