@@ -79,6 +79,7 @@ def _net_description(kind: str, path: Path, teacher: NetVelocity, net_name: str 
     return {
         "kind": kind,
         "source": str(path),
+        "name": Path(path).name,
         "model": net_name,
         "prediction": teacher.prediction,
         "path": teacher.path.name,

@@ -195,6 +195,36 @@ def full_scheduler_config(config: dict) -> dict:
     return {**full, **config}
 
 
+SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "clip_sample",
+    "clip_sample_range",
+    "thresholding",
+    "rescale_betas_zero_snr",
+    "timestep_type",
+    "shift",
+    "use_dynamic_shifting",
+    "use_flow_sigmas",
+)
+
+
+def scheduler_summary(config: dict) -> dict:
+    """The scheduler's class and the fields that define the teacher or its sampler (recorded in student files);
+    ``trained_betas`` as its length."""
+    out = {"class": config.get("_class_name")}
+    out.update({k: config[k] for k in SCHEDULER_KEYS if k in config})
+    if config.get("trained_betas") is not None:
+        out["trained_betas"] = f"{len(config['trained_betas'])} values"
+    return out
+
+
 def clip_mismatch(config: dict) -> str | None:
     """What the scheduler's sampler does to the x0 estimate that a velocity field does not (None: nothing).
     diffusers applies ``thresholding`` in place of ``clip_sample`` when both are set."""
@@ -257,7 +287,9 @@ def load_diffusers_teacher(
         "kind": "diffusers",
         "source": str(path),
         "model": model_cfg["_class_name"],
+        "name": Path(path).resolve().name,
         "scheduler": sched_cfg["_class_name"],
+        "scheduler_config": scheduler_summary(sched_cfg),
         "prediction": prediction,
         "diffusers_prediction": sched_cfg.get("prediction_type", "velocity (noise - x0)"),
         "path": spath.name,
