@@ -150,6 +150,7 @@ class DiffusersStudentNet(nn.Module):
                 num_classes=int(teacher.get("num_classes", 0)),
                 sigma_min=float(teacher.get("sigma_min", 0.002)),
                 sigma_max=float(teacher.get("sigma_max", 80.0)),
+                prediction=teacher.get("prediction", "epsilon"),
             )
         else:
             raise ValueError(f"unknown teacher kind {kind!r} for a diffusers student net (diffusers, edm)")
@@ -296,6 +297,7 @@ def teacher_spec(teacher: nn.Module) -> tuple[nn.Module, dict] | None:
             "sigma_data": teacher.sigma_data,
             "sigma_min": teacher.sigma_min,
             "sigma_max": teacher.sigma_max,
+            "prediction": teacher.edm_prediction,
             "num_classes": teacher.num_classes,
         }
         return teacher.net.model, spec
