@@ -5,8 +5,9 @@ check it against eager PyTorch, and print the result.
     python scripts/export.py runs/cd/student.safetensors --out runs/cd/generator.pt2
 
 A student made from a diffusers model (the teacher's own network) also exports as a diffusers folder
-(``flowmap.pipeline.FlowMapPipeline.from_pretrained(OUT)``; LoRA adapters merged), as merged LoRA weights, or
-as the LoRA adapter alone:
+(``flowmap.pipeline.FlowMapPipeline.from_pretrained(OUT)``, or diffusers' own
+``DiffusionPipeline.from_pretrained(OUT, custom_pipeline="pipeline_flowmap", trust_remote_code=True)``; LoRA
+adapters merged), as merged LoRA weights, or as the LoRA adapter alone:
 
     python scripts/export.py runs/cd/student.safetensors --format diffusers --out runs/cd/pipeline
     python scripts/export.py runs/cd/student.safetensors --format lora_merged --out runs/cd/merged.safetensors
