@@ -16,6 +16,9 @@ Change of path (the VE path alpha = 1, sigma = sigma onto the linear one, ``flow
     x_lin = x / (1 + sigma)          <=>  x = x_lin / (1 - t)
     x_lin = (1 - t) x0 + t eps       =>   v_lin = eps - x0 = (x_lin - x0) / t
 
+diffusers' EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``) define the same
+preconditioning; with their ``prediction_type="v_prediction"`` c_out changes sign (``prediction="v_prediction"``).
+
 D is only trained on [sigma_min, sigma_max]: outside it the module is called at the clamped sigma
 (with x scaled to that level, x = (1 + sigma_c) x_lin), and the division by t uses t >= t(sigma_min),
 so the field stays finite at t = 0 and t = 1.
@@ -45,7 +48,10 @@ class EDMDenoiserTeacher(NetVelocity):
         num_classes: int = 0,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        prediction: str = "epsilon",
     ) -> None:
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"EDM prediction must be 'epsilon' or 'v_prediction' (c_out's sign), got {prediction!r}")
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         if sigma_data is not None and sigma_data <= 0:
@@ -53,6 +59,7 @@ class EDMDenoiserTeacher(NetVelocity):
         super().__init__(denoiser, VEPath(sigma_max), "x0")
         self.sigma_data = None if sigma_data is None else float(sigma_data)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.edm_prediction = prediction
         shape = data_shape if data_shape is not None else getattr(denoiser, "data_shape", ())
         self.data_shape = tuple(int(d) for d in shape)
         self.num_classes = int(num_classes)
@@ -66,6 +73,7 @@ class EDMDenoiserTeacher(NetVelocity):
         sig = expand_like(sigma, x)
         c_skip = sd2 / (sig**2 + sd2)
         c_out = sig * self.sigma_data / torch.sqrt(sig**2 + sd2)
+        c_out = -c_out if self.edm_prediction == "v_prediction" else c_out
         c_in = 1.0 / torch.sqrt(sig**2 + sd2)
         c_noise = torch.log(sigma) / 4
         return c_skip * x + c_out * self.net(c_in * x, c_noise, *args)

@@ -58,19 +58,52 @@ def save_teacher(path: str | Path, teacher: NetVelocity, **extra) -> Path:
 
 
 def save_student(path: str | Path, student: FlowMap, **extra) -> Path:
-    """Save the student's network with its config; ``method=`` (a registered objective) also records the method's
-    sampler defaults as ``sampler`` (e.g. ``{"gamma": 1.0}`` for consistency models) unless ``sampler=`` is given."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        extra.setdefault("flowmap_version", version("flowmap"))
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        pass
+    """Save the student's network with its config and metadata: ``method=`` (a registered objective) also records
+    the method's sampler defaults as ``sampler`` (e.g. ``{"gamma": 1.0}`` for consistency models) unless
+    ``sampler=`` is given; ``data`` (range and scaling, ``data_description``) and ``flowmap_version`` are filled in
+    unless given. ``DistillModule.export`` adds the teacher's description and ``steps_trained``."""
+    extra.setdefault("flowmap_version", flowmap_version())
     if "sampler" not in extra and extra.get("method") is not None:
         from flowmap.objectives import sampler_defaults
 
         extra["sampler"] = sampler_defaults(extra["method"])
+    teacher = extra.get("teacher") if isinstance(extra.get("teacher"), dict) else None
+    extra.setdefault("data", data_description(student.data_shape, teacher))
     return save_model(path, student.net, student_config(student, **extra))
+
+
+def flowmap_version() -> str:
+    """The installed flowmap's version, or the source tree's (pyproject.toml) when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flowmap")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"]) if pyproject.is_file() else "unknown"
+
+
+def data_description(data_shape, teacher: dict | None = None) -> dict:
+    """What a student's samples are: images (C, H, W) in [-1, 1] (pixels = 127.5 (x + 1), every image loader of
+    ``flowmap.data``); a VAE's latents z = scaling_factor (E(image) - shift_factor) whose decoding is such an
+    image (``flowmap.latent``); or points (vectors, no fixed range)."""
+    from flowmap.latent import latent_reference
+
+    ref = latent_reference(teacher)
+    if ref is not None:
+        return {
+            "space": "latent",
+            "shape": list(data_shape),
+            "scaling_factor": ref.get("scaling_factor"),
+            "shift_factor": ref.get("shift_factor"),
+            "decoded_range": [-1.0, 1.0],
+            "decoded_shape": ref.get("image_shape"),
+        }
+    if len(tuple(data_shape)) == 3:
+        return {"space": "image", "shape": list(data_shape), "range": [-1.0, 1.0], "to_uint8": "127.5 * (x + 1)"}
+    return {"space": "points", "shape": list(data_shape), "range": None}
 
 
 def student_sampler(config: dict) -> dict:

@@ -1,19 +1,22 @@
 """A flow-map student made from a diffusers model, as a diffusers ``DiffusionPipeline`` (no training code).
 
-Folder written by ``FlowMapPipeline.save_pretrained(OUT)`` (``scripts/export.py STUDENT --format diffusers``):
+Folder written by ``FlowMapPipeline.save_pretrained(OUT)`` (``scripts/export.py STUDENT --format diffusers``),
+every component in diffusers' own layout (config + safetensors):
 
-    OUT/model_index.json                  {"_class_name": "FlowMapPipeline", "unet" | "transformer": [...]}
-    OUT/unet/ or OUT/transformer/         the student's network in its original diffusers class
-                                          (config.json + diffusion_pytorch_model.safetensors; LoRA merged)
-    OUT/flowmap/student.json              the student config (teacher path/prediction, injected sizes, metadata)
-    OUT/flowmap/injection.safetensors     the injected interval (and guidance) embedding
-    OUT/scheduler/scheduler_config.json   the sampler: times t_0 = 1 > ... > t_K = 0 for K = 1-4 steps
+    OUT/model_index.json                  {"_class_name": "FlowMapPipeline", "unet" | "transformer": [...], ...}
+    OUT/unet/ or OUT/transformer/         the student's network in its original diffusers class (LoRA merged)
+    OUT/injection/                        FlowMapInjection: the injected interval (and guidance) embedding; its
+                                          config holds the student config (teacher, parametrization, metadata)
+    OUT/scheduler/scheduler_config.json   FlowMapScheduler: 1-4 uniform flow-map jumps, the method's gamma
     OUT/vae/                              latent students only: the teacher's VAE (AutoencoderKL), unchanged;
-                                          its scaling / shift are recorded in student.json (``flowmap.latent``)
+                                          its scaling / shift are recorded in the student config (``flowmap.latent``)
     OUT/text_encoder/, OUT/tokenizer/     text-to-image students only: the teacher's text encoder, unchanged
                                           (``pipe(prompt=[...])``; ``flowmap.text``)
+    OUT/pipeline_flowmap.py               names the class for diffusers' ``custom_pipeline`` (imports flowmap)
+    OUT/flowmap/student.json              the student config again, to read without loading anything
 
     pipe = FlowMapPipeline.from_pretrained(OUT)
+    pipe = DiffusionPipeline.from_pretrained(OUT, custom_pipeline="pipeline_flowmap", trust_remote_code=True)
     images = pipe(batch_size=4, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images
 
 Sampling is flowmap's multistep flow-map sampler x_{k+1} = X(x_k, t_k, t_{k+1}) on a uniform grid, with the
@@ -27,56 +30,127 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flowmap.latent import LatentCodec, latent_reference
-from flowmap.nets.diffusers_net import DiffusersStudentNet, merged_lora
+from flowmap.nets.diffusers_net import DiffusersStudentNet, IntervalInjection, merged_lora
 from flowmap.sampling import sample
 from flowmap.student import FlowMap
-from flowmap.text import PromptEncoder, find_text_encoder
+from flowmap.text import PromptEncoder
 
-SCHEDULER = {
-    "_class_name": "FlowMapUniformScheduler",
-    "default_steps": 1,
-    "max_steps": 4,
-    "grid": "uniform",
-    "t_start": 1.0,
-    "t_end": 0.0,
-}
+PIPELINE_MODULE = "pipeline_flowmap"  # the module file shipped in the folder for diffusers' ``custom_pipeline``
+PIPELINE_MODULE_TEXT = f'''"""flowmap's FlowMapPipeline for diffusers' own loader (the classes live in ``flowmap``):
+
+    pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline="{PIPELINE_MODULE}", trust_remote_code=True)
+"""
+
+import flowmap.pipeline as _flowmap_pipeline
+
+FlowMapPipeline = _flowmap_pipeline.FlowMapPipeline
+'''
 
 
 def _subfolder(model_class: str) -> str:
     return "unet" if "UNet" in model_class else "transformer"
 
 
+class FlowMapScheduler(SchedulerMixin, ConfigMixin):
+    """The flow-map sampler's settings (a pipeline component, ``scheduler/scheduler_config.json``): K jumps
+    x_{k+1} = X(x_k, t_k, t_{k+1}) on the uniform grid t_k = t_start + (t_end - t_start) k / K, K = 1..max_steps,
+    re-noising ``gamma`` between jumps (the method's default, ``flowmap.sampling.sample``)."""
+
+    config_name = "scheduler_config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        default_steps: int = 1,
+        max_steps: int = 4,
+        gamma: float = 0.0,
+        grid: str = "uniform",
+        t_start: float = 1.0,
+        t_end: float = 0.0,
+    ) -> None:
+        self.timesteps = None
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """``timesteps`` (K + 1,): t_0 = t_start > ... > t_K = t_end."""
+        self.timesteps = torch.linspace(self.config.t_start, self.config.t_end, int(num_inference_steps) + 1)
+        self.timesteps = self.timesteps.to(device) if device is not None else self.timesteps
+
+
+class FlowMapInjection(ModelMixin, ConfigMixin):
+    """The student's injected interval (and guidance) embedding (``flowmap.nets.diffusers_net.IntervalInjection``)
+    as a pipeline component (``injection/``, config.json + safetensors); its config also holds the student config
+    (teacher entry, parametrization and the file's metadata), without the diffusers model's own config."""
+
+    @register_to_config
+    def __init__(
+        self,
+        width: int,
+        freq_dim: int = 128,
+        time_scale: float = 1000.0,
+        guidance_input: bool = False,
+        student: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedding = IntervalInjection(width, freq_dim, time_scale, guidance_input)
+
+
 class FlowMapPipeline(DiffusionPipeline):
-    """Samples of a flow-map student in 1-4 network calls. ``unet`` or ``transformer``: the diffusers model
-    (the student's weights); ``flow_map``: the student X(x, s, t) around it; ``config_dict``: its config."""
+    """Samples of a flow-map student in 1-4 network calls. Components (diffusers' layout, loadable by
+    ``DiffusionPipeline.from_pretrained``): ``unet`` or ``transformer`` (the student's network in its diffusers
+    class), ``injection`` (``FlowMapInjection``), ``scheduler`` (``FlowMapScheduler``), and ``vae`` /
+    ``text_encoder`` / ``tokenizer`` for latent / text-to-image students. ``flow_map`` is the student X(x, s, t)
+    built around them; ``student_config`` its config."""
+
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
 
     def __init__(
         self,
-        flow_map: FlowMap,
-        student_config: dict,
-        sampler: dict | None = None,
-        codec: LatentCodec | None = None,
-        prompt_encoder: PromptEncoder | None = None,
+        injection: FlowMapInjection,
+        scheduler: FlowMapScheduler,
+        unet=None,
+        transformer=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
     ) -> None:
         super().__init__()
-        net: DiffusersStudentNet = flow_map.net
-        self.register_modules(**{_subfolder(net.config["model_class"]): net.model})
-        if codec is not None:
-            self.register_modules(vae=codec.vae)
-        self.codec = codec
-        if prompt_encoder is not None:
-            self.register_modules(text_encoder=prompt_encoder.text_encoder, tokenizer=prompt_encoder.tokenizer)
-        self.prompt_encoder = prompt_encoder
-        self.flow_map = flow_map
-        self.student_config = dict(student_config)
-        saved = dict(self.student_config.get("sampler") or {})  # the method's defaults, e.g. gamma 1 for CD
-        self.sampler = {**SCHEDULER, **saved, **dict(sampler or {})}
+        model = unet if unet is not None else transformer
+        if model is None:
+            raise ValueError("FlowMapPipeline needs the student's network (unet or transformer)")
+        config = json.loads(json.dumps(dict(injection.config.student or {})))
+        net_config = {k: v for k, v in config["net"].items() if k not in ("name", "model_class", "model_config")}
+        net = DiffusersStudentNet(
+            type(model).__name__, dict(model.config), model=model, injection=injection.embedding, **net_config
+        )
+        config["net"] = net.config
+        self.register_modules(
+            unet=unet,
+            transformer=transformer,
+            injection=injection,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+        self.codec = None
+        ref = latent_reference(config)
+        if vae is not None and ref is not None:  # with the scaling / shift the student was trained on
+            self.codec = LatentCodec(vae, float(ref["scaling_factor"]), float(ref.get("shift_factor") or 0.0))
+        self.prompt_encoder = None
+        if text_encoder is not None and tokenizer is not None:
+            self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+        self.flow_map = FlowMap(net, config.get("parametrization")).eval()
+        self.student_config = config
+
+    @property
+    def sampler(self) -> dict:
+        return dict(self.scheduler.config)
 
     @classmethod
     def from_flow_map(cls, flow_map: FlowMap, student_config: dict) -> FlowMapPipeline:
@@ -87,63 +161,44 @@ class FlowMapPipeline(DiffusionPipeline):
         if "lora" in net.config:
             net = merged_lora(net)
             flow_map = FlowMap(net, flow_map.param)
-            student_config = {**student_config, "net": net.config}
-        ref = latent_reference(student_config)
-        text = (
-            (student_config.get("teacher") or {}).get("text")
-            if isinstance(student_config.get("teacher"), dict)
-            else None
-        )
+        config = {**json.loads(json.dumps(student_config, default=str)), "net": net.config}
+        config["parametrization"] = flow_map.param.to_config()
+        saved = dict(config.get("sampler") or {})  # the method's defaults, e.g. gamma 1 for CD
+        scheduler = FlowMapScheduler(**{k: v for k, v in saved.items() if k in ("gamma", "default_steps")})
+        c = net.config
+        stored = {**config, "net": {k: v for k, v in c.items() if k != "model_config"}}
+        injection = FlowMapInjection(net.injection.width, c["freq_dim"], c["time_scale"], c["guidance_input"], stored)
+        injection.embedding.load_state_dict(net.injection.state_dict())
+        ref = latent_reference(config)
+        text = config["teacher"].get("text") if isinstance(config.get("teacher"), dict) else None
+        codec = None if ref is None else LatentCodec.from_reference(ref)
+        encoder = PromptEncoder.from_folder(text["folder"]) if text else None
         return cls(
-            flow_map,
-            student_config,
-            codec=None if ref is None else LatentCodec.from_reference(ref),
-            prompt_encoder=None if not text else PromptEncoder.from_folder(text["folder"]),
+            injection,
+            scheduler,
+            **{_subfolder(c["model_class"]): net.model},
+            vae=None if codec is None else codec.vae,
+            text_encoder=None if encoder is None else encoder.text_encoder,
+            tokenizer=None if encoder is None else encoder.tokenizer,
         )
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' folder of every component (safetensors), plus ``pipeline_flowmap.py`` for ``custom_pipeline``
+        and ``flowmap/student.json`` (the student config, readable without loading anything)."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
         out = Path(save_directory)
-        net: DiffusersStudentNet = self.flow_map.net
-        sub = _subfolder(net.config["model_class"])
-        net.model.save_pretrained(out / sub, safe_serialization=True)
-        (out / "flowmap").mkdir(parents=True, exist_ok=True)
+        (out / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_TEXT)
+        (out / "flowmap").mkdir(exist_ok=True)
         (out / "flowmap" / "student.json").write_text(json.dumps(self.student_config, indent=1))
-        injection = {k: v.detach().cpu().clone().contiguous() for k, v in net.injection.state_dict().items()}
-        save_file(injection, str(out / "flowmap" / "injection.safetensors"))
-        (out / "scheduler").mkdir(exist_ok=True)
-        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.sampler, indent=1))
-        index = {"_class_name": type(self).__name__, sub: ["diffusers", net.config["model_class"]]}
-        if self.codec is not None:
-            self.codec.vae.save_pretrained(out / "vae", safe_serialization=True)
-            index["vae"] = ["diffusers", self.codec.vae_class]
-        if self.prompt_encoder is not None:
-            self.prompt_encoder.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
-            self.prompt_encoder.tokenizer.save_pretrained(out / "tokenizer")
-            index["text_encoder"] = ["transformers", self.prompt_encoder.encoder_class]
-            index["tokenizer"] = ["transformers", type(self.prompt_encoder.tokenizer).__name__]
-        (out / "model_index.json").write_text(json.dumps(index, indent=1))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> FlowMapPipeline:
-        """Load a folder written by ``save_pretrained`` (safetensors only; no pickle)."""
-        import diffusers
-
-        root = Path(pretrained_model_name_or_path)
-        config = json.loads((root / "flowmap" / "student.json").read_text())
-        net_config = {k: v for k, v in config["net"].items() if k != "name"}
-        sub = _subfolder(net_config["model_class"])
-        model_cls = getattr(diffusers, net_config["model_class"])
-        model = model_cls.from_pretrained(str(root / sub), use_safetensors=True, low_cpu_mem_usage=False)
-        net = DiffusersStudentNet(**net_config, model=model)
-        net.injection.load_state_dict(load_file(str(root / "flowmap" / "injection.safetensors")), strict=True)
-        sampler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        codec, ref = None, latent_reference(config)
-        if ref is not None:  # the VAE shipped in the folder, with the scaling / shift the student was trained on
-            codec = LatentCodec.from_folder(root, "vae")
-            codec.scaling, codec.shift = float(ref["scaling_factor"]), float(ref.get("shift_factor") or 0.0)
-        prompt_encoder = PromptEncoder.from_folder(root) if find_text_encoder(root) else None
-        pipe = cls(FlowMap(net, config.get("parametrization")).eval(), config, sampler, codec, prompt_encoder)
-        return pipe.to(kwargs["device"]) if "device" in kwargs else pipe
+        """Load a folder written by ``save_pretrained`` with diffusers' loader (safetensors only; no pickle)."""
+        device = kwargs.pop("device", None)
+        kwargs.setdefault("use_safetensors", True)
+        pipe = super().from_pretrained(str(pretrained_model_name_or_path), **kwargs)
+        return pipe.to(device) if device is not None else pipe
 
     def to(self, *args, **kwargs) -> FlowMapPipeline:
         self.flow_map.to(*args, **kwargs)  # the model and the injected embedding

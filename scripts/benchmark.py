@@ -1055,6 +1055,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scale", type=float, default=1.0, help="multiply every training step count (teachers, students, peer)"
     )
+    p.add_argument("--diffusers", action="store_true", help="run scripts/benchmark_diffusers.py only (DIFFUSERS.md)")
     return p.parse_args(argv)
 
 
@@ -1131,6 +1132,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         return latent([v for v in args if v != "--latent"])
     a = parse(argv)
+    if a.diffusers:  # the diffusers round trip (teacher folder -> students), its own script and table
+        from benchmark_diffusers import main as diffusers_main
+
+        return diffusers_main(["--out", a.out, "--threads", str(a.threads or 1)] + (["--quick"] if a.quick else []))
     start = time.time()
     budget_name = "quick" if a.quick else "full"
     budget = scaled(BUDGETS[budget_name], a.scale)

@@ -3,7 +3,8 @@
     flowmap .safetensors teacher    flowmap.models.load_model (config in the metadata)
     Lightning .ckpt (TeacherModule) torch.load(weights_only=True) only; rebuilt from hyper_parameters
                                     net / path / prediction, with the EMA weights ("ema.*") if present
-    diffusers model folder          teachers.diffusers_adapter (UNet2DModel / DiTTransformer2DModel)
+    diffusers model folder          teachers.diffusers_adapter (UNet2DModel, DiTTransformer2DModel, ...); with an
+                                    EDM scheduler (EDMEulerScheduler) it is an EDM denoiser module (EDMDenoiserTeacher)
 
 Nothing is unpickled beyond tensors and plain containers: a .ckpt holding other Python objects is
 refused by ``weights_only=True`` before any of its code can run, and reported as a CheckpointError
@@ -22,7 +23,8 @@ from flowmap.models import load_model
 from flowmap.velocity import NetVelocity
 
 EXPECTED = (
-    "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder"
+    "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder "
+    "(an EDM denoiser: a model folder with an EDMEulerScheduler config)"
 )
 
 
@@ -79,6 +81,7 @@ def _net_description(kind: str, path: Path, teacher: NetVelocity, net_name: str 
     return {
         "kind": kind,
         "source": str(path),
+        "name": Path(path).name,
         "model": net_name,
         "prediction": teacher.prediction,
         "path": teacher.path.name,

@@ -15,6 +15,12 @@ Supported schedules and the change of path (t = 0 data, t = 1 noise on our axis)
   noise - x0 = our velocity; its timestep input is sigma * N (Esser et al. 2024, Sec. 2). ``shift``
   moves the sampler's sigmas only, not the model.
 
+- EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): the model is EDM's raw network F
+  and the folder is an EDM denoiser D(x, sigma) = c_skip x + c_out F(c_in x, log(sigma) / 4) with the scheduler's
+  ``sigma_data``, ``sigma_min``, ``sigma_max`` (Karras et al. 2022, Table 1), read as
+  ``flowmap.edm_velocity.EDMDenoiserTeacher`` (the VE path carried onto the linear one). This is how an EDM
+  module is given as a file: a diffusers model folder (safetensors) plus its EDM scheduler config.
+
 ``clip_sample`` / ``thresholding`` clip the x0 estimate inside diffusers' sampler step, which no velocity
 field does: such a folder is refused with one line unless ``allow_clip_mismatch=True``;
 ``teachers.diffusers_sampler`` emulates diffusers' DDIM with the clipping exactly.
@@ -48,12 +54,14 @@ import torch
 from torch import Tensor
 
 from flowmap.diffusers_velocity import DiffusersNet, DiffusersTeacher, require_diffusers  # noqa: F401 (re-exported)
+from flowmap.edm_velocity import EDMDenoiserTeacher
 from flowmap.io import CheckpointError
 from flowmap.paths import AffinePath, DiscreteVPPath, LinearPath
 
 MODELS = ("UNet2DModel", "DiTTransformer2DModel", "UNet2DConditionModel", "SD3Transformer2DModel")
 VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 WEIGHTS = "diffusion_pytorch_model"
 
@@ -195,6 +203,40 @@ def full_scheduler_config(config: dict) -> dict:
     return {**full, **config}
 
 
+SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "clip_sample",
+    "clip_sample_range",
+    "thresholding",
+    "rescale_betas_zero_snr",
+    "timestep_type",
+    "shift",
+    "use_dynamic_shifting",
+    "use_flow_sigmas",
+    "sigma_data",
+    "sigma_min",
+    "sigma_max",
+    "sigma_schedule",
+)
+
+
+def scheduler_summary(config: dict) -> dict:
+    """The scheduler's class and the fields that define the teacher or its sampler (recorded in student files);
+    ``trained_betas`` as its length."""
+    out = {"class": config.get("_class_name")}
+    out.update({k: config[k] for k in SCHEDULER_KEYS if k in config})
+    if config.get("trained_betas") is not None:
+        out["trained_betas"] = f"{len(config['trained_betas'])} values"
+    return out
+
+
 def clip_mismatch(config: dict) -> str | None:
     """What the scheduler's sampler does to the x0 estimate that a velocity field does not (None: nothing).
     diffusers applies ``thresholding`` in place of ``clip_sample`` when both are set."""
@@ -223,14 +265,10 @@ def load_diffusers_teacher(
     A scheduler that clips or thresholds x0 is refused with one line unless ``allow_clip_mismatch``
     (then the description's notes say what differs)."""
     model_dir, model_cfg, sched_cfg = find_model_and_scheduler(path)
+    if sched_cfg.get("_class_name") in EDM_SCHEDULERS:
+        return load_edm_folder(path, model_dir, model_cfg, sched_cfg, null_class)
     spath, prediction, N = schedule_from_config(sched_cfg)  # scheduler errors before loading weights
-    if (
-        not any(model_dir.glob(f"{WEIGHTS}*.safetensors"))
-        and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file()
-    ):
-        raise CheckpointError(
-            f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)"
-        )
+    _require_safetensors(model_dir)
     sched_cfg = full_scheduler_config(sched_cfg)
     mismatch = clip_mismatch(sched_cfg)
     if mismatch and not allow_clip_mismatch:
@@ -240,16 +278,7 @@ def load_diffusers_teacher(
             "sample with scripts/sample.py "
             "--teacher_sampler diffusers (exact), or pass --allow_clip_mismatch to use the unclipped field"
         )
-    diffusers = require_diffusers()
-    cls = getattr(diffusers, model_cfg["_class_name"])
-    try:
-        model = cls.from_pretrained(str(model_dir), use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as err:  # diffusers raises assorted types for weights that do not fit the config
-        raise CheckpointError(
-            f"{model_dir}: diffusers could not load the {model_cfg['_class_name']} ({type(err).__name__}: {err})"
-        ) from None
-    model.requires_grad_(False).eval()
-    net = DiffusersNet(model, null_class=null_class)
+    net = DiffusersNet(_load_model(model_dir, model_cfg), null_class=null_class)
     teacher = DiffusersTeacher(net, spath, prediction, N).eval()
     teacher.scheduler_config = dict(sched_cfg)  # the sampler the folder ships (teachers.diffusers_sampler)
     notes = [f"the scheduler's {mismatch} is not applied by the velocity field"] if mismatch else []
@@ -257,7 +286,9 @@ def load_diffusers_teacher(
         "kind": "diffusers",
         "source": str(path),
         "model": model_cfg["_class_name"],
+        "name": Path(path).resolve().name,
         "scheduler": sched_cfg["_class_name"],
+        "scheduler_config": scheduler_summary(sched_cfg),
         "prediction": prediction,
         "diffusers_prediction": sched_cfg.get("prediction_type", "velocity (noise - x0)"),
         "path": spath.name,
@@ -269,6 +300,69 @@ def load_diffusers_teacher(
     }
     attach_codec(teacher, description, path)
     attach_prompt_encoder(teacher, description, path)
+    return teacher, description
+
+
+def _require_safetensors(model_dir: Path) -> None:
+    if (
+        not any(model_dir.glob(f"{WEIGHTS}*.safetensors"))
+        and not (model_dir / f"{WEIGHTS}.safetensors.index.json").is_file()
+    ):
+        raise CheckpointError(
+            f"{model_dir}: no {WEIGHTS}.safetensors; only safetensors weights are loaded (.bin weights are pickle)"
+        )
+
+
+def _load_model(model_dir: Path, model_cfg: dict) -> torch.nn.Module:
+    """The folder's diffusers model from safetensors only (never pickle), frozen, in eval mode."""
+    _require_safetensors(model_dir)
+    diffusers = require_diffusers()
+    cls = getattr(diffusers, model_cfg["_class_name"])
+    try:
+        model = cls.from_pretrained(str(model_dir), use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as err:  # diffusers raises assorted types for weights that do not fit the config
+        raise CheckpointError(
+            f"{model_dir}: diffusers could not load the {model_cfg['_class_name']} ({type(err).__name__}: {err})"
+        ) from None
+    return model.requires_grad_(False).eval()
+
+
+def load_edm_folder(
+    path: str | Path, model_dir: Path, model_cfg: dict, sched_cfg: dict, null_class: bool = False
+) -> tuple[EDMDenoiserTeacher, dict]:
+    """(teacher, description) of a model folder with an EDM scheduler: ``EDMDenoiserTeacher`` around the model
+    with the scheduler's sigma_data / sigma_min / sigma_max and prediction type (c_out's sign)."""
+    sched_cfg = full_scheduler_config(sched_cfg)
+    kind = sched_cfg.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "v_prediction"):
+        raise CheckpointError(
+            f"{sched_cfg['_class_name']} with prediction_type={kind!r} is not supported (epsilon, v_prediction)"
+        )
+    net = DiffusersNet(_load_model(model_dir, model_cfg), null_class=null_class)
+    teacher = EDMDenoiserTeacher(
+        net,
+        sigma_data=float(sched_cfg.get("sigma_data", 0.5)),
+        data_shape=net.data_shape,
+        num_classes=net.num_classes,
+        sigma_min=float(sched_cfg.get("sigma_min", 0.002)),
+        sigma_max=float(sched_cfg.get("sigma_max", 80.0)),
+        prediction=kind,
+    ).eval()
+    description = {
+        "kind": "diffusers",
+        "source": str(path),
+        "name": Path(path).resolve().name,
+        "model": model_cfg["_class_name"],
+        "scheduler": sched_cfg["_class_name"],
+        "scheduler_config": scheduler_summary(sched_cfg),
+        "prediction": "x0",
+        "diffusers_prediction": f"EDM preconditioning ({kind}, sigma_data {teacher.sigma_data:g})",
+        "path": teacher.path.name,
+        "data_shape": list(net.data_shape),
+        "num_classes": net.num_classes,
+        "null_class": net.has_null,
+        "notes": [],
+    }
     return teacher, description
 
 

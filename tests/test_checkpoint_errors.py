@@ -179,8 +179,10 @@ def test_diffusers_folders_with_unsupported_parts(tmp_path):
             (d / "scheduler_config.json").write_text(json.dumps({**cfg, **edit}))
         return d
 
-    with pytest.raises(CheckpointError, match="unsupported diffusers scheduler 'EDMEulerScheduler': no training betas"):
-        load_teacher(folder("edm", diffusers.EDMEulerScheduler()))
+    with pytest.raises(
+        CheckpointError, match="unsupported diffusers scheduler 'ScoreSdeVeScheduler': no training betas"
+    ):
+        load_teacher(folder("sde_ve", diffusers.ScoreSdeVeScheduler()))  # EDM schedulers: tests/test_edm_folder_teacher
     with pytest.raises(CheckpointError, match="prediction_type='flow_prediction' is not supported"):
         load_teacher(
             folder("pred", diffusers.DDPMScheduler(num_train_timesteps=50), edit={"prediction_type": "flow_prediction"})

@@ -1,5 +1,6 @@
-"""scripts/export.py --format diffusers: a student made from a diffusers model becomes a folder that
-``FlowMapPipeline.from_pretrained`` loads in a fresh process without flowmap's training code, and gives the same
+"""scripts/export.py --format diffusers: a student made from a diffusers model becomes a folder that diffusers' own
+``DiffusionPipeline.from_pretrained(OUT, custom_pipeline="pipeline_flowmap", trust_remote_code=True)`` and
+``FlowMapPipeline.from_pretrained`` load in a fresh process without flowmap's training code, and gives the same
 samples as ``load_student`` for the same noise."""
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ from tests.test_teacher_init_student import ddim, dit, flow, teacher_of, unet
 ROOT = Path(__file__).resolve().parents[1]
 FRESH = """
 import json, sys, torch
-from flowmap.pipeline import FlowMapPipeline
-pipe = FlowMapPipeline.from_pretrained(sys.argv[1])
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline="pipeline_flowmap", trust_remote_code=True)
 noise, labels = torch.load(sys.argv[2])
 images = pipe(latents=noise, class_labels=labels, num_inference_steps=2, output_type="pt",
               generator=torch.Generator().manual_seed(2)).images
 pil = pipe(batch_size=2, generator=torch.Generator().manual_seed(0)).images
+from flowmap.pipeline import FlowMapPipeline
+again = FlowMapPipeline.from_pretrained(sys.argv[1])(latents=noise, class_labels=labels, num_inference_steps=2,
+                                                     output_type="pt", generator=torch.Generator().manual_seed(2))
 torch.save(images, sys.argv[3])
 banned = [m for m in sys.modules if m.startswith(("lightning", "flowmap.lightning", "flowmap.objectives",
                                                    "flowmap.training", "teachers"))]
-print(json.dumps({"banned": banned, "pil": [im.size for im in pil]}))
+print(json.dumps({"banned": banned, "pil": [im.size for im in pil], "class": type(pipe).__name__,
+                  "same": bool(torch.equal(again.images, images))}))
 """
 
 
@@ -76,10 +81,11 @@ def test_export_diffusers_folder_samples_like_load_student(tmp_path, case):
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")},
     )
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["banned"] == [] and report["pil"] == [[8, 8], [8, 8]]
+    assert report["class"] == "FlowMapPipeline" and report["same"]  # diffusers' loader and ours build the same pipeline
     with torch.no_grad():
         ref = load_student(path).sample(noise, steps=2, labels=labels, generator=torch.Generator().manual_seed(2))
     assert load_student(path).config["sampler"]["gamma"] == 1.0  # CD re-noises between steps: the pipeline must too

@@ -99,7 +99,7 @@ def test_unsupported_schedulers_are_one_line(tmp_path, unet):
     for sched, words in (
         (diffusers.LCMScheduler(**BETAS), "consistency-distilled"),
         (diffusers.EulerDiscreteScheduler(**BETAS, timestep_type="continuous"), "timestep_type"),
-        (diffusers.EDMEulerScheduler(), "no training betas"),
+        (diffusers.ScoreSdeVeScheduler(), "no training betas"),  # EDM schedulers: tests/test_edm_folder_teacher.py
     ):
         with pytest.raises(CheckpointError, match=words) as err:
             load_teacher(folder(tmp_path / type(sched).__name__, unet, sched))

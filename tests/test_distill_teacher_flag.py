@@ -23,6 +23,22 @@ def test_help_lists_the_teacher_flags(capsys):
     assert "--allow_clip_mismatch" in out
 
 
+def test_help_types_each_methods_hyperparameters_and_the_student_options(capsys):
+    """--model.objective / --model.student are dicts: their help lists every registered method's hyperparameters
+    and every net's options with types and defaults, from the constructors' signatures."""
+    from flowmap.objectives import OBJECTIVES
+
+    with pytest.raises(SystemExit):
+        distill_script.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "meanflow(source: str = 'teacher'," in out and "equal_share: float = 0.75" in out
+    assert "cd(steps: int = 8, grid: str = 'uniform'," in out
+    assert all(f"{name}(" in out for name in OBJECTIVES)
+    assert "unet(data_shape: tuple[int, ...] | list[int] = (1, 8, 8), channels: int = 64" in out
+    assert "Without a net: teacher's network(guidance_input: bool = False, freq_dim: int = 128" in out
+    assert "lora: dict | None = None" in out
+
+
 def test_train_teacher_help_has_no_teacher_flag(capsys):
     import train_teacher
 

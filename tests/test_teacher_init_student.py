@@ -230,6 +230,8 @@ def test_distill_script_with_a_folder_and_no_student_trains_from_the_teachers_we
     module = cli.model
     assert module.hparams.student is None and module.hparams.init_from_teacher is None
     assert module.global_step == 20
+    recorded = read_config(out)
+    assert recorded["steps_trained"] == 20 and recorded["teacher"]["name"] == "teacher"
     teacher_state = module.teacher.teacher.net.model.state_dict()
     student_state = module.student.net.model.state_dict()
     diff = sum(float((student_state[k] - v).square().sum()) for k, v in teacher_state.items())

@@ -111,6 +111,9 @@ class FlowmapCLI(LightningCLI):
                 action="store_true",
                 help="accept a diffusers scheduler that clips x0 (the velocity field does not)",
             )
+            from flowmap.lightning.help import describe_dict_arguments
+
+            describe_dict_arguments(parser)  # each method's hyperparameters and each net's options, typed
 
     def resume_path(self) -> str | None:
         """``--resume`` resolved to a file path (``last``: the run's last.ckpt; ``auto``: it if it exists)."""

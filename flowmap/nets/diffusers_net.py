@@ -70,6 +70,7 @@ class IntervalInjection(nn.Module):
         self, width: int, freq_dim: int = 128, time_scale: float = 1000.0, guidance_input: bool = False
     ) -> None:
         super().__init__()
+        self.width = int(width)
         self.emb_d = _embedding_mlp(freq_dim, width, zero_last=True, scale=time_scale)
         self.emb_w = _embedding_mlp(freq_dim, width, zero_last=True) if guidance_input else None
         self.offset: Tensor | None = None
@@ -102,6 +103,7 @@ class DiffusersStudentNet(nn.Module):
             the frozen copy instead of all its weights (LCM-LoRA, Luo et al. 2023); ``target_modules`` defaults
             to every Linear and Conv2d of the model. Needs ``peft``. None: full fine-tuning.
         model: an existing model instance (a copy of the teacher's); built from the config when None.
+        injection: an existing ``IntervalInjection`` of this width (a pipeline's component); a new one when None.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class DiffusersStudentNet(nn.Module):
         guidance_input: bool = False,
         lora: dict | None = None,
         model: nn.Module | None = None,
+        injection: IntervalInjection | None = None,
     ) -> None:
         super().__init__()
         if model is None:
@@ -147,6 +150,7 @@ class DiffusersStudentNet(nn.Module):
                 num_classes=int(teacher.get("num_classes", 0)),
                 sigma_min=float(teacher.get("sigma_min", 0.002)),
                 sigma_max=float(teacher.get("sigma_max", 80.0)),
+                prediction=teacher.get("prediction", "epsilon"),
             )
         else:
             raise ValueError(f"unknown teacher kind {kind!r} for a diffusers student net (diffusers, edm)")
@@ -157,7 +161,14 @@ class DiffusersStudentNet(nn.Module):
         widths = {embedding_width(m) for m in points}
         if len(widths) != 1:
             raise ValueError(f"{model_class}: timestep embeddings of different widths {sorted(widths)}")
-        self.injection = IntervalInjection(widths.pop(), freq_dim, time_scale, guidance_input)
+        width = widths.pop()
+        self.injection = (
+            IntervalInjection(width, freq_dim, time_scale, guidance_input) if injection is None else injection
+        )
+        if self.injection.width != width:
+            raise ValueError(
+                f"{model_class}: the injected embedding is {self.injection.width} wide, the model's {width}"
+            )
         for m in points:
             m.register_forward_hook(self.injection.hook)
         if lora:
@@ -286,6 +297,7 @@ def teacher_spec(teacher: nn.Module) -> tuple[nn.Module, dict] | None:
             "sigma_data": teacher.sigma_data,
             "sigma_min": teacher.sigma_min,
             "sigma_max": teacher.sigma_max,
+            "prediction": teacher.edm_prediction,
             "num_classes": teacher.num_classes,
         }
         return teacher.net.model, spec
