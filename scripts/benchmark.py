@@ -104,6 +104,8 @@ SETS = {
     "eight_gaussians": ("eight_gaussians", "mlp2d"),
     "digits": ("digits", "unet_digits"),
     "gmm": ("ring8", "mlp2d_smooth"),
+    "aniso2d": ("aniso2d", "mlp2d_smooth"),
+    "scales16": ("scales16", "mlp2d_smooth"),
 }
 DATASETS = tuple(SETS)
 # --quick only: smaller nets (the recipe's net with these options), so that the smoke run takes a minute
