@@ -129,12 +129,25 @@ class _Consistency(Objective):
     uses_target = True
     sampler_gamma = 1.0  # f(x, t) = X(x, t, 0) only: multistep consistency sampling (Song et al. 2023, Alg. 1)
     solver = "heun"
-    data_velocity = "conditional"
 
-    def __init__(self, metric: str, huber_c: float | None, **shared_hyperparameters) -> None:
+    def __init__(
+        self,
+        metric: str,
+        huber_c: float | None,
+        weighting: str = "uniform",
+        sigma_data: float = 0.5,
+        data_velocity: str = "conditional",
+        **shared_hyperparameters,
+    ) -> None:
         super().__init__(**shared_hyperparameters)
         check_metric(metric, huber_c)
+        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        if self.source == "teacher" and check_data_velocity(data_velocity) != "conditional":
+            raise ValueError(
+                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
+            )
         self.metric, self.huber_c = metric, huber_c
+        self.weighting, self.sigma_data, self.data_velocity = weighting, float(sigma_data), data_velocity
 
     def neighbour(self, d: Draw, teacher, student: nn.Module) -> Tensor:
         """x_r: one teacher step x_t -> r (``source="teacher"``) or the training pair from data (``training_pair``)."""
@@ -279,8 +292,7 @@ class ImprovedConsistencyTraining(_Consistency):
         target_ema: float = 0.0,
         data_velocity: str = "conditional",
     ) -> None:
-        super().__init__(metric, huber_c, **shared(locals()))
-        self.data_velocity = check_data_velocity(data_velocity)
+        super().__init__(metric, huber_c, weighting, sigma_data, data_velocity, **shared(locals()))
         self.total_steps = check_count("total_steps", total_steps, 1)
         self.s0 = check_count("s0", s0, 1)
         self.s1 = check_count("s1", s1, 1)
@@ -290,10 +302,8 @@ class ImprovedConsistencyTraining(_Consistency):
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, rho > 0 and p_std > 0; got {sigma_min}, {sigma_max}, {rho}, {p_std}"
             )
-        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.weighting, self.sigma_data = weighting, float(sigma_data)
 
     def discretization_steps(self, step: int) -> int:
         """N(k): the number of noise levels at training step k (a pure function of k)."""
@@ -371,24 +381,16 @@ class EasyConsistencyTuning(_Consistency):
         guidance: float = 1.0,
         data_velocity: str = "conditional",
     ) -> None:
-        super().__init__(metric, huber_c, **shared(locals()))
-        self.data_velocity = check_data_velocity(data_velocity)
+        super().__init__(metric, huber_c, weighting, sigma_data, data_velocity, **shared(locals()))
         self.stage_steps = check_count("stage_steps", stage_steps, 1)
         if q <= 1 or k < 0 or b < 0 or p_std <= 0:
             raise ValueError(
                 "the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); "
                 f"got q={q}, k={k}, b={b}, p_std={p_std}"
             )
-        check_solver(solver)
-        if source == "teacher" and data_velocity != "conditional":
-            raise ValueError(
-                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
-            )
-        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        self.solver = check_solver(solver)
         self.q, self.k, self.b = float(q), float(k), float(b)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.weighting, self.sigma_data = weighting, float(sigma_data)
-        self.solver = solver
 
     def stage(self, step: int) -> int:
         """a = floor(step / stage_steps) (a pure function of the step)."""
