@@ -142,7 +142,7 @@ class _Consistency(Objective):
         super().__init__(**shared_hyperparameters)
         check_metric(metric, huber_c)
         _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
-        if self.source == "teacher" and check_data_velocity(data_velocity) != "conditional":
+        if check_data_velocity(data_velocity) != "conditional" and self.source == "teacher":
             raise ValueError(
                 "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
             )
