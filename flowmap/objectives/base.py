@@ -211,9 +211,8 @@ class Objective(nn.Module):
             raise ValueError(f"objective {self.name!r} distills a teacher (it needs a teacher), but teacher is None")
         if self.needs_jvp:
             student = require_inner(student)
-        target = self.target_network(student, target)
         draw = self.draw(student, teacher, x0, cond, step)
-        return self.loss(draw, student, teacher, target, step)
+        return self.loss(draw, student, teacher, self.target_network(student, target), step)
 
     def loss(self, draw: Draw, student: nn.Module, teacher: Any, target: nn.Module, step: int) -> LossOutput:
         """The method's equations on one draw: LossOutput with a per-sample loss (B,)."""
