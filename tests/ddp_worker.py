@@ -47,7 +47,7 @@ def objective_config(case: str) -> dict:
         "shortcut": {"name": "shortcut"},
         "ayf_lmd": {"name": "ayf_lmd"},
         "ctm": {"name": "ctm"},
-    }[case]
+    }.get(case, {"name": case})  # any other registered method with its defaults
 
 
 def make_teacher():
@@ -161,7 +161,12 @@ def main() -> None:
     p.add_argument("--shards", default=None)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--register", action="append", default=[], help="NAME=module:Class, an objective to register")
     a = p.parse_args()
+    for spec in a.register:
+        from flowmap.objectives import register_objective
+
+        register_objective(*spec.split("=", 1), overwrite=True)
     cases = a.case.split(",")
     for case in cases:
         run_case(case, a, Path(a.out) / case if len(cases) > 1 else Path(a.out))

@@ -85,6 +85,23 @@ class GaussianFlow(_MapStudent):
         return self.m + self.sigma0 * torch.randn(n, *self.data_shape, generator=generator, dtype=self.m.dtype)
 
 
+class PointMass(GaussianFlow):
+    """Data = the single point m (``GaussianFlow`` with sigma0 = 0): every trajectory is a straight line,
+    X(x, s, t) = m + (t / s)(x - m), so Euler and Heun steps are exact and the conditional velocity eps - x0 is the
+    marginal one. Every method's loss vanishes at this map, distilled or trained from data. The velocity (x - m) / t
+    is undefined at t = 0, where all trajectories meet: a teacher queried there returns NaN (objectives mask and
+    count those rows); the diagonal u(x, 0, 0) is multiplied by t - s = 0 in X, so it is taken as 0."""
+
+    def __init__(self, mean: Tensor) -> None:
+        super().__init__(mean, 0.0)
+
+    def average_velocity(
+        self, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
+        u = super().average_velocity(x, s, t, cond, w)
+        return torch.where(expand_like((s == 0) & (t == 0), x).bool(), torch.zeros_like(u), u)
+
+
 class NaNRows(nn.Module):
     """A teacher whose velocity is NaN in the first ``rows`` rows of every call."""
 

@@ -62,7 +62,7 @@ def test_student_is_trained_at_w_in_the_range(name):
     seen = []
     st.net.register_forward_pre_hook(lambda m, i: seen.append(i[4] if len(i) > 4 else None))
     x0, cond = teacher.sample_labeled(64, generator=torch.Generator().manual_seed(0))
-    out = build_objective(config(name))(student=st, teacher=teacher, target=None, x0=x0, cond=cond, step=0)
+    out = build_objective(config(name))(student=st, teacher=teacher, target=st, x0=x0, cond=cond, step=0)
     out.loss.mean().backward()
     assert seen and all(w is not None and w.min() >= 1.0 and w.max() <= 4.0 for w in seen)
     assert float(seen[-1].std()) > 0.3  # one w per example, not one per batch

@@ -105,7 +105,7 @@ def test_bad_input():
             student=mlp_student(), teacher=None, target=None, x0=torch.randn(4, 2), cond=None, step=0
         )
     gap = build_objective({"name": "ayf_emd", "time_dist": "gap_logit_normal", "equal_share": 0.25})
-    s, t = gap.sample_times(4000, torch.zeros(4000, 2))
+    s, t, _ = gap.sample_times(4000, torch.zeros(4000, 2))
     assert torch.all((0 <= t) & (t <= s) & (s <= 1)) and abs(float((s == t).float().mean()) - 0.25) < 0.03
     assert abs(float((s - t)[s > t].median()) - 0.5) < 0.05  # gap ~ sigmoid(N(0, 1)): median 1/2
     assert build_objective("ayf_emd").to_config()["name"] == "ayf_emd"

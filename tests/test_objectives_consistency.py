@@ -13,6 +13,7 @@ from torch import nn
 from flowmap.metrics import flow_map_rmse
 from flowmap.nets import build_net
 from flowmap.objectives import build_objective
+from flowmap.objectives.base import LINEAR, Draw
 from flowmap.objectives.common import stable_target
 from flowmap.objectives.consistency import (
     ConsistencyDistillation,
@@ -233,7 +234,8 @@ def test_stf_pairs_lie_closer_to_the_exact_ode_step(ring8):
     for name, (t, r) in draws.items():
         errs = {}
         for dv in ("conditional", "stf"):
-            x_t, x_r = training_pair(dv, x0, eps, t, r, None, 0)
+            d = Draw(x0, eps, t, r, LINEAR.sample(x0, eps, t), None, None, 1.0)
+            x_t, x_r = d.x_s, training_pair(dv, d, 0)
             assert torch.allclose(x_t, (1 - t[:, None]) * x0 + t[:, None] * eps)
             errs[dv] = (x_r - ring8.flow_map(x_t, t, r, steps=40)).pow(2).sum(1).mean().item()
         print(

@@ -42,9 +42,10 @@ def test_loss_vanishes_at_the_exact_map_and_not_at_a_bent_one():
     x0 = flow.sample(64, generator=torch.Generator().manual_seed(1))
     obj = build_objective({"name": "ctm", "solver_steps": 40, "dsm_source": "teacher"})
     torch.manual_seed(0)
-    out = obj(student=flow, teacher=flow, target=None, x0=x0, cond=None, step=0)
+    out = obj(student=flow, teacher=flow, target=flow, x0=x0, cond=None, step=0)
     torch.manual_seed(0)
-    bent = obj(student=Bent(mean, 0.7), teacher=flow, target=None, x0=x0, cond=None, step=0)
+    bent = Bent(mean, 0.7)
+    bent = obj(student=bent, teacher=flow, target=bent, x0=x0, cond=None, step=0)
     print(
         f"ctm: exact max loss {out.loss.max():.2e} (ctm {out.logs['ctm'].max():.2e}); "
         f"10% bent median {bent.loss.median():.2e}"
@@ -64,7 +65,7 @@ def test_gradient_flows_through_the_frozen_jump_and_masking():
     teacher = NaNRows(preset_mixture("ring8"), rows=2)
     obj = build_objective({"name": "ctm", "dsm_source": "teacher"})
     assert obj.uses_target and obj.target_decay(10) == pytest.approx(0.999)
-    out = obj(student=student, teacher=teacher, target=None, x0=torch.randn(16, 2), cond=None, step=0)
+    out = obj(student=student, teacher=teacher, target=student, x0=torch.randn(16, 2), cond=None, step=0)
     out.loss.mean().backward()
     assert int(out.logs["nonfinite_targets"]) >= 2 and torch.all(out.loss[:2] == 0) and torch.all(out.loss[2:] > 0)
     grads = [p.grad for p in student.parameters() if p.grad is not None]

@@ -62,7 +62,7 @@ def test_teacher_velocity_in_trigflow_time_is_the_trajectory_derivative():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(16, 2, generator=g, dtype=torch.float64)
     theta = 0.2 + 1.2 * torch.rand(16, generator=g, dtype=torch.float64)
-    dx = obj.velocity(flow, x, theta, None, None, None, 1.0)
+    dx = obj.dx_dtheta(flow, x, theta, None, None, None, 1.0)
     x_lin, t_lin = to_linear(x, theta * 2 / math.pi, obj.path)
 
     def x_at(th):  # follow the teacher's exact flow from theta to th, back in TrigFlow units
@@ -131,10 +131,10 @@ def test_gradient_is_the_continuous_limit_of_discrete_consistency():
         out = obj(student=student, teacher=teacher, target=None, x0=x0, cond=None, step=0)
         g_scm = torch.cat([g.flatten() for g in torch.autograd.grad(out.loss.sum(), params)])
         torch.manual_seed(trial)  # the same theta and z as the objective drew
-        theta = obj.sample_angles(1, x0)
+        theta = obj.sample_times(1, x0)[2]["theta"]
         z = 0.8 * torch.randn_like(x0)
         x = torch.cos(theta)[:, None] * x0 + torch.sin(theta)[:, None] * z
-        dx = obj.velocity(teacher, x, theta, x0, z, None, 1.0)
+        dx = obj.dx_dtheta(teacher, x, theta, x0, z, None, 1.0)
 
         def f(x_, th):
             x_lin, t_lin = to_linear(x_, th * 2 / math.pi, obj.path)
@@ -160,12 +160,12 @@ def test_stf_data_velocity_approaches_the_teachers():
         build_objective({"name": n, **config, **kw})
         for n, kw in (("sct", {}), ("sct", {"data_velocity": "stf"}), ("scd", {}))
     )
-    theta = sct.sample_angles(1024, x0)
+    theta = sct.sample_times(1024, x0)[2]["theta"]
     z = 1.4 * torch.randn(1024, 2, generator=g)
     x = torch.cos(theta)[:, None] * x0 + torch.sin(theta)[:, None] * z
-    exact = scd.velocity(teacher, x, theta, x0, z, None, 1.0)
+    exact = scd.dx_dtheta(teacher, x, theta, x0, z, None, 1.0)
     errs = {
-        name: (obj.velocity(None, x, theta, x0, z, None, 1.0) - exact).pow(2).sum(1).mean().item()
+        name: (obj.dx_dtheta(None, x, theta, x0, z, None, 1.0) - exact).pow(2).sum(1).mean().item()
         for name, obj in (("conditional", sct), ("stf", stf))
     }
     print(f"sCT dx/dtheta, mean squared distance to the exact PF-ODE's: {errs}")
@@ -234,7 +234,11 @@ def test_nonfinite_teacher_rows_are_masked_counted_and_logged():
 
 def test_schedule_and_bad_input():
     obj = build_objective({"name": "sct", "tangent_warmup": 100})
-    assert [obj.warmup(k) for k in (0, 50, 100, 1000)] == [0.0, 0.5, 1.0, 1.0]
+    logged = [
+        float(obj(student=mlp_student(), x0=torch.randn(4, 2), step=k).logs["tangent_warmup"])
+        for k in (0, 50, 100, 1000)
+    ]
+    assert logged == [0.0, 0.5, 1.0, 1.0]
     assert not obj.needs_teacher and build_objective({"name": "scd"}).needs_teacher
     with pytest.raises(ValueError, match="sigma_data"):
         build_objective({"name": "scd", "sigma_data": 0.0})

@@ -112,9 +112,9 @@ def test_primal_gradient_keeps_the_loss_and_trains_only_through_u(name, backend)
             {"name": name, "jvp_backend": backend, "fd_eps": 1e-6, "sd_gradient": mode, "equal_share": 0.0}
         )
         torch.manual_seed(3)
-        s, t = obj.sample_times(64, x0)
-        x_s = (1 - s[:, None]) * x0 + s[:, None] * torch.randn_like(x0)
-        sd = obj.distillation(student, x_s, s, t, None)
+        d = obj.draw(student, None, x0, None, 0)
+        s, t, x_s = d.s, d.t, d.x_s
+        sd = obj.distillation(student, d, student)
         losses[mode] = sd.detach()
         grads[mode] = torch.autograd.grad(sd.sum(), params)
         if (
@@ -164,10 +164,10 @@ def test_normalized_residual_is_bounded_and_vanishes_at_the_exact_map(name):
         {"name": name, "sd_gradient": "primal", "sd_normalize": c, "equal_share": 0.0, "jvp_backend": "func"}
     )
     torch.manual_seed(3)
-    s, t = plain.sample_times(64, x0)
-    x_s = (1 - s[:, None]) * x0 + s[:, None] * torch.randn_like(x0)
-    r = plain.primal_residual(student, x_s, s, t, None, student).detach()
-    sd = normed.distillation(student, x_s, s, t, None)
+    d = plain.draw(student, None, x0, None, 0)
+    s, t, x_s = d.s, d.t, d.x_s
+    r = plain.primal_residual(student, d, student).detach()
+    sd = normed.distillation(student, d, student)
     n = r.norm(dim=1)
     torch.testing.assert_close(sd.detach(), n.pow(2) / (n + c).pow(2))
     assert float(sd.max()) < 1.0 and float(n.max()) > 1.0  # bounded where the raw residual is not

@@ -21,17 +21,17 @@ SOLVERS = ("euler", "heun")  # the teacher ODE steps of the consistency family (
 DATA_VELOCITIES = ("conditional", "stf")  # a from-data velocity: eps - x0, or its batch-posterior estimate
 
 
-def moving_rows(batch: int, equal_share: float) -> int:
-    """n: rows [0, n) of an ``equal_tail`` pair draw have s != t, rows [n, B) have s = t."""
-    return batch - round(batch * equal_share)
+def take(value, rows: slice):
+    """``value[rows]`` for a per-row tensor or condition, None stays None: the one place objectives select rows
+    of the (otherwise opaque) condition."""
+    return None if value is None else value[rows]
 
 
-def equal_tail(s: Tensor, t: Tensor, equal_share: float) -> Tensor:
-    """t with t = s on the last round(B * equal_share) rows (MeanFlow's share of pairs with s = t, Geng et al. 2025,
-    Sec. 4.3, as a fixed count): the rows with s != t are then the static slice [:moving_rows(B, equal_share)], so an
-    objective that spends a JVP on those rows only selects them without reading a mask on the host."""
-    n = moving_rows(s.shape[0], equal_share)
-    return torch.cat([t[:n], s[n:]])
+def check_solver(solver: str) -> str:
+    """``"heun"`` or ``"euler"``: the teacher's ODE step (``flowmap.solvers.teacher_step``)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+    return solver
 
 
 def check_source(source: str) -> str:
@@ -98,6 +98,11 @@ def drop_labels(cond, num_classes: int, p_uncond: float):
     """Replace a share p_uncond of conditions by their unconditional counterpart (classifier-free guidance
     training): the null label, or the empty prompt of a text condition (``flowmap.conditions.drop``)."""
     return drop(cond, p_uncond, num_classes)
+
+
+def ramp(step: int, steps: int) -> float:
+    """min(1, step / steps), 1 when steps = 0: a warm-up weight (Lu & Song 2024, Sec. 4.2, tangent warm-up)."""
+    return 1.0 if steps == 0 else min(1.0, step / steps)
 
 
 def check_count(name: str, value: int, minimum: int = 1) -> int:

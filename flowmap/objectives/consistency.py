@@ -39,21 +39,20 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowmap.objectives.base import Objective, mask_nonfinite
+from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared
 from flowmap.objectives.common import (
-    SOLVERS,
     check_count,
     check_data_velocity,
-    check_source,
+    check_solver,
     check_step,
     stable_target,
     times_like,
 )
-from flowmap.objectives.guidance import check_guidance, draw_guidance
 from flowmap.paths import LinearPath
 from flowmap.solvers import teacher_step  # one ODE stepper (also imported from here by older code)
 from flowmap.time_grids import GRIDS, make_grid
-from flowmap.types import LossOutput, Teacher, expand_like
+from flowmap.time_sampling import lognormal
+from flowmap.types import LossOutput, expand_like, null_label
 
 METRICS = ("l2", "pseudo_huber")
 LINEAR = LinearPath()  # the EDM noise level sigma = t / (1 - t) and back
@@ -82,10 +81,9 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
     return (sigma_min ** (1 / rho) + i * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
 
 
-def consistency_fn(model: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None = None) -> Tensor:
-    """f(x, t) = X(x, s=t, t=0): (B, *data_shape)."""
-    zero = torch.zeros_like(t)
-    return model(x, t, zero, cond, w) if w is not None else model(x, t, zero, cond)
+def consistency_fn(model: nn.Module, x: Tensor, t: Tensor, d: Draw) -> Tensor:
+    """f(x, t) = X(x, s=t, t=0 | cond, w) of the draw ``d``: (B, *data_shape)."""
+    return d.X(model, x, t, torch.zeros_like(t))
 
 
 def check_metric(metric: str, huber_c: float | None) -> None:
@@ -110,77 +108,74 @@ def distance(a: Tensor, b: Tensor, metric: str, huber_c: float | None) -> Tensor
     return torch.sqrt(sq + c * c) - c
 
 
-def training_pair(
-    data_velocity: str, x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, cond: Tensor | None, null: int
-) -> tuple[Tensor, Tensor]:
-    """(x_t, x_r) of consistency training from data, t > r (B,):
+def training_pair(data_velocity: str, d: Draw, null: int) -> Tensor:
+    """x_r of consistency training from data for the draw's x_t = x_s at t = s > r = d.t:
 
-    conditional:   x_t = (1 - t) x0 + t eps,  x_r = (1 - r) x0 + r eps = x_t + (r - t)(eps - x0)   (Song et al. 2023)
+    conditional:   x_r = (1 - r) x0 + r eps = x_t + (r - t)(eps - x0)                     (Song et al. 2023)
     stf:           x_r = x_t + (r - t) v_hat(x_t, t),  v_hat = the batch-posterior estimate of E[eps - x0 | x_t]
                    (Xu et al. 2023, Stable Target Field; ``stable_target``): one Euler step of the empirical
                    marginal velocity instead of the conditional one, far lower variance, data samples only."""
-    x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
     if data_velocity == "stf":
-        v = stable_target(x_t, t, x0, eps, cond, null)
-        return x_t, x_t + expand_like(r - t, x0) * v
-    return x_t, expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
+        v = stable_target(d.x_s, d.s, d.x0, d.eps, d.cond, null)
+        return d.x_s + expand_like(d.t - d.s, d.x0) * v
+    return d.at(d.t)
 
 
 class _Consistency(Objective):
     """Shared loss of the three methods: lambda * d(f_theta(x_t, t), sg f_theta-(x_r, r)) with the target
-    network theta- = EMA of theta (decay ``target_ema``; 0 = stop-gradient student, Song & Dhariwal 2023, Sec. 3.2)."""
+    network theta- = EMA of theta (decay ``target_ema``; 0 = stop-gradient student, Song & Dhariwal 2023, Sec. 3.2).
+    The papers' (t, r) are the draw's (s, t); a method's ``times`` may add its weight lambda as ``extra["weight"]``."""
 
     uses_target = True
     sampler_gamma = 1.0  # f(x, t) = X(x, t, 0) only: multistep consistency sampling (Song et al. 2023, Alg. 1)
+    solver = "heun"
 
-    def __init__(self, metric: str, huber_c: float | None, target_ema: float, guidance: float) -> None:
-        super().__init__()
-        check_metric(metric, huber_c)
-        if not 0.0 <= target_ema < 1.0:
-            raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
-        self.metric, self.huber_c = metric, huber_c
-        self.target_ema = float(target_ema)
-        self.guidance = float(guidance)
-
-    def target_decay(self, step: int) -> float:
-        """mu of theta- <- mu theta- + (1 - mu) theta (Song et al. 2023, Eq. 8)."""
-        return self.target_ema
-
-    def consistency_loss(
+    def __init__(
         self,
-        student: nn.Module,
-        target: nn.Module | None,
-        x_t: Tensor,
-        t: Tensor,
-        x_r: Tensor,
-        r: Tensor,
-        cond: Tensor | None,
-        w: Tensor | None,
-        weight: Tensor,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(per-sample loss (B,), logs). x_t, x_r: (B, *data_shape); t > r: (B,); weight lambda: (B,)."""
-        if target is None:
-            if self.target_ema != 0.0:
-                raise ValueError(
-                    f"objective {self.name!r} with target_ema={self.target_ema} needs an EMA target network"
-                )
-            target = student  # decay 0: theta- = sg(theta)
+        metric: str,
+        huber_c: float | None,
+        weighting: str = "uniform",
+        sigma_data: float = 0.5,
+        data_velocity: str = "conditional",
+        **shared_hyperparameters,
+    ) -> None:
+        super().__init__(**shared_hyperparameters)
+        check_metric(metric, huber_c)
+        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        if check_data_velocity(data_velocity) != "conditional" and self.source == "teacher":
+            raise ValueError(
+                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
+            )
+        self.metric, self.huber_c = metric, huber_c
+        self.weighting, self.sigma_data, self.data_velocity = weighting, float(sigma_data), data_velocity
+
+    def neighbour(self, d: Draw, teacher, student: nn.Module) -> Tensor:
+        """x_r: one teacher step x_t -> r (``source="teacher"``) or the training pair from data (``training_pair``)."""
+        if self.source == "teacher":
+            return teacher_step(teacher, d.x_s, d.s, d.t, self.solver, d.cond, d.w_teacher)
+        return training_pair(self.data_velocity, d, null_label(int(getattr(student, "num_classes", 0))))
+
+    def step_logs(self, step: int) -> dict[str, Tensor]:
+        """Scalars of the curriculum at ``step``."""
+        return {}
+
+    def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
+        x_r = self.neighbour(d, teacher, student)
         with torch.no_grad():
-            f_target = consistency_fn(target, x_r, r, cond, w)
+            f_target = consistency_fn(target, x_r, d.t, d)  # sg f_theta-(x_r, r)
         f_target, finite, n_bad = mask_nonfinite(f_target)
-        f_student = consistency_fn(student, x_t, t, cond, w)
-        d = distance(f_student, f_target, self.metric, self.huber_c)
-        loss = weight.to(d.dtype) * d * finite
-        D = f_student[0].numel()
-        gap = (f_student.detach() - f_target).flatten(1)
+        f = consistency_fn(student, d.x_s, d.s, d)  # f_theta(x_t, t)
+        weight = d.extra.get("weight", torch.ones_like(d.s))  # lambda
+        dist = distance(f, f_target, self.metric, self.huber_c)
+        gap = (f.detach() - f_target).flatten(1)
         logs = {
-            "mse": gap.pow(2).sum(1) / D * finite,
+            "mse": gap.pow(2).sum(1) / f[0].numel() * finite,
             "weight": weight.detach().float(),
-            "t": t.detach().float(),
-            "dt": (t - r).detach().float(),
+            "t": d.s.detach().float(),
+            "dt": (d.s - d.t).detach().float(),
             "nonfinite_targets": n_bad.float(),
         }
-        return loss, logs
+        return LossOutput(loss=weight.to(dist.dtype) * dist * finite, logs={**logs, **self.step_logs(step)})
 
 
 def _weights_in_sigma(kind: str, sigma_t: Tensor, sigma_r: Tensor, sigma_data: float) -> Tensor:
@@ -223,7 +218,6 @@ class ConsistencyDistillation(_Consistency):
     """
 
     name = "cd"
-    needs_teacher = True
 
     def __init__(
         self,
@@ -237,44 +231,21 @@ class ConsistencyDistillation(_Consistency):
         guidance: float = 1.0,
         guidance_max: float | None = None,
     ) -> None:
-        super().__init__(metric, huber_c, target_ema, guidance)
-        check_guidance(
-            "teacher", guidance, guidance_max
-        )  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
-        self.guidance_max = guidance_max
+        super().__init__(metric, huber_c, **shared(locals()))
         self.steps = check_count("steps", steps, 1)
         if grid not in GRIDS:
             raise ValueError(f"unknown time grid {grid!r}; choose from {sorted(GRIDS)}")
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+        check_solver(solver)
         self.grid, self.rho, self.solver = grid, float(rho), solver
         self.register_buffer(
-            "times", make_grid(grid, steps, **({"rho": rho} if grid == "edm" else {})).double(), persistent=False
+            "grid_times", make_grid(grid, steps, **({"rho": rho} if grid == "edm" else {})).double(), persistent=False
         )
 
-    def forward(
-        self,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None = None,
-        target: nn.Module | None = None,
-        x0: Tensor,
-        cond: Tensor | None = None,
-        step: int = 0,
-    ) -> LossOutput:
-        check_step(step)
-        if teacher is None:
-            raise ValueError("consistency distillation ('cd') needs a teacher; use 'ict' or 'ect' to train from data")
-        B = x0.shape[0]
-        n = torch.randint(0, self.steps, (B,), device=x0.device)
-        grid = self.times.to(x0.device)
-        t, r = times_like(grid[n], x0), times_like(grid[n + 1], x0)
-        eps = torch.randn_like(x0)
-        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
-        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        x_r = teacher_step(teacher, x_t, t, r, self.solver, cond, w_teacher)
-        loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, torch.ones_like(t))
-        return LossOutput(loss=loss, logs=logs)
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Grid neighbours (t_n, t_{n+1}), n ~ U{0, ..., N-1}."""
+        n = torch.randint(0, self.steps, (batch,), device=x0.device)
+        grid = self.grid_times.to(x0.device)
+        return times_like(grid[n], x0), times_like(grid[n + 1], x0)
 
 
 # --- improved consistency training -----------------------------------------------------------------------
@@ -302,7 +273,7 @@ class ImprovedConsistencyTraining(_Consistency):
     """
 
     name = "ict"
-    needs_teacher = False
+    source = "data"
 
     def __init__(
         self,
@@ -321,8 +292,7 @@ class ImprovedConsistencyTraining(_Consistency):
         target_ema: float = 0.0,
         data_velocity: str = "conditional",
     ) -> None:
-        super().__init__(metric, huber_c, target_ema, 1.0)
-        self.data_velocity = check_data_velocity(data_velocity)
+        super().__init__(metric, huber_c, weighting, sigma_data, data_velocity, **shared(locals()))
         self.total_steps = check_count("total_steps", total_steps, 1)
         self.s0 = check_count("s0", s0, 1)
         self.s1 = check_count("s1", s1, 1)
@@ -332,10 +302,8 @@ class ImprovedConsistencyTraining(_Consistency):
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, rho > 0 and p_std > 0; got {sigma_min}, {sigma_max}, {rho}, {p_std}"
             )
-        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.weighting, self.sigma_data = weighting, float(sigma_data)
 
     def discretization_steps(self, step: int) -> int:
         """N(k): the number of noise levels at training step k (a pure function of k)."""
@@ -353,30 +321,17 @@ class ImprovedConsistencyTraining(_Consistency):
         p = cdf[1:] - cdf[:-1]
         return p / p.sum()
 
-    def forward(
-        self,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None = None,
-        target: nn.Module | None = None,
-        x0: Tensor,
-        cond: Tensor | None = None,
-        step: int = 0,
-    ) -> LossOutput:
-        B = x0.shape[0]
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """Neighbouring levels (t_{i+1}, t_i) of the step's discretization, i ~ p(i) (Sec. 3.5); extra ``weight``."""
         sigmas = self.sigmas(step)
-        i = torch.multinomial(self.interval_probs(sigmas), B, replacement=True)
-        sig_r, sig_t = sigmas[i], sigmas[i + 1]
+        i = torch.multinomial(self.interval_probs(sigmas), batch, replacement=True)
         times = sigma_to_t(sigmas)
         times[-1] = 1.0  # sigma_max -> pure noise on the linear path
-        t, r = times_like(times[i + 1].to(x0.device), x0), times_like(times[i].to(x0.device), x0)
-        eps = torch.randn_like(x0)
-        x_t, x_r = training_pair(self.data_velocity, x0, eps, t, r, cond, int(getattr(student, "num_classes", 0)))
-        weight = _weights_in_sigma(self.weighting, sig_t, sig_r, self.sigma_data).to(x0.device)
-        w_student, _ = draw_guidance(student, B, x0.device, 1.0, None)
-        loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, weight)
-        logs["discretization_steps"] = torch.tensor(float(len(sigmas) - 1))
-        return LossOutput(loss=loss, logs=logs)
+        weight = _weights_in_sigma(self.weighting, sigmas[i + 1], sigmas[i], self.sigma_data).to(x0.device)
+        return times_like(times[i + 1].to(x0.device), x0), times_like(times[i].to(x0.device), x0), {"weight": weight}
+
+    def step_logs(self, step: int) -> dict[str, Tensor]:
+        return {"discretization_steps": torch.tensor(float(self.discretization_steps(step) - 1))}
 
 
 # --- easy consistency tuning -----------------------------------------------------------------------------
@@ -426,32 +381,16 @@ class EasyConsistencyTuning(_Consistency):
         guidance: float = 1.0,
         data_velocity: str = "conditional",
     ) -> None:
-        super().__init__(metric, huber_c, target_ema, guidance)
-        self.data_velocity = check_data_velocity(data_velocity)
+        super().__init__(metric, huber_c, weighting, sigma_data, data_velocity, **shared(locals()))
         self.stage_steps = check_count("stage_steps", stage_steps, 1)
         if q <= 1 or k < 0 or b < 0 or p_std <= 0:
             raise ValueError(
                 "the mapping function needs q > 1, k >= 0, b >= 0 (and p_std > 0); "
                 f"got q={q}, k={k}, b={b}, p_std={p_std}"
             )
-        self.source = check_source(source)
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
-        if source == "data" and guidance != 1.0:
-            raise ValueError("guidance applies to a teacher's step (source='teacher'), not to training from data")
-        if source == "teacher" and data_velocity != "conditional":
-            raise ValueError(
-                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
-            )
-        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        self.solver = check_solver(solver)
         self.q, self.k, self.b = float(q), float(k), float(b)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
-        self.weighting, self.sigma_data = weighting, float(sigma_data)
-        self.solver = solver
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.source == "teacher"
 
     def stage(self, step: int) -> int:
         """a = floor(step / stage_steps) (a pure function of the step)."""
@@ -462,28 +401,12 @@ class EasyConsistencyTuning(_Consistency):
         n = 1 + self.k * torch.sigmoid(-self.b * sigma_t)
         return (sigma_t * (1 - n / self.q ** (self.stage(step) + 1))).clamp_min(0.0)
 
-    def forward(
-        self,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None = None,
-        target: nn.Module | None = None,
-        x0: Tensor,
-        cond: Tensor | None = None,
-        step: int = 0,
-    ) -> LossOutput:
-        B = x0.shape[0]
-        sig_t = torch.exp(self.p_mean + self.p_std * torch.randn(B, device=x0.device, dtype=torch.float64))
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """sigma_t ~ lognormal(P_mean, P_std), sigma_r by the mapping function; extra ``weight``."""
+        sig_t = lognormal(batch, x0.device, self.p_mean, self.p_std, dtype=torch.float64)
         sig_r = self.r_of_t(sig_t, step)
-        t, r = times_like(sigma_to_t(sig_t), x0), times_like(sigma_to_t(sig_r), x0)
-        eps = torch.randn_like(x0)
-        x_t, x_r = training_pair(self.data_velocity, x0, eps, t, r, cond, int(getattr(student, "num_classes", 0)))
-        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, None)
-        if self.source == "teacher":
-            if teacher is None:
-                raise ValueError("ECT with source='teacher' needs a teacher (or use source='data')")
-            x_r = teacher_step(teacher, x_t, t, r, self.solver, cond, w_teacher)
         weight = _weights_in_sigma(self.weighting, sig_t, sig_r, self.sigma_data)
-        loss, logs = self.consistency_loss(student, target, x_t, t, x_r, r, cond, w_student, weight)
-        logs["stage"] = torch.tensor(float(self.stage(step)))
-        return LossOutput(loss=loss, logs=logs)
+        return times_like(sigma_to_t(sig_t), x0), times_like(sigma_to_t(sig_r), x0), {"weight": weight}
+
+    def step_logs(self, step: int) -> dict[str, Tensor]:
+        return {"stage": torch.tensor(float(self.stage(step)))}

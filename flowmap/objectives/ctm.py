@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import SOLVERS, check_source, times_like
-from flowmap.objectives.guidance import check_guidance, guided_draw, teacher_velocity
+from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.common import check_solver, check_source, times_like
 from flowmap.solvers import teacher_step
-from flowmap.types import LossOutput, Teacher, expand_like
+from flowmap.time_sampling import uniform
+from flowmap.types import LossOutput, Teacher
 
 
 def teacher_segment(
@@ -69,7 +69,6 @@ class CTM(Objective):
     """
 
     name = "ctm"
-    needs_teacher = True
     uses_target = True
 
     def __init__(
@@ -82,16 +81,12 @@ class CTM(Objective):
         guidance: float = 1.0,
         guidance_max: float | None = None,
     ) -> None:
-        super().__init__()
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+        super().__init__(**shared(locals()))
+        check_solver(solver)
         if int(solver_steps) != solver_steps or solver_steps < 1:
             raise ValueError(f"solver_steps must be an integer >= 1, got {solver_steps}")
         if not (lambda_dsm >= 0 and math.isfinite(lambda_dsm)):
             raise ValueError(f"lambda_dsm must be a finite number >= 0, got {lambda_dsm}")
-        if not 0.0 <= target_ema < 1.0:
-            raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
-        check_guidance("teacher", guidance, guidance_max)
         if dsm_source == "data" and (guidance != 1.0 or guidance_max is not None):
             raise ValueError(
                 "with guidance the denoising term must follow the guided teacher: use dsm_source='teacher'"
@@ -99,56 +94,28 @@ class CTM(Objective):
         self.solver, self.solver_steps = solver, int(solver_steps)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
-        self.target_ema = float(target_ema)
-        self.guidance, self.guidance_max = float(guidance), guidance_max
 
-    def target_decay(self, step: int) -> float:
-        return self.target_ema
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """s ~ U(0, 1], t ~ U[0, s], u ~ U[t, s] (paper Sec. 4.2; extra ``u``)."""
+        s = times_like(1.0 - uniform(batch, x0.device), x0)
+        t = s * times_like(uniform(batch, x0.device), x0)
+        u = t + (s - t) * times_like(uniform(batch, x0.device), x0)
+        return s, t, {"u": u}
 
-    def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """s ~ U(0, 1], t ~ U[0, s], u ~ U[t, s] (paper Sec. 4.2)."""
-        s = times_like(1.0 - torch.rand(batch, device=x0.device), x0)
-        t = s * times_like(torch.rand(batch, device=x0.device), x0)
-        u = t + (s - t) * times_like(torch.rand(batch, device=x0.device), x0)
-        return s, u, t
-
-    def forward(
-        self,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None = None,
-        target: nn.Module | None = None,
-        x0: Tensor,
-        cond: Tensor | None = None,
-        step: int = 0,
-    ) -> LossOutput:
-        if teacher is None:
-            raise ValueError("'ctm' distills a teacher's ODE segments, but teacher is None")
-        target = student if target is None else target
-        B = x0.shape[0]
-        s, u, t = self.sample_times(B, x0)
-        eps = torch.randn_like(x0)
-        x_s = expand_like(1 - s, x0) * x0 + expand_like(s, x0) * eps
-        w_student, w_teacher = guided_draw(student, teacher, cond, B, x0.device, self.guidance, self.guidance_max)
-        zero = torch.zeros_like(t)
+    def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
+        s, u, t, zero = d.s, d.extra["u"], d.t, torch.zeros_like(d.t)
         with torch.no_grad():
-            x_u = teacher_segment(teacher, x_s, s, u, self.solver_steps, self.solver, cond, w_teacher)
-            x_tgt = target(x_u, u, t, cond, w_student)
-            y_tgt = student(x_tgt, t, zero, cond, w_student)  # carried to data with sg(theta)
+            x_u = teacher_segment(teacher, d.x_s, s, u, self.solver_steps, self.solver, d.cond, d.w_teacher)
+            y_tgt = d.X(student, d.X(target, x_u, u, t), t, zero)  # sg(X_target(x_u, u, t)), carried to data
         y_tgt, finite, n_bad = mask_nonfinite(y_tgt)
-        y = frozen_call(student, student(x_s, s, t, cond, w_student), t, zero, cond, w_student)
-        D = x0[0].numel()
-        ctm = (y - y_tgt).pow(2).flatten(1).sum(1) / D
-
-        if self.dsm_source == "data":
-            v = eps - x0
-        else:
-            v = teacher_velocity(teacher, x_s, s, cond, w_teacher)
+        y = d.X(lambda *a: frozen_call(student, *a), d.X(student, d.x_s, s, t), t, zero)  # X_sg(X_theta(x_s, s, t))
+        D = d.x0[0].numel()
+        ctm = sq_norm(y - y_tgt) / D  # Eq. 6-7
+        v = d.eps - d.x0 if self.dsm_source == "data" else self.velocity(teacher, d)
         v, finite_v, n_bad_v = mask_nonfinite(v)
-        dsm = (student.average_velocity(x_s, s, s, cond, w_student) - v).pow(2).flatten(1).sum(1) / D
-        loss = ctm * finite * finite_v + self.lambda_dsm * dsm * finite_v
+        dsm = sq_norm(d.u(student, d.x_s, s, s) - v) / D  # Eq. 8 on the diagonal
         return LossOutput(
-            loss=loss,
+            loss=ctm * finite * finite_v + self.lambda_dsm * dsm * finite_v,
             logs={
                 "ctm": ctm.detach() * finite,
                 "dsm": dsm.detach() * finite_v,

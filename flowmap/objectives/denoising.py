@@ -18,20 +18,17 @@ from torch import Tensor, nn
 from flowmap.objectives.common import drop_labels
 from flowmap.paths import AffinePath, LinearPath, build_path
 from flowmap.predictions import check_prediction, from_x0_eps
+from flowmap.time_sampling import PairSampler, sample_times
 from flowmap.types import LossOutput, expand_like
 
 
 def sample_training_times(
     batch: int, device: torch.device, kind: str, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4
 ) -> Tensor:
-    """Training times (B,): ``uniform`` on [t_min, 1 - t_min] or ``logit_normal`` (Esser et al. 2024, Eq. 19)."""
-    if kind == "uniform":
-        t = torch.rand(batch, device=device)
-    elif kind == "logit_normal":
-        t = torch.sigmoid(mean + std * torch.randn(batch, device=device))
-    else:
-        raise ValueError(f"unknown time sampling {kind!r} (uniform, logit_normal)")
-    return t.clamp(t_min, 1.0 - t_min)
+    """Training times (B,) of ``flowmap.time_sampling`` (``uniform``, ``logit_normal`` (Esser et al. 2024,
+    Eq. 19) or ``lognormal``), clamped to [t_min, 1 - t_min]."""
+    kwargs = PairSampler(kind, mean, std).kwargs
+    return sample_times(kind, batch, device, **kwargs).clamp(t_min, 1.0 - t_min)
 
 
 class DenoisingLoss(nn.Module):

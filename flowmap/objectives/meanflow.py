@@ -27,20 +27,10 @@ of 10 train much faster than the image-scale defaults below.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
-from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import (
-    check_source,
-    drop_labels,
-    equal_tail,
-    instantaneous_velocity,
-    moving_rows,
-    times_like,
-)
-from flowmap.objectives.guidance import check_guidance, draw_guidance
-from flowmap.time_sampling import ordered_pair, pair_kwargs
+from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.time_sampling import moving_rows
 from flowmap.types import LossOutput, expand_like
 
 
@@ -60,8 +50,8 @@ class MeanFlow(Objective):
     """
 
     name = "meanflow"
-    uses_target = False
     needs_jvp = True
+    fd_margin = (1, 0, 0)  # the JVP moves s: s +- h inside [0, 1]
 
     def __init__(
         self,
@@ -79,91 +69,40 @@ class MeanFlow(Objective):
         fd_eps: float | None = None,
         fd_dtype: str | None = None,
     ) -> None:
-        super().__init__()
-        self.source = check_source(source)
-        pair_kwargs(time_dist, time_mean, time_std)
-        if not 0.0 <= equal_share <= 1.0:
-            raise ValueError(f"equal_share must lie in [0, 1], got {equal_share}")
+        super().__init__(**shared(locals()))
         if p < 0 or c <= 0:
             raise ValueError(f"adaptive weighting needs p >= 0 and c > 0, got p={p}, c={c}")
-        check_guidance(source, guidance, guidance_max)
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
-        self.time_dist, self.time_mean, self.time_std = time_dist, float(time_mean), float(time_std)
-        self.equal_share = float(equal_share)
         self.p, self.c = float(p), float(c)
-        self.guidance, self.guidance_max = float(guidance), guidance_max
-        self.p_uncond = float(p_uncond)
-        self.jvp_backend = check_backend(jvp_backend)
-        self.fd_eps = fd_eps
-        self.fd_dtype = parse_fd_dtype(fd_dtype)
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.source == "teacher"
-
-    def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
-        """(s, t) with 1 >= s >= t >= 0; the last round(B * equal_share) rows with s = t (``equal_tail``)."""
-        kwargs = pair_kwargs(self.time_dist, self.time_mean, self.time_std)
-        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **kwargs)  # s = t on the tail: ``equal_tail``
-        s, t = times_like(s, x0), times_like(t, x0)
-        if self.jvp_backend == "fd":  # keep s +- h * 1 inside [0, 1] for the central difference
-            h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(s.dtype), 5e-5)
-            s = s.clamp(h, 1.0 - h)
-            t = torch.minimum(t, s)
-        return s, equal_tail(s, t, self.equal_share)
-
-    def forward(
-        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
-    ) -> LossOutput:
-        student = require_inner(student)
-        B = x0.shape[0]
-        s, t = self.sample_times(B, x0)
-        eps = torch.randn_like(x0)
-        x_s = expand_like(1 - s, x0) * x0 + expand_like(s, x0) * eps  # linear path
-        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
-        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        v = instantaneous_velocity(self.source, teacher, x_s, s, x0, eps, cond, w_teacher)
-
-        # du/ds along the trajectory: tangent (v, 1, 0) on (x, s, t); a no-grad float32 pass, only on the rows
-        # [0, n) with s != t (where s = t the target is v itself, so the share ``equal_share`` costs no JVP).
-        du_ds = torch.zeros_like(x_s, dtype=torch.promote_types(x_s.dtype, torch.float32))
-        n = moving_rows(B, self.equal_share)
-        if n:
-            pick = (lambda a: a) if n == B else (lambda a: None if a is None else a[:n])
-            c_m, w_m = pick(cond), pick(w_student)
-
-            def u_fn(x: Tensor, s_: Tensor, t_: Tensor) -> Tensor:
-                return student.average_velocity(x, s_, t_, c_m, w_m)
-
-            s_m = pick(s)
-            _, du_m = jvp(
-                u_fn,
-                (pick(x_s), s_m, pick(t)),
-                (pick(v), torch.ones_like(s_m), torch.zeros_like(s_m)),
-                self.jvp_backend,
-                self.fd_eps,
-                primal_out=False,
-                fd_dtype=self.fd_dtype,
-                modules=(student,),
-            )
-            du_ds = du_m if n == B else torch.cat([du_m.to(du_ds.dtype), du_ds[n:]])
-        u_tgt = v - expand_like(s - t, v) * du_ds.to(v.dtype)  # u = v - (s - t) du/ds
-        u_tgt, finite, n_bad = mask_nonfinite(u_tgt)
-
-        u = student.average_velocity(x_s, s, t, cond, w_student)  # the one with-grad forward
-        dtype = torch.promote_types(u_tgt.dtype, torch.float32)
-        delta = u.to(dtype) - u_tgt.to(dtype)
-        sq = delta.pow(2).flatten(1).sum(1)  # ||delta||^2
-        weight = (sq.detach() + self.c).pow(-self.p)
-        loss = weight * sq * finite
-        D = delta[0].numel()
+    def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
+        v = self.velocity(teacher, d)  # v(x_s, s)
+        du_ds = self.du_ds(d, student, v)
+        u_tgt, finite, n_bad = mask_nonfinite(v - expand_like(d.s - d.t, v) * du_ds.to(v.dtype))  # Eq. 10
+        u = d.u(student, d.x_s, d.s, d.t)  # the one with-grad forward
+        sq = sq_norm(u.to(torch.promote_types(u_tgt.dtype, torch.float32)) - u_tgt)  # ||delta||^2
+        weight = (sq.detach() + self.c).pow(-self.p)  # adaptive weight, Sec. 4.3
         return LossOutput(
-            loss=loss,
+            loss=weight * sq * finite,
             logs={
-                "mse": (sq.detach() * finite / D),
+                "mse": sq.detach() * finite / d.x0[0].numel(),
                 "weight": weight.detach(),
-                "gap": (s - t).float(),
+                "gap": (d.s - d.t).float(),
                 "nonfinite_targets": n_bad.float(),
             },
         )
+
+    def du_ds(self, d: Draw, student: nn.Module, v):
+        """du/ds along the trajectory (Eq. 8): the JVP of u along (v, 1, 0) on (x, s, t), a no-grad float32 pass
+        on the rows [0, n) with s != t only (where s = t the target is v itself: ``equal_share`` costs no JVP)."""
+        n = moving_rows(d.batch, self.equal_share)
+        du_ds = torch.zeros_like(d.x_s, dtype=torch.promote_types(d.x_s.dtype, torch.float32))
+        if n == 0:
+            return du_ds
+        m, v_m = d.rows(slice(0, n)), v[:n]
+        _, du_m = self.jvp(
+            lambda x, s, t: m.u(student, x, s, t),
+            (m.x_s, m.s, m.t),
+            (v_m, torch.ones_like(m.s), torch.zeros_like(m.s)),
+            student,
+        )
+        return du_m if n == d.batch else torch.cat([du_m.to(du_ds.dtype), du_ds[n:]])

@@ -34,23 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.ema import frozen_copy
-from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import SOLVERS, check_count, check_step, times_like
-from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.common import check_count, check_solver, check_step, times_like
 from flowmap.solvers import teacher_step
 from flowmap.types import LossOutput, Teacher, expand_like
 
 SNAPSHOT = "round_teacher"
-
-
-def average_velocity(
-    model: nn.Module, x: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, w: Tensor | None
-) -> Tensor:
-    """u(x, s, t) of a ``FlowMap``; for any other flow map, (X(x, s, t) - x) / (t - s)."""
-    if hasattr(model, "average_velocity"):
-        return model.average_velocity(x, s, t, cond, w) if w is not None else model.average_velocity(x, s, t, cond)
-    X = model(x, s, t, cond, w) if w is not None else model(x, s, t, cond)
-    return (X - x) / expand_like(t - s, x)
 
 
 class ProgressiveDistillation(Objective):
@@ -68,8 +57,6 @@ class ProgressiveDistillation(Objective):
     """
 
     name = "pd"
-    needs_teacher = True
-    uses_target = False
     callbacks = ("flowmap.lightning.callbacks:ProgressiveRounds",)  # calls ``advance`` before each batch
 
     def __init__(
@@ -82,14 +69,10 @@ class ProgressiveDistillation(Objective):
         guidance_max: float | None = None,
         retain_share: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(**shared(locals()))
         if not 0.0 <= retain_share < 1.0:
             raise ValueError(f"retain_share must lie in [0, 1), got {retain_share}")
         self.retain_share = float(retain_share)
-        check_guidance(
-            "teacher", guidance, guidance_max
-        )  # a range trains a guidance_input student at w ~ U[guidance, guidance_max]
-        self.guidance_max = guidance_max
         check_count("initial_steps", initial_steps, 1)
         if initial_steps & (initial_steps - 1):
             raise ValueError(
@@ -100,10 +83,8 @@ class ProgressiveDistillation(Objective):
         self.first_round_steps = (
             steps_per_round if first_round_steps is None else check_count("first_round_steps", first_round_steps, 1)
         )
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown teacher step {solver!r}; choose from {list(SOLVERS)}")
+        check_solver(solver)
         self.solver = solver
-        self.guidance = float(guidance)
         self.register_module(SNAPSHOT, None)  # the frozen round teacher (rounds >= 1), built at the round boundary
         self.register_buffer("snapshot_round", torch.zeros((), dtype=torch.long))  # round whose teacher the snapshot is
         self._pending: dict[str, Tensor] | None = None
@@ -183,72 +164,49 @@ class ProgressiveDistillation(Objective):
         if self._pending is not None:
             unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(key)]
 
-    def previous_jump(
-        self,
-        teacher: Teacher,
-        x: Tensor,
-        s: Tensor,
-        t: Tensor,
-        cond: Tensor | None,
-        w_student: Tensor | None,
-        w_teacher: float | Tensor,
-        r: int,
-    ) -> Tensor:
+    def previous_jump(self, teacher: Teacher, x: Tensor, s: Tensor, t: Tensor, d: Draw, r: int) -> Tensor:
         """One jump s -> t of the previous round's model (the teacher in round 0), under no_grad."""
         with torch.no_grad():
             if r == 0:
-                return teacher_step(teacher, x, s, t, self.solver, cond, w_teacher)
-            snap = self.round_teacher
-            return snap(x, s, t, cond, w_student) if w_student is not None else snap(x, s, t, cond)
+                return teacher_step(teacher, x, s, t, self.solver, d.cond, d.w_teacher)
+            return d.X(self.round_teacher, x, s, t)
 
     # --- the loss ----------------------------------------------------------------------------------------
-    def forward(
-        self,
-        *,
-        student: nn.Module,
-        teacher: Teacher | None = None,
-        target: nn.Module | None = None,
-        x0: Tensor,
-        cond: Tensor | None = None,
-        step: int = 0,
-    ) -> LossOutput:
-        if teacher is None:
-            raise ValueError("progressive distillation ('pd') needs a teacher for its first round")
-        self.advance(student, step)
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """t = i / N, t'' = (i - 1) / N, i ~ U{1, ..., N} on the round's grid N (a retained row: a finer grid);
+        extra ``t_mid`` = t' (retained rows: t'', the snapshot's single jump) and ``retain``."""
         r = self.rounds(step)
         N = self.initial_steps >> r
-        B = x0.shape[0]
-        grid = torch.full((B,), N, device=x0.device)  # each row's step count
-        retain = torch.zeros(B, dtype=torch.bool, device=x0.device)
+        grid = torch.full((batch,), N, device=x0.device)  # each row's step count
+        retain = torch.zeros(batch, dtype=torch.bool, device=x0.device)
         if r > 0 and self.retain_share > 0:  # finer grids N0 / 2^j, j < r, learned in earlier rounds
-            retain = torch.rand(B, device=x0.device) < self.retain_share
-            finer = self.initial_steps >> torch.randint(0, r, (B,), device=x0.device)
+            retain = torch.rand(batch, device=x0.device) < self.retain_share
+            finer = self.initial_steps >> torch.randint(0, r, (batch,), device=x0.device)
             grid = torch.where(retain, finer, grid)
-            i = (torch.rand(B, device=x0.device) * grid).long().clamp_(max=grid - 1) + 1  # i ~ U{1, ..., grid}
+            i = (torch.rand(batch, device=x0.device) * grid).long().clamp_(max=grid - 1) + 1  # i ~ U{1, ..., grid}
         else:
-            i = torch.randint(1, N + 1, (B,), device=x0.device)
-        t = times_like(i / grid, x0)
-        t_end = times_like((i - 1.0) / grid, x0)
+            i = torch.randint(1, N + 1, (batch,), device=x0.device)
+        t, t_end = times_like(i / grid, x0), times_like((i - 1.0) / grid, x0)
         # retained rows: the snapshot's single jump t -> t'' (its second jump t'' -> t'' is the identity X(x, s, s) = x)
         t_mid = torch.where(retain, t_end, times_like((i - 0.5) / grid, x0))
-        eps = torch.randn_like(x0)
-        x_t = expand_like(1 - t, x0) * x0 + expand_like(t, x0) * eps
-        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        x_mid = self.previous_jump(teacher, x_t, t, t_mid, cond, w_student, w_teacher, r)
-        x_end = self.previous_jump(teacher, x_mid, t_mid, t_end, cond, w_student, w_teacher, r)
-        u_target = (x_end - x_t) / expand_like(t_end - t, x_t)  # average velocity of the two jumps
-        u_target, finite, n_bad = mask_nonfinite(u_target)
-        u = average_velocity(student, x_t, t, t_end, cond, w_student)
-        delta = (u - u_target).flatten(1)
-        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
-        loss = delta.pow(2).mean(1) * finite
+        return t, t_end, {"t_mid": t_mid, "retain": retain}
+
+    def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
+        self.advance(student, step)
+        r = self.rounds(step)
+        t, t_mid, t_end = d.s, d.extra["t_mid"], d.t
+        x_mid = self.previous_jump(teacher, d.x_s, t, t_mid, d, r)
+        x_end = self.previous_jump(teacher, x_mid, t_mid, t_end, d, r)
+        u_target, finite, n_bad = mask_nonfinite((x_end - d.x_s) / expand_like(t_end - t, d.x_s))  # two jumps' u
+        u = d.u(student, d.x_s, t, t_end)
+        loss = sq_norm(u - u_target) / d.x0[0].numel() * finite
         return LossOutput(
             loss=loss,
             logs={
                 "mse": loss.detach(),
                 "round": torch.tensor(float(r)),
-                "retained": retain.float(),
-                "student_steps": torch.tensor(float(N)),
+                "retained": d.extra["retain"].float(),
+                "student_steps": torch.tensor(float(self.initial_steps >> r)),
                 "t": t.detach().float(),
                 "nonfinite_targets": n_bad.float(),
             },

@@ -36,18 +36,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
-from flowmap.nets.embeddings import FourierTime
-from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import (
-    check_data_velocity,
-    drop_labels,
-    instantaneous_velocity,
-    stable_target,
-    times_like,
-)
-from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.fourier import FourierTime
+from flowmap.objectives.base import Draw, Objective, mask_nonfinite, normalized, shared, sq_norm
+from flowmap.objectives.common import check_data_velocity, instantaneous_velocity, ramp, stable_target, times_like
 from flowmap.paths import TrigFlowPath, to_linear, velocity_from_linear
+from flowmap.time_sampling import lognormal
 from flowmap.types import LossOutput, expand_like, null_label
 
 
@@ -62,6 +55,11 @@ class LogVariance(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.net(t)[:, 0]
+
+
+def t_lin_of(theta: Tensor, sigma_data: float) -> Tensor:
+    """t_lin = sigma_d sin(theta) / (cos(theta) + sigma_d sin(theta)) (the time the student sees)."""
+    return sigma_data * torch.sin(theta) / (torch.cos(theta) + sigma_data * torch.sin(theta))
 
 
 class _SCM(Objective):
@@ -82,7 +80,6 @@ class _SCM(Objective):
     """
 
     name = "scm"
-    uses_target = False
     needs_jvp = True
     sampler_gamma = 1.0  # trained on jumps to the data end: multistep consistency sampling (Song et al. 2023, Alg. 1)
     source = "data"
@@ -103,7 +100,7 @@ class _SCM(Objective):
         fd_dtype: str | None = None,
         data_velocity: str = "conditional",
     ) -> None:
-        super().__init__()
+        super().__init__(**shared(locals()))
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         if not p_std > 0:
@@ -112,43 +109,27 @@ class _SCM(Objective):
             raise ValueError(f"tangent_warmup must be a non-negative int (steps), got {tangent_warmup!r}")
         if tangent_c is not None and not tangent_c > 0:
             raise ValueError(f"tangent_c must be positive or None, got {tangent_c}")
-        check_guidance(self.source, guidance, guidance_max)
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
         self.sigma_data = float(sigma_data)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.tangent_warmup = tangent_warmup
         self.tangent_c = tangent_c
         self.adaptive = bool(adaptive)
-        self.guidance, self.guidance_max = float(guidance), guidance_max
-        self.p_uncond = float(p_uncond)
-        self.jvp_backend = check_backend(jvp_backend)
-        self.fd_eps = fd_eps
-        self.fd_dtype = parse_fd_dtype(fd_dtype)
         self.data_velocity = check_data_velocity(data_velocity)
         if self.source == "teacher" and data_velocity != "conditional":
             raise ValueError("data_velocity applies to training from data (sCT), not to distillation (sCD)")
         self.path = TrigFlowPath(self.sigma_data)
         self.logvar = LogVariance() if self.adaptive else None
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.source == "teacher"
-
-    def warmup(self, step: int) -> float:
-        """r = min(1, step / warmup): the weight of the tangent's second term (Sec. 4.2)."""
-        return 1.0 if self.tangent_warmup == 0 else min(1.0, step / self.tangent_warmup)
-
-    def sample_angles(self, batch: int, x0: Tensor) -> Tensor:
-        """theta = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2). (B,)"""
-        tau = self.p_mean + self.p_std * torch.randn(batch, device=x0.device)
-        theta = times_like(torch.atan(torch.exp(tau) / self.sigma_data), x0)
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """theta = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (Sec. 4.2; extra ``theta``), the student's jump
+        from s = t_lin(theta) to t = 0. The proposal is t_lin = sigmoid(tau) on the linear axis."""
+        theta = times_like(torch.atan(lognormal(batch, x0.device, self.p_mean, self.p_std) / self.sigma_data), x0)
         if self.jvp_backend == "fd":  # keep theta +- h inside [0, pi/2] for the central difference
-            h = self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(theta.dtype), 5e-5)
+            h = self.fd_step(theta.dtype)
             theta = theta.clamp(h, 0.5 * math.pi - h)
-        return theta
+        return t_lin_of(theta, self.sigma_data), torch.zeros_like(theta), {"theta": theta}
 
-    def trig_F(self, student: nn.Module, x: Tensor, theta: Tensor, cond: Tensor | None, w: Tensor | None) -> Tensor:
+    def trig_F(self, student: nn.Module, x: Tensor, theta: Tensor, cond=None, w: Tensor | None = None) -> Tensor:
         """F(x, theta) = (x D' / sigma_d + u(x_lin, t_lin, 0)) / D through the change of path. (B, *data_shape)"""
         tau = theta * (2.0 / math.pi)
         x_lin, t_lin = to_linear(x, tau, self.path)
@@ -157,53 +138,29 @@ class _SCM(Objective):
         dD = self.sigma_data * torch.cos(theta) - torch.sin(theta)
         return (x * expand_like(dD / self.sigma_data, x) + u.to(x.dtype)) / expand_like(D, x)
 
-    def forward(
-        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
-    ) -> LossOutput:
-        student = require_inner(student)
-        B = x0.shape[0]
-        sd = self.sigma_data
-        theta = self.sample_angles(B, x0)
-        cos, sin = expand_like(torch.cos(theta), x0), expand_like(torch.sin(theta), x0)
-        z = sd * torch.randn_like(x0)
-        x = cos * x0 + sin * z  # TrigFlow x_theta
-        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
-        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        dx = self.velocity(
-            teacher, x, theta, x0, z, cond, w_teacher, null_label(int(getattr(student, "num_classes", 0)))
-        )  # dx/dtheta
-
-        F_fn = lambda x_, th_: self.trig_F(student, x_, th_, cond, w_student)  # noqa: E731
-        _, dF = jvp(
-            F_fn,
+    def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
+        sd, theta = self.sigma_data, d.extra["theta"]
+        cos, sin = expand_like(torch.cos(theta), d.x0), expand_like(torch.sin(theta), d.x0)
+        x = (cos + sd * sin) * d.x_s  # x_theta = cos(theta) x0 + sin(theta) z, z = sigma_d eps (change of path)
+        null = null_label(int(getattr(student, "num_classes", 0)))
+        dx = self.dx_dtheta(teacher, x, theta, d.x0, sd * d.eps, d.cond, d.w_teacher, null)
+        _, dF = self.jvp(
+            lambda x_, th: self.trig_F(student, x_, th, d.cond, d.w_student),
             (x, theta),
             (dx, torch.ones_like(theta)),
-            self.jvp_backend,
-            self.fd_eps,
-            primal_out=False,
-            fd_dtype=self.fd_dtype,
-            modules=(student,),
+            student,
         )
-
-        F = self.trig_F(student, x, theta, cond, w_student)  # the one with-grad forward
+        F = self.trig_F(student, x, theta, d.cond, d.w_student)  # the one with-grad forward
         F_minus = F.detach()
-        r = self.warmup(step)
-        g = -(cos**2) * (sd * F_minus - dx) - r * cos * sin * (
-            x + sd * dF.to(x.dtype)
-        )  # = cos(theta) df^-/dtheta at r = 1
+        r = ramp(step, self.tangent_warmup)
+        g = -(cos**2) * (sd * F_minus - dx) - r * cos * sin * (x + sd * dF.to(x.dtype))  # cos df^-/dtheta at r = 1
         g, finite, n_bad = mask_nonfinite(g)
         g_norm = g.flatten(1).norm(dim=1)
-        if self.tangent_c is not None:
-            g = g / expand_like(g_norm + self.tangent_c, g)
-        dim = x0[0].numel()
+        g = normalized(g, self.tangent_c)
         dtype = torch.promote_types(F.dtype, torch.float32)
-        sq = (F.to(dtype) - F_minus.to(dtype) - g.to(dtype)).pow(2).flatten(1).sum(1) / dim
-        if self.logvar is not None:
-            logvar = self.logvar(t_lin_of(theta, sd)).float()
-            loss = (torch.exp(logvar) * sq - logvar) * finite
-        else:
-            logvar = torch.zeros_like(sq)
-            loss = sq * finite
+        sq = sq_norm(F.to(dtype) - F_minus.to(dtype) - g.to(dtype)) / d.x0[0].numel()
+        logvar = self.logvar(d.s).float() if self.logvar is not None else torch.zeros_like(sq)
+        loss = (torch.exp(logvar) * sq - logvar) * finite  # adaptive weighting (w = 0 without it)
         return LossOutput(
             loss=loss,
             logs={
@@ -215,7 +172,7 @@ class _SCM(Objective):
             },
         )
 
-    def velocity(
+    def dx_dtheta(
         self,
         teacher,
         x: Tensor,
@@ -232,18 +189,11 @@ class _SCM(Objective):
             return expand_like(torch.cos(theta), x) * z - expand_like(torch.sin(theta), x) * x0
         tau = theta * (2.0 / math.pi)
         x_lin, t_lin = to_linear(x, tau, self.path)
-        if (
-            self.source == "data"
-        ):  # the batch-posterior estimate of E[eps - x0 | x_lin] (eps = z / sigma_d), moved like a teacher's
+        if self.source == "data":  # the batch-posterior estimate of E[eps - x0 | x_lin] (eps = z / sigma_d)
             v_lin = stable_target(x_lin, t_lin.clamp(0.0, 1.0), x0, z / self.sigma_data, cond, null)
         else:
             v_lin = instantaneous_velocity("teacher", teacher, x_lin, t_lin.clamp(0.0, 1.0), None, None, cond, w)
         return velocity_from_linear(v_lin, x_lin, tau, self.path) * (2.0 / math.pi)  # dx/dtau * dtau/dtheta
-
-
-def t_lin_of(theta: Tensor, sigma_data: float) -> Tensor:
-    """t_lin = sigma_d sin(theta) / (cos(theta) + sigma_d sin(theta)) (the time the student sees)."""
-    return sigma_data * torch.sin(theta) / (torch.cos(theta) + sigma_data * torch.sin(theta))
 
 
 class SCD(_SCM):

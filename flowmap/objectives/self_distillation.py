@@ -32,19 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from flowmap.jvp import BACKENDS, FD_EPS, compute_dtype, jvp, require_inner
+from flowmap.jvp import FD_EPS, compute_dtype
 from flowmap.jvp_rules import dual_rules
-from flowmap.objectives.base import Objective
-from flowmap.objectives.common import (
-    check_data_velocity,
-    drop_labels,
-    equal_tail,
-    moving_rows,
-    stable_target,
-    times_like,
-)
-from flowmap.time_sampling import ordered_pair, pair_kwargs, sample_times
-from flowmap.types import LossOutput, expand_like
+from flowmap.objectives.base import Draw, Objective, normalized, shared, sq_norm
+from flowmap.objectives.common import check_data_velocity, ramp, stable_target, times_like
+from flowmap.time_sampling import moving_rows
+from flowmap.types import LossOutput, expand_like, null_label
 
 VARIANTS = ("lagrangian", "eulerian", "progressive")
 
@@ -108,8 +101,7 @@ class FlowMapSelfDistillation(Objective):
     """
 
     name = "fmsd"
-    needs_teacher = False
-    uses_target = False
+    source = "data"
     variant = "lagrangian"
 
     def __init__(
@@ -129,14 +121,11 @@ class FlowMapSelfDistillation(Objective):
         sd_gradient: str = "full",
         sd_normalize: float = 0.0,
     ) -> None:
-        super().__init__()
-        pair_kwargs(time_dist, time_mean, time_std)
-        if not 0.0 <= equal_share <= 1.0:
-            raise ValueError(f"equal_share must lie in [0, 1], got {equal_share}")
+        if not 0.0 <= sd_target_ema < 1.0:
+            raise ValueError(f"sd_target_ema must lie in [0, 1), got {sd_target_ema}")
+        super().__init__(**shared(locals()), target_ema=sd_target_ema)
         if not lambda_sd >= 0:
             raise ValueError(f"lambda_sd must be >= 0, got {lambda_sd}")
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
         check_data_velocity(fm_target, "fm_target")
         if not (isinstance(sd_warmup, int) and not isinstance(sd_warmup, bool) and sd_warmup >= 0):
             raise ValueError(f"sd_warmup must be an int >= 0 (steps), got {sd_warmup!r}")
@@ -153,152 +142,99 @@ class FlowMapSelfDistillation(Objective):
             raise ValueError(f"sd_normalize must be >= 0, got {sd_normalize}")
         if sd_normalize > 0 and sd_gradient != "primal":
             raise ValueError("sd_normalize normalizes the stop-gradient residual: it needs sd_gradient 'primal'")
-        if not 0.0 <= sd_target_ema < 1.0:
-            raise ValueError(f"sd_target_ema must lie in [0, 1), got {sd_target_ema}")
-        if jvp_backend not in BACKENDS:
-            raise ValueError(f"unknown JVP backend {jvp_backend!r}; choose from {list(BACKENDS)}")
-        self.time_dist, self.time_mean, self.time_std = time_dist, float(time_mean), float(time_std)
-        self.equal_share, self.lambda_sd, self.p_uncond = float(equal_share), float(lambda_sd), float(p_uncond)
-        self.jvp_backend, self.fd_eps, self.fm_target = jvp_backend, fd_eps, fm_target
+        self.lambda_sd, self.fm_target = float(lambda_sd), fm_target
         self.sd_warmup, self.sd_target_ema, self.psd_space = sd_warmup, float(sd_target_ema), psd_space
         self.sd_gradient, self.sd_normalize = sd_gradient, float(sd_normalize)
         self.uses_target = self.sd_target_ema > 0  # fit() then keeps an EMA copy and passes it as ``target``
 
-    def target_decay(self, step: int) -> float:
-        return self.sd_target_ema
-
     def sd_weight(self, step: int) -> float:
         """lambda_sd, ramped linearly from 0 over the first ``sd_warmup`` steps."""
-        return self.lambda_sd * (min(1.0, step / self.sd_warmup) if self.sd_warmup else 1.0)
+        return self.lambda_sd * ramp(step, self.sd_warmup)
 
-    def sample_times(self, batch: int, x0: Tensor) -> tuple[Tensor, Tensor]:
-        kwargs = pair_kwargs(self.time_dist, self.time_mean, self.time_std)
-        s, t = ordered_pair(batch, x0.device, self.time_dist, 0.0, **kwargs)  # s = t on the tail: ``equal_tail``
-        s, t = times_like(s, x0), times_like(t, x0)
-        if self.jvp_backend == "fd" and self.variant != "progressive":
-            h = self.fd_eps or FD_EPS.get(compute_dtype(s.dtype), 5e-5)
-            s = s.clamp(2 * h, 1.0 - h)
-            t = torch.minimum(t, s - h).clamp(min=h)
-        return s, equal_tail(s, t, self.equal_share)  # rows [0, n) with s != t, the rest s = t
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """The pair (s, t) of the self-distillation term and the diagonal's own time r ~ time_dist (paper Eq. 3.2
+        with t ~ U[0, 1]; not the pair's s = max of two draws, which would starve the data end); PSD adds the
+        fraction of its intermediate time, m = t + (s - t) mid."""
+        s, t = super().times(batch, x0, step)
+        extra = {"r": times_like(self.pairs.single(batch, x0.device), x0)}
+        if self.variant == "progressive":
+            extra["mid"] = times_like(torch.rand(batch, device=x0.device), x0)
+        return s, t, extra
 
-    def distillation(
-        self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, sg: nn.Module | None = None
-    ) -> Tensor:
-        """Per-sample squared residual of the self-distillation term (B,); ``sg`` (default: the student) gives the
-        stop-gradient quantities."""
-        sg = student if sg is None else sg
+    def distillation(self, student: nn.Module, d: Draw, sg: nn.Module) -> Tensor:
+        """Per-sample squared residual of the self-distillation term (B,); ``sg`` gives the stop-gradient
+        quantities (the student itself, or its EMA target network)."""
+        x_s, s, t = d.x_s, d.s, d.t
         if self.sd_gradient == "primal":  # LSD / ESD only (PSD rejects it)
-            res = self.primal_residual(student, x_s, s, t, cond, sg)
+            res = self.primal_residual(student, d, sg)
         elif self.variant == "lagrangian":
             X, dX_dt = jvp_with_grad(
-                lambda t_: student(x_s, s, t_, cond), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps
+                lambda t_: d.X(student, x_s, s, t_), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps
             )
             with torch.no_grad():
-                v = sg.average_velocity(X.detach(), t, t, cond)  # sg(v_theta(X, t))
+                v = d.u(sg, X.detach(), t, t)  # sg(v_theta(X, t))
             res = dX_dt - v
         elif self.variant == "eulerian":
             with torch.no_grad():
-                v = sg.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
+                v = d.u(sg, x_s, s, s)  # sg(v_theta(x_s, s))
             _, res = jvp_with_grad(
-                lambda x_, s_: student(x_, s_, t, cond),
-                (x_s, s),
-                (v, torch.ones_like(s)),
-                self.jvp_backend,
-                self.fd_eps,
+                lambda x_, s_: d.X(student, x_, s_, t), (x_s, s), (v, torch.ones_like(s)), self.jvp_backend, self.fd_eps
             )
         else:
-            m = t + (s - t) * times_like(torch.rand(s.shape[0], device=s.device), s)
+            m = t + (s - t) * d.extra["mid"]
             if self.psd_space == "velocity":
                 with torch.no_grad():  # the two jumps' average velocities, weighted by their lengths
-                    u1 = sg.average_velocity(x_s, s, m, cond)
-                    u2 = sg.average_velocity(x_s + expand_like(m - s, x_s) * u1, m, t, cond)
+                    u1 = d.u(sg, x_s, s, m)
+                    u2 = d.u(sg, x_s + expand_like(m - s, x_s) * u1, m, t)
                     w = expand_like((s - m) / (s - t), x_s)
                     tgt = w * u1 + (1 - w) * u2
-                res = student.average_velocity(x_s, s, t, cond) - tgt
+                res = d.u(student, x_s, s, t) - tgt
             else:
                 with torch.no_grad():
-                    tgt = sg(sg(x_s, s, m, cond), m, t, cond)
-                res = student(x_s, s, t, cond) - tgt
+                    tgt = d.X(sg, d.X(sg, x_s, s, m), m, t)
+                res = d.X(student, x_s, s, t) - tgt
         return res.pow(2).flatten(1).sum(1)
 
-    def primal_residual(
-        self, student: nn.Module, x_s: Tensor, s: Tensor, t: Tensor, cond: Tensor | None, sg: nn.Module
-    ) -> Tensor:
+    def primal_residual(self, student: nn.Module, d: Draw, sg: nn.Module) -> Tensor:
         """u(x_s, s, t) - sg(target) (B, *D) for ``sd_gradient="primal"``: the derivative in a no-grad JVP pass, the
         gradient through the one with-grad forward of u."""
+        x_s, s, t = d.x_s, d.s, d.t
         gap = expand_like(t - s, x_s)
-        u = student.average_velocity(x_s, s, t, cond)  # the one with-grad forward
+        u = d.u(student, x_s, s, t)  # the one with-grad forward
         if self.variant == "eulerian":
             with torch.no_grad():
-                v = sg.average_velocity(x_s, s, s, cond)  # sg(v_theta(x_s, s))
-            _, du = jvp(
-                lambda x_, s_: student.average_velocity(x_, s_, t, cond),
-                (x_s, s),
-                (v, torch.ones_like(s)),
-                self.jvp_backend,
-                self.fd_eps,
-                primal_out=False,
-                modules=(student,),
-            )
+                v = d.u(sg, x_s, s, s)  # sg(v_theta(x_s, s))
+            _, du = self.jvp(lambda x_, s_: d.u(student, x_, s_, t), (x_s, s), (v, torch.ones_like(s)), student)
             tgt = v + gap * du.to(v.dtype)  # u = v + (t - s) du/ds along v (MeanFlow identity)
         else:
-            _, du = jvp(
-                lambda t_: student.average_velocity(x_s, s, t_, cond),
-                (t,),
-                (torch.ones_like(t),),
-                self.jvp_backend,
-                self.fd_eps,
-                primal_out=False,
-                modules=(student,),
-            )
+            _, du = self.jvp(lambda t_: d.u(student, x_s, s, t_), (t,), (torch.ones_like(t),), student)
             with torch.no_grad():
-                v = sg.average_velocity(x_s + gap * u.detach(), t, t, cond)  # sg(v_theta(X, t))
+                v = d.u(sg, x_s + gap * u.detach(), t, t)  # sg(v_theta(X, t))
             tgt = v - gap * du.to(v.dtype)  # dX/dt = u + (t - s) du/dt = v(X, t)
         res = u - tgt.detach()
-        if (
-            self.sd_normalize > 0
-        ):  # tangent normalization (Lu & Song 2024; AYF): res / (||res|| + c), gradient through u
-            r = res.detach()
-            res = u - (u.detach() - r / expand_like(r.flatten(1).norm(dim=1) + self.sd_normalize, r))
+        if self.sd_normalize > 0:  # tangent normalization (Lu & Song 2024; AYF): res / (||res|| + c), grad through u
+            res = u - (u.detach() - normalized(res.detach(), self.sd_normalize))
         return res
 
-    def forward(
-        self, *, student: nn.Module, teacher=None, target=None, x0: Tensor, cond: Tensor | None = None, step: int = 0
-    ) -> LossOutput:
-        student = require_inner(student)
-        sg = None
-        if self.uses_target:
-            if target is None:
-                raise ValueError("sd_target_ema > 0 needs the EMA target network (fit() passes it as target); got None")
-            sg = require_inner(target)
-        weight = self.sd_weight(step)
-        B, D = x0.shape[0], x0[0].numel()
-        s, t = self.sample_times(B, x0)
-        eps = torch.randn_like(x0)
-        x_s = expand_like(1 - s, x0) * x0 + expand_like(s, x0) * eps
-        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
-        # Diagonal (flow-matching) term at its own time r ~ time_dist (paper Eq. 3.2 with t ~ U[0, 1]): not at
-        # the pair's s = max of two draws, which would starve the data end (density 2s under the uniform law).
-        r = times_like(
-            sample_times(self.time_dist, B, x0.device, **pair_kwargs(self.time_dist, self.time_mean, self.time_std)), x0
-        )
-        x_r = expand_like(1 - r, x0) * x0 + expand_like(r, x0) * eps
+    def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
+        D, r = d.x0[0].numel(), d.extra["r"]
+        x_r = d.at(r)  # the diagonal's own point of the path
         if self.fm_target == "stf":
-            target = stable_target(x_r, r, x0, eps, cond, int(getattr(student, "num_classes", 0)))
+            v = stable_target(x_r, r, d.x0, d.eps, d.cond, null_label(int(getattr(student, "num_classes", 0))))
         else:
-            target = eps - x0  # conditional velocity (paper Eq. 3.2)
-        fm = (student.average_velocity(x_r, r, r, cond) - target).pow(2).flatten(1).sum(1) / D
-        # The self-distillation term runs only on the rows with s != t (it vanishes on the diagonal), so the share
-        # ``equal_share`` of pure flow-matching rows costs one forward each, no JVP.
-        sd = torch.zeros(B, dtype=fm.dtype, device=fm.device)
-        n = moving_rows(B, self.equal_share) if weight > 0 else 0  # rows [0, n) have s != t (``sample_times``)
-        if n == B:
-            sd = self.distillation(student, x_s, s, t, cond, sg) / D
-        elif n:
-            c_m = None if cond is None else cond[:n]
-            sd = torch.cat([(self.distillation(student, x_s[:n], s[:n], t[:n], c_m, sg) / D).to(sd.dtype), sd[n:]])
-        loss = fm + weight * sd
-        return LossOutput(loss=loss, logs={"fm": fm.detach(), "sd": sd.detach(), "gap": (s - t).float()})
+            v = d.eps - d.x0  # conditional velocity (paper Eq. 3.2)
+        fm = sq_norm(d.u(student, x_r, r, r) - v) / D
+        # The self-distillation term runs only on the rows [0, n) with s != t (it vanishes on the diagonal), so the
+        # share ``equal_share`` of pure flow-matching rows costs one forward each, no JVP.
+        weight = self.sd_weight(step)
+        n = moving_rows(d.batch, self.equal_share) if weight > 0 else 0
+        sd = torch.zeros_like(fm)
+        if n:
+            sd_m = (self.distillation(student, d.rows(slice(0, n)), target) / D).to(sd.dtype)
+            sd = sd_m if n == d.batch else torch.cat([sd_m, sd[n:]])
+        return LossOutput(
+            loss=fm + weight * sd, logs={"fm": fm.detach(), "sd": sd.detach(), "gap": (d.s - d.t).float()}
+        )
 
 
 class LagrangianSelfDistillation(FlowMapSelfDistillation):
@@ -307,6 +243,7 @@ class LagrangianSelfDistillation(FlowMapSelfDistillation):
     name = "fmsd_lagrangian"
     variant = "lagrangian"
     needs_jvp = True
+    fd_margin = (2, 1, 1)  # the JVP moves t: t +- h inside [0, s]
 
 
 class EulerianSelfDistillation(FlowMapSelfDistillation):
@@ -315,6 +252,7 @@ class EulerianSelfDistillation(FlowMapSelfDistillation):
     name = "fmsd_eulerian"
     variant = "eulerian"
     needs_jvp = True
+    fd_margin = (2, 1, 1)  # the JVP moves s: s +- h inside [t, 1]
 
 
 class ProgressiveSelfDistillation(FlowMapSelfDistillation):

@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.objectives.base import Objective, mask_nonfinite
-from flowmap.objectives.common import check_source, drop_labels, instantaneous_velocity, times_like
-from flowmap.objectives.guidance import check_guidance, draw_guidance
+from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.common import times_like
 from flowmap.types import LossOutput, expand_like
 
 
@@ -53,29 +52,17 @@ class Shortcut(Objective):
         guidance_max: float | None = None,
         p_uncond: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.source = check_source(source)
+        super().__init__(**shared(locals()))
         if not isinstance(max_log2_steps, int) or not 1 <= max_log2_steps <= 16:
             raise ValueError(f"max_log2_steps must be an int in [1, 16], got {max_log2_steps!r}")
         if not 0.0 <= consistency_share <= 1.0:
             raise ValueError(f"consistency_share must lie in [0, 1], got {consistency_share}")
-        if not 0.0 <= target_ema < 1.0:
-            raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
-        check_guidance(source, guidance, guidance_max)
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond}")
         self.max_log2_steps = max_log2_steps
         self.consistency_share = float(consistency_share)
-        self.target_ema = float(target_ema)
-        self.guidance, self.guidance_max = float(guidance), guidance_max
-        self.p_uncond = float(p_uncond)
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.source == "teacher"
-
-    def target_decay(self, step: int) -> float:
-        return self.target_ema
+    def consistency_rows(self, batch: int) -> int:
+        """n_c: rows [0, n_c) get self-consistency targets, rows [n_c, B) flow matching."""
+        return int(round(batch * self.consistency_share))
 
     def consistency_times(self, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """(s, d) for n consistency samples: 2d = 2^-m, m ~ U{0..k-1}; s = 2d i, i ~ U{1..2^m}."""
@@ -89,62 +76,42 @@ class Shortcut(Objective):
         )
         return times_like(two_d * i, like), times_like(two_d / 2, like)
 
-    def forward(
-        self,
-        *,
-        student: nn.Module,
-        teacher=None,
-        target: nn.Module | None = None,
-        x0: Tensor,
-        cond: Tensor | None = None,
-        step: int = 0,
-    ) -> LossOutput:
-        if target is None:
-            raise ValueError("the shortcut objective needs the EMA target network (uses_target=True); got target=None")
-        B = x0.shape[0]
-        n_c = int(round(B * self.consistency_share))
-        eps = torch.randn_like(x0)
-        s_fm = times_like(torch.rand(B - n_c, device=x0.device), x0)
+    def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
+        """Consistency rows: (s, s - 2d) on the dyadic grid; flow-matching rows: s = t ~ U[0, 1]; extra d (0 there)."""
+        n_c = self.consistency_rows(batch)
         s_c, d = self.consistency_times(n_c, x0)
-        s = torch.cat([s_c, s_fm])
-        t = torch.cat([(s_c - 2 * d).clamp_min(0), s_fm])
-        x_s = expand_like(1 - s, x0) * x0 + expand_like(s, x0) * eps  # linear path
-        cond = drop_labels(cond, int(getattr(student, "num_classes", 0)), self.p_uncond)
-        w_student, w_teacher = draw_guidance(student, B, x0.device, self.guidance, self.guidance_max)
-        sl = lambda a: None if a is None else a[:n_c]  # noqa: E731
-        sl_fm = lambda a: None if a is None else a[n_c:]  # noqa: E731
+        s_fm = times_like(torch.rand(batch - n_c, device=x0.device), x0)
+        s, t = torch.cat([s_c, s_fm]), torch.cat([(s_c - 2 * d).clamp_min(0), s_fm])
+        return s, t, {"d": torch.cat([d, torch.zeros_like(s_fm)])}
 
+    def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
+        n_c = self.consistency_rows(d.batch)
+        c, fm = d.rows(slice(0, n_c)), d.rows(slice(n_c, None))
         with torch.no_grad():
-            w_t_fm = w_teacher[n_c:] if isinstance(w_teacher, Tensor) else w_teacher
-            v = instantaneous_velocity(self.source, teacher, x_s[n_c:], s_fm, x0[n_c:], eps[n_c:], sl_fm(cond), w_t_fm)
-            tgt_c = self.consistency_target(target, x_s[:n_c], s_c, d, sl(cond), sl(w_student))
-            u_tgt, finite, n_bad = mask_nonfinite(torch.cat([tgt_c.to(v.dtype), v]))
-
-        u = student.average_velocity(x_s, s, t, cond, w_student)  # the one with-grad forward
-        dtype = torch.promote_types(u_tgt.dtype, torch.float32)
-        sq = (u.to(dtype) - u_tgt.to(dtype)).pow(2).flatten(1).mean(1)
-        loss = sq * finite
+            v = self.velocity(teacher, fm)  # flow matching at d = 0
+            u_tgt, finite, n_bad = mask_nonfinite(torch.cat([self.consistency_target(target, c).to(v.dtype), v]))
+        u = d.u(student, d.x_s, d.s, d.t)  # the one with-grad forward, over the whole batch
+        loss = sq_norm(u - u_tgt) / d.x0[0].numel() * finite
         return LossOutput(
             loss=loss,
             logs={
-                "flow_matching": loss.detach()[n_c:].mean() if n_c < B else loss.new_zeros(()),  # rows [n_c, B)
+                "flow_matching": loss.detach()[n_c:].mean() if n_c < d.batch else loss.new_zeros(()),  # rows [n_c, B)
                 "consistency": loss.detach()[:n_c].mean() if n_c > 0 else loss.new_zeros(()),
-                "step_size": (s - t).float(),  # 2d per sample (0 for flow matching)
+                "step_size": (d.s - d.t).float(),  # 2d per sample (0 for flow matching)
                 "nonfinite_targets": n_bad.float(),
             },
         )
 
     @torch.no_grad()
-    def consistency_target(
-        self, target: nn.Module, x: Tensor, s: Tensor, d: Tensor, cond: Tensor | None, w: Tensor | None
-    ) -> Tensor:
+    def consistency_target(self, target: nn.Module, c: Draw) -> Tensor:
         """sg[(u1 + u2) / 2] with two d-steps of the target; d = 0 queries at the finest level. (n, *data_shape)."""
+        x, s, d = c.x_s, c.s, c.extra["d"]
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
         finest = d <= 2.0**-self.max_log2_steps * (1 + 1e-6)
         d_query = torch.where(finest, torch.zeros_like(d), d)  # step size the target is asked for
-        u1 = target.average_velocity(x, s, s - d_query, cond, w)
+        u1 = c.u(target, x, s, s - d_query)
         x_mid = x - expand_like(d, x) * u1  # X(x, s, s - d)
         s_mid = (s - d).clamp_min(0)
-        u2 = target.average_velocity(x_mid, s_mid, (s_mid - d_query).clamp_min(0), cond, w)
+        u2 = c.u(target, x_mid, s_mid, (s_mid - d_query).clamp_min(0))
         return 0.5 * (u1 + u2)
