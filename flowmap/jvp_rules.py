@@ -206,7 +206,47 @@ def _silu(args: tuple, kwargs: dict) -> Tensor | None:
     return forward_ad.make_dual(y, dy)
 
 
+def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tensor | None]:
+    """add / sub / mul of a dual tensor with a tensor or number, only when tangents are detached (the shared pass):
+    the primal op sees primals only, so autograd saves no tangent for the backward (PyTorch's own rule would keep
+    every tangent its with-grad op saves alive until the backward) and records no graph for the tangent."""
+
+    def rule(args: tuple, kwargs: dict) -> Tensor | None:
+        if not tangents_detached() or len(args) != 2 or set(kwargs) - {"alpha"}:
+            return None
+        (a, da), (b, db) = _dual_input(args[1] if swap else args[0]), _dual_input(args[0] if swap else args[1])
+        if da is None and db is None:
+            return None
+        alpha = kwargs.get("alpha", 1)
+        if kind == "mul":
+            y = a * b
+        else:
+            y = (torch.add if kind == "add" else torch.sub)(a, b, alpha=alpha)
+        with torch.no_grad():
+            if kind == "mul":
+                parts = ([] if da is None else [da * b]) + ([] if db is None else [a * db])
+            else:
+                sign = alpha if kind == "add" else -alpha
+                parts = ([] if da is None else [da]) + ([] if db is None else [db * sign if sign != 1 else db])
+            dy = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            dy = torch.broadcast_to(dy, y.shape).to(y.dtype)
+        return forward_ad.make_dual(y, dy)
+
+    return rule
+
+
 _DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
+    Tensor.__mul__: _elementwise("mul"),
+    Tensor.__rmul__: _elementwise("mul", swap=True),
+    Tensor.mul: _elementwise("mul"),
+    torch.mul: _elementwise("mul"),
+    Tensor.__add__: _elementwise("add"),
+    Tensor.__radd__: _elementwise("add", swap=True),
+    Tensor.add: _elementwise("add"),
+    torch.add: _elementwise("add"),
+    Tensor.__sub__: _elementwise("sub"),
+    Tensor.sub: _elementwise("sub"),
+    torch.sub: _elementwise("sub"),
     F.linear: _linear,
     F.conv2d: _conv2d,
     F.layer_norm: _layer_norm,
