@@ -32,6 +32,8 @@ on the inner module (never through a DDP wrapper). The loss then makes ONE ordin
 of the student. In our Lightning wiring the student handed to an objective is the inner ``FlowMap``
 and DDP wraps the whole LightningModule, so ``training_step`` already runs inside the DDP forward and
 plain calls of the student are correct; ``require_inner`` refuses a DDP-wrapped student outright.
+When that with-grad forward is at the JVP's own primals (MeanFlow, sCM), ``forward_and_jvp`` gives both from one
+pass: the dual pass's primal is the with-grad forward and only its tangents run under no_grad.
 """
 
 from __future__ import annotations
@@ -181,6 +183,44 @@ def jvp(
         return out, dout.to(dtype)
 
 
+def forward_and_jvp(
+    fn: Callable[..., Tensor],
+    primals: Sequence[Tensor],
+    tangents: Sequence[Tensor],
+    backend: str = "forward_ad",
+    eps: float | None = None,
+    fd_dtype: torch.dtype | str | None = None,
+    modules: Sequence[nn.Module] = (),
+) -> tuple[Tensor, Tensor]:
+    """(fn(*primals) with grad, its JVP along ``tangents`` detached): the with-grad training forward and the
+    stop-gradient tangent of a semi-gradient loss (MeanFlow's sg(du/ds), Geng et al. 2025, Eq. 10; sCM's
+    sg(dF/dtheta), Lu & Song 2024, Alg. 1), whose forward is at the JVP's own primals.
+
+    Shared pass (backend ``"forward_ad"``, grad enabled, no autocast, primals already in their computing dtype):
+    ONE forward on dual tensors under ``dual_rules(detach_tangents=True)``. Autograd records the primal, which is
+    the ordinary forward; the rules compute the tangents under no_grad. The JVP then costs its tangent pass
+    (about one forward) instead of a primal plus tangent (two forwards) beside the training forward.
+    Otherwise (another backend, autocast on, bf16 inputs, grad off): ``jvp(..., primal_out=False)`` then an
+    ordinary ``fn(*primals)``. Either way fn's network is called once with grad (DDP, FSDP hooks).
+    Returns (out in fn's dtype, with autograd history; dout detached, float32, float64 for float64 inputs)."""
+    check_backend(backend)
+    _check(primals, tangents)
+    dtype = max((compute_dtype(p.dtype) for p in primals), key=lambda d: torch.finfo(d).bits)
+    device_type = primals[0].device.type
+    shared = (
+        backend == "forward_ad"
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(device_type)
+        and all(p.dtype == dtype for p in primals)
+    )
+    if not shared:
+        _, dout = jvp(fn, primals, tangents, backend, eps, primal_out=False, fd_dtype=fd_dtype, modules=modules)
+        return fn(*primals), dout
+    tangents = tuple(t.detach().to(dtype) for t in tangents)
+    out, dout = _dual_jvp(fn, tuple(primals), tangents, detach_tangents=True)
+    return out, dout.detach()
+
+
 def _backend_error(backend: str, err: BaseException) -> BaseException:
     """``JVPBackendError`` naming the backend when ``err`` says a layer lacks a forward-mode rule, else ``err``."""
     msg = str(err)
@@ -196,10 +236,10 @@ def _backend_error(backend: str, err: BaseException) -> BaseException:
 
 
 def _dual_jvp(
-    fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+    fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], detach_tangents: bool = False
 ) -> tuple[Tensor, Tensor]:
-    try:
-        with forward_ad.dual_level(), dual_rules():  # one call per layer, no zero tangents (flowmap.jvp_rules)
+    try:  # one call per layer, no zero tangents (flowmap.jvp_rules)
+        with forward_ad.dual_level(), dual_rules(detach_tangents):
             out = fn(*(forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)))
             if not isinstance(out, Tensor):
                 raise ValueError(f"jvp: fn must return one tensor, got {type(out).__name__}")
@@ -215,6 +255,8 @@ def _dual_jvp(
         raise new from err
     if dout is None:  # the output does not depend on the primals along the tangents
         dout = torch.zeros_like(out)
+    if detach_tangents:
+        return out, dout.to(primals[0].dtype)
     return out.to(primals[0].dtype), dout.to(primals[0].dtype)
 
 
@@ -238,6 +280,7 @@ __all__ = [
     "JVPBackendError",
     "check_backend",
     "compute_dtype",
+    "forward_and_jvp",
     "jvp",
     "parse_fd_dtype",
     "promoted",

@@ -27,10 +27,16 @@ constant of the JVP. Two sets of rules use that:
 
 A rule applies only where it is exact: a dual input and weights that carry no tangent. Anything else
 falls through to PyTorch unchanged.
+
+``dual_rules(detach_tangents=True)`` is the mode of ``flowmap.jvp.forward_and_jvp``: the primal of every rule is
+the ordinary forward in the ambient grad mode (autograd records it: it is the loss's with-grad forward), and the
+tangent is computed under ``no_grad`` (a stop-gradient target), so one pass gives both. GELU and SiLU then use
+their rules under grad as well (their tangent is never differentiated).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -95,6 +101,20 @@ def _dual_input(x: Any) -> tuple[Tensor, Tensor | None]:
     return primal, tangent
 
 
+_DETACHED = [0]  # depth of active ``dual_rules(detach_tangents=True)`` modes
+
+
+def tangents_detached() -> bool:
+    """True inside ``dual_rules(detach_tangents=True)``: rules compute tangents under no_grad."""
+    return _DETACHED[0] > 0
+
+
+def tangent_mode() -> contextlib.AbstractContextManager:
+    """The context a rule computes its tangent in: ``no_grad`` when tangents are detached, else the ambient mode.
+    (``make_dual`` stays outside it: under no_grad it would cut the primal from autograd.)"""
+    return torch.no_grad() if _DETACHED[0] > 0 else contextlib.nullcontext()
+
+
 def _normalized_tangent(x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, dims: tuple[int, ...]) -> Tensor:
     """r (dx - mean(dx) - xhat mean(dx xhat)), xhat = (x - mean) r; mean, rstd broadcastable to x."""
     xhat = (x - mean) * rstd
@@ -107,7 +127,10 @@ def _linear(args: tuple, kwargs: dict) -> Tensor | None:
     w, b = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if dx is None or not _tangent_free(w, b):
         return None
-    return forward_ad.make_dual(F.linear(x, w, b), F.linear(dx, w))
+    y = F.linear(x, w, b)
+    with tangent_mode():
+        dy = F.linear(dx, w)
+    return forward_ad.make_dual(y, dy)
 
 
 def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
@@ -119,7 +142,10 @@ def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
         _arg(args, kwargs, i, name, d)
         for i, (name, d) in enumerate((("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)), 3)
     ]
-    return forward_ad.make_dual(F.conv2d(x, w, b, *rest), F.conv2d(dx, w, None, *rest))
+    y = F.conv2d(x, w, b, *rest)
+    with tangent_mode():
+        dy = F.conv2d(dx, w, None, *rest)
+    return forward_ad.make_dual(y, dy)
 
 
 def _layer_norm(args: tuple, kwargs: dict) -> Tensor | None:
@@ -129,8 +155,10 @@ def _layer_norm(args: tuple, kwargs: dict) -> Tensor | None:
     if dx is None or not _tangent_free(w, b):
         return None
     y, mean, rstd = torch.native_layer_norm(x, shape, w, b, float(_arg(args, kwargs, 4, "eps", 1e-5)))
-    dy = _normalized_tangent(x, dx, mean, rstd, tuple(range(-len(shape), 0)))
-    return forward_ad.make_dual(y, dy if w is None else dy.mul_(w))
+    with tangent_mode():
+        dy = _normalized_tangent(x, dx, mean, rstd, tuple(range(-len(shape), 0)))
+        dy = dy if w is None else dy.mul_(w)
+    return forward_ad.make_dual(y, dy)
 
 
 def _group_norm(args: tuple, kwargs: dict) -> Tensor | None:
@@ -143,16 +171,18 @@ def _group_norm(args: tuple, kwargs: dict) -> Tensor | None:
     y, mean, rstd = torch.native_group_norm(
         x, w, b, n, c, x[0, 0].numel(), groups, float(_arg(args, kwargs, 4, "eps", 1e-5))
     )
-    xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
-    dy = _normalized_tangent(xg, dxg, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), (-1,)).reshape(x.shape)
-    if w is not None:
-        dy = dy.mul_(w.reshape(1, c, *([1] * (x.dim() - 2))))
+    with tangent_mode():
+        xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
+        dy = _normalized_tangent(xg, dxg, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), (-1,))
+        dy = dy.reshape(x.shape)
+        if w is not None:
+            dy = dy.mul_(w.reshape(1, c, *([1] * (x.dim() - 2))))
     return forward_ad.make_dual(y, dy)
 
 
 def _traced(*tensors: Tensor) -> bool:
-    """Autograd records these (a with-grad JVP, whose derivative is itself trained)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Autograd records these tangents (a with-grad JVP, whose derivative is itself trained)."""
+    return not tangents_detached() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _gelu(args: tuple, kwargs: dict) -> Tensor | None:
@@ -160,19 +190,63 @@ def _gelu(args: tuple, kwargs: dict) -> Tensor | None:
     if dx is None or _traced(x, dx):  # the backward kernels' own derivatives: PyTorch's rule is the safe one
         return None
     approximate = _arg(args, kwargs, 1, "approximate", "none")
-    return forward_ad.make_dual(
-        F.gelu(x, approximate=approximate), torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
-    )
+    y = F.gelu(x, approximate=approximate)
+    with tangent_mode():
+        dy = torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
+    return forward_ad.make_dual(y, dy)
 
 
 def _silu(args: tuple, kwargs: dict) -> Tensor | None:
     x, dx = _dual_input(args[0])
     if dx is None or _arg(args, kwargs, 1, "inplace", False) or _traced(x, dx):
         return None
-    return forward_ad.make_dual(F.silu(x), torch.ops.aten.silu_backward(dx, x))
+    y = F.silu(x)
+    with tangent_mode():
+        dy = torch.ops.aten.silu_backward(dx, x)
+    return forward_ad.make_dual(y, dy)
+
+
+def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tensor | None]:
+    """add / sub / mul of a dual tensor with a tensor or number, only when tangents are detached (the shared pass):
+    the primal op sees primals only, so autograd saves no tangent for the backward (PyTorch's own rule would keep
+    every tangent its with-grad op saves alive until the backward) and records no graph for the tangent."""
+
+    def rule(args: tuple, kwargs: dict) -> Tensor | None:
+        if not tangents_detached() or len(args) != 2 or set(kwargs) - {"alpha"}:
+            return None
+        (a, da), (b, db) = _dual_input(args[1] if swap else args[0]), _dual_input(args[0] if swap else args[1])
+        if da is None and db is None:
+            return None
+        alpha = kwargs.get("alpha", 1)
+        if kind == "mul":
+            y = a * b
+        else:
+            y = (torch.add if kind == "add" else torch.sub)(a, b, alpha=alpha)
+        with torch.no_grad():
+            if kind == "mul":
+                parts = ([] if da is None else [da * b]) + ([] if db is None else [a * db])
+            else:
+                sign = alpha if kind == "add" else -alpha
+                parts = ([] if da is None else [da]) + ([] if db is None else [db * sign if sign != 1 else db])
+            dy = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            dy = torch.broadcast_to(dy, y.shape).to(y.dtype)
+        return forward_ad.make_dual(y, dy)
+
+    return rule
 
 
 _DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
+    Tensor.__mul__: _elementwise("mul"),
+    Tensor.__rmul__: _elementwise("mul", swap=True),
+    Tensor.mul: _elementwise("mul"),
+    torch.mul: _elementwise("mul"),
+    Tensor.__add__: _elementwise("add"),
+    Tensor.__radd__: _elementwise("add", swap=True),
+    Tensor.add: _elementwise("add"),
+    torch.add: _elementwise("add"),
+    Tensor.__sub__: _elementwise("sub"),
+    Tensor.sub: _elementwise("sub"),
+    torch.sub: _elementwise("sub"),
     F.linear: _linear,
     F.conv2d: _conv2d,
     F.layer_norm: _layer_norm,
@@ -183,7 +257,25 @@ _DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
 
 
 class dual_rules(TorchFunctionMode):
-    """Context manager: inside it, the layers in ``_DUAL_RULES`` on forward_ad dual inputs use the rules above."""
+    """Context manager: inside it, the layers in ``_DUAL_RULES`` on forward_ad dual inputs use the rules above.
+
+    detach_tangents: compute every rule's tangent under no_grad (primals keep the ambient grad mode)."""
+
+    def __init__(self, detach_tangents: bool = False) -> None:
+        super().__init__()
+        self.detach_tangents = bool(detach_tangents)
+
+    def __enter__(self):
+        _DETACHED[0] += self.detach_tangents
+        try:
+            return super().__enter__()
+        except BaseException:
+            _DETACHED[0] -= self.detach_tangents
+            raise
+
+    def __exit__(self, *exc):
+        _DETACHED[0] -= self.detach_tangents
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func: Callable, types, args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
@@ -195,4 +287,4 @@ class dual_rules(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-__all__ = ["constant_weight_rules", "dual_rules"]
+__all__ = ["constant_weight_rules", "dual_rules", "tangent_mode", "tangents_detached"]

@@ -276,6 +276,40 @@ def test_jvp_under_bf16_autocast_runs_in_float32(name, backend):
     assert with_grad_forward.dtype == torch.bfloat16  # the ordinary forward does run in bf16
 
 
+@pytest.mark.parametrize("name", ["mlp_fourier", "unet", "dit"])
+def test_forward_and_jvp_shares_the_with_grad_forward(name):
+    """flowmap.jvp.forward_and_jvp: one network call gives the with-grad forward and the detached JVP, equal to
+    the two-pass pattern (no-grad JVP, then a with-grad forward): outputs, tangents and the gradients of a
+    semi-gradient loss ||u - sg(u - du)||^2 agree to round-off. Under bf16 autocast it falls back to two calls."""
+    from flowmap.jvp import forward_and_jvp
+
+    student = randomized_student(name).train()
+    primals, tangents, cond = inputs(student, batch=6)
+    calls = [0]
+    student.net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    fn = lambda x, s, t: student.average_velocity(x, s, t, cond)  # noqa: E731
+
+    def grads(out, dout):
+        loss = (out - (out.detach() - dout)).pow(2).sum()
+        return torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad], allow_unused=True)
+
+    _, d_two = jvp(fn, primals, tangents, "forward_ad", primal_out=False)
+    out_two = fn(*primals)
+    g_two = grads(out_two, d_two)
+    calls[0] = 0
+    out, dout = forward_and_jvp(fn, primals, tangents)
+    assert calls[0] == 1 and out.requires_grad and not dout.requires_grad
+    g = grads(out, dout)
+    assert rel(out, out_two.detach().double()) < 1e-6 and rel(dout, d_two.double()) < 1e-6
+    pairs = [(a, b) for a, b in zip(g, g_two) if b is not None]
+    assert len(pairs) > 4 and all(a is not None and rel(a, b.double()) < 1e-6 for a, b in pairs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        calls[0] = 0
+        out_bf, dout_bf = forward_and_jvp(fn, primals, tangents)
+    assert calls[0] == 2 and out_bf.dtype == torch.bfloat16 and dout_bf.dtype == torch.float32
+    assert rel(dout_bf, d_two.double()) < 1e-6
+
+
 class PlainSDPA(nn.Module):
     """A layer through PyTorch's fused attention, which has no forward-mode rule."""
 

@@ -24,6 +24,8 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad
 
+from flowmap.jvp_rules import tangent_mode
+
 
 def attention_jvp(
     q: Tensor,
@@ -83,7 +85,9 @@ def _dual_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """forward_ad dual tensors: unpack, fused kernel on the primals, closed-form tangent, pack (no Function)."""
     (qp, dq), (kp, dk), (vp, dv) = (forward_ad.unpack_dual(a) for a in (q, k, v))
     out = F.scaled_dot_product_attention(qp, kp, vp)
-    return forward_ad.make_dual(out, attention_jvp(qp, kp, vp, out, dq, dk, dv))
+    with tangent_mode():  # no_grad under ``flowmap.jvp.forward_and_jvp`` (the primal is then the with-grad forward)
+        dout = attention_jvp(qp, kp, vp, out, dq, dk, dv)
+    return forward_ad.make_dual(out, dout)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
