@@ -26,7 +26,8 @@ from flowmap.nets.attention import attention, attention_jvp, math_attention
 from flowmap.student import FlowMap
 
 NETS = {
-    "mlp": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 3},
+    # DDPM's time scale 1000 (not the nets' default 10): the rules must hold through a fast-varying embedding
+    "mlp": {"name": "mlp", "data_shape": [2], "width": 64, "depth": 3, "time_scale": 1000.0},
     "mlp_fourier": {
         "name": "mlp",
         "data_shape": [2],
@@ -45,6 +46,7 @@ NETS = {
         "heads": 2,
         "emb_dim": 32,
         "num_classes": 3,
+        "time_scale": 1000.0,
     },
     "dit": {"name": "dit", "data_shape": [1, 8, 8], "dim": 32, "depth": 2, "heads": 2, "num_classes": 3},
 }

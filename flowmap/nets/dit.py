@@ -74,7 +74,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         guidance_input: bool = False,
-        time_scale: float = 1000.0,
+        time_scale: float = 10.0,
     ) -> None:
         super().__init__()
         data_shape = tuple(int(d) for d in data_shape)

@@ -33,9 +33,10 @@ class ConditionEmbedding(nn.Module):
 
     y: (B,) long in [0, num_classes] (num_classes = null label) or None (-> null label).
     w: (B,) guidance scale, only when ``guidance_input``. ``time_scale`` multiplies s and s - t before the
-    Fourier features (highest frequency ~ time_scale rad per unit time): 1000 is the DDPM convention; JVP-based
-    students (MeanFlow, sCM) train faster and more stably with a small scale (e.g. 10), since the tangent
-    differentiates the features in time (Lu & Song 2024, Sec. 4.1, on the time-conditioning's scale)."""
+    Fourier features (highest frequency ~ time_scale rad per unit time). The default 10 keeps the features smooth
+    on the scale a sampler steps: the JVP-based students (MeanFlow, sCM, AYF, FMSD) differentiate them in time, and
+    at DDPM's 1000 (a period of 0.006) the derivative follows the embedding's ripple, not the flow (Lu & Song 2024,
+    Sec. 4.1, on the time-conditioning's scale; docs/method_failures.md, "Digits")."""
 
     def __init__(
         self,
@@ -43,7 +44,7 @@ class ConditionEmbedding(nn.Module):
         num_classes: int = 0,
         guidance_input: bool = False,
         freq_dim: int = 128,
-        time_scale: float = 1000.0,
+        time_scale: float = 10.0,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)

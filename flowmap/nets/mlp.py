@@ -50,7 +50,7 @@ class MLP(nn.Module):
         emb_dim: int = 128,
         num_classes: int = 0,
         guidance_input: bool = False,
-        time_scale: float = 1000.0,
+        time_scale: float = 10.0,
         fourier_features: int = 0,
         fourier_scale: float = math.pi / math.sqrt(3.0),
     ) -> None:

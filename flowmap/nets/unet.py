@@ -73,7 +73,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int = 0,
         guidance_input: bool = False,
-        time_scale: float = 1000.0,
+        time_scale: float = 10.0,
     ) -> None:
         super().__init__()
         data_shape = tuple(int(d) for d in data_shape)
