@@ -27,7 +27,7 @@ of 10 train much faster than the image-scale defaults below.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
 from flowmap.time_sampling import moving_rows
@@ -76,9 +76,8 @@ class MeanFlow(Objective):
 
     def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
         v = self.velocity(teacher, d)  # v(x_s, s)
-        du_ds = self.du_ds(d, student, v)
+        u, du_ds = self.u_and_du_ds(d, student, v)
         u_tgt, finite, n_bad = mask_nonfinite(v - expand_like(d.s - d.t, v) * du_ds.to(v.dtype))  # Eq. 10
-        u = d.u(student, d.x_s, d.s, d.t)  # the one with-grad forward
         sq = sq_norm(u.to(torch.promote_types(u_tgt.dtype, torch.float32)) - u_tgt)  # ||delta||^2
         weight = (sq.detach() + self.c).pow(-self.p)  # adaptive weight, Sec. 4.3
         return LossOutput(
@@ -91,18 +90,25 @@ class MeanFlow(Objective):
             },
         )
 
-    def du_ds(self, d: Draw, student: nn.Module, v):
-        """du/ds along the trajectory (Eq. 8): the JVP of u along (v, 1, 0) on (x, s, t), a no-grad float32 pass
-        on the rows [0, n) with s != t only (where s = t the target is v itself: ``equal_share`` costs no JVP)."""
-        n = moving_rows(d.batch, self.equal_share)
-        du_ds = torch.zeros_like(d.x_s, dtype=torch.promote_types(d.x_s.dtype, torch.float32))
+    def u_and_du_ds(self, d: Draw, student: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
+        """u(x_s, s, t) with grad (the one with-grad forward) and du/ds along the trajectory (Eq. 8: the JVP of u
+        along (v, 1, 0) on (x, s, t), detached), from one pass (``Objective.forward_and_jvp``) over rows [0, m).
+        The rows [n, B) have s = t, where the target is v itself and du/ds is unused: m = B when they are at most
+        half the batch (one pass), else m = n and those rows take a plain forward (no tangent pass)."""
+        n, B = moving_rows(d.batch, self.equal_share), d.batch
         if n == 0:
-            return du_ds
-        m, v_m = d.rows(slice(0, n)), v[:n]
-        _, du_m = self.jvp(
+            u = d.u(student, d.x_s, d.s, d.t)
+            return u, torch.zeros_like(u.detach(), dtype=torch.promote_types(u.dtype, torch.float32))
+        m = d if 2 * n >= B else d.rows(slice(0, n))
+        u, du = self.forward_and_jvp(
             lambda x, s, t: m.u(student, x, s, t),
             (m.x_s, m.s, m.t),
-            (v_m, torch.ones_like(m.s), torch.zeros_like(m.s)),
+            (v[: m.batch], torch.ones_like(m.s), torch.zeros_like(m.s)),
             student,
         )
-        return du_m if n == d.batch else torch.cat([du_m.to(du_ds.dtype), du_ds[n:]])
+        if m.batch == B:
+            return u, du
+        rest = d.rows(slice(n, B))
+        return torch.cat([u, rest.u(student, rest.x_s, rest.s, rest.t)]), torch.cat(
+            [du, du.new_zeros((B - n, *du.shape[1:]))]
+        )
