@@ -60,3 +60,10 @@ def has_c_compiler() -> bool:
     import shutil
 
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def is_compiled(module: nn.Module | None) -> bool:
+    """Whether ``module`` (or its ``net``, for a ``FlowMap`` / ``NetVelocity``) was set up by ``compile_net``."""
+    return module is not None and any(
+        m is not None and "_flowmap_compile" in m.__dict__ for m in (module, getattr(module, "net", None))
+    )

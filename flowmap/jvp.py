@@ -200,15 +200,19 @@ def forward_and_jvp(
     ONE forward on dual tensors under ``dual_rules(detach_tangents=True)``. Autograd records the primal, which is
     the ordinary forward; the rules compute the tangents under no_grad. The JVP then costs its tangent pass
     (about one forward) instead of a primal plus tangent (two forwards) beside the training forward.
-    Otherwise (another backend, autocast on, bf16 inputs, grad off): ``jvp(..., primal_out=False)`` then an
+    Otherwise (another backend, autocast on, bf16 inputs, grad off, a network of ``modules`` compiled by
+    ``flowmap.compiled.compile_net``, whose dual pass would run eager): ``jvp(..., primal_out=False)`` then an
     ordinary ``fn(*primals)``. Either way fn's network is called once with grad (DDP, FSDP hooks).
     Returns (out in fn's dtype, with autograd history; dout detached, float32, float64 for float64 inputs)."""
     check_backend(backend)
     _check(primals, tangents)
     dtype = max((compute_dtype(p.dtype) for p in primals), key=lambda d: torch.finfo(d).bits)
     device_type = primals[0].device.type
+    from flowmap.compiled import is_compiled
+
     shared = (
         backend == "forward_ad"
+        and not any(is_compiled(m) for m in modules)  # a compiled network keeps its compiled with-grad forward
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(device_type)
         and all(p.dtype == dtype for p in primals)
