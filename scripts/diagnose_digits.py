@@ -129,8 +129,10 @@ def run(a: argparse.Namespace) -> dict:
     objective = B.seeded_objective(config, "objective", "digits", a.method, *([a.seed] if a.seed else []))
     torch.manual_seed(B.seed_of("student", "digits", a.method, *([a.seed] if a.seed else [])))
     student = FlowMap(build_net(dict(net_config)))
+    # the built nets' configs (defaults filled in): an option set to its default still starts from the teacher
     same = lambda c: {k: v for k, v in c.items() if k not in B.INIT_COMPATIBLE}  # noqa: E731
-    init = a.init if a.init != "auto" else ("teacher" if same(net_config) == same(setting.net_config) else "scratch")
+    same_net = same(student.net.config) == same(setting.init_net.net.config)
+    init = a.init if a.init != "auto" else ("teacher" if same_net else "scratch")
     if init == "teacher":
         init_student_from_teacher(student, setting.init_net)
     lr = a.lr if a.lr is not None else setting.lr * B.lr_scale(a.method, "digits")
@@ -173,6 +175,12 @@ def run(a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
+    for flag, items in (("--set", a.set), ("--net", a.net), ("--teacher-net", a.teacher_net)):
+        key_values(items, flag)  # bad input fails here, before the teacher loads
+    if a.method not in B.OBJECTIVES:
+        raise ValueError(f"unknown method {a.method!r}; choose from {sorted(B.OBJECTIVES)}")
+    if a.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {a.steps}")
     result = run(a)
     print(json.dumps(result))
     if a.json:
