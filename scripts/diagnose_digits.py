@@ -34,6 +34,7 @@ import yaml  # noqa: E402
 
 from flowmap.ema import EMASchedule  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
+from flowmap.jvp import jvp  # noqa: E402
 from flowmap.models import init_student_from_teacher  # noqa: E402
 from flowmap.nets import build_net  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
@@ -83,6 +84,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default="/tmp/h7cache", help="the benchmark cache folder (teacher, feature net)")
     p.add_argument("--teacher-fd", action="store_true", help="also score the teacher at 32 NFE (Heun)")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument(
+        "--tangent-probe",
+        action="store_true",
+        help="only compare the teacher's exact dv/ds along its ODE (JVP) with a finite difference over 0.01, and exit",
+    )
     return p.parse_args(argv)
 
 
@@ -96,6 +102,25 @@ def score(ev: B.Evaluator, model, nfes=(1, 2)) -> dict:
             x = sample(model, ev.noise, nfe, cond=ev.cond, gamma=gamma, generator=g)
         m = ev.metrics(x)
         out[nfe] = {"fd": round(m["fd"], 2), "class_acc": round(m.get("class_acc", float("nan")), 3)}
+    return out
+
+
+@torch.no_grad()
+def tangent_probe(teacher, x0: torch.Tensor, y: torch.Tensor, h: float = 1e-2) -> dict:
+    """{s: (|v|, |dv/ds| by JVP, |dv/ds| by a central difference over h)} along the teacher's ODE on the linear path,
+    per-sample norms averaged: a JVP far above the difference means the velocity ripples in s on scales below h
+    (what a JVP loss regresses onto)."""
+    out = {}
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    for s0 in (0.05, 0.2, 0.5, 0.8, 0.95):
+        s = torch.full((len(x0),), s0)
+        xs = (1 - s0) * x0 + s0 * eps
+        f = lambda x_, s_: teacher.velocity(x_, s_, y)  # noqa: E731
+        v = f(xs, s)
+        _, dv = jvp(f, (xs, s), (v, torch.ones_like(s)), "forward_ad", None, primal_out=False, modules=(teacher,))
+        fd = (f(xs + h * v, s + h) - f(xs - h * v, s - h)) / (2 * h)
+        norm = lambda a: round(float(a.flatten(1).norm(dim=1).mean()), 2)  # noqa: E731
+        out[s0] = {"v": norm(v), "jvp": norm(dv), f"fd_{h:g}": norm(fd)}
     return out
 
 
@@ -114,6 +139,11 @@ def run(a: argparse.Namespace) -> dict:
     setting = B.Setting("digits", budget, dev, cache, fresh=False)
     setting.current_method = a.method
     teacher = setting.get_teacher()
+    if a.tangent_probe:
+        return {
+            "teacher_net": tnet,
+            "tangent_probe": tangent_probe(teacher, setting.x_train[:256], setting.y_train[:256]),
+        }
     extractor = B._feature_extractor(None, cache, budget)
     ev = B.Evaluator(setting, budget, extractor)
     result: dict = {"method": a.method, "steps": a.steps}
