@@ -6,9 +6,8 @@ keys: a teacher or feature net already in ``--cache`` is reused). The student's 
 the benchmark would use (``method_config``: the method's ``configs/distill/<method>_digits.yaml``, curricula
 rescaled to ``--steps``) and are changed with ``--set key=value`` (objective), ``--net key=value`` (the student's
 net; a net that differs from the teacher's starts from scratch), ``--teacher-net key=value`` (train, or reuse, a
-teacher with another net option, e.g. ``time_scale=10``), ``--lr``, ``--ema`` (also score an evaluation EMA with
-that half-life as a fraction of the run) and ``--patch`` (a named local patch of an objective, to measure a fix
-in code this script may not edit).
+teacher with another net option, e.g. ``time_scale=10``), ``--lr`` and ``--ema`` (also score an evaluation EMA with
+that half-life as a fraction of the run). ``--tangent-probe`` only measures the teacher's time derivative.
 
     python scripts/diagnose_digits.py ctm --steps 400 --set target_ema=0.95
     python scripts/diagnose_digits.py fmsd_eulerian --teacher-net time_scale=10 --net time_scale=10 --init teacher
@@ -42,18 +41,6 @@ from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
 from flowmap.training import TrainLoop  # noqa: E402
 
-PATCHES: dict[str, callable] = {}
-
-
-def patch(name: str):
-    """Register a local patch (applied with ``--patch name``)."""
-
-    def deco(fn):
-        PATCHES[name] = fn
-        return fn
-
-    return deco
-
 
 def key_values(items: list[str], flag: str) -> dict:
     """``["a=1", "b=x"]`` -> {"a": 1, "b": "x"} (values parsed as YAML)."""
@@ -79,7 +66,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the budget's)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the budget's)")
     p.add_argument("--ema", type=float, default=None, help="also score an EMA of this half-life (share of run)")
-    p.add_argument("--patch", action="append", default=[], choices=sorted(PATCHES), help="local objective patch")
     p.add_argument("--seed", type=int, default=0, help="student seed offset (0: the benchmark's seeds)")
     p.add_argument("--cache", default="/tmp/h7cache", help="the benchmark cache folder (teacher, feature net)")
     p.add_argument("--teacher-fd", action="store_true", help="also score the teacher at 32 NFE (Heun)")
@@ -126,8 +112,6 @@ def tangent_probe(teacher, x0: torch.Tensor, y: torch.Tensor, h: float = 1e-2) -
 
 def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
-    for name in a.patch:
-        PATCHES[name]()
     budget = B.BUDGETS["full"]
     tnet = key_values(a.teacher_net, "--teacher-net")
     budget = replace(budget, digits_net={**budget.digits_net, **tnet})
@@ -192,7 +176,6 @@ def run(a: argparse.Namespace) -> dict:
         teacher_net=tnet,
         init=init,
         lr=lr,
-        patches=a.patch,
         seconds=round(seconds, 1),
         loss_first=round(sum(losses[:10]) / min(10, len(losses)), 4),
         loss_last=round(sum(tail) / len(tail), 4) if all(math.isfinite(v) for v in tail) else float("nan"),
