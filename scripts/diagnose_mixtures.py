@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
+from flowmap.objectives import build_objective  # noqa: E402
 from flowmap.recipe import compose  # noqa: E402
 from scripts.benchmark import BUDGETS, SETS, STUDENT_NFE, Evaluator, Setting, sampler_gamma, set_files  # noqa: E402
 from scripts.diagnose_student import student_recipe, train  # noqa: E402
@@ -131,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     for preset in presets:
         if preset not in sets:
             raise ValueError(f"unknown mixture preset {preset!r}: the benchmark's mixture sets are {sorted(sets)}")
-    for preset in presets:  # every recipe composes before anything trains (an unknown method fails here)
+    for preset in presets:  # every objective builds before anything trains (an unknown method or key fails here)
         for method in methods:
-            student_recipe(sets[preset], method, a.steps, objective, net, init_net)
+            build_objective(student_recipe(sets[preset], method, a.steps, objective, net, init_net)["objective"])
     budget = replace(BUDGETS["full"], teacher_steps_2d=a.init_steps, n_eval_2d=a.n_eval)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
