@@ -1,0 +1,78 @@
+"""scripts/diagnose_student.py: the diagnosis scripts' student is the benchmark's (same recipe, same weights), and
+their overrides land where a config's values would."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.benchmark import BUDGETS, Setting, recipe  # noqa: E402
+from scripts.diagnose_student import set_steps, student_recipe, train  # noqa: E402
+
+
+def test_without_overrides_the_recipe_is_the_benchmarks():
+    assert set_steps("gmm") == 1000
+    assert student_recipe("gmm", "shortcut") == recipe("gmm", "shortcut", BUDGETS["full"])
+    r = student_recipe("digits", "meanflow", steps=250)
+    assert r == recipe("digits", "meanflow", replace(BUDGETS["full"], student_scale=0.25))
+    assert r["options"]["steps"] == r["cfg"]["trainer"]["max_steps"] == 250
+
+
+def test_overrides_resolve_as_config_values():
+    r = student_recipe("gmm", "sct", steps=200, objective={"tangent_warmup": 0.5, "p_mean": 1.0})
+    assert r["objective"]["tangent_warmup"] == 100  # a fraction of the run, as in a config
+    assert r["objective"]["p_mean"] == 1.0
+    assert r["objective"]["sigma_data"] == 1.43  # the data config's, still there
+    base = recipe("gmm", "sct", BUDGETS["full"])["student"]["net"]
+    r = student_recipe("gmm", "sct", net={"width": 64}, base_net={"width": 32, "depth": 2})
+    assert r["student"]["net"] == {**base, "width": 64, "depth": 2}
+    # the method's own net options stay over a teacher's (base) options
+    guided = recipe("digits", "meanflow", BUDGETS["full"])["student"]["net"]
+    assert guided["guidance_input"] is True
+    r = student_recipe("digits", "meanflow", base_net={"guidance_input": False, "time_scale": 10.0})
+    assert r["student"]["net"] == {**guided, "time_scale": 10.0}
+    with pytest.raises(ValueError, match="--steps"):
+        student_recipe("gmm", "cd", steps=0)
+
+
+@pytest.fixture(scope="module")
+def quick_gmm(tmp_path_factory):
+    """The benchmark's ring8 set under the quick budget (small nets, 4 student steps), its init net trained 3 steps."""
+    torch.set_num_threads(1)
+    budget = replace(BUDGETS["quick"], teacher_steps_2d=3)
+    setting = Setting("gmm", budget, torch.device("cpu"), tmp_path_factory.mktemp("cache"), fresh=True)
+    setting.get_teacher()
+    return setting, budget
+
+
+@pytest.mark.parametrize("method", ["cd", "sct"])  # from the init net; from scratch (its config's init_from_teacher)
+def test_train_gives_the_benchmarks_student_bit_for_bit(quick_gmm, method):
+    setting, budget = quick_gmm
+    bench = setting.train_student(method)
+    steps = setting.student_steps
+    ours = train(setting, method, student_recipe("gmm", method, steps, budget=budget))
+    assert ours["steps"] == steps == 4
+    assert (ours["init"] == "scratch") == (bench["init"] == "scratch") == (method == "sct")
+    for a, b in zip(bench["student"].state_dict().values(), ours["ema"].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    raw = zip(bench["student"].state_dict().values(), ours["student"].state_dict().values(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in raw)  # the raw weights are not the EMA's
+    other = train(setting, method, student_recipe("gmm", method, steps, budget=budget), seed=1)
+    assert other["losses"] != ours["losses"]  # another seed draws other batches
+
+
+def test_init_rule_is_the_benchmarks(quick_gmm):
+    setting, budget = quick_gmm
+    wide = train(setting, "cd", student_recipe("gmm", "cd", 2, net={"width": 48}, budget=budget))
+    assert wide["init"] == "scratch"  # not the init net's architecture
+    scaled = train(setting, "cd", student_recipe("gmm", "cd", 2, net={"time_scale": 3.0}, budget=budget))
+    assert scaled["init"] == "teacher"  # a student-only input: still from the init net
+    forced = train(setting, "sct", student_recipe("gmm", "sct", 2, budget=budget), init="teacher")
+    assert forced["init"] == "teacher"
