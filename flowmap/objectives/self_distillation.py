@@ -26,41 +26,16 @@ velocity space), ``sd_gradient="primal"`` with ``sd_normalize`` (LSD/ESD residua
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
-from flowmap.jvp import FD_EPS, compute_dtype
-from flowmap.jvp_rules import dual_rules
+from flowmap.jvp import jvp_with_grad
 from flowmap.objectives.base import Draw, Objective, normalized, shared, sq_norm
 from flowmap.objectives.common import check_data_velocity, ramp, stable_target, times_like
 from flowmap.time_sampling import moving_rows
 from flowmap.types import LossOutput, expand_like, null_label
 
 VARIANTS = ("lagrangian", "eulerian", "progressive")
-
-
-def jvp_with_grad(
-    fn: Callable[..., Tensor],
-    primals: tuple[Tensor, ...],
-    tangents: tuple[Tensor, ...],
-    backend: str,
-    eps: float | None,
-) -> tuple[Tensor, Tensor]:
-    """(fn(*primals), d/de fn(p + e t)) with the graph kept, so the derivative itself is trained."""
-    if backend == "func":
-        return torch.func.jvp(fn, primals, tangents)
-    if backend == "forward_ad":
-        with forward_ad.dual_level(), dual_rules():
-            out = fn(*(forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)))
-            primal, tangent = forward_ad.unpack_dual(out)
-        return primal, (torch.zeros_like(primal) if tangent is None else tangent)
-    h = FD_EPS.get(compute_dtype(primals[0].dtype), 5e-5) if eps is None else float(eps)
-    plus = fn(*(p + h * t for p, t in zip(primals, tangents)))
-    minus = fn(*(p - h * t for p, t in zip(primals, tangents)))
-    return 0.5 * (plus + minus), (plus - minus) / (2 * h)
 
 
 class FlowMapSelfDistillation(Objective):
