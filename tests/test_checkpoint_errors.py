@@ -182,7 +182,15 @@ def test_diffusers_folders_with_unsupported_parts(tmp_path):
     with pytest.raises(
         CheckpointError, match="unsupported diffusers scheduler 'ScoreSdeVeScheduler': no training betas"
     ):
-        load_teacher(folder("sde_ve", diffusers.ScoreSdeVeScheduler()))  # EDM schedulers: tests/test_edm_folder_teacher
+        sde_ve = {
+            "_class_name": "ScoreSdeVeScheduler",
+            "num_train_timesteps": 2000,
+            "sigma_min": 0.01,
+            "sigma_max": 1348.0,
+        }
+        d = folder("sde_ve")  # written by hand: this diffusers' ScoreSdeVeScheduler() fails in its own __init__
+        (d / "scheduler_config.json").write_text(json.dumps(sde_ve))
+        load_teacher(d)  # EDM schedulers: tests/test_edm_folder_teacher
     with pytest.raises(CheckpointError, match="prediction_type='flow_prediction' is not supported"):
         load_teacher(
             folder("pred", diffusers.DDPMScheduler(num_train_timesteps=50), edit={"prediction_type": "flow_prediction"})

@@ -167,6 +167,7 @@ class _Recorder(L.Callback):
 
 @pytest.mark.timeout(300)
 def test_bf16_mixed_runs_finite_with_float32_jvps(tmp_path, shards, monkeypatch):
+    import flowmap.jvp as engine  # forward_and_jvp's fallback under autocast calls engine.jvp
     import flowmap.objectives.base as meanflow  # Objective.jvp calls the engine from there
 
     seen = []
@@ -178,6 +179,7 @@ def test_bf16_mixed_runs_finite_with_float32_jvps(tmp_path, shards, monkeypatch)
 
     jvp = meanflow.jvp
     monkeypatch.setattr(meanflow, "jvp", recording_jvp)
+    monkeypatch.setattr(engine, "jvp", recording_jvp)
     model = f"""  student: {{net: {NET}}}
   objective: {{name: meanflow}}
   teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""
