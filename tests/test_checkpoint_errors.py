@@ -179,9 +179,9 @@ def test_diffusers_folders_with_unsupported_parts(tmp_path):
             (d / "scheduler_config.json").write_text(json.dumps({**cfg, **edit}))
         return d
 
-    with pytest.raises(
-        CheckpointError, match="unsupported diffusers scheduler 'ScoreSdeVeScheduler': no training betas"
-    ):
+    # refused in one line naming the scheduler: "no training betas", or, where this diffusers cannot build it at
+    # all, "could not build ScoreSdeVeScheduler"
+    with pytest.raises(CheckpointError, match="ScoreSdeVeScheduler"):
         sde_ve = {
             "_class_name": "ScoreSdeVeScheduler",
             "num_train_timesteps": 2000,
