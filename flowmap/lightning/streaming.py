@@ -118,9 +118,8 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
         self.root = str(root)
-        self.kwargs = taken_by(
-            ShardStream, locals(), but=("root",)
-        )  # the stream options; root, rank, world: in _stream
+        # the stream's options (``_stream`` adds root, rank and world size)
+        self.kwargs = taken_by(ShardStream, locals(), but=("root",))
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self.index.shape
         self.num_classes: int = self.index.num_classes

@@ -54,7 +54,8 @@ class WebDataModule(ShardDataModule):
     ) -> None:
         L.LightningDataModule.__init__(self)  # ShardDataModule's own __init__ reads a flowmap index.json
         self.shards = shards
-        self.kwargs = taken_by(WebDatasetStream, locals())  # the stream options; shards, rank, world: in _stream
+        # the stream's options (``_stream`` adds the shards, rank and world size)
+        self.kwargs = taken_by(WebDatasetStream, locals())
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self._stream(0, 1).data_shape  # validates arguments and shards now
         self.num_classes: int = int(num_classes)
