@@ -172,6 +172,19 @@ def same_architecture(student: FlowMap, teacher: nn.Module) -> bool:
     return a == b
 
 
+def start_from_teacher(student: FlowMap, teacher: nn.Module, init: bool | None = None) -> bool:
+    """The init rule of a distillation run: copy what fits from ``teacher`` into ``student``
+    (``init_student_from_teacher``) when ``init``, or, with ``init`` None, whenever the student's net is the
+    teacher's (``same_architecture``). Returns whether it copied; ValueError when nothing fits."""
+    if init is None:
+        init = same_architecture(student, teacher)
+    if init:
+        copied, _ = init_student_from_teacher(student, teacher)
+        if not copied:
+            raise ValueError("init_from_teacher: no tensor of the teacher fits the student's network")
+    return bool(init)
+
+
 def save_lora_adapter(path: str | Path, student: FlowMap, **extra) -> Path:
     """The LoRA adapter alone (LoRA matrices + injected embeddings) with the student config; the base weights
     are the teacher's (``load_lora_adapter`` applies it to ``student_from_teacher(teacher, lora=...)``)."""

@@ -52,13 +52,18 @@ def panels_figure(panels: Mapping[str, object], lim: float = 3.0, size: float = 
     return fig
 
 
-def save_panels(path: str | Path, panels: Mapping[str, object], **kwargs) -> Path:
-    fig = panels_figure(panels, **kwargs)
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (parent folders made, 110 dpi) and close it; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_panels(path: str | Path, panels: Mapping[str, object], **kwargs) -> Path:
+    fig = panels_figure(panels, **kwargs)
+    return save_figure(fig, path)
 
 
 def save_trajectories(path: str | Path, trajectories: np.ndarray | torch.Tensor, lim: float = 3.0) -> Path:
@@ -73,11 +78,7 @@ def save_trajectories(path: str | Path, trajectories: np.ndarray | torch.Tensor,
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_curves(
@@ -100,8 +101,4 @@ def save_curves(
         ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

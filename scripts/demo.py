@@ -61,6 +61,14 @@ def evaluate(name: str, x: torch.Tensor, data: torch.Tensor, rows: dict) -> None
     print(f"  {name:<22} W2 {rows[name]['w2']:.4f}   on occupied cells {rows[name]['precision']:.3f}", flush=True)
 
 
+def run_args(configs: list[str], out: Path, role: str, steps: int, extra: list[str]) -> list[str]:
+    """Arguments of a training script: its ``configs/*.yaml`` files, the run folder ``out/<role>_run``, the exported
+    ``out/<role>.safetensors``, ``extra`` and, when ``steps`` is set, the step budget."""
+    args = [x for c in configs for x in ("--config", str(ROOT / f"configs/{c}.yaml"))]
+    args += ["--run_dir", str(out / f"{role}_run"), "--export", str(out / f"{role}.safetensors"), *extra]
+    return args + (["--trainer.max_steps", str(steps)] if steps else [])
+
+
 def main(argv: list[str] | None = None) -> Path:
     a = parse(argv)
     sys.argv = sys.argv[:1]  # the CLIs below get their own argument lists
@@ -76,36 +84,13 @@ def main(argv: list[str] | None = None) -> Path:
     print("[1/3] training the checkerboard teacher", flush=True)
     from scripts.train_teacher import main as train_teacher
 
-    teacher_args = [
-        "--config",
-        str(ROOT / "configs/teacher/checkerboard.yaml"),
-        "--run_dir",
-        str(out / "teacher_run"),
-        "--export",
-        str(out / "teacher.safetensors"),
-        *common,
-    ]
-    if a.teacher_steps:
-        teacher_args += ["--trainer.max_steps", str(a.teacher_steps)]
-    train_teacher(teacher_args)
+    train_teacher(run_args(["teacher/checkerboard"], out, "teacher", a.teacher_steps, common))
 
     print(f"[2/3] distilling it with {a.method}", flush=True)
     from scripts.distill import main as distill
 
-    recipe = ("data/checkerboard", "model/mlp2d", f"distill/{a.method}")
-    student_args = [
-        *(x for c in recipe for x in ("--config", str(ROOT / f"configs/{c}.yaml"))),
-        "--teacher",
-        str(out / "teacher.safetensors"),
-        "--run_dir",
-        str(out / "student_run"),
-        "--export",
-        str(out / "student.safetensors"),
-        *common,
-    ]
-    if a.student_steps:
-        student_args += ["--trainer.max_steps", str(a.student_steps)]
-    distill(student_args)
+    recipe = ["data/checkerboard", "model/mlp2d", f"distill/{a.method}"]
+    distill(run_args(recipe, out, "student", a.student_steps, [*common, "--teacher", str(out / "teacher.safetensors")]))
 
     print("[3/3] evaluating on 4,000 fresh samples", flush=True)
     torch.manual_seed(1234)

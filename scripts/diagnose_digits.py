@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from flowmap.ema import EMASchedule  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
@@ -37,18 +36,7 @@ from flowmap.jvp import jvp  # noqa: E402
 from flowmap.objectives import OBJECTIVES  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from scripts import benchmark as B  # noqa: E402
-from scripts.diagnose_student import student_recipe, train  # noqa: E402
-
-
-def key_values(items: list[str], flag: str) -> dict:
-    """``["a=1", "b=x"]`` -> {"a": 1, "b": "x"} (values parsed as YAML)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"{flag} takes key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+from scripts.diagnose_student import key_values, student_recipe, train  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

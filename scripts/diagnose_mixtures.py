@@ -34,13 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.objectives import build_objective  # noqa: E402
 from flowmap.recipe import compose  # noqa: E402
 from scripts.benchmark import BUDGETS, SETS, STUDENT_NFE, Evaluator, Setting, sampler_gamma, set_files  # noqa: E402
-from scripts.diagnose_student import student_recipe, train  # noqa: E402
+from scripts.diagnose_student import key_values, student_recipe, train  # noqa: E402
 from teachers.gmm import GaussianMixtureTeacher  # noqa: E402
 
 
@@ -50,17 +49,6 @@ def data_std(mix: GaussianMixtureTeacher) -> float:
     mean = (w[:, None] * mu).sum(0)
     second = (w[:, None, None] * (S + mu[:, :, None] * mu[:, None, :])).sum(0)
     return float((torch.diagonal(second) - mean**2).mean().sqrt())
-
-
-def parse_pairs(pairs: list[str], what: str) -> dict:
-    """["k=v", ...] -> {k: yaml(v)}."""
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise ValueError(f"{what} takes key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
 def mixture_sets() -> dict[str, str]:
@@ -124,8 +112,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     torch.set_num_threads(1)
-    objective, net = parse_pairs(a.objective, "--objective"), parse_pairs(a.net, "--net")
-    init_net = net if a.init_net is None else parse_pairs(a.init_net, "--init-net")
+    objective, net = key_values(a.objective, "--objective"), key_values(a.net, "--net")
+    init_net = net if a.init_net is None else key_values(a.init_net, "--init-net")
     sets = mixture_sets()
     presets = [p.strip() for p in a.presets.split(",") if p.strip()]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from flowmap.models import build_student, init_student_from_teacher, same_architecture  # noqa: E402
+from flowmap.models import build_student, start_from_teacher  # noqa: E402
 from flowmap.recipe import compose, resolve  # noqa: E402
 from flowmap.training import TrainLoop  # noqa: E402
 from scripts.benchmark import BUDGETS, Budget, Setting, recipe, seed_of, seeded_objective, set_files, shrink  # noqa: E402
@@ -68,6 +69,17 @@ def student_recipe(
     return r
 
 
+def key_values(items: list[str], flag: str) -> dict:
+    """``["a=1", "b=x"]`` -> {"a": 1, "b": "x"} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
 def train(setting: Setting, method: str, r: dict, seed: int = 0, init: str = "auto", batch: int | None = None) -> dict:
     """Train the student of recipe ``r`` (``student_recipe``) on ``setting`` (its teacher loaded: ``get_teacher``),
     as ``Setting.train_student`` does; ``seed`` 0 draws the benchmark's seeds, another seed other ones.
@@ -82,13 +94,9 @@ def train(setting: Setting, method: str, r: dict, seed: int = 0, init: str = "au
     objective = seeded_objective(r["objective"], "objective", *parts).to(device)
     torch.manual_seed(seed_of("student", *parts))
     student = build_student(dict(r["student"])).to(device)
-    init_from = {"teacher": True, "scratch": False}.get(init, r["init_from_teacher"])
-    if init_from is None:
-        init_from = same_architecture(student, setting.init_net)
-    if init_from:
-        copied, _ = init_student_from_teacher(student, setting.init_net)
-        if not copied:
-            raise ValueError("init from the teacher: no tensor of the teacher fits the student's network")
+    init_from = start_from_teacher(
+        student, setting.init_net, {"teacher": True, "scratch": False}.get(init, r["init_from_teacher"])
+    )
     options = r["options"]
     steps = int(options["steps"])
     batch = batch or int(r["cfg"]["data"].get("init_args", {}).get("batch_size", setting.batch))

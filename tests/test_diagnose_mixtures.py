@@ -16,7 +16,8 @@ from teachers import preset_mixture
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.diagnose_mixtures import data_std, main, mixture_sets, parse, parse_pairs  # noqa: E402
+from scripts.diagnose_mixtures import data_std, main, mixture_sets, parse  # noqa: E402
+from scripts.diagnose_student import key_values  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["ring8", "aniso2d", "scales16"])
@@ -28,10 +29,10 @@ def test_data_std_matches_samples(name):
 
 def test_bad_options_raise_value_errors():
     with pytest.raises(ValueError, match="key=value"):
-        parse_pairs(["target_ema"], "--objective")
+        key_values(["target_ema"], "--objective")
     with pytest.raises(ValueError, match="--steps"):
         parse(["--methods", "cd", "--steps", "0"])
-    assert parse_pairs(["target_ema=0.9", "source=data"], "--objective") == {"target_ema": 0.9, "source": "data"}
+    assert key_values(["target_ema=0.9", "source=data"], "--objective") == {"target_ema": 0.9, "source": "data"}
 
 
 @pytest.mark.slow

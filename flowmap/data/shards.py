@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from flowmap.data.images import ImageFolderDataset, UInt8ImageDataset, model_to_uint8, uint8_to_model
 from flowmap.data.registry import DataSource
-from flowmap.data.slot_stream import CorruptShardError, DamageWindow, SlotStream  # noqa: F401  (re-exported)
+from flowmap.data.slot_stream import CorruptShardError, DamageWindow, SlotStream, taken_by  # noqa: F401  (re-exported)
 
 log = logging.getLogger("flowmap.data.shards")
 
@@ -518,19 +518,7 @@ class ShardStream(SlotStream):
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
         self.index = read_index(root)
         self.split = split
-        self.setup_slots(
-            batch_size,
-            epoch_length,
-            shuffle_buffer,
-            seed,
-            resample,
-            rank,
-            world_size,
-            num_workers,
-            max_corrupt_fraction,
-            corrupt_window,
-            corrupt_min_samples,
-        )
+        self.setup_slots(**taken_by(self.setup_slots, locals()))
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot feed every (rank, worker) slot."""

@@ -9,15 +9,24 @@ memory, one row per worker, kept across epochs and worker restarts."""
 
 from __future__ import annotations
 
+import inspect
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flowmap.data.registry import mix_seed
+
+
+def taken_by(fn: Callable, values: Mapping[str, Any], but: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The entries of ``values`` (a caller's ``locals()``) that ``fn`` takes by name, except those in ``but``:
+    ``self.setup_slots(**taken_by(self.setup_slots, locals()))`` hands a stream's options on without listing them."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in names and k not in but}
 
 
 class CorruptShardError(RuntimeError):

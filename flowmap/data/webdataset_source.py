@@ -41,7 +41,7 @@ from torch import Tensor
 
 from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
 from flowmap.data.shards import INDEX_NAME, decode_sample, read_index
-from flowmap.data.slot_stream import SlotStream
+from flowmap.data.slot_stream import SlotStream, taken_by
 
 log = logging.getLogger("flowmap.data.webdataset_source")
 
@@ -205,19 +205,7 @@ class WebDatasetStream(SlotStream):
         )
         self.data_shape = (int(channels), int(image_size), int(image_size))
         self.captions = bool(captions)
-        self.setup_slots(
-            batch_size,
-            epoch_length,
-            shuffle_buffer,
-            seed,
-            resample,
-            rank,
-            world_size,
-            num_workers,
-            max_corrupt_fraction,
-            corrupt_window,
-            corrupt_min_samples,
-        )
+        self.setup_slots(**taken_by(self.setup_slots, locals()))
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot give every (rank, worker) reader its own shard."""

@@ -25,9 +25,8 @@ from flowmap.lightning.batches import unpack_batch
 from flowmap.lightning.training_mixin import TrainingMixin
 from flowmap.models import (
     build_student,
-    init_student_from_teacher,
-    same_architecture,
     save_student,
+    start_from_teacher,
     student_from_teacher,
 )
 from flowmap.objectives import build_objective
@@ -82,12 +81,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
         self._teacher = None
         if teacher is not None:
             self.set_teacher(teacher)
-            if init_from_teacher is None:
-                init_from_teacher = "net" in dict(student or {}) and same_architecture(self.student, teacher)
-            if init_from_teacher and "net" in dict(student or {}):
-                copied, _ = init_student_from_teacher(self.student, teacher)
-                if not copied:
-                    raise ValueError("init_from_teacher: no tensor of the teacher fits the student's network")
+            if "net" in dict(student or {}):  # a teacher-built student (no net) is the teacher's copy already
+                start_from_teacher(self.student, teacher, init_from_teacher)
         self.target = frozen_copy(self.student) if getattr(self.objective, "uses_target", False) else None
         self.ema = frozen_copy(self.student)
 

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flowmap.data.shards import ShardIndex, ShardStream, read_index
+from flowmap.data.slot_stream import taken_by
 
 log = logging.getLogger("flowmap.lightning.streaming")
 
@@ -117,18 +118,8 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
         self.root = str(root)
-        self.kwargs = dict(
-            batch_size=batch_size,
-            epoch_length=epoch_length,
-            shuffle_buffer=shuffle_buffer,
-            seed=seed,
-            split=split,
-            resample=resample,
-            num_workers=num_workers,
-            max_corrupt_fraction=max_corrupt_fraction,
-            corrupt_window=corrupt_window,
-            corrupt_min_samples=corrupt_min_samples,
-        )
+        # the stream's options (``_stream`` adds root, rank and world size)
+        self.kwargs = taken_by(ShardStream, locals(), but=("root",))
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self.index.shape
         self.num_classes: int = self.index.num_classes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from flowmap.data.slot_stream import taken_by
 from flowmap.data.webdataset_source import WebDatasetStream
 from flowmap.lightning.streaming import ShardDataModule
 
@@ -53,23 +54,8 @@ class WebDataModule(ShardDataModule):
     ) -> None:
         L.LightningDataModule.__init__(self)  # ShardDataModule's own __init__ reads a flowmap index.json
         self.shards = shards
-        self.kwargs = {
-            "image_size": image_size,
-            "channels": channels,
-            "num_classes": num_classes,
-            "captions": captions,
-            "batch_size": batch_size,
-            "epoch_length": epoch_length,
-            "shuffle_buffer": shuffle_buffer,
-            "seed": seed,
-            "resample": resample,
-            "num_workers": num_workers,
-            "max_corrupt_fraction": max_corrupt_fraction,
-            "corrupt_window": corrupt_window,
-            "corrupt_min_samples": corrupt_min_samples,
-            "label_key": label_key,
-            "caption_key": caption_key,
-        }
+        # the stream's options (``_stream`` adds the shards, rank and world size)
+        self.kwargs = taken_by(WebDatasetStream, locals())
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.data_shape: tuple[int, ...] = self._stream(0, 1).data_shape  # validates arguments and shards now
         self.num_classes: int = int(num_classes)

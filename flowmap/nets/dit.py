@@ -11,6 +11,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 
 from flowmap.nets.attention import attention
+from flowmap.nets.backbone import Backbone
 from flowmap.nets.embeddings import ConditionEmbedding
 
 
@@ -61,8 +62,10 @@ def _sincos_2d(dim: int, grid: int) -> Tensor:
     return torch.cat(out, dim=1).float()
 
 
-class DiT(nn.Module):
+class DiT(Backbone):
     """x: (B, C, H, W), H = W divisible by ``patch``."""
+
+    name = "dit"
 
     def __init__(
         self,
@@ -76,29 +79,14 @@ class DiT(nn.Module):
         guidance_input: bool = False,
         time_scale: float = 10.0,
     ) -> None:
-        super().__init__()
-        data_shape = tuple(int(d) for d in data_shape)
+        super().__init__(locals())
+        data_shape = self.data_shape
         if len(data_shape) != 3 or data_shape[1] != data_shape[2] or data_shape[1] % patch:
             raise ValueError(
                 f"the DiT takes square images with side divisible by patch={patch}, got data_shape {data_shape}"
             )
         if dim % 4 or dim % heads:
             raise ValueError(f"DiT dim={dim} must be divisible by 4 and by heads={heads}")
-        self.config = {
-            "name": "dit",
-            "data_shape": list(data_shape),
-            "patch": patch,
-            "dim": dim,
-            "depth": depth,
-            "heads": heads,
-            "mlp_ratio": mlp_ratio,
-            "num_classes": num_classes,
-            "guidance_input": guidance_input,
-            "time_scale": time_scale,
-        }
-        self.data_shape = data_shape
-        self.num_classes = int(num_classes)
-        self.guidance_input = bool(guidance_input)
         C, H, _ = data_shape
         self.patch, self.grid = patch, H // patch
         self.embed = PatchEmbed(img_size=H, patch_size=patch, in_chans=C, embed_dim=dim)

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from flowmap.nets.backbone import Backbone
 from flowmap.nets.embeddings import ConditionEmbedding
 
 
@@ -39,8 +40,10 @@ class ResidualBlock(nn.Module):
         return h + self.fc2(self.act(self.fc1(self.norm(h) * (1 + scale) + shift)))
 
 
-class MLP(nn.Module):
+class MLP(Backbone):
     """x: (B, dim) -> (B, dim). ``data_shape=(dim,)``."""
+
+    name = "mlp"
 
     def __init__(
         self,
@@ -54,29 +57,18 @@ class MLP(nn.Module):
         fourier_features: int = 0,
         fourier_scale: float = math.pi / math.sqrt(3.0),
     ) -> None:
-        super().__init__()
-        data_shape = tuple(int(d) for d in data_shape)
+        super().__init__(locals())
+        data_shape = self.data_shape
         if len(data_shape) != 1:
             raise ValueError(f"the MLP takes vectors, data_shape must be (D,), got {data_shape}")
         if isinstance(fourier_features, bool) or int(fourier_features) != fourier_features or fourier_features < 0:
             raise ValueError(f"fourier_features (octaves) must be an int >= 0, got {fourier_features!r}")
         if not fourier_scale > 0:
             raise ValueError(f"fourier_scale (the lowest angular frequency) must be positive, got {fourier_scale}")
-        self.config = {
-            "name": "mlp",
-            "data_shape": list(data_shape),
-            "width": width,
-            "depth": depth,
-            "emb_dim": emb_dim,
-            "num_classes": num_classes,
-            "guidance_input": guidance_input,
-            "time_scale": time_scale,
-        }
-        if fourier_features:  # only when used, so configs of nets without features stay as they were
+        if fourier_features:  # recorded only when used, so configs of nets without features stay as they were
             self.config.update(fourier_features=int(fourier_features), fourier_scale=float(fourier_scale))
-        self.data_shape = data_shape
-        self.num_classes = int(num_classes)
-        self.guidance_input = bool(guidance_input)
+        else:
+            del self.config["fourier_features"], self.config["fourier_scale"]
         dim = data_shape[0]
         self.register_buffer(
             "freqs",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmap.nets.attention import attention
+from flowmap.nets.backbone import Backbone
 from flowmap.nets.embeddings import ConditionEmbedding
 
 
@@ -58,8 +59,10 @@ class AttnBlock(nn.Module):
         return x + self.proj(h)
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """x: (B, C, H, W) with H, W divisible by 2^(len(channel_mult) - 1)."""
+
+    name = "unet"
 
     def __init__(
         self,
@@ -75,8 +78,8 @@ class UNet(nn.Module):
         guidance_input: bool = False,
         time_scale: float = 10.0,
     ) -> None:
-        super().__init__()
-        data_shape = tuple(int(d) for d in data_shape)
+        super().__init__(locals())
+        data_shape = self.data_shape
         if len(data_shape) != 3:
             raise ValueError(f"the UNet takes images, data_shape must be (C, H, W), got {data_shape}")
         C, H, W = data_shape
@@ -85,23 +88,6 @@ class UNet(nn.Module):
                 f"image size {H}x{W} must be divisible by {2 ** (len(channel_mult) - 1)} "
                 f"for channel_mult {list(channel_mult)}"
             )
-        self.config = {
-            "name": "unet",
-            "data_shape": list(data_shape),
-            "channels": channels,
-            "channel_mult": list(channel_mult),
-            "num_res_blocks": num_res_blocks,
-            "attn_resolutions": list(attn_resolutions),
-            "heads": heads,
-            "emb_dim": emb_dim,
-            "dropout": dropout,
-            "num_classes": num_classes,
-            "guidance_input": guidance_input,
-            "time_scale": time_scale,
-        }
-        self.data_shape = data_shape
-        self.num_classes = int(num_classes)
-        self.guidance_input = bool(guidance_input)
         self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_input, time_scale=time_scale)
         self.inp = nn.Conv2d(C, channels, 3, padding=1)
         self.down = nn.ModuleList()
