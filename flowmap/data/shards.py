@@ -5,7 +5,8 @@ Layout of a shard directory (written atomically by ``write_shards``)::
     index.json            {"format": "flowmap-shards", "count", "shape", "dtype", "encoding", "num_classes",
                            "classes", "shards": [{"name", "start", "count", "bytes"}, ...], "source"}
     shard-000000.tar      members <key>.npy (float32 array) or <key>.png (uint8 image), and <key>.cls
-    shard-000001.tar      (the class index as ASCII, -1 for unconditional data); key = sample index, 9 digits
+    shard-000001.tar      (the class index as ASCII, -1 for unconditional data); key = sample index, 9 digits;
+                          a text condition adds <key>.emb.npy (L, D) [, .pool.npy (P,), .mask.npy (L,)]
 
 Only ``.npy`` / ``.png`` / ``.cls`` members are written and read: nothing is ever unpickled
 (``np.load(..., allow_pickle=False)``). PNG samples are images whose values are exactly v / 127.5 - 1 for
