@@ -219,3 +219,21 @@ def sd3_folder(root: Path, t5: bool = True) -> Path:
     )
     pipe.save_pretrained(str(root), safe_serialization=True)
     return Path(root)
+
+
+def sdxl_folder(root: Path) -> Path:
+    """A StableDiffusionXLPipeline folder for prompt encoding (CLIPTextModel + CLIPTextModelWithProjection, widths 16
+    and 12, projection 8; force_zeros_for_empty_prompt, the pipeline's default); its UNet is the tiny SD one (not
+    an SDXL UNet: the folder is for the text encoders, not a teacher)."""
+    tokenizer = tiny_tokenizer()
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        text_encoder_2=tiny_clip_with_projection(len(tokenizer), seed=5),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        unet=tiny_cond_unet(),
+        scheduler=ddim_scheduler(),
+    )
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return Path(root)
