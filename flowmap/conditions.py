@@ -233,6 +233,29 @@ def drop(cond: Condition, p: float, num_classes: int = 0, generator: torch.Gener
     return torch.where(keep, cond, uncond(cond, num_classes))
 
 
+def matches(cond: Condition, null: int = -1) -> Tensor | None:
+    """(B, B) bool: row i's condition admits row j's data point, i.e. the two rows hold the same condition (equal
+    labels; equal prompt embeddings, pooled embeddings and mask) or row i is unconditional (the label ``null``; a
+    text row equal to the record's ``null`` empty-prompt condition). None for None. What a batch-posterior
+    estimate conditions on (``flowmap.objectives.common.stable_target``)."""
+    if cond is None:
+        return None
+    if not isinstance(cond, TextCondition):
+        return (cond[:, None] == cond[None, :]) | (cond[:, None] == null)
+    key = _row_key(cond)
+    same = (key[:, None, :] == key[None, :, :]).all(-1)
+    if cond.null is not None:
+        free = (key == _row_key(cond.null.to(cond.device, cond.prompt_embeds.dtype))).all(-1)
+        same = same | free[:, None]
+    return same
+
+
+def _row_key(cond: TextCondition) -> Tensor:
+    """(B, K): every tensor of each row flattened side by side (float64, so a mask compares exactly)."""
+    parts = [cond.prompt_embeds, cond.pooled_embeds, cond.attention_mask]
+    return torch.cat([p.flatten(1).double() for p in parts if p is not None], dim=1)
+
+
 def _device(cond: Condition) -> torch.device:
     return cond.device
 

@@ -10,8 +10,9 @@ every component in diffusers' own layout (config + safetensors):
     OUT/scheduler/scheduler_config.json   FlowMapScheduler: 1-4 uniform flow-map jumps, the method's gamma
     OUT/vae/                              latent students only: the teacher's VAE (AutoencoderKL), unchanged;
                                           its scaling / shift are recorded in the student config (``flowmap.latent``)
-    OUT/text_encoder/, OUT/tokenizer/     text-to-image students only: the teacher's text encoder, unchanged
-                                          (``pipe(prompt=[...])``; ``flowmap.text``)
+    OUT/text_encoder/, OUT/tokenizer/     text-to-image students only: the teacher's text encoder(s), unchanged
+    (+ _2/, _3/ where the teacher has)    (SD3: CLIP-L, CLIP-G, T5; ``pipe(prompt=[...])`` encodes as the teacher's
+                                          pipeline does, ``flowmap.text``)
     OUT/pipeline_flowmap.py               names the class for diffusers' ``custom_pipeline`` (imports flowmap)
     OUT/flowmap/student.json              the student config again, to read without loading anything
 
@@ -35,11 +36,13 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
 
+from flowmap.conditions import TextCondition, as_condition
+from flowmap.conditions import to as condition_to
 from flowmap.latent import LatentCodec, latent_reference
 from flowmap.nets.diffusers_net import DiffusersStudentNet, IntervalInjection, merged_lora
 from flowmap.sampling import sample
 from flowmap.student import FlowMap
-from flowmap.text import PromptEncoder
+from flowmap.text import ENCODER_NAMES, TOKENIZER_NAMES, PromptEncoder
 
 PIPELINE_MODULE = "pipeline_flowmap"  # the module file shipped in the folder for diffusers' ``custom_pipeline``
 PIPELINE_MODULE_TEXT = f'''"""flowmap's FlowMapPipeline for diffusers' own loader (the classes live in ``flowmap``):
@@ -104,10 +107,10 @@ class FlowMapPipeline(DiffusionPipeline):
     """Samples of a flow-map student in 1-4 network calls. Components (diffusers' layout, loadable by
     ``DiffusionPipeline.from_pretrained``): ``unet`` or ``transformer`` (the student's network in its diffusers
     class), ``injection`` (``FlowMapInjection``), ``scheduler`` (``FlowMapScheduler``), and ``vae`` /
-    ``text_encoder`` / ``tokenizer`` for latent / text-to-image students. ``flow_map`` is the student X(x, s, t)
-    built around them; ``student_config`` its config."""
+    ``text_encoder`` / ``tokenizer`` (and ``_2`` / ``_3``: SDXL, SD3) for latent / text-to-image students.
+    ``flow_map`` is the student X(x, s, t) built around them; ``student_config`` its config."""
 
-    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
+    _optional_components = ["unet", "transformer", "vae", *TOKENIZER_NAMES, *ENCODER_NAMES]
 
     def __init__(
         self,
@@ -118,6 +121,10 @@ class FlowMapPipeline(DiffusionPipeline):
         vae=None,
         text_encoder=None,
         tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
     ) -> None:
         super().__init__()
         model = unet if unet is not None else transformer
@@ -137,14 +144,23 @@ class FlowMapPipeline(DiffusionPipeline):
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
         )
         self.codec = None
         ref = latent_reference(config)
         if vae is not None and ref is not None:  # with the scaling / shift the student was trained on
             self.codec = LatentCodec(vae, float(ref["scaling_factor"]), float(ref.get("shift_factor") or 0.0))
         self.prompt_encoder = None
-        if text_encoder is not None and tokenizer is not None:
-            self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+        if text_encoder is not None and tokenizer is not None:  # in the layout the teacher's pipeline encodes with
+            teacher = config.get("teacher") if isinstance(config.get("teacher"), dict) else {}
+            parts = {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2}
+            parts.update(text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+            self.prompt_encoder = PromptEncoder.from_components(
+                {"tokenizer": tokenizer, "text_encoder": text_encoder, **parts}, teacher.get("text")
+            )
         self.flow_map = FlowMap(net, config.get("parametrization")).eval()
         self.student_config = config
 
@@ -178,8 +194,7 @@ class FlowMapPipeline(DiffusionPipeline):
             scheduler,
             **{_subfolder(c["model_class"]): net.model},
             vae=None if codec is None else codec.vae,
-            text_encoder=None if encoder is None else encoder.text_encoder,
-            tokenizer=None if encoder is None else encoder.tokenizer,
+            **({} if encoder is None else encoder.components()),
         )
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
@@ -218,6 +233,7 @@ class FlowMapPipeline(DiffusionPipeline):
         class_labels: Tensor | int | None = None,
         encoder_hidden_states=None,
         prompt: str | list[str] | None = None,
+        condition: TextCondition | None = None,
         guidance_scale: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -225,19 +241,28 @@ class FlowMapPipeline(DiffusionPipeline):
         """Images from noise ``latents`` (B, C, H, W) at t = 1 (drawn with ``generator`` when None) in
         ``num_inference_steps`` flow-map jumps. ``output_type``: "pil", "np" (in [0, 1], from data in [-1, 1]),
         "pt" (the samples in [-1, 1]; decoded by the VAE for a latent student) or "latent" (the raw samples).
-        ``prompt`` (text-to-image students): encoded by the folder's text encoder, one sample per prompt."""
+        ``prompt`` (text-to-image students): encoded by the folder's text encoder(s) into the full
+        ``TextCondition`` (prompt and pooled embeddings, mask, the empty prompt's null), one sample per prompt;
+        or give that record as ``condition`` (``encoder_hidden_states``: prompt embeddings (B, L, D) or a dict of
+        the denoiser's keyword arguments, ``flowmap.conditions.as_condition``)."""
         fm = self.flow_map
         device = next(fm.parameters()).device
         if prompt is not None:
             if self.prompt_encoder is None:
                 raise ValueError("prompt= needs a text-to-image student (a folder with text_encoder/ and tokenizer/)")
-            encoder_hidden_states = self.prompt_encoder.encode(prompt).to(device)
-            batch_size = encoder_hidden_states.shape[0]
+            condition = self.prompt_encoder.condition(prompt)
+        if condition is None and encoder_hidden_states is not None:
+            condition = as_condition(encoder_hidden_states)
+        if condition is not None:
+            if self.prompt_encoder is not None:
+                condition = condition.with_null(self.prompt_encoder.null())
+            condition = condition_to(condition, device)
+            batch_size = len(condition)
         steps = int(num_inference_steps or self.sampler.get("default_steps", 1))
         if latents is None:
             latents = torch.randn((batch_size, *fm.data_shape), generator=generator, device=device)
         x0 = latents.to(device)
-        cond = encoder_hidden_states
+        cond = condition
         if class_labels is not None:
             cond = class_labels if isinstance(class_labels, Tensor) else torch.full((x0.shape[0],), int(class_labels))
             cond = cond.to(device)

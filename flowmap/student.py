@@ -7,9 +7,11 @@ u_theta(x, t, t) is an instantaneous velocity, so every student is also a ``Teac
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from flowmap.conditions import Condition
 from flowmap.conditions import check as check_condition
@@ -121,6 +123,62 @@ class FlowMap(nn.Module):
         if not self.guidance_input and not _is_one(guidance):
             raise ValueError("guidance != 1 on a student that was not trained to take a guidance scale")
         return self.average_velocity(x, t, t, cond, w)
+
+
+class _Checkpointed:
+    """A block's forward that keeps only its inputs for the backward pass and recomputes the rest there
+    (``torch.utils.checkpoint``, non-reentrant: works under forward-mode AD, so MeanFlow's and sCM's shared
+    primal-and-tangent pass is checkpointed too); a plain call when grad is off (teacher passes, JVP tangents)."""
+
+    def __init__(self, forward) -> None:
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpoint_diffusers(injection: nn.Module | None, module: nn.Module, *args):
+    """diffusers' ``gradient_checkpointing_func`` for a student made from a diffusers model
+    (``flowmap.nets.diffusers_net``): the recomputation sees the interval embedding the forward injected
+    (``injection.offset``, set only during the student's forward)."""
+    offset = None if injection is None else injection.offset
+
+    def run(*inputs):
+        if injection is None:
+            return module(*inputs)
+        before, injection.offset = injection.offset, offset
+        try:
+            return module(*inputs)
+        finally:
+            injection.offset = before
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+def activation_checkpointing(student: nn.Module) -> int:
+    """Activation checkpointing (Chen et al. 2016) on the student's net: each block (flowmap's ``DiTBlock``,
+    ``ResBlock``, ``AttnBlock``, ``ResidualBlock``: the outermost modules whose class name ends in "Block"; a
+    diffusers model: its own ``enable_gradient_checkpointing``) keeps its inputs only and recomputes its
+    activations in the backward pass. Gradients are unchanged (up to round-off); the activations kept drop to the
+    blocks' inputs. Non-reentrant checkpointing works under forward-mode AD, so the shared primal-and-tangent
+    pass of MeanFlow and sCM (``flowmap.jvp.forward_and_jvp``) is checkpointed too. The config key
+    ``model.student.activation_checkpointing: true``. Returns the number of blocks wrapped (-1: the diffusers
+    model's own switch); raises ValueError for a net without blocks."""
+    net = getattr(student, "net", student)
+    model = getattr(net, "model", None)
+    if getattr(model, "_supports_gradient_checkpointing", False):
+        model.enable_gradient_checkpointing(partial(_checkpoint_diffusers, getattr(net, "injection", None)))
+        return -1
+    blocks = [m for m in net.modules() if type(m).__name__.endswith("Block")]
+    outer = [b for b in blocks if not any(b is not o and any(b is m for m in o.modules()) for o in blocks)]
+    if not outer:
+        raise ValueError(f"activation checkpointing: the {type(net).__name__} net has no blocks to checkpoint")
+    for block in outer:
+        if not isinstance(block.__dict__.get("forward"), _Checkpointed):
+            block.forward = _Checkpointed(block.forward)
+    return len(outer)
 
 
 class EulerFlowMap(nn.Module):

@@ -340,12 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
         mem["text_encoder_bf16"] = memory.measure(lambda: clip(ids))
         weights["text_encoder_bf16"] = params_mib(clip)
     mem["weights_mib"] = weights
+    from flowmap.student import activation_checkpointing
     from flowmap.training import TrainLoop
 
     for ac in (False, True):
         work_student = student_from_teacher(teacher).to(device)
-        if ac:
-            work_student.net.model.enable_gradient_checkpointing()
+        if ac:  # the student option (the model's own switch, with the injected embedding seen by the recomputation)
+            activation_checkpointing(work_student)
         loop = TrainLoop(work_student, build_objective(dict(config)), teacher, lr=1e-4, steps=4)
         mem["student_step" + ("_checkpointed" if ac else "")] = memory.measure(lambda: loop.step(zb, yb))
     result["memory_mib"] = mem

@@ -15,7 +15,9 @@ posterior mean, ``--batch-size`` images at a time on ``--device``) into float32 
 labels; distillation then streams latents and never runs the VAE. Images are resized to the VAE's side for the
 folder's model unless ``--image-size`` is given. ``--prompts FILE`` (one caption per line, in the images' order:
 sorted class folders, sorted files) stores each image's prompt embedding by the folder's text encoder
-(``flowmap/text.py``) as its condition (member ``<key>.emb.npy``, in place of the label).
+(``flowmap/text.py``, every text encoder the folder has) as its condition (members ``<key>.emb.npy``, and
+``<key>.pool.npy`` / ``<key>.mask.npy`` where the pipeline has pooled embeddings / an attention mask, in place of
+the label); the streaming data module reads them back as one ``TextCondition``.
 
 Image data (image folders, uint8 arrays) is stored as .png, everything else as float32 .npy; labels as .cls.
 The set is written into a temporary directory and renamed into place: a failure leaves no partial shards.
@@ -201,7 +203,8 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
 
 
 def prompt_rows(a: argparse.Namespace, count: int):
-    """The prompt embeddings (L, D) of the --prompts file, one per image, encoded --batch-size at a time."""
+    """The text condition (one-row ``TextCondition``: embeddings (L, D), pooled embeddings, mask where the pipeline
+    has them) of each line of the --prompts file, one per image, encoded --batch-size at a time."""
     from flowmap.text import PromptEncoder, find_text_encoder
 
     try:
@@ -215,7 +218,13 @@ def prompt_rows(a: argparse.Namespace, count: int):
     if not find_text_encoder(a.encode):
         raise ValueError(f"--prompts needs a text-to-image folder: {a.encode} has no tokenizer/ and text_encoder/")
     encoder = PromptEncoder.from_folder(a.encode).to(a.device)
-    return (e.cpu() for i in range(0, count, a.batch_size) for e in encoder.encode(lines[i : i + a.batch_size]))
+
+    def rows():
+        for i in range(0, count, a.batch_size):
+            cond = encoder.condition(lines[i : i + a.batch_size]).to("cpu")
+            yield from (cond[j] for j in range(len(cond)))
+
+    return rows()
 
 
 def main(args: list[str] | None = None) -> ShardIndex:

@@ -21,7 +21,9 @@ against the empty prompt for teachers):
     python scripts/sample.py sd_folder --prompts captions.txt --n 100000 --shards --guidance 4.5 --out data_free
 
 ``--prompts FILE`` (one prompt per line; sample i takes prompt i mod P) with ``--shards`` is the data-free text
-mode: teacher latents with their prompt embeddings (``<key>.emb.npy``), ready for ``scripts/distill.py``.
+mode: teacher latents with their prompt's condition (``<key>.emb.npy``, and ``.pool.npy`` / ``.mask.npy`` where the
+pipeline has pooled embeddings / a mask), ready for ``scripts/distill.py``. Every text encoder the folder has
+encodes the prompt, as its pipeline does (SD3: CLIP-L + CLIP-G + T5, pooled embeddings included).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from flowmap.conditions import TextCondition  # noqa: E402
+from flowmap.conditions import to as condition_to  # noqa: E402
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.io import CheckpointError  # noqa: E402
 from flowmap.latent import codec_of, decode_in_chunks  # noqa: E402
@@ -132,18 +136,19 @@ def teacher_chunks(teacher, a: argparse.Namespace, steps: int):
         noise = torch.randn((b, *teacher.data_shape), generator=g).to(a.device)
         cond = None if a.label is None else torch.full((b,), a.label, dtype=torch.long, device=a.device)
         if table is not None:
-            cond = table[torch.arange(start, start + b) % table.shape[0]].to(a.device)
+            cond = table[torch.arange(start, start + b) % len(table)].to(a.device)
         with torch.no_grad():
             if a.teacher_sampler == "diffusers":
                 x = ddim_sample(teacher, noise, steps, cond=cond, guidance=guidance)
             else:
                 x = solve(teacher, noise, grid.to(a.device), a.solver, cond=cond, guidance=guidance)
-        yield x.float().cpu(), (None if cond is None else cond.cpu())
+        yield x.float().cpu(), condition_to(cond, "cpu")
 
 
-def prompt_table(model, a: argparse.Namespace) -> torch.Tensor | None:
-    """The embeddings (P, L, D) of --prompt (P = 1) or of the --prompts file's lines, encoded once, in chunks of
-    --batch_size, by the text encoder the model (teacher or student) references; None without prompts."""
+def prompt_table(model, a: argparse.Namespace) -> TextCondition | None:
+    """The ``TextCondition`` (P rows: prompt embeddings, pooled embeddings, mask where the pipeline has them, the
+    empty prompt's null) of --prompt (P = 1) or of the --prompts file's lines, encoded once, in chunks of
+    --batch_size, by the text encoder(s) the model (teacher or student) references; None without prompts."""
     if a.prompt is None and a.prompts is None:
         return None
     if a.prompt is not None and a.prompts is not None:
@@ -163,7 +168,9 @@ def prompt_table(model, a: argparse.Namespace) -> torch.Tensor | None:
             "--prompt needs a text-to-image model (a pipeline folder with tokenizer/ and text_encoder/, "
             "or a student distilled from one)"
         )
-    return torch.cat([encoder.encode(prompts[i : i + a.batch_size]) for i in range(0, len(prompts), a.batch_size)])
+    return TextCondition.cat(
+        [encoder.condition(prompts[i : i + a.batch_size]) for i in range(0, len(prompts), a.batch_size)]
+    )
 
 
 def sample_teacher(teacher, a: argparse.Namespace) -> Path:
@@ -198,7 +205,7 @@ def sample_teacher(teacher, a: argparse.Namespace) -> Path:
     if a.shards:
         y = -1 if a.label is None else int(a.label)
         text = a.prompt is not None or a.prompts is not None  # rows carry their prompt embedding
-        rows = ((row, e if text else y) for x, c in chunks() for row, e in zip(x, c if text else x))
+        rows = ((x[j], c[j] if text else y) for x, c in chunks() for j in range(x.shape[0]))
         write_shards(
             rows,
             out / "shards",
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> Path:
     cond = None if a.label is None else torch.full((a.n,), a.label, dtype=torch.long)
     table = prompt_table(model, a)
     if table is not None:
-        cond = table[torch.arange(a.n) % table.shape[0]]
+        cond = table[torch.arange(a.n) % len(table)]
     steps = a.steps or 1
     gamma = student_sampler(model.config)["gamma"] if a.gamma is None else a.gamma
     x = sample(model, noise, steps, cond=cond, gamma=gamma, guidance=a.guidance, generator=g)

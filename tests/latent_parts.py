@@ -127,3 +127,113 @@ def text_folder(root: Path) -> Path:
     )
     pipe.save_pretrained(str(root), safe_serialization=True)
     return Path(root)
+
+
+def tiny_clip_with_projection(vocab_size: int, seed: int, hidden: int = 12, projection: int = 8, max_length: int = 12):
+    """CLIPTextModelWithProjection with two layers (the penultimate hidden state differs from the last)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=projection,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_t5_tokenizer():
+    """A word-level fast tokenizer (the letters a-z and digits as words, T5's </s> appended, <pad> to the right)."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in [*string.ascii_lowercase, *string.digits, "a", "red", "cat", "two", "dogs", "blue", "sky"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_t5(vocab_size: int, d_model: int = 32, seed: int = 6):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def tiny_sd3(joint_dim: int = 32, pooled_dim: int = 16, seed: int = 7) -> diffusers.SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=joint_dim,
+        caption_projection_dim=16,
+        pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=8,
+    ).eval()
+
+
+def sd3_folder(root: Path, t5: bool = True) -> Path:
+    """A StableDiffusion3Pipeline folder: SD3Transformer2DModel + AutoencoderKL + CLIP-L, CLIP-G (tiny
+    CLIPTextModelWithProjection, widths 12 and 12, projections 8 + 8) + T5 (d_model 32; ``t5=False``: none, the
+    pipeline's zeros) + FlowMatchEulerDiscreteScheduler; the VAE has a shift_factor (SD3's pipeline decodes with it)."""
+    tokenizer = tiny_tokenizer()
+    tok3 = tiny_t5_tokenizer() if t5 else None
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(shift=0.1),
+        text_encoder=tiny_clip_with_projection(len(tokenizer), seed=4),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_with_projection(len(tokenizer), seed=5),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=tiny_t5(len(tok3)) if t5 else None,
+        tokenizer_3=tok3,
+    )
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return Path(root)
+
+
+def sdxl_folder(root: Path) -> Path:
+    """A StableDiffusionXLPipeline folder for prompt encoding (CLIPTextModel + CLIPTextModelWithProjection, widths 16
+    and 12, projection 8; force_zeros_for_empty_prompt, the pipeline's default); its UNet is the tiny SD one (not
+    an SDXL UNet: the folder is for the text encoders, not a teacher)."""
+    tokenizer = tiny_tokenizer()
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        text_encoder_2=tiny_clip_with_projection(len(tokenizer), seed=5),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        unet=tiny_cond_unet(),
+        scheduler=ddim_scheduler(),
+    )
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return Path(root)

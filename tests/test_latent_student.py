@@ -3,6 +3,9 @@
 - test_student_file_references_the_vae_and_the_export_ships_it: load_student + codec_of decode the student's
   latents; the exported FlowMapPipeline folder holds vae/ and gives the same images (1e-5) with the teacher
   folder gone; output_type="latent" gives the latents bit-equal to load_student's.
+- test_exported_dit_student_in_a_fresh_process: a subprocess that imports only flowmap.pipeline (no training code)
+  loads the exported DiT folder, the teacher folder gone, and gives load_student's decoded images to 1e-5; the
+  modules it imported include no objective, Lightning or teacher code.
 - test_sample_script_decodes_unless_latents: scripts/sample.py on the latent teacher and on the student writes
   (N, 3, 16, 16) images equal to decoding its --latents output (1e-5), and (N, 4, 8, 8) latents with --latents.
 """
@@ -57,6 +60,45 @@ def test_student_file_references_the_vae_and_the_export_ships_it(tmp_path):
     assert torch.equal(pipe(latents=noise, class_labels=labels, output_type="latent").images, z)
     np_images = pipe(latents=noise, class_labels=labels, output_type="np").images
     assert np.abs(np_images - (images / 2 + 0.5).permute(0, 2, 3, 1).numpy()).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_exported_dit_student_in_a_fresh_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, path = latent_student(tmp_path)
+    app = load_student(path)
+    noise = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 5, 1000])
+    ref = codec_of(app).decode(app.sample(noise, labels=labels))
+    FlowMapPipeline.from_flow_map(app.flow_map, app.config).save_pretrained(tmp_path / "pipe")
+    shutil.rmtree(folder)
+    torch.save({"noise": noise, "labels": labels}, tmp_path / "inputs.pt")
+    code = (
+        "import json, sys, torch; from flowmap.pipeline import FlowMapPipeline\n"
+        f"pipe = FlowMapPipeline.from_pretrained({str(tmp_path / 'pipe')!r})\n"
+        f"inp = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "x = pipe(latents=inp['noise'], class_labels=inp['labels'], output_type='pt').images\n"
+        f"torch.save(x, {str(tmp_path / 'x.pt')!r})\n"
+        "mods = [m for m in sys.modules if m.startswith(('flowmap', 'teachers', 'lightning'))]\n"
+        f"open({str(tmp_path / 'mods.json')!r}, 'w').write(json.dumps(mods))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    got = torch.load(tmp_path / "x.pt")
+    assert got.shape == (3, 3, 16, 16) and float((got - ref).abs().max()) < 1e-5
+    mods = json.loads((tmp_path / "mods.json").read_text())
+    training = [m for m in mods if m.startswith(("flowmap.objectives", "flowmap.lightning", "teachers", "lightning"))]
+    assert "flowmap.pipeline" in mods and not training, training
 
 
 def test_sample_script_decodes_unless_latents(tmp_path):

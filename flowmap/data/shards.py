@@ -5,7 +5,8 @@ Layout of a shard directory (written atomically by ``write_shards``)::
     index.json            {"format": "flowmap-shards", "count", "shape", "dtype", "encoding", "num_classes",
                            "classes", "shards": [{"name", "start", "count", "bytes"}, ...], "source"}
     shard-000000.tar      members <key>.npy (float32 array) or <key>.png (uint8 image), and <key>.cls
-    shard-000001.tar      (the class index as ASCII, -1 for unconditional data); key = sample index, 9 digits
+    shard-000001.tar      (the class index as ASCII, -1 for unconditional data); key = sample index, 9 digits;
+                          a text condition adds <key>.emb.npy (L, D) [, .pool.npy (P,), .mask.npy (L,)]
 
 Only ``.npy`` / ``.png`` / ``.cls`` members are written and read: nothing is ever unpickled
 (``np.load(..., allow_pickle=False)``). PNG samples are images whose values are exactly v / 127.5 - 1 for
@@ -221,8 +222,33 @@ def decode_sample(sample: dict, encoding: str, shape: tuple[int, ...]) -> tuple[
         raise ValueError(f"sample {sample.get('__key__')!r} has shape {tuple(x.shape)}, the index says {tuple(shape)}")
     y = torch.tensor(int(sample["cls"].decode("ascii")), dtype=torch.long)
     if "emb.npy" in sample:  # a prompt embedding (L, D) float32 is the sample's condition
-        y = torch.from_numpy(np.load(io.BytesIO(sample["emb.npy"]), allow_pickle=False).copy())
+        y = _npy(sample["emb.npy"])
+        if "pool.npy" in sample or "mask.npy" in sample:  # with pooled embeddings (P,) / attention mask (L,)
+            y = {"encoder_hidden_states": y}
+            if "pool.npy" in sample:
+                y["pooled_projections"] = _npy(sample["pool.npy"])
+            if "mask.npy" in sample:
+                y["encoder_attention_mask"] = _npy(sample["mask.npy"]).long()
     return x, y
+
+
+def _npy(raw: bytes) -> Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(raw), allow_pickle=False).copy())
+
+
+TEXT_MEMBERS = (("emb.npy", "prompt_embeds"), ("pool.npy", "pooled_embeds"), ("mask.npy", "attention_mask"))
+
+
+def text_members(y) -> dict[str, Tensor] | None:
+    """The members of a sample's text condition (``<key>.emb.npy`` (L, D), ``.pool.npy`` (P,), ``.mask.npy`` (L,),
+    float32) from a prompt embedding (L, D) or a one-row ``flowmap.conditions.TextCondition``; None for a label."""
+    if isinstance(y, Tensor) and y.dim() > 0:
+        return {"emb.npy": y}
+    if not hasattr(y, "prompt_embeds"):
+        return None
+    if len(y) != 1:
+        raise ValueError(f"a sample's text condition must be one row, got {len(y)}")
+    return {name: getattr(y, field)[0] for name, field in TEXT_MEMBERS if getattr(y, field) is not None}
 
 
 # --- writing -------------------------------------------------------------------------------------------
@@ -302,8 +328,8 @@ def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max
     shards: list[dict] = []
     tar, members, count = None, 0, 0
     for i, (x, y) in enumerate(samples):
-        emb = y if isinstance(y, Tensor) and y.dim() > 0 else None  # a prompt embedding (L, D): <key>.emb.npy
-        x, y = torch.as_tensor(x), (-1 if emb is not None else int(y))
+        text = text_members(y)  # a prompt embedding (L, D) or a one-row text condition: <key>.emb.npy, ...
+        x, y = torch.as_tensor(x), (-1 if text is not None else int(y))
         if tuple(x.shape) != shape:
             raise ValueError(f"sample {i} has shape {tuple(x.shape)}, expected {shape}")
         if not bool(torch.isfinite(x).all()):
@@ -314,8 +340,8 @@ def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max
                 f"expected {'-1 (unconditional)' if num_classes == 0 else f'0..{num_classes - 1}'}"
             )
         data = encode_sample(x, y, encoding)
-        if emb is not None:
-            data["emb.npy"] = encode_sample(emb, -1, "npy")["npy"]
+        for name, value in (text or {}).items():
+            data[name] = encode_sample(value.float(), -1, "npy")["npy"]
         size = sum(_tar_member_bytes(len(v)) for v in data.values())
         full = tar is not None and (
             (max_count is not None and count >= max_count)
@@ -390,7 +416,8 @@ def write_source_shards(
 
 
 def read_all(root: str | Path) -> tuple[Tensor, Tensor]:
-    """Every sample of a shard directory in key order: (x (N, *shape), y (N,)); errors on any damage."""
+    """Every sample of a shard directory in key order: (x (N, *shape), y (N,) labels, (N, L, D) prompt embeddings or,
+    with pooled embeddings / masks, a ``TextCondition``); errors on any damage."""
     index = read_index(root)
     stream = _ShardReader(index, mine=None)
     xs, ys = [], []
@@ -400,6 +427,10 @@ def read_all(root: str | Path) -> tuple[Tensor, Tensor]:
             raise ValueError(f"{str(path)!r}: read {len(got)} good samples, the index lists {shard['count']}")
         xs += [x for x, _ in got]
         ys += [y for _, y in got]
+    if isinstance(ys[0], dict):  # text conditions with pooled embeddings / masks: one TextCondition
+        from flowmap.conditions import as_condition
+
+        return torch.stack(xs), as_condition({k: torch.stack([y[k] for y in ys]) for k in ys[0]})
     return torch.stack(xs), torch.stack(ys)
 
 

@@ -162,7 +162,10 @@ class SlotStream(IterableDataset):
         return self.damage.totals()
 
     def collate(self, batch: list) -> object:
-        return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+        ys = [b[1] for b in batch]
+        if isinstance(ys[0], dict):  # a text condition's fields (flowmap.data.shards.decode_sample), each stacked
+            return torch.stack([b[0] for b in batch]), {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
+        return torch.stack([b[0] for b in batch]), torch.stack(ys)
 
     def __iter__(self) -> Iterator:
         info = get_worker_info()

@@ -9,7 +9,8 @@ from flowmap.conditions import Condition, TextCondition, as_condition
 
 def unpack_batch(batch, null: TextCondition | None = None) -> tuple[Tensor, Condition]:
     """Tensor | (x,) | (x, y) | {"x": ..., "y": ...} -> (x0 (B, ...), cond (B,) long, a ``TextCondition`` (prompt
-    embeddings, with ``null``, the empty prompt's condition, attached) or None).
+    embeddings, or a dict of a text condition's fields from shards, with ``null``, the empty prompt's condition,
+    attached) or None).
 
     Labels < 0 mean "unconditional": a batch whose labels are all negative gives cond = None."""
     if isinstance(batch, Tensor):
@@ -24,7 +25,7 @@ def unpack_batch(batch, null: TextCondition | None = None) -> tuple[Tensor, Cond
         raise ValueError(f"cannot read a batch of type {type(batch).__name__}")
     if x is None:
         raise ValueError("the batch has no 'x'")
-    if isinstance(y, TextCondition) or (isinstance(y, Tensor) and y.dim() > 1 and y.is_floating_point()):
+    if isinstance(y, (TextCondition, dict)) or (isinstance(y, Tensor) and y.dim() > 1 and y.is_floating_point()):
         return x, as_condition(y).with_null(null)  # prompt embeddings (B, L, D) of a text teacher (flowmap/text.py)
     if y is not None:
         if not isinstance(y, Tensor) or y.dim() != 1:

@@ -31,7 +31,7 @@ from flowmap.models import (
 )
 from flowmap.objectives import build_objective
 from flowmap.sampling import sample
-from flowmap.student import FlowMap
+from flowmap.student import FlowMap, activation_checkpointing
 
 
 class DistillModule(TrainingMixin, L.LightningModule):
@@ -41,7 +41,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
         student: ``{"net": {...}, "parametrization": "identity" | {"name": "consistency", ...}}``; without a
             ``net`` (or None), the teacher's own network (diffusers / EDM teachers,
             ``flowmap.models.student_from_teacher``) with ``{"guidance_input", "freq_dim", "time_scale", "lora"}``
-            from this dict.
+            from this dict. Either way ``activation_checkpointing: true`` checkpoints the net's blocks
+            (``flowmap.student.activation_checkpointing``).
         objective: ``{"name": "cd" | "ict" | "ect" | "pd" | "meanflow" | ..., **hyperparameters}``.
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
         init_from_teacher: copy the teacher network's weights into the student where they fit; None (default):
@@ -73,6 +74,8 @@ class DistillModule(TrainingMixin, L.LightningModule):
         self.save_hyperparameters(ignore=["teacher"])
         self.ema_schedule()  # checks ema_halflife / ema_decay
         self.student: FlowMap = self._build_student(dict(student or {}), teacher, init_from_teacher)
+        if dict(student or {}).get("activation_checkpointing"):  # recompute block activations in the backward
+            activation_checkpointing(self.student)
         self.objective = build_objective(dict(objective))
         self.data_shape = tuple(self.student.data_shape)
         self.num_classes = self.student.num_classes

@@ -38,7 +38,8 @@ def student_help() -> str:
 
     nets = "; ".join(signature_text(name, cls.__init__) for name, cls in NETS.items() if name != "diffusers")
     own = signature_text("teacher's network", student_net_from_teacher, omit=("teacher", "copy_weights"))
-    return f"Nets (net: {{name: ..., **options}}): {nets}. Without a net: {own}."
+    every = "activation_checkpointing: bool = False (recompute each block's activations in the backward pass)"
+    return f"Nets (net: {{name: ..., **options}}): {nets}. Without a net: {own}. Every student: {every}."
 
 
 def describe_dict_arguments(parser) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowmap.conditions import drop
+from flowmap.conditions import Condition, drop, matches
 from flowmap.objectives.guidance import teacher_velocity
 from flowmap.types import Teacher, expand_like
 
@@ -48,25 +48,25 @@ def check_data_velocity(value: str, key: str = "data_velocity") -> str:
     return value
 
 
-def stable_target(
-    x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Tensor | None = None, null: int = -1
-) -> Tensor:
+def stable_target(x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Condition = None, null: int = -1) -> Tensor:
     """Flow-matching target with the batch as reference set (Xu et al. 2023, "Stable Target Field for Reduced
     Variance Score Estimation", Eq. 5), written for the linear path x_s = (1 - s) x0 + s eps:
 
         E[eps - x0 | x_s] ~ sum_j w_j (x_s - x0_j) / s,   w_j = softmax_j(-||x_s - (1 - s) x0_j||^2 / (2 s^2)),
 
-    the posterior over the batch's data points x0_j (same label only, when labelled; ``null`` is the label
-    that matches every class). It is computed as (eps - x0) + (x0 - sum_j w_j x0_j) / s, which is exactly the
-    conditional target when the own point dominates (s -> 0), and a lower-variance, consistent (as the batch
-    grows) estimate of the marginal velocity elsewhere. Uses data samples only."""
+    the posterior over the batch's data points x0_j (same condition only, when conditioned: equal labels, or equal
+    prompt records of a ``TextCondition``; ``null`` is the label, the record's ``null`` the empty prompt, that
+    matches every condition, ``flowmap.conditions.matches``). It is computed as
+    (eps - x0) + (x0 - sum_j w_j x0_j) / s, which is exactly the conditional target when the own point dominates
+    (s -> 0), and a lower-variance, consistent (as the batch grows) estimate of the marginal velocity elsewhere.
+    Uses data samples only."""
     s = s.clamp_min(1e-4)  # at s = 0 the own point takes all the weight and the correction is 0 / 0
     xf, df = x_s.flatten(1).double(), x0.flatten(1).double()
     a, sd = (1 - s).double()[:, None], s.double()[:, None]
     d2 = xf.pow(2).sum(1, keepdim=True) - 2 * a * (xf @ df.T) + a**2 * df.pow(2).sum(1)[None]  # (B, B)
     logits = -d2 / (2 * sd**2)
     if cond is not None:
-        same = (cond[:, None] == cond[None, :]) | (cond[:, None] == null)
+        same = matches(cond, null)
         logits = logits.masked_fill(~same, float("-inf"))
     w = torch.softmax(logits, dim=1)
     mean = (w @ df).to(x0.dtype).view_as(x0)
