@@ -354,23 +354,24 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
         def get_teacher(self):
             calls.append(("teacher", self.name, self.fresh))
 
-        def train_student(self, method):
-            calls.append((method, self.name, self.fresh))
+        def train_student(self, method, seed=0):
+            calls.append((method, seed, self.name, self.fresh))
 
     monkeypatch.setattr(benchmark, "Setting", FakeSetting)
     threads = torch.get_num_threads()  # a worker task sets one thread: restore this process's count
     try:
-        for method in (None, "cd", "meanflow"):
-            name, m, err, _ = benchmark._pretrain_task(("checkerboard", method, None, "cpu", "/nonexistent", True))
-            assert err is None and m == method
+        for method, seed in ((None, 0), ("cd", 0), ("meanflow", 1)):
+            task = ("checkerboard", method, seed, None, "cpu", "/nonexistent", True)
+            name, m, k, err, _ = benchmark._pretrain_task(task)
+            assert err is None and m == method and k == seed
     finally:
         torch.set_num_threads(threads)
     assert calls == [
         ("teacher", "checkerboard", True),
         ("teacher", "checkerboard", False),
-        ("cd", "checkerboard", True),
+        ("cd", 0, "checkerboard", True),
         ("teacher", "checkerboard", False),
-        ("meanflow", "checkerboard", True),
+        ("meanflow", 1, "checkerboard", True),
     ]
 
 
