@@ -1,33 +1,45 @@
 #!/usr/bin/env python
 """One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
 
-    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (32 min on a free
-                                                 # 2-core CPU with the former 400-step digits budget; the
-                                                 # configs' 1000 steps of their UNet take longer)
-    python scripts/benchmark.py --jobs 2 --scale 0.5   # every run length halved (the recipes' fractions follow)
-    python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
+    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (budget below)
+    python scripts/benchmark.py --jobs 2 --scale 0.4   # every run length x 0.4 (the recipes' fractions follow)
+    python scripts/benchmark.py --quick          # tiny nets and budgets, one seed, every table; run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
+    python scripts/benchmark.py --datasets fromdata --seeds 1   # the teacher-free table alone, one seed
 
 What it does, with fixed budgets and seeds (``BUDGETS``):
 
 1. teachers: flow matching (``DenoisingLoss``, linear path, velocity) on checkerboard and eight Gaussians
-   and class-conditional digits, with the net of each set's model config (``SETS``: configs/data/<set>.yaml and
-   configs/model/<net>.yaml), trained by ``flowmap.training.fit`` or reused from ``<out>/cache``; the analytic
-   ring8 Gaussian mixture (``teachers.gmm``, configs/data/ring8.yaml) is its own exact teacher;
+   and class-conditional digits (a UNet and a DiT: the sets digits and digits_dit), with the net of each set's
+   model config (``SETS``: configs/data/<set>.yaml and configs/model/<net>.yaml), trained by
+   ``flowmap.training.fit`` or reused from ``<out>/cache``; the analytic ring8 Gaussian mixture (``teachers.gmm``,
+   configs/data/ring8.yaml) and the other mixtures are their own exact teachers;
 2. students: every objective in ``flowmap.objectives.OBJECTIVES`` with a ``configs/distill/<method>.yaml`` (the
    others are listed with the reason), each trained with the recipe a user composes from the set's data and model
    configs and the method's config (``flowmap.recipe.compose``: objective, net, batch, init rule; the Lightning
    trainer semantics through ``TrainLoop``: lr, warm-up, cosine decay, AdamW, EMA half-life, gradient clipping,
    non-finite guard) for the data config's ``trainer.max_steps`` (times ``--scale``), and evaluated with its EMA
    weights, as users export them. The mixture's exact teacher has no weights: its students start from a
-   flow-matching net trained on its samples (data-free: x0 are samples of the teacher);
-3. quality at 1, 2, 4, 8 NFE (teachers at 1 ... 64 NFE, Euler and Heun, and the data-vs-data floor):
-   exact W2 and support precision (2-D), flow-map RMSE against the exact map (mixture), FD / KID in the
-   features of the project's digit classifier or Inception (digits);
-4. cost: seconds per training step of each objective over a plain flow-matching step on the same MLP and
+   flow-matching net trained on its samples (data-free: x0 are samples of the teacher). The teacher-free set
+   ``fromdata`` (``TEACHER_FREE``) has no teacher: every method with a configs/distill/<method>_fromdata.yaml trains
+   it from scratch on the checkerboard, with that file's steps and batch (4000 x 1024);
+3. seeds: each student is trained ``--seeds`` times (full: 2, --quick: 1); seed 0 is evaluated at every NFE, the
+   others at 1 NFE (the headline numbers, shown side by side; the 1-NFE targets read the worse seed);
+4. quality at 1, 2, 4, 8 NFE (the teacher-free table: 1, 2, 4; teachers at 1 ... 64 NFE, Euler and Heun, and the
+   data-vs-data floor; the teacher-free table: pure N(0, I) samples, its noise level): exact W2 and support
+   precision (2-D), flow-map RMSE against the exact map (mixture), FD / KID in the features of the project's digit
+   classifier or Inception and class accuracy (digits);
+5. cost: seconds per training step of each objective over a plain flow-matching step on the same MLP and
    DiT, measured interleaved in one process (medians), peak memory of one step, sampling throughput;
-5. peer: our flow-matching teacher training against torchcfm's loop (as documented, and with our learning-rate
+6. peer: our flow-matching teacher training against torchcfm's loop (as documented, and with our learning-rate
    schedule) on the same net, data, batch and steps: time per step and final W2.
+
+Budget of the full run, per seed, in one-thread CPU minutes, estimated from measured step times (the benchmarks'
+tables on a 2-core x86 CPU; ``--jobs 2`` halves the wall time): the checkerboard and the three mixtures about 60
+(35 min wall with --jobs 2, 14 methods); digits 1000 steps x 14 methods at batch 128, about 0.04-0.13 s a step on
+the UNet (about 20) and 0.3-0.4 s on the DiT (2-3x a flow-matching step of 0.14 s; about 70); fromdata 4000 steps
+x 1024, about 0.15-0.2 s a step, 10-13 per method. The two-seed full run at ``--scale 1`` takes several hours
+with ``--jobs 2``; ``--scale``, ``--seeds`` and ``--datasets`` fit it to a budget.
 
 Writes ``<out>/RESULTS.md``, ``<out>/results.json`` and PNG plots (``scripts/benchmark_report.py``).
 """
