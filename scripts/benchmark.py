@@ -1426,10 +1426,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def other_seed(setting: Setting, ev: Evaluator, method: str, seed: int, gamma: float, worker: bool) -> dict:
     """The student of ``method`` with ``seed`` (> 0) trained (or loaded) and evaluated at ``SEED_NFE``:
-    {"seed", "nfe", "seconds", "cached", "worker", "code"}, or {"seed", "error"}."""
+    {"seed", "nfe", "seconds", "cached", "worker", "code"}, {"seed", "error"} when it failed, or {"seed", "missing"}
+    when --reuse-only found it not in the cache."""
     try:
         trained = setting.train_student(method, seed)
         rows, _ = ev.student_rows(trained["student"], gamma, SEED_NFE)
+    except LookupError as err:  # --reuse-only and not in the cache: not run, which is no failure of the method
+        log(f"{setting.name}/{method} seed {seed}: not run ({err})")
+        return {"seed": seed, "missing": str(err)[:300]}
     except Exception as err:
         log(f"{setting.name}/{method} seed {seed}: FAILED {type(err).__name__}: {err}")
         return {"seed": seed, "error": f"{type(err).__name__}: {str(err)[:300]}"}

@@ -42,7 +42,8 @@ def _finite(v) -> bool:
 
 def _seed_values(st: dict, key: str, nfe: int = 1) -> list:
     """``key`` at ``nfe`` of seed 0 and of every other seed (None where a seed failed or lacks it)."""
-    return [_get(st, "nfe", nfe, key)] + [_get(s, "nfe", nfe, key) for s in st.get("seeds") or []]
+    others = [s for s in st.get("seeds") or [] if "missing" not in s]  # missing: not run (--reuse-only)
+    return [_get(st, "nfe", nfe, key)] + [_get(s, "nfe", nfe, key) for s in others]
 
 
 def _worst(st: dict | None, key: str, sense: str) -> tuple[float | None, str]:
@@ -450,8 +451,12 @@ HEADLINE = {
 
 def _seed_cell(st: dict, key: str) -> str:
     """``key`` at 1 NFE for every seed, "a / b" (a failed seed: "failed")."""
-    cells = [_f(_get(st, "nfe", 1, key), 3 if key in ("precision", "class_acc") else 4)]
-    cells += ["failed" if "error" in s else _f(_get(s, "nfe", 1, key), 4) for s in st.get("seeds") or []]
+    digits = 3 if key in ("precision", "class_acc") else 4
+    cells = [_f(_get(st, "nfe", 1, key), digits)]
+    cells += [
+        "failed" if "error" in s else "not run" if "missing" in s else _f(_get(s, "nfe", 1, key), digits)
+        for s in st.get("seeds") or []
+    ]
     return " / ".join(cells)
 
 
