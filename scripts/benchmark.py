@@ -1,33 +1,45 @@
 #!/usr/bin/env python
 """One benchmark that ranks every flow-map method: quality per NFE, training cost, sampling speed, a peer.
 
-    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (32 min on a free
-                                                 # 2-core CPU with the former 400-step digits budget; the
-                                                 # configs' 1000 steps of their UNet take longer)
-    python scripts/benchmark.py --jobs 2 --scale 0.5   # every run length halved (the recipes' fractions follow)
-    python scripts/benchmark.py --quick          # tiny budgets, every table (< 2 min); run by the tests
+    python scripts/benchmark.py --jobs 2         # full run, training in 2 worker processes (budget below)
+    python scripts/benchmark.py --jobs 2 --scale 0.4   # every run length x 0.4 (the recipes' fractions follow)
+    python scripts/benchmark.py --quick          # tiny nets and budgets, one seed, every table; run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
+    python scripts/benchmark.py --datasets fromdata --seeds 1   # the teacher-free table alone, one seed
 
 What it does, with fixed budgets and seeds (``BUDGETS``):
 
 1. teachers: flow matching (``DenoisingLoss``, linear path, velocity) on checkerboard and eight Gaussians
-   and class-conditional digits, with the net of each set's model config (``SETS``: configs/data/<set>.yaml and
-   configs/model/<net>.yaml), trained by ``flowmap.training.fit`` or reused from ``<out>/cache``; the analytic
-   ring8 Gaussian mixture (``teachers.gmm``, configs/data/ring8.yaml) is its own exact teacher;
+   and class-conditional digits (a UNet and a DiT: the sets digits and digits_dit), with the net of each set's
+   model config (``SETS``: configs/data/<set>.yaml and configs/model/<net>.yaml), trained by
+   ``flowmap.training.fit`` or reused from ``<out>/cache``; the analytic ring8 Gaussian mixture (``teachers.gmm``,
+   configs/data/ring8.yaml) and the other mixtures are their own exact teachers;
 2. students: every objective in ``flowmap.objectives.OBJECTIVES`` with a ``configs/distill/<method>.yaml`` (the
    others are listed with the reason), each trained with the recipe a user composes from the set's data and model
    configs and the method's config (``flowmap.recipe.compose``: objective, net, batch, init rule; the Lightning
    trainer semantics through ``TrainLoop``: lr, warm-up, cosine decay, AdamW, EMA half-life, gradient clipping,
    non-finite guard) for the data config's ``trainer.max_steps`` (times ``--scale``), and evaluated with its EMA
    weights, as users export them. The mixture's exact teacher has no weights: its students start from a
-   flow-matching net trained on its samples (data-free: x0 are samples of the teacher);
-3. quality at 1, 2, 4, 8 NFE (teachers at 1 ... 64 NFE, Euler and Heun, and the data-vs-data floor):
-   exact W2 and support precision (2-D), flow-map RMSE against the exact map (mixture), FD / KID in the
-   features of the project's digit classifier or Inception (digits);
-4. cost: seconds per training step of each objective over a plain flow-matching step on the same MLP and
+   flow-matching net trained on its samples (data-free: x0 are samples of the teacher). The teacher-free set
+   ``fromdata`` (``TEACHER_FREE``) has no teacher: every method with a configs/distill/<method>_fromdata.yaml trains
+   it from scratch on the checkerboard, with that file's steps and batch (4000 x 1024);
+3. seeds: each student is trained ``--seeds`` times (full: 2, --quick: 1); seed 0 is evaluated at every NFE, the
+   others at 1 NFE (the headline numbers, shown side by side; the 1-NFE targets read the worse seed);
+4. quality at 1, 2, 4, 8 NFE (the teacher-free table: 1, 2, 4; teachers at 1 ... 64 NFE, Euler and Heun, and the
+   data-vs-data floor; the teacher-free table: pure N(0, I) samples, its noise level): exact W2 and support
+   precision (2-D), flow-map RMSE against the exact map (mixture), FD / KID in the features of the project's digit
+   classifier or Inception and class accuracy (digits);
+5. cost: seconds per training step of each objective over a plain flow-matching step on the same MLP and
    DiT, measured interleaved in one process (medians), peak memory of one step, sampling throughput;
-5. peer: our flow-matching teacher training against torchcfm's loop (as documented, and with our learning-rate
+6. peer: our flow-matching teacher training against torchcfm's loop (as documented, and with our learning-rate
    schedule) on the same net, data, batch and steps: time per step and final W2.
+
+Budget of the full run, per seed, in one-thread CPU minutes, estimated from measured step times (the benchmarks'
+tables on a 2-core x86 CPU; ``--jobs 2`` halves the wall time): the checkerboard and the three mixtures about 60
+(35 min wall with --jobs 2, 14 methods); digits 1000 steps x 14 methods at batch 128, about 0.04-0.13 s a step on
+the UNet (about 20) and 0.3-0.4 s on the DiT (2-3x a flow-matching step of 0.14 s; about 70); fromdata 4000 steps
+x 1024, about 0.15-0.2 s a step, 10-13 per method. The two-seed full run at ``--scale 1`` takes several hours
+with ``--jobs 2``; ``--scale``, ``--seeds`` and ``--datasets`` fit it to a budget.
 
 Writes ``<out>/RESULTS.md``, ``<out>/results.json`` and PNG plots (``scripts/benchmark_report.py``).
 """
@@ -84,6 +96,8 @@ from flowmap.types import LossOutput  # noqa: E402
 from flowmap.velocity import NetVelocity  # noqa: E402
 
 STUDENT_NFE = (1, 2, 4, 8)
+FROM_DATA_NFE = (1, 2, 4)  # the teacher-free table
+SEED_NFE = (1,)  # students of seeds > 0 are evaluated at the headline NFE only
 TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
 QUICK_METHODS = ("cd", "meanflow")
 
@@ -103,11 +117,19 @@ SETS = {
     "checkerboard": ("checkerboard", "mlp2d"),
     "eight_gaussians": ("eight_gaussians", "mlp2d"),
     "digits": ("digits", "unet_digits"),
+    "digits_dit": ("digits", "dit_digits"),
     "gmm": ("ring8", "mlp2d_smooth"),
     "aniso2d": ("aniso2d", "mlp2d_smooth"),
     "scales16": ("scales16", "mlp2d_smooth"),
+    "fromdata": ("checkerboard", "mlp2d"),
 }
 DATASETS = tuple(SETS)
+# Teacher-free sets: no teacher; the methods with a configs/distill/<method><suffix>.yaml train that config from
+# scratch (its trainer.max_steps and batch are the budget), as a user's run without --teacher does.
+TEACHER_FREE = {"fromdata": "_fromdata"}
+# Sets whose teacher trains with the learning rate and warm-up of a configs/teacher/<file>.yaml (the net is the set's
+# model config, the same as that file's); the others' teachers train at twice the data config's rate, no warm-up.
+TEACHER_CONFIGS = {"digits_dit": "digits_dit"}
 # --quick only: smaller nets (the recipe's net with these options), so that the smoke run takes a minute
 QUICK_NETS = {
     "mlp": {"width": 64, "depth": 2, "emb_dim": 32},
@@ -146,6 +168,9 @@ class Budget:
     stream_batch: int = 256
     stream_batches: int = 40
     quick_nets: bool = False  # shrink the recipes' nets (QUICK_NETS)
+    # the teacher-free table's sample count: its W2 target (0.15) sits near the data-vs-data floor of 2000 samples
+    # (0.10-0.15 with the reference draw); 4000 samples bring the floor to about 0.09
+    n_eval_from_data: int = 4000
 
 
 BUDGETS = {
@@ -195,6 +220,7 @@ BUDGETS = {
         stream_batch=64,
         stream_batches=8,
         quick_nets=True,
+        n_eval_from_data=300,
     ),
 }
 
@@ -211,16 +237,35 @@ def scaled(budget: Budget, scale: float) -> Budget:
 
 
 def set_files(name: str, method: str | None = None) -> list[Path]:
-    """The config files of benchmark set ``name`` (data, model) and of ``method`` (configs/distill/<method>.yaml)."""
+    """The config files of benchmark set ``name`` (data, model) and of ``method`` (configs/distill/<method>.yaml;
+    on a teacher-free set configs/distill/<method><suffix>.yaml)."""
     data, model = SETS[name]
     if method is None:
         return [CONFIGS / "data" / f"{data}.yaml", CONFIGS / "model" / f"{model}.yaml"]
-    return recipe_files(data, model, method)
+    return recipe_files(data, model, method + TEACHER_FREE.get(name, ""))
 
 
-def student_steps(name: str, budget: Budget) -> int:
-    """The students' steps on set ``name``: the data config's trainer.max_steps times ``budget.student_scale``."""
-    max_steps = int(compose(set_files(name))["trainer"]["max_steps"])
+def set_methods(name: str, methods: list[str]) -> list[str]:
+    """The methods of ``methods`` that run on set ``name``: all of them, or on a teacher-free set those with a
+    configs/distill/<method><suffix>.yaml (found by glob: a new teacher-free config joins the table by itself)."""
+    if name not in TEACHER_FREE:
+        return list(methods)
+    return [m for m in methods if (CONFIGS / "distill" / f"{m}{TEACHER_FREE[name]}.yaml").is_file()]
+
+
+def set_kind(name: str) -> str:
+    """ "digits" (class-conditional images), "mixture" (an exact analytic teacher) or "2d" (sampled points)."""
+    cfg = compose(set_files(name))
+    if cfg["data"]["class_path"].endswith("DigitsDataModule"):
+        return "digits"
+    teacher = cfg["model"].get("teacher")
+    return "mixture" if isinstance(teacher, dict) and "class_path" in teacher else "2d"
+
+
+def student_steps(name: str, budget: Budget, method: str | None = None) -> int:
+    """The students' steps on set ``name``: trainer.max_steps of the set's configs (with ``method``'s file, which
+    may set it: the teacher-free ones do) times ``budget.student_scale``."""
+    max_steps = int(compose(set_files(name, method))["trainer"]["max_steps"])
     return max(1, int(round(max_steps * budget.student_scale)))
 
 
@@ -234,7 +279,7 @@ def recipe(name: str, method: str, budget: Budget) -> dict:
     benchmark's run length: {"cfg" (composed, trainer.max_steps = the students' steps), "objective", "student",
     "options" (``TrainLoop`` options), "files"}."""
     files = set_files(name, method)
-    steps = student_steps(name, budget)
+    steps = student_steps(name, budget, method)
     cfg = compose(files, max_steps=steps)
     cfg["trainer"]["max_steps"] = steps
     student = dict(cfg["model"]["student"])
@@ -417,11 +462,24 @@ class Setting:
         data = cfg["data"]
         args = dict(data.get("init_args") or {})
         self.kind = "digits" if data["class_path"].endswith("DigitsDataModule") else "2d"
+        self.teacher_free = name in TEACHER_FREE
         self.student_config = dict(cfg["model"]["student"])
         self.net_config = shrink(self.student_config["net"], budget)  # the teacher's net, and the students' base
         self.data_shape = tuple(self.net_config["data_shape"])
         self.num_classes = int(self.net_config.get("num_classes", 0) or 0)
         self.batch, self.lr = int(args.get("batch_size", 256)), float(cfg["model"].get("lr", 1e-3))
+        self.teacher_options = {"lr": self.lr * 2, "lr_final": self.lr * 2 * budget.lr_decay}
+        self.teacher_file = None
+        if name in TEACHER_CONFIGS:  # its teacher config's rate, and its warm-up as a share of the run
+            self.teacher_file = CONFIGS / "teacher" / f"{TEACHER_CONFIGS[name]}.yaml"
+            teacher_cfg = compose([self.teacher_file])
+            lr, warmup = float(teacher_cfg["model"]["lr"]), int(teacher_cfg["model"].get("warmup_steps", 0))
+            share = self.teacher_steps() / int(teacher_cfg["trainer"]["max_steps"])
+            self.teacher_options = {
+                "lr": lr,
+                "lr_final": lr * budget.lr_decay,
+                "warmup_steps": int(round(warmup * share)),
+            }
         self.student_steps = student_steps(name, budget)
         teacher_spec = cfg["model"].get("teacher")
         self.is_mixture = isinstance(teacher_spec, dict) and "class_path" in teacher_spec
@@ -455,23 +513,33 @@ class Setting:
         return get
 
     # teacher ----------------------------------------------------------------------------------------
-    def teacher_key(self) -> str:
-        steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
+    def teacher_steps(self) -> int:
+        return self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
+
+    def teacher_key(self) -> str | None:
+        if self.teacher_free:
+            return None
+        steps = self.teacher_steps()
+        # a teacher config's options join the key only where one is used: the other sets' keys stay as they were
+        extra = [self.teacher_options] if self.teacher_file else []
         return key_of(
-            "teacher", self.name, self.net_config, steps, self.batch, self.lr, 1, "cosine", self.budget.lr_decay
+            "teacher", self.name, self.net_config, steps, self.batch, self.lr, 1, "cosine", self.budget.lr_decay, *extra
         )
 
     def get_teacher(self):
-        """The teacher (trained or loaded from the cache); the mixture's is exact. Also sets ``init_net``, the
-        flow-matching net every student starts from: the teacher itself, or for the mixture a flow-matching net
-        trained on the mixture's samples (data-free: samples of the teacher)."""
+        """The teacher (trained or loaded from the cache); the mixture's is exact; a teacher-free set has none
+        (None). Also sets ``init_net``, the flow-matching net every student starts from: the teacher itself, or for
+        the mixture a flow-matching net trained on the mixture's samples (data-free: samples of the teacher)."""
+        if self.teacher_free:
+            self.init_net = self.teacher = None
+            return None
         net = self._flow_matching_net()
         self.init_net = net
         self.teacher = self.exact_teacher if self.is_mixture else net
         return self.teacher
 
     def _flow_matching_net(self) -> NetVelocity:
-        steps = self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
+        steps = self.teacher_steps()
         what = "flow-matching init net" if self.is_mixture else "teacher"
         path = self.cache / f"teacher_{self.name}_{self.teacher_key()}.safetensors"
         meta_path = path.with_suffix(".json")
@@ -491,14 +559,7 @@ class Setting:
         objective = FlowMatching(p_uncond=0.1 if self.num_classes else 0.0)
         log(f"{self.name}: training the {what} ({steps} steps, batch {self.batch})")
         t0 = time.time()
-        losses = fit(
-            net,
-            objective,
-            self.batches(seed_of("teacher-data", self.name)),
-            steps,
-            lr=self.lr * 2,
-            lr_final=self.lr * 2 * self.budget.lr_decay,
-        )
+        losses = fit(net, objective, self.batches(seed_of("teacher-data", self.name)), steps, **self.teacher_options)
         self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
         save_teacher(path, teacher, data=self.name, extra={"steps": steps})
         self.teacher_code = code_fingerprint()
@@ -506,13 +567,17 @@ class Setting:
         return teacher.eval().requires_grad_(False)
 
     # students ---------------------------------------------------------------------------------------
-    def train_student(self, method: str) -> dict:
+    def train_student(self, method: str, seed: int = 0) -> dict:
         """Train (or load) the student of ``method`` with its recipe (``recipe``: the objective, net, batch and
         ``TrainLoop`` options of the configs a user composes); the EMA weights are kept, as users export them.
-        Returns {"student", "config", "losses", "seconds", ...}."""
+        ``seed`` 0 is the benchmark's run; another seed draws other seeds for everything the student's training
+        draws (the init of its parts not copied from the teacher, the objective's own parts, data batches, times
+        and noises). Returns {"student", "config", "losses", "seconds", ...}."""
         r = recipe(self.name, method, self.budget)
         config, options = r["objective"], r["options"]
+        steps = int(options["steps"])
         batch = int(r["cfg"]["data"].get("init_args", {}).get("batch_size", self.batch))
+        parts = (self.name, method, *([seed] if seed else []))  # seed 0: the parts (and cache keys) of one-seed runs
         key = key_of(
             "student",
             self.name,
@@ -520,31 +585,37 @@ class Setting:
             config,
             r["student"],
             r["init_from_teacher"],
-            self.student_steps,
+            steps,
             batch,
             options_record(options),
             self.teacher_key(),
+            *([{"seed": seed}] if seed else []),
         )
-        path = self.cache / f"student_{self.name}_{method}_{key}.safetensors"
+        tag = f"{method}_seed{seed}" if seed else method
+        path = self.cache / f"student_{self.name}_{tag}_{key}.safetensors"
         meta_path = path.with_suffix(".json")
         if path.is_file() and meta_path.is_file() and not self.fresh:
             try:
                 student = load_model(path, expect="student").to(self.device)
                 meta = json.loads(meta_path.read_text())
-                log(f"{self.name}/{method}: student loaded from {path.name}{other_code(meta.get('code'))}")
+                log(f"{self.name}/{tag}: student loaded from {path.name}{other_code(meta.get('code'))}")
                 return {"student": student, "config": config, **meta, "cached": True}
             except (CheckpointError, KeyError, json.JSONDecodeError) as err:
-                log(f"{self.name}/{method}: cached student unusable ({err}); retraining")
+                log(f"{self.name}/{tag}: cached student unusable ({err}); retraining")
         if self.reuse_only:
             raise LookupError(f"no cached student {path.name} (--reuse-only: not trained in this run)")
-        objective = seeded_objective(config, "objective", self.name, method).to(self.device)
-        torch.manual_seed(seed_of("student", self.name, method))
+        objective = seeded_objective(config, "objective", *parts).to(self.device)
+        if self.teacher_free and getattr(objective, "needs_teacher", False):
+            raise ValueError(f"{method}: its {self.name} config trains against a teacher; this set has none")
+        torch.manual_seed(seed_of("student", *parts))
         student = build_student(dict(r["student"])).to(self.device)
         # DistillModule's rule: init_from_teacher, or (unset) whenever the student's net is the teacher's; the
         # mixture's exact teacher has no weights: its students start from the flow-matching net of its samples
         init_from = r["init_from_teacher"]
+        if self.teacher_free and init_from:
+            raise ValueError(f"{method}: its {self.name} config sets init_from_teacher; this set has no teacher")
         if init_from is None:
-            init_from = same_architecture(student, self.init_net)
+            init_from = not self.teacher_free and same_architecture(student, self.init_net)
         if init_from:
             copied, _ = init_student_from_teacher(student, self.init_net)
             if not copied:
@@ -554,10 +625,10 @@ class Setting:
             init = "scratch"
         teacher = self.teacher if getattr(objective, "needs_teacher", False) else None
         loop = TrainLoop(student, objective, teacher, **options)
-        batches = self.batches(seed_of("student-data", self.name, method), batch)
+        batches = self.batches(seed_of("student-data", *parts), batch)
         t0 = time.time()
         losses = []
-        for step in range(self.student_steps):
+        for step in range(steps):
             losses.append(loop.step(*batches(step))[0])
         losses = torch.stack(losses).tolist()  # one host read for the run
         seconds = time.time() - t0
@@ -568,14 +639,20 @@ class Setting:
         meta = {
             "losses": losses,
             "seconds": seconds,
-            "steps": self.student_steps,
+            "steps": steps,
             "init": init,
             "config_source": "recipe " + " + ".join(r["files"]),
             "options": options_record(options),
             "batch": batch,
             "code": code_fingerprint(),
         }
-        save_student(path, student, method=method, data=self.name, extra={"objective": config})
+        save_student(
+            path,
+            student,
+            method=method,
+            data=self.name,
+            extra={"objective": config, **({"seed": seed} if seed else {})},
+        )
         meta_path.write_text(json.dumps(meta))
         return {"student": student, "config": config, **meta, "cached": False}
 
@@ -604,7 +681,7 @@ class Evaluator:
             self.ref_feats = extractor.extract(setting.x_train.cpu())
             self.floor = {**self.image_metrics(x_test, None), "n": len(x_test), "n_ref": len(self.ref_feats)}
         else:
-            n = budget.n_eval_2d
+            n = budget.n_eval_from_data if setting.teacher_free else budget.n_eval_2d
             self.noise = torch.randn(n, *setting.data_shape, generator=g).to(dev)
             self.cond = None
             gd = torch.Generator().manual_seed(seed_of("eval-data", setting.name))
@@ -626,15 +703,22 @@ class Evaluator:
             self.floor = {**self.point_metrics(other, exact=None), "n": n, "n_ref": n}
             if setting.is_mixture:
                 self.floor["rmse"] = 0.0
+            if setting.teacher_free:  # what the input noise scores: the level a student that learned nothing stays at
+                gn = torch.Generator().manual_seed(seed_of("noise-level", setting.name))
+                self.noise_level = {
+                    **self.point_metrics(torch.randn(n, *setting.data_shape, generator=gn), None),
+                    "n": n,
+                }
 
     def point_metrics(self, x: Tensor, exact: Tensor | None) -> dict:
         x = x.float().cpu()
         if not torch.isfinite(x).all():
             return {"w2": float("nan"), "nonfinite": int((~torch.isfinite(x)).any(1).sum())}
         out = {"w2": w2_exact(x, self.ref)}
-        if self.s.name == "checkerboard":
+        data = SETS[self.s.name][0]  # the data config's name: the teacher-free checkerboard is scored as the other
+        if data == "checkerboard":
             out["precision"] = checkerboard_precision(x)
-        elif self.s.name == "eight_gaussians":
+        elif data == "eight_gaussians":
             out["precision"] = eight_gaussians_precision(x)
         if exact is not None:
             out["rmse"] = flow_map_rmse(x, exact)
@@ -669,9 +753,9 @@ class Evaluator:
                 samples[(method, nfe)] = x.cpu()
         return rows, samples
 
-    def student_rows(self, student, gamma: float = 0.0) -> tuple[dict, dict]:
+    def student_rows(self, student, gamma: float = 0.0, nfes: tuple[int, ...] = STUDENT_NFE) -> tuple[dict, dict]:
         rows, samples = {}, {}
-        for nfe in STUDENT_NFE:
+        for nfe in nfes:
             g = torch.Generator(self.noise.device).manual_seed(seed_of("renoise", self.s.name, nfe))
             x = sample(student, self.noise, nfe, cond=self.cond, gamma=gamma, generator=g)
             rows[nfe] = self.metrics(x)
@@ -1030,6 +1114,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budgets and two methods: a smoke run of every table")
     p.add_argument("--fresh", action="store_true", help="ignore cached teachers and students")
     p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="train every student with this many seeds (default 2; --quick: 1): seed 0 is evaluated at every NFE, "
+        "the others at 1 NFE (the headline numbers, shown side by side)",
+    )
+    p.add_argument(
         "--reuse-only",
         action="store_true",
         help="evaluate only the students already in the cache (the others are listed as not run); "
@@ -1080,10 +1171,10 @@ PRETRAIN_ORDER = (
 )
 
 
-def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
-    """Worker: train (or find cached) the teacher of ``task``'s data set and, when a method is named, its student,
-    leaving both in the cache. Returns (data set, method, error or None, seconds)."""
-    name, method, budget, device, cache, fresh = task
+def _pretrain_task(task: tuple) -> tuple[str, str | None, int, str | None, float]:
+    """Worker: train (or find cached) the teacher of ``task``'s data set and, when a method is named, its student
+    of the task's seed, leaving both in the cache. Returns (data set, method, seed, error or None, seconds)."""
+    name, method, seed, budget, device, cache, fresh = task
     torch.set_num_threads(1)
     t0 = time.time()
     try:
@@ -1092,39 +1183,51 @@ def _pretrain_task(task: tuple) -> tuple[str, str | None, str | None, float]:
         setting.get_teacher()
         if method is not None:
             setting.fresh = fresh
-            setting.train_student(method)
-        return name, method, None, time.time() - t0
+            setting.train_student(method, seed)
+        return name, method, seed, None, time.time() - t0
     except Exception as err:  # noqa: BLE001 - reported; the main pass retries and records the failure
-        return name, method, f"{type(err).__name__}: {str(err)[:300]}", time.time() - t0
+        return name, method, seed, f"{type(err).__name__}: {str(err)[:300]}", time.time() - t0
 
 
 def pretrain(
-    datasets: list[str], methods: list[str], budget: Budget, device: torch.device, cache: Path, fresh: bool, jobs: int
-) -> set[tuple[str, str]]:
-    """Train every teacher and every (data set, method) student in ``jobs`` spawned worker processes (one torch
-    thread each), into ``cache``; returns the pairs trained here. A data set's students are queued (heaviest
+    datasets: list[str],
+    methods: list[str],
+    budget: Budget,
+    device: torch.device,
+    cache: Path,
+    fresh: bool,
+    jobs: int,
+    seeds: int = 1,
+) -> set[tuple[str, str, int]]:
+    """Train every teacher and every (data set, method, seed) student in ``jobs`` spawned worker processes (one torch
+    thread each), into ``cache``; returns the triples trained here. A data set's students are queued (heaviest
     first) as soon as its teacher is done: they start from it."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     rank = {m: i for i, m in enumerate(PRETRAIN_ORDER)}
-    done: set[tuple[str, str]] = set()
-    log(f"pretrain: {len(datasets)} teachers, then {len(datasets) * len(methods)} students, in {jobs} worker processes")
+    done: set[tuple[str, str, int]] = set()
+    n = sum(len(set_methods(d, methods)) for d in datasets) * seeds
+    log(f"pretrain: {len(datasets)} teachers, then {n} students, in {jobs} worker processes")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        submit = lambda d, m: pool.submit(_pretrain_task, (d, m, budget, str(device), str(cache), fresh))  # noqa: E731
-        pending = {submit(d, None) for d in datasets}
+        submit = lambda d, m, k: pool.submit(  # noqa: E731
+            _pretrain_task, (d, m, k, budget, str(device), str(cache), fresh)
+        )
+        pending = {submit(d, None, 0) for d in datasets}
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
-                name, method, err, seconds = f.result()
-                log(
-                    f"pretrain: {f'{name}/{method}' if method else f'{name} teacher'} "
-                    f"{'FAILED ' + err if err else 'done'} ({seconds:.0f} s)"
-                )
+                name, method, seed, err, seconds = f.result()
+                what = f"{name}/{method}" + (f" seed {seed}" if seed else "") if method else f"{name} teacher"
+                log(f"pretrain: {what} {'FAILED ' + err if err else 'done'} ({seconds:.0f} s)")
                 if method is None and not err:
-                    pending |= {submit(name, m) for m in sorted(methods, key=lambda m: rank.get(m, -1))}
+                    order = sorted(
+                        ((m, k) for m in set_methods(name, methods) for k in range(seeds)),
+                        key=lambda mk: (rank.get(mk[0], -1), mk[1]),
+                    )
+                    pending |= {submit(name, m, k) for m, k in order}
                 elif method is not None and not err:
-                    done.add((name, method))
+                    done.add((name, method, seed))
     return done
 
 
@@ -1154,6 +1257,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--skip: unknown parts {sorted(skip - parts)} ({', '.join(sorted(parts))})")
     if a.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {a.jobs}")
+    seeds = a.seeds if a.seeds is not None else (1 if a.quick else 2)
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if a.inception_weights and not Path(a.inception_weights).is_file():
         raise ValueError(f"--inception-weights: no such file {a.inception_weights!r}")
     from flowmap.runtime import pick_threads
@@ -1193,8 +1299,17 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(),
             "load_average_start": _loadavg(),
             "memory_method": memory.method,
+            "seeds": seeds,
             "sets": {d: [str(p.relative_to(ROOT)) for p in set_files(d)] for d in datasets},
-            "method_configs": {d: {m: recipe(d, m, budget)["objective"] for m in methods} for d in datasets},
+            "teacher_free": {d: TEACHER_FREE[d] for d in datasets if d in TEACHER_FREE},
+            "teacher_configs": {
+                d: str((CONFIGS / "teacher" / f"{TEACHER_CONFIGS[d]}.yaml").relative_to(ROOT))
+                for d in datasets
+                if d in TEACHER_CONFIGS
+            },
+            "method_configs": {
+                d: {m: recipe(d, m, budget)["objective"] for m in set_methods(d, methods)} for d in datasets
+            },
         },
         "quality": {},
         "cost": {},
@@ -1202,13 +1317,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     samples: dict = {}
     extractor = None
-    if "digits" in datasets:
+    if any(set_kind(d) == "digits" for d in datasets):
         extractor = _feature_extractor(a.inception_weights, cache, budget)
         results["meta"]["features"] = extractor.describe()
 
-    pretrained: set[tuple[str, str]] = set()
+    pretrained: set[tuple[str, str, int]] = set()
     if a.jobs > 1 and not a.reuse_only:
-        pretrained = pretrain(datasets, methods, budget, device, cache, a.fresh, a.jobs)
+        pretrained = pretrain(datasets, methods, budget, device, cache, a.fresh, a.jobs, seeds)
     results["meta"]["jobs"] = a.jobs
     fresh = a.fresh and a.jobs == 1  # the workers already trained afresh what --fresh asked for
 
@@ -1216,37 +1331,47 @@ def main(argv: list[str] | None = None) -> dict:
         setting = Setting(name, budget, device, cache, fresh, a.reuse_only)
         teacher = setting.get_teacher()
         ev = Evaluator(setting, budget, extractor)
-        log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
-        teacher_rows, teacher_samples = ev.teacher_rows(teacher)
         q = {
+            "kind": set_kind(name),
             "floor": ev.floor,
             "n_eval": len(ev.noise),
-            "teacher": teacher_rows,
-            "teacher_seconds": setting.teacher_seconds,
-            "teacher_losses": setting.teacher_losses,
+            "teacher": {},
             "students": {},
             "failed": {},
             "student_steps": setting.student_steps,
-            "teacher_code": setting.teacher_code,
+            "seeds": seeds,
         }
+        teacher_samples = {}
+        if teacher is not None:
+            log(f"{name}: evaluating the teacher at {list(TEACHER_NFE)} NFE")
+            q["teacher"], teacher_samples = ev.teacher_rows(teacher)
+            q.update(
+                teacher_seconds=setting.teacher_seconds,
+                teacher_losses=setting.teacher_losses,
+                teacher_code=setting.teacher_code,
+            )
+        if setting.teacher_free:
+            q.update(teacher_free=True, noise=ev.noise_level)
         if setting.is_mixture:
             q["data_std"] = ev.data_std
         sm = {
             "data": ev.ref if setting.kind != "digits" else _by_class(setting.x_train.cpu(), setting.y_train.cpu()),
             "teacher": teacher_samples,
+            "noise": ev.noise.cpu(),
             "students": {},
             "trajectories": {},
         }
-        if setting.kind != "digits":
+        if setting.kind != "digits" and teacher is not None:
             sm["trajectories"]["teacher (Euler 64)"] = ev.trajectory(teacher, 64)
-        for method in methods:
+        nfes = FROM_DATA_NFE if setting.teacher_free else STUDENT_NFE
+        for method in set_methods(name, methods):
             try:
-                log(f"{name}/{method}: training {setting.student_steps} steps")
+                log(f"{name}/{method}: training {student_steps(name, budget, method)} steps")
                 trained = setting.train_student(method)
-                if (name, method) in pretrained:  # trained in this run, by a worker process
+                if (name, method, 0) in pretrained:  # trained in this run, by a worker process
                     trained.update(cached=False, worker=True)
                 gamma = sampler_gamma(method)
-                rows, student_samples = ev.student_rows(trained["student"], gamma)
+                rows, student_samples = ev.student_rows(trained["student"], gamma, nfes)
             except Exception as err:
                 q["failed"][method] = f"{type(err).__name__}: {str(err)[:300]}"
                 log(f"{name}/{method}: FAILED {q['failed'][method]}")
@@ -1263,6 +1388,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "worker": trained.get("worker", False),
                 "sampler_gamma": gamma,
                 "code": trained.get("code"),
+                "seeds": [
+                    other_seed(setting, ev, method, k, gamma, (name, method, k) in pretrained) for k in range(1, seeds)
+                ],
             }
             sm["students"][method] = student_samples
             if setting.kind != "digits":
@@ -1294,6 +1422,30 @@ def main(argv: list[str] | None = None) -> dict:
         realistic(out, a.device, threads)
     log(f"done in {time.time() - start:.0f} s: {out / 'RESULTS.md'}, {out / 'results.json'}")
     return results
+
+
+def other_seed(setting: Setting, ev: Evaluator, method: str, seed: int, gamma: float, worker: bool) -> dict:
+    """The student of ``method`` with ``seed`` (> 0) trained (or loaded) and evaluated at ``SEED_NFE``:
+    {"seed", "nfe", "seconds", "cached", "worker", "code"}, {"seed", "error"} when it failed, or {"seed", "missing"}
+    when --reuse-only found it not in the cache."""
+    try:
+        trained = setting.train_student(method, seed)
+        rows, _ = ev.student_rows(trained["student"], gamma, SEED_NFE)
+    except LookupError as err:  # --reuse-only and not in the cache: not run, which is no failure of the method
+        log(f"{setting.name}/{method} seed {seed}: not run ({err})")
+        return {"seed": seed, "missing": str(err)[:300]}
+    except Exception as err:
+        log(f"{setting.name}/{method} seed {seed}: FAILED {type(err).__name__}: {err}")
+        return {"seed": seed, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    log(f"{setting.name}/{method} seed {seed}: " + ", ".join(f"{k} NFE {_fmt_row(v)}" for k, v in rows.items()))
+    return {
+        "seed": seed,
+        "nfe": rows,
+        "seconds": trained["seconds"],
+        "cached": trained["cached"] and not worker,
+        "worker": worker,
+        "code": trained.get("code"),
+    }
 
 
 def realistic(out: Path, device: str, threads: int) -> None:

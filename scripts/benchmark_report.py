@@ -17,12 +17,55 @@ import torch
 TARGET_TEACHER_NFE_2D = 64
 TARGET_TEACHER_NFE_DIGITS = 32
 ONE_NFE_PRECISION_METHODS = ("meanflow", "scd", "cd")  # "MeanFlow, sCM and consistency distillation"
+DIGITS_ONE_NFE_METHODS = ("cd", "pd", "meanflow", "shortcut")  # issue 21: "each of cd, pd, meanflow and shortcut"
+NOISE_LEVEL_RATIO = 0.5  # "not at noise level": W2 at 1 NFE <= this share of pure N(0, I) samples' W2
 DATA_TITLES = {
     "checkerboard": "Checkerboard",
     "eight_gaussians": "Eight Gaussians",
-    "digits": "Digits (8x8, class-conditional)",
+    "digits": "Digits (8x8, class-conditional), UNet",
+    "digits_dit": "Digits (8x8, class-conditional), DiT",
     "gmm": "Analytic mixture ring8 (data-free distillation)",
+    "fromdata": "From data, no teacher: checkerboard from scratch",
 }
+
+
+def _kind(name: str, q: dict) -> str:
+    """A quality entry's kind: "digits", "mixture" or "2d" (recorded by the run; inferred for older results)."""
+    if "kind" in q:
+        return q["kind"]
+    return "digits" if name == "digits" else "mixture" if "data_std" in q else "2d"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _seed_values(st: dict, key: str, nfe: int = 1) -> list:
+    """``key`` at ``nfe`` of seed 0 and of every other seed (None where a seed failed or lacks it)."""
+    others = [s for s in st.get("seeds") or [] if "missing" not in s]  # missing: not run (--reuse-only)
+    return [_get(st, "nfe", nfe, key)] + [_get(s, "nfe", nfe, key) for s in others]
+
+
+def _worst(st: dict | None, key: str, sense: str) -> tuple[float | None, str]:
+    """The worse over the seeds of ``key`` at 1 NFE (the larger for a '<=' target, the smaller for '>='), and a note
+    with every seed's value when there are several; None when a seed has no finite value."""
+    if not st:
+        return None, ""
+    vals = _seed_values(st, key)
+    note = f"seeds {' / '.join(_f(v) for v in vals)}, the worse" if len(vals) > 1 else ""
+    if not all(_finite(v) for v in vals):
+        return None, note
+    return (max(vals) if sense == "<=" else min(vals)), note
+
+
+def _why(q: dict, m: str) -> str:
+    """Why method ``m`` has no value on a set: its failure, a failed seed, or not run."""
+    if m in q.get("failed", {}):
+        return q["failed"][m]
+    errors = [
+        f"seed {s['seed']}: {s['error']}" for s in q.get("students", {}).get(m, {}).get("seeds") or [] if "error" in s
+    ]
+    return "; ".join(errors) or ("method not run" if m not in q.get("students", {}) else "no finite value")
 
 
 # --- targets ---------------------------------------------------------------------------------------
@@ -84,16 +127,15 @@ def evaluate_targets(results: dict) -> list[dict]:
                 )
             )
         for m in ONE_NFE_PRECISION_METHODS:
-            prec = _get(cb, "students", m, "nfe", 1, "precision")
-            why = "method not run" if m not in cb["students"] else ""
-            why = cb.get("failed", {}).get(m, why)
+            prec, seeds = _worst(cb["students"].get(m), "precision", ">=")
             out.append(
                 _target(
-                    f"checkerboard: {m} at 1 NFE puts >= 0.90 of its samples on occupied cells",
+                    f"checkerboard: {m} at 1 NFE puts >= 0.90 of its samples on occupied cells"
+                    + (f" [{seeds}]" if seeds else ""),
                     prec,
                     0.90,
                     ">=",
-                    why if prec is None else "",
+                    _why(cb, m) if prec is None else "",
                 )
             )
     for name, gmm in q.items():  # every mixture set (an exact flow map: ``data_std`` is recorded)
@@ -104,13 +146,14 @@ def evaluate_targets(results: dict) -> list[dict]:
         label = "mixture" if name == "gmm" else f"mixture {name}"
         std = gmm["data_std"]
         rmse = {m: {k: _get(st, "nfe", k, "rmse") for k in (1, 2, 4)} for m, st in gmm["students"].items()}
-        best = {m: r[1] for m, r in rmse.items() if r[1] is not None and math.isfinite(r[1])}
+        one = {m: _worst(st, "rmse", "<=") for m, st in gmm["students"].items()}  # the worse seed at 1 NFE
+        best = {m: v for m, (v, _) in one.items() if v is not None}
         if best:
             m = min(best, key=best.get)
             out.append(
                 _target(
                     f"{label}: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) <= 2% of the data std ({std:.3f}) "
-                    "[RMSE / std]",
+                    f"[RMSE / std{'; ' + one[m][1] if one[m][1] else ''}]",
                     best[m] / std,
                     0.02,
                     "<=",
@@ -121,15 +164,15 @@ def evaluate_targets(results: dict) -> list[dict]:
                 _target(f"{label}: best 1-NFE flow-map RMSE <= 2% of the data std", None, 0.02, "<=", "no student")
             )
         for m in sorted(gmm["students"]) + sorted(set(gmm.get("failed", {})) - set(gmm["students"])):
-            r1 = rmse.get(m, {}).get(1)
-            why = gmm.get("failed", {}).get(m, "")
+            r1, seeds = one.get(m, (None, ""))
             out.append(
                 _target(
-                    f"{label}: {m} 1-NFE flow-map RMSE <= 5% of the data std [RMSE / std]",
+                    f"{label}: {m} 1-NFE flow-map RMSE <= 5% of the data std "
+                    f"[RMSE / std{'; ' + seeds if seeds else ''}]",
                     None if r1 is None else r1 / std,
                     0.05,
                     "<=",
-                    why if r1 is None else "",
+                    _why(gmm, m) if r1 is None else "",
                 )
             )
             if m in rmse and sampler_defaults(m)["gamma"] == 0.0 and None not in rmse[m].values():
@@ -144,28 +187,12 @@ def evaluate_targets(results: dict) -> list[dict]:
                         "<=",
                     )
                 )
-    dg = q.get("digits")
-    if dg:
-        ref = _get(dg, "teacher", "heun", TARGET_TEACHER_NFE_DIGITS, "fd")
-        fds = {m: _get(st, "nfe", 2, "fd") for m, st in dg["students"].items()}
-        fds = {m: v for m, v in fds.items() if v is not None and math.isfinite(v)}
-        if fds and ref:
-            m = min(fds, key=fds.get)
-            out.append(
-                _target(
-                    f"digits: best student's FD at 2 NFE ({m}: {fds[m]:.3f}) <= 1.5x the teacher's at 32 NFE "
-                    f"(Heun, {ref:.3f}) [ratio]",
-                    fds[m] / ref,
-                    1.5,
-                    "<=",
-                )
-            )
-        else:
-            out.append(
-                _target(
-                    "digits: best student's FD at 2 NFE <= 1.5x the teacher's at 32 NFE", None, 1.5, "<=", "no student"
-                )
-            )
+    for name, dg in q.items():
+        if _kind(name, dg) == "digits":
+            out += _digits_targets(name, dg)
+    for name, fd in q.items():
+        if fd.get("teacher_free"):
+            out += _from_data_targets(name, fd)
     cost = results.get("cost", {})
     for net, limit in (("mlp", 2.5), ("dit", 3.0)):
         configured = _get(cost, net, "steps", "meanflow", "ratio")
@@ -237,6 +264,151 @@ def evaluate_targets(results: dict) -> list[dict]:
     return out
 
 
+def _digits_targets(name: str, dg: dict) -> list[dict]:
+    """Issue 21's digits targets on one digits set (UNet or DiT), as ratios to the teacher's FD (Heun, 32 NFE): every
+    method FD at 2 NFE <= 1.5x, FD at 1 NFE <= 2.5x, class accuracy at 1 NFE >= 0.90; the best student and each of
+    cd, pd, meanflow and shortcut FD at 1 NFE <= 1.3x. 1-NFE values are the worse of the seeds."""
+    out: list[dict] = []
+    ref = _get(dg, "teacher", "heun", TARGET_TEACHER_NFE_DIGITS, "fd")
+    ref = ref if _finite(ref) and ref > 0 else None
+    teacher = f"the teacher's at {TARGET_TEACHER_NFE_DIGITS} NFE (Heun, {_f(ref)})"
+    fds = {m: _get(st, "nfe", 2, "fd") for m, st in dg["students"].items()}
+    fds = {m: v for m, v in fds.items() if _finite(v)}
+    if fds and ref:
+        m = min(fds, key=fds.get)
+        out.append(
+            _target(
+                f"{name}: best student's FD at 2 NFE ({m}: {fds[m]:.3f}) <= 1.5x {teacher} [ratio]",
+                fds[m] / ref,
+                1.5,
+                "<=",
+            )
+        )
+    else:
+        out.append(
+            _target(f"{name}: best student's FD at 2 NFE <= 1.5x {teacher}", None, 1.5, "<=", "no student or teacher")
+        )
+    fd1 = {m: _worst(st, "fd", "<=") for m, st in dg["students"].items()}
+    best = {m: v for m, (v, _) in fd1.items() if v is not None}
+    if best and ref:
+        m = min(best, key=best.get)
+        seeds = f"; {fd1[m][1]}" if fd1[m][1] else ""
+        out.append(
+            _target(
+                f"{name}: best student's FD at 1 NFE ({m}: {best[m]:.3f}) <= 1.3x {teacher} [ratio{seeds}]",
+                best[m] / ref,
+                1.3,
+                "<=",
+            )
+        )
+    else:
+        out.append(_target(f"{name}: best student's FD at 1 NFE <= 1.3x {teacher}", None, 1.3, "<=", "no student"))
+    for m in DIGITS_ONE_NFE_METHODS:
+        v, seeds = fd1.get(m, (None, ""))
+        out.append(
+            _target(
+                f"{name}: {m} FD at 1 NFE <= 1.3x {teacher} [ratio{'; ' + seeds if seeds else ''}]",
+                v / ref if v is not None and ref else None,
+                1.3,
+                "<=",
+                _why(dg, m) if v is None else "",
+            )
+        )
+    for m in sorted(dg["students"]) + sorted(set(dg.get("failed", {})) - set(dg["students"])):
+        st = dg["students"].get(m)
+        fd2 = _get(st, "nfe", 2, "fd") if st else None
+        out.append(
+            _target(
+                f"{name}: {m} FD at 2 NFE <= 1.5x {teacher} [ratio]",
+                fd2 / ref if _finite(fd2) and ref else None,
+                1.5,
+                "<=",
+                _why(dg, m) if st is None else "",
+            )
+        )
+        v, seeds = fd1.get(m, (None, ""))
+        out.append(
+            _target(
+                f"{name}: {m} FD at 1 NFE <= 2.5x {teacher} [ratio{'; ' + seeds if seeds else ''}]",
+                v / ref if v is not None and ref else None,
+                2.5,
+                "<=",
+                _why(dg, m) if v is None else "",
+            )
+        )
+        acc, seeds = _worst(st, "class_acc", ">=")
+        out.append(
+            _target(
+                f"{name}: {m} class accuracy at 1 NFE >= 0.90{' [' + seeds + ']' if seeds else ''}",
+                acc,
+                0.90,
+                ">=",
+                _why(dg, m) if acc is None else "",
+            )
+        )
+    return out
+
+
+def _from_data_targets(name: str, fd: dict) -> list[dict]:
+    """Issue 21's from-data targets (checkerboard, no teacher, from scratch): the best method (lowest W2 at 1 NFE)
+    W2 <= 0.15 and precision >= 0.90; every method precision >= 0.80 and not at noise level (W2 <= 0.5x the W2 of
+    pure N(0, I) samples, measured in the run). All at 1 NFE, the worse of the seeds."""
+    out: list[dict] = []
+    noise = _get(fd, "noise", "w2")
+    noise = noise if _finite(noise) and noise > 0 else None
+    w2 = {m: _worst(st, "w2", "<=") for m, st in fd["students"].items()}
+    best = {m: v for m, (v, _) in w2.items() if v is not None}
+    if best:
+        m = min(best, key=best.get)
+        prec, seeds = _worst(fd["students"][m], "precision", ">=")
+        out.append(
+            _target(
+                f"{name}: best teacher-free method's W2 at 1 NFE ({m}) <= 0.15"
+                + (f" [{w2[m][1]}]" if w2[m][1] else ""),
+                best[m],
+                0.15,
+                "<=",
+            )
+        )
+        out.append(
+            _target(
+                f"{name}: best teacher-free method ({m}) at 1 NFE puts >= 0.90 of its samples on occupied cells"
+                + (f" [{seeds}]" if seeds else ""),
+                prec,
+                0.90,
+                ">=",
+            )
+        )
+    else:
+        for text, thr, sense in (("W2 at 1 NFE <= 0.15", 0.15, "<="), ("precision at 1 NFE >= 0.90", 0.90, ">=")):
+            out.append(_target(f"{name}: best teacher-free method's {text}", None, thr, sense, "no student"))
+    for m in sorted(fd["students"]) + sorted(set(fd.get("failed", {})) - set(fd["students"])):
+        st = fd["students"].get(m)
+        prec, seeds = _worst(st, "precision", ">=")
+        out.append(
+            _target(
+                f"{name}: {m} at 1 NFE puts >= 0.80 of its samples on occupied cells"
+                + (f" [{seeds}]" if seeds else ""),
+                prec,
+                0.80,
+                ">=",
+                _why(fd, m) if prec is None else "",
+            )
+        )
+        v, seeds = w2.get(m, (None, ""))
+        out.append(
+            _target(
+                f"{name}: {m} not at noise level: W2 at 1 NFE <= {NOISE_LEVEL_RATIO}x the W2 of N(0, I) samples "
+                f"({_f(noise)}) [ratio{'; ' + seeds if seeds else ''}]",
+                v / noise if v is not None and noise else None,
+                NOISE_LEVEL_RATIO,
+                "<=",
+                _why(fd, m) if v is None else "",
+            )
+        )
+    return out
+
+
 # --- markdown --------------------------------------------------------------------------------------
 
 
@@ -257,21 +429,41 @@ def _f(v, digits: int = 4) -> str:
     return str(v)
 
 
-def _cell(name: str, m: dict | None) -> str:
-    """One table cell of the main metric(s) of data set ``name``."""
+def _cell(kind: str, m: dict | None) -> str:
+    """One table cell of the main metric(s) of a data set of ``kind`` (``_kind``)."""
     if not m:
         return "-"
-    if name in ("checkerboard", "eight_gaussians"):
+    if kind == "2d":
         return f"{_f(m.get('w2'))} / {_f(m.get('precision'), 3)}"
-    if name != "digits":  # a mixture set
+    if kind == "mixture":
         return f"{_f(m.get('rmse'))} / {_f(m.get('w2'))}"
     acc = m.get("class_acc")
     return f"{_f(m.get('fd'))} / {_f(m.get('kid'), 3)}" + (f" ({acc:.2f})" if acc is not None else "")
 
 
+# the 1-NFE numbers shown for every seed, per kind of set: (metric, column label)
+HEADLINE = {
+    "digits": (("fd", "FD"), ("class_acc", "class accuracy")),
+    "mixture": (("rmse", "RMSE"),),
+    "2d": (("w2", "W2"), ("precision", "precision")),
+}
+
+
+def _seed_cell(st: dict, key: str) -> str:
+    """``key`` at 1 NFE for every seed, "a / b" (a failed seed: "failed")."""
+    digits = 3 if key in ("precision", "class_acc") else 4
+    cells = [_f(_get(st, "nfe", 1, key), digits)]
+    cells += [
+        "failed" if "error" in s else "not run" if "missing" in s else _f(_get(s, "nfe", 1, key), digits)
+        for s in st.get("seeds") or []
+    ]
+    return " / ".join(cells)
+
+
 CELL_LEGEND = {
     "checkerboard": "exact W2 to fresh data (lower is better) / share of samples on occupied cells (higher is better)",
     "eight_gaussians": "exact W2 to fresh data / share of samples within 4 std of a centre",
+    "fromdata": "exact W2 to fresh data (lower is better) / share of samples on occupied cells (higher is better)",
     "gmm": "flow-map RMSE of X(eps, 1, 0) against the exact map on the same eps "
     "(n/a for re-noising samplers above 1 NFE) / exact W2 to fresh mixture samples",
     "digits": "FD / KID against the train split's features "
@@ -296,6 +488,12 @@ def code_note(results: dict) -> str:
             f"{name}/{m} ({st.get('code') or 'unrecorded'})"
             for m, st in q.get("students", {}).items()
             if "code" in st and st["code"] != code
+        ]
+        other += [
+            f"{name}/{m} seed {s['seed']} ({s.get('code') or 'unrecorded'})"
+            for m, st in q.get("students", {}).items()
+            for s in st.get("seeds") or []
+            if "code" in s and s["code"] != code
         ]
     if not other:
         return (
@@ -364,6 +562,19 @@ def markdown(results: dict, targets: list[dict]) -> str:
         "along the grid (gamma = 0).",
         "",
     ]
+    n_seeds = int(meta.get("seeds", 1))
+    if n_seeds > 1:
+        L += [
+            f"Seeds: every student is trained {n_seeds} times, seed 0 and {n_seeds - 1} other seed(s) (the init of its "
+            "parts not copied from the teacher, the objective's own parts, data batches, times and noises; the teacher "
+            "is the same). Seed 0 is evaluated at every NFE, the others at 1 NFE: the 1-NFE headline columns show "
+            "every seed (seed 0 / seed 1 ...). **Targets read at 1 NFE take the worse of the seeds** (the larger "
+            "error, the smaller precision or accuracy), so a 1-NFE target is met only when every seed meets it; "
+            "targets at 2 NFE and above read seed 0.",
+            "",
+        ]
+    else:
+        L += ["Seeds: one per student (`--seeds 1`); the targets read it.", ""]
     L += [code_note(results), ""]
     L.append(f"Methods run: {', '.join(meta['methods']) or 'none'}.")
     for m, why in meta.get("skipped_methods", {}).items():
@@ -397,41 +608,71 @@ def markdown(results: dict, targets: list[dict]) -> str:
 
     L += ["", "## Quality per NFE", ""]
     for name, q in results["quality"].items():
-        L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {CELL_LEGEND.get(name, CELL_LEGEND['gmm'])}.", ""]
+        kind = _kind(name, q)
+        legend = CELL_LEGEND.get(name) or CELL_LEGEND[{"digits": "digits", "mixture": "gmm"}.get(kind, "checkerboard")]
+        L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {legend}.", ""]
+        if name in meta.get("teacher_configs", {}):
+            L += [
+                f"The teacher trains with the learning rate of `{meta['teacher_configs'][name]}` and its warm-up as "
+                "the same share of the run (its net is the model config's), for the digits teachers' steps.",
+                "",
+            ]
+        if q.get("teacher_free"):
+            suffix = meta.get("teacher_free", {}).get(name, "_fromdata")
+            L += [
+                f"No teacher: every method with a `configs/distill/<method>{suffix}.yaml` trains that config from "
+                "scratch (its `trainer.max_steps` and batch are the budget"
+                + (f", steps x {meta['scale']:g}" if meta.get("scale", 1.0) != 1.0 else "")
+                + "), composed after the set's data and model configs, as `scripts/distill.py` without `--teacher` "
+                "does.",
+                "",
+            ]
         fl = q["floor"]
         L.append(
             f"Models are evaluated on {q.get('n_eval')} samples against {fl.get('n_ref')} reference samples; "
             "the data-vs-data "
-            f"floor compares {fl.get('n')} other data samples with the same reference: {_cell(name, fl)}."
+            f"floor compares {fl.get('n')} other data samples with the same reference: {_cell(kind, fl)}."
             + (f" Data std (per coordinate, RMS): {q['data_std']:.4f}." if "data_std" in q else "")
         )
+        if q.get("noise"):
+            L.append(
+                f"Noise level: {q['noise'].get('n')} samples of N(0, I), scored the same way: "
+                f"{_cell(kind, q['noise'])} "
+                f"(a method is at noise level when its 1-NFE W2 is above {NOISE_LEVEL_RATIO}x this W2)."
+            )
         L.append("")
-        nfes = sorted({n for s in q["teacher"].values() for n in _nfe_keys(s)})
-        rows = [
-            [f"teacher, {solver}"] + [_cell(name, _row(q["teacher"][solver], n)) for n in nfes]
-            for solver in ("euler", "heun")
-        ]
-        L += _table(["teacher \\ NFE", *map(str, nfes)], rows)
-        L.append("")
-        what = "Flow-matching init net" if "data_std" in q else "Teacher"
-        L.append(f"{what}: {_f(q.get('teacher_seconds'), 3)} s of training.")
-        L.append("")
+        if q["teacher"]:
+            nfes = sorted({n for s in q["teacher"].values() for n in _nfe_keys(s)})
+            rows = [
+                [f"teacher, {solver}"] + [_cell(kind, _row(q["teacher"][solver], n)) for n in nfes]
+                for solver in ("euler", "heun")
+            ]
+            L += _table(["teacher \\ NFE", *map(str, nfes)], rows)
+            L.append("")
+            what = "Flow-matching init net" if "data_std" in q else "Teacher"
+            L.append(f"{what}: {_f(q.get('teacher_seconds'), 3)} s of training.")
+            L.append("")
         rows = []
+        n_seeds = max([1] + [1 + len(st.get("seeds") or []) for st in q["students"].values()])
+        headline = HEADLINE.get(kind, ()) if n_seeds > 1 else ()
         for m, st in q["students"].items():
             per = st["seconds"] / max(1, st["steps"])
             rows.append(
                 [m]
-                + [_cell(name, _row(st["nfe"], n)) for n in _nfe_keys(st["nfe"])]
+                + [_cell(kind, _row(st["nfe"], n)) for n in _nfe_keys(st["nfe"])]
+                + [_seed_cell(st, key) for key, _ in headline]
                 + [
                     str(st["steps"]),
                     f"{per * 1e3:.1f}" + (" (cached)" if st.get("cached") else " (worker)" if st.get("worker") else ""),
                 ]
             )
         if rows:
+            seeds = " / ".join(str(k) for k in range(n_seeds))
             L += _table(
                 [
                     "student \\ NFE",
                     *map(str, sorted(_nfe_keys(next(iter(q["students"].values()))["nfe"]))),
+                    *[f"1-NFE {label}, seeds {seeds}" for _, label in headline],
                     "steps",
                     "ms / step (wall)",
                 ],
@@ -626,8 +867,12 @@ def scatter_grid(path: Path, sm: dict, lim: float) -> None:
     students = sm["students"]
     fig, axes = plt.subplots(1 + len(students), 3, figsize=(7.5, 2.5 * (1 + len(students))), squeeze=False)
     _scatter(axes[0, 0], sm["data"], "data", lim)
-    _scatter(axes[0, 1], sm["teacher"][("euler", 64)], "teacher, Euler 64 NFE", lim)
-    _scatter(axes[0, 2], sm["teacher"][("heun", 64)], "teacher, Heun 64 NFE", lim)
+    if sm["teacher"]:
+        _scatter(axes[0, 1], sm["teacher"][("euler", 64)], "teacher, Euler 64 NFE", lim)
+        _scatter(axes[0, 2], sm["teacher"][("heun", 64)], "teacher, Heun 64 NFE", lim)
+    else:  # no teacher: the input noise
+        _scatter(axes[0, 1], sm["noise"], "N(0, I) noise (no teacher)", lim)
+        axes[0, 2].axis("off")
     for i, (m, per) in enumerate(students.items(), start=1):
         for j, nfe in enumerate((1, 2, 4)):
             _scatter(axes[i, j], per[nfe], f"{m}, {nfe} NFE", lim)
@@ -693,6 +938,8 @@ def quality_curves(path: Path, name: str, q: dict, key: str) -> None:
 
     curves = {}
     for solver in ("euler", "heun"):
+        if solver not in q["teacher"]:
+            continue
         pts = [(n, _row(q["teacher"][solver], n).get(key)) for n in _nfe_keys(q["teacher"][solver])]
         pts = [(n, v) for n, v in pts if v is not None and math.isfinite(v) and v > 0]
         if pts:
@@ -705,6 +952,9 @@ def quality_curves(path: Path, name: str, q: dict, key: str) -> None:
     floor = q["floor"].get(key)
     if floor and math.isfinite(floor) and floor > 0:
         curves["data vs data"] = ((1, 64), (floor, floor))
+    noise = (q.get("noise") or {}).get(key)
+    if noise and math.isfinite(noise) and noise > 0:
+        curves["N(0, I) noise"] = ((1, 64), (noise, noise))
     label = {"w2": "exact W2 to data", "rmse": "flow-map RMSE (1 -> 0)", "fd": "FD (digit-classifier features)"}[key]
     save_curves(path, curves, "NFE", label, logy=True, logx=True)
 
@@ -745,20 +995,21 @@ def write_plots(samples: dict, results: dict, out: Path) -> list[str]:
     lims = {"checkerboard": 2.5, "eight_gaussians": 2.5, "gmm": 3.0}
     for name, sm in samples.items():
         q = results["quality"][name]
-        if name == "digits":
-            p = out / "samples_digits.png"
+        kind = _kind(name, q)
+        lim = lims.get(name, 2.5 if kind == "2d" else 3.0)
+        if kind == "digits":
+            p = out / f"samples_{name}.png"
             digit_grid(p, sm)
             files.append(p.name)
         else:
             p = out / f"scatter_{name}.png"
-            scatter_grid(p, sm, lims.get(name, 3.0))
+            scatter_grid(p, sm, lim)
             files.append(p.name)
-            p = out / f"trajectories_{name}.png"
-            trajectory_grid(p, sm["trajectories"], lims.get(name, 3.0))
-            files.append(p.name)
-        for i, key in enumerate(
-            {"checkerboard": ["w2"], "eight_gaussians": ["w2"], "digits": ["fd"]}.get(name, ["rmse", "w2"])
-        ):
+            if sm["trajectories"]:
+                p = out / f"trajectories_{name}.png"
+                trajectory_grid(p, sm["trajectories"], lim)
+                files.append(p.name)
+        for i, key in enumerate({"2d": ["w2"], "digits": ["fd"]}.get(kind, ["rmse", "w2"])):
             p = out / (f"quality_vs_nfe_{name}.png" if i == 0 else f"quality_vs_nfe_{name}_{key}.png")
             quality_curves(p, name, q, key)
             files.append(p.name)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.benchmark_report import _target, evaluate_targets  # noqa: E402
 
-DATASETS = ("checkerboard", "eight_gaussians", "digits", "gmm", "aniso2d", "scales16")
+DATASETS = ("checkerboard", "eight_gaussians", "digits", "digits_dit", "gmm", "aniso2d", "scales16", "fromdata")
 METRICS = {
     "checkerboard": ("w2", "precision"),
     "eight_gaussians": ("w2", "precision"),
@@ -26,6 +26,8 @@ METRICS = {
     "aniso2d": ("rmse", "w2"),
     "scales16": ("rmse", "w2"),
     "digits": ("fd", "kid", "class_acc"),
+    "digits_dit": ("fd", "kid", "class_acc"),
+    "fromdata": ("w2", "precision"),
 }
 
 
@@ -70,16 +72,22 @@ def test_quality_tables_hold_numbers(quick_run):
         keys = METRICS[name]
         # the data-vs-data floor
         assert all(finite(q["floor"][k]) for k in keys if k != "class_acc"), (name, q["floor"])
-        # teacher rows: Euler at 1..64 NFE, Heun at the even ones
-        assert sorted(map(int, q["teacher"]["euler"])) == [1, 2, 4, 8, 16, 32, 64]
-        assert sorted(map(int, q["teacher"]["heun"])) == [2, 4, 8, 16, 32, 64]
-        for solver in ("euler", "heun"):
+        if name == "fromdata":  # no teacher; the level of pure N(0, I) samples instead, far from the data floor
+            assert q["teacher"] == {} and "teacher_code" not in q
+            assert all(finite(q["noise"][k]) for k in keys) and q["noise"]["w2"] > 1.5 * q["floor"]["w2"]
+            assert q["n_eval"] == res["meta"]["budget_values"]["n_eval_from_data"]
+        else:  # teacher rows: Euler at 1..64 NFE, Heun at the even ones
+            assert sorted(map(int, q["teacher"]["euler"])) == [1, 2, 4, 8, 16, 32, 64]
+            assert sorted(map(int, q["teacher"]["heun"])) == [2, 4, 8, 16, 32, 64]
+        for solver in q["teacher"]:
             for row in q["teacher"][solver].values():
                 assert all(finite(row[k]) for k in keys), (name, solver, row)
-        # every run method at 1, 2, 4, 8 NFE
-        assert set(q["students"]) == {"cd", "meanflow"}, (name, q.get("failed"))
+        # every run method at 1, 2, 4, 8 NFE (the teacher-free table: those with a _fromdata config, at 1, 2, 4)
+        expected = {"meanflow"} if name == "fromdata" else {"cd", "meanflow"}
+        assert set(q["students"]) == expected, (name, q.get("failed"))
         for m, st in q["students"].items():
-            assert sorted(map(int, st["nfe"])) == [1, 2, 4, 8]
+            assert sorted(map(int, st["nfe"])) == ([1, 2, 4] if name == "fromdata" else [1, 2, 4, 8])
+            assert st["seeds"] == []  # --quick: one seed
             for nfe, row in st["nfe"].items():
                 stochastic = st["sampler_gamma"] > 0 and int(nfe) > 1  # re-noising: no deterministic map to compare
                 assert all(finite(row[k]) or (k == "rmse" and stochastic and row[k] is None) for k in keys), (
@@ -98,6 +106,9 @@ def test_quality_tables_hold_numbers(quick_run):
         "### Checkerboard",
         "### Eight Gaussians",
         "### Digits",
+        "### Digits (8x8, class-conditional), DiT",
+        "### From data, no teacher: checkerboard from scratch",
+        "Noise level:",
         "### Analytic mixture",
         "## Training cost",
         "### Sampling throughput",
@@ -106,6 +117,58 @@ def test_quality_tables_hold_numbers(quick_run):
         assert title in md, title
     assert "project digit classifier" in md  # says which features were used
     assert "skipped `no_such_method`: not in the objective registry" in md
+    # the DiT student starts from the DiT teacher, trained with its teacher config's rate
+    dit = res["quality"]["digits_dit"]["students"]["cd"]
+    assert dit["init"] == "teacher" and "configs/model/dit_digits.yaml" in dit["config_source"]
+    assert res["meta"]["teacher_configs"] == {"digits_dit": "configs/teacher/digits_dit.yaml"}
+    fromdata = res["quality"]["fromdata"]["students"]["meanflow"]
+    assert fromdata["init"] == "scratch" and fromdata["config_source"].endswith(
+        "configs/distill/meanflow_fromdata.yaml"
+    )
+
+
+@pytest.mark.slow
+def test_digits_dit_and_from_data_targets_are_evaluated(quick_run):
+    """Issue 21's targets on the DiT digits set (every method: FD at 2 and 1 NFE, class accuracy; cd, pd, meanflow,
+    shortcut and the best at 1.3x) and on the teacher-free table (best W2 and precision, every method's precision
+    and noise level) are all in the table, with a number and a margin, or say why not (pd, shortcut: not run)."""
+    _, res, md = quick_run
+    targets = {t["target"]: t for t in res["targets"]}
+
+    def find(prefix: str, part: str) -> dict:
+        hits = [t for k, t in targets.items() if k.startswith(prefix) and part in k]
+        assert len(hits) == 1, (prefix, part, [k for k in targets if k.startswith(prefix)])
+        return hits[0]
+
+    for name in ("digits", "digits_dit"):
+        ref = res["quality"][name]["teacher"]["heun"]["32"]["fd"]
+        for m in ("cd", "meanflow"):
+            fd1 = res["quality"][name]["students"][m]["nfe"]["1"]["fd"]
+            t = find(f"{name}: {m} FD at 1 NFE <= 2.5x", "")
+            assert t["value"] == pytest.approx(fd1 / ref) and t["met"] == (fd1 / ref <= 2.5)
+            assert find(f"{name}: {m} FD at 1 NFE <= 1.3x", "")["value"] == pytest.approx(fd1 / ref)
+            fd2 = res["quality"][name]["students"][m]["nfe"]["2"]["fd"]
+            assert find(f"{name}: {m} FD at 2 NFE <= 1.5x", "")["value"] == pytest.approx(fd2 / ref)
+            acc = find(f"{name}: {m} class accuracy at 1 NFE >= 0.90", "")
+            assert acc["value"] == res["quality"][name]["students"][m]["nfe"]["1"]["class_acc"]
+            assert acc["margin"].startswith(("met", "missed"))
+        best = find(f"{name}: best student's FD at 1 NFE", "<= 1.3x")
+        assert best["value"] == pytest.approx(
+            min(st["nfe"]["1"]["fd"] for st in res["quality"][name]["students"].values()) / ref
+        )
+        for m in ("pd", "shortcut"):  # not run: listed, not dropped
+            t = find(f"{name}: {m} FD at 1 NFE <= 1.3x", "")
+            assert t["met"] is None and "method not run" in t["margin"]
+    w2 = res["quality"]["fromdata"]["students"]["meanflow"]["nfe"]["1"]["w2"]
+    noise = res["quality"]["fromdata"]["noise"]["w2"]
+    assert find("fromdata: best teacher-free method's W2 at 1 NFE (meanflow)", "")["value"] == pytest.approx(w2)
+    assert find("fromdata: meanflow not at noise level", "")["value"] == pytest.approx(w2 / noise)
+    prec = find("fromdata: meanflow at 1 NFE puts >= 0.80", "")
+    assert prec["value"] == res["quality"]["fromdata"]["students"]["meanflow"]["nfe"]["1"]["precision"]
+    assert find("fromdata: best teacher-free method (meanflow)", ">= 0.90")["value"] == prec["value"]
+    for t in targets.values():
+        if t["target"].startswith(("digits_dit", "fromdata")) and t["met"] is not None:
+            assert finite(t["value"]) and t["margin"] in md
 
 
 @pytest.mark.slow
@@ -165,6 +228,9 @@ def test_plots_are_written(quick_run):
         "scatter_eight_gaussians.png",
         "scatter_gmm.png",
         "samples_digits.png",
+        "samples_digits_dit.png",
+        "scatter_fromdata.png",
+        "quality_vs_nfe_fromdata.png",
         "trajectories_checkerboard.png",
         "quality_vs_nfe_digits.png",
         "quality_vs_nfe_gmm.png",
@@ -233,15 +299,18 @@ def test_bad_arguments_are_one_clear_error():
         main(["--skip", "everything", "--quick"])
     with pytest.raises(ValueError, match="--scale must be a positive number"):
         main(["--scale", "0", "--quick"])
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        main(["--seeds", "0", "--quick"])
     with pytest.raises(ValueError, match="--inception-weights: no such file"):
         main(["--inception-weights", "/nonexistent/pt_inception.pth", "--quick"])
 
 
 @pytest.mark.slow
 def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
-    """--jobs 2: teachers and students are trained in two spawned worker processes and land in the cache; the main
-    pass evaluates them (marked trained by a worker), and a second run with --jobs 1 loads the very same students
-    (identical metrics, marked cached)."""
+    """--jobs 2: teachers and students (two seeds each) are trained in two spawned worker processes and land in the
+    cache; the main pass evaluates them (marked trained by a worker), and a second run with --jobs 1 loads the very
+    same students (identical metrics, marked cached). Seed 1 is another run (other 1-NFE numbers), shown beside seed 0,
+    and the 1-NFE targets read the worse of the two."""
     cache = tmp_path / "cache"
     args = [
         "--quick",
@@ -253,9 +322,11 @@ def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
         "cost,peer,plots,streaming",
         "--cache",
         str(cache),
+        "--seeds",
+        "2",
     ]
 
-    def run(out: Path, jobs: int) -> tuple[dict, str]:
+    def run(out: Path, jobs: int) -> tuple[dict, str, str]:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--out", str(out), "--jobs", str(jobs)],
             capture_output=True,
@@ -264,19 +335,35 @@ def test_jobs_train_in_workers_and_the_cache_hands_them_over(tmp_path):
             cwd=str(ROOT),
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
+        return (
+            json.loads((out / "results.json").read_text()),
+            proc.stdout + proc.stderr,
+            (out / "RESULTS.md").read_text(),
+        )
 
-    first, log = run(tmp_path / "a", 2)
-    assert "pretrain: 2 teachers, then 2 students, in 2 worker processes" in log and "pretrain: gmm/cd done" in log
+    first, log, md = run(tmp_path / "a", 2)
+    assert "pretrain: 2 teachers, then 4 students, in 2 worker processes" in log and "pretrain: gmm/cd done" in log
+    assert "pretrain: gmm/cd seed 1 done" in log
+    assert len(list(cache.glob("student_*_cd_seed1_*.safetensors"))) == 2
     assert (
-        len(list(cache.glob("student_*_cd_*.safetensors"))) == 2 and len(list(cache.glob("teacher_*.safetensors"))) == 2
+        len(list(cache.glob("student_*_cd_*.safetensors"))) == 4 and len(list(cache.glob("teacher_*.safetensors"))) == 2
     )
-    second, _ = run(tmp_path / "b", 1)
+    second, _, _ = run(tmp_path / "b", 1)
     for name in ("checkerboard", "gmm"):
         a, b = first["quality"][name]["students"]["cd"], second["quality"][name]["students"]["cd"]
         assert a["worker"] and not a["cached"] and b["cached"] and not b["worker"]
         assert all(finite(row["w2"]) for row in a["nfe"].values())
         assert a["nfe"] == b["nfe"]  # the same weights, evaluated twice with the same noise
+        (sa,), (sb,) = a["seeds"], b["seeds"]
+        assert sa["seed"] == 1 and sa["worker"] and not sa["cached"] and sb["cached"]
+        assert sa["nfe"] == sb["nfe"] and list(sa["nfe"]) == ["1"]  # seed 1: the headline NFE only
+        assert sa["nfe"]["1"]["w2"] != a["nfe"]["1"]["w2"]  # another run: other data, noise and time draws
+    gmm = first["quality"]["gmm"]
+    worse = max(gmm["students"]["cd"]["nfe"]["1"]["rmse"], gmm["students"]["cd"]["seeds"][0]["nfe"]["1"]["rmse"])
+    target = next(t for t in first["targets"] if t["target"].startswith("mixture: cd 1-NFE flow-map RMSE <= 5%"))
+    assert target["value"] == pytest.approx(worse / gmm["data_std"]) and "the worse" in target["target"]
+    assert "1-NFE W2, seeds 0 / 1" in md and "1-NFE RMSE, seeds 0 / 1" in md
+    assert "Targets read at 1 NFE take the worse of the seeds" in md
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(
             [
@@ -354,23 +441,24 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
         def get_teacher(self):
             calls.append(("teacher", self.name, self.fresh))
 
-        def train_student(self, method):
-            calls.append((method, self.name, self.fresh))
+        def train_student(self, method, seed=0):
+            calls.append((method, seed, self.name, self.fresh))
 
     monkeypatch.setattr(benchmark, "Setting", FakeSetting)
     threads = torch.get_num_threads()  # a worker task sets one thread: restore this process's count
     try:
-        for method in (None, "cd", "meanflow"):
-            name, m, err, _ = benchmark._pretrain_task(("checkerboard", method, None, "cpu", "/nonexistent", True))
-            assert err is None and m == method
+        for method, seed in ((None, 0), ("cd", 0), ("meanflow", 1)):
+            task = ("checkerboard", method, seed, None, "cpu", "/nonexistent", True)
+            name, m, k, err, _ = benchmark._pretrain_task(task)
+            assert err is None and m == method and k == seed
     finally:
         torch.set_num_threads(threads)
     assert calls == [
         ("teacher", "checkerboard", True),
         ("teacher", "checkerboard", False),
-        ("cd", "checkerboard", True),
+        ("cd", 0, "checkerboard", True),
         ("teacher", "checkerboard", False),
-        ("meanflow", "checkerboard", True),
+        ("meanflow", 1, "checkerboard", True),
     ]
 
 
@@ -411,3 +499,106 @@ def test_students_train_their_recipe_and_are_evaluated_with_the_ema(tmp_path, mo
         assert any(not torch.equal(a, b) for a, b in zip(ema, loop.raw))  # the EMA lags the raw weights
     assert loops["meanflow"].options["lr"] == loops["cd"].options["lr"]
     assert not hasattr(benchmark, "LR_SCALE") and not hasattr(benchmark, "method_config")
+
+
+def test_digits_and_from_data_targets_read_the_worse_seed() -> None:
+    """Issue 21's digits targets (ratios to the teacher's FD at 32 NFE) and from-data targets: 1-NFE values are the
+    worse of the seeds, a failed method stays listed with its cause, the noise level is read against N(0, I)."""
+    seeds = lambda fd, acc: [{"seed": 1, "nfe": {"1": {"fd": fd, "class_acc": acc}}}]  # noqa: E731
+    results = {
+        "quality": {
+            "digits_dit": {
+                "kind": "digits",
+                "teacher": {"heun": {"32": {"fd": 10.0}}},
+                "students": {
+                    "cd": {
+                        "nfe": {"1": {"fd": 12.0, "class_acc": 0.95}, "2": {"fd": 11.0}},
+                        "seeds": seeds(14.0, 0.85),
+                    },
+                    "pd": {
+                        "nfe": {"1": {"fd": 30.0, "class_acc": 0.97}, "2": {"fd": 16.0}},
+                        "seeds": seeds(20.0, 0.99),
+                    },
+                },
+                "failed": {"meanflow": "FloatingPointError: not finite"},
+            },
+            "fromdata": {
+                "kind": "2d",
+                "teacher_free": True,
+                "noise": {"w2": 0.5, "precision": 0.45},
+                "teacher": {},
+                "students": {
+                    "meanflow": {"nfe": {"1": {"w2": 0.3, "precision": 0.7}}, "seeds": []},
+                    "shortcut": {
+                        "nfe": {"1": {"w2": 0.12, "precision": 0.93}},
+                        "seeds": [{"seed": 1, "nfe": {"1": {"w2": 0.14, "precision": 0.91}}}],
+                    },
+                    "ect": {"nfe": {"1": {"w2": 0.1, "precision": 0.95}}, "seeds": [{"seed": 1, "error": "Boom: x"}]},
+                    # seed 1 not in the cache under --reuse-only: not run, the targets read seed 0
+                    "sct": {"nfe": {"1": {"w2": 0.2, "precision": 0.85}}, "seeds": [{"seed": 1, "missing": "no file"}]},
+                },
+            },
+        },
+        "peer": {},
+    }
+    t = {x["target"]: x for x in evaluate_targets(results)}
+    teacher = "the teacher's at 32 NFE (Heun, 10)"
+    cd1 = t[f"digits_dit: cd FD at 1 NFE <= 1.3x {teacher} [ratio; seeds 12 / 14, the worse]"]
+    assert cd1["value"] == pytest.approx(1.4) and cd1["met"] is False and cd1["margin"] == "missed by 8%"
+    assert t[f"digits_dit: cd FD at 1 NFE <= 2.5x {teacher} [ratio; seeds 12 / 14, the worse]"]["met"] is True
+    acc = t["digits_dit: cd class accuracy at 1 NFE >= 0.90 [seeds 0.95 / 0.85, the worse]"]
+    assert acc["value"] == pytest.approx(0.85) and acc["met"] is False
+    assert t[f"digits_dit: pd FD at 2 NFE <= 1.5x {teacher} [ratio]"]["value"] == pytest.approx(1.6)
+    best = next(x for k, x in t.items() if k.startswith("digits_dit: best student's FD at 1 NFE (cd: 14.000)"))
+    assert best["value"] == pytest.approx(1.4)  # cd's worse seed (14) beats pd's (30)
+    mf = t[f"digits_dit: meanflow FD at 1 NFE <= 1.3x {teacher} [ratio]"]
+    assert mf["met"] is None and "FloatingPointError" in mf["margin"]
+    assert t["digits_dit: meanflow class accuracy at 1 NFE >= 0.90"]["met"] is None
+    assert t[f"digits_dit: shortcut FD at 1 NFE <= 1.3x {teacher} [ratio]"]["margin"] == "not evaluated: method not run"
+    # from data: ect's seed 1 failed, so its 1-NFE values are not evaluated and shortcut (worse seed 0.14) is the best
+    w2 = next(x for k, x in t.items() if k.startswith("fromdata: best teacher-free method's W2 at 1 NFE (shortcut)"))
+    assert w2["value"] == pytest.approx(0.14) and w2["met"] is True
+    prec = next(x for k, x in t.items() if k.startswith("fromdata: best teacher-free method (shortcut)"))
+    assert prec["value"] == pytest.approx(0.91) and prec["met"] is True
+    ect = next(x for k, x in t.items() if k.startswith("fromdata: ect at 1 NFE puts >= 0.80"))
+    assert ect["met"] is None and "seed 1: Boom: x" in ect["margin"]
+    noise = next(x for k, x in t.items() if k.startswith("fromdata: meanflow not at noise level"))
+    assert noise["value"] == pytest.approx(0.6) and noise["met"] is False  # W2 0.3 > 0.5x the noise's 0.5
+    assert next(x for k, x in t.items() if k.startswith("fromdata: meanflow at 1 NFE puts >= 0.80"))["met"] is False
+    sct = t["fromdata: sct at 1 NFE puts >= 0.80 of its samples on occupied cells"]
+    assert sct["value"] == pytest.approx(0.85) and sct["met"] is True
+
+
+def test_dit_teacher_and_teacher_free_set_follow_their_configs(tmp_path) -> None:
+    """digits_dit: the DiT of configs/model/dit_digits.yaml, which is configs/teacher/digits_dit.yaml's net, trained
+    at that file's rate with its warm-up as the same share of the run. fromdata: no teacher; the methods with a
+    configs/distill/<method>_fromdata.yaml, each from scratch with that file's steps and batch."""
+    from flowmap.recipe import compose
+    from scripts import benchmark
+
+    full = benchmark.BUDGETS["full"]
+    cpu = torch.device("cpu")
+    teacher_cfg = compose([ROOT / "configs" / "teacher" / "digits_dit.yaml"])
+    dit = benchmark.Setting("digits_dit", full, cpu, tmp_path, fresh=False)
+    assert dit.kind == "digits" and dit.net_config == teacher_cfg["model"]["net"]
+    assert dit.teacher_options["lr"] == teacher_cfg["model"]["lr"]
+    share = full.teacher_steps_digits / teacher_cfg["trainer"]["max_steps"]
+    assert dit.teacher_options["warmup_steps"] == round(teacher_cfg["model"]["warmup_steps"] * share) > 0
+    assert dit.teacher_key() != benchmark.Setting("digits", full, cpu, tmp_path, fresh=False).teacher_key()
+
+    from_data = benchmark.set_methods("fromdata", list(benchmark.OBJECTIVES))
+    assert {"meanflow", "shortcut", "ect"} <= set(from_data) and "cd" not in from_data and "pd" not in from_data
+    assert benchmark.set_methods("checkerboard", ["cd", "meanflow"]) == ["cd", "meanflow"]
+    setting = benchmark.Setting("fromdata", full, cpu, tmp_path, fresh=False)
+    assert setting.get_teacher() is None and setting.teacher_key() is None
+    base = compose(benchmark.set_files("fromdata"))  # the checkerboard's data and model configs
+    for m in from_data:
+        r = benchmark.recipe("fromdata", m, full)
+        own = compose([ROOT / "configs" / "distill" / f"{m}_fromdata.yaml"])
+        assert r["files"][-1] == f"configs/distill/{m}_fromdata.yaml" and not r["init_from_teacher"]
+        steps = (own.get("trainer") or {}).get("max_steps", base["trainer"]["max_steps"])
+        batch = ((own.get("data") or {}).get("init_args") or {}).get(
+            "batch_size", base["data"]["init_args"]["batch_size"]
+        )
+        assert r["options"]["steps"] == steps and r["cfg"]["data"]["init_args"]["batch_size"] == batch
+        assert not getattr(benchmark.build_objective(dict(r["objective"])), "needs_teacher", False)
