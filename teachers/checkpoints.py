@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from flowmap.io import CheckpointError, file_kind, load_state_strict, load_torch_file, nonfinite_tensors
 from flowmap.models import load_model
+from flowmap.teacher import Teacher
 from flowmap.velocity import NetVelocity
 
 EXPECTED = (
@@ -162,10 +163,11 @@ def describe_teacher(description: dict) -> str:
     return line
 
 
-class CheckpointTeacher(nn.Module):
+class CheckpointTeacher(Teacher):
     """A frozen ``Teacher`` loaded from ``path`` (any kind ``load_teacher`` detects); a plain constructor
     so LightningCLI YAML can build it: ``{"class_path": "teachers.CheckpointTeacher", "init_args": {"path": ...}}``.
 
+    The loaded teacher (``self.teacher``) keeps its own path, time map and conditions: every call is its own.
     velocity(x (B, *data_shape), t (B,), cond (B,) or None, guidance) -> (B, *data_shape)."""
 
     def __init__(self, path: str, null_class: bool = False, allow_clip_mismatch: bool = False) -> None:
@@ -174,12 +176,20 @@ class CheckpointTeacher(nn.Module):
         self.teacher = teacher
         self.source = str(path)
         self.description = description
+        self.path = teacher.path
         self.data_shape: tuple[int, ...] = tuple(teacher.data_shape)
         self.num_classes: int = int(teacher.num_classes)
+        self.cond_kind = teacher.cond_kind
         self.requires_grad_(False)
         self.eval()
 
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+    def path_velocity(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.teacher.path_velocity(x, t, cond)
+
+    def from_linear(self, x_lin: Tensor, t_lin: Tensor) -> tuple[Tensor, Tensor]:
+        return self.teacher.from_linear(x_lin, t_lin)
+
+    def velocity(self, x: Tensor, t: Tensor, cond=None, guidance: float | Tensor = 1.0) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance)
 
     def extra_repr(self) -> str:
