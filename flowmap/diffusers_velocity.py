@@ -2,16 +2,13 @@
 velocity field on our linear time axis; the math of ``teachers.diffusers_adapter`` (which reads the folders), kept
 in the core so that a student built from the teacher's own network (``flowmap.nets.diffusers_net``) reuses it.
 
-Change of path (t = 0 data, t = 1 noise on our axis). For the discrete VP schedules of DDPM/DDIM the model is
-evaluated through x_lin = x / (alpha + sigma), t_lin = sigma / (alpha + sigma) (``flowmap.paths``): for t_lin we
-solve sigma / alpha = t_lin / (1 - t_lin) for the fractional step position in float64, call the model at its
-timestep, turn its prediction into (x0, eps) (``flowmap.predictions.to_x0_eps``) and return
-
-    v_lin = eps - x0                                        (velocity of the linear path)
-
-which is exact: (x0, eps) do not depend on the path, only the coordinates do (Song et al. 2021a, Eq. 13-14;
-Karras et al. 2022, Sec. 3). Flow matching (``FlowMatchEulerDiscreteScheduler``): diffusers' sigma is our t and
-the model predicts noise - x0 = our velocity at timestep sigma * N (Esser et al. 2024, Sec. 2).
+The teacher type's own part (``flowmap.teacher.Teacher`` does the checks, the guidance and the change of path):
+for the discrete VP schedules of DDPM/DDIM, the time map t_lin -> VP time t solves sigma / alpha = t_lin / (1 - t_lin)
+for the fractional step position in float64 (``vp_step``), and the path velocity calls the model at its timestep,
+turns its prediction into (x0, eps) (``flowmap.predictions``) and returns dx/dt = alpha' x0 + sigma' eps on the VP
+path; the base carries it to v_lin = eps - x0 (``flowmap.paths.velocity_to_linear``; Song et al. 2021a, Eq. 13-14;
+Karras et al. 2022, Sec. 3). Flow matching (``FlowMatchEulerDiscreteScheduler``): diffusers' sigma is our t and the
+model predicts noise - x0 = our velocity at timestep sigma * N (Esser et al. 2024, Sec. 2).
 
 Timestep map: t on the VP axis is the fractional step tau = N t - 1 (t_k = (k + 1) / N <-> timestep k); a time
 within ``SNAP`` of a train step is evaluated exactly at that step; between steps the model receives the fractional

@@ -183,6 +183,37 @@ class GaussianMixtureTeacher(Teacher):
         return self.velocity(x, t.clamp(0, 1), cond, guidance)
 
 
+def is_mixture_file(path: Path) -> bool:
+    """Whether ``path`` is a JSON object with a mixture's ``means`` and ``covs`` (what ``save`` writes)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 2**26:
+            return False
+        with open(path, "rb") as f:
+            if f.read(1).lstrip() not in (b"{",):
+                return False
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(spec, dict) and {"means", "covs"} <= set(spec)
+
+
+def load_mixture(path: Path) -> tuple[GaussianMixtureTeacher, dict]:
+    """(teacher, description) of a mixture file, as ``teachers.load_teacher`` returns them."""
+    mix = GaussianMixtureTeacher.from_file(path)
+    description = {
+        "kind": "mixture",
+        "source": str(path),
+        "name": Path(path).name,
+        "model": f"{len(mix.means)} Gaussians",
+        "prediction": "velocity (exact)",
+        "path": mix.path.name,
+        "data_shape": list(mix.data_shape),
+        "num_classes": mix.num_classes,
+        "null_class": mix.num_classes > 0,
+    }
+    return mix, description
+
+
 def preset_mixture(name: str = "ring8", dim: int = 2) -> GaussianMixtureTeacher:
     """Named mixtures used by tests, configs and the benchmark.
 

@@ -208,3 +208,36 @@ def test_checkpoint_teacher_is_the_loaded_teacher(tmp_path):
         xp, tp = teacher.from_linear(x, t)
         carried = velocity_to_linear(teacher.path_velocity(xp, tp, cond), xp, tp, teacher.path)
         assert rel(carried, teacher.velocity(x, t, cond)) < 1e-6
+
+
+def test_load_teacher_consults_the_registered_kinds(tmp_path):
+    """A mixture file is a kind (teachers.gmm), and a kind registered from outside is read by load_teacher and
+    CheckpointTeacher without editing them."""
+    from flowmap.io import CheckpointError
+    from teachers import TEACHER_KINDS, TeacherKind, load_teacher, register_teacher_kind
+
+    mix = preset_mixture("ring8")
+    teacher, d = load_teacher(mix.save(tmp_path / "ring8.json"))
+    x, t, cond = batch(mix)
+    assert d["kind"] == "mixture" and torch.equal(teacher.velocity(x, t, cond, 2.0), mix.velocity(x, t, cond, 2.0))
+    (tmp_path / "m.pm").write_text("point mass")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_teacher(tmp_path / "m.pm")
+    kind = TeacherKind(
+        "point_mass",
+        lambda p: p.is_file() and p.read_bytes() == b"point mass",
+        lambda p, **_: (PointMass(), {"kind": "point_mass", "data_shape": [2], "num_classes": 2}),
+        "a point-mass file",
+    )
+    register_teacher_kind(kind)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_teacher_kind(kind)
+        wrapped = CheckpointTeacher(str(tmp_path / "m.pm"))
+        assert isinstance(wrapped.teacher, PointMass) and wrapped.path == VPPath()
+        xp, tp = torch.randn(4, 2, dtype=F64), torch.full((4,), 0.5, dtype=F64)
+        assert rel(wrapped.velocity(xp, tp, torch.zeros(4, dtype=torch.long)), 2 * (xp - wrapped.teacher.mu[0])) < 1e-10
+        with pytest.raises(CheckpointError, match="or a point-mass file"):
+            load_teacher(tmp_path / "ring8.txt")
+    finally:
+        TEACHER_KINDS.pop("point_mass")
