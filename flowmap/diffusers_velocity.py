@@ -148,9 +148,12 @@ class DiffusersTeacher(NetVelocity):
         net: DiffusersNet = self.net
         if net.cond_kind == "text":
             null = getattr(self, "null_condition", None)
-            if cond is None and null is not None:  # unconditional = the empty prompt
-                return TextCondition.cat([null.to(device)] * batch)
-            return cond
+            if cond is None and null is None:
+                raise ValueError(
+                    f"this text-conditioned {net.model_class} needs a condition: give a TextCondition (prompt "
+                    "embeddings), or load it from a pipeline folder with tokenizer/ and text_encoder/ (empty prompt)"
+                )
+            return TextCondition.cat([null.to(device)] * batch) if cond is None else cond  # None: the empty prompt
         if net.num_classes == 0:
             return None
         if cond is None:

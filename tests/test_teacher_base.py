@@ -241,3 +241,34 @@ def test_load_teacher_consults_the_registered_kinds(tmp_path):
             load_teacher(tmp_path / "ring8.txt")
     finally:
         TEACHER_KINDS.pop("point_mass")
+
+
+def test_text_guidance_is_the_same_one_pass_against_the_teachers_empty_prompt():
+    """A TextCondition without its own null is guided against the teacher's ``null_condition`` (the empty prompt),
+    in one batched pass; cond None is the empty prompt's velocity; without a null, one clear error."""
+    from flowmap.conditions import TextCondition
+    from flowmap.diffusers_velocity import DiffusersNet, DiffusersTeacher
+    from tests.test_conditions import tiny_sd3
+
+    teacher = DiffusersTeacher(DiffusersNet(tiny_sd3()), LinearPath(), "velocity", 1000).eval()
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.2, 0.5, 0.9])
+    c = TextCondition(torch.randn(3, 7, 16, generator=g), torch.randn(3, 8, generator=g))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="needs a condition"):
+            teacher.velocity(x, t)
+        with pytest.raises(ValueError, match="no null"):
+            teacher.velocity(x, t, c, guidance=2.0)
+        null = TextCondition(torch.randn(1, 7, 16, generator=g), torch.randn(1, 8, generator=g))
+        teacher.null_condition = null
+        v_u = teacher.velocity(x, t)
+        assert rel(v_u, teacher.velocity(x, t, TextCondition.cat([null] * 3))) < 1e-6
+        v_c = teacher.velocity(x, t, c)
+        calls = []
+        hook = teacher.net.model.register_forward_pre_hook(
+            lambda m, a, k: calls.append(len(a[0]) if a else 0), with_kwargs=True
+        )
+        v_w = teacher.velocity(x, t, c, guidance=2.5)
+        hook.remove()
+        assert calls == [6]  # v_u and v_c: one call on 2 B rows
+        assert rel(v_w, v_u + 2.5 * (v_c - v_u)) < 1e-5 and rel(v_c, v_u) > 1e-3
