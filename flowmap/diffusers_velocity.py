@@ -2,16 +2,13 @@
 velocity field on our linear time axis; the math of ``teachers.diffusers_adapter`` (which reads the folders), kept
 in the core so that a student built from the teacher's own network (``flowmap.nets.diffusers_net``) reuses it.
 
-Change of path (t = 0 data, t = 1 noise on our axis). For the discrete VP schedules of DDPM/DDIM the model is
-evaluated through x_lin = x / (alpha + sigma), t_lin = sigma / (alpha + sigma) (``flowmap.paths``): for t_lin we
-solve sigma / alpha = t_lin / (1 - t_lin) for the fractional step position in float64, call the model at its
-timestep, turn its prediction into (x0, eps) (``flowmap.predictions.to_x0_eps``) and return
-
-    v_lin = eps - x0                                        (velocity of the linear path)
-
-which is exact: (x0, eps) do not depend on the path, only the coordinates do (Song et al. 2021a, Eq. 13-14;
-Karras et al. 2022, Sec. 3). Flow matching (``FlowMatchEulerDiscreteScheduler``): diffusers' sigma is our t and
-the model predicts noise - x0 = our velocity at timestep sigma * N (Esser et al. 2024, Sec. 2).
+The teacher type's own part (``flowmap.teacher.Teacher`` does the checks, the guidance and the change of path):
+for the discrete VP schedules of DDPM/DDIM, the time map t_lin -> VP time t solves sigma / alpha = t_lin / (1 - t_lin)
+for the fractional step position in float64 (``vp_step``), and the path velocity calls the model at its timestep,
+turns its prediction into (x0, eps) (``flowmap.predictions``) and returns dx/dt = alpha' x0 + sigma' eps on the VP
+path; the base carries it to v_lin = eps - x0 (``flowmap.paths.velocity_to_linear``; Song et al. 2021a, Eq. 13-14;
+Karras et al. 2022, Sec. 3). Flow matching (``FlowMatchEulerDiscreteScheduler``): diffusers' sigma is our t and the
+model predicts noise - x0 = our velocity at timestep sigma * N (Esser et al. 2024, Sec. 2).
 
 Timestep map: t on the VP axis is the fractional step tau = N t - 1 (t_k = (k + 1) / N <-> timestep k); a time
 within ``SNAP`` of a train step is evaluated exactly at that step; between steps the model receives the fractional
@@ -30,13 +27,19 @@ from torch import Tensor, nn
 from flowmap.conditions import TextCondition, as_condition, check
 from flowmap.io import CheckpointError
 from flowmap.paths import AffinePath, DiscreteVPPath, LinearPath
-from flowmap.predictions import to_x0_eps
-from flowmap.types import check_times, expand_like
+from flowmap.predictions import convert, from_x0_eps, to_x0_eps
+from flowmap.types import expand_like
 from flowmap.velocity import NetVelocity
 
 SNAP = 1e-3  # in train steps: a time this close to a train step is evaluated at that step
 LABEL_MODELS = ("UNet2DModel", "DiTTransformer2DModel")
 TEXT_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel")
+
+
+def snap(tau: Tensor) -> Tensor:
+    """A fractional timestep within ``SNAP`` of a train step -> that step."""
+    near = tau.round()
+    return torch.where((tau - near).abs() < SNAP, near, tau)
 
 
 def require_diffusers():
@@ -119,9 +122,12 @@ class DiffusersNet(nn.Module):
 
 
 class DiffusersTeacher(NetVelocity):
-    """A diffusers denoiser on ``path`` predicting ``prediction`` (ours: eps, v, x0, velocity), seen as a
-    velocity field on the linear axis. Labels (B,) long; the null label is ``num_classes`` (DiT's
-    label-dropout row, or the last UNet class embedding with ``null_class=True``)."""
+    """A diffusers denoiser on ``path`` predicting ``prediction`` (ours: eps, v, x0, velocity), as a ``Teacher``:
+    its own part is the model call on its path at its timestep (``path_velocity``) and the time map onto its
+    train steps (``from_linear``); checks, guidance and the change of path are the base's. Labels (B,) long;
+    the null label is ``num_classes`` (DiT's label-dropout row, or the last UNet class embedding with
+    ``null_class=True``). Text: a ``TextCondition``, whose unconditional side is the teacher's ``null_condition``
+    (the empty prompt of the folder's text encoder) unless the record carries its own ``null``."""
 
     def __init__(self, net: DiffusersNet, path: AffinePath, prediction: str, num_train_timesteps: int) -> None:
         super().__init__(net, path, prediction)
@@ -133,12 +139,21 @@ class DiffusersTeacher(NetVelocity):
                 )
             table = torch.log(torch.tensor((1.0, *path.alphas_cumprod), dtype=torch.float64))
             self.register_buffer("log_abar", table, persistent=False)  # log abar at t = j / N, j = 0..N
+        elif not isinstance(path, LinearPath):
+            raise ValueError(f"a diffusers teacher is on a discrete VP or the linear path, got {path.name!r}")
 
-    def labels(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
-        """Our labels (None = null) -> the model's class_labels."""
+    def model_condition(self, cond, batch: int, device: torch.device):
+        """Our condition (None = unconditional) -> the model's: class_labels (the null label for None), or a text
+        record (the teacher's empty prompt for None, when it has one)."""
         net: DiffusersNet = self.net
         if net.cond_kind == "text":
-            return cond
+            null = getattr(self, "null_condition", None)
+            if cond is None and null is None:
+                raise ValueError(
+                    f"this text-conditioned {net.model_class} needs a condition: give a TextCondition (prompt "
+                    "embeddings), or load it from a pipeline folder with tokenizer/ and text_encoder/ (empty prompt)"
+                )
+            return TextCondition.cat([null.to(device)] * batch) if cond is None else cond  # None: the empty prompt
         if net.num_classes == 0:
             return None
         if cond is None:
@@ -150,6 +165,11 @@ class DiffusersTeacher(NetVelocity):
                 "(for a UNet2DModel whose last class embedding is the null class, pass null_class=True)"
             )
         return cond
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """VP time t (B,) -> the model's fractional timestep tau = N t - 1 (float64), exactly the train step when
+        within ``SNAP`` of one."""
+        return snap(t.double() * self.num_train_timesteps - 1.0)
 
     def vp_step(self, t_lin: Tensor) -> tuple[Tensor, Tensor]:
         """t_lin (B,) -> (fractional DDPM step tau (B,), VP time t = (tau + 1) / N (B,)), in float64.
@@ -166,61 +186,24 @@ class DiffusersTeacher(NetVelocity):
         lo, hi = table[j - 1], table[j]
         frac = torch.where(lo > hi, (lo - target) / (lo - hi), torch.zeros_like(target))
         pos = (j - 1).double() + frac  # position on the grid j / N, i.e. t = pos / N
-        tau = pos - 1.0
-        near = tau.round()
-        tau = torch.where((tau - near).abs() < SNAP, near, tau)
+        tau = snap(pos - 1.0)
         return tau, (tau + 1.0) / N
 
-    def velocity(self, x: Tensor, t: Tensor, cond=None, guidance: float | Tensor = 1.0) -> Tensor:
-        """Labels: ``NetVelocity.velocity`` (with classifier-free guidance). Text conditions (``TextCondition``):
-        classifier-free guidance v_u + w (v_c - v_u) against the condition's null, else the teacher's
-        ``null_condition`` (the empty prompt of the folder's text encoder) (Ho & Salimans 2022, Eq. 6); without
-        either, the conditional velocity only. cond None with a null: the empty prompt's velocity."""
-        if self.net.cond_kind == "labels":
-            return super().velocity(x, t, cond, guidance)
-        check_times(t, batch=x.shape[0])
-        self.net.check_cond(cond, x.shape[0])
-        guided = isinstance(guidance, Tensor) or float(guidance) != 1.0
-        null = getattr(self, "null_condition", None)
-        cond = None if cond is None else as_condition(cond).with_null(null)
-        if cond is None or cond.null is None:
-            if guided:
-                raise ValueError(
-                    f"guidance != 1 needs the empty prompt's condition: load the {self.net.model_class} "
-                    "from a pipeline folder with its tokenizer/ and text_encoder/, or give a TextCondition with null"
-                )
-            if cond is None and null is not None:  # unconditional = the empty prompt
-                return self.linear_velocity(x, t, TextCondition.cat([null.to(x.device)] * x.shape[0]))
-            return self.linear_velocity(x, t, cond)
-        if not guided:
-            return self.linear_velocity(x, t, cond)
-        both = TextCondition.cat([cond.uncond(), cond])  # one batched pass, as diffusers' pipelines do
-        v_u, v_c = self.linear_velocity(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        w = (
-            expand_like(guidance.reshape(-1).to(x.device, x.dtype), x)
-            if isinstance(guidance, Tensor)
-            else float(guidance)
-        )
-        return v_u + w * (v_c - v_u)
+    def from_linear(self, x_lin: Tensor, t_lin: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_lin, t_lin) -> (x, t) on the VP path at the matching (snapped) step: x = (alpha + sigma) x_lin."""
+        _, t = self.vp_step(t_lin)
+        return x_lin * expand_like(self.path.alpha(t) + self.path.sigma(t), x_lin), t
 
-    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        raise NotImplementedError("DiffusersTeacher is evaluated on the linear axis only: call velocity(x, t)")
-
-    def linear_velocity(self, x_lin: Tensor, t_lin: Tensor, cond: Tensor | None) -> Tensor:
-        """v_lin(x_lin, t_lin) = eps - x0 with (x0, eps) from the model's prediction at the matching step."""
-        labels = self.labels(cond, x_lin.shape[0], x_lin.device)
+    def path_velocity(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        """dx/dt on the teacher's path at its time t: the model at timestep t N (flow matching: diffusers' sigma is
+        our t) or N t - 1 (DDPM steps, clamped to [0, N - 1]), its prediction turned into the path's velocity."""
+        cond = self.model_condition(cond, x.shape[0], x.device)
         N = self.num_train_timesteps
         if isinstance(self.path, LinearPath):
-            pred = self.net(x_lin, t_lin * N, labels)  # diffusers flow matching: timestep = sigma * N
-            if self.prediction == "velocity":
-                return pred
-            x0, eps = to_x0_eps(pred, self.prediction, x_lin, t_lin, self.path)
-            return eps - x0
-        tau, t = self.vp_step(t_lin)
-        a, s = self.path.alpha(t), self.path.sigma(t)
-        x = x_lin * expand_like(a + s, x_lin)  # x = (alpha + sigma) x_lin (flowmap.paths.from_linear)
-        pred = self.net(x, tau.clamp(0, N - 1).to(x_lin.dtype), labels)
+            pred = self.net(x, t * N, cond)  # diffusers flow matching: timestep = sigma * N
+            return convert(pred, self.prediction, "velocity", x, t, self.path)
+        pred = self.net(x, self.timestep(t).clamp(0, N - 1).to(x.dtype), cond)
         x0, eps = to_x0_eps(pred, self.prediction, x, t, self.path)
         if self.prediction == "x0":  # eps = (x - alpha x0) / sigma is 0 / 0 at t = 0, where E[eps | x0] = 0
-            eps = torch.where(expand_like(s, x) > 0, eps, torch.zeros_like(eps))
-        return eps - x0
+            eps = torch.where(expand_like(self.path.sigma(t), x) > 0, eps, torch.zeros_like(eps))
+        return from_x0_eps(x0, eps, "velocity", x, t, self.path)

@@ -10,18 +10,19 @@ network F and the EDM preconditioning (Karras et al. 2022, Eq. 7 and Table 1) is
     c_skip = sigma_d^2 / (sigma^2 + sigma_d^2),  c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2)
     c_in = 1 / sqrt(sigma^2 + sigma_d^2),        c_noise = log(sigma) / 4
 
-Change of path (the VE path alpha = 1, sigma = sigma onto the linear one, ``flowmap.paths``):
+The teacher type's own part (``flowmap.teacher.Teacher`` does the rest): the velocity on VEPath(sigma_max), whose
+time is t = sigma / sigma_max,
 
-    t = sigma / (1 + sigma)          <=>  sigma = t / (1 - t)
-    x_lin = x / (1 + sigma)          <=>  x = x_lin / (1 - t)
-    x_lin = (1 - t) x0 + t eps       =>   v_lin = eps - x0 = (x_lin - x0) / t
+    dx/dt = sigma_max dx/dsigma = sigma_max (x - D(x, sigma)) / sigma       (Karras et al. 2022, Alg. 1, line 4)
+
+which the base carries onto the linear path (``flowmap.paths``): t_lin = sigma / (1 + sigma), x_lin = x / (1 + sigma),
+v_lin = (1 + sigma) dx/dsigma - x = (x_lin - x0) / t_lin = eps - x0.
 
 diffusers' EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``) define the same
 preconditioning; with their ``prediction_type="v_prediction"`` c_out changes sign (``prediction="v_prediction"``).
 
-D is only trained on [sigma_min, sigma_max]: outside it the module is called at the clamped sigma
-(with x scaled to that level, x = (1 + sigma_c) x_lin), and the division by t uses t >= t(sigma_min),
-so the field stays finite at t = 0 and t = 1.
+D is only trained on [sigma_min, sigma_max]: the time map (``from_linear``) clamps sigma to it, with x scaled to that
+level (x = (1 + sigma_c) x_lin), so the field stays finite at t_lin = 0 and t_lin = 1.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class EDMDenoiserTeacher(NetVelocity):
         shape = data_shape if data_shape is not None else getattr(denoiser, "data_shape", ())
         self.data_shape = tuple(int(d) for d in shape)
         self.num_classes = int(num_classes)
+        self.cond_kind = "labels"  # the denoiser takes class labels (or none)
 
     def denoise(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         """x0 estimate D(x, sigma): x (B, ...), sigma (B,)."""
@@ -78,16 +80,18 @@ class EDMDenoiserTeacher(NetVelocity):
         c_noise = torch.log(sigma) / 4
         return c_skip * x + c_out * self.net(c_in * x, c_noise, *args)
 
-    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        raise NotImplementedError("EDMDenoiserTeacher is evaluated on the linear axis only: call velocity(x, t)")
-
-    def linear_velocity(self, x_lin: Tensor, t_lin: Tensor, cond: Tensor | None) -> Tensor:
-        """v_lin = (x_lin - x0) / t with x0 = D(x_lin (1 + sigma), sigma), sigma = t / (1 - t) clamped."""
-        if self.num_classes > 0 and cond is None:
-            cond = torch.full((x_lin.shape[0],), self.num_classes, dtype=torch.long, device=x_lin.device)
+    def from_linear(self, x_lin: Tensor, t_lin: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_lin, t_lin) -> (x, t) on VEPath(sigma_max): sigma = t_lin / (1 - t_lin) clamped to [sigma_min, sigma_max]
+        in float64, x = (1 + sigma) x_lin, t = sigma / sigma_max (the denoiser is only trained inside the range)."""
         t64 = t_lin.double()
         sigma = (t64 / (1.0 - t64).clamp_min(1e-300)).clamp(self.sigma_min, self.sigma_max)
-        x = x_lin * expand_like(1.0 + sigma, x_lin)
-        x0 = self.denoise(x, sigma.to(x_lin.dtype), cond)
-        t_floor = self.sigma_min / (1.0 + self.sigma_min)
-        return (x_lin - x0) / expand_like(t64.clamp_min(t_floor), x_lin)
+        return x_lin * expand_like(1.0 + sigma, x_lin), sigma / self.sigma_max
+
+    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """dx/dt on x = x0 + sigma eps, sigma = sigma_max t: sigma_max (x - D(x, sigma)) / sigma (Karras et al. 2022,
+        Alg. 1's slope times d sigma / dt). x: (B, *data_shape), t: (B,); cond None is the null label."""
+        if self.num_classes > 0 and cond is None:
+            cond = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        sigma = self.path.sigma(t)
+        x0 = self.denoise(x, sigma.to(x.dtype), cond)
+        return expand_like(self.path.d_sigma(t), x) * (x - x0) / expand_like(sigma, x)

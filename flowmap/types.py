@@ -18,8 +18,9 @@ from torch import Tensor
 
 
 @runtime_checkable
-class Teacher(Protocol):
-    """A velocity field on the linear path's time axis: v(x, t) = dx_t/dt.
+class TeacherLike(Protocol):
+    """What the core asks of a teacher: a velocity field on the linear path's time axis, v(x, t) = dx_t/dt.
+    Every teacher type derives from the base class ``flowmap.teacher.Teacher``, which satisfies this protocol.
 
     ``guidance`` is the classifier-free guidance scale w; v = v_u + w (v_c - v_u), so w = 1 is the
     conditional model and w = 0 the unconditional one.
@@ -31,6 +32,9 @@ class Teacher(Protocol):
     def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
         """x: (B, *data_shape), t: (B,) -> v: (B, *data_shape)."""
         ...
+
+
+Teacher = TeacherLike  # the protocol's earlier name, kept for annotations and isinstance checks
 
 
 @runtime_checkable

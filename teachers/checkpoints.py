@@ -5,6 +5,10 @@
                                     net / path / prediction, with the EMA weights ("ema.*") if present
     diffusers model folder          teachers.diffusers_adapter (UNet2DModel, DiTTransformer2DModel, ...); with an
                                     EDM scheduler (EDMEulerScheduler) it is an EDM denoiser module (EDMDenoiserTeacher)
+    Gaussian-mixture .json          teachers.gmm (GaussianMixtureTeacher.save: means, covs, weights, labels)
+
+Each kind is a ``TeacherKind`` in ``TEACHER_KINDS`` (detect from the content, load, describe); ``register_teacher_kind``
+adds another without editing ``load_teacher``.
 
 Nothing is unpickled beyond tensors and plain containers: a .ckpt holding other Python objects is
 refused by ``weights_only=True`` before any of its code can run, and reported as a CheckpointError
@@ -14,18 +18,17 @@ infinity is refused at load, whatever its kind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from flowmap.io import CheckpointError, file_kind, load_state_strict, load_torch_file, nonfinite_tensors
 from flowmap.models import load_model
+from flowmap.teacher import Teacher
 from flowmap.velocity import NetVelocity
-
-EXPECTED = (
-    "a flowmap teacher .safetensors file, a Lightning .ckpt of a flowmap TeacherModule, or a diffusers model folder "
-    "(an EDM denoiser: a model folder with an EDMEulerScheduler config)"
-)
+from teachers.gmm import is_mixture_file, load_mixture
 
 
 def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
@@ -45,11 +48,11 @@ def _load_safetensors(path: Path) -> tuple[nn.Module, dict]:
 
 
 def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
-    ckpt = load_torch_file(path, expected=EXPECTED)
+    ckpt = load_torch_file(path, expected=expected())
     hp = ckpt.get("hyper_parameters")
     if not isinstance(hp, dict) or "state_dict" not in ckpt:
         raise CheckpointError(
-            f"{path}: a PyTorch file without Lightning's 'state_dict' and 'hyper_parameters'; expected {EXPECTED}"
+            f"{path}: a PyTorch file without Lightning's 'state_dict' and 'hyper_parameters'; expected {expected()}"
         )
     if "student" in hp or "objective" in hp:
         raise CheckpointError(
@@ -59,7 +62,7 @@ def _load_lightning(path: Path) -> tuple[nn.Module, dict]:
     if "net" not in hp:
         raise CheckpointError(
             f"{path}: a Lightning checkpoint without hyper_parameters['net'] (not a flowmap TeacherModule); "
-            f"expected {EXPECTED}"
+            f"expected {expected()}"
         )
     from flowmap.nets import build_net
 
@@ -113,25 +116,94 @@ def load_teacher(
 
 
 def _load_any(p: Path, null_class: bool, allow_clip_mismatch: bool) -> tuple[nn.Module, dict]:
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder; expected {expected()}")
+    for kind in TEACHER_KINDS.values():
+        if kind.detect(p):
+            return kind.load(p, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
     if p.is_dir():
-        from teachers.diffusers_adapter import is_diffusers_folder, load_diffusers_teacher
-
-        if not is_diffusers_folder(p):
-            raise CheckpointError(
-                f"{p}: a folder that is not a diffusers model folder "
-                f"(no model_index.json or config.json with _class_name); expected {EXPECTED}"
-            )
-        return load_diffusers_teacher(p, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such file or folder; expected {EXPECTED}")
-    kind = file_kind(p)
-    if kind == "safetensors":
-        return _load_safetensors(p)
-    if kind in ("torch-zip", "pickle"):
-        return _load_lightning(p)  # a bare pickle stream is refused there with the same one line
+        raise CheckpointError(
+            f"{p}: a folder that is not a diffusers model folder "
+            f"(no model_index.json or config.json with _class_name); expected {expected()}"
+        )
     raise CheckpointError(
-        f"{p}: not a checkpoint (neither safetensors nor a PyTorch/Lightning file); expected {EXPECTED}"
+        f"{p}: not a checkpoint (no kind of teachers.TEACHER_KINDS recognises its content); expected {expected()}"
     )
+
+
+# --- the kinds of teacher files ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherKind:
+    """A kind of teacher file or folder: ``detect(path) -> bool`` from the content (never the name),
+    ``load(path, null_class=..., allow_clip_mismatch=...) -> (Teacher, description)``, and what it is, for errors."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[..., tuple[Teacher, dict]]
+    expected: str
+
+
+TEACHER_KINDS: dict[str, TeacherKind] = {}
+
+
+def register_teacher_kind(kind: TeacherKind, overwrite: bool = False) -> None:
+    """Add a kind that ``load_teacher`` (and ``CheckpointTeacher``) tries, in registration order."""
+    if kind.name in TEACHER_KINDS and not overwrite:
+        raise ValueError(f"teacher kind {kind.name!r} is already registered (pass overwrite=True to replace it)")
+    TEACHER_KINDS[kind.name] = kind
+
+
+def expected() -> str:
+    """What ``load_teacher`` reads: the registered kinds, for one-line errors."""
+    names = [k.expected for k in TEACHER_KINDS.values()]
+    return ", ".join(names[:-1]) + f", or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _is_file_of(*kinds: str) -> Callable[[Path], bool]:
+    return lambda p: p.is_file() and file_kind(p) in kinds
+
+
+def _is_diffusers_folder(p: Path) -> bool:
+    from teachers.diffusers_adapter import is_diffusers_folder
+
+    return is_diffusers_folder(p)
+
+
+def _load_diffusers(p: Path, null_class: bool = False, allow_clip_mismatch: bool = False) -> tuple[nn.Module, dict]:
+    from teachers.diffusers_adapter import load_diffusers_teacher
+
+    return load_diffusers_teacher(p, null_class=null_class, allow_clip_mismatch=allow_clip_mismatch)
+
+
+for _kind in (
+    TeacherKind(
+        "safetensors",
+        _is_file_of("safetensors"),
+        lambda p, **_: _load_safetensors(p),
+        "a flowmap teacher .safetensors file",
+    ),
+    TeacherKind(  # a bare pickle stream is refused there with the same one line
+        "lightning",
+        _is_file_of("torch-zip", "pickle"),
+        lambda p, **_: _load_lightning(p),
+        "a Lightning .ckpt of a flowmap TeacherModule",
+    ),
+    TeacherKind(
+        "diffusers",
+        _is_diffusers_folder,
+        _load_diffusers,
+        "a diffusers model folder (an EDM denoiser: a model folder with an EDMEulerScheduler config)",
+    ),
+    TeacherKind(
+        "mixture",
+        is_mixture_file,
+        lambda p, **_: load_mixture(p),
+        "a Gaussian-mixture .json file (GaussianMixtureTeacher.save)",
+    ),
+):
+    register_teacher_kind(_kind)
 
 
 def describe_teacher(description: dict) -> str:
@@ -162,10 +234,11 @@ def describe_teacher(description: dict) -> str:
     return line
 
 
-class CheckpointTeacher(nn.Module):
+class CheckpointTeacher(Teacher):
     """A frozen ``Teacher`` loaded from ``path`` (any kind ``load_teacher`` detects); a plain constructor
     so LightningCLI YAML can build it: ``{"class_path": "teachers.CheckpointTeacher", "init_args": {"path": ...}}``.
 
+    The loaded teacher (``self.teacher``) keeps its own path, time map and conditions: every call is its own.
     velocity(x (B, *data_shape), t (B,), cond (B,) or None, guidance) -> (B, *data_shape)."""
 
     def __init__(self, path: str, null_class: bool = False, allow_clip_mismatch: bool = False) -> None:
@@ -174,12 +247,20 @@ class CheckpointTeacher(nn.Module):
         self.teacher = teacher
         self.source = str(path)
         self.description = description
+        self.path = teacher.path
         self.data_shape: tuple[int, ...] = tuple(teacher.data_shape)
         self.num_classes: int = int(teacher.num_classes)
+        self.cond_kind = teacher.cond_kind
         self.requires_grad_(False)
         self.eval()
 
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
+    def path_velocity(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.teacher.path_velocity(x, t, cond)
+
+    def from_linear(self, x_lin: Tensor, t_lin: Tensor) -> tuple[Tensor, Tensor]:
+        return self.teacher.from_linear(x_lin, t_lin)
+
+    def velocity(self, x: Tensor, t: Tensor, cond=None, guidance: float | Tensor = 1.0) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance)
 
     def extra_repr(self) -> str:

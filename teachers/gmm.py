@@ -18,15 +18,15 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from flowmap.paths import AffinePath, LinearPath
+from flowmap.paths import AffinePath
 from flowmap.solvers import ode_step
-from flowmap.types import check_labels, check_times, expand_like
-from flowmap.velocity import guided
+from flowmap.teacher import Teacher
+from flowmap.types import check_labels, expand_like
 
 
-class GaussianMixtureTeacher(nn.Module):
+class GaussianMixtureTeacher(Teacher):
     """means (K, D), covs (K, D, D) symmetric positive definite, weights (K,), labels (K,) long or None.
 
     With labels, the teacher is class-conditional: cond = c restricts the mixture to the components
@@ -133,8 +133,8 @@ class GaussianMixtureTeacher(nn.Module):
         return w / w.sum(1, keepdim=True)
 
     # ---- velocity ---------------------------------------------------------------------------
-    def path_velocity(self, x: Tensor, t: Tensor, path: AffinePath, cond: Tensor | None = None) -> Tensor:
-        """Exact probability-flow velocity on ``path`` at its own time t: (B, D), computed in float64."""
+    def exact_velocity(self, x: Tensor, t: Tensor, path: AffinePath, cond: Tensor | None = None) -> Tensor:
+        """Exact probability-flow velocity on any affine ``path`` at its own time t: (B, D), computed in float64."""
         xd, td = x.double(), t.double()
         a, s = path.alpha(td), path.sigma(td)  # (B,)
         da, ds = path.d_alpha(td), path.d_sigma(td)
@@ -153,17 +153,13 @@ class GaussianMixtureTeacher(nn.Module):
         v_k = da[:, None, None] * e_x0 + ds[:, None, None] * e_eps
         return (resp[..., None] * v_k).sum(1).to(x.dtype)
 
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None, guidance: float | Tensor = 1.0) -> Tensor:
-        """The Teacher protocol: exact velocity on the linear path, with classifier-free guidance."""
-        if tuple(x.shape[1:]) != self.data_shape:
-            raise ValueError(f"x has shape {tuple(x.shape)}, the mixture expects (B, {self.data_shape[0]})")
-        check_times(t, batch=x.shape[0])
-        check_labels(cond, self.num_classes, x.shape[0])
-        path = LinearPath()
-        v_c = self.path_velocity(x, t, path, cond)
-        if cond is None or (not isinstance(guidance, Tensor) and float(guidance) == 1.0):
-            return v_c
-        return guided(self.path_velocity(x, t, path, None), v_c, guidance)
+    def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The teacher type's part of ``Teacher``: the exact velocity on ``self.path`` (the linear path) at t.
+        (An AffinePath in place of ``cond``, the earlier ``path_velocity(x, t, path)``, means ``exact_velocity``
+        on that path.)"""
+        if isinstance(cond, AffinePath):
+            return self.exact_velocity(x, t, cond)
+        return self.exact_velocity(x, t, self.path, cond)
 
     # ---- exact flow map ---------------------------------------------------------------------
     @torch.no_grad()
@@ -185,6 +181,37 @@ class GaussianMixtureTeacher(nn.Module):
 
     def _v64(self, x: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:
         return self.velocity(x, t.clamp(0, 1), cond, guidance)
+
+
+def is_mixture_file(path: Path) -> bool:
+    """Whether ``path`` is a JSON object with a mixture's ``means`` and ``covs`` (what ``save`` writes)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 2**26:
+            return False
+        with open(path, "rb") as f:
+            if f.read(1).lstrip() not in (b"{",):
+                return False
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(spec, dict) and {"means", "covs"} <= set(spec)
+
+
+def load_mixture(path: Path) -> tuple[GaussianMixtureTeacher, dict]:
+    """(teacher, description) of a mixture file, as ``teachers.load_teacher`` returns them."""
+    mix = GaussianMixtureTeacher.from_file(path)
+    description = {
+        "kind": "mixture",
+        "source": str(path),
+        "name": Path(path).name,
+        "model": f"{len(mix.means)} Gaussians",
+        "prediction": "velocity (exact)",
+        "path": mix.path.name,
+        "data_shape": list(mix.data_shape),
+        "num_classes": mix.num_classes,
+        "null_class": mix.num_classes > 0,
+    }
+    return mix, description
 
 
 def preset_mixture(name: str = "ring8", dim: int = 2) -> GaussianMixtureTeacher:
