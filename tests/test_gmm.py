@@ -184,6 +184,22 @@ def test_labelled_sampling_and_conditional_velocity():
     assert torch.allclose(mix.velocity(xt, t, null), v_u, atol=1e-12, rtol=0)
 
 
+def test_gmm_data_set_comes_from_the_entry_point():
+    """``get_dataset("gmm")`` is the mixture's own labelled samples, declared by the teachers package in the
+    flowmap.datasets entry-point group (pyproject.toml): the data registry names no teachers module."""
+    from importlib.metadata import entry_points
+
+    from flowmap.data import get_dataset
+
+    assert {ep.name: ep.value for ep in entry_points(group="flowmap.datasets")}["gmm"] == "teachers.gmm:gmm_source"
+    src = get_dataset("gmm", preset="ring8", n_train=300, n_val=0, seed=3)
+    x, y = src.tensors("train")
+    want_x, want_y = PresetMixture("ring8").sample_labeled(300, src.split_generator("train"))
+    assert src.num_classes == 2 and set(y.tolist()) == {0, 1}
+    assert torch.equal(x, want_x.float()) and torch.equal(y, want_y)
+    assert get_dataset("gmm", preset="ring8", labels=False).num_classes == 0
+
+
 @pytest.mark.parametrize("name", ["ring8", "grid4"])
 def test_save_from_file_round_trip(tmp_path, name):
     mix = preset_mixture(name)
