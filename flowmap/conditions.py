@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from flowmap.types import check_labels, null_label
+from flowmap.wrapped import wrapped_attribute
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: tensors have no single truth value
@@ -279,10 +280,4 @@ def check(cond: Condition, batch: int, num_classes: int = 0, text: bool = False)
 
 def null_of(model) -> TextCondition | None:
     """The empty prompt's condition of a text teacher (``null_condition``, also inside wrappers); None otherwise."""
-    inner = model
-    while inner is not None:
-        null = getattr(inner, "null_condition", None)
-        if isinstance(null, TextCondition):
-            return null
-        inner = getattr(inner, "teacher", None)
-    return None
+    return wrapped_attribute(model, "null_condition", TextCondition)

@@ -22,7 +22,11 @@ diffusers' EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepSchedul
 preconditioning; with their ``prediction_type="v_prediction"`` c_out changes sign (``prediction="v_prediction"``).
 
 D is only trained on [sigma_min, sigma_max]: the time map (``from_linear``) clamps sigma to it, with x scaled to that
-level (x = (1 + sigma_c) x_lin), so the field stays finite at t_lin = 0 and t_lin = 1.
+level (x = (1 + sigma_c) x_lin), so the field stays finite at t_lin = 0 and t_lin = 1. Below sigma_min the field is the
+velocity at sigma_min; above sigma_max (t_lin > sigma_max / (1 + sigma_max)) ``to_linear`` holds the denoiser's
+x0 = D(x, sigma_max) and gives v_lin = (x_lin - x0) / t_lin, the velocity consistent with x_lin = (1 - t_lin) x0 +
+t_lin eps (eps - x0 with eps = x_lin at t_lin = 1). Together: v_lin = (x_lin - D(x, sigma_c)) / max(t_lin, t_min),
+t_min = sigma_min / (1 + sigma_min).
 """
 
 from __future__ import annotations
@@ -86,6 +90,15 @@ class EDMDenoiserTeacher(NetVelocity):
         t64 = t_lin.double()
         sigma = (t64 / (1.0 - t64).clamp_min(1e-300)).clamp(self.sigma_min, self.sigma_max)
         return x_lin * expand_like(1.0 + sigma, x_lin), sigma / self.sigma_max
+
+    def to_linear(self, v: Tensor, x: Tensor, t: Tensor, t_lin: Tensor) -> Tensor:
+        """The base's conversion, (x_lin - x0) / t_c at the clamped linear time t_c = sigma_c / (1 + sigma_c), rescaled
+        by t_c / t_lin where t_lin > t_c (above sigma_max): x0 is held and v_lin = (x_lin - x0) / t_lin.
+        v (B, *data_shape), t (B,) the VE time of sigma_c, t_lin (B,) the unclamped linear time."""
+        v_lin = super().to_linear(v, x, t, t_lin)
+        sigma = self.path.sigma(t.double())
+        t_c, t64 = sigma / (1.0 + sigma), t_lin.double()
+        return v_lin * expand_like(torch.where(t64 > t_c, t_c / t64, torch.ones_like(t64)), v_lin)
 
     def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         """dx/dt on x = x0 + sigma eps, sigma = sigma_max t: sigma_max (x - D(x, sigma)) / sigma (Karras et al. 2022,

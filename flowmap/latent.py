@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.io import CheckpointError
+from flowmap.wrapped import wrapped_attribute
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
@@ -167,12 +168,9 @@ def latent_reference(config: dict | None) -> dict | None:
 def codec_of(model, dtype: torch.dtype | None = None) -> LatentCodec | None:
     """The codec of a latent teacher (also inside wrappers), a student (``load_student`` / ``load_model``: loaded
     from the folder its config references) or a config dict; None for pixel-space models."""
-    inner = model
-    while inner is not None:
-        codec = getattr(inner, "codec", None)
-        if isinstance(codec, LatentCodec):
-            return codec
-        inner = getattr(inner, "teacher", None)
+    codec = wrapped_attribute(model, "codec", LatentCodec)
+    if codec is not None:
+        return codec
     config = model if isinstance(model, dict) else getattr(model, "config", None)
     ref = latent_reference(config if isinstance(config, dict) else None)
     return None if ref is None else LatentCodec.from_reference(ref, dtype=dtype)

@@ -9,10 +9,12 @@ t (Karras et al. 2022, Eq. 4: every such path is the linear one rescaled). The b
       guidance    v = v_u + w (v_c - v_u), v_u and v_c in ONE batched pass (Ho & Salimans 2022, Eq. 6), the
                   unconditional side being ``flowmap.conditions.uncond`` (the null label, or the empty prompt)
       path        (x, t) = from_linear(x_lin, t_lin)     x = (alpha + sigma) x_lin, sigma / alpha = t_lin / (1 - t_lin)
-                  v_lin = to_linear(path_velocity(x, t), x, t)   (``flowmap.paths.velocity_to_linear``)
+                  v_lin = to_linear(path_velocity(x, t), x, t, t_lin)   (``flowmap.paths.velocity_to_linear``)
 
 A teacher type whose network is only defined on part of its path (EDM's [sigma_min, sigma_max], a DDPM's train
-steps) says so in ``from_linear``, its time map; the conversion back stays the base's.
+steps) says so in ``from_linear``, its time map; the conversion back is the base's, which gives the mapped point's
+velocity. A type that carries its field on to the unclamped t_lin otherwise says how in ``to_linear`` (EDM above
+sigma_max holds its x0 estimate: v_lin = (x_lin - x0) / t_lin).
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ class Teacher(nn.Module):
         return from_linear(x_lin, t_lin, self.path)
 
     # ---- what the base owns -------------------------------------------------------------------------
-    def to_linear(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        """A velocity on ``self.path`` at (x, t) -> the linear path's (``flowmap.paths.velocity_to_linear``)."""
+    def to_linear(self, v: Tensor, x: Tensor, t: Tensor, t_lin: Tensor) -> Tensor:
+        """A velocity v on ``self.path`` at (x, t) = from_linear(x_lin, t_lin) -> the linear path's velocity at t_lin:
+        ``flowmap.paths.velocity_to_linear``, the mapped point's velocity (t_lin (B,) is unused here; a time map that
+        clamps may continue the field to it)."""
         return velocity_to_linear(v, x, t, self.path)
 
     def linear_velocity(self, x_lin: Tensor, t_lin: Tensor, cond: conditions.Condition) -> Tensor:
@@ -68,7 +72,7 @@ class Teacher(nn.Module):
         if isinstance(self.path, LinearPath):
             return self.path_velocity(x_lin, t_lin, cond)
         x, t = self.from_linear(x_lin, t_lin)
-        return self.to_linear(self.path_velocity(x, t, cond), x, t)
+        return self.to_linear(self.path_velocity(x, t, cond), x, t, t_lin)
 
     def check_input(self, x: Tensor, t: Tensor, cond: conditions.Condition) -> None:
         """One clear error for x of another data shape, bad times, or a condition this teacher does not take."""

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from flowmap.conditions import TextCondition
 from flowmap.io import CheckpointError
+from flowmap.wrapped import wrapped_attribute
 
 LAYOUTS = ("clip", "sdxl", "sd3")
 ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -255,12 +256,9 @@ def find_text_encoder(folder: str | Path) -> bool:
 
 def prompt_encoder_of(model, dtype: torch.dtype | None = None) -> PromptEncoder | None:
     """The prompt encoder of a text teacher (also inside wrappers) or of a student / config recording one."""
-    inner = model
-    while inner is not None:
-        enc = getattr(inner, "prompt_encoder", None)
-        if isinstance(enc, PromptEncoder):
-            return enc
-        inner = getattr(inner, "teacher", None)
+    enc = wrapped_attribute(model, "prompt_encoder", PromptEncoder)
+    if enc is not None:
+        return enc
     config = model if isinstance(model, dict) else getattr(model, "config", None)
     teacher = config.get("teacher") if isinstance(config, dict) else None
     if isinstance(teacher, str):

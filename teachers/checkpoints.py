@@ -260,6 +260,9 @@ class CheckpointTeacher(Teacher):
     def from_linear(self, x_lin: Tensor, t_lin: Tensor) -> tuple[Tensor, Tensor]:
         return self.teacher.from_linear(x_lin, t_lin)
 
+    def to_linear(self, v: Tensor, x: Tensor, t: Tensor, t_lin: Tensor) -> Tensor:
+        return self.teacher.to_linear(v, x, t, t_lin)
+
     def velocity(self, x: Tensor, t: Tensor, cond=None, guidance: float | Tensor = 1.0) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance)
 

@@ -154,11 +154,7 @@ class GaussianMixtureTeacher(Teacher):
         return (resp[..., None] * v_k).sum(1).to(x.dtype)
 
     def path_velocity(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """The teacher type's part of ``Teacher``: the exact velocity on ``self.path`` (the linear path) at t.
-        (An AffinePath in place of ``cond``, the earlier ``path_velocity(x, t, path)``, means ``exact_velocity``
-        on that path.)"""
-        if isinstance(cond, AffinePath):
-            return self.exact_velocity(x, t, cond)
+        """The teacher type's part of ``Teacher``: the exact velocity on ``self.path`` (the linear path) at t."""
         return self.exact_velocity(x, t, self.path, cond)
 
     # ---- exact flow map ---------------------------------------------------------------------

@@ -139,6 +139,9 @@ def test_batches_of_embeddings_become_records_with_the_teachers_null():
     c = record()
     wrapped = SimpleNamespace(teacher=SimpleNamespace(null_condition=c.null))
     assert null_of(wrapped) is c.null and null_of(SimpleNamespace(teacher=None)) is None
+    # the walk skips an attribute of another type on an outer wrapper; the outermost record wins
+    outer = SimpleNamespace(null_condition="not a record", teacher=wrapped)
+    assert null_of(outer) is c.null and null_of(SimpleNamespace(null_condition=c, teacher=outer)) is c
     x = torch.randn(6, 4, 8, 8)
     x0, got = unpack_batch((x, c.prompt_embeds), null_of(wrapped))
     assert x0 is x and isinstance(got, TextCondition) and torch.equal(got.prompt_embeds, c.prompt_embeds)

@@ -235,6 +235,22 @@ def test_register_conditional_sampler_and_string_factory(registry_guard):
     assert get_dataset("digits_by_path").num_classes == 10
 
 
+def test_entry_point_data_set_is_found_on_first_request(tmp_path, monkeypatch, registry_guard):
+    """A package declaring ``digits_ep = "flowmap.data.registry:_digits"`` in the flowmap.datasets entry-point group
+    (an installed distribution's metadata on sys.path) is found by name; an unknown name lists the known sets."""
+    info = tmp_path / "flowmap_plugin_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowmap-plugin-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[flowmap.datasets]\ndigits_ep = flowmap.data.registry:_digits\n")
+    assert "digits_ep" not in DATASETS
+    with pytest.raises(ValueError, match=r"unknown data set 'digits_ep'; known: \[.*'digits'.*flowmap\.datasets"):
+        get_dataset("digits_ep")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert get_dataset("digits_ep").num_classes == 10 and get_dataset("digits_ep").data_shape == (1, 8, 8)
+    with pytest.raises(ValueError, match=r"known: \[.*'digits_ep'"):
+        get_dataset("no_such_set")
+
+
 def test_tensor_file(tmp_path):
     from flowmap.data import load_tensor_file
 

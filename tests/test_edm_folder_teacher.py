@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from flowmap.edm_velocity import EDMDenoiserTeacher
 from flowmap.models import student_from_teacher
 from flowmap.solvers import solve
-from teachers import load_teacher
+from teachers import CheckpointTeacher, load_teacher
 from tests.test_teacher_init_student import rel, unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,10 @@ def test_euler_on_our_axis_is_diffusers_edm_euler(tmp_path):
             x = sched.step(model(sched.scale_model_input(x, t), t).sample, t, x).prev_sample
         grid = (sched.sigmas / (1 + sched.sigmas)).double()
         ours = solve(teacher, x_lin, grid, "euler")
+        # the folder as a CheckpointTeacher is the loaded teacher, also at t = 1 (above sigma_max, x0 held)
+        ones = torch.ones(3)
+        wrapped = CheckpointTeacher(str(folder)).linear_velocity(x_lin, ones, None)
+        assert torch.equal(wrapped, teacher.linear_velocity(x_lin, ones, None))
     assert rel(ours, x) < 1e-4
 
 

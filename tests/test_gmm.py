@@ -72,7 +72,7 @@ def _points(mix, path, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
 def test_velocity_satisfies_continuity_equation(mixture, path):
     mix = _random_mixture() if mixture == "random3d" else preset_mixture(mixture)
     x, t = _points(mix, path, 48)
-    v = lambda y, tau: mix.path_velocity(y, tau, path)  # noqa: E731
+    v = lambda y, tau: mix.exact_velocity(y, tau, path)  # noqa: E731
     res, scale = _continuity_residual(mix, path, x, t, v)
     rel = (res.abs() / scale).max().item()
     assert rel < 1e-6, f"continuity residual {rel:.3g} of the flux scale"
@@ -182,6 +182,22 @@ def test_labelled_sampling_and_conditional_velocity():
     # the null label means "whole mixture"
     null = torch.full((32,), mix.num_classes, dtype=torch.long)
     assert torch.allclose(mix.velocity(xt, t, null), v_u, atol=1e-12, rtol=0)
+
+
+def test_gmm_data_set_comes_from_the_entry_point():
+    """``get_dataset("gmm")`` is the mixture's own labelled samples, declared by the teachers package in the
+    flowmap.datasets entry-point group (pyproject.toml): the data registry names no teachers module."""
+    from importlib.metadata import entry_points
+
+    from flowmap.data import get_dataset
+
+    assert {ep.name: ep.value for ep in entry_points(group="flowmap.datasets")}["gmm"] == "teachers.gmm:gmm_source"
+    src = get_dataset("gmm", preset="ring8", n_train=300, n_val=0, seed=3)
+    x, y = src.tensors("train")
+    want_x, want_y = PresetMixture("ring8").sample_labeled(300, src.split_generator("train"))
+    assert src.num_classes == 2 and set(y.tolist()) == {0, 1}
+    assert torch.equal(x, want_x.float()) and torch.equal(y, want_y)
+    assert get_dataset("gmm", preset="ring8", labels=False).num_classes == 0
 
 
 @pytest.mark.parametrize("name", ["ring8", "grid4"])

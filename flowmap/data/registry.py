@@ -6,14 +6,17 @@ a Gaussian mixture registered by the caller), ``sample(n, generator)`` for fresh
 
 Every dataset item is ``(x, y)``: x (*data_shape) float32, y a long scalar, the class index or -1 when the
 data are unconditional. New sets are added with ``register_dataset(name, factory)`` (factory(**kwargs) ->
-DataSource, or a ``"module:attribute"`` string imported on first use) or ``register_sampler``; the core
-never imports ``teachers``.
+DataSource, or a ``"module:attribute"`` string imported on first use) or ``register_sampler``. An installed
+package adds its sets through the ``flowmap.datasets`` entry-point group (``name = "module:attribute"`` under
+``[project.entry-points."flowmap.datasets"]`` in its pyproject.toml), found when a name is first asked for and
+not registered; the core names no package of its own (the mixture teacher's ``gmm`` set is such an entry).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import inspect
 from functools import partial
 from pathlib import Path
@@ -301,8 +304,7 @@ def _tensor_file(path: str, val_fraction: float = 0.0, seed: int = 0, num_classe
 Factory = Union[Callable[..., DataSource], str]
 DATASETS: dict[str, Factory] = {name: partial(_toy, name) for name in TOY_SETS}
 DATASETS.update({"digits": _digits, "image_folder": _image_folder, "cifar10": _cifar10, "tensor_file": _tensor_file})
-# the analytic Gaussian mixture's samples; a plug-in entry resolved on first use (the core never imports teachers)
-DATASETS["gmm"] = "teachers.gmm:gmm_source"
+ENTRY_POINT_GROUP = "flowmap.datasets"
 
 
 def register_dataset(name: str, factory: Factory, overwrite: bool = False) -> None:
@@ -342,10 +344,23 @@ def _resolve(name: str) -> Callable[..., DataSource]:
     return factory
 
 
+def register_entry_points() -> None:
+    """Register, as ``"module:attribute"`` strings imported on first use, the sets installed packages declare in
+    the ``flowmap.datasets`` entry-point group; a name already registered keeps its factory."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in DATASETS:
+            register_dataset(ep.name, ep.value.split("[")[0].strip())
+
+
 def get_dataset(name: str, **kwargs) -> DataSource:
     """The DataSource ``name`` built with ``kwargs``; one ValueError for an unknown name or argument."""
     if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+        register_entry_points()
+    if name not in DATASETS:
+        raise ValueError(
+            f"unknown data set {name!r}; known: {sorted(DATASETS)} (installed packages add sets through the "
+            f"{ENTRY_POINT_GROUP!r} entry points: reinstall flowmap with `pip install -e .` if one is missing)"
+        )
     factory = _resolve(name)
     try:
         inspect.signature(factory).bind(**kwargs)
