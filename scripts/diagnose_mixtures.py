@@ -36,11 +36,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
+from flowmap.metrics import flow_map_rmse  # noqa: E402
 from flowmap.objectives import build_objective  # noqa: E402
 from flowmap.recipe import compose  # noqa: E402
+from flowmap.solvers import solve  # noqa: E402
 from scripts.benchmark import BUDGETS, SETS, STUDENT_NFE, Evaluator, Setting, sampler_gamma, set_files  # noqa: E402
 from scripts.diagnose_student import key_values, student_recipe, train  # noqa: E402
 from teachers.gmm import GaussianMixtureTeacher  # noqa: E402
+
+INIT_HEUN_STEPS = (8, 32)  # the init net's Heun solves: near and at convergence
 
 
 def data_std(mix: GaussianMixtureTeacher) -> float:
@@ -70,10 +74,10 @@ def shares(rows: dict, std: float) -> dict[int, float | None]:
     return out
 
 
-def run(setting: Setting, ev: Evaluator, method: str, r: dict, seed: int) -> dict:
+def run(setting: Setting, ev: Evaluator, method: str, r: dict, seed: int, init: str = "auto") -> dict:
     """Train one student of recipe ``r`` and score it; returns {"ema", "raw": {nfe: % of std}, "config", "net",
     "seconds", "init"}."""
-    t = train(setting, method, r, seed)
+    t = train(setting, method, r, seed, init)
     gamma = sampler_gamma(method)
     out = {"config": r["objective"], "net": r["student"]["net"], "seconds": t["seconds"], "init": t["init"]}
     finite = all(math.isfinite(v) for v in t["losses"][-10:])
@@ -86,19 +90,28 @@ def run(setting: Setting, ev: Evaluator, method: str, r: dict, seed: int) -> dic
     return out
 
 
+def init_net_floor(setting: Setting, ev: Evaluator, steps: tuple[int, ...] = INIT_HEUN_STEPS) -> dict[int, float]:
+    """{Heun steps: flow-map RMSE in % of the data's std} of the flow-matching init net solved with Heun: the error
+    every student starts from, and the floor of the students that learn the net's own map."""
+    x = {n: solve(setting.init_net, ev.noise, n, "heun") for n in steps}
+    return {n: 100 * flow_map_rmse(x[n], ev.exact) / ev.data_std for n in steps}
+
+
 def fmt(values: dict) -> str:
     return " ".join(f"{n}:{'     -' if v is None else f'{v:6.2f}'}" for n, v in values.items())
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", required=True, help="comma-separated objective names")
+    p.add_argument("--methods", default="", help="comma-separated objective names (none: the init net's figures only)")
     p.add_argument("--presets", default="ring8,aniso2d,scales16", help="comma-separated mixture presets with a set")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the data config's max_steps)")
     p.add_argument("--init-steps", type=int, default=BUDGETS["full"].teacher_steps_2d, help="init net's steps")
     p.add_argument("--objective", nargs="*", default=[], metavar="K=V", help="objective hyperparameter overrides")
     p.add_argument("--net", nargs="*", default=[], metavar="K=V", help="student net options")
     p.add_argument("--init-net", nargs="*", default=None, metavar="K=V", help="init net options (default: --net)")
+    p.add_argument("--init", choices=("auto", "teacher", "scratch"), default="auto",
+                   help="student init: the recipe's rule (auto), the init net's weights, or scratch")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="student seed (0: the benchmark's seeds)")
     p.add_argument("--n-eval", type=int, default=BUDGETS["full"].n_eval_2d, help="evaluation noises")
     p.add_argument("--cache", default="/tmp/flowmap_diagnose", help="init nets (benchmark cache keys)")
@@ -132,10 +145,14 @@ def main(argv: list[str] | None = None) -> None:
         setting.get_teacher()
         ev = Evaluator(setting, budget)
         std = data_std(setting.mixture)
+        floor = init_net_floor(setting, ev)
+        net_args = " ".join(f"{k}={v}" for k, v in setting.net_config.items())
+        print(f"{preset:9s} init net ({a.init_steps} steps, {setting.teacher_seconds:.0f} s)  RMSE % of std  Heun "
+              f"steps {fmt(floor)}  ({net_args})", flush=True)  # fmt: skip
         for method in methods:
             over = {k: (std if v == "data_std" else v) for k, v in objective.items()}
             r = student_recipe(sets[preset], method, a.steps, over, net, init_net)
-            res = run(setting, ev, method, r, a.seed)
+            res = run(setting, ev, method, r, a.seed, a.init)
             steps = r["options"]["steps"]
             print(f"{preset:9s} {method:17s} {steps:5d} steps  RMSE % of std  EMA {fmt(res['ema'])}  raw "
                   f"{fmt(res['raw'])}  ({res['seconds']:.0f} s, from {res['init']}; "
@@ -143,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             if a.json:
                 row = {"preset": preset, "set": sets[preset], "method": method, "steps": steps, "seed": a.seed,
                        "overrides": objective, "net_overrides": net, "init_net": init_net, "data_std": ev.data_std,
+                       "init_net_heun": floor, "init": a.init,
                        "files": r["files"], **res}  # fmt: skip
                 with open(a.json, "a") as f:
                     f.write(json.dumps(row, default=str) + "\n")

@@ -84,7 +84,7 @@ def test_a_student_starts_as_its_teacher(model, data):
 
 
 def test_step_fractions_and_sigma_data_resolve(tmp_path):
-    files = [CONFIGS / "data" / "ring8.yaml", CONFIGS / "model" / "mlp2d_smooth.yaml", CONFIGS / "distill" / "scd.yaml"]
+    files = [CONFIGS / "data" / "ring8.yaml", CONFIGS / "model" / "mlp2d_smooth.yaml", CONFIGS / "distill" / "sct.yaml"]
     cfg = compose(files)
     assert cfg["trainer"]["max_steps"] == 1000 and "sigma_data" not in cfg
     objective = cfg["model"]["objective"]

@@ -65,6 +65,9 @@ def test_a_tiny_run_scores_the_benchmarks_student(tmp_path, capsys):
     # cd re-noises (gamma 1): a flow-map error at 1 NFE only; shortcut's deterministic sampler: at every NFE
     assert cd["ema"]["2"] is None and all(v is not None and v > 0 for v in shortcut["ema"].values())
     assert cd["ema"]["1"] != cd["raw"]["1"]  # the EMA and the raw weights are scored apart
+    # the init net's Heun error (the floor the students start from): one per preset, the same in every row
+    assert set(cd["init_net_heun"]) == {"8", "32"} and cd["init_net_heun"] == shortcut["init_net_heun"]
+    assert all(v > 0 for v in cd["init_net_heun"].values())
     assert "ring8" in capsys.readouterr().out
 
 

@@ -52,14 +52,14 @@ def quick_gmm(tmp_path_factory):
     return setting, budget
 
 
-@pytest.mark.parametrize("method", ["cd", "sct"])  # from the init net; from scratch (its config's init_from_teacher)
+@pytest.mark.parametrize("method", ["cd", "ect_fromdata"])  # from the init net; from scratch (init_from_teacher: false)
 def test_train_gives_the_benchmarks_student_bit_for_bit(quick_gmm, method):
     setting, budget = quick_gmm
     bench = setting.train_student(method)
     steps = setting.student_steps
     ours = train(setting, method, student_recipe("gmm", method, steps, budget=budget))
     assert ours["steps"] == steps == 4
-    assert (ours["init"] == "scratch") == (bench["init"] == "scratch") == (method == "sct")
+    assert (ours["init"] == "scratch") == (bench["init"] == "scratch") == (method == "ect_fromdata")
     for a, b in zip(bench["student"].state_dict().values(), ours["ema"].state_dict().values(), strict=True):
         assert torch.equal(a, b)
     raw = zip(bench["student"].state_dict().values(), ours["student"].state_dict().values(), strict=True)
