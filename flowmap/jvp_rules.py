@@ -97,15 +97,18 @@ class constant_weight_rules(TorchFunctionMode):
 # export-mode scan, dtype checks): the engine's own ``make_dual`` of the inputs (``flowmap.jvp``) made them.
 
 
+_VF_UNPACK, _VF_MAKE = torch._C._VariableFunctions._unpack_dual, torch._C._VariableFunctions._make_dual
+
+
 def _unpack(x: Tensor) -> tuple[Tensor, Tensor | None]:
     """(primal, tangent or None) of ``x`` at the current forward-AD level (``forward_ad.unpack_dual``)."""
     level = forward_ad._current_level
-    return (x, None) if level < 0 else torch._VF._unpack_dual(x, level=level)
+    return (x, None) if level < 0 else _VF_UNPACK(x, level=level)
 
 
 def _pack(y: Tensor, dy: Tensor) -> Tensor:
     """The dual tensor (y, dy) at the current level (``forward_ad.make_dual``; dy of y's dtype and shape)."""
-    return torch._VF._make_dual(y, dy, level=forward_ad._current_level)
+    return _VF_MAKE(y, dy, level=forward_ad._current_level)
 
 
 def _tangent_free(*tensors: Any) -> bool:
@@ -129,10 +132,26 @@ def tangents_detached() -> bool:
     return _DETACHED[0] > 0
 
 
+class _GradOff:
+    """``torch.no_grad()`` without its per-call decorator machinery (a rule enters it once per layer)."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self) -> None:
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc) -> None:
+        torch._C._set_grad_enabled(self.prev)
+
+
+_AMBIENT = contextlib.nullcontext()
+
+
 def tangent_mode() -> contextlib.AbstractContextManager:
     """The context a rule computes its tangent in: ``no_grad`` when tangents are detached, else the ambient mode.
     (``make_dual`` stays outside it: under no_grad it would cut the primal from autograd.)"""
-    return torch.no_grad() if _DETACHED[0] > 0 else contextlib.nullcontext()
+    return _GradOff() if _DETACHED[0] > 0 else _AMBIENT
 
 
 def _normalized_tangent(x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -252,7 +271,7 @@ def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tenso
             y = a * b
         else:
             y = (torch.add if kind == "add" else torch.sub)(a, b, alpha=alpha)
-        with torch.no_grad():
+        with _GradOff():
             if kind == "mul":  # da b + a db (PyTorch's formula, the same round-off)
                 dy = (a * db) if da is None else (da * b)
                 if da is not None and db is not None:
