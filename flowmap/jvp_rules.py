@@ -256,12 +256,13 @@ def _silu(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tensor | None]:
-    """add / sub / mul of a dual tensor with a tensor or number, only when tangents are detached (the shared pass):
-    the primal op sees primals only, so autograd saves no tangent for the backward (PyTorch's own rule would keep
-    every tangent its with-grad op saves alive until the backward) and records no graph for the tangent."""
+    """add / sub / mul / div of a dual tensor with a tensor or number, only when tangents are detached (the shared
+    pass): the primal op sees primals only, so autograd saves no tangent for the backward (PyTorch's own rule would
+    keep every tangent its with-grad op saves alive until the backward) and records no graph for the tangent; the
+    division's tangent (da - y db) / b in plain ops (PyTorch's runs a Python decomposition, ~1 ms a call on CPU)."""
 
     def rule(args: tuple, kwargs: dict) -> Tensor | None:
-        if not tangents_detached() or len(args) != 2 or set(kwargs) - {"alpha"}:
+        if not tangents_detached() or len(args) != 2 or set(kwargs) - ({"alpha"} if kind != "div" else set()):
             return None
         (a, da), (b, db) = _dual_input(args[1] if swap else args[0]), _dual_input(args[0] if swap else args[1])
         if da is None and db is None:
@@ -269,6 +270,8 @@ def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tenso
         alpha = kwargs.get("alpha", 1)
         if kind == "mul":
             y = a * b
+        elif kind == "div":
+            y = a / b
         else:
             y = (torch.add if kind == "add" else torch.sub)(a, b, alpha=alpha)
         with _GradOff():
@@ -276,6 +279,8 @@ def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tenso
                 dy = (a * db) if da is None else (da * b)
                 if da is not None and db is not None:
                     dy = dy.add_(a * db) if dy.shape == y.shape else dy + a * db
+            elif kind == "div":  # (da - y db) / b
+                dy = (da / b) if db is None else ((-(y * db) if da is None else da - y * db) / b)
             else:
                 sign = alpha if kind == "add" else -alpha
                 if db is None:
@@ -302,6 +307,10 @@ _DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
     Tensor.__radd__: _elementwise("add", swap=True),
     Tensor.add: _elementwise("add"),
     torch.add: _elementwise("add"),
+    Tensor.__truediv__: _elementwise("div"),
+    Tensor.__rtruediv__: _elementwise("div", swap=True),
+    Tensor.div: _elementwise("div"),
+    torch.div: _elementwise("div"),
     Tensor.__sub__: _elementwise("sub"),
     Tensor.sub: _elementwise("sub"),
     torch.sub: _elementwise("sub"),
