@@ -15,6 +15,12 @@ Denoising term (paper Eq. 8, DSM): the diagonal u_theta(x_s, s, s) is the instan
 flow matching onto eps - x0 (data) or the teacher's velocity:
     L = L_CTM + lambda_dsm ||u_theta(x_s, s, s) - v||^2
 Sampling: ``flowmap.sampling`` with gamma (the paper's gamma-sampling, Alg. 1).
+
+Cost. The teacher's velocity at (x_s, s) is both the DSM target (``dsm_source='teacher'``) and the first stage of
+the solver's segment, computed once. ``dsm_share`` rho estimates the sum L_CTM + lambda_dsm L_DSM on disjoint rows:
+the last round(rho B) rows train the DSM term only (weight 1 / rho), the others L_CTM only (weight 1 / (1 - rho)),
+so the expected loss is unchanged and one with-grad student call serves both terms (the diagonal rows are the
+student at t = s), while the teacher segment, the target and the frozen carry to t = 0 run on the CTM rows only.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from torch.func import functional_call
 
 from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
 from flowmap.objectives.common import check_solver, check_source, times_like
-from flowmap.solvers import teacher_step
-from flowmap.time_sampling import uniform
-from flowmap.types import LossOutput, Teacher
+from flowmap.objectives.guidance import teacher_velocity
+from flowmap.solvers import ode_step
+from flowmap.time_sampling import equal_tail, moving_rows, uniform
+from flowmap.types import LossOutput, Teacher, expand_like
 
 
 def teacher_segment(
@@ -41,13 +48,21 @@ def teacher_segment(
     method: str,
     cond: Tensor | None,
     guidance: float | Tensor,
+    v_start: Tensor | None = None,
 ) -> Tensor:
-    """The teacher's ODE from s to u (per-sample times (B,)) in ``steps`` equal steps, no grad: (B, *data_shape)."""
+    """The teacher's ODE from s to u (per-sample times (B,)) in ``steps`` equal steps, no grad: (B, *data_shape).
+    v_start: the teacher's velocity at (x, s) when the caller has it (the first stage is then not recomputed)."""
+    first = [] if v_start is None else [v_start]
+
+    def f(y: Tensor, tau: Tensor) -> Tensor:
+        return first.pop() if first else teacher_velocity(teacher, y, tau, cond, guidance)
+
     with torch.no_grad():
         for k in range(steps):
             a = s + (u - s) * (k / steps)
             b = s + (u - s) * ((k + 1) / steps)
-            x = teacher_step(teacher, x, a, b, method, cond, guidance)
+            h = b - a
+            x = ode_step(method, f, x, a, h, t_next=b, hx=expand_like(h, x))  # ``flowmap.solvers.teacher_step``
     return x
 
 
@@ -64,6 +79,9 @@ class CTM(Objective):
         solver, solver_steps: teacher step (``"heun"``/``"euler"``) and the number of steps per segment s -> u.
         lambda_dsm: weight of the denoising (flow-matching) term on the diagonal.
         dsm_source: ``"data"`` (eps - x0, the paper's DSM) or ``"teacher"`` (the teacher's velocity).
+        dsm_share: None (the paper's Eq. 9: both terms on every row, the DSM term in a second with-grad student
+            pass) or a share rho in (0, 1) of rows that train the DSM term only, the rest L_CTM only, each weighted
+            by the inverse of its share (the same expected loss from one with-grad student pass; module docstring).
         target_ema: EMA decay of the target network (paper: 0.999).
         guidance, guidance_max: CFG scale of the teacher (a range trains a ``guidance_input`` student).
     """
@@ -77,6 +95,7 @@ class CTM(Objective):
         solver_steps: int = 2,
         lambda_dsm: float = 1.0,
         dsm_source: str = "data",
+        dsm_share: float | None = None,
         target_ema: float = 0.999,
         guidance: float = 1.0,
         guidance_max: float | None = None,
@@ -91,9 +110,12 @@ class CTM(Objective):
             raise ValueError(
                 "with guidance the denoising term must follow the guided teacher: use dsm_source='teacher'"
             )
+        if dsm_share is not None and not 0.0 < dsm_share < 1.0:
+            raise ValueError(f"dsm_share must be None or lie in (0, 1), got {dsm_share}")
         self.solver, self.solver_steps = solver, int(solver_steps)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
+        self.dsm_share = None if dsm_share is None else float(dsm_share)
 
     def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
         """s ~ U(0, 1], t ~ U[0, s], u ~ U[t, s] (paper Sec. 4.2; extra ``u``)."""
@@ -103,23 +125,48 @@ class CTM(Objective):
         return s, t, {"u": u}
 
     def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
-        s, u, t, zero = d.s, d.extra["u"], d.t, torch.zeros_like(d.t)
+        B, D = d.batch, d.x0[0].numel()
+        n = B if self.dsm_share is None else moving_rows(B, self.dsm_share)  # rows [0, n) train L_CTM
+        c = d if n == B else d.rows(slice(0, n))
+        zero = torch.zeros_like(c.t)
+        v_s = self.velocity(teacher, d) if self.dsm_source == "teacher" else None  # v(x_s, s): DSM target, stage 1
         with torch.no_grad():
-            x_u = teacher_segment(teacher, d.x_s, s, u, self.solver_steps, self.solver, d.cond, d.w_teacher)
-            y_tgt = d.X(student, d.X(target, x_u, u, t), t, zero)  # sg(X_target(x_u, u, t)), carried to data
+            x_u = teacher_segment(
+                teacher, c.x_s, c.s, c.extra["u"], self.solver_steps, self.solver, c.cond, c.w_teacher,
+                None if v_s is None else v_s[:n],
+            )  # fmt: skip
+            y_tgt = c.X(student, c.X(target, x_u, c.extra["u"], c.t), c.t, zero)  # sg(X_target(x_u, u, t)) at t = 0
         y_tgt, finite, n_bad = mask_nonfinite(y_tgt)
-        y = d.X(lambda *a: frozen_call(student, *a), d.X(student, d.x_s, s, t), t, zero)  # X_sg(X_theta(x_s, s, t))
-        D = d.x0[0].numel()
-        ctm = sq_norm(y - y_tgt) / D  # Eq. 6-7
-        v = d.eps - d.x0 if self.dsm_source == "data" else self.velocity(teacher, d)
+        v = d.eps - d.x0 if v_s is None else v_s
         v, finite_v, n_bad_v = mask_nonfinite(v)
-        dsm = sq_norm(d.u(student, d.x_s, s, s) - v) / D  # Eq. 8 on the diagonal
+        if n == B:  # the paper's sum on every row: X_theta(x_s, s, t), then the diagonal u_theta(x_s, s, s)
+            x_st = d.X(student, d.x_s, d.s, d.t)
+            u_diag = d.u(student, d.x_s, d.s, d.s) if self.lambda_dsm > 0 else None
+        else:  # one with-grad call; rows [n, B) at t = s (the diagonal), X = x + (t - s) u on the others
+            if not hasattr(student, "average_velocity"):
+                raise ValueError("ctm with dsm_share needs a student with average_velocity (a FlowMap)")
+            u_all = d.u(student, d.x_s, d.s, equal_tail(d.s, d.t, self.dsm_share))
+            x_st = c.x_s + expand_like(c.t - c.s, c.x_s) * u_all[:n]
+            u_diag = u_all[n:]
+        y = c.X(lambda *a: frozen_call(student, *a), x_st, c.t, zero)  # X_sg(X_theta(x_s, s, t), t, 0)
+        ctm = sq_norm(y - y_tgt) / D  # Eq. 6-7
+        if u_diag is None:
+            dsm = torch.zeros_like(ctm)
+        else:
+            dsm = sq_norm(u_diag - v[n:] if n < B else u_diag - v) / D  # Eq. 8 on the diagonal
+        if n == B:
+            loss = ctm * finite * finite_v + self.lambda_dsm * dsm * finite_v
+        else:
+            share = self.dsm_share
+            loss = torch.cat(
+                [ctm * finite * finite_v[:n] / (1.0 - share), self.lambda_dsm / share * dsm * finite_v[n:]]
+            )
         return LossOutput(
-            loss=ctm * finite * finite_v + self.lambda_dsm * dsm * finite_v,
+            loss=loss,
             logs={
                 "ctm": ctm.detach() * finite,
-                "dsm": dsm.detach() * finite_v,
-                "gap": (s - t).float(),
+                "dsm": dsm.detach() * finite_v[n:] if n < B else dsm.detach() * finite_v,
+                "gap": (c.s - c.t).float(),
                 "nonfinite_targets": (n_bad + n_bad_v).float(),
             },
         )
