@@ -4,7 +4,8 @@
   by --part/--parts, part 1 by torchrun's RANK / WORLD_SIZE) into OUT/part-0000K; the merged set read back by the
   training reader (read_all, and ShardStream split by rank) equals a single-process --encode sample for sample in
   the same order (latents to 1e-6, labels exactly, keys 0..9). A missing part, and a part from another source,
-  make --merge exit 2 with one line and no OUT/index.json.
+  make --merge exit 2 with one line and no OUT/index.json. Image shards re-encoded (--from-shards) as 3 parts that
+  start mid-shard merge to the same set.
 - test_parts_keep_each_latent_with_its_prompt: 7 images with --prompts as 3 parts: every latent keeps its own
   prompt embedding (equal to the single-process set to 1e-6).
 """
@@ -92,6 +93,28 @@ def test_parts_merge_to_the_single_process_set(tmp_path, monkeypatch):
 
     run = merge_in_subprocess(out)  # merged already: refused without --overwrite, the index kept
     assert run.returncode == 2 and "--overwrite" in run.stderr and read_index(out).count == 10
+
+    # re-encoding image shards [0, 4), [4, 8), [8, 10) as 3 parts [0, 3), [3, 6), [6, 10): parts start mid-shard
+    make_shards(
+        ["--image-folder", str(images), "--image-size", "16", "--out", str(tmp_path / "img"), "--max-count", "4"]
+    )
+    for k in range(3):
+        make_shards(
+            [
+                *common[2:],
+                "--from-shards",
+                str(tmp_path / "img"),
+                "--out",
+                str(tmp_path / "re"),
+                "--part",
+                str(k),
+                "--parts",
+                "3",
+            ]
+        )
+    assert [s["start"] for s in make_shards(["--merge", str(tmp_path / "re")]).shards] == [0, 3, 6, 9]
+    z3, y3 = read_all(tmp_path / "re")
+    assert float((z1 - z3).abs().max()) < 1e-6 and torch.equal(y1, y3)
 
 
 def test_parts_keep_each_latent_with_its_prompt(tmp_path):
