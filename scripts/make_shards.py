@@ -46,7 +46,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowmap.data.registry import get_dataset  # noqa: E402
-from flowmap.data.shards import PART_NAME, ShardIndex, merge_parts, write_source_shards  # noqa: E402
+from flowmap.data.shards import (  # noqa: E402
+    INDEX_NAME,
+    PART_NAME,
+    ShardIndex,
+    merge_parts,
+    read_index,
+    write_source_shards,
+)
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
@@ -209,7 +216,7 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
     """The images of the source, encoded once by the VAE, as float32 latent shards (labels kept)."""
     from tqdm import tqdm
 
-    from flowmap.data.shards import _ShardReader, read_index, write_shards
+    from flowmap.data.shards import _ShardReader, write_shards
     from flowmap.latent import encode_items
 
     if a.from_shards:
@@ -249,6 +256,7 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
     if a.split_part is not None:  # this process's part: OUT/part-KKKKK, its keys those of the whole set
         out = Path(a.out) / PART_NAME.format(a.split_part[0])
         source.update(part=a.split_part[0], parts=a.split_part[1], range=[lo, hi], total=count)
+        drop_merged_index(a)
     index = write_shards(
         rows(),
         out,
@@ -271,6 +279,23 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
     if a.split_part is not None:
         print(f"once every part is written: python scripts/make_shards.py --merge {a.out}")
     return index
+
+
+def drop_merged_index(a: argparse.Namespace) -> None:
+    """Before a part is (re)written into --out: a merged OUT/index.json goes (with --overwrite; merge again after),
+    an ordinary shard set in OUT is refused."""
+    path = Path(a.out) / INDEX_NAME
+    try:
+        merged = read_index(a.out) if path.is_file() else None
+    except ValueError:  # another rank removed it meanwhile
+        merged = None
+    if merged is None:
+        return
+    if "parts" not in merged.source:
+        raise ValueError(f"--out {a.out} holds a shard set of its own ({INDEX_NAME}), not the parts of a split pass")
+    if not a.overwrite:
+        raise ValueError(f"--out {a.out} is merged already; pass --overwrite to re-encode a part, then --merge again")
+    path.unlink(missing_ok=True)
 
 
 def part_range(part: tuple[int, int] | None, count: int) -> tuple[int, int]:

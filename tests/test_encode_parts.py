@@ -5,7 +5,8 @@
   training reader (read_all, and ShardStream split by rank) equals a single-process --encode sample for sample in
   the same order (latents to 1e-6, labels exactly, keys 0..9). A missing part, and a part from another source,
   make --merge exit 2 with one line and no OUT/index.json. Image shards re-encoded (--from-shards) as 3 parts that
-  start mid-shard merge to the same set.
+  start mid-shard merge to the same set. Re-encoding a part of a merged set needs --overwrite and removes the
+  merged index.json.
 - test_parts_keep_each_latent_with_its_prompt: 7 images with --prompts as 3 parts: every latent keeps its own
   prompt embedding (equal to the single-process set to 1e-6).
 """
@@ -93,6 +94,10 @@ def test_parts_merge_to_the_single_process_set(tmp_path, monkeypatch):
 
     run = merge_in_subprocess(out)  # merged already: refused without --overwrite, the index kept
     assert run.returncode == 2 and "--overwrite" in run.stderr and read_index(out).count == 10
+    with pytest.raises(ValueError, match="merged already"):  # re-encoding a part of a merged set needs --overwrite
+        make_shards([*common, "--out", str(out), "--part", "1", "--parts", "2"])
+    make_shards([*common, "--out", str(out), "--part", "1", "--parts", "2", "--overwrite"])
+    assert not (out / "index.json").exists()  # the merged index would be stale: gone until --merge again
 
     # re-encoding image shards [0, 4), [4, 8), [8, 10) as 3 parts [0, 3), [3, 6), [6, 10): parts start mid-shard
     make_shards(
