@@ -9,6 +9,9 @@
     python scripts/make_shards.py --image-folder photos/ --encode dit_pipeline/ --device cuda --out data/latents \
         --max-count 10000
     python scripts/make_shards.py --from-shards data/photos --encode dit_pipeline/ --out data/latents --max-count 10000
+    torchrun --nproc_per_node 8 scripts/make_shards.py --image-folder photos/ --encode dit_pipeline/ --device cuda \
+        --out data/latents --max-count 10000
+    python scripts/make_shards.py --merge data/latents
 
 ``--encode PIPELINE_FOLDER`` encodes the images once with the folder's VAE (``flowmap/latent.py``: the scaled
 posterior mean, ``--batch-size`` images at a time on ``--device``) into float32 .npy latent shards with their
@@ -19,6 +22,12 @@ sorted class folders, sorted files) stores each image's prompt embedding by the 
 ``<key>.pool.npy`` / ``<key>.mask.npy`` where the pipeline has pooled embeddings / an attention mask, in place of
 the label); the streaming data module reads them back as one ``TextCondition``.
 
+One encode pass on many GPUs: ``--part K --parts N`` (or, under torchrun, RANK and WORLD_SIZE; ``--device cuda``
+becomes cuda:LOCAL_RANK) encodes only the K-th of N contiguous ranges of the images (and of the --prompts lines)
+into ``OUT/part-KKKKK/`` with its own index.json, keeping each sample's key in the whole set. ``--merge OUT`` then
+checks that every part 0..N-1 is there and that they agree (shape, dtype, encoding, classes, source), and writes
+``OUT/index.json`` over all their shards: the set reads as one, in the order of a single-process pass.
+
 Image data (image folders, uint8 arrays) is stored as .png, everything else as float32 .npy; labels as .cls.
 The set is written into a temporary directory and renamed into place: a failure leaves no partial shards.
 Train from it with ``flowmap.lightning.streaming.ShardDataModule`` (see docs/scale_out.md).
@@ -28,14 +37,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowmap.data.registry import get_dataset  # noqa: E402
-from flowmap.data.shards import ShardIndex, write_source_shards  # noqa: E402
+from flowmap.data.shards import (  # noqa: E402
+    INDEX_NAME,
+    PART_NAME,
+    ShardIndex,
+    merge_parts,
+    read_index,
+    write_source_shards,
+)
 from flowmap.guard import ScriptParser, main_guard  # noqa: E402
 from flowmap.runtime import THREADS_HELP, set_cpu_threads  # noqa: E402
 
@@ -51,17 +69,27 @@ def parse_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ScriptParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="one encode pass on many GPUs: torchrun --nproc_per_node 8 scripts/make_shards.py --image-folder "
+        "photos/ --encode PIPELINE --device cuda --out OUT --max-count 10000 (each rank writes OUT/part-RANK), "
+        "then scripts/make_shards.py --merge OUT",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a registered data set name (checkerboard, digits, gmm, ...)")
     src.add_argument("--image-folder", help="a folder of images, one subfolder per class (flat: unconditional)")
     src.add_argument("--npz", help="an .npz with 'x' (uint8 (N, H, W, C) images or float (N, ...)) and optional 'y'")
     src.add_argument("--from-shards", help="an existing shard directory of images (with --encode)")
+    src.add_argument(
+        "--merge",
+        metavar="OUT",
+        help="write OUT/index.json over the finished parts OUT/part-KKKKK of a split --encode pass (--part/--parts)",
+    )
     p.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the data set factory")
     p.add_argument("--image-size", type=int, default=None, help="(image folders) centre-crop and resize to this side")
     p.add_argument("--channels", type=int, default=3, help="(image folders) 1 = grayscale, 3 = RGB")
     p.add_argument("--split", default="train", choices=["train", "val"])
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", help="output directory (must not exist unless --overwrite); a part: OUT/part-KKKKK")
     p.add_argument("--max-count", type=int, default=None, help="samples per shard")
     p.add_argument("--max-bytes", type=parse_bytes, default=None, help="bytes per shard file, e.g. 256MB")
     p.add_argument("--encoding", default="auto", choices=["auto", "npy", "png"])
@@ -80,12 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(--encode) the VAE's dtype"
     )
+    g.add_argument(
+        "--parts",
+        type=int,
+        default=None,
+        help="(--encode) split the pass into N processes (default: torchrun's WORLD_SIZE); then --merge OUT",
+    )
+    g.add_argument("--part", type=int, default=None, help="(--parts) this process's part K in 0..N-1 (default: RANK)")
     return p
 
 
 def make_shards(args: list[str] | None = None) -> ShardIndex:
     a = build_parser().parse_args(args)
     set_cpu_threads(a.threads)
+    if a.merge:
+        index = merge_parts(a.merge, overwrite=a.overwrite)
+        parts = len({s["name"].split("/")[0] for s in index.shards})
+        print(f"merged {parts} part(s): {index.count} samples in {len(index.shards)} shard(s) under {a.merge}")
+        return index
+    if not a.out:
+        raise ValueError("make_shards.py: the following arguments are required: --out")
+    a.split_part = part_of(a)
     try:
         kwargs = json.loads(a.kwargs)
     except json.JSONDecodeError as err:
@@ -128,6 +171,29 @@ def make_shards(args: list[str] | None = None) -> ShardIndex:
     return index
 
 
+def part_of(a: argparse.Namespace) -> tuple[int, int] | None:
+    """(K, N): this process encodes part K of N, from --part / --parts or torchrun's RANK / WORLD_SIZE (when
+    WORLD_SIZE > 1); None: the whole set. Sets --device cuda to cuda:LOCAL_RANK under a launcher."""
+    n, k = a.parts, a.part
+    if n is None and k is not None:
+        raise ValueError("--part K needs --parts N")
+    if n is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        n = int(os.environ["WORLD_SIZE"])
+    if n is None:
+        return None
+    if k is None:
+        if "RANK" not in os.environ:
+            raise ValueError(f"--parts {n} needs --part K (0..{n - 1}) outside torchrun")
+        k = int(os.environ["RANK"])
+    if not a.encode:
+        raise ValueError("--part / --parts split an --encode pass; give --encode PIPELINE_FOLDER")
+    if n < 1 or not 0 <= k < n:
+        raise ValueError(f"--part must be in 0..N-1 for --parts N >= 1, got --part {k} --parts {n}")
+    if a.device == "cuda" and "LOCAL_RANK" in os.environ:
+        a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return k, n
+
+
 def load_encoder(a: argparse.Namespace):
     """(codec, latent shape (c, h, w)) of the --encode pipeline folder: its VAE and its model's input size."""
     import torch
@@ -150,20 +216,24 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
     """The images of the source, encoded once by the VAE, as float32 latent shards (labels kept)."""
     from tqdm import tqdm
 
-    from flowmap.data.shards import _ShardReader, read_index, write_shards
+    from flowmap.data.shards import _ShardReader, write_shards
     from flowmap.latent import encode_items
 
     if a.from_shards:
         index = read_index(a.from_shards)
         shape, count, num_classes, classes = index.shape, index.count, index.num_classes, index.classes
+        lo, hi = part_range(a.split_part, count)
         reader = _ShardReader(index, mine=None)
-        items = (item for path, shard in zip(index.paths, index.shards) for item in reader.read(path, shard))
+        mine = [(p, s) for p, s in zip(index.paths, index.shards) if s["start"] < hi and s["start"] + s["count"] > lo]
+        skip = lo - mine[0][1]["start"]  # samples before the part in its first shard
+        items = islice((item for path, shard in mine for item in reader.read(path, shard)), skip, skip + hi - lo)
     else:
         data = get_dataset(name, **kwargs)
         ds = data.dataset(a.split)
         shape, count, num_classes = tuple(data.data_shape), len(ds), data.num_classes
         classes = getattr(ds, "classes", None) or None
-        items = (ds[i] for i in range(len(ds)))
+        lo, hi = part_range(a.split_part, count)
+        items = (ds[i] for i in range(lo, hi))
     want = codec.image_shape(latent_shape)
     if tuple(shape) != want:
         raise ValueError(
@@ -172,9 +242,9 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
         )
     conds = None
     if a.prompts:
-        conds = prompt_rows(a, count)
+        conds = prompt_rows(a, count, lo, hi)
         num_classes, classes = 0, None
-    bar = tqdm(total=count, unit="image", desc="encoding", file=sys.stderr, mininterval=2.0)
+    bar = tqdm(total=hi - lo, unit="image", desc="encoding", file=sys.stderr, mininterval=2.0)
 
     def rows():
         for z, y in encode_items(codec, items, a.batch_size, a.device):
@@ -182,9 +252,14 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
             yield z, (int(y) if conds is None else next(conds))
 
     source = {**meta, "encoded_by": codec.reference(latent_shape), "images": list(shape), "prompts": a.prompts}
+    out = a.out
+    if a.split_part is not None:  # this process's part: OUT/part-KKKKK, its keys those of the whole set
+        out = Path(a.out) / PART_NAME.format(a.split_part[0])
+        source.update(part=a.split_part[0], parts=a.split_part[1], range=[lo, hi], total=count)
+        drop_merged_index(a)
     index = write_shards(
         rows(),
-        a.out,
+        out,
         shape=latent_shape,
         num_classes=num_classes,
         classes=classes,
@@ -193,18 +268,50 @@ def encode_shards(a: argparse.Namespace, codec, latent_shape, name: str, kwargs:
         max_bytes=a.max_bytes,
         overwrite=a.overwrite,
         source=source,
+        first_key=lo,
     )
     bar.close()
+    part = "" if a.split_part is None else f" (part {a.split_part[0]} of {a.split_part[1]}: images {lo}..{hi - 1})"
     print(
-        f"encoded {index.count} images of shape {list(shape)} into latents of shape {list(index.shape)} "
-        f"({codec.describe(latent_shape)}) in {len(index.shards)} shard(s) under {a.out}"
+        f"encoded {index.count} images{part} of shape {list(shape)} into latents of shape {list(index.shape)} "
+        f"({codec.describe(latent_shape)}) in {len(index.shards)} shard(s) under {out}"
     )
+    if a.split_part is not None:
+        print(f"once every part is written: python scripts/make_shards.py --merge {a.out}")
     return index
 
 
-def prompt_rows(a: argparse.Namespace, count: int):
+def drop_merged_index(a: argparse.Namespace) -> None:
+    """Before a part is (re)written into --out: a merged OUT/index.json goes (with --overwrite; merge again after),
+    an ordinary shard set in OUT is refused."""
+    path = Path(a.out) / INDEX_NAME
+    try:
+        merged = read_index(a.out) if path.is_file() else None
+    except ValueError:  # another rank removed it meanwhile
+        merged = None
+    if merged is None:
+        return
+    if "parts" not in merged.source:
+        raise ValueError(f"--out {a.out} holds a shard set of its own ({INDEX_NAME}), not the parts of a split pass")
+    if not a.overwrite:
+        raise ValueError(f"--out {a.out} is merged already; pass --overwrite to re-encode a part, then --merge again")
+    path.unlink(missing_ok=True)
+
+
+def part_range(part: tuple[int, int] | None, count: int) -> tuple[int, int]:
+    """Samples [lo, hi) of part K of N: the K-th of N contiguous, near-equal ranges of 0..count (all for None)."""
+    if part is None:
+        return 0, count
+    k, n = part
+    if n > count:
+        raise ValueError(f"--parts {n} is more than the {count} images: every part needs at least one")
+    return k * count // n, (k + 1) * count // n
+
+
+def prompt_rows(a: argparse.Namespace, count: int, lo: int = 0, hi: int | None = None):
     """The text condition (one-row ``TextCondition``: embeddings (L, D), pooled embeddings, mask where the pipeline
-    has them) of each line of the --prompts file, one per image, encoded --batch-size at a time."""
+    has them) of each line lo..hi-1 of the --prompts file (one per image, ``count`` lines), encoded --batch-size at
+    a time."""
     from flowmap.text import PromptEncoder, find_text_encoder
 
     try:
@@ -219,8 +326,10 @@ def prompt_rows(a: argparse.Namespace, count: int):
         raise ValueError(f"--prompts needs a text-to-image folder: {a.encode} has no tokenizer/ and text_encoder/")
     encoder = PromptEncoder.from_folder(a.encode).to(a.device)
 
+    lines = lines[lo:hi]
+
     def rows():
-        for i in range(0, count, a.batch_size):
+        for i in range(0, len(lines), a.batch_size):
             cond = encoder.condition(lines[i : i + a.batch_size]).to("cpu")
             yield from (cond[j] for j in range(len(cond)))
 

@@ -282,8 +282,10 @@ def write_shards(
     max_bytes: int | None = None,
     overwrite: bool = False,
     source: dict | None = None,
+    first_key: int = 0,
 ) -> ShardIndex:
-    """Write (x (*shape), y) samples as tar shards plus ``index.json`` into ``out_dir``.
+    """Write (x (*shape), y) samples as tar shards plus ``index.json`` into ``out_dir``; keys count from
+    ``first_key`` (a part of a split pass keeps its samples' keys in the whole set, see ``merge_parts``).
 
     A shard closes when it holds ``max_count`` samples or when the next sample would make its file larger than
     ``max_bytes`` (a single larger sample gets a shard of its own); at least one limit is required. All files
@@ -305,7 +307,7 @@ def write_shards(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished set gets the usual permissions
     try:
-        shards = _write_tars(samples, tmp, shape, num_classes, encoding, max_count, max_bytes)
+        shards = _write_tars(samples, tmp, shape, num_classes, encoding, max_count, max_bytes, first_key)
         index = ShardIndex(
             out_dir,
             sum(s["count"] for s in shards),
@@ -324,10 +326,10 @@ def write_shards(
     return index
 
 
-def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max_bytes) -> list[dict]:
+def _write_tars(samples, tmp: Path, shape, num_classes, encoding, max_count, max_bytes, first_key=0) -> list[dict]:
     shards: list[dict] = []
     tar, members, count = None, 0, 0
-    for i, (x, y) in enumerate(samples):
+    for i, (x, y) in enumerate(samples, first_key):
         text = text_members(y)  # a prompt embedding (L, D) or a one-row text condition: <key>.emb.npy, ...
         x, y = torch.as_tensor(x), (-1 if text is not None else int(y))
         if tuple(x.shape) != shape:
@@ -373,6 +375,93 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     os.rename(out_dir, old / "set")
     os.rename(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+PART_NAME = "part-{:05d}"
+_PART_FIELDS = ("part", "range")  # what differs between the parts' "source" entries
+
+
+def merge_parts(out_dir: str | Path, overwrite: bool = False) -> ShardIndex:
+    """Write ``out_dir/index.json`` over the parts ``part-00000`` .. ``part-{N-1}`` of a split pass (each written
+    by one process with ``write_shards(..., first_key=lo)`` and the source entries "part" K, "parts" N, "range"
+    [lo, hi), "total"): shard names become "part-KKKKK/shard-....tar", keys and ``start`` run on through the parts,
+    so the streams read the merged set as one. Every part must be present and finished, the ranges must tile
+    0 .. total, and the parts must agree on shape, dtype, encoding, classes and source; otherwise one ValueError
+    and nothing is written."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValueError(f"{str(out_dir)!r} does not exist: nothing to merge (write its parts with --part K --parts N)")
+    if (out_dir / INDEX_NAME).exists() and not overwrite:
+        raise ValueError(f"{str(out_dir / INDEX_NAME)!r} already exists; pass --overwrite to merge again")
+    found = sorted(p.name for p in out_dir.glob("part-*") if p.is_dir())
+    done = [name for name in found if (out_dir / name / INDEX_NAME).is_file()]
+    if not done:
+        raise ValueError(f"{str(out_dir)!r} has no finished part-KKKKK/{INDEX_NAME}: nothing to merge")
+    first = read_index(out_dir / done[0])
+    n = first.source.get("parts")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"{str(out_dir / done[0])!r} was not written as a part (no 'parts' in its source entry)")
+    names = [PART_NAME.format(k) for k in range(n)]
+    missing = [name for name in names if name not in done]
+    if missing:
+        raise ValueError(
+            f"{str(out_dir)!r}: {len(missing)} of {n} parts missing or unfinished ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}); run them (--part K --parts {n}) and merge again"
+        )
+    if set(found) - set(names):
+        raise ValueError(f"{str(out_dir)!r}: parts beyond the {n} the parts name: {sorted(set(found) - set(names))}")
+
+    def common(ix: ShardIndex) -> dict:
+        source = {k: v for k, v in ix.source.items() if k not in _PART_FIELDS}
+        return {
+            "shape": ix.shape,
+            "dtype": ix.dtype,
+            "encoding": ix.encoding,
+            "num_classes": ix.num_classes,
+            "classes": ix.classes,
+            "source": source,
+        }
+
+    base = common(first)
+    shards: list[dict] = []
+    for k, name in enumerate(names):
+        ix = read_index(out_dir / name)
+        differ = [field for field, value in common(ix).items() if value != base[field]]
+        if differ:
+            raise ValueError(f"{str(out_dir / name)!r} differs from {done[0]} in {', '.join(differ)}: not one pass")
+        at = sum(s["count"] for s in shards)
+        if ix.source.get("part") != k or ix.source.get("range") != [at, at + ix.count]:
+            raise ValueError(
+                f"{str(out_dir / name)!r} holds part {ix.source.get('part')} samples {ix.source.get('range')}, "
+                f"expected part {k} samples [{at}, {at + ix.count}]"
+            )
+        for s in ix.shards:
+            if s["start"] != sum(t["count"] for t in shards):
+                raise ValueError(f"{str(out_dir / name / s['name'])!r}: its first key does not follow the last shard")
+            shards.append({**s, "name": f"{name}/{s['name']}"})
+    count = sum(s["count"] for s in shards)
+    if count != first.source.get("total"):
+        raise ValueError(f"{str(out_dir)!r}: the parts hold {count} samples, the pass had {first.source.get('total')}")
+    source = {k: v for k, v in first.source.items() if k not in _PART_FIELDS}
+    index = ShardIndex(
+        out_dir, count, first.shape, first.dtype, first.encoding, first.num_classes, first.classes, shards, source
+    )
+    fd, name = tempfile.mkstemp(dir=out_dir, prefix=f".{INDEX_NAME}.tmp-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.write_text(json.dumps(index.to_json(), indent=1))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out_dir / INDEX_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return index
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def dataset_encoding(ds: Dataset, data_shape: tuple[int, ...]) -> str:
