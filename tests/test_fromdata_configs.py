@@ -5,8 +5,8 @@
   consistency target is a teacher's ODE segment, has none.
 * test_fromdata_config_trains_without_a_teacher: each one, composed after the checkerboard data and the 2-D model
   config, names no teacher, starts from scratch (init_from_teacher false), builds an objective whose needs_teacher is
-  False, brings the from-scratch budget (4000 steps x batch 1024), and takes two ``TrainLoop`` steps with no teacher
-  (finite losses, weights that moved).
+  False, has no per-data-set override, brings the from-scratch budget (4000 steps x batch 1024), and takes two
+  ``TrainLoop`` steps with no teacher (finite losses, weights that moved).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def test_fromdata_config_trains_without_a_teacher(path):
     cfg = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "model" / "mlp2d.yaml", path])
     model = cfg["model"]
     assert "teacher" not in model and model["init_from_teacher"] is False
+    assert not list((CONFIGS / "distill" / "overrides").glob(f"{path.stem}_*.yaml"))  # generic: no per-set override
     objective = build_objective(dict(model["objective"]))
     assert objective.name == path.stem.removesuffix("_fromdata") and objective.needs_teacher is False
     assert (cfg["trainer"]["max_steps"], cfg["data"]["init_args"]["batch_size"]) == (4000, 1024)
