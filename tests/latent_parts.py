@@ -237,3 +237,32 @@ def sdxl_folder(root: Path) -> Path:
     )
     pipe.save_pretrained(str(root), safe_serialization=True)
     return Path(root)
+
+
+def moved_student(folder: Path, out: Path):
+    """(teacher, student file) of the diffusers pipeline ``folder``: the student built from the teacher's own net, its
+    injected interval embedding moved off zero (so the student is not the teacher's Euler step), saved at ``out``."""
+    from flowmap.models import save_student, student_from_teacher
+    from teachers import CheckpointTeacher
+
+    teacher = CheckpointTeacher(str(folder))
+    student = student_from_teacher(teacher)
+    with torch.no_grad():
+        for p in student.net.injection.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return teacher, save_student(out, student, teacher=teacher.description)
+
+
+def run_fresh(code: str, cwd: Path) -> None:
+    """Run ``code`` in a fresh Python process that sees only this repository (no site customisation of the test run)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=cwd,
+        timeout=120,
+        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )

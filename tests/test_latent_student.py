@@ -22,21 +22,15 @@ pytest.importorskip("diffusers")
 
 from flowmap.app import load_student
 from flowmap.latent import codec_of
-from flowmap.models import save_student, student_from_teacher
 from flowmap.pipeline import FlowMapPipeline
 from scripts.sample import main as sample_main
 from teachers import CheckpointTeacher
-from tests.latent_parts import dit_folder
+from tests.latent_parts import dit_folder, moved_student, run_fresh
 
 
 def latent_student(tmp_path):
     folder = dit_folder(tmp_path / "dit")
-    teacher = CheckpointTeacher(str(folder))
-    student = student_from_teacher(teacher)
-    with torch.no_grad():  # move the injected embedding off zero so the student is not the teacher's Euler step
-        for p in student.net.injection.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
+    teacher, path = moved_student(folder, tmp_path / "student.safetensors")
     return folder, path
 
 
@@ -65,9 +59,6 @@ def test_student_file_references_the_vae_and_the_export_ships_it(tmp_path):
 @pytest.mark.slow
 def test_exported_dit_student_in_a_fresh_process(tmp_path):
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     folder, path = latent_student(tmp_path)
     app = load_student(path)
@@ -86,14 +77,7 @@ def test_exported_dit_student_in_a_fresh_process(tmp_path):
         "mods = [m for m in sys.modules if m.startswith(('flowmap', 'teachers', 'lightning'))]\n"
         f"open({str(tmp_path / 'mods.json')!r}, 'w').write(json.dumps(mods))\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        cwd=tmp_path,
-        timeout=120,
-        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    run_fresh(code, tmp_path)
     got = torch.load(tmp_path / "x.pt")
     assert got.shape == (3, 3, 16, 16) and float((got - ref).abs().max()) < 1e-5
     mods = json.loads((tmp_path / "mods.json").read_text())

@@ -32,7 +32,7 @@ from flowmap.latent import codec_of
 from flowmap.text import prompt_encoder_of
 from teachers import CheckpointTeacher, describe_teacher
 from teachers.diffusers_sampler import ddim_sample
-from tests.latent_parts import text_folder
+from tests.latent_parts import moved_student, run_fresh, text_folder
 
 PROMPTS = ["a red cat", "two dogs 7"]
 
@@ -181,21 +181,12 @@ def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
     gone, pipe(prompt=...) gives load_student's decoded images for the same prompts and noise to 1e-5."""
     import json
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from flowmap.app import load_student
-    from flowmap.models import save_student, student_from_teacher
     from flowmap.pipeline import FlowMapPipeline
 
     folder = text_folder(tmp_path / "sd")
-    teacher = CheckpointTeacher(str(folder))
-    student = student_from_teacher(teacher)
-    with torch.no_grad():
-        for p in student.net.injection.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
+    teacher, path = moved_student(folder, tmp_path / "student.safetensors")
     app = load_student(path)
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     cond = prompt_encoder_of(app).condition(PROMPTS)  # the application wrapper takes the condition record
@@ -203,20 +194,13 @@ def test_exported_text_student_takes_prompts_in_a_fresh_process(tmp_path):
     FlowMapPipeline.from_flow_map(app.flow_map, app.config).save_pretrained(tmp_path / "pipe")
     shutil.rmtree(folder)
     torch.save(noise, tmp_path / "noise.pt")
-    root = Path(__file__).resolve().parents[1]
     code = (
         "import sys, torch; from flowmap.pipeline import FlowMapPipeline\n"
         f"pipe = FlowMapPipeline.from_pretrained({str(tmp_path / 'pipe')!r})\n"
         f"x = pipe(prompt={PROMPTS!r}, latents=torch.load({str(tmp_path / 'noise.pt')!r}), output_type='pt').images\n"
         f"torch.save(x, {str(tmp_path / 'x.pt')!r})\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        cwd=tmp_path,
-        timeout=120,
-        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    run_fresh(code, tmp_path)
     got = torch.load(tmp_path / "x.pt")
     assert got.shape == (2, 3, 16, 16) and float((got - ref).abs().max()) < 1e-5
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())

@@ -4,7 +4,6 @@ through scripts/distill.py --teacher FOLDER with no student named, and reloads b
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from flowmap.io import read_config
 from flowmap.models import save_student, student_from_teacher
 from flowmap.nets import build_net
 from teachers.diffusers_adapter import schedule_from_config
+from tests.latent_parts import run_fresh
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 50
@@ -248,13 +248,7 @@ def test_distill_script_with_a_folder_and_no_student_trains_from_the_teachers_we
         f"x = load_student({str(out)!r}).sample(n, steps=2, generator=torch.Generator().manual_seed(5))\n"
         f"torch.save(x, {str(tmp_path / 'fresh.pt')!r})\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        cwd=ROOT,
-        timeout=120,
-        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    run_fresh(code, ROOT)
     assert torch.equal(torch.load(tmp_path / "fresh.pt"), ours)
 
 

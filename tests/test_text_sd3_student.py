@@ -23,8 +23,7 @@ pytest.importorskip("transformers")
 from flowmap.conditions import TextCondition
 from flowmap.latent import codec_of
 from flowmap.text import prompt_encoder_of
-from teachers import CheckpointTeacher
-from tests.latent_parts import sd3_folder
+from tests.latent_parts import moved_student, sd3_folder
 
 PROMPTS = ["a red cat", "two dogs 7"]
 
@@ -32,17 +31,11 @@ PROMPTS = ["a red cat", "two dogs 7"]
 @pytest.mark.slow
 def test_sd3_student_prompt_through_sample_script_and_export(tmp_path):
     from flowmap.app import load_student
-    from flowmap.models import save_student, student_from_teacher
     from flowmap.pipeline import FlowMapPipeline
     from scripts.sample import main as sample_main
 
     folder = sd3_folder(tmp_path / "sd3")
-    teacher = CheckpointTeacher(str(folder))
-    student = student_from_teacher(teacher)
-    with torch.no_grad():  # move the injected embedding off zero so the student is not the teacher's Euler step
-        for p in student.net.injection.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    path = save_student(tmp_path / "student.safetensors", student, teacher=teacher.description)
+    teacher, path = moved_student(folder, tmp_path / "student.safetensors")
     app = load_student(path)
     codec, encoder = codec_of(app), prompt_encoder_of(app)
     assert encoder.layout == "sd3" and encoder.text_encoder_3 is not None
