@@ -78,31 +78,16 @@ def test_drop_and_uncond():
             fn()
 
 
-def tiny_sd3():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        pos_embed_max_size=8,
-    ).eval()
-
-
 def test_sd3_teacher_and_student_pass_pooled_projections():
     from flowmap.diffusers_velocity import DiffusersNet, DiffusersTeacher
     from flowmap.nets.diffusers_net import student_net_from_teacher
     from flowmap.paths import LinearPath
     from flowmap.student import FlowMap
 
-    model = tiny_sd3()
+    pytest.importorskip("diffusers")
+    from tests.latent_parts import tiny_sd3
+
+    model = tiny_sd3(joint_dim=16, pooled_dim=8, seed=0)
     teacher = DiffusersTeacher(DiffusersNet(model), LinearPath(), "velocity", 1000).eval()
     g = torch.Generator().manual_seed(1)
     null = TextCondition(torch.zeros(1, 7, 16), torch.zeros(1, 8))
