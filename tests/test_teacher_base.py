@@ -269,9 +269,11 @@ def test_text_guidance_is_the_same_one_pass_against_the_teachers_empty_prompt():
     in one batched pass; cond None is the empty prompt's velocity; without a null, one clear error."""
     from flowmap.conditions import TextCondition
     from flowmap.diffusers_velocity import DiffusersNet, DiffusersTeacher
-    from tests.test_conditions import tiny_sd3
+    from tests.latent_parts import tiny_sd3
 
-    teacher = DiffusersTeacher(DiffusersNet(tiny_sd3()), LinearPath(), "velocity", 1000).eval()
+    teacher = DiffusersTeacher(
+        DiffusersNet(tiny_sd3(joint_dim=16, pooled_dim=8, seed=0)), LinearPath(), "velocity", 1000
+    ).eval()
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.2, 0.5, 0.9])
     c = TextCondition(torch.randn(3, 7, 16, generator=g), torch.randn(3, 8, generator=g))
