@@ -146,21 +146,25 @@ def recipe_files(data: str, model: str, method: str) -> list[Path]:
     return paths
 
 
-def module_defaults() -> dict[str, Any]:
-    """``DistillModule``'s keyword defaults (what a config that does not set an option gets)."""
-    from flowmap.lightning.distill_module import DistillModule
+def module_defaults(module: type | None = None) -> dict[str, Any]:
+    """The keyword defaults of ``module``'s constructor (what a config that does not set an option gets);
+    ``DistillModule`` by default."""
+    if module is None:
+        from flowmap.lightning.distill_module import DistillModule as module
 
-    params = inspect.signature(DistillModule.__init__).parameters
+    params = inspect.signature(module.__init__).parameters
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
-def train_options(cfg: dict) -> dict:
+def train_options(cfg: dict, module: type | None = None) -> dict:
     """``flowmap.training.TrainLoop`` keyword options equal to the Lightning run of the composed ``cfg``: lr, betas,
     weight decay (AdamW, decoupled), warm-up, cosine decay to ``lr_final_ratio`` (``lr_decay: cosine``), the run
-    length, the evaluation EMA (``ema_halflife`` / ``ema_decay``), gradient clipping and the non-finite guard."""
+    length, the evaluation EMA (``ema_halflife`` / ``ema_decay``), gradient clipping and the non-finite guard.
+    ``module``: the Lightning module whose defaults fill what ``cfg`` leaves unset (``DistillModule``;
+    ``TeacherModule`` for a teacher config)."""
     from flowmap.ema import EMASchedule
 
-    model = {**module_defaults(), **(cfg.get("model") or {})}
+    model = {**module_defaults(module), **(cfg.get("model") or {})}
     trainer = cfg.get("trainer") or {}
     steps = int(trainer.get("max_steps") or 0)
     if steps <= 0:

@@ -11,9 +11,11 @@ What it does, with fixed budgets and seeds (``BUDGETS``):
 
 1. teachers: flow matching (``DenoisingLoss``, linear path, velocity) on checkerboard and eight Gaussians
    and class-conditional digits (a UNet and a DiT: the sets digits and digits_dit), with the net of each set's
-   model config (``SETS``: configs/data/<set>.yaml and configs/model/<net>.yaml), trained by
-   ``flowmap.training.fit`` or reused from ``<out>/cache``; the analytic ring8 Gaussian mixture (``teachers.gmm``,
-   configs/data/ring8.yaml) and the other mixtures are their own exact teachers;
+   model config (``SETS``: configs/data/<set>.yaml and configs/model/<net>.yaml), trained by ``TrainLoop`` with
+   the trainer semantics of its configs/teacher/<set>.yaml (``TeacherModule``'s; the mixtures' init nets: its
+   defaults), keeping the evaluation EMA a user's teacher exports, or reused from ``<out>/cache``; the analytic
+   ring8 Gaussian mixture (``teachers.gmm``, configs/data/ring8.yaml) and the other mixtures are their own exact
+   teachers;
 2. students: every objective in ``flowmap.objectives.OBJECTIVES`` with a ``configs/distill/<method>.yaml`` (the
    others are listed with the reason), each trained with the recipe a user composes from the set's data and model
    configs and the method's config (``flowmap.recipe.compose``: objective, net, batch, init rule; the Lightning
@@ -91,7 +93,7 @@ from flowmap.recipe import CONFIGS, compose, recipe_files, train_options, with_o
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
-from flowmap.training import TrainLoop, fit  # noqa: E402
+from flowmap.training import TrainLoop  # noqa: E402
 from flowmap.types import LossOutput  # noqa: E402
 from flowmap.velocity import NetVelocity  # noqa: E402
 
@@ -127,9 +129,9 @@ DATASETS = tuple(SETS)
 # Teacher-free sets: no teacher; the methods with a configs/distill/<method><suffix>.yaml train that config from
 # scratch (its trainer.max_steps and batch are the budget), as a user's run without --teacher does.
 TEACHER_FREE = {"fromdata": "_fromdata"}
-# Sets whose teacher trains with the learning rate and warm-up of a configs/teacher/<file>.yaml (the net is the set's
-# model config, the same as that file's); the others' teachers train at twice the data config's rate, no warm-up.
-TEACHER_CONFIGS = {"digits_dit": "digits_dit"}
+# Sets whose teacher trains with the trainer semantics of a configs/teacher/<file>.yaml (rate, warm-up as a share of
+# the run, decay, clipping, EMA; the net is the set's model config); the mixtures' init nets: TeacherModule's defaults.
+TEACHER_CONFIGS = {name: name for name in ("checkerboard", "eight_gaussians", "digits", "digits_dit")}
 # --quick only: smaller nets (the recipe's net with these options), so that the smoke run takes a minute
 QUICK_NETS = {
     "mlp": {"width": 64, "depth": 2, "emb_dim": 32},
@@ -468,18 +470,8 @@ class Setting:
         self.data_shape = tuple(self.net_config["data_shape"])
         self.num_classes = int(self.net_config.get("num_classes", 0) or 0)
         self.batch, self.lr = int(args.get("batch_size", 256)), float(cfg["model"].get("lr", 1e-3))
-        self.teacher_options = {"lr": self.lr * 2, "lr_final": self.lr * 2 * budget.lr_decay}
-        self.teacher_file = None
-        if name in TEACHER_CONFIGS:  # its teacher config's rate, and its warm-up as a share of the run
-            self.teacher_file = CONFIGS / "teacher" / f"{TEACHER_CONFIGS[name]}.yaml"
-            teacher_cfg = compose([self.teacher_file])
-            lr, warmup = float(teacher_cfg["model"]["lr"]), int(teacher_cfg["model"].get("warmup_steps", 0))
-            share = self.teacher_steps() / int(teacher_cfg["trainer"]["max_steps"])
-            self.teacher_options = {
-                "lr": lr,
-                "lr_final": lr * budget.lr_decay,
-                "warmup_steps": int(round(warmup * share)),
-            }
+        self.teacher_file = CONFIGS / "teacher" / f"{TEACHER_CONFIGS[name]}.yaml" if name in TEACHER_CONFIGS else None
+        self.teacher_options = self._teacher_options()
         self.student_steps = student_steps(name, budget)
         teacher_spec = cfg["model"].get("teacher")
         self.is_mixture = isinstance(teacher_spec, dict) and "class_path" in teacher_spec
@@ -516,15 +508,28 @@ class Setting:
     def teacher_steps(self) -> int:
         return self.budget.teacher_steps_digits if self.kind == "digits" else self.budget.teacher_steps_2d
 
+    def _teacher_options(self) -> dict:
+        """``TrainLoop`` options of the teacher (or of the mixture's init net): ``TeacherModule``'s trainer semantics
+        (``flowmap.recipe.train_options`` with its defaults, so the evaluation EMA a user's teacher exports) from the
+        set's teacher config, its warm-up as a share of the run; a set without one (the mixtures) gets twice the
+        students' rate with cosine decay to ``lr_decay``."""
+        from flowmap.lightning.teacher_module import TeacherModule
+
+        steps = self.teacher_steps()
+        model = {"lr": 2 * self.lr, "lr_decay": "cosine", "lr_final_ratio": self.budget.lr_decay}
+        trainer: dict = {"max_steps": steps}
+        if self.teacher_file is not None:
+            cfg = compose([self.teacher_file])
+            model, share = dict(cfg["model"]), steps / int(cfg["trainer"]["max_steps"])
+            model["warmup_steps"] = int(round(int(model.get("warmup_steps", 0)) * share))
+            trainer["gradient_clip_val"] = (cfg.get("trainer") or {}).get("gradient_clip_val")
+        return train_options({"model": model, "trainer": trainer}, TeacherModule)
+
     def teacher_key(self) -> str | None:
         if self.teacher_free:
             return None
         steps = self.teacher_steps()
-        # a teacher config's options join the key only where one is used: the other sets' keys stay as they were
-        extra = [self.teacher_options] if self.teacher_file else []
-        return key_of(
-            "teacher", self.name, self.net_config, steps, self.batch, self.lr, 1, "cosine", self.budget.lr_decay, *extra
-        )
+        return key_of("teacher", self.name, self.net_config, steps, self.batch, options_record(self.teacher_options))
 
     def get_teacher(self):
         """The teacher (trained or loaded from the cache); the mixture's is exact; a teacher-free set has none
@@ -559,7 +564,10 @@ class Setting:
         objective = FlowMatching(p_uncond=0.1 if self.num_classes else 0.0)
         log(f"{self.name}: training the {what} ({steps} steps, batch {self.batch})")
         t0 = time.time()
-        losses = fit(net, objective, self.batches(seed_of("teacher-data", self.name)), steps, **self.teacher_options)
+        loop = TrainLoop(net, objective, None, **self.teacher_options)
+        batches = self.batches(seed_of("teacher-data", self.name))
+        losses = torch.stack([loop.step(*batches(step))[0] for step in range(steps)]).tolist()
+        net.load_state_dict(loop.ema.state_dict())  # the evaluation EMA: what a user's teacher run exports
         self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
         save_teacher(path, teacher, data=self.name, extra={"steps": steps})
         self.teacher_code = code_fingerprint()
@@ -801,7 +809,7 @@ def discover_methods(requested: list[str] | None) -> tuple[list[str], dict[str, 
 
 
 class StepRunner:
-    """Exactly one ``flowmap.training.fit`` step (a ``TrainLoop`` step: objective, backward, clipping, Adam, EMA
+    """Exactly one ``flowmap.training.TrainLoop`` step (objective, backward, clipping, Adam, EMA
     target) on ``batch()``, callable repeatedly so that several objectives can be timed interleaved."""
 
     def __init__(

@@ -613,8 +613,9 @@ def markdown(results: dict, targets: list[dict]) -> str:
         L += [f"### {DATA_TITLES.get(name, name)}", "", f"Cells: {legend}.", ""]
         if name in meta.get("teacher_configs", {}):
             L += [
-                f"The teacher trains with the learning rate of `{meta['teacher_configs'][name]}` and its warm-up as "
-                "the same share of the run (its net is the model config's), for the digits teachers' steps.",
+                f"The teacher trains with the trainer semantics of `{meta['teacher_configs'][name]}` (rate, decay, "
+                "clipping, the exported EMA; its warm-up as the same share of the run; the net is the model config's), "
+                "for the benchmark's teacher steps.",
                 "",
             ]
         if q.get("teacher_free"):

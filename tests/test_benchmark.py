@@ -3,6 +3,7 @@ an unknown method is reported as skipped, and the targets are read correctly. Ti
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import subprocess
@@ -120,7 +121,9 @@ def test_quality_tables_hold_numbers(quick_run):
     # the DiT student starts from the DiT teacher, trained with its teacher config's rate
     dit = res["quality"]["digits_dit"]["students"]["cd"]
     assert dit["init"] == "teacher" and "configs/model/dit_digits.yaml" in dit["config_source"]
-    assert res["meta"]["teacher_configs"] == {"digits_dit": "configs/teacher/digits_dit.yaml"}
+    from scripts.benchmark import TEACHER_CONFIGS
+
+    assert res["meta"]["teacher_configs"] == {n: f"configs/teacher/{n}.yaml" for n in TEACHER_CONFIGS}
     fromdata = res["quality"]["fromdata"]["students"]["meanflow"]
     assert fromdata["init"] == "scratch" and fromdata["config_source"].endswith(
         "configs/distill/meanflow_fromdata.yaml"
@@ -463,7 +466,8 @@ def test_fresh_worker_tasks_retrain_a_teacher_once(monkeypatch) -> None:
 
 
 def test_students_train_their_recipe_and_are_evaluated_with_the_ema(tmp_path, monkeypatch) -> None:
-    """Every student's ``TrainLoop`` gets exactly its recipe's options (``benchmark.recipe``: the configs' lr, warm-up,
+    """The teacher's ``TrainLoop`` gets its teacher config's options and the teacher keeps the loop's EMA weights.
+    Every student's ``TrainLoop`` gets exactly its recipe's options (``benchmark.recipe``: the configs' lr, warm-up,
     decay, EMA, clipping; no per-method or per-data exception: meanflow trains at cd's rate), its recipe's batch, and
     the student handed to the evaluation holds the loop's EMA weights, not the last raw weights."""
     from scripts import benchmark
@@ -485,7 +489,11 @@ def test_students_train_their_recipe_and_are_evaluated_with_the_ema(tmp_path, mo
     monkeypatch.setattr(benchmark, "TrainLoop", Loop)
     budget = benchmark.BUDGETS["quick"]
     setting = benchmark.Setting("checkerboard", budget, torch.device("cpu"), tmp_path, fresh=True)
-    setting.get_teacher()
+    teacher = setting.get_teacher()
+    fm = loops.pop("fm")  # the teacher: its teacher config's trainer semantics, its EMA weights kept
+    assert fm.options == setting.teacher_options and fm.options["ema"].halflife == 0.1
+    assert all(torch.equal(a, b.detach()) for a, b in zip(teacher.net.parameters(), fm.ema.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(fm.ema.parameters(), fm.raw))
     trained = {m: setting.train_student(m) for m in ("cd", "meanflow")}
     for method, loop in loops.items():
         r = benchmark.recipe("checkerboard", method, budget)
@@ -585,6 +593,16 @@ def test_dit_teacher_and_teacher_free_set_follow_their_configs(tmp_path) -> None
     share = full.teacher_steps_digits / teacher_cfg["trainer"]["max_steps"]
     assert dit.teacher_options["warmup_steps"] == round(teacher_cfg["model"]["warmup_steps"] * share) > 0
     assert dit.teacher_key() != benchmark.Setting("digits", full, cpu, tmp_path, fresh=False).teacher_key()
+    # every teacher and mixture init net keeps the evaluation EMA a user's teacher run exports (TeacherModule's)
+    from flowmap.lightning.teacher_module import TeacherModule
+
+    halflife = inspect.signature(TeacherModule.__init__).parameters["ema_halflife"].default
+    checker = compose([ROOT / "configs" / "teacher" / "checkerboard.yaml"])
+    board = benchmark.Setting("checkerboard", full, cpu, tmp_path, fresh=False).teacher_options
+    assert board["lr"] == checker["model"]["lr"] and board["grad_clip"] == checker["trainer"]["gradient_clip_val"]
+    for name in ("checkerboard", "digits", "digits_dit", "gmm", "scales16"):
+        ema = benchmark.Setting(name, full, cpu, tmp_path, fresh=False).teacher_options["ema"]
+        assert ema.halflife == halflife == 0.1 and ema.total_steps > 0
 
     from_data = benchmark.set_methods("fromdata", list(benchmark.OBJECTIVES))
     assert {"meanflow", "shortcut", "ect"} <= set(from_data) and "cd" not in from_data and "pd" not in from_data
