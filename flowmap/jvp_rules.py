@@ -194,6 +194,7 @@ def _layer_norm(args: tuple, kwargs: dict) -> Tensor | None:
     w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
     if dx is None or not _tangent_free(w, b):
         return None
+    x = x.contiguous()  # the kernels' own copy of a strided input, made once for the primal, tangent and backward
     y, mean, rstd = torch.native_layer_norm(x, shape, w, b, float(_arg(args, kwargs, 4, "eps", 1e-5)))
     with tangent_mode():
         if _traced(x, dx):
