@@ -253,6 +253,29 @@ def jvp_with_grad(
     return 0.5 * (plus + minus), (plus - minus) / (2 * h)
 
 
+def view_tangents(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook that re-packs each dual tensor argument whose tangent is not a view with a view of that
+    tangent (same values, no copy); a no-op outside a forward-AD level. Register it with
+    ``module.register_forward_pre_hook(view_tangents, with_kwargs=True, prepend=True)`` on a module whose wrapper
+    hands its inputs through a custom autograd Function that returns them as-is: FSDP2's ``fully_shard``
+    (``RegisterPostBackwardFunction``, under grad). PyTorch requires such a Function's jvp to return a view of each
+    input's tangent; FSDP's returns the tangents as-is, which passes only when a tangent already is a view (one from
+    ``make_dual``, or a rule's ``broadcast_to``), and fails for the fresh tangent of a residual add or a linear layer
+    ("A custom Function's forward is returning a view ... but the jvp is not returning a view")."""
+    if forward_ad._current_level < 0:
+        return None
+
+    def repack(a):
+        if not isinstance(a, Tensor):
+            return a
+        primal, tangent = forward_ad.unpack_dual(a)
+        if tangent is None or tangent._is_view():
+            return a
+        return forward_ad.make_dual(primal, tangent.view_as(tangent))
+
+    return tuple(repack(a) for a in args), {k: repack(v) for k, v in kwargs.items()}
+
+
 def _backend_error(backend: str, err: BaseException) -> BaseException:
     """``JVPBackendError`` naming the backend when ``err`` says a layer lacks a forward-mode rule, else ``err``."""
     msg = str(err)
@@ -318,4 +341,5 @@ __all__ = [
     "parse_fd_dtype",
     "promoted",
     "require_inner",
+    "view_tangents",
 ]

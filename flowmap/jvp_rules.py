@@ -22,7 +22,9 @@ constant of the JVP. Two sets of rules use that:
       gelu, silu  y = f(x)                           dy = f'(x) dx   (PyTorch's own backward kernels; not under
                                                                       grad, where they have no derivative)
 
-  (r = 1 / sqrt(var + eps), means over the normalized dims). Attention has its own rule in
+  (r = 1 / sqrt(var + eps), means over the normalized dims; the bracket is symmetric in dx, so it is the norm's own
+  backward kernel applied to dx, one fused call, except in a with-grad JVP, which needs the composite form's graph).
+  Attention has its own rule in
   ``flowmap.nets.attention``. The rules equal PyTorch's formulas up to float round-off (tests/test_jvp.py).
 
 A rule applies only where it is exact: a dual input and weights that carry no tangent. Anything else
@@ -41,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
@@ -90,15 +92,36 @@ class constant_weight_rules(TorchFunctionMode):
 # --- forward_ad dual tensors ------------------------------------------------------------------------
 
 
+# The rules run several times per layer of a pass, so they unpack and pack duals with the primitives that
+# ``forward_ad.unpack_dual`` / ``make_dual`` wrap, without the wrappers' per-call checks (environment look-up,
+# export-mode scan, dtype checks): the engine's own ``make_dual`` of the inputs (``flowmap.jvp``) made them.
+
+
+_VF_UNPACK, _VF_MAKE = torch._C._VariableFunctions._unpack_dual, torch._C._VariableFunctions._make_dual
+
+
+def _unpack(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(primal, tangent or None) of ``x`` at the current forward-AD level (``forward_ad.unpack_dual``)."""
+    level = forward_ad._current_level
+    return (x, None) if level < 0 else _VF_UNPACK(x, level=level)
+
+
+def _pack(y: Tensor, dy: Tensor) -> Tensor:
+    """The dual tensor (y, dy) at the current level (``forward_ad.make_dual``; dy of y's dtype and shape)."""
+    return _VF_MAKE(y, dy, level=forward_ad._current_level)
+
+
 def _tangent_free(*tensors: Any) -> bool:
-    return all(t is None or (isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is None) for t in tensors)
+    """No tensor carries a tangent (a parameter never does: the dual of one is a plain tensor)."""
+    return all(
+        t is None or type(t) is nn.Parameter or (isinstance(t, Tensor) and _unpack(t)[1] is None) for t in tensors
+    )
 
 
 def _dual_input(x: Any) -> tuple[Tensor, Tensor | None]:
     if not isinstance(x, Tensor):
         return x, None
-    primal, tangent = forward_ad.unpack_dual(x)
-    return primal, tangent
+    return _unpack(x)
 
 
 _DETACHED = [0]  # depth of active ``dual_rules(detach_tangents=True)`` modes
@@ -109,14 +132,31 @@ def tangents_detached() -> bool:
     return _DETACHED[0] > 0
 
 
+class _GradOff:
+    """``torch.no_grad()`` without its per-call decorator machinery (a rule enters it once per layer)."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self) -> None:
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc) -> None:
+        torch._C._set_grad_enabled(self.prev)
+
+
+_AMBIENT = contextlib.nullcontext()
+
+
 def tangent_mode() -> contextlib.AbstractContextManager:
     """The context a rule computes its tangent in: ``no_grad`` when tangents are detached, else the ambient mode.
     (``make_dual`` stays outside it: under no_grad it would cut the primal from autograd.)"""
-    return torch.no_grad() if _DETACHED[0] > 0 else contextlib.nullcontext()
+    return _GradOff() if _DETACHED[0] > 0 else _AMBIENT
 
 
 def _normalized_tangent(x: Tensor, dx: Tensor, mean: Tensor, rstd: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """r (dx - mean(dx) - xhat mean(dx xhat)), xhat = (x - mean) r; mean, rstd broadcastable to x."""
+    """r (dx - mean(dx) - xhat mean(dx xhat)), xhat = (x - mean) r; mean, rstd broadcastable to x. The composite
+    form, differentiable (a with-grad JVP whose derivative is trained); otherwise the norms' fused kernels."""
     xhat = (x - mean) * rstd
     dxc = dx - dx.mean(dim=dims, keepdim=True)
     return torch.addcmul(dxc, xhat, (dxc * xhat).mean(dim=dims, keepdim=True), value=-1.0).mul_(rstd)
@@ -130,7 +170,7 @@ def _linear(args: tuple, kwargs: dict) -> Tensor | None:
     y = F.linear(x, w, b)
     with tangent_mode():
         dy = F.linear(dx, w)
-    return forward_ad.make_dual(y, dy)
+    return _pack(y, dy)
 
 
 def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
@@ -145,7 +185,7 @@ def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
     y = F.conv2d(x, w, b, *rest)
     with tangent_mode():
         dy = F.conv2d(dx, w, None, *rest)
-    return forward_ad.make_dual(y, dy)
+    return _pack(y, dy)
 
 
 def _layer_norm(args: tuple, kwargs: dict) -> Tensor | None:
@@ -154,11 +194,16 @@ def _layer_norm(args: tuple, kwargs: dict) -> Tensor | None:
     w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
     if dx is None or not _tangent_free(w, b):
         return None
+    x = x.contiguous()  # the kernels' own copy of a strided input, made once for the primal, tangent and backward
     y, mean, rstd = torch.native_layer_norm(x, shape, w, b, float(_arg(args, kwargs, 4, "eps", 1e-5)))
     with tangent_mode():
-        dy = _normalized_tangent(x, dx, mean, rstd, tuple(range(-len(shape), 0)))
+        if _traced(x, dx):
+            dy = _normalized_tangent(x, dx, mean, rstd, tuple(range(-len(shape), 0)))
+        else:  # the Jacobian of (x - mu) r is symmetric: the backward kernel (no weight) applied to dx, one call
+            mask = [True, False, False]
+            dy = torch.ops.aten.native_layer_norm_backward(dx, x, shape, mean, rstd, None, None, mask)[0]
         dy = dy if w is None else dy.mul_(w)
-    return forward_ad.make_dual(y, dy)
+    return _pack(y, dy)
 
 
 def _group_norm(args: tuple, kwargs: dict) -> Tensor | None:
@@ -172,12 +217,17 @@ def _group_norm(args: tuple, kwargs: dict) -> Tensor | None:
         x, w, b, n, c, x[0, 0].numel(), groups, float(_arg(args, kwargs, 4, "eps", 1e-5))
     )
     with tangent_mode():
-        xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
-        dy = _normalized_tangent(xg, dxg, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), (-1,))
-        dy = dy.reshape(x.shape)
+        if _traced(x, dx):
+            xg, dxg = x.reshape(n, groups, -1), dx.reshape(n, groups, -1)
+            dy = _normalized_tangent(xg, dxg, mean.reshape(n, groups, 1), rstd.reshape(n, groups, 1), (-1,))
+            dy = dy.reshape(x.shape)
+        else:  # the per-group Jacobian is symmetric: the backward kernel (no weight) applied to dx, one call
+            dy = torch.ops.aten.native_group_norm_backward(
+                dx, x, mean, rstd, None, n, c, x[0, 0].numel(), groups, [True, False, False]
+            )[0]
         if w is not None:
             dy = dy.mul_(w.reshape(1, c, *([1] * (x.dim() - 2))))
-    return forward_ad.make_dual(y, dy)
+    return _pack(y, dy)
 
 
 def _traced(*tensors: Tensor) -> bool:
@@ -193,7 +243,7 @@ def _gelu(args: tuple, kwargs: dict) -> Tensor | None:
     y = F.gelu(x, approximate=approximate)
     with tangent_mode():
         dy = torch.ops.aten.gelu_backward(dx, x, approximate=approximate)
-    return forward_ad.make_dual(y, dy)
+    return _pack(y, dy)
 
 
 def _silu(args: tuple, kwargs: dict) -> Tensor | None:
@@ -203,16 +253,17 @@ def _silu(args: tuple, kwargs: dict) -> Tensor | None:
     y = F.silu(x)
     with tangent_mode():
         dy = torch.ops.aten.silu_backward(dx, x)
-    return forward_ad.make_dual(y, dy)
+    return _pack(y, dy)
 
 
 def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tensor | None]:
-    """add / sub / mul of a dual tensor with a tensor or number, only when tangents are detached (the shared pass):
-    the primal op sees primals only, so autograd saves no tangent for the backward (PyTorch's own rule would keep
-    every tangent its with-grad op saves alive until the backward) and records no graph for the tangent."""
+    """add / sub / mul / div of a dual tensor with a tensor or number, only when tangents are detached (the shared
+    pass): the primal op sees primals only, so autograd saves no tangent for the backward (PyTorch's own rule would
+    keep every tangent its with-grad op saves alive until the backward) and records no graph for the tangent; the
+    division's tangent (da - y db) / b in plain ops (PyTorch's runs a Python decomposition, ~1 ms a call on CPU)."""
 
     def rule(args: tuple, kwargs: dict) -> Tensor | None:
-        if not tangents_detached() or len(args) != 2 or set(kwargs) - {"alpha"}:
+        if not tangents_detached() or len(args) != 2 or set(kwargs) - ({"alpha"} if kind != "div" else set()):
             return None
         (a, da), (b, db) = _dual_input(args[1] if swap else args[0]), _dual_input(args[0] if swap else args[1])
         if da is None and db is None:
@@ -220,17 +271,30 @@ def _elementwise(kind: str, swap: bool = False) -> Callable[[tuple, dict], Tenso
         alpha = kwargs.get("alpha", 1)
         if kind == "mul":
             y = a * b
+        elif kind == "div":
+            y = a / b
         else:
             y = (torch.add if kind == "add" else torch.sub)(a, b, alpha=alpha)
-        with torch.no_grad():
-            if kind == "mul":
-                parts = ([] if da is None else [da * b]) + ([] if db is None else [a * db])
+        with _GradOff():
+            if kind == "mul":  # da b + a db (PyTorch's formula, the same round-off)
+                dy = (a * db) if da is None else (da * b)
+                if da is not None and db is not None:
+                    dy = dy.add_(a * db) if dy.shape == y.shape else dy + a * db
+            elif kind == "div":  # (da - y db) / b
+                dy = (da / b) if db is None else ((-(y * db) if da is None else da - y * db) / b)
             else:
                 sign = alpha if kind == "add" else -alpha
-                parts = ([] if da is None else [da]) + ([] if db is None else [db * sign if sign != 1 else db])
-            dy = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-            dy = torch.broadcast_to(dy, y.shape).to(y.dtype)
-        return forward_ad.make_dual(y, dy)
+                if db is None:
+                    dy = da
+                elif da is None:
+                    dy = db if sign == 1 else db * sign
+                else:
+                    dy = torch.add(da, db, alpha=sign)
+            if dy.shape != y.shape:
+                dy = torch.broadcast_to(dy, y.shape)
+            if dy.dtype != y.dtype:
+                dy = dy.to(y.dtype)
+        return _pack(y, dy)
 
     return rule
 
@@ -244,6 +308,10 @@ _DUAL_RULES: dict[Callable, Callable[[tuple, dict], Tensor | None]] = {
     Tensor.__radd__: _elementwise("add", swap=True),
     Tensor.add: _elementwise("add"),
     torch.add: _elementwise("add"),
+    Tensor.__truediv__: _elementwise("div"),
+    Tensor.__rtruediv__: _elementwise("div", swap=True),
+    Tensor.div: _elementwise("div"),
+    torch.div: _elementwise("div"),
     Tensor.__sub__: _elementwise("sub"),
     Tensor.sub: _elementwise("sub"),
     torch.sub: _elementwise("sub"),

@@ -85,12 +85,16 @@ def shard_net(net: nn.Module, mesh, activation_checkpointing: bool = False) -> n
     """``fully_shard`` every module of each ModuleList of ``net``, then ``net`` itself; returns ``net``."""
     from torch.distributed.fsdp import fully_shard
 
+    from flowmap.jvp import view_tangents  # FSDP's pre-forward needs dual inputs with view tangents (see there)
+
     for lst in [m for m in net.modules() if isinstance(m, nn.ModuleList)]:
         for unit in lst:
             if activation_checkpointing:
                 _checkpointed(unit)
             fully_shard(unit, mesh=mesh)
+            unit.register_forward_pre_hook(view_tangents, with_kwargs=True, prepend=True)
     fully_shard(net, mesh=mesh)
+    net.register_forward_pre_hook(view_tangents, with_kwargs=True, prepend=True)
     return net
 
 
