@@ -147,10 +147,15 @@ def recipe_files(data: str, model: str, method: str) -> list[Path]:
 
 
 def module_defaults() -> dict[str, Any]:
-    """``DistillModule``'s keyword defaults (what a config that does not set an option gets)."""
+    """``DistillModule``'s keyword defaults, its training options' (``TrainingMixin``) included (what a config that
+    does not set an option gets)."""
     from flowmap.lightning.distill_module import DistillModule
+    from flowmap.lightning.training_mixin import TrainingMixin
 
-    params = inspect.signature(DistillModule.__init__).parameters
+    params = {
+        **inspect.signature(TrainingMixin.__init__).parameters,
+        **inspect.signature(DistillModule.__init__).parameters,
+    }
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
