@@ -98,7 +98,7 @@ def objective_accepts(name: str, key: str) -> bool:
     from flowmap.objectives import objective_class
 
     try:
-        return key in inspect.signature(objective_class(name).__init__).parameters
+        return key in objective_class(name).hyperparameters()
     except Exception:  # noqa: BLE001 - an unknown or broken objective is reported when it is built
         return False
 
