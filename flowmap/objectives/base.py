@@ -314,7 +314,10 @@ class Objective(nn.Module):
                 break
         for p in inspect.signature(shared_hyperparameters).parameters.values():
             if p.name in cls.shared and p.name not in params:
-                params[p.name] = p.replace(default=cls.defaults.get(p.name, p.default))
+                default, ann = cls.defaults.get(p.name, p.default), p.annotation
+                if p.default is None and default is not None and isinstance(ann, str):  # source: None = the class's
+                    ann = ann.removesuffix(" | None")
+                params[p.name] = p.replace(default=default, annotation=ann)
         return inspect.Signature(list(params.values()))
 
     @classmethod
