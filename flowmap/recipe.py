@@ -98,7 +98,7 @@ def objective_accepts(name: str, key: str) -> bool:
     from flowmap.objectives import objective_class
 
     try:
-        return key in inspect.signature(objective_class(name).__init__).parameters
+        return key in objective_class(name).hyperparameters()
     except Exception:  # noqa: BLE001 - an unknown or broken objective is reported when it is built
         return False
 
@@ -147,12 +147,17 @@ def recipe_files(data: str, model: str, method: str) -> list[Path]:
 
 
 def module_defaults(module: type | None = None) -> dict[str, Any]:
-    """The keyword defaults of ``module``'s constructor (what a config that does not set an option gets);
-    ``DistillModule`` by default."""
+    """The keyword defaults of a Lightning module's constructor, its training options' (``TrainingMixin``) included
+    (what a config that does not set an option gets); ``DistillModule`` by default."""
+    from flowmap.lightning.training_mixin import TrainingMixin
+
     if module is None:
         from flowmap.lightning.distill_module import DistillModule as module
 
-    params = inspect.signature(module.__init__).parameters
+    params = {
+        **inspect.signature(TrainingMixin.__init__).parameters,
+        **inspect.signature(module.__init__).parameters,
+    }
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 

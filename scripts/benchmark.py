@@ -62,7 +62,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -143,27 +143,27 @@ QUICK_NETS = {
 @dataclass(frozen=True)
 class Budget:
     """The benchmark's own sizes (teachers, evaluation, cost tables, peer); the students' steps are their recipes'
-    trainer.max_steps times ``student_scale``."""
+    trainer.max_steps times ``student_scale``. The defaults are the full benchmark's."""
 
-    cost_mlp: dict
-    dit: dict
-    teacher_steps_2d: int
-    teacher_steps_digits: int
-    n_eval_2d: int
-    n_eval_digits: int
-    exact_map_steps: int
-    feature_steps: int
-    kid_subsets: int
-    cost_batch_mlp: int
-    cost_batch_dit: int
-    cost_repeats: int
-    cost_steps: int
-    throughput_batch_mlp: int
-    throughput_batch_dit: int
-    throughput_repeats: int
-    throughput_inner: int
-    peer_steps: int
-    peer_block: int
+    cost_mlp: dict = field(default_factory=lambda: {"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128})
+    dit: dict = field(default_factory=lambda: {"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4})
+    teacher_steps_2d: int = 8000
+    teacher_steps_digits: int = 3000
+    n_eval_2d: int = 2000
+    n_eval_digits: int = 1000
+    exact_map_steps: int = 200
+    feature_steps: int = 1000
+    kid_subsets: int = 50
+    cost_batch_mlp: int = 512
+    cost_batch_dit: int = 64
+    cost_repeats: int = 7
+    cost_steps: int = 3
+    throughput_batch_mlp: int = 4096
+    throughput_batch_dit: int = 256
+    throughput_repeats: int = 7
+    throughput_inner: int = 5
+    peer_steps: int = 1000
+    peer_block: int = 50
     peer_seeds: int = 8
     student_scale: float = 1.0  # students train trainer.max_steps * student_scale steps (--scale, --quick)
     lr_decay: float = 0.05  # the teachers' cosine decay to lr * lr_decay (students: their recipe's lr_final_ratio)
@@ -176,27 +176,7 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(
-        cost_mlp={"name": "mlp", "width": 256, "depth": 4, "emb_dim": 128},
-        dit={"name": "dit", "patch": 2, "dim": 96, "depth": 4, "heads": 4},
-        teacher_steps_2d=8000,
-        teacher_steps_digits=3000,
-        n_eval_2d=2000,
-        n_eval_digits=1000,
-        exact_map_steps=200,
-        feature_steps=1000,
-        kid_subsets=50,
-        cost_batch_mlp=512,
-        cost_batch_dit=64,
-        cost_repeats=7,
-        cost_steps=3,
-        throughput_batch_mlp=4096,
-        throughput_batch_dit=256,
-        throughput_repeats=7,
-        throughput_inner=5,
-        peer_steps=1000,
-        peer_block=50,
-    ),
+    "full": Budget(),
     "quick": Budget(
         cost_mlp={"name": "mlp", "width": 64, "depth": 2, "emb_dim": 32},
         dit={"name": "dit", "patch": 2, "dim": 32, "depth": 1, "heads": 2},

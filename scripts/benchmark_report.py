@@ -101,6 +101,36 @@ def _target(text: str, value: float | None, threshold: float, sense: str, note: 
     }
 
 
+def _best_target(values: dict, ref: float | None, threshold: float, found, missing: str, note: str) -> dict:
+    """The '<=' target on the best (smallest) of ``values`` {method: value} as a ratio to ``ref``: ``found(m, value)``
+    words it; without a value or a ``ref`` it is ``missing``, not evaluated, with ``note``."""
+    if values and ref:
+        m = min(values, key=values.get)
+        return _target(found(m, values[m]), values[m] / ref, threshold, "<=")
+    return _target(missing, None, threshold, "<=", note)
+
+
+def _fd_ratio(name: str, m: str, nfe: str, factor: float, teacher: str, v, ref, seeds: str, note: str) -> dict:
+    """The target '{name}: {m} FD at {nfe} <= {factor}x {teacher}': one student's FD as a ratio to the teacher's."""
+    text = f"{name}: {m} FD at {nfe} <= {factor}x {teacher} [ratio{'; ' + seeds if seeds else ''}]"
+    return _target(text, v / ref if _finite(v) and ref else None, factor, "<=", note)
+
+
+def _occupied(who: str, share: float, precision, seeds: str, note: str = "") -> dict:
+    """The target '{who} at 1 NFE puts >= {share} of its samples on occupied cells' (the precision)."""
+    text = f"{who} at 1 NFE puts >= {share:.2f} of its samples on occupied cells" + (f" [{seeds}]" if seeds else "")
+    return _target(text, precision, share, ">=", note)
+
+
+def _ran(L: list[str], title: str, part: dict | None, what: str) -> dict | None:
+    """Open the report section ``title``: the part's results when it ran, else None after a 'Not run' line."""
+    L += [f"## {title}", ""]
+    if part and part.get("available"):
+        return part
+    L += [f"Not run: {(part or {}).get('reason', f'no {what} result')}.", ""]
+    return None
+
+
 def _get(d: dict, *keys):
     for k in keys:
         if not isinstance(d, dict):
@@ -128,16 +158,7 @@ def evaluate_targets(results: dict) -> list[dict]:
             )
         for m in ONE_NFE_PRECISION_METHODS:
             prec, seeds = _worst(cb["students"].get(m), "precision", ">=")
-            out.append(
-                _target(
-                    f"checkerboard: {m} at 1 NFE puts >= 0.90 of its samples on occupied cells"
-                    + (f" [{seeds}]" if seeds else ""),
-                    prec,
-                    0.90,
-                    ">=",
-                    _why(cb, m) if prec is None else "",
-                )
-            )
+            out.append(_occupied(f"checkerboard: {m}", 0.90, prec, seeds, _why(cb, m) if prec is None else ""))
     for name, gmm in q.items():  # every mixture set (an exact flow map: ``data_std`` is recorded)
         if "data_std" not in gmm:
             continue
@@ -148,21 +169,19 @@ def evaluate_targets(results: dict) -> list[dict]:
         rmse = {m: {k: _get(st, "nfe", k, "rmse") for k in (1, 2, 4)} for m, st in gmm["students"].items()}
         one = {m: _worst(st, "rmse", "<=") for m, st in gmm["students"].items()}  # the worse seed at 1 NFE
         best = {m: v for m, (v, _) in one.items() if v is not None}
-        if best:
-            m = min(best, key=best.get)
-            out.append(
-                _target(
-                    f"{label}: best 1-NFE flow-map RMSE ({m}: {best[m]:.4f}) <= 2% of the data std ({std:.3f}) "
-                    f"[RMSE / std{'; ' + one[m][1] if one[m][1] else ''}]",
-                    best[m] / std,
-                    0.02,
-                    "<=",
-                )
+        out.append(
+            _best_target(
+                best,
+                std,
+                0.02,
+                lambda m, v: (
+                    f"{label}: best 1-NFE flow-map RMSE ({m}: {v:.4f}) <= 2% of the data std ({std:.3f}) "
+                    f"[RMSE / std{'; ' + one[m][1] if one[m][1] else ''}]"
+                ),
+                f"{label}: best 1-NFE flow-map RMSE <= 2% of the data std",
+                "no student",
             )
-        else:
-            out.append(
-                _target(f"{label}: best 1-NFE flow-map RMSE <= 2% of the data std", None, 0.02, "<=", "no student")
-            )
+        )
         for m in sorted(gmm["students"]) + sorted(set(gmm.get("failed", {})) - set(gmm["students"])):
             r1, seeds = one.get(m, (None, ""))
             out.append(
@@ -274,68 +293,40 @@ def _digits_targets(name: str, dg: dict) -> list[dict]:
     teacher = f"the teacher's at {TARGET_TEACHER_NFE_DIGITS} NFE (Heun, {_f(ref)})"
     fds = {m: _get(st, "nfe", 2, "fd") for m, st in dg["students"].items()}
     fds = {m: v for m, v in fds.items() if _finite(v)}
-    if fds and ref:
-        m = min(fds, key=fds.get)
-        out.append(
-            _target(
-                f"{name}: best student's FD at 2 NFE ({m}: {fds[m]:.3f}) <= 1.5x {teacher} [ratio]",
-                fds[m] / ref,
-                1.5,
-                "<=",
-            )
+    out.append(
+        _best_target(
+            fds,
+            ref,
+            1.5,
+            lambda m, v: f"{name}: best student's FD at 2 NFE ({m}: {v:.3f}) <= 1.5x {teacher} [ratio]",
+            f"{name}: best student's FD at 2 NFE <= 1.5x {teacher}",
+            "no student or teacher",
         )
-    else:
-        out.append(
-            _target(f"{name}: best student's FD at 2 NFE <= 1.5x {teacher}", None, 1.5, "<=", "no student or teacher")
-        )
+    )
     fd1 = {m: _worst(st, "fd", "<=") for m, st in dg["students"].items()}
     best = {m: v for m, (v, _) in fd1.items() if v is not None}
-    if best and ref:
-        m = min(best, key=best.get)
-        seeds = f"; {fd1[m][1]}" if fd1[m][1] else ""
-        out.append(
-            _target(
-                f"{name}: best student's FD at 1 NFE ({m}: {best[m]:.3f}) <= 1.3x {teacher} [ratio{seeds}]",
-                best[m] / ref,
-                1.3,
-                "<=",
-            )
+    out.append(
+        _best_target(
+            best,
+            ref,
+            1.3,
+            lambda m, v: (
+                f"{name}: best student's FD at 1 NFE ({m}: {v:.3f}) <= 1.3x {teacher} "
+                f"[ratio{'; ' + fd1[m][1] if fd1[m][1] else ''}]"
+            ),
+            f"{name}: best student's FD at 1 NFE <= 1.3x {teacher}",
+            "no student",
         )
-    else:
-        out.append(_target(f"{name}: best student's FD at 1 NFE <= 1.3x {teacher}", None, 1.3, "<=", "no student"))
+    )
     for m in DIGITS_ONE_NFE_METHODS:
         v, seeds = fd1.get(m, (None, ""))
-        out.append(
-            _target(
-                f"{name}: {m} FD at 1 NFE <= 1.3x {teacher} [ratio{'; ' + seeds if seeds else ''}]",
-                v / ref if v is not None and ref else None,
-                1.3,
-                "<=",
-                _why(dg, m) if v is None else "",
-            )
-        )
+        out.append(_fd_ratio(name, m, "1 NFE", 1.3, teacher, v, ref, seeds, _why(dg, m) if v is None else ""))
     for m in sorted(dg["students"]) + sorted(set(dg.get("failed", {})) - set(dg["students"])):
         st = dg["students"].get(m)
         fd2 = _get(st, "nfe", 2, "fd") if st else None
-        out.append(
-            _target(
-                f"{name}: {m} FD at 2 NFE <= 1.5x {teacher} [ratio]",
-                fd2 / ref if _finite(fd2) and ref else None,
-                1.5,
-                "<=",
-                _why(dg, m) if st is None else "",
-            )
-        )
+        out.append(_fd_ratio(name, m, "2 NFE", 1.5, teacher, fd2, ref, "", _why(dg, m) if st is None else ""))
         v, seeds = fd1.get(m, (None, ""))
-        out.append(
-            _target(
-                f"{name}: {m} FD at 1 NFE <= 2.5x {teacher} [ratio{'; ' + seeds if seeds else ''}]",
-                v / ref if v is not None and ref else None,
-                2.5,
-                "<=",
-                _why(dg, m) if v is None else "",
-            )
-        )
+        out.append(_fd_ratio(name, m, "1 NFE", 2.5, teacher, v, ref, seeds, _why(dg, m) if v is None else ""))
         acc, seeds = _worst(st, "class_acc", ">=")
         out.append(
             _target(
@@ -370,31 +361,14 @@ def _from_data_targets(name: str, fd: dict) -> list[dict]:
                 "<=",
             )
         )
-        out.append(
-            _target(
-                f"{name}: best teacher-free method ({m}) at 1 NFE puts >= 0.90 of its samples on occupied cells"
-                + (f" [{seeds}]" if seeds else ""),
-                prec,
-                0.90,
-                ">=",
-            )
-        )
+        out.append(_occupied(f"{name}: best teacher-free method ({m})", 0.90, prec, seeds))
     else:
         for text, thr, sense in (("W2 at 1 NFE <= 0.15", 0.15, "<="), ("precision at 1 NFE >= 0.90", 0.90, ">=")):
             out.append(_target(f"{name}: best teacher-free method's {text}", None, thr, sense, "no student"))
     for m in sorted(fd["students"]) + sorted(set(fd.get("failed", {})) - set(fd["students"])):
         st = fd["students"].get(m)
         prec, seeds = _worst(st, "precision", ">=")
-        out.append(
-            _target(
-                f"{name}: {m} at 1 NFE puts >= 0.80 of its samples on occupied cells"
-                + (f" [{seeds}]" if seeds else ""),
-                prec,
-                0.80,
-                ">=",
-                _why(fd, m) if prec is None else "",
-            )
-        )
+        out.append(_occupied(f"{name}: {m}", 0.80, prec, seeds, _why(fd, m) if prec is None else ""))
         v, seeds = w2.get(m, (None, ""))
         out.append(
             _target(
@@ -741,11 +715,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
             rows,
         )
         L.append("")
-    L += ["## Peer: flow-matching teacher against torchcfm", ""]
-    peer = results.get("peer") or {}
-    if not peer.get("available"):
-        L += [f"Not run: {peer.get('reason', 'no peer result')}.", ""]
-    else:
+    peer = _ran(L, "Peer: flow-matching teacher against torchcfm", results.get("peer"), "peer")
+    if peer is not None:
         trainers = peer.get("trainers", ["ours", "torchcfm"])
         L += [
             f"torchcfm {peer['version']} `ConditionalFlowMatcher(sigma=0)` "
@@ -792,11 +763,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
                 line += f"; W2 difference {_d(d)} (one seed: no standard error)"
             L.append(line + ".")
         L.append("")
-    L += ["## Streaming: webdataset shards against memory", ""]
-    st = results.get("streaming") or {}
-    if not st.get("available"):
-        L += [f"Not run: {st.get('reason', 'no streaming result')}.", ""]
-    else:
+    st = _ran(L, "Streaming: webdataset shards against memory", results.get("streaming"), "streaming")
+    if st is not None:
         L += [
             f"{st['data']}: {st['count']} samples in {st['shards']} shards, batch {st['batch_size']}, "
             f"{st['num_batches']} batches "

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ FROMDATA = sorted((CONFIGS / "distill").glob("*_fromdata.yaml"))
 
 def teacher_free(name: str) -> bool:
     """Whether objective ``name`` builds with no teacher (with ``source="data"`` when it takes a source)."""
-    takes_source = "source" in inspect.signature(objective_class(name).__init__).parameters
+    takes_source = "source" in objective_class(name).hyperparameters()
     return not build_objective({"name": name, **({"source": "data"} if takes_source else {})}).needs_teacher
 
 

@@ -617,28 +617,15 @@ class ShardStream(SlotStream):
     whole pass over its shards gives no readable sample stops too, whatever the limit.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        batch_size: int,
-        epoch_length: int,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        split: str = "by_shard",
-        resample: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01,
-        corrupt_window: int = 100_000,
-        corrupt_min_samples: int = 100,
-    ) -> None:
+    def __init__(self, root: str | Path, batch_size: int, epoch_length: int, split: str = "by_shard", **kwargs) -> None:
+        """kwargs: the slot options of ``SlotStream.setup_slots`` (shuffle_buffer, seed, resample, rank, world_size,
+        num_workers, max_corrupt_fraction, corrupt_window, corrupt_min_samples)."""
         super().__init__()
         if split not in SPLIT_MODES:
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
         self.index = read_index(root)
         self.split = split
-        self.setup_slots(**taken_by(self.setup_slots, locals()))
+        self.setup_slots(batch_size, epoch_length, **kwargs)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot feed every (rank, worker) slot."""

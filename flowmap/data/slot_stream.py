@@ -108,17 +108,18 @@ class SlotStream(IterableDataset):
         self,
         batch_size: int,
         epoch_length: int,
-        shuffle_buffer: int,
-        seed: int,
-        resample: bool,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        max_corrupt_fraction: float,
-        corrupt_window: int,
-        corrupt_min_samples: int,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        resample: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        max_corrupt_fraction: float = 0.01,
+        corrupt_window: int = 100_000,
+        corrupt_min_samples: int = 100,
     ) -> None:
-        """Check and keep the options every stream takes; make the damage window (one row per worker)."""
+        """Check and keep the options every stream takes (their one home: a stream hands them on as ``**kwargs``);
+        make the damage window (one row per worker)."""
         if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0 or num_workers < 0:
             raise ValueError(
                 "batch_size and epoch_length must be >= 1, shuffle_buffer and num_workers >= 0; "

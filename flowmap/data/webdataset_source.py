@@ -41,7 +41,7 @@ from torch import Tensor
 
 from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
 from flowmap.data.shards import INDEX_NAME, decode_sample, read_index
-from flowmap.data.slot_stream import SlotStream, taken_by
+from flowmap.data.slot_stream import SlotStream
 
 log = logging.getLogger("flowmap.data.webdataset_source")
 
@@ -167,18 +167,14 @@ class WebDatasetStream(SlotStream):
         channels: int = 3,
         num_classes: int = 0,
         captions: bool = False,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        resample: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
-        num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01,
-        corrupt_window: int = 100_000,
-        corrupt_min_samples: int = 100,
         label_key: str = "label",
         caption_key: str = "caption",
+        **kwargs,
     ) -> None:
+        """kwargs: the slot options of ``SlotStream.setup_slots`` (shuffle_buffer, seed, resample, num_workers,
+        max_corrupt_fraction, corrupt_window, corrupt_min_samples)."""
         super().__init__()
         if image_size < 1 or channels not in (1, 3) or num_classes < 0:
             raise ValueError(
@@ -205,7 +201,7 @@ class WebDatasetStream(SlotStream):
         )
         self.data_shape = (int(channels), int(image_size), int(image_size))
         self.captions = bool(captions)
-        self.setup_slots(**taken_by(self.setup_slots, locals()))
+        self.setup_slots(batch_size, epoch_length, rank=rank, world_size=world_size, **kwargs)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot give every (rank, worker) reader its own shard."""

@@ -47,11 +47,11 @@ class DistillModule(TrainingMixin, L.LightningModule):
         teacher: any ``Teacher`` (``velocity(x, t, cond, guidance)``) or None for methods trained from data.
         init_from_teacher: copy the teacher network's weights into the student where they fit; None (default):
             whenever the student's architecture is the teacher's.
-        lr_decay: none | cosine (to lr_final_ratio * lr at the last step, ``flowmap.schedule``).
-        ema_halflife: half-life of the evaluation EMA of the student (the exported weights): steps, or a fraction
-            of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
-        compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
+        training: lr, betas, weight_decay, warmup_steps, lr_decay, lr_final_ratio, ema_halflife, ema_decay,
+            max_nonfinite, compile (``TrainingMixin``).
     """
+
+    hparams_ignore = ("teacher",)
 
     def __init__(
         self,
@@ -59,20 +59,9 @@ class DistillModule(TrainingMixin, L.LightningModule):
         student: dict | None = None,
         teacher: nn.Module | None = None,
         init_from_teacher: bool | None = None,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_decay: str = "none",
-        lr_final_ratio: float = 0.05,
-        ema_halflife: float = 0.1,
-        ema_decay: float | None = None,
-        max_nonfinite: int = 20,
-        compile: bool = False,
+        **training,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["teacher"])
-        self.ema_schedule()  # checks ema_halflife / ema_decay
+        super().__init__(**training)
         self.student: FlowMap = self._build_student(dict(student or {}), teacher, init_from_teacher)
         if dict(student or {}).get("activation_checkpointing"):  # recompute block activations in the backward
             activation_checkpointing(self.student)

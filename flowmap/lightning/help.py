@@ -10,9 +10,10 @@ SKIP = ("self", "args", "kwargs")
 
 
 def signature_text(name: str, fn, omit: tuple[str, ...] = ()) -> str:
-    """``name(a: int = 1, b: float = 0.5)`` from ``fn``'s signature (string annotations kept as written)."""
+    """``name(a: int = 1, b: float = 0.5)`` from ``fn``'s signature, or a signature (string annotations kept as
+    written)."""
     parts = []
-    for p in inspect.signature(fn).parameters.values():
+    for p in (fn if isinstance(fn, inspect.Signature) else inspect.signature(fn)).parameters.values():
         if p.name in SKIP + omit or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         text = p.name
@@ -28,15 +29,16 @@ def signature_text(name: str, fn, omit: tuple[str, ...] = ()) -> str:
 def objective_help() -> str:
     from flowmap.objectives import OBJECTIVES, objective_class
 
-    methods = "; ".join(signature_text(name, objective_class(name).__init__) for name in OBJECTIVES)
+    methods = "; ".join(signature_text(name, objective_class(name).signature()) for name in OBJECTIVES)
     return f"Methods and their hyperparameters: {methods}."
 
 
 def student_help() -> str:
     from flowmap.nets import NETS
+    from flowmap.nets.backbone import options
     from flowmap.nets.diffusers_net import student_net_from_teacher
 
-    nets = "; ".join(signature_text(name, cls.__init__) for name, cls in NETS.items() if name != "diffusers")
+    nets = "; ".join(signature_text(name, options(cls)) for name, cls in NETS.items() if name != "diffusers")
     own = signature_text("teacher's network", student_net_from_teacher, omit=("teacher", "copy_weights"))
     every = "activation_checkpointing: bool = False (recompute each block's activations in the backward pass)"
     return f"Nets (net: {{name: ..., **options}}): {nets}. Without a net: {own}. Every student: {every}."

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flowmap.data.shards import ShardIndex, ShardStream, read_index
-from flowmap.data.slot_stream import taken_by
+from flowmap.data.slot_stream import SlotStream, taken_by
 
 log = logging.getLogger("flowmap.lightning.streaming")
 
@@ -79,20 +79,18 @@ class ShardLoader(DataLoader):
         self.resume_at = (int(state["epoch"]), int(state["consumed"]))
 
 
-class ShardDataModule(L.LightningDataModule):
-    """Training batches ``(x (B, *shape), y (B,))`` streamed from the shard directory ``root``.
+class StreamDataModule(L.LightningDataModule):
+    """What the streamed data modules share (``ShardDataModule``, ``WebDataModule``): the stream's reader options,
+    the resumable loader and the damage report. A subclass keeps its own stream options in ``self.kwargs`` (and its
+    ``data_shape``, ``num_classes``), implements ``_stream(rank, world)`` and hands the rest to this ``__init__``.
 
     Args:
-        root: directory written by ``scripts/make_shards.py`` (``index.json`` + ``shard-*.tar``).
         batch_size: per-rank batch size.
         epoch_length: batches per rank per epoch (the same on every rank).
         shuffle_buffer: samples in the shuffle buffer of each reader (0: stream order).
         num_workers: DataLoader worker processes per rank.
         seed: seeds shard order and shuffling (mixed with epoch, rank and worker).
-        split: ``by_shard`` (each rank x worker reads its own shards, resampled) or ``by_rank`` (every reader
-            reads all shards and keeps every (ranks x workers)-th sample: deterministic, any shard count).
-        resample: ``by_shard`` draws shards with replacement (webdataset's ResampledShards) or, if False, in
-            reshuffled passes.
+        resample: draw shards with replacement (webdataset's ResampledShards) or, if False, in reshuffled passes.
         max_corrupt_fraction: share of damaged samples (per reader, over its last ``corrupt_window`` samples)
             beyond which training stops with ``CorruptShardError``.
         corrupt_window: samples (per reader) over which the damaged share is judged; it slides across epochs.
@@ -100,15 +98,15 @@ class ShardDataModule(L.LightningDataModule):
         timeout: seconds to wait for a worker's batch before failing (0: no limit).
     """
 
+    kwargs: dict[str, Any]  # the stream's options (``_stream`` adds the rank and world size)
+
     def __init__(
         self,
-        root: str,
         batch_size: int = 256,
         epoch_length: int = 1000,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
         seed: int = 0,
-        split: str = "by_shard",
         resample: bool = True,
         max_corrupt_fraction: float = 0.01,
         timeout: float = 0,
@@ -116,17 +114,14 @@ class ShardDataModule(L.LightningDataModule):
         corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
-        self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
-        self.root = str(root)
-        # the stream's options (``_stream`` adds root, rank and world size)
-        self.kwargs = taken_by(ShardStream, locals(), but=("root",))
+        self.kwargs = {**getattr(self, "kwargs", {}), **taken_by(SlotStream.setup_slots, locals(), but=("self",))}
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
-        self.data_shape: tuple[int, ...] = self.index.shape
-        self.num_classes: int = self.index.num_classes
-        self._stream(0, 1)  # validates the arguments and the shard count for one process now
         self.loader: ShardLoader | None = None
         self._resume: dict[str, int] | None = None
         self._logged_bad = 0
+
+    def _stream(self, rank: int, world: int) -> SlotStream:
+        raise NotImplementedError
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
@@ -136,33 +131,6 @@ class ShardDataModule(L.LightningDataModule):
 
     def _trainer_or_none(self):
         return getattr(self, "trainer", None)
-
-    def _stream(self, rank: int, world: int) -> ShardStream:
-        return ShardStream(self.root, rank=rank, world_size=world, **self.kwargs)
-
-    def check_files(self) -> None:
-        """Every shard the index lists must exist; a size that differs from the index is logged as damage."""
-        missing = [p.name for p in self.index.paths if not p.is_file()]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} shard file(s) listed in {self.root}/index.json are missing: {missing[:5]}"
-            )
-        for path, shard in zip(self.index.paths, self.index.shards):
-            size = path.stat().st_size
-            if "bytes" in shard and size != int(shard["bytes"]):
-                log.warning(
-                    "%s has %d bytes, the index says %d: damaged samples will be skipped and counted",
-                    path,
-                    size,
-                    shard["bytes"],
-                )
-
-    def setup(self, stage: str) -> None:
-        """Runs on every rank before training: the same checks, so all ranks fail alike (no rank left waiting)."""
-        if not self.index.root.is_dir():
-            raise ValueError(f"shard directory {self.root!r} does not exist")
-        self.check_files()
-        self._stream(*self._rank_world()).check_slots()
 
     def train_dataloader(self) -> ShardLoader:
         rank, world = self._rank_world()
@@ -205,3 +173,51 @@ class ShardDataModule(L.LightningDataModule):
             self._resume = dict(state_dict)
             if self.loader is not None:
                 self.loader.load_state_dict(self._resume)
+
+
+class ShardDataModule(StreamDataModule):
+    """Training batches ``(x (B, *shape), y (B,))`` streamed from the shard directory ``root``.
+
+    Args:
+        root: directory written by ``scripts/make_shards.py`` (``index.json`` + ``shard-*.tar``).
+        split: ``by_shard`` (each rank x worker reads its own shards, resampled) or ``by_rank`` (every reader
+            reads all shards and keeps every (ranks x workers)-th sample: deterministic, any shard count).
+        batch_size, epoch_length, shuffle_buffer, num_workers, seed, resample, max_corrupt_fraction, corrupt_window,
+            corrupt_min_samples, timeout: the stream's options (``StreamDataModule``).
+    """
+
+    def __init__(self, root: str, split: str = "by_shard", **kwargs) -> None:
+        self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
+        self.root = str(root)
+        self.kwargs = {"split": split}
+        super().__init__(**kwargs)
+        self.data_shape: tuple[int, ...] = self.index.shape
+        self.num_classes: int = self.index.num_classes
+        self._stream(0, 1)  # validates the arguments and the shard count for one process now
+
+    def _stream(self, rank: int, world: int) -> ShardStream:
+        return ShardStream(self.root, rank=rank, world_size=world, **self.kwargs)
+
+    def check_files(self) -> None:
+        """Every shard the index lists must exist; a size that differs from the index is logged as damage."""
+        missing = [p.name for p in self.index.paths if not p.is_file()]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} shard file(s) listed in {self.root}/index.json are missing: {missing[:5]}"
+            )
+        for path, shard in zip(self.index.paths, self.index.shards):
+            size = path.stat().st_size
+            if "bytes" in shard and size != int(shard["bytes"]):
+                log.warning(
+                    "%s has %d bytes, the index says %d: damaged samples will be skipped and counted",
+                    path,
+                    size,
+                    shard["bytes"],
+                )
+
+    def setup(self, stage: str) -> None:
+        """Runs on every rank before training: the same checks, so all ranks fail alike (no rank left waiting)."""
+        if not self.index.root.is_dir():
+            raise ValueError(f"shard directory {self.root!r} does not exist")
+        self.check_files()
+        self._stream(*self._rank_world()).check_slots()

@@ -32,12 +32,8 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         prediction: ``velocity``, ``eps``, ``x0``, ``v`` or ``score``.
         time_sampling: ``uniform`` or ``logit_normal``.
         p_uncond: label dropout for classifier-free guidance (class-conditional nets only).
-        lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up; lr_decay: none | cosine (to
-            lr_final_ratio * lr at the last step, ``flowmap.schedule``).
-        ema_halflife: half-life of the evaluation EMA of the weights (used for sampling and export): steps, or a
-            fraction of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``); ema_decay: a constant decay instead.
-        compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay eager).
-        max_nonfinite: stop with a clear error after this many non-finite steps in a row.
+        training: lr, betas, weight_decay, warmup_steps, lr_decay, lr_final_ratio, ema_halflife, ema_decay,
+            max_nonfinite, compile (``TrainingMixin``).
     """
 
     def __init__(
@@ -47,20 +43,9 @@ class TeacherModule(TrainingMixin, L.LightningModule):
         prediction: str = "velocity",
         time_sampling: str = "uniform",
         p_uncond: float = 0.1,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_decay: str = "none",
-        lr_final_ratio: float = 0.05,
-        ema_halflife: float = 0.1,
-        ema_decay: float | None = None,
-        max_nonfinite: int = 20,
-        compile: bool = False,
+        **training,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.ema_schedule()  # checks ema_halflife / ema_decay
+        super().__init__(**training)
         self.net = build_net(dict(net))
         self.loss_fn = DenoisingLoss(
             path, prediction, time_sampling, p_uncond=p_uncond if self.net.num_classes else 0.0

@@ -20,10 +20,42 @@ __all__ = ["NonFiniteLossError", "TrainingMixin"]
 
 
 class TrainingMixin:
-    """Mixed into LightningModules that define ``ema_pairs()``, ``trainable_parameters()`` and hparams
-    ``lr``, ``betas``, ``weight_decay``, ``warmup_steps``, ``lr_decay``, ``lr_final_ratio``, ``max_nonfinite``."""
+    """Mixed into LightningModules (``class M(TrainingMixin, L.LightningModule)``) that define ``ema_pairs()`` and
+    ``trainable_parameters()``. It owns the training hyperparameters: a module takes its own arguments and hands
+    the rest to ``super().__init__(**training)`` (LightningCLI lists them as the module's own options)."""
 
     _guard: NonFiniteCounter | None = None  # the non-finite guard's device counters (``flowmap.nonfinite``)
+    hparams_ignore: tuple[str, ...] = ()  # constructor arguments kept out of ``hparams`` (e.g. a teacher module)
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_decay: str = "none",
+        lr_final_ratio: float = 0.05,
+        ema_halflife: float = 0.1,
+        ema_decay: float | None = None,
+        max_nonfinite: int = 20,
+        compile: bool = False,
+    ) -> None:
+        """Save every constructor argument of the module (these and the subclass's) as ``hparams``.
+
+        Args:
+            lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up.
+            lr_decay: none | cosine (to lr_final_ratio * lr at the last step, ``flowmap.schedule``).
+            lr_final_ratio: the cosine's final learning rate as a fraction of lr.
+            ema_halflife: half-life of the evaluation EMA of the trained network (the exported weights): steps, or
+                a fraction of trainer.max_steps when < 1 (``flowmap.ema.EMASchedule``).
+            ema_decay: a constant EMA decay instead of ema_halflife.
+            max_nonfinite: stop with a clear error after this many non-finite steps in a row.
+            compile: ``torch.compile`` the networks run each step (``flowmap.compiled``; forward-mode JVPs stay
+                eager).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))  # Lightning collects the subclasses' too
+        self.ema_schedule()  # checks ema_halflife / ema_decay
 
     def _counter(self) -> NonFiniteCounter:
         if self._guard is None:

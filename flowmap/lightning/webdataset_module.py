@@ -5,19 +5,17 @@
       init_args: {shards: "data/train-{000000..000127}.tar", image_size: 64, batch_size: 256, num_workers: 4}
 
 The rank and world size come from the Trainer. Resume (the position in the stream) and the damage report
-(``data/corrupt_samples``) are those of ``ShardDataModule``, which this module extends with another stream.
+(``data/corrupt_samples``) are those of ``StreamDataModule``, as for ``ShardDataModule``.
 """
 
 from __future__ import annotations
 
-import lightning as L
-
 from flowmap.data.slot_stream import taken_by
 from flowmap.data.webdataset_source import WebDatasetStream
-from flowmap.lightning.streaming import ShardDataModule
+from flowmap.lightning.streaming import StreamDataModule
 
 
-class WebDataModule(ShardDataModule):
+class WebDataModule(StreamDataModule):
     """Training batches ``(x (B, C, S, S) in [-1, 1], y (B,))`` (a dict with ``caption`` when ``captions``).
 
     Args:
@@ -28,7 +26,7 @@ class WebDataModule(ShardDataModule):
         num_classes: 0 for unconditional training (labels ignored), else labels from ``.cls`` / ``.json``.
         captions: add the captions (``.txt`` / ``.json``) to the batch as strings.
         batch_size, epoch_length, shuffle_buffer, num_workers, seed, resample, max_corrupt_fraction,
-            corrupt_window, corrupt_min_samples, timeout: as in ``ShardDataModule``.
+            corrupt_window, corrupt_min_samples, timeout: the stream's options (``StreamDataModule``).
         label_key, caption_key: fields of the ``.json`` member.
     """
 
@@ -39,29 +37,15 @@ class WebDataModule(ShardDataModule):
         channels: int = 3,
         num_classes: int = 0,
         captions: bool = False,
-        batch_size: int = 256,
-        epoch_length: int = 1000,
-        shuffle_buffer: int = 1000,
-        num_workers: int = 0,
-        seed: int = 0,
-        resample: bool = True,
-        max_corrupt_fraction: float = 0.01,
-        corrupt_window: int = 100_000,
-        corrupt_min_samples: int = 100,
-        timeout: float = 0,
         label_key: str = "label",
         caption_key: str = "caption",
+        **kwargs,
     ) -> None:
-        L.LightningDataModule.__init__(self)  # ShardDataModule's own __init__ reads a flowmap index.json
         self.shards = shards
-        # the stream's options (``_stream`` adds the shards, rank and world size)
-        self.kwargs = taken_by(WebDatasetStream, locals())
-        self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
+        self.kwargs = taken_by(WebDatasetStream, locals(), but=("kwargs",))  # the decoding options
+        super().__init__(**kwargs)
         self.data_shape: tuple[int, ...] = self._stream(0, 1).data_shape  # validates arguments and shards now
         self.num_classes: int = int(num_classes)
-        self.loader = None
-        self._resume = None
-        self._logged_bad = 0
 
     def _stream(self, rank: int, world: int) -> WebDatasetStream:
         return WebDatasetStream(self.shards, rank=rank, world_size=world, **self.kwargs)

@@ -5,10 +5,9 @@ Every net has ``.config`` (JSON-able, with its ``name``), ``.data_shape``, ``.nu
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
+from flowmap.nets.backbone import options
 from flowmap.nets.diffusers_net import DiffusersStudentNet
 from flowmap.nets.dit import DiT
 from flowmap.nets.mlp import MLP
@@ -26,7 +25,7 @@ def build_net(config: dict) -> nn.Module:
     if name not in NETS:
         raise ValueError(f"unknown net {name!r}; choose from {sorted(NETS)}")
     cls = NETS[name]
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    allowed = set(options(cls).parameters)
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for net {name!r}; allowed: {sorted(allowed)}")

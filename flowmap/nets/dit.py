@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from flowmap.nets.attention import attention
 from flowmap.nets.backbone import Backbone
-from flowmap.nets.embeddings import ConditionEmbedding
 
 
 class JVPAttention(Attention):
@@ -75,9 +74,7 @@ class DiT(Backbone):
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 4.0,
-        num_classes: int = 0,
-        guidance_input: bool = False,
-        time_scale: float = 10.0,
+        **kwargs,
     ) -> None:
         super().__init__(locals())
         data_shape = self.data_shape
@@ -91,7 +88,7 @@ class DiT(Backbone):
         self.patch, self.grid = patch, H // patch
         self.embed = PatchEmbed(img_size=H, patch_size=patch, in_chans=C, embed_dim=dim)
         self.register_buffer("pos", _sincos_2d(dim, self.grid)[None], persistent=False)
-        self.cond = ConditionEmbedding(dim, num_classes, guidance_input, time_scale=time_scale)
+        self.cond = self.condition_embedding(dim)
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.nets.backbone import Backbone
-from flowmap.nets.embeddings import ConditionEmbedding
 
 
 class ResidualBlock(nn.Module):
@@ -51,11 +50,9 @@ class MLP(Backbone):
         width: int = 256,
         depth: int = 4,
         emb_dim: int = 128,
-        num_classes: int = 0,
-        guidance_input: bool = False,
-        time_scale: float = 10.0,
         fourier_features: int = 0,
         fourier_scale: float = math.pi / math.sqrt(3.0),
+        **kwargs,
     ) -> None:
         super().__init__(locals())
         data_shape = self.data_shape
@@ -75,7 +72,7 @@ class MLP(Backbone):
             float(fourier_scale) * 2.0 ** torch.arange(int(fourier_features), dtype=torch.float32),
             persistent=False,
         )
-        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_input, time_scale=time_scale)
+        self.cond = self.condition_embedding(emb_dim)
         self.inp = nn.Linear(dim * (1 + 2 * int(fourier_features)), width)
         self.cond_in = nn.Linear(emb_dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim) for _ in range(depth))

@@ -8,7 +8,6 @@ from torch import Tensor, nn
 
 from flowmap.nets.attention import attention
 from flowmap.nets.backbone import Backbone
-from flowmap.nets.embeddings import ConditionEmbedding
 
 
 def _groups(ch: int) -> int:
@@ -74,9 +73,7 @@ class UNet(Backbone):
         heads: int = 4,
         emb_dim: int = 256,
         dropout: float = 0.0,
-        num_classes: int = 0,
-        guidance_input: bool = False,
-        time_scale: float = 10.0,
+        **kwargs,
     ) -> None:
         super().__init__(locals())
         data_shape = self.data_shape
@@ -88,7 +85,7 @@ class UNet(Backbone):
                 f"image size {H}x{W} must be divisible by {2 ** (len(channel_mult) - 1)} "
                 f"for channel_mult {list(channel_mult)}"
             )
-        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_input, time_scale=time_scale)
+        self.cond = self.condition_embedding(emb_dim)
         self.inp = nn.Conv2d(C, channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips = [channels]

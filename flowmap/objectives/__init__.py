@@ -11,7 +11,6 @@ file is imported only when used."""
 from __future__ import annotations
 
 import importlib
-import inspect
 
 from flowmap.objectives.base import Objective
 
@@ -65,7 +64,7 @@ def build_objective(config: dict | str) -> Objective:
         raise ValueError(f"an objective config needs a 'name' (one of {sorted(OBJECTIVES)}), got {config!r}")
     name = config.pop("name")
     cls = objective_class(name)
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    allowed = set(cls.hyperparameters())
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown} for objective {name!r}; allowed: {sorted(allowed)}")

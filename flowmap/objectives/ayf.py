@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, normalized, shared, sq_norm
+from flowmap.objectives.base import GUIDANCE, JVP, TIMES, Draw, Objective, mask_nonfinite, normalized, sq_norm
 from flowmap.objectives.common import ramp
 from flowmap.types import LossOutput, expand_like
 
@@ -52,21 +52,11 @@ class AlignYourFlow(Objective):
     needs_jvp = True
     variant = "emd"
 
-    def __init__(
-        self,
-        time_dist: str = "uniform",
-        time_mean: float = 0.0,
-        time_std: float = 1.0,
-        equal_share: float = 0.1,
-        tangent_c: float | None = 0.1,
-        warmup_steps: int = 0,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
-        jvp_backend: str = "forward_ad",
-        fd_eps: float | None = None,
-        fd_dtype: str | None = None,
-    ) -> None:
-        super().__init__(**shared(locals()))
+    shared = (*TIMES, *GUIDANCE, *JVP)
+    defaults = {"equal_share": 0.1}
+
+    def __init__(self, tangent_c: float | None = 0.1, warmup_steps: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
         if tangent_c is not None and not tangent_c > 0:
             raise ValueError(f"tangent_c must be > 0 (or None for no normalization), got {tangent_c}")
         if warmup_steps < 0:

@@ -35,20 +35,31 @@ from flowmap.time_sampling import PairSampler, equal_tail, fd_clamp
 from flowmap.types import LossOutput, expand_like, hot_path
 
 LINEAR = LinearPath()
-SHARED = (  # the hyperparameters the base owns (``Objective.__init__``)
-    "source",
-    "guidance",
-    "guidance_max",
-    "p_uncond",
-    "target_ema",
-    "jvp_backend",
-    "fd_eps",
-    "fd_dtype",
-    "time_dist",
-    "time_mean",
-    "time_std",
-    "equal_share",
-)
+GUIDANCE = ("guidance", "guidance_max")  # groups of the base's hyperparameters (``Objective.shared``)
+JVP = ("jvp_backend", "fd_eps", "fd_dtype")
+TIMES = ("time_dist", "time_mean", "time_std", "equal_share")
+
+
+def shared_hyperparameters(
+    *,
+    source: str | None = None,
+    guidance: float = 1.0,
+    guidance_max: float | None = None,
+    p_uncond: float = 0.0,
+    target_ema: float = 0.0,
+    jvp_backend: str = "forward_ad",
+    fd_eps: float | None = None,
+    fd_dtype: str | None = None,
+    time_dist: str = "uniform",
+    time_mean: float = 0.0,
+    time_std: float = 1.0,
+    equal_share: float = 0.0,
+) -> dict[str, Any]:
+    """The hyperparameters ``Objective`` owns, their types and base defaults (one home; see ``Objective``)."""
+    return dict(locals())
+
+
+SHARED = tuple(inspect.signature(shared_hyperparameters).parameters)
 JSON_TYPES = (int, float, str, bool, type(None), list, tuple)
 
 
@@ -124,6 +135,10 @@ class Objective(nn.Module):
     * ``time_dist``, ``time_mean``, ``time_std``, ``equal_share``: the (s, t) law (``PairSampler``) and the share
       of pairs with s = t. A method with other times overrides ``times(batch, x0, step)``.
 
+    A method takes the shared ones it names in its signature (``super().__init__(**shared(locals()))``), or names
+    them in the class attribute ``shared`` (the groups ``GUIDANCE``, ``JVP``, ``TIMES``) with its own ``defaults``
+    and hands them on as ``**kwargs``; ``signature()`` lists both (the config keys and the typed ``--help``).
+
     What a method knows about itself beyond its loss are class attributes:
 
     * ``sampler_gamma``: the re-noising ``gamma`` of ``flowmap.sampling.sample`` its students sample with
@@ -145,24 +160,18 @@ class Objective(nn.Module):
     sampler_gamma: float = 0.0
     callbacks: tuple[str, ...] = ()
     fd_margin: tuple[int, int, int] | None = None
+    shared: tuple[str, ...] = ()  # base hyperparameters the method takes through ``**kwargs``
+    defaults: Mapping[str, Any] = {}  # the method's defaults of those (else ``shared_hyperparameters``')
 
-    def __init__(
-        self,
-        *,
-        source: str | None = None,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
-        p_uncond: float = 0.0,
-        target_ema: float = 0.0,
-        jvp_backend: str = "forward_ad",
-        fd_eps: float | None = None,
-        fd_dtype: str | None = None,
-        time_dist: str = "uniform",
-        time_mean: float = 0.0,
-        time_std: float = 1.0,
-        equal_share: float = 0.0,
-    ) -> None:
+    def __init__(self, **given: Any) -> None:
         super().__init__()
+        params = type(self).signature().parameters
+        unknown = sorted(set(given) - set(params) - set(SHARED))  # (a subclass may set a shared one itself)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected hyperparameter(s) {unknown}")
+        hp = shared_hyperparameters(**{**{k: p.default for k, p in params.items() if k in SHARED}, **given})
+        source, guidance, guidance_max, p_uncond, target_ema = (hp[k] for k in SHARED[:5])
+        jvp_backend, fd_eps, fd_dtype, time_dist, time_mean, time_std, equal_share = (hp[k] for k in SHARED[5:])
         if source is not None:
             self.source = check_source(source)
         check_guidance(self.source, guidance, guidance_max)
@@ -287,9 +296,34 @@ class Objective(nn.Module):
 
     # --- config -----------------------------------------------------------------------------------------------
     @classmethod
+    def signature(cls) -> inspect.Signature:
+        """The method's hyperparameters, keyword-only, typed, with its defaults: each ``__init__`` up the classes
+        while it hands on ``**kwargs``, then the base's named in ``shared`` (with ``defaults``)."""
+        params: dict[str, inspect.Parameter] = {}
+        for klass in cls.__mro__:
+            if klass is Objective or not issubclass(klass, Objective):
+                break
+            if "__init__" not in vars(klass):
+                continue
+            more = False
+            for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
+                more = more or p.kind is p.VAR_KEYWORD
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    params.setdefault(p.name, p.replace(kind=p.KEYWORD_ONLY))
+            if not more:
+                break
+        for p in inspect.signature(shared_hyperparameters).parameters.values():
+            if p.name in cls.shared and p.name not in params:
+                default, ann = cls.defaults.get(p.name, p.default), p.annotation
+                if p.default is None and default is not None and isinstance(ann, str):  # source: None = the class's
+                    ann = ann.removesuffix(" | None")
+                params[p.name] = p.replace(default=default, annotation=ann)
+        return inspect.Signature(list(params.values()))
+
+    @classmethod
     def hyperparameters(cls) -> list[str]:
-        """The names ``__init__`` accepts (the config keys besides ``name``)."""
-        return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "args", "kwargs")]
+        """The names the method accepts (the config keys besides ``name``)."""
+        return list(cls.signature().parameters)
 
     def to_config(self) -> dict:
         """JSON-able hyperparameters (recorded in exported checkpoints): ``{"name": ..., **hyperparameters}``."""

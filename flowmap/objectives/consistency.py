@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared
+from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite
 from flowmap.objectives.common import (
     check_count,
     check_data_velocity,
@@ -130,30 +130,17 @@ class _Consistency(Objective):
     sampler_gamma = 1.0  # f(x, t) = X(x, t, 0) only: multistep consistency sampling (Song et al. 2023, Alg. 1)
     solver = "heun"
 
-    def __init__(
-        self,
-        metric: str,
-        huber_c: float | None,
-        weighting: str = "uniform",
-        sigma_data: float = 0.5,
-        data_velocity: str = "conditional",
-        **shared_hyperparameters,
-    ) -> None:
-        super().__init__(**shared_hyperparameters)
+    def __init__(self, metric: str = "pseudo_huber", huber_c: float | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
         check_metric(metric, huber_c)
-        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
-        if check_data_velocity(data_velocity) != "conditional" and self.source == "teacher":
-            raise ValueError(
-                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
-            )
         self.metric, self.huber_c = metric, huber_c
-        self.weighting, self.sigma_data, self.data_velocity = weighting, float(sigma_data), data_velocity
 
     def neighbour(self, d: Draw, teacher, student: nn.Module) -> Tensor:
         """x_r: one teacher step x_t -> r (``source="teacher"``) or the training pair from data (``training_pair``)."""
         if self.source == "teacher":
             return teacher_step(teacher, d.x_s, d.s, d.t, self.solver, d.cond, d.w_teacher)
-        return training_pair(self.data_velocity, d, null_label(int(getattr(student, "num_classes", 0))))
+        data_velocity = getattr(self, "data_velocity", "conditional")
+        return training_pair(data_velocity, d, null_label(int(getattr(student, "num_classes", 0))))
 
     def step_logs(self, step: int) -> dict[str, Tensor]:
         """Scalars of the curriculum at ``step``."""
@@ -219,6 +206,9 @@ class ConsistencyDistillation(_Consistency):
 
     name = "cd"
 
+    shared = ("target_ema", *GUIDANCE)
+    defaults = {"target_ema": 0.9}
+
     def __init__(
         self,
         steps: int = 8,
@@ -226,12 +216,9 @@ class ConsistencyDistillation(_Consistency):
         rho: float = 7.0,
         solver: str = "heun",
         metric: str = "l2",
-        huber_c: float | None = None,
-        target_ema: float = 0.9,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(metric, huber_c, **shared(locals()))
+        super().__init__(metric=metric, **kwargs)
         self.steps = check_count("steps", steps, 1)
         if grid not in GRIDS:
             raise ValueError(f"unknown time grid {grid!r}; choose from {sorted(GRIDS)}")
@@ -248,10 +235,37 @@ class ConsistencyDistillation(_Consistency):
         return times_like(grid[n], x0), times_like(grid[n + 1], x0)
 
 
+# --- consistency training: lognormal times, weights in sigma ------------------------------------------------
+
+
+class _ConsistencyTraining(_Consistency):
+    """What iCT and ECT share: sigma ~ lognormal(P_mean, P_std), the weighting lambda in sigma units and, from data,
+    how x_r is drawn (``training_pair``). Args: p_mean, p_std (paper: -1.1, 2.0); weighting: ``inverse_dsigma``
+    (paper), ``snr`` or ``uniform``; sigma_data (``snr``); data_velocity: ``conditional`` or ``stf``."""
+
+    def __init__(
+        self,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        weighting: str = "inverse_dsigma",
+        sigma_data: float = 0.5,
+        data_velocity: str = "conditional",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
+        if check_data_velocity(data_velocity) != "conditional" and self.source == "teacher":
+            raise ValueError(
+                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
+            )
+        self.weighting, self.sigma_data, self.data_velocity = weighting, float(sigma_data), data_velocity
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+
 # --- improved consistency training -----------------------------------------------------------------------
 
 
-class ImprovedConsistencyTraining(_Consistency):
+class ImprovedConsistencyTraining(_ConsistencyTraining):
     """iCT (Song & Dhariwal 2023): consistency training from data, no teacher.
 
         N(k) = min(s0 2^floor(k / K'), s1) + 1,  K' = floor(K / (log2 floor(s1 / s0) + 1))      (Sec. 3.4)
@@ -275,6 +289,8 @@ class ImprovedConsistencyTraining(_Consistency):
     name = "ict"
     source = "data"
 
+    shared = ("target_ema",)
+
     def __init__(
         self,
         total_steps: int = 4000,
@@ -283,16 +299,10 @@ class ImprovedConsistencyTraining(_Consistency):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         rho: float = 7.0,
-        p_mean: float = -1.1,
-        p_std: float = 2.0,
-        metric: str = "pseudo_huber",
-        huber_c: float | None = None,
-        weighting: str = "inverse_dsigma",
-        sigma_data: float = 0.5,
-        target_ema: float = 0.0,
-        data_velocity: str = "conditional",
+        **kwargs,
     ) -> None:
-        super().__init__(metric, huber_c, weighting, sigma_data, data_velocity, **shared(locals()))
+        super().__init__(**kwargs)
+        p_std = self.p_std
         self.total_steps = check_count("total_steps", total_steps, 1)
         self.s0 = check_count("s0", s0, 1)
         self.s1 = check_count("s1", s1, 1)
@@ -303,7 +313,6 @@ class ImprovedConsistencyTraining(_Consistency):
                 f"need 0 < sigma_min < sigma_max, rho > 0 and p_std > 0; got {sigma_min}, {sigma_max}, {rho}, {p_std}"
             )
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
 
     def discretization_steps(self, step: int) -> int:
         """N(k): the number of noise levels at training step k (a pure function of k)."""
@@ -337,7 +346,7 @@ class ImprovedConsistencyTraining(_Consistency):
 # --- easy consistency tuning -----------------------------------------------------------------------------
 
 
-class EasyConsistencyTuning(_Consistency):
+class EasyConsistencyTuning(_ConsistencyTraining):
     """ECT (Geng et al. 2024, "Consistency Models Made Easy"): continuous-time consistency tuning with a
     shrinking gap, best started from a diffusion / flow-matching teacher (``init_from_teacher``).
 
@@ -363,25 +372,14 @@ class EasyConsistencyTuning(_Consistency):
 
     name = "ect"
 
+    shared = ("source", "target_ema", "guidance")
+    defaults = {"source": "data"}
+
     def __init__(
-        self,
-        stage_steps: int = 300,
-        q: float = 2.0,
-        k: float = 8.0,
-        b: float = 1.0,
-        p_mean: float = -1.1,
-        p_std: float = 2.0,
-        metric: str = "pseudo_huber",
-        huber_c: float | None = None,
-        weighting: str = "inverse_dsigma",
-        sigma_data: float = 0.5,
-        source: str = "data",
-        solver: str = "heun",
-        target_ema: float = 0.0,
-        guidance: float = 1.0,
-        data_velocity: str = "conditional",
+        self, stage_steps: int = 300, q: float = 2.0, k: float = 8.0, b: float = 1.0, solver: str = "heun", **kwargs
     ) -> None:
-        super().__init__(metric, huber_c, weighting, sigma_data, data_velocity, **shared(locals()))
+        super().__init__(**kwargs)
+        p_std = self.p_std
         self.stage_steps = check_count("stage_steps", stage_steps, 1)
         if q <= 1 or k < 0 or b < 0 or p_std <= 0:
             raise ValueError(
@@ -390,7 +388,6 @@ class EasyConsistencyTuning(_Consistency):
             )
         self.solver = check_solver(solver)
         self.q, self.k, self.b = float(q), float(k), float(b)
-        self.p_mean, self.p_std = float(p_mean), float(p_std)
 
     def stage(self, step: int) -> int:
         """a = floor(step / stage_steps) (a pure function of the step)."""

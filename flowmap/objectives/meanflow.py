@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.base import GUIDANCE, JVP, TIMES, Draw, Objective, mask_nonfinite, sq_norm
 from flowmap.time_sampling import moving_rows
 from flowmap.types import LossOutput, expand_like
 
@@ -53,23 +53,11 @@ class MeanFlow(Objective):
     needs_jvp = True
     fd_margin = (1, 0, 0)  # the JVP moves s: s +- h inside [0, 1]
 
-    def __init__(
-        self,
-        source: str = "teacher",
-        time_dist: str = "logit_normal",
-        time_mean: float = -0.4,
-        time_std: float = 1.0,
-        equal_share: float = 0.75,
-        p: float = 1.0,
-        c: float = 1e-3,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
-        p_uncond: float = 0.0,
-        jvp_backend: str = "forward_ad",
-        fd_eps: float | None = None,
-        fd_dtype: str | None = None,
-    ) -> None:
-        super().__init__(**shared(locals()))
+    shared = ("source", *TIMES, *GUIDANCE, "p_uncond", *JVP)
+    defaults = {"source": "teacher", "time_dist": "logit_normal", "time_mean": -0.4, "equal_share": 0.75}
+
+    def __init__(self, p: float = 1.0, c: float = 1e-3, **kwargs) -> None:
+        super().__init__(**kwargs)
         if p < 0 or c <= 0:
             raise ValueError(f"adaptive weighting needs p >= 0 and c > 0, got p={p}, c={c}")
         self.p, self.c = float(p), float(c)

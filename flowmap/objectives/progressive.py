@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.ema import frozen_copy
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite, sq_norm
 from flowmap.objectives.common import check_count, check_solver, check_step, times_like
 from flowmap.solvers import teacher_step
 from flowmap.types import LossOutput, Teacher, expand_like
@@ -59,17 +59,18 @@ class ProgressiveDistillation(Objective):
     name = "pd"
     callbacks = ("flowmap.lightning.callbacks:ProgressiveRounds",)  # calls ``advance`` before each batch
 
+    shared = GUIDANCE
+
     def __init__(
         self,
         initial_steps: int = 8,
         steps_per_round: int = 500,
         first_round_steps: int | None = None,
         solver: str = "heun",
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
         retain_share: float = 0.0,
+        **kwargs,
     ) -> None:
-        super().__init__(**shared(locals()))
+        super().__init__(**kwargs)
         if not 0.0 <= retain_share < 1.0:
             raise ValueError(f"retain_share must lie in [0, 1), got {retain_share}")
         self.retain_share = float(retain_share)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.fourier import FourierTime
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, normalized, shared, sq_norm
+from flowmap.objectives.base import GUIDANCE, JVP, Draw, Objective, mask_nonfinite, normalized, sq_norm
 from flowmap.objectives.common import check_data_velocity, instantaneous_velocity, ramp, stable_target, times_like
 from flowmap.paths import TrigFlowPath, to_linear, velocity_from_linear
 from flowmap.time_sampling import lognormal
@@ -84,6 +84,8 @@ class _SCM(Objective):
     sampler_gamma = 1.0  # trained on jumps to the data end: multistep consistency sampling (Song et al. 2023, Alg. 1)
     source = "data"
 
+    shared = (*GUIDANCE, "p_uncond", *JVP)
+
     def __init__(
         self,
         sigma_data: float = 0.5,
@@ -92,15 +94,10 @@ class _SCM(Objective):
         tangent_warmup: int = 1000,
         tangent_c: float | None = 0.1,
         adaptive: bool = True,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
-        p_uncond: float = 0.0,
-        jvp_backend: str = "forward_ad",
-        fd_eps: float | None = None,
-        fd_dtype: str | None = None,
         data_velocity: str = "conditional",
+        **kwargs,
     ) -> None:
-        super().__init__(**shared(locals()))
+        super().__init__(**kwargs)
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         if not p_std > 0:

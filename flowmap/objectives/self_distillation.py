@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.jvp import jvp_with_grad
-from flowmap.objectives.base import Draw, Objective, normalized, shared, sq_norm
+from flowmap.objectives.base import TIMES, Draw, Objective, normalized, sq_norm
 from flowmap.objectives.common import check_data_velocity, ramp, stable_target, times_like
 from flowmap.time_sampling import moving_rows
 from flowmap.types import LossOutput, expand_like, null_label
@@ -79,26 +79,23 @@ class FlowMapSelfDistillation(Objective):
     source = "data"
     variant = "lagrangian"
 
+    shared = (*TIMES, "p_uncond", "jvp_backend", "fd_eps")
+    defaults = {"jvp_backend": "func"}
+
     def __init__(
         self,
-        time_dist: str = "uniform",
-        time_mean: float = 0.0,
-        time_std: float = 1.0,
-        equal_share: float = 0.0,
         lambda_sd: float = 1.0,
-        p_uncond: float = 0.0,
-        jvp_backend: str = "func",
-        fd_eps: float | None = None,
         fm_target: str = "conditional",
         sd_warmup: int = 0,
         sd_target_ema: float = 0.0,
         psd_space: str = "map",
         sd_gradient: str = "full",
         sd_normalize: float = 0.0,
+        **kwargs,
     ) -> None:
         if not 0.0 <= sd_target_ema < 1.0:
             raise ValueError(f"sd_target_ema must lie in [0, 1), got {sd_target_ema}")
-        super().__init__(**shared(locals()), target_ema=sd_target_ema)
+        super().__init__(**kwargs, target_ema=sd_target_ema)
         if not lambda_sd >= 0:
             raise ValueError(f"lambda_sd must be >= 0, got {lambda_sd}")
         check_data_velocity(fm_target, "fm_target")

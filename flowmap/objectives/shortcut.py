@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite, sq_norm
 from flowmap.objectives.common import times_like
 from flowmap.types import LossOutput, expand_like
 
@@ -42,17 +42,11 @@ class Shortcut(Objective):
     name = "shortcut"
     uses_target = True
 
-    def __init__(
-        self,
-        source: str = "teacher",
-        max_log2_steps: int = 7,
-        consistency_share: float = 0.25,
-        target_ema: float = 0.999,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
-        p_uncond: float = 0.0,
-    ) -> None:
-        super().__init__(**shared(locals()))
+    shared = ("source", "target_ema", *GUIDANCE, "p_uncond")
+    defaults = {"source": "teacher", "target_ema": 0.999}
+
+    def __init__(self, max_log2_steps: int = 7, consistency_share: float = 0.25, **kwargs) -> None:
+        super().__init__(**kwargs)
         if not isinstance(max_log2_steps, int) or not 1 <= max_log2_steps <= 16:
             raise ValueError(f"max_log2_steps must be an int in [1, 16], got {max_log2_steps!r}")
         if not 0.0 <= consistency_share <= 1.0:
