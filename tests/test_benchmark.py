@@ -3,7 +3,6 @@ an unknown method is reported as skipped, and the targets are read correctly. Ti
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import subprocess
@@ -595,8 +594,9 @@ def test_dit_teacher_and_teacher_free_set_follow_their_configs(tmp_path) -> None
     assert dit.teacher_key() != benchmark.Setting("digits", full, cpu, tmp_path, fresh=False).teacher_key()
     # every teacher and mixture init net keeps the evaluation EMA a user's teacher run exports (TeacherModule's)
     from flowmap.lightning.teacher_module import TeacherModule
+    from flowmap.recipe import module_defaults
 
-    halflife = inspect.signature(TeacherModule.__init__).parameters["ema_halflife"].default
+    halflife = module_defaults(TeacherModule)["ema_halflife"]
     checker = compose([ROOT / "configs" / "teacher" / "checkerboard.yaml"])
     board = benchmark.Setting("checkerboard", full, cpu, tmp_path, fresh=False).teacher_options
     assert board["lr"] == checker["model"]["lr"] and board["grad_clip"] == checker["trainer"]["gradient_clip_val"]
