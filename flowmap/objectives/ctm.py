@@ -21,6 +21,10 @@ the solver's segment, computed once. ``dsm_share`` rho estimates the sum L_CTM +
 the last round(rho B) rows train the DSM term only (weight 1 / rho), the others L_CTM only (weight 1 / (1 - rho)),
 so the expected loss is unchanged and one with-grad student call serves both terms (the diagonal rows are the
 student at t = s), while the teacher segment, the target and the frozen carry to t = 0 run on the CTM rows only.
+``dsm_extra`` rho keeps L_CTM on every row and appends round(rho B) diagonal rows (the first rows' (x_s, s) at t = s)
+to the same single with-grad call, their DSM term weighted lambda B / round(rho B): the same expected loss, no CTM row
+lost. ``compare_at='t'`` compares X_theta(x_s, s, t) with x_tgt at t, without the two carries to t = 0 (the same loss
+for t = 0; a different weighting of the error for t > 0). Evaluation counts and measured ratios: docs/ctm_cost.md.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class CTM(Objective):
         dsm_share: None (the paper's Eq. 9: both terms on every row, the DSM term in a second with-grad student
             pass) or a share rho in (0, 1) of rows that train the DSM term only, the rest L_CTM only, each weighted
             by the inverse of its share (the same expected loss from one with-grad student pass; module docstring).
+        dsm_extra: None or a share rho in (0, 1] of extra diagonal rows in the one with-grad student call that train
+            the DSM term (weight 1 / rho), L_CTM on every row (module docstring). At most one of dsm_share, dsm_extra.
+        compare_at: ``"data"`` (paper Eq. 7: both ends carried to t = 0 by the frozen student) or ``"t"``.
         target_ema: EMA decay of the target network (paper: 0.999).
         guidance, guidance_max: CFG scale of the teacher (a range trains a ``guidance_input`` student).
     """
