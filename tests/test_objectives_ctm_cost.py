@@ -163,3 +163,22 @@ def test_dsm_extra_carries_labels_and_guidance_to_the_diagonal_rows():
     print(f"guided, labelled: max |paper - dsm_extra 1| = {float((losses[0] - losses[1]).abs().max().detach()):.1e}")
     assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-7)
     assert float(losses[0].std().detach()) > 0  # a live loss, not a constant
+
+
+def test_cheap_options_make_no_host_sync():
+    """The dsm_extra / compare_at path in a guided, class-conditional DiT step (tests/test_host_syncs.py's counter)."""
+    from test_host_syncs import CONDITIONAL_NET, count_syncs
+
+    from flowmap.velocity import NetVelocity
+
+    torch.manual_seed(0)
+    student = FlowMap(build_net(dict(CONDITIONAL_NET, guidance_input=True)))
+    teacher = NetVelocity(build_net(CONDITIONAL_NET), "linear", "velocity").eval().requires_grad_(False)
+    obj = build_objective({**CONFIG, "guidance_max": 2.0, "dsm_extra": 0.25, "compare_at": "t"})
+    x0, cond = torch.randn(8, 1, 4, 4), torch.randint(0, 2, (8,))
+    obj(student=student, teacher=teacher, target=student, x0=x0, cond=cond, step=0)  # warm-up
+    with count_syncs() as calls:
+        out = obj(student=student, teacher=teacher, target=student, x0=x0, cond=cond, step=1)
+        out.loss.mean().backward()
+    assert not calls, f"{len(calls)} host sync(s): {calls[0][0]}\n{calls[0][1]}"
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
