@@ -28,17 +28,20 @@ def student_and_teacher() -> tuple[FlowMap, torch.nn.Module]:
     return student, preset_mixture("ring8")
 
 
-def reference_terms(obj, d, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_terms(obj, d, student, teacher, at_data: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_CTM, L_DSM) per row, Eq. 6-8 as first written: the segment by ``teacher_step``, the teacher's velocity for
-    the DSM term in its own call, X_theta and u_theta(x_s, s, s) in two student calls."""
+    the DSM term in its own call, X_theta and u_theta(x_s, s, s) in two student calls; ``at_data`` False: L_CTM
+    compares X_theta(x_s, s, t) with X(x_u, u, t) at t, without the carry to t = 0."""
     s, u, t, zero = d.s, d.extra["u"], d.t, torch.zeros_like(d.t)
     with torch.no_grad():
         x = d.x_s
         for k in range(obj.solver_steps):
             a, b = s + (u - s) * (k / obj.solver_steps), s + (u - s) * ((k + 1) / obj.solver_steps)
             x = teacher_step(teacher, x, a, b, obj.solver, d.cond, d.w_teacher)
-        y_tgt = d.X(student, d.X(student, x, u, t), t, zero)
-    y = d.X(lambda *a: frozen_call(student, *a), d.X(student, d.x_s, s, t), t, zero)
+        y_tgt = d.X(student, x, u, t)
+        y_tgt = d.X(student, y_tgt, t, zero) if at_data else y_tgt
+    y = d.X(student, d.x_s, s, t)
+    y = d.X(lambda *a: frozen_call(student, *a), y, t, zero) if at_data else y
     ctm = sq_norm(y - y_tgt) / 2
     dsm = sq_norm(d.u(student, d.x_s, s, s) - obj.velocity(teacher, d)) / 2
     return ctm, dsm
@@ -103,3 +106,79 @@ def test_dsm_share_bad_value():
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="dsm_share"):
             build_objective({**CONFIG, "dsm_share": bad})
+    for bad in (0.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="dsm_extra"):
+            build_objective({**CONFIG, "dsm_extra": bad})
+    with pytest.raises(ValueError, match="at most one"):
+        build_objective({**CONFIG, "dsm_share": 0.25, "dsm_extra": 0.25})
+    with pytest.raises(ValueError, match="compare_at"):
+        build_objective({**CONFIG, "compare_at": "zero"})
+
+
+@pytest.mark.parametrize("extra", [0.25, 1.0])
+@pytest.mark.parametrize("compare_at", ["data", "t"])
+def test_dsm_extra_keeps_every_ctm_row_and_adds_weighted_diagonal_rows(extra, compare_at):
+    """dsm_extra rho: L_CTM on all B rows, lambda B / m L_DSM on the first m = rho B rows, from ONE with-grad student
+    call on B + m rows; compare_at 't' drops both carries to t = 0 (no frozen with-grad call, one no-grad call less)."""
+    student, teacher = student_and_teacher()
+    x0 = teacher.sample(64, generator=torch.Generator().manual_seed(3)).float()
+    obj = build_objective({**CONFIG, "dsm_extra": extra, "compare_at": compare_at})
+    calls = []
+    student.net.register_forward_hook(lambda mod, args, out: calls.append((torch.is_grad_enabled(), out.shape[0])))
+    torch.manual_seed(11)
+    out, d = loss_and_draw(obj, student, teacher, x0)
+    seen = list(calls)
+    ctm, dsm = reference_terms(obj, d, student, teacher, at_data=compare_at == "data")
+    m = round(64 * extra)
+    expected = ctm + torch.cat([obj.lambda_dsm * 64 / m * dsm[:m], torch.zeros(64 - m)])
+    diff = float(((out.loss - expected) / expected).abs().max().detach())
+    print(f"dsm_extra {extra}, compare_at {compare_at}: max rel. diff {diff:.1e}, student calls {seen}")
+    assert out.loss.shape == (64,) and out.logs["ctm"].shape == (64,) and out.logs["dsm"].shape == (m,)
+    assert torch.allclose(out.loss, expected, rtol=1e-5, atol=0)
+    assert (True, 64 + m) in seen  # the one with-grad call on B + m rows
+    carries = compare_at == "data"
+    assert sum(g for g, _ in seen) == 1 + carries  # + the frozen carry of X_theta to t = 0
+    assert sum(not g for g, _ in seen) == 1 + carries  # the target jump (+ its carry to t = 0)
+    for a, b in zip(grads(out.loss.mean(), student), grads(expected.mean(), student)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_dsm_extra_carries_labels_and_guidance_to_the_diagonal_rows():
+    """A class-conditional, guidance-input student: dsm_extra 1 (one call on 2B rows, the condition and the student's
+    w repeated for the diagonal rows) gives the paper's two-call loss on the same draw, to float tolerance."""
+    teacher = preset_mixture("ring8")
+    torch.manual_seed(0)
+    net = {"name": "mlp", "data_shape": [2], "width": 32, "depth": 2, "num_classes": 2, "guidance_input": True}
+    student = FlowMap(build_net(net))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0, cond = teacher.sample_labeled(32, generator=torch.Generator().manual_seed(4))
+    guided = {**CONFIG, "guidance": 1.0, "guidance_max": 4.0}
+    losses = []
+    for extra in (None, 1.0):
+        torch.manual_seed(9)
+        obj = build_objective({**guided, "dsm_extra": extra})
+        losses.append(obj(student=student, teacher=teacher, target=student, x0=x0, cond=cond, step=0).loss)
+    print(f"guided, labelled: max |paper - dsm_extra 1| = {float((losses[0] - losses[1]).abs().max().detach()):.1e}")
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    assert float(losses[0].std().detach()) > 0  # a live loss, not a constant
+
+
+def test_cheap_options_make_no_host_sync():
+    """The dsm_extra / compare_at path in a guided, class-conditional DiT step (tests/test_host_syncs.py's counter)."""
+    from test_host_syncs import CONDITIONAL_NET, count_syncs
+
+    from flowmap.velocity import NetVelocity
+
+    torch.manual_seed(0)
+    student = FlowMap(build_net(dict(CONDITIONAL_NET, guidance_input=True)))
+    teacher = NetVelocity(build_net(CONDITIONAL_NET), "linear", "velocity").eval().requires_grad_(False)
+    obj = build_objective({**CONFIG, "guidance_max": 2.0, "dsm_extra": 0.25, "compare_at": "t"})
+    x0, cond = torch.randn(8, 1, 4, 4), torch.randint(0, 2, (8,))
+    obj(student=student, teacher=teacher, target=student, x0=x0, cond=cond, step=0)  # warm-up
+    with count_syncs() as calls:
+        out = obj(student=student, teacher=teacher, target=student, x0=x0, cond=cond, step=1)
+        out.loss.mean().backward()
+    assert not calls, f"{len(calls)} host sync(s): {calls[0][0]}\n{calls[0][1]}"
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)

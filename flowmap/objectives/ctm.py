@@ -21,16 +21,22 @@ the solver's segment, computed once. ``dsm_share`` rho estimates the sum L_CTM +
 the last round(rho B) rows train the DSM term only (weight 1 / rho), the others L_CTM only (weight 1 / (1 - rho)),
 so the expected loss is unchanged and one with-grad student call serves both terms (the diagonal rows are the
 student at t = s), while the teacher segment, the target and the frozen carry to t = 0 run on the CTM rows only.
+``dsm_extra`` rho keeps L_CTM on every row and appends round(rho B) diagonal rows (the first rows' (x_s, s) at t = s)
+to the same single with-grad call, their DSM term weighted lambda B / round(rho B): the same expected loss, no CTM row
+lost. ``compare_at='t'`` compares X_theta(x_s, s, t) with x_tgt at t, without the two carries to t = 0 (the same loss
+for t = 0; a different weighting of the error for t > 0). Evaluation counts and measured ratios: docs/ctm_cost.md.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flowmap import conditions
 from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
 from flowmap.objectives.common import check_solver, check_source, times_like
 from flowmap.objectives.guidance import teacher_velocity
@@ -66,6 +72,9 @@ def teacher_segment(
     return x
 
 
+COMPARE_AT = ("data", "t")  # where L_CTM compares: both ends carried to t = 0 (paper Eq. 7), or at t
+
+
 def frozen_call(module: nn.Module, *args) -> Tensor:
     """module(*args) with its parameters detached: gradients reach the inputs only (the paper's sg(theta))."""
     params = {k: p.detach() for k, p in module.named_parameters()}
@@ -82,6 +91,9 @@ class CTM(Objective):
         dsm_share: None (the paper's Eq. 9: both terms on every row, the DSM term in a second with-grad student
             pass) or a share rho in (0, 1) of rows that train the DSM term only, the rest L_CTM only, each weighted
             by the inverse of its share (the same expected loss from one with-grad student pass; module docstring).
+        dsm_extra: None or a share rho in (0, 1] of extra diagonal rows in the one with-grad student call that train
+            the DSM term (weight 1 / rho), L_CTM on every row (module docstring). At most one of dsm_share, dsm_extra.
+        compare_at: ``"data"`` (paper Eq. 7: both ends carried to t = 0 by the frozen student) or ``"t"``.
         target_ema: EMA decay of the target network (paper: 0.999).
         guidance, guidance_max: CFG scale of the teacher (a range trains a ``guidance_input`` student).
     """
@@ -96,6 +108,8 @@ class CTM(Objective):
         lambda_dsm: float = 1.0,
         dsm_source: str = "data",
         dsm_share: float | None = None,
+        dsm_extra: float | None = None,
+        compare_at: str = "data",
         target_ema: float = 0.999,
         guidance: float = 1.0,
         guidance_max: float | None = None,
@@ -112,10 +126,18 @@ class CTM(Objective):
             )
         if dsm_share is not None and not 0.0 < dsm_share < 1.0:
             raise ValueError(f"dsm_share must be None or lie in (0, 1), got {dsm_share}")
+        if dsm_extra is not None and not 0.0 < dsm_extra <= 1.0:
+            raise ValueError(f"dsm_extra must be None or lie in (0, 1], got {dsm_extra}")
+        if dsm_share is not None and dsm_extra is not None:
+            raise ValueError("dsm_share and dsm_extra are two ways to place the DSM rows: set at most one")
+        if compare_at not in COMPARE_AT:
+            raise ValueError(f"compare_at must be one of {list(COMPARE_AT)}, got {compare_at!r}")
         self.solver, self.solver_steps = solver, int(solver_steps)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
         self.dsm_share = None if dsm_share is None else float(dsm_share)
+        self.dsm_extra = None if dsm_extra is None else float(dsm_extra)
+        self.compare_at = compare_at
 
     def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
         """s ~ U(0, 1], t ~ U[0, s], u ~ U[t, s] (paper Sec. 4.2; extra ``u``)."""
@@ -127,6 +149,8 @@ class CTM(Objective):
     def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
         B, D = d.batch, d.x0[0].numel()
         n = B if self.dsm_share is None else moving_rows(B, self.dsm_share)  # rows [0, n) train L_CTM
+        m = 0 if self.dsm_extra is None or self.lambda_dsm == 0 else max(1, round(self.dsm_extra * B))
+        at_data = self.compare_at == "data"
         c = d if n == B else d.rows(slice(0, n))
         zero = torch.zeros_like(c.t)
         v_s = self.velocity(teacher, d) if self.dsm_source == "teacher" else None  # v(x_s, s): DSM target, stage 1
@@ -135,38 +159,69 @@ class CTM(Objective):
                 teacher, c.x_s, c.s, c.extra["u"], self.solver_steps, self.solver, c.cond, c.w_teacher,
                 None if v_s is None else v_s[:n],
             )  # fmt: skip
-            y_tgt = c.X(student, c.X(target, x_u, c.extra["u"], c.t), c.t, zero)  # sg(X_target(x_u, u, t)) at t = 0
+            y_tgt = c.X(target, x_u, c.extra["u"], c.t)  # sg(X_target(x_u, u, t))
+            if at_data:
+                y_tgt = c.X(student, y_tgt, c.t, zero)  # carried to t = 0 by sg(theta)
         y_tgt, finite, n_bad = mask_nonfinite(y_tgt)
         v = d.eps - d.x0 if v_s is None else v_s
         v, finite_v, n_bad_v = mask_nonfinite(v)
-        if n == B:  # the paper's sum on every row: X_theta(x_s, s, t), then the diagonal u_theta(x_s, s, s)
+        if n == B and not m:  # the paper's sum on every row: X_theta(x_s, s, t), then the diagonal u_theta(x_s, s, s)
             x_st = d.X(student, d.x_s, d.s, d.t)
             u_diag = d.u(student, d.x_s, d.s, d.s) if self.lambda_dsm > 0 else None
-        else:  # one with-grad call; rows [n, B) at t = s (the diagonal), X = x + (t - s) u on the others
+        else:  # one with-grad call; its diagonal rows (t = s) train L_DSM, X = x + (t - s) u on the others
             if not hasattr(student, "average_velocity"):
-                raise ValueError("ctm with dsm_share needs a student with average_velocity (a FlowMap)")
-            u_all = d.u(student, d.x_s, d.s, equal_tail(d.s, d.t, self.dsm_share))
+                raise ValueError("ctm with dsm_share or dsm_extra needs a student with average_velocity (a FlowMap)")
+            if m:  # every row (x_s, s, t), then the first m rows again at t = s
+                e = with_diagonal_rows(d, m)
+                u_all = e.u(student, e.x_s, e.s, e.t)
+            else:  # rows [n, B) at t = s
+                u_all = d.u(student, d.x_s, d.s, equal_tail(d.s, d.t, self.dsm_share))
             x_st = c.x_s + expand_like(c.t - c.s, c.x_s) * u_all[:n]
             u_diag = u_all[n:]
-        y = c.X(lambda *a: frozen_call(student, *a), x_st, c.t, zero)  # X_sg(X_theta(x_s, s, t), t, 0)
+        y = c.X(lambda *a: frozen_call(student, *a), x_st, c.t, zero) if at_data else x_st  # X_sg(X_theta, t, 0)
         ctm = sq_norm(y - y_tgt) / D  # Eq. 6-7
+        rows_dsm = slice(0, m) if m else slice(n, B)  # the rows of v that the diagonal rows share
         if u_diag is None:
             dsm = torch.zeros_like(ctm)
+            finite_dsm = finite_v
         else:
-            dsm = sq_norm(u_diag - v[n:] if n < B else u_diag - v) / D  # Eq. 8 on the diagonal
-        if n == B:
+            finite_dsm = finite_v[rows_dsm] if m or n < B else finite_v
+            dsm = sq_norm(u_diag - (v[rows_dsm] if m or n < B else v)) / D  # Eq. 8 on the diagonal
+        if m:  # L_CTM on every row + lambda B / m L_DSM of the m diagonal rows, added to the rows they repeat
+            loss = ctm * finite * finite_v
+            loss = loss + torch.cat([self.lambda_dsm * B / m * dsm * finite_dsm, torch.zeros_like(ctm[m:])])
+        elif n == B:
             loss = ctm * finite * finite_v + self.lambda_dsm * dsm * finite_v
         else:
             share = self.dsm_share
-            loss = torch.cat(
-                [ctm * finite * finite_v[:n] / (1.0 - share), self.lambda_dsm / share * dsm * finite_v[n:]]
-            )
+            loss = torch.cat([ctm * finite * finite_v[:n] / (1.0 - share), self.lambda_dsm / share * dsm * finite_dsm])
         return LossOutput(
             loss=loss,
             logs={
                 "ctm": ctm.detach() * finite,
-                "dsm": dsm.detach() * finite_v[n:] if n < B else dsm.detach() * finite_v,
+                "dsm": dsm.detach() * finite_dsm,
                 "gap": (c.s - c.t).float(),
                 "nonfinite_targets": (n_bad + n_bad_v).float(),
             },
         )
+
+
+def with_diagonal_rows(d: Draw, m: int) -> Draw:
+    """The draw's B rows followed by its first m rows at t = s (B + m rows): one student call evaluates X_theta(x_s,
+    s, t) on every row and the diagonal u_theta(x_s, s, s) on m of them."""
+    e = d.rows(slice(0, m))
+    both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+    return replace(
+        d,
+        x0=both(d.x0, e.x0),
+        eps=both(d.eps, e.eps),
+        s=both(d.s, e.s),
+        t=both(d.t, e.s),
+        x_s=both(d.x_s, e.x_s),
+        cond=conditions.cat([d.cond, e.cond]),
+        w_student=both(d.w_student, e.w_student),
+        w_teacher=both(d.w_teacher, e.w_teacher)
+        if isinstance(d.w_teacher, Tensor) and d.w_teacher.dim()
+        else d.w_teacher,
+        extra={},
+    )
