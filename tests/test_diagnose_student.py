@@ -34,9 +34,9 @@ def test_overrides_resolve_as_config_values():
     r = student_recipe("gmm", "sct", net={"width": 64}, base_net={"width": 32, "depth": 2})
     assert r["student"]["net"] == {**base, "width": 64, "depth": 2}
     # the method's own net options stay over a teacher's (base) options
-    guided = recipe("digits", "meanflow", BUDGETS["full"])["student"]["net"]
+    guided = recipe("digits", "ayf_lmd_guided", BUDGETS["full"])["student"]["net"]
     assert guided["guidance_input"] is True
-    r = student_recipe("digits", "meanflow", base_net={"guidance_input": False, "time_scale": 10.0})
+    r = student_recipe("digits", "ayf_lmd_guided", base_net={"guidance_input": False, "time_scale": 10.0})
     assert r["student"]["net"] == {**guided, "time_scale": 10.0}
     with pytest.raises(ValueError, match="--steps"):
         student_recipe("gmm", "cd", steps=0)
