@@ -55,7 +55,7 @@ def compare_set(name: str, old: dict, new: dict) -> list[str]:
             continue
         a, b = old_st[m].get("nfe", {}), new_st[m].get("nfe", {})
         cells = [f"{_cell(a.get(n, {}).get(key), scale)} -> {_cell(b.get(n, {}).get(key), scale)}" for n in NFES]
-        seeds = [s.get(key) for s in new_st[m].get("seeds") or []]
+        seeds = [s.get("nfe", {}).get("1", {}).get(key) for s in new_st[m].get("seeds") or []]
         one_a, one_b = a.get("1", {}).get(key), b.get("1", {}).get(key)
         ratio = f"{one_b / one_a:.2f}" if one_a and one_b is not None else "-"
         lines.append(

@@ -15,7 +15,10 @@ from scripts.compare_results import compare  # noqa: E402
 
 def _run(rmse: dict[str, float], std: float = 2.0, seeds: list[float] | None = None) -> dict:
     students = {
-        m: {"nfe": {"1": {"rmse": v}, "2": {"rmse": v / 2}}, "seeds": [{"rmse": s} for s in seeds or []]}
+        m: {
+            "nfe": {"1": {"rmse": v}, "2": {"rmse": v / 2}},
+            "seeds": [{"seed": i + 1, "nfe": {"1": {"rmse": s}}} for i, s in enumerate(seeds or [])],
+        }
         for m, v in rmse.items()
     }
     return {"meta": {"code": "x"}, "quality": {"ring": {"data_std": std, "students": students}}}
