@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flowmap import conditions
-from flowmap.objectives.base import Draw, Objective, mask_nonfinite, shared, sq_norm
+from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite, sq_norm
 from flowmap.objectives.common import check_solver, check_source, times_like
 from flowmap.objectives.guidance import teacher_velocity
 from flowmap.solvers import ode_step
@@ -101,6 +101,9 @@ class CTM(Objective):
     name = "ctm"
     uses_target = True
 
+    shared = ("target_ema", *GUIDANCE)
+    defaults = {"target_ema": 0.999}
+
     def __init__(
         self,
         solver: str = "heun",
@@ -110,11 +113,10 @@ class CTM(Objective):
         dsm_share: float | None = None,
         dsm_extra: float | None = None,
         compare_at: str = "data",
-        target_ema: float = 0.999,
-        guidance: float = 1.0,
-        guidance_max: float | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(**shared(locals()))
+        super().__init__(**kwargs)
+        guidance, guidance_max = self.guidance, self.guidance_max
         check_solver(solver)
         if int(solver_steps) != solver_steps or solver_steps < 1:
             raise ValueError(f"solver_steps must be an integer >= 1, got {solver_steps}")
