@@ -93,3 +93,19 @@ def test_toy_ddp_gradients_match_one_process(toy, tmp_path):
     for case in cases:
         worst = assert_ddp_gradients(case, out)
         assert worst < 1e-4, f"{case}: DDP gradient differs from one process by {worst:.2e} (relative)"
+
+
+@pytest.mark.parametrize("name", registered())
+def test_every_method_refuses_a_base_option_it_does_not_take(name):
+    """A method built in Python takes exactly its hyperparameters: a base option it does not list (``Objective``'s
+    shared ones) is refused as a config key would be, not silently set."""
+    from flowmap.objectives import objective_class
+    from flowmap.objectives.base import SHARED
+
+    cls = objective_class(name)
+    foreign = [k for k in SHARED if k not in cls.hyperparameters()]
+    for key in foreign:
+        with pytest.raises(TypeError, match="unexpected hyperparameter"):
+            cls(**{key: None})
+    taken = cls(**{k: getattr(cls(), k) for k in SHARED if k in cls.hyperparameters() and hasattr(cls(), k)})
+    assert taken.to_config() == cls().to_config()

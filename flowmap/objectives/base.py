@@ -166,7 +166,7 @@ class Objective(nn.Module):
     def __init__(self, **given: Any) -> None:
         super().__init__()
         params = type(self).signature().parameters
-        unknown = sorted(set(given) - set(params) - set(SHARED))  # (a subclass may set a shared one itself)
+        unknown = sorted(set(given) - set(params))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyperparameter(s) {unknown}")
         hp = shared_hyperparameters(**{**{k: p.default for k, p in params.items() if k in SHARED}, **given})

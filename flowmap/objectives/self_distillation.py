@@ -95,7 +95,8 @@ class FlowMapSelfDistillation(Objective):
     ) -> None:
         if not 0.0 <= sd_target_ema < 1.0:
             raise ValueError(f"sd_target_ema must lie in [0, 1), got {sd_target_ema}")
-        super().__init__(**kwargs, target_ema=sd_target_ema)
+        super().__init__(**kwargs)
+        self.target_ema = float(sd_target_ema)  # the base's target EMA, under this method's own name
         if not lambda_sd >= 0:
             raise ValueError(f"lambda_sd must be >= 0, got {lambda_sd}")
         check_data_velocity(fm_target, "fm_target")
