@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from weights import trained_like
 
 from flowmap.lightning.distill_module import DistillModule
@@ -43,11 +44,27 @@ TORCH_FUNCTIONS = ("nonzero", "unique", "masked_select")
 ALLOWED_FILES = ("torch/optim/",)
 
 
+class _MaskIndexing(TorchFunctionMode):
+    """Calls ``record("boolean-mask indexing")`` for every ``x[mask]`` with a boolean tensor index."""
+
+    def __init__(self, record) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and len(args) > 1:
+            items = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+                self.record("boolean-mask indexing")
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def count_syncs():
     """Yields a list that collects (call, stack) for every host-syncing call made inside the block."""
     calls: list[tuple[str, str]] = []
     saved = []
+    depth: list[str] = []
 
     def record(name: str) -> None:
         stack = traceback.extract_stack()[:-2]
@@ -59,31 +76,30 @@ def count_syncs():
         original = getattr(owner, attr)
 
         def counted(*args, **kwargs):
-            record(label)
-            return original(*args, **kwargs)
+            if not depth:  # the mode below hands the wrapped call back to it once more: count the outer call only
+                record(label)
+            depth.append(label)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth.pop()
 
-        saved.append((owner, attr, original))
+        saved.append((owner, attr, vars(owner).get(attr)))
         setattr(owner, attr, counted)
 
     for attr in TENSOR_METHODS:
         wrap(torch.Tensor, attr, f"Tensor.{attr}")
     for attr in TORCH_FUNCTIONS:
         wrap(torch, attr, f"torch.{attr}")
-    getitem = torch.Tensor.__getitem__
-
-    def indexed(self, index):
-        items = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
-            record("boolean-mask indexing")
-        return getitem(self, index)
-
-    saved.append((torch.Tensor, "__getitem__", getitem))
-    torch.Tensor.__getitem__ = indexed
     try:
-        yield calls
-    finally:
+        with _MaskIndexing(record):  # a mode: patching Tensor.__getitem__ would leave Tensor a sequence type
+            yield calls
+    finally:  # restore the class dicts as they were: an inherited method is deleted again, not copied in
         for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
 
 
 def distill_module(objective: str, net: str) -> DistillModule:
