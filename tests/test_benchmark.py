@@ -264,7 +264,10 @@ def test_targets_are_read_with_their_margin():
             },
         },
         "cost": {
-            "mlp": {"steps": {"meanflow": {"ratio": 2.0}}, "throughput": {"student 1 NFE": {"vs_raw_forward": 0.8}}}
+            "mlp": {
+                "steps": {"meanflow": {"ratio": 2.0}, "scd": {"ratio": 1.7}, "ctm": {"ratio": 4.4}},
+                "throughput": {"student 1 NFE": {"vs_raw_forward": 0.8}},
+            }
         },
         "peer": {"available": False, "reason": "torchcfm is not installed"},
     }
@@ -282,9 +285,13 @@ def test_targets_are_read_with_their_margin():
     cd = by_text["mixture: cd 1-NFE flow-map RMSE <= 5% of the data std [RMSE / std]"]
     pd = by_text["mixture: pd 1-NFE flow-map RMSE <= 5% of the data std [RMSE / std]"]
     assert cd["met"] is True and pd["met"] is False and pd["value"] == pytest.approx(0.2)
-    mlp = next(v for k, v in by_text.items() if "MeanFlow step <= 2.5x" in k)
-    assert mlp["met"] is True
-    dit = next(v for k, v in by_text.items() if "MeanFlow step <= 3.0x" in k)
+    mlp = next(v for k, v in by_text.items() if "MeanFlow step <= 1.8x" in k and "(MLP)" in k)
+    assert mlp["met"] is False and mlp["value"] == pytest.approx(2.0)  # issue 23's limit
+    scd = next(v for k, v in by_text.items() if "sCD step <= 1.8x" in k and "(MLP)" in k)
+    assert scd["met"] is True and scd["value"] == pytest.approx(1.7)
+    ctm = next(v for k, v in by_text.items() if "CTM step <= 3.0x" in k and "(MLP)" in k)
+    assert ctm["met"] is False and "not run" not in ctm["margin"]
+    dit = next(v for k, v in by_text.items() if "MeanFlow step <= 2.2x" in k and "(DIT)" in k)
     assert dit["met"] is None
     tp = next(v for k, v in by_text.items() if "raw forward" in k and "MLP" in k)
     assert tp["met"] is False
