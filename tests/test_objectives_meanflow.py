@@ -12,7 +12,7 @@ from flowmap.nets import build_net
 from flowmap.objectives import build_objective
 from flowmap.student import FlowMap
 from flowmap.velocity import NetVelocity
-from teachers import preset_mixture
+from teachers import GaussianMixtureTeacher, preset_mixture
 
 
 def mlp_student(width: int = 32, depth: int = 2, **kw) -> FlowMap:
@@ -213,3 +213,27 @@ def test_distillation_on_ring8_cuts_one_step_error():
 
 MEANFLOW_TEST_CONFIG = {"name": "meanflow", "time_dist": "uniform", "equal_share": 0.75, "p": 0.5}
 STEPS = 2000
+
+
+def test_stf_data_velocity_vanishes_at_the_exact_map_where_the_conditional_one_does_not():
+    """From data with ``data_velocity='stf'``: on a batch that holds each point of a two-point data set equally
+    often, the batch posterior is the exact one, so the target is the exact map's and the loss vanishes at it
+    (float64 RK4 map, fd JVP); the conditional eps - x0 leaves its variance in the loss at the same map."""
+    means = torch.tensor([[1.5, 0.5], [-1.0, -0.5]], dtype=torch.float64)
+    points = GaussianMixtureTeacher(means, torch.full((2,), 1e-6, dtype=torch.float64))
+    exact = ExactGMMMap(points, steps=40)
+    x0 = means.repeat(12, 1)  # 24 rows, each point 12 times
+    config = {"name": "meanflow", "source": "data", "jvp_backend": "fd", "time_dist": "uniform", "p": 0.0}
+    mse = {}
+    for velocity in ("stf", "conditional"):
+        torch.manual_seed(0)
+        obj = build_objective({**config, "data_velocity": velocity})
+        mse[velocity] = obj(student=exact, teacher=None, target=None, x0=x0, cond=None, step=0).logs["mse"]
+    print(f"meanflow from data at the exact map: max mse stf {mse['stf'].max():.2e}, "
+          f"conditional {mse['conditional'].max():.2e}")  # fmt: skip
+    assert mse["stf"].max() < 1e-8
+    assert mse["conditional"].max() > 1e-2
+    with pytest.raises(ValueError, match="not to distillation"):
+        build_objective({"name": "meanflow", "data_velocity": "stf"})
+    with pytest.raises(ValueError, match="unknown data_velocity"):
+        build_objective({"name": "meanflow", "source": "data", "data_velocity": "batch"})

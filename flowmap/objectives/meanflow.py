@@ -12,9 +12,11 @@ and d/ds of both sides gives  -u + (t - s) du/ds = -v(x_s, s),  i.e.
     du/ds = v(x_s, s) . grad_x u + d_s u  =  JVP of u along (v, 1, 0)  (paper Eq. 8)
 The loss regresses u_theta onto the stop-gradient target (paper Eq. 9-10)
     u_tgt = v - (s - t) sg(JVP)
-with v = eps - x0 from data or the teacher's velocity when distilling (optionally guided, v = w v_c +
-(1 - w) v_u, the student trained at w). At s = t it is flow matching. Times: ordered (s, t) pairs of
-logit-normal draws with a share s = t (Sec. 4.3, Table 1a). Adaptive weighting (Sec. 4.3, after Geng
+with v = eps - x0 from data, or the teacher's velocity when distilling (optionally guided, v = w v_c + (1 - w) v_u,
+the student trained at w). From data, ``data_velocity='stf'`` uses the batch-posterior estimate of E[eps - x0 | x_s]
+(Xu et al. 2023) instead: u_tgt is affine in v (the JVP is linear in its tangent), so its expectation given x_s is
+the same (up to the batch estimate's bias) with far less variance. At s = t it is flow matching. Times: ordered (s, t)
+pairs of logit-normal draws with a share s = t (Sec. 4.3, Table 1a). Adaptive weighting (Sec. 4.3, after Geng
 et al. 2024): L = sg(1 / (||delta||^2 + c)^p) ||delta||^2, delta = u_theta - u_tgt.
 
 DDP: the JVP runs in a no-grad float32 pass (``flowmap.jvp``) on the student handed in, which is the inner
@@ -30,15 +32,18 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import GUIDANCE, JVP, TIMES, Draw, Objective, mask_nonfinite, sq_norm
+from flowmap.objectives.common import check_data_velocity, stable_target
 from flowmap.time_sampling import moving_rows
-from flowmap.types import LossOutput, expand_like
+from flowmap.types import LossOutput, expand_like, null_label
 
 
 class MeanFlow(Objective):
     """MeanFlow on the flow-map student; per-sample loss (B,).
 
     Args:
-        source: ``"teacher"`` (distill the teacher's velocity) or ``"data"`` (conditional velocity eps - x0).
+        source: ``"teacher"`` (distill the teacher's velocity) or ``"data"`` (train from data).
+        data_velocity: from data, ``"conditional"`` (eps - x0, paper) or ``"stf"`` (its batch-posterior estimate,
+            ``flowmap.objectives.common.stable_target``).
         time_dist, time_mean, time_std: distribution of the two times (paper: logit-normal(-0.4, 1.0)).
         equal_share: share of pairs with s = t (paper, Table 1a: 75%, i.e. 25% with r != t).
         p, c: adaptive weight 1 / (||delta||^2 + c)^p (paper: p = 1, c = 1e-3); p = 0 is plain L2.
@@ -56,14 +61,20 @@ class MeanFlow(Objective):
     shared = ("source", *TIMES, *GUIDANCE, "p_uncond", *JVP)
     defaults = {"source": "teacher", "time_dist": "logit_normal", "time_mean": -0.4, "equal_share": 0.75}
 
-    def __init__(self, p: float = 1.0, c: float = 1e-3, **kwargs) -> None:
+    def __init__(self, p: float = 1.0, c: float = 1e-3, data_velocity: str = "conditional", **kwargs) -> None:
         super().__init__(**kwargs)
         if p < 0 or c <= 0:
             raise ValueError(f"adaptive weighting needs p >= 0 and c > 0, got p={p}, c={c}")
         self.p, self.c = float(p), float(c)
+        self.data_velocity = check_data_velocity(data_velocity)
+        if self.source == "teacher" and data_velocity != "conditional":
+            raise ValueError("data_velocity applies to training from data (source='data'), not to distillation")
 
     def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
-        v = self.velocity(teacher, d)  # v(x_s, s)
+        if self.data_velocity == "stf":  # E[eps - x0 | x_s] over the batch
+            v = stable_target(d.x_s, d.s, d.x0, d.eps, d.cond, null_label(int(getattr(student, "num_classes", 0))))
+        else:
+            v = self.velocity(teacher, d)  # v(x_s, s)
         u, du_ds = self.u_and_du_ds(d, student, v)
         u_tgt, finite, n_bad = mask_nonfinite(v - expand_like(d.s - d.t, v) * du_ds.to(v.dtype))  # Eq. 10
         sq = sq_norm(u.to(torch.promote_types(u_tgt.dtype, torch.float32)) - u_tgt)  # ||delta||^2
