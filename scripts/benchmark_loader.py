@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
+from flowmap.data.slot_stream import StreamOptions
 from flowmap.data.webdataset_source import Decoding, WebDatasetStream
 from flowmap.runtime import THREADS_HELP, set_cpu_threads
 
@@ -77,12 +78,7 @@ def loader_rate(
     stream = WebDatasetStream(
         shards,
         Decoding(size, num_classes=10),
-        batch_size=batch_size,
-        epoch_length=10**6,
-        shuffle_buffer=batch_size,
-        num_workers=workers,
-        rank=0,
-        world_size=1,
+        StreamOptions(batch_size, 10**6, shuffle_buffer=batch_size, num_workers=workers, rank=0, world_size=1),
     )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch if workers else None

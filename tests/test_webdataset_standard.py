@@ -20,6 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from flowmap.data.shards import CorruptShardError, read_all, write_shards
+from flowmap.data.slot_stream import StreamOptions
 from flowmap.data.webdataset_source import Decoding, WebDatasetStream, resolve_shards
 from flowmap.lightning.webdataset_module import WebDataModule
 
@@ -85,10 +86,10 @@ def ids(batch) -> list[int]:
 
 
 def make_stream(source: str, **kw) -> WebDatasetStream:
-    """A ``WebDatasetStream`` from flat keywords: the ``Decoding`` fields, the rest are the stream's options."""
+    """A ``WebDatasetStream`` from flat keywords: the ``Decoding`` fields, the rest the ``StreamOptions``."""
     names = {f.name for f in dataclasses.fields(Decoding)}
     decoding = Decoding(**{k: v for k, v in kw.items() if k in names})
-    return WebDatasetStream(source, decoding, **{k: v for k, v in kw.items() if k not in names})
+    return WebDatasetStream(source, decoding, StreamOptions(**{k: v for k, v in kw.items() if k not in names}))
 
 
 def one_pass(tmp_path: Path, **kw) -> list:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
 from flowmap.data.shards import INDEX_NAME, decode_sample, read_index
-from flowmap.data.slot_stream import SlotStream
+from flowmap.data.slot_stream import SlotStream, StreamOptions
 
 log = logging.getLogger("flowmap.data.webdataset_source")
 
@@ -179,30 +179,18 @@ class WebDatasetStream(SlotStream):
     A batch is ``(x (B, C, S, S) float32 in [-1, 1], y (B,) long)``, or with ``decoding.captions`` the dict
     ``{"x", "y", "caption": list of B str}``. Every (rank, DataLoader worker) pair is a reader; reader k owns
     shards k, k + readers, ... (split by rank, then by worker) and draws among them with replacement
-    (``resample=True``) or in reshuffled passes. ``rank`` / ``world_size`` default to webdataset's view of the
-    process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
+    (``options.resample``) or in reshuffled passes. The rank and world size (``options``) default to webdataset's
+    view of the process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
     ``epoch_length`` batches an epoch. Damage is tallied as by the shard reader (``flowmap.data.shards.DamageWindow``,
     shared memory, one row per worker, kept across epochs): a reader stops with ``CorruptShardError`` when more than
     ``max_corrupt_fraction`` of its last ``corrupt_window`` samples were damaged or missing, judged once it has
     tried at least ``corrupt_min_samples``.
     """
 
-    def __init__(
-        self,
-        source: str | Sequence[str],
-        decoding: Decoding,
-        rank: int | None = None,
-        world_size: int | None = None,
-        **kwargs,
-    ) -> None:
-        """decoding: how a sample is read (its ``encoding`` comes from the shard set); kwargs: the slot options of
-        ``SlotStream.setup_slots`` (batch_size, epoch_length, shuffle_buffer, seed, resample, num_workers,
-        max_corrupt_fraction, corrupt_window, corrupt_min_samples)."""
+    def __init__(self, source: str | Sequence[str], decoding: Decoding, options: StreamOptions) -> None:
+        """decoding: how a sample is read (its ``encoding`` comes from the shard set); options: batch size, epoch
+        length, shuffling, rank / world size, workers and damage limits."""
         super().__init__()
-        if rank is None or world_size is None:
-            from webdataset.utils import pytorch_worker_info
-
-            rank, world_size = pytorch_worker_info()[:2]
         self.source = source if isinstance(source, str) else list(source)
         self.urls, self.expected, self.encoding = resolve_shards(source)
         if self.encoding not in (None, "npy", "png"):
@@ -210,21 +198,23 @@ class WebDatasetStream(SlotStream):
         self.decoding = replace(decoding, encoding="npy" if self.encoding == "npy" else None)
         self.data_shape = self.decoding.shape
         self.captions = self.decoding.captions
-        self.setup_slots(rank=rank, world_size=world_size, **kwargs)
+        self.setup_slots(options)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot give every (rank, worker) reader its own shard."""
+        o = self.options
         if len(self.urls) < self.slots:
             raise ValueError(
-                f"{len(self.urls)} shard(s) for {self.world_size} rank(s) x {max(self.num_workers, 1)} worker(s) = "
+                f"{len(self.urls)} shard(s) for {o.world_size} rank(s) x {max(o.num_workers, 1)} worker(s) = "
                 f"{self.slots} readers: every reader needs its own shard. Use fewer workers or more, smaller shards"
             )
 
     def own_urls(self, slot: int) -> list[str]:
         """The shards of reader ``slot`` (= rank x workers + worker): by rank, then by worker."""
-        by_rank = self.urls[self.rank :: self.world_size]
-        workers = max(self.num_workers, 1)
-        return by_rank[slot - self.rank * workers :: workers]
+        o = self.options
+        by_rank = self.urls[o.rank :: o.world_size]
+        workers = max(o.num_workers, 1)
+        return by_rank[slot - o.rank * workers :: workers]
 
     def collate(self, batch: list) -> tuple | dict:
         x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
@@ -233,7 +223,7 @@ class WebDatasetStream(SlotStream):
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor, str | None]]:
         own = self.own_urls(slot)
         order = ((url,) for url in self.shard_order(own, slot, rng))
-        where = f"{self.source!r} (rank {self.rank}, reader {slot})"
+        where = f"{self.source!r} (rank {self.options.rank}, reader {slot})"
         yield from self.read_passes(
             _Reader(partial(decode_webdataset_sample, decoding=self.decoding), self.expected),
             order,

@@ -47,7 +47,7 @@ class WebDataModule(StreamDataModule):
         self.num_classes: int = self.decoding.num_classes
 
     def _stream(self, rank: int, world: int) -> WebDatasetStream:
-        return WebDatasetStream(self.shards, self.decoding, rank=rank, world_size=world, **self.kwargs)
+        return WebDatasetStream(self.shards, self.decoding, self.options_for(rank, world))
 
     def setup(self, stage: str) -> None:
         """On every rank before training: the shard list resolves and feeds every (rank, worker) reader."""
