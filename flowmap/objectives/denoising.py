@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from flowmap.objectives.common import drop_labels
 from flowmap.paths import AffinePath, LinearPath, build_path
 from flowmap.predictions import check_prediction, from_x0_eps
-from flowmap.time_sampling import PairSampler, sample_times
+from flowmap.time_sampling import draw
 from flowmap.types import LossOutput, expand_like
 
 
@@ -27,8 +27,7 @@ def sample_training_times(
 ) -> Tensor:
     """Training times (B,) of ``flowmap.time_sampling`` (``uniform``, ``logit_normal`` (Esser et al. 2024,
     Eq. 19) or ``lognormal``), clamped to [t_min, 1 - t_min]."""
-    kwargs = PairSampler(kind, mean, std).kwargs
-    return sample_times(kind, batch, device, **kwargs).clamp(t_min, 1.0 - t_min)
+    return draw(kind, batch, device, mean, std).clamp(t_min, 1.0 - t_min)
 
 
 class DenoisingLoss(nn.Module):
