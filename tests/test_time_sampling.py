@@ -46,3 +46,20 @@ def test_a_bad_name_is_one_clear_error():
         draw("gap_logit_normal", 4)  # a law of pairs, not of one time
     with pytest.raises(ValueError, match="'gap_logit_normal', 'logit_normal'"):
         PairSampler("beta")
+
+
+def test_denoising_draws_its_times_from_the_law_it_is_given():
+    """DenoisingLoss takes a law's name (mean 0, std 1) or a PairSampler with its parameters; a law of pairs is
+    refused when the loss is built."""
+    from flowmap.objectives.denoising import DenoisingLoss, sample_training_times
+
+    torch.manual_seed(2)
+    loss = DenoisingLoss(time_sampling=PairSampler("logit_normal", -0.4, 1.3))
+    t = sample_training_times(N, torch.device("cpu"), loss.times, t_min=0.0).double()
+    z = torch.log(t / (1 - t))
+    assert (
+        loss.time_sampling == "logit_normal" and abs(float(z.mean()) + 0.4) < 0.02 and abs(float(z.std()) - 1.3) < 0.02
+    )
+    assert DenoisingLoss(time_sampling="lognormal").times == PairSampler("lognormal", 0.0, 1.0)
+    with pytest.raises(ValueError, match="unknown time distribution 'gap_logit_normal'"):
+        DenoisingLoss(time_sampling="gap_logit_normal")
