@@ -32,8 +32,8 @@ on the inner module (never through a DDP wrapper). The loss then makes ONE ordin
 of the student. In our Lightning wiring the student handed to an objective is the inner ``FlowMap``
 and DDP wraps the whole LightningModule, so ``training_step`` already runs inside the DDP forward and
 plain calls of the student are correct; ``require_inner`` refuses a DDP-wrapped student outright.
-When that with-grad forward is at the JVP's own primals (MeanFlow, sCM), ``forward_and_jvp`` gives both from one
-pass: the dual pass's primal is the with-grad forward and only its tangents run under no_grad.
+When that with-grad forward is at the JVP's own primals (MeanFlow, sCM), ``jvp(..., with_grad=True)`` gives both
+from one pass: the dual pass's primal is the with-grad forward and only its tangents run under no_grad.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from torch.autograd import forward_ad
 from flowmap.jvp_rules import constant_weight_rules, dual_rules
 
 BACKENDS = ("forward_ad", "func", "fd")
+WITH_GRAD = (False, True, "both")  # jvp's modes: nothing, the output, or output and JVP with autograd history
 
 # Default central-difference steps per computing dtype. Our time embeddings have frequencies up to
 # ~1e3 (FourierTime scale 1000), so h * 1e3 must stay well below 1 rad. Measured against a float64
@@ -147,6 +148,7 @@ def jvp(
     primal_out: bool = True,
     fd_dtype: torch.dtype | str | None = None,
     modules: Sequence[nn.Module] = (),
+    with_grad: bool | str = False,
 ) -> tuple[Tensor | None, Tensor]:
     """(fn(*primals), d/de fn(*(p + e t)) at e = 0), both detached, in float32 (float64 for float64 inputs).
 
@@ -157,17 +159,44 @@ def jvp(
     third forward when the caller makes its own with-grad forward anyway).
     fd_dtype: the dtype the ``"fd"`` differences are taken in (``"float64"``: promote ``modules``, the
     networks ``fn`` calls, for the pass; see ``promoted``); results come back in the inputs' dtype.
-    Raises ``JVPBackendError`` when the network has a layer the backend cannot differentiate."""
+    Raises ``JVPBackendError`` when the network has a layer the backend cannot differentiate.
+
+    ``with_grad=True``, the with-grad mode: (fn(*primals) WITH autograd history, in fn's dtype; its JVP detached),
+    the with-grad training forward and the stop-gradient tangent of a semi-gradient loss whose forward is at the
+    JVP's own primals (MeanFlow's sg(du/ds), Geng et al. 2025, Eq. 10; sCM's sg(dF/dtheta), Lu & Song 2024,
+    Alg. 1); ``primal_out`` is then moot. Where ``_one_pass`` allows, ONE forward on dual tensors under
+    ``dual_rules(detach_tangents=True)``: autograd records the primal, which is the ordinary forward, and the rules
+    compute the tangents under no_grad, so the JVP costs its tangent pass (about one forward) instead of a primal
+    plus tangent (two forwards) beside the training forward. Otherwise (another backend, autocast on, bf16
+    inputs, grad off, a compiled network) the detached JVP as above, then an ordinary ``fn(*primals)``. Either way
+    fn's network is called once with grad (DDP, FSDP hooks).
+
+    ``with_grad="both"``: output and JVP both WITH autograd history, for a loss that trains the derivative itself
+    (flow-map self-distillation's Lagrangian and Eulerian residuals, Boffi et al. 2025, Eq. 3.4-3.5): the primals'
+    dtype is kept and autocast is left as the caller set it (the derivative trains with the step's precision);
+    ``"fd"`` takes central differences with step ``eps`` (default ``FD_EPS`` of the first primal's computing dtype)
+    and returns the mean of its two evaluations as the output (``primal_out``, ``fd_dtype``, ``modules`` are moot)."""
+    if with_grad not in WITH_GRAD:
+        raise ValueError(f"unknown JVP with_grad mode {with_grad!r}; choose from {list(WITH_GRAD)}")
     check_backend(backend)
     _check(primals, tangents)
+    if with_grad == "both":
+        return _trained_jvp(fn, tuple(primals), tuple(tangents), backend, eps)
     dtype = max((compute_dtype(p.dtype) for p in primals), key=lambda d: torch.finfo(d).bits)
+    if with_grad and _one_pass(backend, primals, dtype, modules):
+        tangents = tuple(t.detach().to(dtype) for t in tangents)
+        out, dout = _dual_jvp(fn, tuple(primals), tangents, detach_tangents=True)
+        return out, dout.detach()
+    if with_grad:
+        _, dout = jvp(fn, primals, tangents, backend, eps, primal_out=False, fd_dtype=fd_dtype, modules=modules)
+        return fn(*primals), dout
+    device_type = primals[0].device.type
     fd_dtype = parse_fd_dtype(fd_dtype) or dtype
     if backend == "fd" and fd_dtype != dtype and not modules:
         raise ValueError(f"finite differences in {fd_dtype} need the networks fn calls (modules=...) to promote them")
     work = fd_dtype if backend == "fd" else dtype
     primals = tuple(p.detach().to(work) for p in primals)
     tangents = tuple(t.detach().to(work) for t in tangents)
-    device_type = primals[0].device.type
     with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
         if backend != "fd":
             out, dout = (_func_jvp if backend == "func" else _dual_jvp)(fn, primals, tangents)
@@ -183,64 +212,25 @@ def jvp(
         return out, dout.to(dtype)
 
 
-def forward_and_jvp(
-    fn: Callable[..., Tensor],
-    primals: Sequence[Tensor],
-    tangents: Sequence[Tensor],
-    backend: str = "forward_ad",
-    eps: float | None = None,
-    fd_dtype: torch.dtype | str | None = None,
-    modules: Sequence[nn.Module] = (),
-) -> tuple[Tensor, Tensor]:
-    """(fn(*primals) with grad, its JVP along ``tangents`` detached): the with-grad training forward and the
-    stop-gradient tangent of a semi-gradient loss (MeanFlow's sg(du/ds), Geng et al. 2025, Eq. 10; sCM's
-    sg(dF/dtheta), Lu & Song 2024, Alg. 1), whose forward is at the JVP's own primals.
-
-    Shared pass (backend ``"forward_ad"``, grad enabled, no autocast, primals already in their computing dtype):
-    ONE forward on dual tensors under ``dual_rules(detach_tangents=True)``. Autograd records the primal, which is
-    the ordinary forward; the rules compute the tangents under no_grad. The JVP then costs its tangent pass
-    (about one forward) instead of a primal plus tangent (two forwards) beside the training forward.
-    Otherwise (another backend, autocast on, bf16 inputs, grad off, a network of ``modules`` compiled by
-    ``flowmap.compiled.compile_net``, whose dual pass would run eager): ``jvp(..., primal_out=False)`` then an
-    ordinary ``fn(*primals)``. Either way fn's network is called once with grad (DDP, FSDP hooks).
-    Returns (out in fn's dtype, with autograd history; dout detached, float32, float64 for float64 inputs)."""
-    check_backend(backend)
-    _check(primals, tangents)
-    dtype = max((compute_dtype(p.dtype) for p in primals), key=lambda d: torch.finfo(d).bits)
-    device_type = primals[0].device.type
+def _one_pass(backend: str, primals: Sequence[Tensor], dtype: torch.dtype, modules: Sequence[nn.Module]) -> bool:
+    """Whether ``jvp(..., with_grad=True)`` can take the with-grad forward and the JVP from one dual pass: backend
+    ``"forward_ad"``, grad enabled, no autocast, primals already in their computing ``dtype`` and no network of
+    ``modules`` compiled by ``flowmap.compiled.compile_net`` (its dual pass would run eager: a compiled network
+    keeps its compiled with-grad forward)."""
     from flowmap.compiled import is_compiled
 
-    shared = (
+    return (
         backend == "forward_ad"
-        and not any(is_compiled(m) for m in modules)  # a compiled network keeps its compiled with-grad forward
+        and not any(is_compiled(m) for m in modules)
         and torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(device_type)
+        and not torch.is_autocast_enabled(primals[0].device.type)
         and all(p.dtype == dtype for p in primals)
     )
-    if not shared:
-        _, dout = jvp(fn, primals, tangents, backend, eps, primal_out=False, fd_dtype=fd_dtype, modules=modules)
-        return fn(*primals), dout
-    tangents = tuple(t.detach().to(dtype) for t in tangents)
-    out, dout = _dual_jvp(fn, tuple(primals), tangents, detach_tangents=True)
-    return out, dout.detach()
 
 
-def jvp_with_grad(
-    fn: Callable[..., Tensor],
-    primals: Sequence[Tensor],
-    tangents: Sequence[Tensor],
-    backend: str = "forward_ad",
-    eps: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(fn(*primals), d/de fn(*(p + e t)) at e = 0), both WITH autograd history: for a loss that trains the
-    derivative itself (flow-map self-distillation's Lagrangian and Eulerian residuals, Boffi et al. 2025, Eq. 3.4-3.5).
-
-    The same backends, input checks and backend errors as ``jvp``; the primals' dtype is kept and autocast is left
-    as the caller set it (the derivative trains with the step's precision). ``"fd"``: central differences with step
-    ``eps`` (default ``FD_EPS`` of the dtype); its primal output is the mean of the two evaluations."""
-    check_backend(backend)
-    _check(primals, tangents)
-    primals, tangents = tuple(primals), tuple(tangents)
+def _trained_jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple, backend: str, eps: float | None):
+    """``jvp(..., with_grad="both")``: output and JVP with autograd history, in the primals' dtype, autocast as the
+    caller set it; ``"fd"``'s output is the mean of its two evaluations."""
     if backend == "func":
         return _func_jvp(fn, primals, tangents)
     if backend == "forward_ad":
@@ -331,13 +321,12 @@ def _func_jvp(
 
 __all__ = [
     "BACKENDS",
+    "WITH_GRAD",
     "FD_EPS",
     "JVPBackendError",
     "check_backend",
     "compute_dtype",
-    "forward_and_jvp",
     "jvp",
-    "jvp_with_grad",
     "parse_fd_dtype",
     "promoted",
     "require_inner",

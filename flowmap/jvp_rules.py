@@ -30,9 +30,9 @@ constant of the JVP. Two sets of rules use that:
 A rule applies only where it is exact: a dual input and weights that carry no tangent. Anything else
 falls through to PyTorch unchanged.
 
-``dual_rules(detach_tangents=True)`` is the mode of ``flowmap.jvp.forward_and_jvp``: the primal of every rule is
-the ordinary forward in the ambient grad mode (autograd records it: it is the loss's with-grad forward), and the
-tangent is computed under ``no_grad`` (a stop-gradient target), so one pass gives both. GELU and SiLU then use
+``dual_rules(detach_tangents=True)`` is the mode of ``flowmap.jvp.jvp(..., with_grad=True)``: the primal of every
+rule is the ordinary forward in the ambient grad mode (autograd records it: it is the loss's with-grad forward), and
+the tangent is computed under ``no_grad`` (a stop-gradient target), so one pass gives both. GELU and SiLU then use
 their rules under grad as well (their tangent is never differentiated).
 """
 

@@ -163,7 +163,7 @@ def activation_checkpointing(student: nn.Module) -> int:
     diffusers model: its own ``enable_gradient_checkpointing``) keeps its inputs only and recomputes its
     activations in the backward pass. Gradients are unchanged (up to round-off); the activations kept drop to the
     blocks' inputs. Non-reentrant checkpointing works under forward-mode AD, so the shared primal-and-tangent
-    pass of MeanFlow and sCM (``flowmap.jvp.forward_and_jvp``) is checkpointed too. The config key
+    pass of MeanFlow and sCM (``flowmap.jvp.jvp(..., with_grad=True)``) is checkpointed too. The config key
     ``model.student.activation_checkpointing: true``. Returns the number of blocks wrapped (-1: the diffusers
     model's own switch); raises ValueError for a net without blocks."""
     net = getattr(student, "net", student)

@@ -1,6 +1,7 @@
-"""Training-time distributions: small pure functions returning (B,) tensors in [0, 1].
+"""Training-time distributions: the laws of one time (``LAWS``, drawn by ``draw``), the (s, t) pairs of a flow-map
+objective (``PairSampler``) and the EDM noise level (``lognormal``), as (B,) tensors.
 
-Noise comes from torch's global RNG (or ``generator``), so Lightning's seeding makes them exact on resume."""
+Noise comes from torch's global RNG, so Lightning's seeding makes them exact on resume."""
 
 from __future__ import annotations
 
@@ -12,93 +13,37 @@ from torch import Tensor
 from flowmap.paths import LinearPath
 
 
-def uniform(
-    batch: int,
-    device: torch.device | str | None = None,
-    t_min: float = 0.0,
-    t_max: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """t ~ U[t_min, t_max]."""
-    return t_min + (t_max - t_min) * torch.rand(batch, device=device, generator=generator)
-
-
-def logit_normal(
-    batch: int,
-    device: torch.device | str | None = None,
-    mean: float = 0.0,
-    std: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """t = sigmoid(N(mean, std^2)) (Esser et al. 2024, Eq. 19)."""
-    return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))
-
-
 def lognormal(
     batch: int,
     device: torch.device | str | None = None,
     p_mean: float = -1.2,
     p_std: float = 1.2,
-    generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """sigma = exp(N(P_mean, P_std^2)): an EDM noise level (Karras et al. 2022, Table 1), in ``dtype``."""
-    return torch.exp(p_mean + p_std * torch.randn(batch, device=device, generator=generator, dtype=dtype))
+    return torch.exp(p_mean + p_std * torch.randn(batch, device=device, dtype=dtype))
 
 
-def lognormal_sigma(
-    batch: int,
-    device: torch.device | str | None = None,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-    generator: torch.Generator | None = None,
+# The laws of one time t in [0, 1] by name: (the standard draw z, t as a function of z and the law's (mean, std)).
+LAWS = {
+    "uniform": (torch.rand, lambda z, mean, std: z),  # t ~ U[0, 1]; takes no parameters
+    "logit_normal": (torch.randn, lambda z, mean, std: torch.sigmoid(mean + std * z)),  # Esser et al. 2024, Eq. 19
+    "lognormal": (torch.randn, lambda z, mean, std: LinearPath().t_from_ratio(torch.exp(mean + std * z))),
+}  # lognormal: the EDM noise level sigma = exp(N(mean, std^2)) (``lognormal``) mapped to t = sigma / (1 + sigma)
+
+
+def draw(
+    kind: str, batch: int, device: torch.device | str | None = None, mean: float = 0.0, std: float = 1.0
 ) -> Tensor:
-    """ln sigma ~ N(P_mean, P_std^2) (``lognormal``) mapped to t = sigma / (1 + sigma)."""
-    return LinearPath().t_from_ratio(lognormal(batch, device, p_mean, p_std, generator))
+    """t (B,) from the law ``kind`` of ``LAWS`` with parameters (mean, std)."""
+    if kind not in LAWS:
+        raise ValueError(f"unknown time distribution {kind!r}; choose from {sorted(LAWS)}")
+    standard, law = LAWS[kind]
+    return law(standard(batch, device=device), mean, std)
 
 
-def sample_times(
-    kind: str, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None, **kwargs
-) -> Tensor:
-    """One of ``uniform``, ``logit_normal``, ``lognormal`` by name."""
-    fns = {"uniform": uniform, "logit_normal": logit_normal, "lognormal": lognormal_sigma}
-    if kind not in fns:
-        raise ValueError(f"unknown time distribution {kind!r}; choose from {sorted(fns)}")
-    return fns[kind](batch, device=device, generator=generator, **kwargs)
-
-
-TIME_KWARGS = {"logit_normal": ("mean", "std"), "lognormal": ("p_mean", "p_std"), "uniform": None}
-
-
-def ordered_pair(
-    batch: int,
-    device: torch.device | str | None = None,
-    kind: str = "logit_normal",
-    generator: torch.Generator | None = None,
-    **kwargs,
-) -> tuple[Tensor, Tensor]:
-    """(s, t) with 1 >= s >= t >= 0: two draws of ``kind``, sorted."""
-    a = sample_times(kind, batch, device, generator, **kwargs)
-    b = sample_times(kind, batch, device, generator, **kwargs)
-    return torch.maximum(a, b), torch.minimum(a, b)
-
-
-def gap_pair(
-    batch: int,
-    device: torch.device | str | None = None,
-    mean: float = 0.0,
-    std: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(s, t) with 1 >= s >= t >= 0 drawn by their gap (Sabour et al. 2025, Align Your Flow, Alg. 1):
-    s - t ~ sigmoid(N(mean, std^2)), t ~ U[0, 1 - gap]."""
-    gap = logit_normal(batch, device, mean, std, generator)
-    t = (1 - gap) * torch.rand(batch, device=device, generator=generator)
-    return t + gap, t
-
-
-GAP = "gap_logit_normal"  # ``gap_pair``: the pair drawn by its gap, not as two sorted times
-PAIR_KINDS = (*TIME_KWARGS, GAP)
+GAP = "gap_logit_normal"  # the pair drawn by its gap, not as two sorted times
+PAIR_KINDS = (*LAWS, GAP)
 
 
 def moving_rows(batch: int, equal_share: float) -> int:
@@ -125,8 +70,8 @@ def fd_clamp(s: Tensor, t: Tensor, h: float, s_low: int = 1, t_low: int = 0, gap
 @dataclass(frozen=True)
 class PairSampler:
     """The (s, t) law of a flow-map objective, 1 >= s >= t >= 0 (B,) each: two sorted draws of ``kind``
-    (``uniform``, ``logit_normal`` (mean, std), ``lognormal`` (P_mean, P_std)) or ``gap_logit_normal``
-    (``gap_pair``). The share of pairs with s = t is the objective's (``equal_tail``), applied after its clamps."""
+    (``uniform``, ``logit_normal`` (mean, std), ``lognormal`` (P_mean, P_std): ``LAWS``) or ``gap_logit_normal``
+    (drawn by the gap). The share of pairs with s = t is the objective's (``equal_tail``), applied after its clamps."""
 
     kind: str = "uniform"
     mean: float = 0.0
@@ -141,18 +86,16 @@ class PairSampler:
         """The law of one time: ``kind``, or for ``gap_logit_normal`` the logit-normal law of its gap."""
         return "logit_normal" if self.kind == GAP else self.kind
 
-    @property
-    def kwargs(self) -> dict:
-        """Keyword arguments of ``sample_times`` for ``single_kind``."""
-        names = TIME_KWARGS[self.single_kind]
-        return {} if names is None else {names[0]: self.mean, names[1]: self.std}
-
     def pair(self, batch: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """(s, t), s >= t."""
+        """(s, t), s >= t: two sorted draws of ``kind``, or for ``gap_logit_normal`` drawn by their gap (Sabour et
+        al. 2025, Align Your Flow, Alg. 1): s - t ~ sigmoid(N(mean, std^2)), t ~ U[0, 1 - gap]."""
         if self.kind == GAP:
-            return gap_pair(batch, device, self.mean, self.std)
-        return ordered_pair(batch, device, self.kind, **self.kwargs)
+            gap = self.single(batch, device)
+            t = (1 - gap) * torch.rand(batch, device=device)
+            return t + gap, t
+        a, b = self.single(batch, device), self.single(batch, device)
+        return torch.maximum(a, b), torch.minimum(a, b)
 
     def single(self, batch: int, device: torch.device | str | None = None) -> Tensor:
         """One time per row from ``single_kind``."""
-        return sample_times(self.single_kind, batch, device, **self.kwargs)
+        return draw(self.single_kind, batch, device, self.mean, self.std)

@@ -305,6 +305,26 @@ def other_code(code: str | None) -> str:
     return "" if code == code_fingerprint() else f" (trained under other code: {code})"
 
 
+def load_cached(path: Path, expect: str, who: str, what: str, needs: tuple[str, ...] = ()) -> tuple | None:
+    """(model, meta) of a cache entry: the model file ``path`` (a ``load_model`` file of kind ``expect``) and its
+    metadata ``path`` with ``.json`` (which must hold the fields ``needs``); None when either file is missing or
+    unusable, logged as ``"{who}: cached {what} unusable (why); retraining"``."""
+    meta_path = path.with_suffix(".json")
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        model = load_model(path, expect=expect)
+        meta = json.loads(meta_path.read_text())
+        missing = [k for k in needs if k not in meta]
+        if missing:
+            raise KeyError(missing[0])
+    except (CheckpointError, KeyError, json.JSONDecodeError) as err:
+        log(f"{who}: cached {what} unusable ({err}); retraining")
+        return None
+    log(f"{who}: {what} loaded from {path.name}{other_code(meta.get('code'))}")
+    return model, meta
+
+
 def key_of(*parts) -> str:
     """A short stable hash of JSON-able parts (cache file names)."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -527,17 +547,12 @@ class Setting:
         steps = self.teacher_steps()
         what = "flow-matching init net" if self.is_mixture else "teacher"
         path = self.cache / f"teacher_{self.name}_{self.teacher_key()}.safetensors"
-        meta_path = path.with_suffix(".json")
-        if path.is_file() and meta_path.is_file() and not self.fresh:
-            try:
-                teacher = load_model(path, expect="teacher").to(self.device)
-                meta = json.loads(meta_path.read_text())
-                self.teacher_seconds, self.teacher_losses = meta["seconds"], meta["losses"]
-                self.teacher_code = meta.get("code")
-                log(f"{self.name}: {what} loaded from {path.name}{other_code(self.teacher_code)}")
-                return teacher.requires_grad_(False)
-            except (CheckpointError, KeyError, json.JSONDecodeError) as err:
-                log(f"{self.name}: cached {what} unusable ({err}); retraining")
+        cached = None if self.fresh else load_cached(path, "teacher", self.name, what, ("seconds", "losses"))
+        if cached is not None:
+            teacher, meta = cached
+            self.teacher_seconds, self.teacher_losses = meta["seconds"], meta["losses"]
+            self.teacher_code = meta.get("code")
+            return teacher.to(self.device).requires_grad_(False)
         torch.manual_seed(seed_of("teacher", self.name))
         net = build_net(dict(self.net_config)).to(self.device)
         teacher = NetVelocity(net, "linear", "velocity")
@@ -551,7 +566,8 @@ class Setting:
         self.teacher_seconds, self.teacher_losses = time.time() - t0, losses
         save_teacher(path, teacher, data=self.name, extra={"steps": steps})
         self.teacher_code = code_fingerprint()
-        meta_path.write_text(json.dumps({"seconds": self.teacher_seconds, "losses": losses, "code": self.teacher_code}))
+        meta = {"seconds": self.teacher_seconds, "losses": losses, "code": self.teacher_code}
+        path.with_suffix(".json").write_text(json.dumps(meta))
         return teacher.eval().requires_grad_(False)
 
     # students ---------------------------------------------------------------------------------------
@@ -581,15 +597,10 @@ class Setting:
         )
         tag = f"{method}_seed{seed}" if seed else method
         path = self.cache / f"student_{self.name}_{tag}_{key}.safetensors"
-        meta_path = path.with_suffix(".json")
-        if path.is_file() and meta_path.is_file() and not self.fresh:
-            try:
-                student = load_model(path, expect="student").to(self.device)
-                meta = json.loads(meta_path.read_text())
-                log(f"{self.name}/{tag}: student loaded from {path.name}{other_code(meta.get('code'))}")
-                return {"student": student, "config": config, **meta, "cached": True}
-            except (CheckpointError, KeyError, json.JSONDecodeError) as err:
-                log(f"{self.name}/{tag}: cached student unusable ({err}); retraining")
+        cached = None if self.fresh else load_cached(path, "student", f"{self.name}/{tag}", "student")
+        if cached is not None:
+            student, meta = cached
+            return {"student": student.to(self.device), "config": config, **meta, "cached": True}
         if self.reuse_only:
             raise LookupError(f"no cached student {path.name} (--reuse-only: not trained in this run)")
         objective = seeded_objective(config, "objective", *parts).to(self.device)
@@ -641,7 +652,7 @@ class Setting:
             data=self.name,
             extra={"objective": config, **({"seed": seed} if seed else {})},
         )
-        meta_path.write_text(json.dumps(meta))
+        path.with_suffix(".json").write_text(json.dumps(meta))
         return {"student": student, "config": config, **meta, "cached": False}
 
 

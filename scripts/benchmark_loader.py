@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
-from flowmap.data.webdataset_source import WebDatasetStream
+from flowmap.data.slot_stream import StreamOptions
+from flowmap.data.webdataset_source import Decoding, WebDatasetStream
 from flowmap.runtime import THREADS_HELP, set_cpu_threads
 
 TOKENS_SIDE = 16  # patch = S / 16: 256 tokens, as DiT-S/2 on 4 x 32 x 32 latents
@@ -76,14 +77,8 @@ def loader_rate(
     warmup += prefetch * workers
     stream = WebDatasetStream(
         shards,
-        batch_size=batch_size,
-        epoch_length=10**6,
-        image_size=size,
-        num_classes=10,
-        shuffle_buffer=batch_size,
-        num_workers=workers,
-        rank=0,
-        world_size=1,
+        Decoding(size, num_classes=10),
+        StreamOptions(batch_size, 10**6, shuffle_buffer=batch_size, num_workers=workers, rank=0, world_size=1),
     )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, prefetch_factor=prefetch if workers else None

@@ -627,3 +627,34 @@ def test_dit_teacher_and_teacher_free_set_follow_their_configs(tmp_path) -> None
         )
         assert r["options"]["steps"] == steps and r["cfg"]["data"]["init_args"]["batch_size"] == batch
         assert not getattr(benchmark.build_objective(dict(r["objective"])), "needs_teacher", False)
+
+
+def test_cache_entries_load_once_whole_and_are_retrained_when_unusable(tmp_path, capsys) -> None:
+    """``load_cached`` serves the teacher and the student caches: (model, meta) for a whole entry, with the very
+    weights saved; None, with one log line saying why, for a missing meta file, a broken one, a meta without the
+    fields asked for, or a model file of the other kind."""
+    from flowmap.models import save_teacher
+    from flowmap.nets import build_net
+    from flowmap.velocity import NetVelocity
+    from scripts import benchmark
+
+    torch.manual_seed(0)
+    teacher = NetVelocity(build_net({"name": "mlp", "data_shape": [2], "width": 16, "depth": 1}), "linear", "velocity")
+    path = tmp_path / "teacher_x_0123.safetensors"
+    save_teacher(path, teacher, data="checkerboard")
+    assert benchmark.load_cached(path, "teacher", "x", "teacher") is None  # no meta file yet: nothing logged
+    assert capsys.readouterr().out == ""
+    path.with_suffix(".json").write_text(json.dumps({"seconds": 1.5, "losses": [0.5], "code": "other"}))
+    model, meta = benchmark.load_cached(path, "teacher", "x", "teacher", ("seconds", "losses"))
+    assert meta["seconds"] == 1.5 and meta["losses"] == [0.5]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), teacher.parameters()))
+    assert (
+        "x: teacher loaded from teacher_x_0123.safetensors (trained under other code: other)" in capsys.readouterr().out
+    )
+    assert benchmark.load_cached(path, "teacher", "x", "teacher", ("steps",)) is None
+    assert "x: cached teacher unusable ('steps'); retraining" in capsys.readouterr().out
+    assert benchmark.load_cached(path, "student", "x/cd", "student") is None  # a teacher file is no student
+    assert "x/cd: cached student unusable" in capsys.readouterr().out
+    path.with_suffix(".json").write_text("{not json")
+    assert benchmark.load_cached(path, "teacher", "x", "teacher") is None
+    assert "x: cached teacher unusable" in capsys.readouterr().out

@@ -24,6 +24,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from flowmap.data.shards import ShardStream, read_all, read_index
+from flowmap.data.slot_stream import StreamOptions
 from scripts.make_shards import main as make_shards
 from tests.latent_parts import dit_folder, text_folder
 from tests.test_latent_shards import image_folder
@@ -87,7 +88,7 @@ def test_parts_merge_to_the_single_process_set(tmp_path, monkeypatch):
 
     for rank in (0, 1):  # the training stream over the part folders: rank r reads keys r, r + 2, ...
         stream = ShardStream(
-            out, batch_size=5, epoch_length=1, shuffle_buffer=0, split="by_rank", rank=rank, world_size=2
+            out, StreamOptions(batch_size=5, epoch_length=1, shuffle_buffer=0, rank=rank, world_size=2), split="by_rank"
         )
         zb, yb = next(iter(stream))
         assert float((zb - z1[rank::2]).abs().max()) < 1e-6 and torch.equal(yb, y1[rank::2])

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from flowmap.data.shards import CorruptShardError, ShardStream, read_index, write_shards
+from flowmap.data.slot_stream import StreamOptions
 from flowmap.lightning.streaming import ShardDataModule
 from flowmap.lightning.teacher_module import TeacherModule
 
@@ -112,7 +113,9 @@ def test_hole2_limit_judges_the_last_window_samples(tmp_path):
 
     def run(**kw) -> tuple[int, int]:
         stream = ShardStream(
-            root, batch_size=64, epoch_length=15, shuffle_buffer=0, split="by_rank", max_corrupt_fraction=0.3, **kw
+            root,
+            StreamOptions(batch_size=64, epoch_length=15, shuffle_buffer=0, max_corrupt_fraction=0.3, **kw),
+            split="by_rank",
         )
         list(stream)  # two passes over the shards and the first shard again
         return stream.counts()
@@ -129,17 +132,15 @@ def test_hole2_limit_judges_the_last_window_samples(tmp_path):
         for m, data in members:
             tar.addfile(m, io.BytesIO(b"\x93NUMPY garbage" + data[14:] if m.name == "000000000.npy" else data))
     stream = ShardStream(
-        root, batch_size=64, epoch_length=2, shuffle_buffer=0, split="by_rank", max_corrupt_fraction=0.05
+        root, StreamOptions(batch_size=64, epoch_length=2, shuffle_buffer=0, max_corrupt_fraction=0.05), split="by_rank"
     )
     assert len(list(stream)) == 2 and stream.counts() == (128, 1)
     strict = ShardStream(
         root,
-        batch_size=64,
-        epoch_length=2,
-        shuffle_buffer=0,
+        StreamOptions(
+            batch_size=64, epoch_length=2, shuffle_buffer=0, max_corrupt_fraction=0.05, corrupt_min_samples=1
+        ),
         split="by_rank",
-        max_corrupt_fraction=0.05,
-        corrupt_min_samples=1,
     )
     with pytest.raises(CorruptShardError, match=r"1 of the last 1 samples"):
         list(strict)

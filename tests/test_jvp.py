@@ -279,12 +279,10 @@ def test_jvp_under_bf16_autocast_runs_in_float32(name, backend):
 
 
 @pytest.mark.parametrize("name", ["mlp_fourier", "unet", "dit"])
-def test_forward_and_jvp_shares_the_with_grad_forward(name):
-    """flowmap.jvp.forward_and_jvp: one network call gives the with-grad forward and the detached JVP, equal to
+def test_with_grad_jvp_shares_the_with_grad_forward(name):
+    """flowmap.jvp.jvp(..., with_grad=True): one network call gives the with-grad forward and the detached JVP, equal to
     the two-pass pattern (no-grad JVP, then a with-grad forward): outputs, tangents and the gradients of a
     semi-gradient loss ||u - sg(u - du)||^2 agree to round-off. Under bf16 autocast it falls back to two calls."""
-    from flowmap.jvp import forward_and_jvp
-
     student = randomized_student(name).train()
     primals, tangents, cond = inputs(student, batch=6)
     calls = [0]
@@ -299,7 +297,7 @@ def test_forward_and_jvp_shares_the_with_grad_forward(name):
     out_two = fn(*primals)
     g_two = grads(out_two, d_two)
     calls[0] = 0
-    out, dout = forward_and_jvp(fn, primals, tangents)
+    out, dout = jvp(fn, primals, tangents, with_grad=True)
     assert calls[0] == 1 and out.requires_grad and not dout.requires_grad
     g = grads(out, dout)
     assert rel(out, out_two.detach().double()) < 1e-6 and rel(dout, d_two.double()) < 1e-6
@@ -307,7 +305,7 @@ def test_forward_and_jvp_shares_the_with_grad_forward(name):
     assert len(pairs) > 4 and all(a is not None and rel(a, b.double()) < 1e-6 for a, b in pairs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         calls[0] = 0
-        out_bf, dout_bf = forward_and_jvp(fn, primals, tangents)
+        out_bf, dout_bf = jvp(fn, primals, tangents, with_grad=True)
     assert calls[0] == 2 and out_bf.dtype == torch.bfloat16 and dout_bf.dtype == torch.float32
     assert rel(dout_bf, d_two.double()) < 1e-6
 
@@ -375,6 +373,10 @@ def test_bad_arguments():
         jvp(torch.sin, (x,), (x,), "fd", fd_dtype="float64")
     with pytest.raises(ValueError, match="unknown finite-difference dtype"):
         jvp(torch.sin, (x,), (x,), "fd", fd_dtype="float16")
+    with pytest.raises(ValueError, match="unknown JVP with_grad mode 'output'"):
+        jvp(torch.sin, (x,), (x,), with_grad="output")
+    with pytest.raises(ValueError, match="positive"):
+        jvp(torch.sin, (x,), (x,), "fd", eps=-1.0, with_grad="both")
     wrapped = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         require_inner(wrapped)

@@ -1,4 +1,4 @@
-"""The shared forward-mode pass (flowmap.jvp.forward_and_jvp, flowmap.jvp_rules) through a DiT sharded by
+"""The shared forward-mode pass (flowmap.jvp.jvp(..., with_grad=True), flowmap.jvp_rules) through a DiT sharded by
 flowmap.lightning.sharding.shard_net (FSDP2 ``fully_shard``, one gloo process): the output, its tangent and the
 parameter gradients equal the unsharded net's (1e-6). FSDP's pre-forward passes each unit's inputs through a custom
 autograd Function whose jvp returns the tangents as-is, which PyTorch accepts only for view tangents; the rules give
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import forward_ad
 
-from flowmap.jvp import forward_and_jvp
+from flowmap.jvp import jvp
 from flowmap.lightning.sharding import shard_net
 from flowmap.nets import build_net
 
@@ -32,7 +32,7 @@ def mesh(tmp_path):
 
 
 def _step(net, x, s, t, dx):
-    out, dout = forward_and_jvp(lambda *a: net(*a), (x, s, t), (dx, torch.ones_like(s), torch.zeros_like(t)))
+    out, dout = jvp(lambda *a: net(*a), (x, s, t), (dx, torch.ones_like(s), torch.zeros_like(t)), with_grad=True)
     out.square().sum().backward()
     grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in net.named_parameters()}
     return out.detach(), dout, grads

@@ -167,7 +167,7 @@ class _Recorder(L.Callback):
 
 @pytest.mark.timeout(300)
 def test_bf16_mixed_runs_finite_with_float32_jvps(tmp_path, shards, monkeypatch):
-    import flowmap.jvp as engine  # forward_and_jvp's fallback under autocast calls engine.jvp
+    import flowmap.jvp as engine  # jvp(..., with_grad=True) falls back under autocast to engine.jvp
     import flowmap.objectives.base as meanflow  # Objective.jvp calls the engine from there
 
     seen = []

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flowmap.data.shards import CorruptShardError, ShardStream, read_index, streaming_throughput, write_shards
+from flowmap.data.slot_stream import StreamOptions
 from flowmap.lightning.streaming import ShardDataModule
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,7 +37,9 @@ def _keys(batches) -> list[int]:
 def test_by_shard_ranks_read_their_own_shards_with_equal_batch_counts(shards):
     seen = {}
     for rank in range(2):
-        stream = ShardStream(shards, batch_size=8, epoch_length=10, shuffle_buffer=16, seed=3, rank=rank, world_size=2)
+        stream = ShardStream(
+            shards, StreamOptions(batch_size=8, epoch_length=10, shuffle_buffer=16, seed=3, rank=rank, world_size=2)
+        )
         batches = list(stream)
         assert len(batches) == len(stream) == 10 and all(x.shape == (8, 2) for x, _ in batches)
         seen[rank] = _keys(batches)
@@ -44,25 +47,33 @@ def test_by_shard_ranks_read_their_own_shards_with_equal_batch_counts(shards):
         assert seen[rank] != sorted(seen[rank])  # the shuffle buffer mixed them
     assert not set(seen[0]) & set(seen[1])
     # deterministic given (seed, epoch); another epoch draws another order
-    again = ShardStream(shards, batch_size=8, epoch_length=10, shuffle_buffer=16, seed=3, rank=0, world_size=2)
+    again = ShardStream(
+        shards, StreamOptions(batch_size=8, epoch_length=10, shuffle_buffer=16, seed=3, rank=0, world_size=2)
+    )
     assert _keys(list(again)) == seen[0]
     again.set_epoch(1)
     assert _keys(list(again)) != seen[0]
     # without resampling, one pass covers each own shard exactly once
-    once = ShardStream(shards, batch_size=8, epoch_length=8, shuffle_buffer=0, rank=1, world_size=2, resample=False)
+    once = ShardStream(
+        shards, StreamOptions(batch_size=8, epoch_length=8, shuffle_buffer=0, rank=1, world_size=2, resample=False)
+    )
     assert sorted(_keys(list(once))) == list(range(32, 64)) + list(range(96, 128))
 
 
 def test_by_rank_split_is_disjoint_and_in_key_order(shards):
     for rank in range(3):
         stream = ShardStream(
-            shards, batch_size=5, epoch_length=4, shuffle_buffer=0, split="by_rank", rank=rank, world_size=3
+            shards,
+            StreamOptions(batch_size=5, epoch_length=4, shuffle_buffer=0, rank=rank, world_size=3),
+            split="by_rank",
         )
         assert _keys(list(stream)) == list(range(rank, N, 3))[:20]
 
 
 def test_workers_share_the_epoch_length_exactly(shards):
-    stream = ShardStream(shards, batch_size=4, epoch_length=5, shuffle_buffer=8, num_workers=2, resample=False)
+    stream = ShardStream(
+        shards, StreamOptions(batch_size=4, epoch_length=5, shuffle_buffer=8, num_workers=2, resample=False)
+    )
     batches = list(DataLoader(stream, batch_size=None, num_workers=2))
     assert len(batches) == 5
     keys = _keys(batches)
@@ -88,12 +99,14 @@ def test_loader_state_skips_consumed_batches_on_resume(shards):
 
 def test_fewer_shards_than_ranks_times_workers_fails_before_training(shards):
     with pytest.raises(ValueError, match=r"4 shard\(s\) .* 3 rank\(s\) x 2 worker\(s\) = 6 readers"):
-        ShardStream(shards, batch_size=4, epoch_length=2, world_size=3, num_workers=2)
+        ShardStream(shards, StreamOptions(batch_size=4, epoch_length=2, world_size=3, num_workers=2))
     dm = ShardDataModule(str(shards), batch_size=4, epoch_length=2, num_workers=2)  # fine on one process
     dm.trainer = SimpleNamespace(global_rank=1, world_size=3, current_epoch=0, training=True)
     with pytest.raises(ValueError, match="6 readers"):
         dm.setup("fit")
-    ShardStream(shards, batch_size=4, epoch_length=2, world_size=3, num_workers=2, split="by_rank")  # by_rank is fine
+    ShardStream(
+        shards, StreamOptions(batch_size=4, epoch_length=2, world_size=3, num_workers=2), split="by_rank"
+    )  # by_rank is fine
 
 
 def test_missing_directory_or_shard_file_is_a_clear_error(tmp_path, shards):
@@ -129,7 +142,8 @@ def test_truncated_tar_is_a_counted_skip_then_a_clear_error(shards):
     assert 10 <= lost <= 22
     # reading every shard twice (resample=False, one slot): the loss is counted exactly, the epoch completes
     stream = ShardStream(
-        shards, batch_size=2, epoch_length=N - lost, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.25
+        shards,
+        StreamOptions(batch_size=2, epoch_length=N - lost, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.25),
     )
     batches = list(stream)
     assert len(batches) == len(stream) == N - lost
@@ -140,7 +154,7 @@ def test_truncated_tar_is_a_counted_skip_then_a_clear_error(shards):
     assert len(list(stream)) == N - lost and stream.counts() == (4 * N - 4 * lost, 4 * lost)
     # past max_corrupt_fraction: one clear error, also through DataLoader workers (no hang)
     strict = ShardStream(
-        shards, batch_size=4, epoch_length=50, num_workers=1, max_corrupt_fraction=0.05, resample=False
+        shards, StreamOptions(batch_size=4, epoch_length=50, num_workers=1, max_corrupt_fraction=0.05, resample=False)
     )
     with pytest.raises(CorruptShardError, match="damaged or missing, more than max_corrupt_fraction=0.05"):
         list(DataLoader(strict, batch_size=None, num_workers=1, timeout=60))
@@ -156,7 +170,8 @@ def test_undecodable_member_is_skipped_and_counted(shards):
                 data = b"\x93NUMPY garbage" + data[14:]  # a broken header, same size
             tar.addfile(m, io.BytesIO(data))
     stream = ShardStream(
-        shards, batch_size=N - 1, epoch_length=1, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.05
+        shards,
+        StreamOptions(batch_size=N - 1, epoch_length=1, shuffle_buffer=0, resample=False, max_corrupt_fraction=0.05),
     )
     keys = _keys(list(stream))
     assert stream.counts() == (N - 1, 1) and 100 not in keys and sorted(keys) == [k for k in range(N) if k != 100]

@@ -5,6 +5,7 @@ no unpickling of .pth / .pkl members, damaged JPEGs skipped and counted, a short
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import re
@@ -19,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from flowmap.data.shards import CorruptShardError, read_all, write_shards
-from flowmap.data.webdataset_source import WebDatasetStream, resolve_shards
+from flowmap.data.slot_stream import StreamOptions
+from flowmap.data.webdataset_source import Decoding, WebDatasetStream, resolve_shards
 from flowmap.lightning.webdataset_module import WebDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +85,13 @@ def ids(batch) -> list[int]:
     return [int(c.split()[1]) for c in batch["caption"]]
 
 
+def make_stream(source: str, **kw) -> WebDatasetStream:
+    """A ``WebDatasetStream`` from flat keywords: the ``Decoding`` fields, the rest the ``StreamOptions``."""
+    names = {f.name for f in dataclasses.fields(Decoding)}
+    decoding = Decoding(**{k: v for k, v in kw.items() if k in names})
+    return WebDatasetStream(source, decoding, StreamOptions(**{k: v for k, v in kw.items() if k not in names}))
+
+
 def one_pass(tmp_path: Path, **kw) -> list:
     """Every batch of one pass over the set, in stream order (no resampling, no shuffle)."""
     kw = {
@@ -96,7 +105,7 @@ def one_pass(tmp_path: Path, **kw) -> list:
         "world_size": 1,
         **kw,
     }
-    return list(WebDatasetStream(str(tmp_path / "train-*.tar"), **kw))
+    return list(make_stream(str(tmp_path / "train-*.tar"), **kw))
 
 
 @pytest.fixture
@@ -132,7 +141,7 @@ def test_batches_have_the_students_shape_range_and_labels(shard_set):
         assert -1.0 <= float(b["x"].min()) and float(b["x"].max()) <= 1.0 and float(b["x"].std()) > 0.2
         assert torch.equal(b["y"], torch.tensor(ids(b)) % 10)  # labels from .cls match each sample
     # without captions the batch is the project's (x, y) pair; num_classes=0 -> unconditional labels
-    x, y = next(iter(WebDatasetStream(str(tmp_path), batch_size=4, epoch_length=1, image_size=S, shuffle_buffer=0)))
+    x, y = next(iter(make_stream(str(tmp_path), batch_size=4, epoch_length=1, image_size=S, shuffle_buffer=0)))
     assert x.shape == (4, 3, S, S) and torch.equal(y, torch.full((4,), -1))
 
 
@@ -177,7 +186,7 @@ def test_two_ranks_read_disjoint_equal_streams(shard_set, monkeypatch):
     # resampled and shuffled, two workers per rank: still equal length and disjoint
     resampled = {}
     for rank in (0, 1):
-        stream = WebDatasetStream(
+        stream = make_stream(
             str(tmp_path),
             batch_size=4,
             epoch_length=5,
@@ -220,7 +229,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
 
 def test_a_corrupt_jpeg_is_skipped_and_counted(tmp_path):
     write_set(tmp_path, n=24, broken={5})
-    stream = WebDatasetStream(
+    stream = make_stream(
         str(tmp_path / "train-*.tar"),
         batch_size=23,
         epoch_length=1,
@@ -235,7 +244,7 @@ def test_a_corrupt_jpeg_is_skipped_and_counted(tmp_path):
     assert sorted(ids(batch)) == [i for i in range(24) if i != 5]
     # past max_corrupt_fraction (1 of 24 > 1%, judged from 100 samples on) the stream stops with the shard
     # reader's error, also when every epoch is shorter than that: the counts run on across epochs
-    strict = WebDatasetStream(
+    strict = make_stream(
         str(tmp_path),
         batch_size=4,
         epoch_length=5,
@@ -259,7 +268,7 @@ def test_flowmap_shards_with_index_are_read_exactly(tmp_path):
     samples = [(x[i], i % 4) for i in range(16)]
     write_shards(samples, tmp_path / "own", shape=(3, 8, 8), num_classes=4, encoding="png", max_count=8)
     ref_x, ref_y = read_all(tmp_path / "own")
-    stream = WebDatasetStream(
+    stream = make_stream(
         str(tmp_path / "own"),
         batch_size=16,
         epoch_length=1,
@@ -275,7 +284,7 @@ def test_flowmap_shards_with_index_are_read_exactly(tmp_path):
     assert torch.equal(got_y, ref_y[idx])
     shard = tmp_path / "own" / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 3 * 1024])  # keeps the first sample or two of 8
-    stream = WebDatasetStream(
+    stream = make_stream(
         str(tmp_path / "own"),
         batch_size=1,
         epoch_length=100,

@@ -46,7 +46,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from flowmap.data.images import ImageFolderDataset, UInt8ImageDataset, model_to_uint8, uint8_to_model
 from flowmap.data.registry import DataSource
-from flowmap.data.slot_stream import CorruptShardError, DamageWindow, SlotStream, taken_by  # noqa: F401  (re-exported)
+from flowmap.data.slot_stream import (  # noqa: F401  (re-exported)
+    CorruptShardError,
+    DamageWindow,
+    SlotStream,
+    StreamOptions,
+    taken_by,
+)
 
 log = logging.getLogger("flowmap.data.shards")
 
@@ -617,19 +623,19 @@ class ShardStream(SlotStream):
     whole pass over its shards gives no readable sample stops too, whatever the limit.
     """
 
-    def __init__(self, root: str | Path, batch_size: int, epoch_length: int, split: str = "by_shard", **kwargs) -> None:
-        """kwargs: the slot options of ``SlotStream.setup_slots`` (shuffle_buffer, seed, resample, rank, world_size,
-        num_workers, max_corrupt_fraction, corrupt_window, corrupt_min_samples)."""
+    def __init__(self, root: str | Path, options: StreamOptions, split: str = "by_shard") -> None:
+        """options: batch size, epoch length, shuffling, rank / world size, workers and damage limits."""
         super().__init__()
         if split not in SPLIT_MODES:
             raise ValueError(f"unknown split {split!r}; choose from {SPLIT_MODES}")
         self.index = read_index(root)
         self.split = split
-        self.setup_slots(batch_size, epoch_length, **kwargs)
+        self.setup_slots(options)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot feed every (rank, worker) slot."""
-        n_shards, who = len(self.index.shards), f"{self.world_size} rank(s) x {max(self.num_workers, 1)} worker(s)"
+        o = self.options
+        n_shards, who = len(self.index.shards), f"{o.world_size} rank(s) x {max(o.num_workers, 1)} worker(s)"
         if self.split == "by_shard" and n_shards < self.slots:
             raise ValueError(
                 f"{n_shards} shard(s) in {str(self.index.root)!r} for {who} = {self.slots} readers: "
@@ -653,7 +659,7 @@ class ShardStream(SlotStream):
         reader = _ShardReader(self.index, mine)
         n_own = len(self.index.shards) if self.split == "by_rank" else len(range(slot, len(self.index.shards), slots))
         order = ((self.index.paths[i], self.index.shards[i]) for i in self._shard_order(slot, rng))
-        where = f"{str(self.index.root)!r} (rank {self.rank}, slot {slot})"
+        where = f"{str(self.index.root)!r} (rank {self.options.rank}, slot {slot})"
         yield from self.read_passes(reader, order, n_own, worker, where)
 
 
@@ -700,7 +706,8 @@ def streaming_throughput(
     result["memory"] = rate(DataLoader(mem, batch_size=batch_size, sampler=sampler, drop_last=True))
     for w in workers:
         split = "by_shard" if len(index.shards) >= max(w, 1) else "by_rank"
-        stream = ShardStream(root, batch_size, num_batches, shuffle_buffer=shuffle_buffer, num_workers=w, split=split)
+        options = StreamOptions(batch_size, num_batches, shuffle_buffer=shuffle_buffer, num_workers=w)
+        stream = ShardStream(root, options, split=split)
         loader = DataLoader(stream, batch_size=None, num_workers=w, generator=torch.Generator().manual_seed(0))
         result[f"shards_w{w}"] = rate(loader)
         result[f"ratio_w{w}"] = result[f"shards_w{w}"] / result["memory"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
@@ -24,7 +25,7 @@ from flowmap.data.registry import mix_seed
 
 def taken_by(fn: Callable, values: Mapping[str, Any], but: tuple[str, ...] = ()) -> dict[str, Any]:
     """The entries of ``values`` (a caller's ``locals()``) that ``fn`` takes by name, except those in ``but``:
-    ``self.setup_slots(**taken_by(self.setup_slots, locals()))`` hands a stream's options on without listing them."""
+    ``StreamOptions(**taken_by(StreamOptions, locals()))`` hands a module's options on without listing them."""
     names = inspect.signature(fn).parameters
     return {k: v for k, v in values.items() if k in names and k not in but}
 
@@ -99,61 +100,84 @@ class DamageWindow:
         return int(good), int(bad)
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """The options every shard stream takes (``SlotStream.setup_slots``), checked once here."""
+
+    batch_size: int
+    """Samples per batch (per rank)."""
+    epoch_length: int
+    """Batches per rank per epoch (the same on every rank)."""
+    shuffle_buffer: int = 1000
+    """Samples in each reader's shuffle buffer (0 or 1: stream order)."""
+    seed: int = 0
+    """Seeds the shard order and shuffling (mixed with epoch and slot)."""
+    resample: bool = True
+    """Draw shards with replacement (webdataset's ``ResampledShards``), else in reshuffled passes."""
+    rank: int | None = None
+    """This process's rank; None: webdataset's view (``RANK`` or torch.distributed; 0 in a single process)."""
+    world_size: int | None = None
+    """Processes reading the stream; None: webdataset's view (``WORLD_SIZE`` or torch.distributed; else 1)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0: the main process)."""
+    max_corrupt_fraction: float = 0.01
+    """Damaged share of a reader's window above which the stream stops with ``CorruptShardError``."""
+    corrupt_window: int = 100_000
+    """Samples (per reader) over which the damaged share is judged; it slides across epochs."""
+    corrupt_min_samples: int = 100
+    """Samples a reader must have tried before the share is judged."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epoch_length < 1 or self.shuffle_buffer < 0 or self.num_workers < 0:
+            raise ValueError(
+                "batch_size and epoch_length must be >= 1, shuffle_buffer and num_workers >= 0; "
+                f"got {self.batch_size}, {self.epoch_length}, {self.shuffle_buffer}, {self.num_workers}"
+            )
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {self.max_corrupt_fraction}")
+        if self.corrupt_window < 1 or self.corrupt_min_samples < 1:
+            raise ValueError(
+                "corrupt_window and corrupt_min_samples must be >= 1, got "
+                f"{self.corrupt_window}, {self.corrupt_min_samples}"
+            )
+        rank, world_size = self.rank, self.world_size
+        if rank is None or world_size is None:
+            from webdataset.utils import pytorch_worker_info
+
+            seen = pytorch_worker_info()[:2]
+            rank, world_size = seen[0] if rank is None else rank, seen[1] if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        kinds = {"int": int, "float": float, "bool": bool, "int | None": int}
+        values = {"rank": rank, "world_size": world_size}
+        for f in fields(self):
+            object.__setattr__(self, f.name, kinds[f.type](values.get(f.name, getattr(self, f.name))))
+
+
 class SlotStream(IterableDataset):
     """Subclasses call ``setup_slots`` in ``__init__`` and implement ``_samples(slot, worker, rng)`` (an endless
     iterator of samples, usually through ``read_passes``) and ``check_slots``; ``collate`` turns a list of
     samples into a batch (default: ``(stack of x, stack of y)``)."""
 
-    def setup_slots(
-        self,
-        batch_size: int,
-        epoch_length: int,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        resample: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        max_corrupt_fraction: float = 0.01,
-        corrupt_window: int = 100_000,
-        corrupt_min_samples: int = 100,
-    ) -> None:
-        """Check and keep the options every stream takes (their one home: a stream hands them on as ``**kwargs``);
-        make the damage window (one row per worker)."""
-        if batch_size < 1 or epoch_length < 1 or shuffle_buffer < 0 or num_workers < 0:
-            raise ValueError(
-                "batch_size and epoch_length must be >= 1, shuffle_buffer and num_workers >= 0; "
-                f"got {batch_size}, {epoch_length}, {shuffle_buffer}, {num_workers}"
-            )
-        if not 0.0 <= max_corrupt_fraction <= 1.0:
-            raise ValueError(f"max_corrupt_fraction must lie in [0, 1], got {max_corrupt_fraction}")
-        if corrupt_window < 1 or corrupt_min_samples < 1:
-            raise ValueError(
-                f"corrupt_window and corrupt_min_samples must be >= 1, got {corrupt_window}, {corrupt_min_samples}"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.batch_size, self.epoch_length, self.shuffle_buffer = (
-            int(batch_size),
-            int(epoch_length),
-            int(shuffle_buffer),
-        )
-        self.seed, self.resample = int(seed), bool(resample)
-        self.rank, self.world_size, self.num_workers = int(rank), int(world_size), int(num_workers)
-        self.max_corrupt_fraction, self.corrupt_min_samples = float(max_corrupt_fraction), int(corrupt_min_samples)
+    options: StreamOptions
+
+    def setup_slots(self, options: StreamOptions) -> None:
+        """Keep the stream's options (``options``), check that the shard set feeds every slot and make the damage
+        window (one row per worker)."""
+        self.options = options
         self.epoch = 0
         self.check_slots()
-        self.damage = DamageWindow(max(self.num_workers, 1), int(corrupt_window))
+        self.damage = DamageWindow(max(options.num_workers, 1), options.corrupt_window)
 
     @property
     def slots(self) -> int:
-        return self.world_size * max(self.num_workers, 1)
+        return self.options.world_size * max(self.options.num_workers, 1)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot feed every slot."""
 
     def __len__(self) -> int:
-        return self.epoch_length
+        return self.options.epoch_length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -169,22 +193,22 @@ class SlotStream(IterableDataset):
         return torch.stack([b[0] for b in batch]), torch.stack(ys)
 
     def __iter__(self) -> Iterator:
-        info = get_worker_info()
+        o, info = self.options, get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != max(self.num_workers, 1):
+        if workers != max(o.num_workers, 1):
             raise ValueError(
-                f"{type(self).__name__} was set up for {self.num_workers} worker(s) but runs in a loader with {workers}"
+                f"{type(self).__name__} was set up for {o.num_workers} worker(s) but runs in a loader with {workers}"
             )
-        slot = self.rank * workers + worker
-        n_batches = self.epoch_length // workers + (worker < self.epoch_length % workers)
-        rng = random.Random(mix_seed(self.seed, self.epoch, slot))
+        slot = o.rank * workers + worker
+        n_batches = o.epoch_length // workers + (worker < o.epoch_length % workers)
+        rng = random.Random(mix_seed(o.seed, self.epoch, slot))
         samples = self._samples(slot, worker, rng)
-        if self.shuffle_buffer > 1:
+        if o.shuffle_buffer > 1:
             from webdataset.filters import shuffle
 
-            samples = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            samples = shuffle(o.shuffle_buffer, initial=o.shuffle_buffer, rng=rng)(samples)
         for _ in range(n_batches):
-            yield self.collate([next(samples) for _ in range(self.batch_size)])
+            yield self.collate([next(samples) for _ in range(o.batch_size)])
 
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator:
         raise NotImplementedError
@@ -193,7 +217,7 @@ class SlotStream(IterableDataset):
         """The shards ``own`` of ``slot``, forever: drawn with replacement (webdataset's ``ResampledShards``,
         seeded by the slot's rng) or, with ``resample=False``, as reshuffled passes."""
         own = list(own)
-        if self.resample:
+        if self.options.resample:
             from webdataset.shardlists import ResampledShards
 
             keys = [str(k) for k in range(len(own))]
@@ -210,8 +234,9 @@ class SlotStream(IterableDataset):
         ``CorruptShardError``, whatever the limit. ``reader`` has ``read``, ``good`` and ``last_error``."""
 
         def count(n: int, damaged: bool) -> None:
+            o = self.options
             self.damage.record(
-                worker, n, damaged, self.max_corrupt_fraction, self.corrupt_min_samples, where, reader.last_error
+                worker, n, damaged, o.max_corrupt_fraction, o.corrupt_min_samples, where, reader.last_error
             )
 
         reader.on_count = count

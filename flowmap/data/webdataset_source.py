@@ -33,6 +33,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from flowmap.data.images import UNCONDITIONAL_LABEL, load_image
 from flowmap.data.shards import INDEX_NAME, decode_sample, read_index
-from flowmap.data.slot_stream import SlotStream
+from flowmap.data.slot_stream import SlotStream, StreamOptions
 
 log = logging.getLogger("flowmap.data.webdataset_source")
 
@@ -98,46 +99,74 @@ def _json(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}  # a list or scalar carries no label or caption field
 
 
-def decode_webdataset_sample(
-    sample: dict,
-    image_size: int,
-    channels: int = 3,
-    num_classes: int = 0,
-    captions: bool = False,
-    label_key: str = "label",
-    caption_key: str = "caption",
-    encoding: str | None = None,
-) -> tuple[Tensor, Tensor, str | None]:
+@dataclass(frozen=True)
+class Decoding:
+    """How a webdataset sample becomes a training item (``decode_webdataset_sample``)."""
+
+    image_size: int
+    """Side S of the student's images: every image is centre-cropped and resized to S x S."""
+    channels: int = 3
+    """3 (RGB) or 1 (grayscale)."""
+    num_classes: int = 0
+    """0 for unconditional data (labels ignored, y = -1), else labels in 0..num_classes - 1."""
+    captions: bool = False
+    """Read the caption (``.txt`` / ``.json[caption_key]``) as a str."""
+    label_key: str = "label"
+    """The label's field in the ``.json`` member."""
+    caption_key: str = "caption"
+    """The caption's field in the ``.json`` member."""
+    encoding: str | None = None
+    """``"npy"`` for flowmap's own float shards (``.npy`` + ``.cls``), else None (images); a
+    ``WebDatasetStream`` sets it from the shard set's ``index.json``."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.channels not in (1, 3) or self.num_classes < 0:
+            raise ValueError(
+                f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {self.image_size}, "
+                f"{self.channels}, {self.num_classes}"
+            )
+        for name, kind in (("image_size", int), ("channels", int), ("num_classes", int), ("captions", bool)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, S, S) of a decoded image."""
+        return (self.channels, self.image_size, self.image_size)
+
+
+def decode_webdataset_sample(sample: dict, decoding: Decoding) -> tuple[Tensor, Tensor, str | None]:
     """A webdataset sample (member suffix -> bytes) -> (x (channels, image_size, image_size) in [-1, 1],
-    y long scalar (-1 when ``num_classes`` is 0), caption str or None when ``captions`` is False).
+    y long scalar (-1 when ``num_classes`` is 0), caption str or None when ``captions`` is False), as
+    ``decoding`` says.
 
     ``encoding="npy"`` (flowmap's own float shards, from ``index.json``) reads ``.npy`` + ``.cls`` instead.
     Raises ValueError (or PIL's error) for a missing or undecodable image or label."""
+    d = decoding
     key = sample.get("__key__")
-    meta = _json(sample) if "json" in sample and (captions or num_classes > 0) else {}
-    if encoding == "npy":
-        x, y = decode_sample(sample, "npy", (channels, image_size, image_size))
-        y = y if num_classes > 0 else torch.tensor(UNCONDITIONAL_LABEL)
+    meta = _json(sample) if "json" in sample and (d.captions or d.num_classes > 0) else {}
+    if d.encoding == "npy":
+        x, y = decode_sample(sample, "npy", d.shape)
+        y = y if d.num_classes > 0 else torch.tensor(UNCONDITIONAL_LABEL)
     else:
         suffix = next((s for s in IMAGE_SUFFIXES if s in sample), None)
         if suffix is None:
             found = sorted(k for k in sample if not k.startswith("__"))
             raise ValueError(f"sample {key!r} has no image member ({', '.join(IMAGE_SUFFIXES)}); found {found}")
-        x = load_image(io.BytesIO(sample[suffix]), image_size, channels)
+        x = load_image(io.BytesIO(sample[suffix]), d.image_size, d.channels)
         y = torch.tensor(UNCONDITIONAL_LABEL)
-        if num_classes > 0:
+        if d.num_classes > 0:
             if "cls" in sample:
                 label = int(sample["cls"].decode("ascii").strip())
-            elif label_key in meta:
-                label = int(meta[label_key])
+            elif d.label_key in meta:
+                label = int(meta[d.label_key])
             else:
-                raise ValueError(f"sample {key!r} has no label (.cls or .json[{label_key!r}])")
-            if not 0 <= label < num_classes:
-                raise ValueError(f"sample {key!r} has label {label}, outside 0..{num_classes - 1}")
+                raise ValueError(f"sample {key!r} has no label (.cls or .json[{d.label_key!r}])")
+            if not 0 <= label < d.num_classes:
+                raise ValueError(f"sample {key!r} has label {label}, outside 0..{d.num_classes - 1}")
             y = torch.tensor(label)
     caption = None
-    if captions:
-        caption = sample["txt"].decode("utf-8") if "txt" in sample else str(meta.get(caption_key, ""))
+    if d.captions:
+        caption = sample["txt"].decode("utf-8") if "txt" in sample else str(meta.get(d.caption_key, ""))
     return x, y.long(), caption
 
 
@@ -147,75 +176,45 @@ def decode_webdataset_sample(
 class WebDatasetStream(SlotStream):
     """Batches from a standard webdataset shard set; ``len()`` = ``epoch_length`` batches.
 
-    A batch is ``(x (B, C, S, S) float32 in [-1, 1], y (B,) long)``, or with ``captions=True`` the dict
+    A batch is ``(x (B, C, S, S) float32 in [-1, 1], y (B,) long)``, or with ``decoding.captions`` the dict
     ``{"x", "y", "caption": list of B str}``. Every (rank, DataLoader worker) pair is a reader; reader k owns
     shards k, k + readers, ... (split by rank, then by worker) and draws among them with replacement
-    (``resample=True``) or in reshuffled passes. ``rank`` / ``world_size`` default to webdataset's view of the
-    process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
+    (``options.resample``) or in reshuffled passes. The rank and world size (``options``) default to webdataset's
+    view of the process (``RANK`` / ``WORLD_SIZE`` or torch.distributed). The readers of one rank together yield exactly
     ``epoch_length`` batches an epoch. Damage is tallied as by the shard reader (``flowmap.data.shards.DamageWindow``,
     shared memory, one row per worker, kept across epochs): a reader stops with ``CorruptShardError`` when more than
     ``max_corrupt_fraction`` of its last ``corrupt_window`` samples were damaged or missing, judged once it has
     tried at least ``corrupt_min_samples``.
     """
 
-    def __init__(
-        self,
-        source: str | Sequence[str],
-        batch_size: int,
-        epoch_length: int,
-        image_size: int,
-        channels: int = 3,
-        num_classes: int = 0,
-        captions: bool = False,
-        rank: int | None = None,
-        world_size: int | None = None,
-        label_key: str = "label",
-        caption_key: str = "caption",
-        **kwargs,
-    ) -> None:
-        """kwargs: the slot options of ``SlotStream.setup_slots`` (shuffle_buffer, seed, resample, num_workers,
-        max_corrupt_fraction, corrupt_window, corrupt_min_samples)."""
+    def __init__(self, source: str | Sequence[str], decoding: Decoding, options: StreamOptions) -> None:
+        """decoding: how a sample is read (its ``encoding`` comes from the shard set); options: batch size, epoch
+        length, shuffling, rank / world size, workers and damage limits."""
         super().__init__()
-        if image_size < 1 or channels not in (1, 3) or num_classes < 0:
-            raise ValueError(
-                f"image_size must be >= 1, channels 1 or 3, num_classes >= 0; got {image_size}, "
-                f"{channels}, {num_classes}"
-            )
-        if rank is None or world_size is None:
-            from webdataset.utils import pytorch_worker_info
-
-            rank, world_size = pytorch_worker_info()[:2]
         self.source = source if isinstance(source, str) else list(source)
         self.urls, self.expected, self.encoding = resolve_shards(source)
         if self.encoding not in (None, "npy", "png"):
             raise ValueError(f"unknown flowmap shard encoding {self.encoding!r}")
-        self.decode = partial(
-            decode_webdataset_sample,
-            image_size=int(image_size),
-            channels=int(channels),
-            num_classes=int(num_classes),
-            captions=bool(captions),
-            label_key=label_key,
-            caption_key=caption_key,
-            encoding="npy" if self.encoding == "npy" else None,
-        )
-        self.data_shape = (int(channels), int(image_size), int(image_size))
-        self.captions = bool(captions)
-        self.setup_slots(batch_size, epoch_length, rank=rank, world_size=world_size, **kwargs)
+        self.decoding = replace(decoding, encoding="npy" if self.encoding == "npy" else None)
+        self.data_shape = self.decoding.shape
+        self.captions = self.decoding.captions
+        self.setup_slots(options)
 
     def check_slots(self) -> None:
         """Raise ValueError when the shard set cannot give every (rank, worker) reader its own shard."""
+        o = self.options
         if len(self.urls) < self.slots:
             raise ValueError(
-                f"{len(self.urls)} shard(s) for {self.world_size} rank(s) x {max(self.num_workers, 1)} worker(s) = "
+                f"{len(self.urls)} shard(s) for {o.world_size} rank(s) x {max(o.num_workers, 1)} worker(s) = "
                 f"{self.slots} readers: every reader needs its own shard. Use fewer workers or more, smaller shards"
             )
 
     def own_urls(self, slot: int) -> list[str]:
         """The shards of reader ``slot`` (= rank x workers + worker): by rank, then by worker."""
-        by_rank = self.urls[self.rank :: self.world_size]
-        workers = max(self.num_workers, 1)
-        return by_rank[slot - self.rank * workers :: workers]
+        o = self.options
+        by_rank = self.urls[o.rank :: o.world_size]
+        workers = max(o.num_workers, 1)
+        return by_rank[slot - o.rank * workers :: workers]
 
     def collate(self, batch: list) -> tuple | dict:
         x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
@@ -224,8 +223,14 @@ class WebDatasetStream(SlotStream):
     def _samples(self, slot: int, worker: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor, str | None]]:
         own = self.own_urls(slot)
         order = ((url,) for url in self.shard_order(own, slot, rng))
-        where = f"{self.source!r} (rank {self.rank}, reader {slot})"
-        yield from self.read_passes(_Reader(self.decode, self.expected), order, len(own), worker, where)
+        where = f"{self.source!r} (rank {self.options.rank}, reader {slot})"
+        yield from self.read_passes(
+            _Reader(partial(decode_webdataset_sample, decoding=self.decoding), self.expected),
+            order,
+            len(own),
+            worker,
+            where,
+        )
 
 
 class _Reader:
@@ -278,4 +283,4 @@ class _Reader:
             log.warning("damaged samples skipped in %s (%s); %d lost so far", url, "; ".join(self.errors), self.bad)
 
 
-__all__ = ["WebDatasetStream", "decode_webdataset_sample", "resolve_shards"]
+__all__ = ["Decoding", "WebDatasetStream", "decode_webdataset_sample", "resolve_shards"]

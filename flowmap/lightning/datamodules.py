@@ -169,7 +169,8 @@ class ImageFolderDataModule(SourceDataModule):
 
 class TensorDataModule(SourceDataModule):
     """Arrays from a file (``.npz`` / ``.pt`` / ``.safetensors`` with ``x`` and optional ``y``; see
-    ``flowmap.data.registry.load_tensor_file``), e.g. teacher samples saved to disk."""
+    ``flowmap.data.registry.load_tensor_file``), e.g. teacher samples saved to disk. Tensors in memory need no
+    module of their own: ``SourceDataModule(tensor_source("tensors", x, y), batch_size, seed, num_workers)``."""
 
     def __init__(
         self,
@@ -183,21 +184,6 @@ class TensorDataModule(SourceDataModule):
         x, y = load_tensor_file(path)
         source = tensor_source("tensor_file", x, y, num_classes=num_classes, val_fraction=val_fraction, seed=seed)
         super().__init__(source, batch_size, seed, num_workers)
-
-    @classmethod
-    def from_tensors(
-        cls,
-        x: Tensor,
-        y: Tensor | None = None,
-        batch_size: int = 256,
-        seed: int = 0,
-        val_fraction: float = 0.0,
-        num_classes: int | None = None,
-        num_workers: int = 0,
-    ) -> SourceDataModule:
-        """The same module over in-memory tensors (for code and tests, not the CLI)."""
-        source = tensor_source("tensors", x, y, num_classes=num_classes, val_fraction=val_fraction, seed=seed)
-        return SourceDataModule(source, batch_size, seed, num_workers)
 
 
 def _drop_labels(source: DataSource) -> DataSource:

@@ -17,6 +17,7 @@ consumed) and a resumed run skips exactly those batches, so it sees the same dat
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Callable
 
 import lightning as L
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from flowmap.data.shards import ShardIndex, ShardStream, read_index
-from flowmap.data.slot_stream import SlotStream, taken_by
+from flowmap.data.slot_stream import SlotStream, StreamOptions, taken_by
 
 log = logging.getLogger("flowmap.lightning.streaming")
 
@@ -81,8 +82,9 @@ class ShardLoader(DataLoader):
 
 class StreamDataModule(L.LightningDataModule):
     """What the streamed data modules share (``ShardDataModule``, ``WebDataModule``): the stream's reader options,
-    the resumable loader and the damage report. A subclass keeps its own stream options in ``self.kwargs`` (and its
-    ``data_shape``, ``num_classes``), implements ``_stream(rank, world)`` and hands the rest to this ``__init__``.
+    the resumable loader and the damage report. This ``__init__`` builds the stream's ``StreamOptions`` once
+    (``self.options``, for rank 0 of 1); a subclass keeps its own options (and its ``data_shape``, ``num_classes``),
+    hands the rest to this ``__init__`` and implements ``_stream(rank, world)`` with ``self.options_for(rank, world)``.
 
     Args:
         batch_size: per-rank batch size.
@@ -98,8 +100,6 @@ class StreamDataModule(L.LightningDataModule):
         timeout: seconds to wait for a worker's batch before failing (0: no limit).
     """
 
-    kwargs: dict[str, Any]  # the stream's options (``_stream`` adds the rank and world size)
-
     def __init__(
         self,
         batch_size: int = 256,
@@ -114,7 +114,7 @@ class StreamDataModule(L.LightningDataModule):
         corrupt_min_samples: int = 100,
     ) -> None:
         super().__init__()
-        self.kwargs = {**getattr(self, "kwargs", {}), **taken_by(SlotStream.setup_slots, locals(), but=("self",))}
+        self.options = StreamOptions(**taken_by(StreamOptions, locals()), rank=0, world_size=1)
         self.num_workers, self.seed, self.timeout = int(num_workers), int(seed), float(timeout)
         self.loader: ShardLoader | None = None
         self._resume: dict[str, int] | None = None
@@ -122,6 +122,10 @@ class StreamDataModule(L.LightningDataModule):
 
     def _stream(self, rank: int, world: int) -> SlotStream:
         raise NotImplementedError
+
+    def options_for(self, rank: int, world: int) -> StreamOptions:
+        """The stream's options for process ``rank`` of ``world``."""
+        return replace(self.options, rank=rank, world_size=world)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self._trainer_or_none()
@@ -189,14 +193,14 @@ class ShardDataModule(StreamDataModule):
     def __init__(self, root: str, split: str = "by_shard", **kwargs) -> None:
         self.index: ShardIndex = read_index(root)  # a missing directory or index fails here, before anything else
         self.root = str(root)
-        self.kwargs = {"split": split}
+        self.split = split
         super().__init__(**kwargs)
         self.data_shape: tuple[int, ...] = self.index.shape
         self.num_classes: int = self.index.num_classes
         self._stream(0, 1)  # validates the arguments and the shard count for one process now
 
     def _stream(self, rank: int, world: int) -> ShardStream:
-        return ShardStream(self.root, rank=rank, world_size=world, **self.kwargs)
+        return ShardStream(self.root, self.options_for(rank, world), self.split)
 
     def check_files(self) -> None:
         """Every shard the index lists must exist; a size that differs from the index is logged as damage."""

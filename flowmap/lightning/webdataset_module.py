@@ -10,8 +10,7 @@ The rank and world size come from the Trainer. Resume (the position in the strea
 
 from __future__ import annotations
 
-from flowmap.data.slot_stream import taken_by
-from flowmap.data.webdataset_source import WebDatasetStream
+from flowmap.data.webdataset_source import Decoding, WebDatasetStream
 from flowmap.lightning.streaming import StreamDataModule
 
 
@@ -42,13 +41,13 @@ class WebDataModule(StreamDataModule):
         **kwargs,
     ) -> None:
         self.shards = shards
-        self.kwargs = taken_by(WebDatasetStream, locals(), but=("kwargs",))  # the decoding options
+        self.decoding = Decoding(image_size, channels, num_classes, captions, label_key, caption_key)
         super().__init__(**kwargs)
         self.data_shape: tuple[int, ...] = self._stream(0, 1).data_shape  # validates arguments and shards now
-        self.num_classes: int = int(num_classes)
+        self.num_classes: int = self.decoding.num_classes
 
     def _stream(self, rank: int, world: int) -> WebDatasetStream:
-        return WebDatasetStream(self.shards, rank=rank, world_size=world, **self.kwargs)
+        return WebDatasetStream(self.shards, self.decoding, self.options_for(rank, world))
 
     def setup(self, stage: str) -> None:
         """On every rank before training: the shard list resolves and feeds every (rank, worker) reader."""

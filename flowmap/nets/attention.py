@@ -85,7 +85,7 @@ def _dual_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """forward_ad dual tensors: unpack, fused kernel on the primals, closed-form tangent, pack (no Function)."""
     (qp, dq), (kp, dk), (vp, dv) = (forward_ad.unpack_dual(a) for a in (q, k, v))
     out = F.scaled_dot_product_attention(qp, kp, vp)
-    with tangent_mode():  # no_grad under ``flowmap.jvp.forward_and_jvp`` (the primal is then the with-grad forward)
+    with tangent_mode():  # no_grad under ``jvp(..., with_grad=True)`` (the primal is then the with-grad forward)
         dout = attention_jvp(qp, kp, vp, out, dq, dk, dv)
     return forward_ad.make_dual(out, dout)
 

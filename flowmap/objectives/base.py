@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from flowmap.jvp import FD_EPS, check_backend, compute_dtype, forward_and_jvp, jvp, parse_fd_dtype, require_inner
+from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtype, require_inner
 from flowmap.objectives.common import check_source, check_step, drop_labels, instantaneous_velocity, take, times_like
 from flowmap.objectives.guidance import check_guidance, guided_draw
 from flowmap.paths import LinearPath
@@ -278,20 +278,28 @@ class Objective(nn.Module):
         return self.fd_eps or FD_EPS.get(self.fd_dtype or compute_dtype(dtype), 5e-5)
 
     def jvp(
-        self, fn: Callable[..., Tensor], primals: tuple, tangents: tuple, model: nn.Module, primal_out: bool = False
+        self,
+        fn: Callable[..., Tensor],
+        primals: tuple,
+        tangents: tuple,
+        model: nn.Module,
+        primal_out: bool = False,
+        with_grad: bool | str = False,
     ) -> tuple[Tensor | None, Tensor]:
-        """``flowmap.jvp.jvp`` with this objective's backend, step and dtype; ``model`` is the network ``fn`` calls."""
+        """``flowmap.jvp.jvp`` with this objective's backend, step and dtype; ``model`` is the network ``fn`` calls.
+        ``with_grad=True``: (fn(*primals) with grad, its JVP detached), in one dual pass where the backend allows,
+        for a semi-gradient loss whose with-grad forward is at the JVP's primals; ``"both"``: the JVP with grad too
+        (a loss that trains the derivative)."""
         return jvp(
-            fn, primals, tangents, self.jvp_backend, self.fd_eps, primal_out, fd_dtype=self.fd_dtype, modules=(model,)
-        )
-
-    def forward_and_jvp(
-        self, fn: Callable[..., Tensor], primals: tuple, tangents: tuple, model: nn.Module
-    ) -> tuple[Tensor, Tensor]:
-        """(fn(*primals) with grad, its JVP detached) in one dual pass where the backend allows
-        (``flowmap.jvp.forward_and_jvp``): a semi-gradient loss whose with-grad forward is at the JVP's primals."""
-        return forward_and_jvp(
-            fn, primals, tangents, self.jvp_backend, self.fd_eps, fd_dtype=self.fd_dtype, modules=(model,)
+            fn,
+            primals,
+            tangents,
+            self.jvp_backend,
+            self.fd_eps,
+            primal_out,
+            self.fd_dtype,
+            (model,),
+            with_grad=with_grad,
         )
 
     # --- config -----------------------------------------------------------------------------------------------

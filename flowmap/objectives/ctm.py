@@ -41,7 +41,7 @@ from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite, s
 from flowmap.objectives.common import check_solver, check_source, times_like
 from flowmap.objectives.guidance import teacher_velocity
 from flowmap.solvers import ode_step
-from flowmap.time_sampling import equal_tail, moving_rows, uniform
+from flowmap.time_sampling import draw, equal_tail, moving_rows
 from flowmap.types import LossOutput, Teacher, expand_like
 
 
@@ -143,9 +143,9 @@ class CTM(Objective):
 
     def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
         """s ~ U(0, 1], t ~ U[0, s], u ~ U[t, s] (paper Sec. 4.2; extra ``u``)."""
-        s = times_like(1.0 - uniform(batch, x0.device), x0)
-        t = s * times_like(uniform(batch, x0.device), x0)
-        u = t + (s - t) * times_like(uniform(batch, x0.device), x0)
+        s = times_like(1.0 - draw("uniform", batch, x0.device), x0)
+        t = s * times_like(draw("uniform", batch, x0.device), x0)
+        u = t + (s - t) * times_like(draw("uniform", batch, x0.device), x0)
         return s, t, {"u": u}
 
     def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:

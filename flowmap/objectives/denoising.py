@@ -18,21 +18,26 @@ from torch import Tensor, nn
 from flowmap.objectives.common import drop_labels
 from flowmap.paths import AffinePath, LinearPath, build_path
 from flowmap.predictions import check_prediction, from_x0_eps
-from flowmap.time_sampling import PairSampler, sample_times
+from flowmap.time_sampling import PairSampler, draw
 from flowmap.types import LossOutput, expand_like
 
 
-def sample_training_times(
-    batch: int, device: torch.device, kind: str, mean: float = 0.0, std: float = 1.0, t_min: float = 1e-4
-) -> Tensor:
-    """Training times (B,) of ``flowmap.time_sampling`` (``uniform``, ``logit_normal`` (Esser et al. 2024,
-    Eq. 19) or ``lognormal``), clamped to [t_min, 1 - t_min]."""
-    kwargs = PairSampler(kind, mean, std).kwargs
-    return sample_times(kind, batch, device, **kwargs).clamp(t_min, 1.0 - t_min)
+def time_law(time_sampling: str | PairSampler) -> PairSampler:
+    """The law of the training time: a name of ``flowmap.time_sampling.LAWS`` (``uniform``, ``logit_normal``
+    (Esser et al. 2024, Eq. 19) or ``lognormal``) with mean 0 and std 1, or a ``PairSampler(kind, mean, std)``, whose
+    single-time law is drawn."""
+    return time_sampling if isinstance(time_sampling, PairSampler) else PairSampler(time_sampling)
+
+
+def sample_training_times(batch: int, device: torch.device, law: str | PairSampler, t_min: float = 1e-4) -> Tensor:
+    """Training times (B,) of the law ``law`` (``time_law``), clamped to [t_min, 1 - t_min]."""
+    law = time_law(law)
+    return draw(law.kind, batch, device, law.mean, law.std).clamp(t_min, 1.0 - t_min)
 
 
 class DenoisingLoss(nn.Module):
-    """Per-sample regression loss of ``net`` onto the chosen prediction target on ``path``."""
+    """Per-sample regression loss of ``net`` onto the chosen prediction target on ``path``; the training time t is
+    drawn from ``time_sampling`` (a law's name, or a ``PairSampler`` with the law's mean and std: ``time_law``)."""
 
     name = "denoising"
 
@@ -40,22 +45,20 @@ class DenoisingLoss(nn.Module):
         self,
         path: AffinePath | dict | str = "linear",
         prediction: str = "velocity",
-        time_sampling: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
+        time_sampling: str | PairSampler = "uniform",
         p_uncond: float = 0.1,
     ) -> None:
         super().__init__()
         self.path = build_path(path)
         self.prediction = check_prediction(prediction)
-        self.time_sampling = time_sampling
-        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.times = time_law(time_sampling)
+        self.time_sampling = self.times.kind
         self.p_uncond = p_uncond
-        sample_training_times(1, torch.device("cpu"), time_sampling)  # validate the name now
+        sample_training_times(1, torch.device("cpu"), self.times)  # validate the law now
 
     def forward(self, net: nn.Module, x0: Tensor, cond: Tensor | None = None) -> LossOutput:
         B = x0.shape[0]
-        t = sample_training_times(B, x0.device, self.time_sampling, self.logit_mean, self.logit_std)
+        t = sample_training_times(B, x0.device, self.times)
         eps = torch.randn_like(x0)
         if isinstance(self.path, LinearPath) and self.prediction == "velocity":
             target = eps - x0  # d/dt [(1 - t) x0 + t eps]

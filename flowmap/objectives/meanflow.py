@@ -91,19 +91,20 @@ class MeanFlow(Objective):
 
     def u_and_du_ds(self, d: Draw, student: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
         """u(x_s, s, t) with grad (the one with-grad forward) and du/ds along the trajectory (Eq. 8: the JVP of u
-        along (v, 1, 0) on (x, s, t), detached), from one pass (``Objective.forward_and_jvp``) over rows [0, m).
-        The rows [n, B) have s = t, where the target is v itself and du/ds is unused: m = B when they are at most
-        half the batch (one pass), else m = n and those rows take a plain forward (no tangent pass)."""
+        along (v, 1, 0) on (x, s, t), detached), from one pass (``Objective.jvp(..., with_grad=True)``) over rows
+        [0, m). The rows [n, B) have s = t, where the target is v itself and du/ds is unused: m = B when they are at
+        most half the batch (one pass), else m = n and those rows take a plain forward (no tangent pass)."""
         n, B = moving_rows(d.batch, self.equal_share), d.batch
         if n == 0:
             u = d.u(student, d.x_s, d.s, d.t)
             return u, torch.zeros_like(u.detach(), dtype=torch.promote_types(u.dtype, torch.float32))
         m = d if 2 * n >= B else d.rows(slice(0, n))
-        u, du = self.forward_and_jvp(
+        u, du = self.jvp(
             lambda x, s, t: m.u(student, x, s, t),
             (m.x_s, m.s, m.t),
             (v[: m.batch], torch.ones_like(m.s), torch.zeros_like(m.s)),
             student,
+            with_grad=True,
         )
         if m.batch == B:
             return u, du

@@ -141,11 +141,12 @@ class _SCM(Objective):
         x = (cos + sd * sin) * d.x_s  # x_theta = cos(theta) x0 + sin(theta) z, z = sigma_d eps (change of path)
         null = null_label(int(getattr(student, "num_classes", 0)))
         dx = self.dx_dtheta(teacher, x, theta, d.x0, sd * d.eps, d.cond, d.w_teacher, null)
-        F, dF = self.forward_and_jvp(  # the one with-grad forward F and sg(dF/dtheta) along (dx, 1), one pass
+        F, dF = self.jvp(  # the one with-grad forward F and sg(dF/dtheta) along (dx, 1), one pass
             lambda x_, th: self.trig_F(student, x_, th, d.cond, d.w_student),
             (x, theta),
             (dx, torch.ones_like(theta)),
             student,
+            with_grad=True,
         )
         F_minus = F.detach()
         r = ramp(step, self.tangent_warmup)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowmap.jvp import jvp_with_grad
 from flowmap.objectives.base import TIMES, Draw, Objective, normalized, sq_norm
 from flowmap.objectives.common import check_data_velocity, ramp, stable_target, times_like
 from flowmap.time_sampling import moving_rows
@@ -141,8 +140,8 @@ class FlowMapSelfDistillation(Objective):
         if self.sd_gradient == "primal":  # LSD / ESD only (PSD rejects it)
             res = self.primal_residual(student, d, sg)
         elif self.variant == "lagrangian":
-            X, dX_dt = jvp_with_grad(
-                lambda t_: d.X(student, x_s, s, t_), (t,), (torch.ones_like(t),), self.jvp_backend, self.fd_eps
+            X, dX_dt = self.jvp(
+                lambda t_: d.X(student, x_s, s, t_), (t,), (torch.ones_like(t),), student, with_grad="both"
             )
             with torch.no_grad():
                 v = d.u(sg, X.detach(), t, t)  # sg(v_theta(X, t))
@@ -150,8 +149,8 @@ class FlowMapSelfDistillation(Objective):
         elif self.variant == "eulerian":
             with torch.no_grad():
                 v = d.u(sg, x_s, s, s)  # sg(v_theta(x_s, s))
-            _, res = jvp_with_grad(
-                lambda x_, s_: d.X(student, x_, s_, t), (x_s, s), (v, torch.ones_like(s)), self.jvp_backend, self.fd_eps
+            _, res = self.jvp(
+                lambda x_, s_: d.X(student, x_, s_, t), (x_s, s), (v, torch.ones_like(s)), student, with_grad="both"
             )
         else:
             m = t + (s - t) * d.extra["mid"]
