@@ -89,14 +89,14 @@ def test_step_fractions_and_sigma_data_resolve(tmp_path):
     assert cfg["trainer"]["max_steps"] == 1000 and "sigma_data" not in cfg
     objective = cfg["model"]["objective"]
     assert objective["sigma_data"] == load(files[0])["sigma_data"]  # from the data config
-    assert (objective["tangent_warmup"], objective["p_mean"]) == (100, 0.0)  # 0.1 of 1000: the ring8 override
+    assert (objective["tangent_warmup"], objective["p_mean"]) == (333, -1.0)  # sct.yaml's 0.333 of 1000 steps
     ict = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "distill" / "ict.yaml"])["model"]["objective"]
     assert ict["total_steps"] == 4000 and ict["sigma_data"] == 1.0  # the whole run; the checkerboard's std
     cd = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "distill" / "cd.yaml"])["model"]["objective"]
     assert "sigma_data" not in cd  # cd has no sigma_data hyperparameter
     args = expand_config_flags(["--config", str(files[0]), "--config", str(files[2]), "--trainer.max_steps", "40"])
     assert args[0] == "--config" and args[2:] == ["--trainer.max_steps", "40"]
-    assert yaml.safe_load(args[1])["model"]["objective"]["tangent_warmup"] == 4  # 0.1 of the command line's 40
+    assert yaml.safe_load(args[1])["model"]["objective"]["tangent_warmup"] == 13  # 0.333 of the command line's 40
     assert expand_config_flags(["--config", "{}"]) == ["--config", "{}"]  # a config string: left to the CLI
     with pytest.raises(ValueError, match="no such file"):
         expand_config_flags(["--config", str(tmp_path / "missing.yaml")])
