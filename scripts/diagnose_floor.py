@@ -1,7 +1,7 @@
 """The students' floor on the mixtures: the benchmark's student regressed onto the exact flow map.
 
     python scripts/diagnose_floor.py --presets ring8,aniso2d,scales16 [--steps 1000] [--net width=256 ...] \
-        [--zero-share 0.25] [--exact-steps 16] [--cache /tmp/flowmap_diagnose] [--json floor.jsonl]
+        [--init scratch] [--zero-share 0.25] [--exact-steps 16] [--cache /tmp/flowmap_diagnose] [--json floor.jsonl]
 
 Each preset is a mixture set of ``scripts/benchmark.py`` (as in ``scripts/diagnose_mixtures.py``). The student is
 built and trained as the benchmark's students are (``scripts/diagnose_student.train``): the set's model net as a
@@ -100,6 +100,8 @@ def parse(argv: list[str] | None):
     p.add_argument("--presets", default="ring8,aniso2d,scales16", help="comma-separated mixture presets with a set")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the data config's max_steps)")
     p.add_argument("--net", nargs="*", default=[], metavar="K=V", help="student net options (init: scratch if changed)")
+    p.add_argument("--init", choices=("auto", "scratch"), default="auto",
+                   help="student init: the init net's weights when the nets match (auto), or scratch")  # fmt: skip
     p.add_argument("--zero-share", type=float, default=0.25, help="share of pairs with t = 0")
     p.add_argument("--exact-steps", type=int, default=16, help="RK4 steps of the exact map per jump")
     p.add_argument("--seed", type=int, default=0, help="student seed")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         ev = Evaluator(setting, budget)
         init = init_net_floor(setting, ev)
         exact = init_net_floor(setting, ev, EXACT_HEUN_STEPS, setting.exact_teacher)
-        res = run(setting, ev, NAME, r, a.seed)
+        res = run(setting, ev, NAME, r, a.seed, a.init)
         steps = r["options"]["steps"]
         net_args = " ".join(f"{k}={v}" for k, v in r["student"]["net"].items() if k != "data_shape")
         print(f"{preset:9s} exact teacher Heun steps {fmt(exact)}  init net Heun steps {fmt(init)}", flush=True)
