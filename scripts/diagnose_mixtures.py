@@ -90,10 +90,13 @@ def run(setting: Setting, ev: Evaluator, method: str, r: dict, seed: int, init: 
     return out
 
 
-def init_net_floor(setting: Setting, ev: Evaluator, steps: tuple[int, ...] = INIT_HEUN_STEPS) -> dict[int, float]:
+def init_net_floor(
+    setting: Setting, ev: Evaluator, steps: tuple[int, ...] = INIT_HEUN_STEPS, velocity=None
+) -> dict[int, float]:
     """{Heun steps: flow-map RMSE in % of the data's std} of the flow-matching init net solved with Heun: the error
-    every student starts from, and the floor of the students that learn the net's own map."""
-    x = {n: solve(setting.init_net, ev.noise, n, "heun") for n in steps}
+    every student starts from, and the floor of the students that learn the net's own map (``velocity``: another
+    velocity model solved instead, e.g. the exact teacher)."""
+    x = {n: solve(setting.init_net if velocity is None else velocity, ev.noise, n, "heun") for n in steps}
     return {n: 100 * flow_map_rmse(x[n], ev.exact) / ev.data_std for n in steps}
 
 
