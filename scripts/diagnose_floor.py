@@ -33,7 +33,7 @@ from flowmap.objectives.base import TIMES, Draw, Objective  # noqa: E402
 from flowmap.recipe import compose, train_options  # noqa: E402
 from flowmap.types import LossOutput  # noqa: E402
 from scripts.benchmark import BUDGETS, Evaluator, Setting, set_files  # noqa: E402
-from scripts.diagnose_mixtures import fmt, init_net_floor, mixture_sets, run  # noqa: E402
+from scripts.diagnose_mixtures import fmt, init_net_floor, mixture_sets, presets_of, run, run_arguments  # noqa: E402
 from scripts.diagnose_student import key_values, set_steps  # noqa: E402
 
 NAME = "exact_map_regression"
@@ -97,17 +97,12 @@ def floor_recipe(name: str, steps: int | None, net: dict, objective: dict) -> di
 
 def parse(argv: list[str] | None):
     p = ScriptParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="ring8,aniso2d,scales16", help="comma-separated mixture presets with a set")
-    p.add_argument("--steps", type=int, default=None, help="student steps (default: the data config's max_steps)")
+    run_arguments(p)
     p.add_argument("--net", nargs="*", default=[], metavar="K=V", help="student net options (init: scratch if changed)")
     p.add_argument("--init", choices=("auto", "scratch"), default="auto",
                    help="student init: the init net's weights when the nets match (auto), or scratch")  # fmt: skip
     p.add_argument("--zero-share", type=float, default=0.25, help="share of pairs with t = 0")
     p.add_argument("--exact-steps", type=int, default=16, help="RK4 steps of the exact map per jump")
-    p.add_argument("--seed", type=int, default=0, help="student seed")
-    p.add_argument("--n-eval", type=int, default=BUDGETS["full"].n_eval_2d, help="evaluation noises")
-    p.add_argument("--cache", default="/tmp/flowmap_diagnose", help="init nets (benchmark cache keys)")
-    p.add_argument("--json", default=None, help="append one JSON line per run to this file")
     a = p.parse_args(argv)
     if (a.steps is not None and a.steps < 1) or a.n_eval < 2 or a.exact_steps < 1:
         p.error("--steps and --exact-steps must be >= 1 and --n-eval >= 2")
@@ -122,11 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     net = key_values(a.net, "--net")
     if NAME not in OBJECTIVES:
         register_objective(NAME, ExactMapRegression)
-    sets = mixture_sets()
-    presets = [p.strip() for p in a.presets.split(",") if p.strip()]
-    for preset in presets:
-        if preset not in sets:
-            raise ValueError(f"unknown mixture preset {preset!r}: the benchmark's mixture sets are {sorted(sets)}")
+    sets, presets = mixture_sets(), presets_of(a)
     objective = {"zero_share": a.zero_share, "exact_steps": a.exact_steps}
     budget = replace(BUDGETS["full"], n_eval_2d=a.n_eval)
     cache = Path(a.cache)

@@ -104,21 +104,36 @@ def fmt(values: dict) -> str:
     return " ".join(f"{n}:{'     -' if v is None else f'{v:6.2f}'}" for n, v in values.items())
 
 
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every mixture diagnosis takes: presets, student steps and seed, evaluation noises, cache, JSON."""
+    p.add_argument("--presets", default="ring8,aniso2d,scales16", help="comma-separated mixture presets with a set")
+    p.add_argument("--steps", type=int, default=None, help="student steps (default: the data config's max_steps)")
+    p.add_argument("--seed", type=int, default=0, help="student seed (0: the benchmark's seeds)")
+    p.add_argument("--n-eval", type=int, default=BUDGETS["full"].n_eval_2d, help="evaluation noises")
+    p.add_argument("--cache", default="/tmp/flowmap_diagnose", help="init nets (benchmark cache keys)")
+    p.add_argument("--json", default=None, help="append one JSON line per run to this file")
+
+
+def presets_of(a: argparse.Namespace) -> list[str]:
+    """``--presets`` as a list, each a mixture set of the benchmark (else one clear error)."""
+    sets = mixture_sets()
+    presets = [p.strip() for p in a.presets.split(",") if p.strip()]
+    for preset in presets:
+        if preset not in sets:
+            raise ValueError(f"unknown mixture preset {preset!r}: the benchmark's mixture sets are {sorted(sets)}")
+    return presets
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="", help="comma-separated objective names (none: the init net's figures only)")
-    p.add_argument("--presets", default="ring8,aniso2d,scales16", help="comma-separated mixture presets with a set")
-    p.add_argument("--steps", type=int, default=None, help="student steps (default: the data config's max_steps)")
+    run_arguments(p)
     p.add_argument("--init-steps", type=int, default=BUDGETS["full"].teacher_steps_2d, help="init net's steps")
     p.add_argument("--objective", nargs="*", default=[], metavar="K=V", help="objective hyperparameter overrides")
     p.add_argument("--net", nargs="*", default=[], metavar="K=V", help="student net options")
     p.add_argument("--init-net", nargs="*", default=None, metavar="K=V", help="init net options (default: --net)")
     p.add_argument("--init", choices=("auto", "teacher", "scratch"), default="auto",
                    help="student init: the recipe's rule (auto), the init net's weights, or scratch")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="student seed (0: the benchmark's seeds)")
-    p.add_argument("--n-eval", type=int, default=BUDGETS["full"].n_eval_2d, help="evaluation noises")
-    p.add_argument("--cache", default="/tmp/flowmap_diagnose", help="init nets (benchmark cache keys)")
-    p.add_argument("--json", default=None, help="append one JSON line per run to this file")
     a = p.parse_args(argv)
     if (a.steps is not None and a.steps < 1) or a.init_steps < 1 or a.n_eval < 2:
         p.error("--steps, --init-steps must be >= 1 and --n-eval >= 2")
@@ -130,12 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     objective, net = key_values(a.objective, "--objective"), key_values(a.net, "--net")
     init_net = net if a.init_net is None else key_values(a.init_net, "--init-net")
-    sets = mixture_sets()
-    presets = [p.strip() for p in a.presets.split(",") if p.strip()]
+    sets, presets = mixture_sets(), presets_of(a)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for preset in presets:
-        if preset not in sets:
-            raise ValueError(f"unknown mixture preset {preset!r}: the benchmark's mixture sets are {sorted(sets)}")
     for preset in presets:  # every objective builds before anything trains (an unknown method or key fails here)
         for method in methods:
             build_objective(student_recipe(sets[preset], method, a.steps, objective, net, init_net)["objective"])
