@@ -41,10 +41,13 @@ def check_source(source: str) -> str:
     return source
 
 
-def check_data_velocity(value: str, key: str = "data_velocity") -> str:
-    """``"conditional"`` (eps - x0) or ``"stf"`` (``stable_target``); ``key`` names the config key in the error."""
+def check_data_velocity(value: str, key: str = "data_velocity", source: str = "data") -> str:
+    """``"conditional"`` (eps - x0) or ``"stf"`` (``stable_target``); ``key`` names the config key in the error.
+    A from-data velocity other than the conditional one is refused when the method distills (``source="teacher"``)."""
     if value not in DATA_VELOCITIES:
         raise ValueError(f"unknown {key} {value!r}; choose from {list(DATA_VELOCITIES)}")
+    if source == "teacher" and value != "conditional":
+        raise ValueError(f"{key} applies to training from data (source='data'), not to distillation")
     return value
 
 

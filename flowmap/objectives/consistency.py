@@ -254,10 +254,7 @@ class _ConsistencyTraining(_Consistency):
     ) -> None:
         super().__init__(**kwargs)
         _weights_in_sigma(weighting, torch.ones(1), torch.zeros(1), sigma_data)
-        if check_data_velocity(data_velocity) != "conditional" and self.source == "teacher":
-            raise ValueError(
-                "data_velocity applies to training from data (source='data'); a teacher's step replaces x_r"
-            )
+        check_data_velocity(data_velocity, source=self.source)
         self.weighting, self.sigma_data, self.data_velocity = weighting, float(sigma_data), data_velocity
         self.p_mean, self.p_std = float(p_mean), float(p_std)
 

@@ -66,9 +66,7 @@ class MeanFlow(Objective):
         if p < 0 or c <= 0:
             raise ValueError(f"adaptive weighting needs p >= 0 and c > 0, got p={p}, c={c}")
         self.p, self.c = float(p), float(c)
-        self.data_velocity = check_data_velocity(data_velocity)
-        if self.source == "teacher" and data_velocity != "conditional":
-            raise ValueError("data_velocity applies to training from data (source='data'), not to distillation")
+        self.data_velocity = check_data_velocity(data_velocity, source=self.source)
 
     def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
         if self.data_velocity == "stf":  # E[eps - x0 | x_s] over the batch

@@ -111,9 +111,7 @@ class _SCM(Objective):
         self.tangent_warmup = tangent_warmup
         self.tangent_c = tangent_c
         self.adaptive = bool(adaptive)
-        self.data_velocity = check_data_velocity(data_velocity)
-        if self.source == "teacher" and data_velocity != "conditional":
-            raise ValueError("data_velocity applies to training from data (sCT), not to distillation (sCD)")
+        self.data_velocity = check_data_velocity(data_velocity, source=self.source)
         self.path = TrigFlowPath(self.sigma_data)
         self.logvar = LogVariance() if self.adaptive else None
 
