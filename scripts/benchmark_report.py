@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+CAUSES_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "causes.yaml"
+NO_CAUSE = "no measured cause yet"
 TARGET_TEACHER_NFE_2D = 64
 TARGET_TEACHER_NFE_DIGITS = 32
 ONE_NFE_PRECISION_METHODS = ("meanflow", "scd", "cd")  # "MeanFlow, sCM and consistency distillation"
@@ -99,6 +102,45 @@ def _target(text: str, value: float | None, threshold: float, sense: str, note: 
         "met": bool(met),
         "margin": margin + (f" ({note})" if note else ""),
     }
+
+
+def load_causes(path: str | Path = CAUSES_FILE) -> list[tuple[re.Pattern, str]]:
+    """The measured causes of missed targets: ``path`` is a YAML list of ``{match: regex, cause: text}``, read with
+    ``yaml.safe_load`` (data only); [(compiled regex, cause)] in file order. A missing file gives []; a malformed one
+    raises one ValueError naming the entry."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of {{match, cause}} entries, got {type(entries).__name__}")
+    out = []
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and set(e) == {"match", "cause"} and all(isinstance(v, str) for v in e.values())):
+            raise ValueError(f"{path}: entry {i} must be {{match: <regex>, cause: <text>}} strings, got {e!r}")
+        try:
+            out.append((re.compile(e["match"]), " ".join(e["cause"].split())))
+        except re.error as err:
+            raise ValueError(f"{path}: entry {i}: bad regular expression {e['match']!r} ({err})") from None
+    return out
+
+
+def attach_causes(targets: list[dict], causes: list[tuple[re.Pattern, str]]) -> list[dict]:
+    """Each target not met (missed, or not evaluated) gets ``cause``: the first entry of ``causes`` whose regex is
+    found in its text, else ``NO_CAUSE``; met targets get none. Returns ``targets``."""
+    for t in targets:
+        if t["met"] is True:
+            t.pop("cause", None)
+            continue
+        t["cause"] = next((c for rx, c in causes if rx.search(t["target"])), NO_CAUSE)
+    return targets
 
 
 COST_LIMITS = {"mlp": 1.8, "dit": 2.2}  # issue 23: MeanFlow (every pair s != t) and sCD, x a flow-matching step
@@ -502,7 +544,7 @@ def _row(d: dict, nfe: int):
 def markdown(results: dict, targets: list[dict]) -> str:
     meta = results["meta"]
     L: list[str] = ["# flowmap benchmark", ""]
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    when = meta.get("written") or time.strftime("%Y-%m-%d %H:%M", time.localtime())
     scale = f", steps x {meta['scale']}" if meta.get("scale", 1.0) != 1.0 else ""
     L.append(
         f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: "
@@ -568,7 +610,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
         ]
     L += ["", "## Targets", ""]
     L += _table(
-        ["target", "value", "threshold", "met", "margin"],
+        ["target", "value", "threshold", "met", "margin", "cause (when not met)"],
         [
             [
                 t["target"],
@@ -576,6 +618,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
                 f"{t['sense']} {t['threshold']}",
                 {True: "yes", False: "**no**", None: "-"}[t["met"]],
                 t["margin"],
+                t.get("cause", "").replace("|", "\\|"),
             ]
             for t in targets
         ],
@@ -998,7 +1041,8 @@ def write_report(results: dict, samples: dict, out: str | Path, plots: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = write_plots(samples, results, out) if plots else []
-    results["targets"] = evaluate_targets(results)
+    results["meta"].setdefault("written", time.strftime("%Y-%m-%d %H:%M", time.localtime()))  # a re-render keeps it
+    results["targets"] = attach_causes(evaluate_targets(results), load_causes())
     (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
     (out / "RESULTS.md").write_text(markdown(results, results["targets"]))
     return out / "RESULTS.md"

@@ -16,7 +16,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchmark_report import _target, evaluate_targets  # noqa: E402
+from scripts.benchmark_report import (  # noqa: E402
+    CAUSES_FILE,
+    NO_CAUSE,
+    _target,
+    attach_causes,
+    evaluate_targets,
+    load_causes,
+    markdown,
+)
 
 DATASETS = ("checkerboard", "eight_gaussians", "digits", "digits_dit", "gmm", "aniso2d", "scales16", "fromdata")
 METRICS = {
@@ -297,6 +305,52 @@ def test_targets_are_read_with_their_margin():
     assert tp["met"] is False
     peer = [v for k, v in by_text.items() if k.startswith("peer")]
     assert len(peer) == 2 and all(p["met"] is None and "torchcfm is not installed" in p["margin"] for p in peer)
+
+
+def test_missed_targets_carry_their_measured_cause(tmp_path):
+    causes_file = tmp_path / "causes.yaml"
+    causes_file.write_text(
+        "- match: '^mixture: \\w+ 1-NFE'\n  cause: the net's floor | see docs\n"
+        "- match: 'pd'\n  cause: never reached, the first match wins\n"
+    )
+    causes = load_causes(causes_file)
+    targets = attach_causes(
+        [
+            _target("mixture: pd 1-NFE flow-map RMSE <= 5%", 0.2, 0.05, "<="),
+            _target("mixture: cd 1-NFE flow-map RMSE <= 5%", 0.04, 0.05, "<="),
+            _target("digits: pd FD at 1 NFE", 3.0, 2.5, "<="),
+            _target("digits: sct FD at 1 NFE", float("nan"), 2.5, "<=", "not run"),
+        ],
+        causes,
+    )
+    assert [t.get("cause") for t in targets] == [
+        "the net's floor | see docs",
+        None,
+        "never reached, the first match wins",
+        NO_CAUSE,
+    ]
+    meta = {**json.loads((ROOT / "benchmarks" / "results.json").read_text())["meta"], "written": "2000-01-02 03:04"}
+    report = markdown({"meta": meta, "quality": {}, "cost": {}, "peer": {}}, targets)
+    assert "on 2000-01-02 03:04:" in report  # a re-rendered report keeps the run's date
+    row = next(line for line in report.splitlines() if "mixture: pd" in line)
+    assert row.endswith("| the net's floor \\| see docs |")  # the cause's own "|" cannot split the row
+    assert load_causes(tmp_path / "absent.yaml") == []
+    for bad, words in (
+        ("match: x\ncause: y\n", "expected a list"),
+        ("- {match: x}\n", "entry 0 must be"),
+        ("- {match: '(', cause: y}\n", "bad regular expression"),
+        ("- [unclosed\n", "not valid YAML"),
+    ):
+        causes_file.write_text(bad)
+        with pytest.raises(ValueError, match=words):
+            load_causes(causes_file)
+    marker = tmp_path / "ran"
+    causes_file.write_text(f"- !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_causes(causes_file)  # a file's tag never runs
+    assert not marker.exists()
+    shipped = load_causes(CAUSES_FILE)
+    assert shipped and all(c.strip() for _, c in shipped)
 
 
 def test_bad_arguments_are_one_clear_error():
