@@ -650,6 +650,7 @@ def test_dit_teacher_and_teacher_free_set_follow_their_configs(tmp_path) -> None
     dit = benchmark.Setting("digits_dit", full, cpu, tmp_path, fresh=False)
     assert dit.kind == "digits" and dit.net_config == teacher_cfg["model"]["net"]
     assert dit.teacher_options["lr"] == teacher_cfg["model"]["lr"]
+    assert (dit.teacher_options["lr_final_ratio"] is None) == (teacher_cfg["model"].get("lr_decay", "none") == "none")
     share = full.teacher_steps_digits / teacher_cfg["trainer"]["max_steps"]
     assert dit.teacher_options["warmup_steps"] == round(teacher_cfg["model"]["warmup_steps"] * share) > 0
     assert dit.teacher_key() != benchmark.Setting("digits", full, cpu, tmp_path, fresh=False).teacher_key()
