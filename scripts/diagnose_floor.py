@@ -1,14 +1,16 @@
 """The students' floor on the mixtures: the benchmark's student regressed onto the exact flow map.
 
     python scripts/diagnose_floor.py --presets ring8,aniso2d,scales16 [--steps 1000] [--net width=256 ...] \
-        [--init scratch] [--zero-share 0.25] [--exact-steps 16] [--cache /tmp/flowmap_diagnose] [--json floor.jsonl]
+        [--init scratch] [--zero-share 0.25] [--exact-steps 16] [--lr 3e-3] [--cache /tmp/flowmap_diagnose] \
+        [--json floor.jsonl]
 
 Each preset is a mixture set of ``scripts/benchmark.py`` (as in ``scripts/diagnose_mixtures.py``). The student is
 built and trained as the benchmark's students are (``scripts/diagnose_student.train``): the set's model net as a
 ``FlowMap``, started from the set's flow-matching init net (``--cache``: the benchmark's cache keys), the set's batch
-and ``TrainLoop`` options (lr, warm-up, cosine decay, AdamW, EMA half-life, clipping) for ``--steps`` steps (default:
-the data config's trainer.max_steps). Only the loss differs: ``ExactMapRegression``, a supervised regression onto
-the exact flow map of the mixture (``teachers.gmm``), so what it reaches is what the net and budget allow any method.
+and ``TrainLoop`` options (lr unless ``--lr``, warm-up, cosine decay, AdamW, EMA half-life, clipping) for ``--steps``
+steps (default: the data config's trainer.max_steps). Only the loss differs: ``ExactMapRegression``, a supervised
+regression onto the exact flow map of the mixture (``teachers.gmm``), so what it reaches is what the net and budget
+allow any method.
 Scored as the benchmark scores (``Evaluator``): flow-map RMSE against X(z, 1, 0) in % of the data's std at 1, 2, 4
 and 8 NFE, for the evaluation EMA and the raw weights. Each preset's line also gives the exact teacher's Heun at 4
 and 8 NFE and the init net's Heun (``diagnose_mixtures.init_net_floor``). Runs use one torch thread.
@@ -17,6 +19,7 @@ and 8 NFE and the init net's Heun (``diagnose_mixtures.init_net_floor``). Runs u
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -103,11 +106,14 @@ def parse(argv: list[str] | None):
                    help="student init: the init net's weights when the nets match (auto), or scratch")  # fmt: skip
     p.add_argument("--zero-share", type=float, default=0.25, help="share of pairs with t = 0")
     p.add_argument("--exact-steps", type=int, default=16, help="RK4 steps of the exact map per jump")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the data config's)")
     a = p.parse_args(argv)
     if (a.steps is not None and a.steps < 1) or a.n_eval < 2 or a.exact_steps < 1:
         p.error("--steps and --exact-steps must be >= 1 and --n-eval >= 2")
     if not 0.0 <= a.zero_share <= 1.0:
         p.error(f"--zero-share must lie in [0, 1], got {a.zero_share}")
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
+        p.error(f"--lr must be a positive number, got {a.lr}")
     return a
 
 
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     for preset in presets:
         r = floor_recipe(sets[preset], a.steps, net, objective)
+        if a.lr is not None:
+            r["options"]["lr"] = a.lr
         setting = Setting(sets[preset], budget, torch.device("cpu"), cache, fresh=False)
         setting.get_teacher()
         ev = Evaluator(setting, budget)

@@ -37,3 +37,15 @@ def test_exact_map_regression_vanishes_at_the_exact_map_only():
     assert out_bent.loss.median() > 1e-6 and out_bent.loss.median() > 1e4 * out.loss.max()
     s, t, _ = obj.sample_times(64, x0)
     assert int((t == 0).sum()) == 16 and bool((s >= t).all())  # the share of 1-NFE-like jumps to t = 0
+
+
+def test_bad_options_are_one_clear_error():
+    """``ScriptParser`` raises one ValueError, which ``main_guard`` prints as one line with exit code 2."""
+    import pytest
+
+    from scripts.diagnose_floor import parse
+
+    for argv, words in ((["--lr", "-1"], "--lr must be a positive number"), (["--zero-share", "2"], "--zero-share")):
+        with pytest.raises(ValueError, match=words):
+            parse(argv)
+    assert parse(["--lr", "0.003"]).lr == 0.003 and parse([]).lr is None
