@@ -133,10 +133,10 @@ def load_causes(path: str | Path = CAUSES_FILE) -> list[tuple[re.Pattern, str]]:
 
 
 def attach_causes(targets: list[dict], causes: list[tuple[re.Pattern, str]]) -> list[dict]:
-    """Each target not met (missed, or not evaluated) gets ``cause``: the first entry of ``causes`` whose regex is
-    found in its text, else ``NO_CAUSE``; met targets get none. Returns ``targets``."""
+    """Each missed target gets ``cause``: the first entry of ``causes`` whose regex is found in its text, else
+    ``NO_CAUSE``; met and not evaluated targets (their margin says why) get none. Returns ``targets``."""
     for t in targets:
-        if t["met"] is True:
+        if t["met"] is not False:
             t.pop("cause", None)
             continue
         t["cause"] = next((c for rx, c in causes if rx.search(t["target"])), NO_CAUSE)
