@@ -104,6 +104,11 @@ def _target(text: str, value: float | None, threshold: float, sense: str, note: 
     }
 
 
+def _now() -> str:
+    """The local date and minute, as the report prints when it was written."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime())
+
+
 def load_causes(path: str | Path = CAUSES_FILE) -> list[tuple[re.Pattern, str]]:
     """The measured causes of missed targets: ``path`` is a YAML list of ``{match: regex, cause: text}``, read with
     ``yaml.safe_load`` (data only); [(compiled regex, cause)] in file order. A missing file gives []; a malformed one
@@ -136,10 +141,8 @@ def attach_causes(targets: list[dict], causes: list[tuple[re.Pattern, str]]) -> 
     """Each missed target gets ``cause``: the first entry of ``causes`` whose regex is found in its text, else
     ``NO_CAUSE``; met and not evaluated targets (their margin says why) get none. Returns ``targets``."""
     for t in targets:
-        if t["met"] is not False:
-            t.pop("cause", None)
-            continue
-        t["cause"] = next((c for rx, c in causes if rx.search(t["target"])), NO_CAUSE)
+        if t["met"] is False:
+            t["cause"] = next((c for rx, c in causes if rx.search(t["target"])), NO_CAUSE)
     return targets
 
 
@@ -544,7 +547,7 @@ def _row(d: dict, nfe: int):
 def markdown(results: dict, targets: list[dict]) -> str:
     meta = results["meta"]
     L: list[str] = ["# flowmap benchmark", ""]
-    when = meta.get("written") or time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    when = meta.get("written") or _now()
     scale = f", steps x {meta['scale']}" if meta.get("scale", 1.0) != 1.0 else ""
     L.append(
         f"Written by `scripts/benchmark.py` ({meta['budget']} budget{scale}) on {when}: "
@@ -1041,7 +1044,7 @@ def write_report(results: dict, samples: dict, out: str | Path, plots: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = write_plots(samples, results, out) if plots else []
-    results["meta"].setdefault("written", time.strftime("%Y-%m-%d %H:%M", time.localtime()))  # a re-render keeps it
+    results["meta"].setdefault("written", _now())  # a re-render keeps the run's date
     results["targets"] = attach_causes(evaluate_targets(results), load_causes())
     (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
     (out / "RESULTS.md").write_text(markdown(results, results["targets"]))

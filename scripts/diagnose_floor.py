@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     net = key_values(a.net, "--net")
     if NAME not in OBJECTIVES:
         register_objective(NAME, ExactMapRegression)
-    sets, presets = mixture_sets(), presets_of(a)
+    sets = mixture_sets()
+    presets = presets_of(a, sets)
     objective = {"zero_share": a.zero_share, "exact_steps": a.exact_steps}
     budget = replace(BUDGETS["full"], n_eval_2d=a.n_eval)
     cache = Path(a.cache)

@@ -114,9 +114,9 @@ def run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="append one JSON line per run to this file")
 
 
-def presets_of(a: argparse.Namespace) -> list[str]:
-    """``--presets`` as a list, each a mixture set of the benchmark (else one clear error)."""
-    sets = mixture_sets()
+def presets_of(a: argparse.Namespace, sets: dict[str, str]) -> list[str]:
+    """``--presets`` as a list, each a key of ``sets`` (``mixture_sets()``: the benchmark's mixture sets; else one
+    clear error)."""
     presets = [p.strip() for p in a.presets.split(",") if p.strip()]
     for preset in presets:
         if preset not in sets:
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     objective, net = key_values(a.objective, "--objective"), key_values(a.net, "--net")
     init_net = net if a.init_net is None else key_values(a.init_net, "--init-net")
-    sets, presets = mixture_sets(), presets_of(a)
+    sets = mixture_sets()
+    presets = presets_of(a, sets)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for preset in presets:  # every objective builds before anything trains (an unknown method or key fails here)
         for method in methods:
