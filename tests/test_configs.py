@@ -86,10 +86,10 @@ def test_a_student_starts_as_its_teacher(model, data):
 def test_step_fractions_and_sigma_data_resolve(tmp_path):
     files = [CONFIGS / "data" / "ring8.yaml", CONFIGS / "model" / "mlp2d_smooth.yaml", CONFIGS / "distill" / "sct.yaml"]
     cfg = compose(files)
-    assert cfg["trainer"]["max_steps"] == 1000 and "sigma_data" not in cfg
+    assert cfg["trainer"]["max_steps"] == 4000 and "sigma_data" not in cfg
     objective = cfg["model"]["objective"]
     assert objective["sigma_data"] == load(files[0])["sigma_data"]  # from the data config
-    assert (objective["tangent_warmup"], objective["p_mean"]) == (333, -1.0)  # sct.yaml's 0.333 of 1000 steps
+    assert (objective["tangent_warmup"], objective["p_mean"]) == (1332, -1.0)  # sct.yaml's 0.333 of 4000 steps
     ict = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "distill" / "ict.yaml"])["model"]["objective"]
     assert ict["total_steps"] == 4000 and ict["sigma_data"] == 1.0  # the whole run; the checkerboard's std
     cd = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "distill" / "cd.yaml"])["model"]["objective"]
