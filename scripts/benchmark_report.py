@@ -563,6 +563,8 @@ def markdown(results: dict, targets: list[dict]) -> str:
             f"{meta['jobs']}`; step times marked *worker* ran side by side with another training), then evaluated here."
         )
     L.append("")
+    for part, run in (meta.get("carried") or {}).items():  # a part this run skipped, kept from an earlier run
+        L += [f"The {part} table below comes from the run of {run}: this run skipped it.", ""]
     if meta["budget"] == "quick":
         L += [
             "> **Quick smoke run.** Tiny nets and budgets: every table is filled so the pipeline is checked, "

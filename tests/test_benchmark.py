@@ -332,8 +332,12 @@ def test_missed_targets_carry_their_measured_cause(tmp_path):
         None,  # not evaluated: its margin says why
     ]
     meta = {**json.loads((ROOT / "benchmarks" / "results.json").read_text())["meta"], "written": "2000-01-02 03:04"}
+    meta.pop("carried", None)
     report = markdown({"meta": meta, "quality": {}, "cost": {}, "peer": {}}, targets)
     assert "on 2000-01-02 03:04:" in report  # a re-rendered report keeps the run's date
+    assert "from the run of" not in report
+    carried = markdown({"meta": {**meta, "carried": {"cost": "1999-12-31 23:59"}}, "quality": {}}, targets)
+    assert "The cost table below comes from the run of 1999-12-31 23:59: this run skipped it." in carried
     row = next(line for line in report.splitlines() if "mixture: pd" in line)
     assert row.endswith("| the net's floor \\| see docs |")  # the cause's own "|" cannot split the row
     assert load_causes(tmp_path / "absent.yaml") == []
