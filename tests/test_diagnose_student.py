@@ -13,12 +13,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchmark import BUDGETS, Setting, recipe  # noqa: E402
+from scripts.benchmark import BUDGETS, Setting, recipe, student_steps  # noqa: E402
 from scripts.diagnose_student import set_steps, student_recipe, train  # noqa: E402
 
 
 def test_without_overrides_the_recipe_is_the_benchmarks():
-    assert set_steps("gmm") == 1000
+    assert set_steps("gmm") == 4000  # configs/data/ring8.yaml's run length
     assert student_recipe("gmm", "shortcut") == recipe("gmm", "shortcut", BUDGETS["full"])
     r = student_recipe("digits", "meanflow", steps=250)
     assert r == recipe("digits", "meanflow", replace(BUDGETS["full"], student_scale=0.25))
@@ -58,7 +58,9 @@ def test_train_gives_the_benchmarks_student_bit_for_bit(quick_gmm, method):
     bench = setting.train_student(method)
     ours = train(setting, method, student_recipe("gmm", method, budget=budget))  # the budget's run length
     steps = bench["steps"]  # the set's steps, or the from-data config's own, times the quick scale
-    assert ours["steps"] == steps and (steps == setting.student_steps) == (method == "cd")
+    assert ours["steps"] == steps == student_steps("gmm", budget, method)
+    batch = 1024 if method == "ect_fromdata" else setting.batch  # the from-data config's own batch, else the set's
+    assert ours["batch"] == bench["batch"] == batch
     assert (ours["init"] == "scratch") == (bench["init"] == "scratch") == (method == "ect_fromdata")
     for a, b in zip(bench["student"].state_dict().values(), ours["ema"].state_dict().values(), strict=True):
         assert torch.equal(a, b)
