@@ -41,8 +41,8 @@ tables on a 2-core x86 CPU; ``--jobs 2`` halves the wall time): the three mixtur
 (14 methods, 0.015-0.025 s a step, CTM 0.03 s; two seeds took 65 min wall with --jobs 2); digits 1000
 steps x 14 methods at batch 128, about 0.04-0.13 s a step on the UNet (about 20) and 0.3-0.4 s on the DiT (2-3x a
 flow-matching step of 0.14 s; about 70); fromdata 4000 steps x 1024, about 0.15-0.2 s a step, 10-13 per method.
-The two-seed full run at ``--scale 1`` takes several hours
-with ``--jobs 2``; ``--scale``, ``--seeds`` and ``--datasets`` fit it to a budget.
+The two-seed full run at ``--scale 1`` takes several hours with ``--jobs 2``; ``--scale``, ``--seeds`` and
+``--datasets`` fit it to a budget.
 
 Writes ``<out>/RESULTS.md``, ``<out>/results.json`` and PNG plots (``scripts/benchmark_report.py``).
 """
