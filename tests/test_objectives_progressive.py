@@ -175,10 +175,45 @@ def test_round_teacher_is_frozen_between_boundaries_and_lives_in_the_state_dict(
     assert fresh.round_teacher is None and fresh.snapshot_round.item() == 0
 
 
+def test_with_snapshot_halflife_the_round_teacher_is_the_ema_snapshot_not_the_live_weights(ring8):
+    student = small_student()
+    ema = small_student()  # stands in for the EMA target network: other weights than the student's
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.1)
+    live = ProgressiveDistillation(initial_steps=4, steps_per_round=20)
+    averaged = ProgressiveDistillation(initial_steps=4, steps_per_round=20, snapshot_halflife=0.25)
+    assert averaged.uses_target and not live.uses_target
+    for pd in (live, averaged):
+        pd.advance(student, 19, ema)  # round 0: no snapshot yet
+        assert pd.round_teacher is None
+        pd.advance(student, 20, ema)  # round 1 begins
+    assert torch.equal(live.round_teacher.net.out[-1].weight, student.net.out[-1].weight)
+    assert torch.equal(averaged.round_teacher.net.out[-1].weight, ema.net.out[-1].weight)
+    assert not any(p.requires_grad for p in averaged.round_teacher.parameters())
+    # the EMA's half-life is the share of the current round's length: 10 steps in round 0 (40), 5 later (20)
+    timed = ProgressiveDistillation(initial_steps=4, steps_per_round=20, first_round_steps=40, snapshot_halflife=0.25)
+    assert timed.target_decay(0) == pytest.approx(0.5 ** (1 / 10)) and timed.target_decay(39) == timed.target_decay(0)
+    assert timed.target_decay(45) == pytest.approx(0.5 ** (1 / 5)) and live.target_decay(45) == 0.0
+
+    # through fit(): the loop keeps the EMA target and the objective snapshots it at the boundary
+    pool = ring8.sample(2048, torch.Generator().manual_seed(5))
+    batches = lambda k: (pool[torch.randint(0, len(pool), (128,))], None)  # noqa: E731
+    snaps = {}
+    for h in (0.0, 0.25):  # the same seed: both runs are equal through round 0 (steps 0..19)
+        torch.manual_seed(0)
+        pd = ProgressiveDistillation(initial_steps=4, steps_per_round=20, snapshot_halflife=h)
+        fit(small_student(), pd, batches, 21, teacher=ring8, lr=1e-3)  # step 20 snapshots, then trains
+        snaps[h] = pd.round_teacher.net.out[-1].weight
+    assert not torch.equal(snaps[0.0], snaps[0.25])  # the live weights at step 20 against their EMA
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 
 def test_bad_input_raises_clear_errors(ring8):
+    with pytest.raises(ValueError, match="snapshot_halflife"):
+        ProgressiveDistillation(snapshot_halflife=1.5)
     with pytest.raises(ValueError, match="retain_share"):
         build_objective({"name": "pd", "retain_share": 1.0})
     with pytest.raises(ValueError, match="power of two"):
@@ -337,3 +372,29 @@ def test_rounds_are_driven_by_the_lightning_callback():
     assert dict(logged[-2:]) == {"train/pd_round": 2.0, "train/pd_student_steps": 1.0}
     second = module.objective.round_teacher.state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)  # round 2 took a new snapshot
+
+
+def test_under_lightning_the_callback_snapshots_the_modules_ema_target():
+    from types import SimpleNamespace
+
+    from flowmap.lightning.callbacks import ProgressiveRounds
+    from flowmap.lightning.distill_module import DistillModule
+
+    net = {"name": "mlp", "data_shape": [2], "width": 16, "depth": 1, "emb_dim": 16}
+    module = DistillModule(
+        student={"net": net},
+        objective={"name": "pd", "initial_steps": 4, "steps_per_round": 3, "snapshot_halflife": 0.5},
+        teacher=preset_mixture("grid4"),
+    )
+    assert module.target is not None  # the module keeps the EMA target the objective asks for
+    with torch.no_grad():
+        for p in module.target.parameters():
+            p.add_(0.5)  # the EMA differs from the live weights
+    fake = SimpleNamespace(
+        objective=module.objective, student=module.student, target=module.target, log=lambda k, v, **kw: None
+    )
+    ProgressiveRounds().on_train_batch_start(SimpleNamespace(global_step=3), fake, None, 3)  # round 1 opens
+    snap = module.objective.round_teacher.state_dict()
+    ema = module.target.state_dict()
+    assert all(torch.equal(snap[k], ema[k]) for k in snap)
+    assert any(not torch.equal(snap[k], module.student.state_dict()[k]) for k in snap)

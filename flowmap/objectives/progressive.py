@@ -11,11 +11,14 @@ previous round's model over 1/(2 N_r),
 The last term is ||X_theta(x_t, t, t'') - x''||^2 N_r^2: the paper's x-space target with a weight that keeps
 every round on the velocity scale. Round 0's X_prev is the teacher itself (one Euler step,
 ``EulerFlowMap``, or one Heun step); later rounds use a frozen snapshot of the student taken at the round
-boundary. The schedule (round, N_r) is a pure function of the global step; the snapshot is a submodule of
-the objective, so it lives in the checkpoint's state dict, never trains (requires_grad False) and is
-restored on resume. Under Lightning the rounds are driven by the ``ProgressiveRounds`` callback
-(``flowmap.lightning.callbacks``), which calls ``advance`` before each batch; ``forward`` calls it too, so a plain
-torch loop follows the same schedule. After the last round (N = 1) the student is a one-step sampler X(eps, 1, 0).
+boundary, or with ``snapshot_halflife`` > 0 (our addition) of the EMA of its weights, whose half-life is that
+share of the round's length: the live weights at a boundary carry the optimizer's step noise, and every later
+round copies it into its targets. The schedule (round, N_r) is a pure
+function of the global step; the snapshot is a submodule of the objective, so it lives in the checkpoint's state dict,
+never trains (requires_grad False) and is restored on resume. Under Lightning the rounds are driven by the
+``ProgressiveRounds`` callback (``flowmap.lightning.callbacks``), which calls ``advance`` before each batch; ``forward``
+calls it too, so a plain torch loop follows the same schedule. After the last round (N = 1) the student is a one-step
+sampler X(eps, 1, 0).
 
 Retaining the finer grids (``retain_share``, our addition; Salimans & Ho keep only the last round's student).
 A flow-map student is also asked for 2, 4, ... steps after the last round, but from round r on it trains only
@@ -54,6 +57,8 @@ class ProgressiveDistillation(Objective):
         guidance: teacher CFG scale when labels are given (baked into the student, or fed to a student with
             ``guidance_input``).
         retain_share: share of each batch (rounds >= 1) spent keeping the finer grids' jumps (see above); 0 = the paper.
+        snapshot_halflife: half-life of the EMA of the student's weights that a round boundary snapshots, as a share
+            of the current round's length (0: the live weights, the paper's).
     """
 
     name = "pd"
@@ -68,9 +73,14 @@ class ProgressiveDistillation(Objective):
         first_round_steps: int | None = None,
         solver: str = "heun",
         retain_share: float = 0.0,
+        snapshot_halflife: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if not 0.0 <= snapshot_halflife <= 1.0:
+            raise ValueError(f"snapshot_halflife (a share of a round) must lie in [0, 1], got {snapshot_halflife}")
+        self.snapshot_halflife = float(snapshot_halflife)
+        self.uses_target = self.snapshot_halflife > 0  # the round teacher is then a snapshot of the EMA target
         if not 0.0 <= retain_share < 1.0:
             raise ValueError(f"retain_share must lie in [0, 1), got {retain_share}")
         self.retain_share = float(retain_share)
@@ -115,10 +125,17 @@ class ProgressiveDistillation(Objective):
         """N_r: the student's step count being distilled at ``step``."""
         return self.initial_steps >> self.rounds(step)
 
+    def target_decay(self, step: int) -> float:
+        """Decay of the weights' EMA that the next boundary snapshots: half-life ``snapshot_halflife`` times the
+        length of the round at ``step`` (in steps)."""
+        length = self.first_round_steps if self.rounds(step) == 0 else self.steps_per_round
+        return 0.5 ** (1.0 / max(1.0, self.snapshot_halflife * length)) if self.uses_target else 0.0
+
     # --- the round teacher ---------------------------------------------------------------------------
-    def advance(self, student: nn.Module, step: int) -> None:
-        """Snapshot ``student`` as the round teacher when ``step`` enters a new round (call before the loss;
-        ``forward`` does). A snapshot is a frozen copy; it stays put until the next round boundary."""
+    def advance(self, student: nn.Module, step: int, target: nn.Module | None = None) -> None:
+        """Snapshot ``student`` (``target``, its EMA, with ``snapshot_halflife``) as the round teacher when ``step``
+        enters a new round (call before the loss; ``forward`` does). A snapshot is a frozen copy; it stays put until
+        the next round boundary."""
         r = self.rounds(step)
         if self._pending is not None:
             self._restore(student)
@@ -126,7 +143,7 @@ class ProgressiveDistillation(Objective):
             self._snapshot_round = int(self.snapshot_round)
         have = self._snapshot_round
         if r > have or (r > 0 and self.round_teacher is None):
-            snap = frozen_copy(student)
+            snap = frozen_copy(target if self.uses_target and target is not None else student)
             for p in snap.parameters():
                 p.grad = None
             self.round_teacher = snap
@@ -193,7 +210,7 @@ class ProgressiveDistillation(Objective):
         return t, t_end, {"t_mid": t_mid, "retain": retain}
 
     def loss(self, d: Draw, student: nn.Module, teacher, target, step: int) -> LossOutput:
-        self.advance(student, step)
+        self.advance(student, step, target)
         r = self.rounds(step)
         t, t_mid, t_end = d.s, d.extra["t_mid"], d.t
         x_mid = self.previous_jump(teacher, d.x_s, t, t_mid, d, r)
