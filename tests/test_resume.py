@@ -118,7 +118,11 @@ def _distill_method() -> str:
 @pytest.mark.timeout(300)
 def test_distillation_resume_is_exact_including_round_state(tmp_path, shards):
     method = _distill_method()
-    objective = "{name: pd, initial_steps: 4, steps_per_round: 3, solver: euler}" if method == "pd" else "{name: cd}"
+    objective = (
+        "{name: pd, initial_steps: 4, steps_per_round: 3, solver: euler, snapshot_halflife: 0.5}"
+        if method == "pd"
+        else "{name: cd}"
+    )
     model = f"""  student: {{net: {NET}}}
   objective: {objective}
   teacher: {{class_path: teachers.PresetMixture, init_args: {{name: grid4}}}}"""
@@ -126,6 +130,7 @@ def test_distillation_resume_is_exact_including_round_state(tmp_path, shards):
     if method == "pd":  # rounds start at steps 3 and 6: the resumed part rebuilt one snapshot and took the next
         assert int(state["objective.snapshot_round"]) == 2
         assert any(k.startswith("objective.round_teacher.") for k in state)
+        assert any(k.startswith("target.") for k in state)  # the weights' EMA that the next boundary snapshots
     else:
         assert any(k.startswith("target.") for k in state)
 
