@@ -17,10 +17,11 @@ from flowmap.plotting import image_grid, panels_figure
 
 class ProgressiveRounds(L.Callback):
     """Drives progressive distillation's rounds (Salimans & Ho 2022): before each batch, ``objective.advance``
-    snapshots the student (with ``target_ema``: its EMA target network) as the next round's teacher when the global step
-    enters a new round, and the round index and the student's step count N_r are logged. The objective holds the
-    snapshot (so a resume restores it exactly); a pure-torch loop without callbacks gets the same schedule from the
-    objective's own ``advance`` call in ``forward``, which is a no-op once this callback has run for the step."""
+    snapshots the student (with ``snapshot_halflife``: the module's EMA target network) as the next round's teacher
+    when the global step enters a new round, and the round index and the student's step count N_r are logged. The
+    objective holds the snapshot (so a resume restores it exactly); a pure-torch loop without callbacks gets the same
+    schedule from the objective's own ``advance`` call in ``forward``, which is a no-op once this callback has run for
+    the step."""
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         objective = pl_module.objective

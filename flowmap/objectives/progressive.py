@@ -13,12 +13,11 @@ every round on the velocity scale. Round 0's X_prev is the teacher itself (one E
 ``EulerFlowMap``, or one Heun step); later rounds use a frozen snapshot of the student taken at the round
 boundary, or with ``snapshot_halflife`` > 0 (our addition) of the EMA of its weights, whose half-life is that
 share of the round's length: the live weights at a boundary carry the optimizer's step noise, and every later
-round copies it into its targets. The schedule (round, N_r) is a pure
-function of the global step; the snapshot is a submodule of the objective, so it lives in the checkpoint's state dict,
-never trains (requires_grad False) and is restored on resume. Under Lightning the rounds are driven by the
-``ProgressiveRounds`` callback (``flowmap.lightning.callbacks``), which calls ``advance`` before each batch; ``forward``
-calls it too, so a plain torch loop follows the same schedule. After the last round (N = 1) the student is a one-step
-sampler X(eps, 1, 0).
+round copies it into its targets. The schedule (round, N_r) is a pure function of the global step; the snapshot is
+a submodule of the objective, so it lives in the checkpoint's state dict, never trains (requires_grad False) and is
+restored on resume. Under Lightning the rounds are driven by the ``ProgressiveRounds`` callback
+(``flowmap.lightning.callbacks``), which calls ``advance`` before each batch; ``forward`` calls it too, so a plain
+torch loop follows the same schedule. After the last round (N = 1) the student is a one-step sampler X(eps, 1, 0).
 
 Retaining the finer grids (``retain_share``, our addition; Salimans & Ho keep only the last round's student).
 A flow-map student is also asked for 2, 4, ... steps after the last round, but from round r on it trains only
