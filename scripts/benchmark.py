@@ -1138,7 +1138,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--inception-weights", default=None, help="FID Inception weights file: use Inception features for digits"
     )
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: cost, peer, plots")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: cost, peer, streaming, plots; a skipped table keeps the one of the "
+        "previous run in --out (its date printed in RESULTS.md)",
+    )
     p.add_argument(
         "--realistic",
         action="store_true",
@@ -1413,6 +1418,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results["meta"]["seconds"] = time.time() - start
     results["meta"]["load_average_end"] = _loadavg()
+    carry_skipped(results, skip, out / "results.json")
 
     from scripts.benchmark_report import write_report
 
@@ -1422,6 +1428,30 @@ def main(argv: list[str] | None = None) -> dict:
         realistic(out, a.device, threads)
     log(f"done in {time.time() - start:.0f} s: {out / 'RESULTS.md'}, {out / 'results.json'}")
     return results
+
+
+CARRIED_PARTS = ("cost", "peer", "streaming")  # tables a run may skip and keep from the previous run in --out
+
+
+def carry_skipped(results: dict, skip: set[str], previous: Path) -> dict[str, str]:
+    """Each part of ``CARRIED_PARTS`` in ``skip`` keeps the table of the previous run's ``results.json`` (the one
+    this run is about to replace), when that run has it; ``meta.carried`` maps the part to the date of the run that
+    measured it, which the report prints. A missing or unreadable file carries nothing (read as JSON: data only)."""
+    try:
+        old = json.loads(previous.read_text())
+        old_meta = old.get("meta") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    carried = {}
+    for part in CARRIED_PARTS:
+        table = old.get(part)
+        if part in skip and isinstance(table, dict) and table.get("available") is not False and table:
+            results[part] = table
+            carried[part] = (old_meta.get("carried") or {}).get(part) or old_meta.get("written", "an earlier run")
+    if carried:
+        results["meta"]["carried"] = carried
+        log("kept from the previous run in --out: " + ", ".join(f"{k} ({v})" for k, v in carried.items()))
+    return carried
 
 
 def other_seed(setting: Setting, ev: Evaluator, method: str, seed: int, gamma: float, worker: bool) -> dict:

@@ -719,3 +719,33 @@ def test_cache_entries_load_once_whole_and_are_retrained_when_unusable(tmp_path,
     path.with_suffix(".json").write_text("{not json")
     assert benchmark.load_cached(path, "teacher", "x", "teacher") is None
     assert "x: cached teacher unusable" in capsys.readouterr().out
+
+
+def test_a_skipped_table_keeps_the_previous_runs_and_says_from_when(tmp_path):
+    from scripts.benchmark import carry_skipped
+
+    previous = tmp_path / "results.json"
+    cost, peer, streaming = {"rows": {"cd": 1.5}}, {"rows": {"torchcfm": 1.0}}, {"rows": {"1": 2.0}}
+    previous.write_text(
+        json.dumps(
+            {
+                "meta": {"written": "2026-01-02 10:00", "carried": {"peer": "2026-01-01 09:00"}},
+                "cost": cost,
+                "peer": peer,
+                "streaming": streaming,
+            }
+        )
+    )
+    results = {"meta": {}, "peer": {"available": False, "reason": "skipped (--skip peer)"}}
+    carried = carry_skipped(results, {"cost", "peer", "plots"}, previous)
+    assert carried == {"cost": "2026-01-02 10:00", "peer": "2026-01-01 09:00"}  # peer: the run that measured it
+    assert results["cost"] == cost and results["peer"] == peer and "streaming" not in results  # not skipped
+    assert results["meta"]["carried"] == carried
+
+    previous.write_text(json.dumps({"meta": {"written": "x"}, "cost": {"available": False, "reason": "skipped"}}))
+    fresh = {"meta": {}}
+    assert carry_skipped(fresh, {"cost"}, previous) == {} and fresh == {"meta": {}}  # nothing measured to keep
+    for text in ("{not json", "[1, 2]"):
+        previous.write_text(text)
+        assert carry_skipped(fresh, {"cost"}, previous) == {} and fresh == {"meta": {}}
+    assert carry_skipped(fresh, {"cost"}, tmp_path / "missing.json") == {}
