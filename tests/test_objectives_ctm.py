@@ -89,6 +89,25 @@ def test_bad_input():
         )
 
 
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_end_share_ends_the_first_rows_at_the_data_and_keeps_the_exact_map_at_zero_loss(share):
+    """end_share rho: the first round(rho B) rows jump to t = 0, the others keep the paper's t ~ s U[0, 1]; u lies in
+    [t, s] on every row, and the loss still vanishes at the exact map."""
+    obj = build_objective({"name": "ctm", "solver_steps": 40, "dsm_source": "teacher", "end_share": share})
+    x0 = torch.randn(64, 2, dtype=torch.float64)
+    torch.manual_seed(0)
+    s, t, extra = obj.times(64, x0, step=0)
+    k = round(64 * share)
+    assert torch.all(t[:k] == 0) and torch.all(t[k:] > 0) and torch.all(s >= t)
+    assert torch.all(extra["u"] >= t) and torch.all(extra["u"] <= s)
+    flow = GaussianFlow(torch.tensor([1.0, -2.0], dtype=torch.float64), 0.7)
+    out = obj(student=flow, teacher=flow, target=flow, x0=flow.sample(64), cond=None, step=0)
+    assert out.logs["ctm"].max() < 1e-6
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="end_share"):
+            build_objective({"name": "ctm", "end_share": bad})
+
+
 def test_distillation_on_ring8_cuts_one_and_two_step_errors():
     """Same small student and budget as the AYF test (width 64, emb_dim 64, 1500 steps, lr 3e-3), DSM weight 0.3.
     Issue 8's acceptance: 1- and 2-NFE errors at most 1/5 of the untrained student's (the issue's bar itself);

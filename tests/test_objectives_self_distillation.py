@@ -59,6 +59,32 @@ def test_loss_vanishes_at_the_exact_map(name, backend, options):
         torch.testing.assert_close(off.loss, off.logs["fm"] + 0.5 * off.logs["sd"])
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_teacher_source_vanishes_at_a_spread_flow_where_data_does_not(name):
+    """With ``source="teacher"`` the diagonal regresses onto the teacher's velocity: at the exact map of a Gaussian
+    of std 0.7 (whose marginal velocity is not eps - x0) the loss is ~0 with the teacher, while from data the
+    flow-matching term keeps the conditional velocity's variance."""
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    flow = GaussianFlow(mean, 0.7)
+    x0 = flow.sample(64, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for source in ("teacher", "data"):
+        obj = build_objective({"name": name, "source": source, "jvp_backend": "func"})
+        assert obj.needs_teacher == (source == "teacher")
+        torch.manual_seed(0)
+        runs[source] = obj(student=flow, teacher=flow, target=None, x0=x0, cond=None, step=0)
+    print(f"{name}: teacher max loss {runs['teacher'].loss.max():.2e}, data mean fm {runs['data'].logs['fm'].mean():.2e}")
+    assert runs["teacher"].loss.max() < 1e-20
+    assert runs["data"].logs["fm"].mean() > 0.1  # E||eps - x0 - v||^2 / D at std 0.7: order one
+    torch.testing.assert_close(runs["teacher"].logs["sd"], runs["data"].logs["sd"])  # the same off-diagonal term
+    with pytest.raises(ValueError, match="not to distillation"):
+        build_objective({"name": name, "source": "teacher", "fm_target": "stf"})
+    with pytest.raises(ValueError, match="teacher is None"):
+        build_objective({"name": name, "source": "teacher"})(
+            student=flow, teacher=None, target=None, x0=x0, cond=None, step=0
+        )
+
+
 @pytest.mark.parametrize("name", ["fmsd_lagrangian", "fmsd_eulerian"])
 def test_forward_ad_and_func_give_the_same_loss_and_gradient(name):
     """The derivative is trained (autograd through the JVP): forward_ad with the dual rules and torch.func.jvp

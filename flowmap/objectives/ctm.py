@@ -94,6 +94,8 @@ class CTM(Objective):
         dsm_extra: None or a share rho in (0, 1] of extra diagonal rows in the one with-grad student call that train
             the DSM term (weight 1 / rho), L_CTM on every row (module docstring). At most one of dsm_share, dsm_extra.
         compare_at: ``"data"`` (paper Eq. 7: both ends carried to t = 0 by the frozen student) or ``"t"``.
+        end_share: share of rows whose jump ends at the data, t = 0 (the first round(end_share B) rows); the
+            paper's law t ~ s U[0, 1] on the others (0: the paper's).
         target_ema: EMA decay of the target network (paper: 0.999).
         guidance, guidance_max: CFG scale of the teacher (a range trains a ``guidance_input`` student).
     """
@@ -113,6 +115,7 @@ class CTM(Objective):
         dsm_share: float | None = None,
         dsm_extra: float | None = None,
         compare_at: str = "data",
+        end_share: float = 0.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -134,7 +137,10 @@ class CTM(Objective):
             raise ValueError("dsm_share and dsm_extra are two ways to place the DSM rows: set at most one")
         if compare_at not in COMPARE_AT:
             raise ValueError(f"compare_at must be one of {list(COMPARE_AT)}, got {compare_at!r}")
+        if not 0.0 <= end_share <= 1.0:
+            raise ValueError(f"end_share must lie in [0, 1], got {end_share}")
         self.solver, self.solver_steps = solver, int(solver_steps)
+        self.end_share = float(end_share)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
         self.dsm_share = None if dsm_share is None else float(dsm_share)
@@ -142,9 +148,12 @@ class CTM(Objective):
         self.compare_at = compare_at
 
     def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
-        """s ~ U(0, 1], t ~ U[0, s], u ~ U[t, s] (paper Sec. 4.2; extra ``u``)."""
+        """s ~ U(0, 1], t ~ U[0, s] (t = 0 on the first round(end_share B) rows), u ~ U[t, s] (paper Sec. 4.2;
+        extra ``u``)."""
         s = times_like(1.0 - draw("uniform", batch, x0.device), x0)
         t = s * times_like(draw("uniform", batch, x0.device), x0)
+        k = round(batch * self.end_share)
+        t = torch.cat([torch.zeros_like(t[:k]), t[k:]])
         u = t + (s - t) * times_like(draw("uniform", batch, x0.device), x0)
         return s, t, {"u": u}
 

@@ -1,10 +1,12 @@
-"""Flow-map self-distillation without a teacher (Boffi, Albergo & Vanden-Eijnden 2025, "How to build a
-consistency model: Learning flow maps via self-distillation").
+"""Flow-map self-distillation (Boffi, Albergo & Vanden-Eijnden 2025, "How to build a consistency model: Learning
+flow maps via self-distillation"), from data or with a teacher's velocity on the diagonal.
 
 Our X(x, s, t) = x + (t - s) u(x, s, t) is the paper's X_{s,t}; t = 0 is data here, so jumps run s -> t <= s,
 and I_s = (1 - s) x0 + s eps is the linear interpolant. The student's own diagonal is the velocity
 v_theta(x, t) = u(x, t, t) (paper Eq. 2.4-2.6), trained by flow matching from data (paper Eq. 3.2):
     L_FM  = ||u(I_s, s, s) - (eps - x0)||^2
+or, when a teacher is distilled (``source="teacher"``), onto the teacher's velocity v(I_s, s) (the diagonal is
+then the teacher's field, as in the shortcut and MeanFlow distillations),
 and the off-diagonal by one self-distillation term with the velocity under stop-gradient (paper Sec. 3):
     LSD (Lagrangian, Eq. 3.6):  ||d/dt X(I_s, s, t) - sg(u(X(I_s, s, t), t, t))||^2
     ESD (Eulerian,   Eq. 3.8):  ||d/ds X(I_s, s, t) + dX/dx(I_s, s, t) sg(u(I_s, s, s))||^2
@@ -41,6 +43,8 @@ class FlowMapSelfDistillation(Objective):
     """Self-distillation from data; per-sample loss (B,).
 
     Args:
+        source: ``"data"`` (default, the paper: flow matching onto eps - x0 or ``fm_target``) or ``"teacher"`` (the
+            diagonal regresses onto the teacher's velocity; the self-distillation terms are unchanged).
         time_dist, time_mean, time_std: distribution of the ordered pair (s, t); equal_share: share with s = t.
         lambda_sd: weight of the self-distillation term; p_uncond: label dropout.
         jvp_backend, fd_eps: ``"forward_ad"``, ``"func"`` or ``"fd"`` for the with-grad derivative (LSD, ESD).
@@ -78,8 +82,8 @@ class FlowMapSelfDistillation(Objective):
     source = "data"
     variant = "lagrangian"
 
-    shared = (*TIMES, "p_uncond", "jvp_backend", "fd_eps")
-    defaults = {"jvp_backend": "func"}
+    shared = ("source", *TIMES, "p_uncond", "jvp_backend", "fd_eps")
+    defaults = {"source": "data", "jvp_backend": "func"}
 
     def __init__(
         self,
@@ -98,7 +102,7 @@ class FlowMapSelfDistillation(Objective):
         self.target_ema = float(sd_target_ema)  # the base's target EMA, under this method's own name
         if not lambda_sd >= 0:
             raise ValueError(f"lambda_sd must be >= 0, got {lambda_sd}")
-        check_data_velocity(fm_target, "fm_target")
+        check_data_velocity(fm_target, "fm_target", self.source)
         if not (isinstance(sd_warmup, int) and not isinstance(sd_warmup, bool) and sd_warmup >= 0):
             raise ValueError(f"sd_warmup must be an int >= 0 (steps), got {sd_warmup!r}")
         if psd_space not in ("map", "velocity"):
@@ -191,7 +195,9 @@ class FlowMapSelfDistillation(Objective):
     def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
         D, r = d.x0[0].numel(), d.extra["r"]
         x_r = d.at(r)  # the diagonal's own point of the path
-        if self.fm_target == "stf":
+        if self.source == "teacher":
+            v = self.velocity(teacher, d, x_r, r)  # the teacher's velocity at the diagonal's point
+        elif self.fm_target == "stf":
             v = stable_target(x_r, r, d.x0, d.eps, d.cond, null_label(int(getattr(student, "num_classes", 0))))
         else:
             v = d.eps - d.x0  # conditional velocity (paper Eq. 3.2)
