@@ -73,7 +73,8 @@ def test_teacher_source_vanishes_at_a_spread_flow_where_data_does_not(name):
         assert obj.needs_teacher == (source == "teacher")
         torch.manual_seed(0)
         runs[source] = obj(student=flow, teacher=flow, target=None, x0=x0, cond=None, step=0)
-    print(f"{name}: teacher max loss {runs['teacher'].loss.max():.2e}, data mean fm {runs['data'].logs['fm'].mean():.2e}")
+    teacher_max, data_fm = runs["teacher"].loss.max(), runs["data"].logs["fm"].mean()
+    print(f"{name}: teacher max loss {teacher_max:.2e}, data mean fm {data_fm:.2e}")
     assert runs["teacher"].loss.max() < 1e-20
     assert runs["data"].logs["fm"].mean() > 0.1  # E||eps - x0 - v||^2 / D at std 0.7: order one
     torch.testing.assert_close(runs["teacher"].logs["sd"], runs["data"].logs["sd"])  # the same off-diagonal term
