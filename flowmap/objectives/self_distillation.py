@@ -40,7 +40,7 @@ VARIANTS = ("lagrangian", "eulerian", "progressive")
 
 
 class FlowMapSelfDistillation(Objective):
-    """Self-distillation from data; per-sample loss (B,).
+    """Self-distillation, its diagonal from data or from a teacher's velocity (``source``); per-sample loss (B,).
 
     Args:
         source: ``"data"`` (default, the paper: flow matching onto eps - x0 or ``fm_target``) or ``"teacher"`` (the
