@@ -1126,6 +1126,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="evaluate only the students already in the cache (the others are listed as not run); "
         "teachers are still trained if missing",
     )
+    p.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="with --methods: keep the other methods' rows (quality and cost) and the plots of the previous run in "
+        "--out, marked with its date in RESULTS.md, instead of dropping them (a teacher that changed keeps nothing)",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = 1 on a busy machine, else all cores)")
     p.add_argument(
@@ -1419,11 +1425,13 @@ def main(argv: list[str] | None = None) -> dict:
     results["meta"]["seconds"] = time.time() - start
     results["meta"]["load_average_end"] = _loadavg()
     carry_skipped(results, skip, out / "results.json")
+    if a.keep_others:
+        keep_others(results, out / "results.json")
 
     from scripts.benchmark_report import write_report
 
     log("writing RESULTS.md, results.json and plots")
-    write_report(results, samples, out, plots="plots" not in skip)
+    write_report(results, samples, out, plots="plots" not in skip and not a.keep_others)
     if a.realistic:
         realistic(out, a.device, threads)
     log(f"done in {time.time() - start:.0f} s: {out / 'RESULTS.md'}, {out / 'results.json'}")
@@ -1452,6 +1460,53 @@ def carry_skipped(results: dict, skip: set[str], previous: Path) -> dict[str, st
         results["meta"]["carried"] = carried
         log("kept from the previous run in --out: " + ", ".join(f"{k} ({v})" for k, v in carried.items()))
     return carried
+
+
+def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
+    """Fill in, from the previous run's ``results.json`` (the one this run is about to replace), the rows of the
+    methods this run did not train: each data set's students whose teacher evaluates as it did then (a changed
+    teacher keeps none), the cost tables' step rows, and the plots' list (the plots are not redrawn). Each kept row
+    is marked ``kept`` with that run's date; ``meta.kept`` lists them for the report. Returns {part: [rows]}."""
+    try:
+        old = json.loads(previous.read_text())
+        when = (old.get("meta") or {}).get("written", "an earlier run")
+    except (OSError, ValueError, AttributeError):
+        log(f"--keep-others: no readable previous run in {previous}: nothing kept")
+        return {}
+    ran = set(results["meta"]["methods"])
+    kept: dict[str, list[str]] = {}
+    for name, q in results["quality"].items():
+        old_q = (old.get("quality") or {}).get(name) or {}
+        if not _same_numbers(q.get("teacher"), old_q.get("teacher")):
+            log(f"--keep-others: {name}: the teacher evaluates differently from {when}'s: no row kept")
+            continue
+        for method, row in (old_q.get("students") or {}).items():
+            if method not in ran and method not in q["students"]:
+                q["students"][method] = {**row, "kept": when}
+                kept.setdefault("quality", []).append(f"{name}/{method}")
+    for net, table in (results.get("cost") or {}).items():
+        old_steps = ((old.get("cost") or {}).get(net) or {}).get("steps") or {}
+        if not isinstance(table, dict) or "steps" not in table:
+            continue
+        for method, row in old_steps.items():
+            if method not in table["steps"]:
+                table["steps"][method] = {**row, "kept": when}
+                kept.setdefault("cost", []).append(f"{net}/{method}")
+    results["plots"] = list(old.get("plots") or [])
+    results["meta"]["kept"] = {"from": when, **kept}
+    log(f"--keep-others: kept from {when}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in kept.items()))
+    return kept
+
+
+def _same_numbers(a, b, rtol: float = 1e-4) -> bool:
+    """Whether two JSON trees are equal, numbers to ``rtol`` (a retrained teacher of the same code and seed)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_numbers(a[k], b[k], rtol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_numbers(x, y, rtol) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12) or (a != a and b != b)
+    return a == b
 
 
 def other_seed(setting: Setting, ev: Evaluator, method: str, seed: int, gamma: float, worker: bool) -> dict:

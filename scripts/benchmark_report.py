@@ -565,6 +565,14 @@ def markdown(results: dict, targets: list[dict]) -> str:
     L.append("")
     for part, run in (meta.get("carried") or {}).items():  # a part this run skipped, kept from an earlier run
         L += [f"The {part} table below comes from the run of {run}: this run skipped it.", ""]
+    kept = meta.get("kept") or {}
+    if kept:  # --keep-others: rows of the methods this run did not train, from an earlier run
+        rows = [*kept.get("quality", []), *(f"cost {r}" for r in kept.get("cost", []))]
+        L += [
+            f"Kept from the run of {kept['from']} (`--keep-others`: this run trained and timed only "
+            f"{', '.join(meta['methods'])}; the plots are that run's): {', '.join(rows) or 'nothing'}.",
+            "",
+        ]
     if meta["budget"] == "quick":
         L += [
             "> **Quick smoke run.** Tiny nets and budgets: every table is filled so the pipeline is checked, "
@@ -1045,7 +1053,7 @@ def write_report(results: dict, samples: dict, out: str | Path, plots: bool = Tr
     """Write plots, results.json (with the evaluated targets) and RESULTS.md into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results["plots"] = write_plots(samples, results, out) if plots else []
+    results["plots"] = write_plots(samples, results, out) if plots else results.get("plots", [])
     results["meta"].setdefault("written", _now())  # a re-render keeps the run's date
     results["targets"] = attach_causes(evaluate_targets(results), load_causes())
     (out / "results.json").write_text(json.dumps(_clean(results), indent=1, allow_nan=False))

@@ -749,3 +749,42 @@ def test_a_skipped_table_keeps_the_previous_runs_and_says_from_when(tmp_path):
         previous.write_text(text)
         assert carry_skipped(fresh, {"cost"}, previous) == {} and fresh == {"meta": {}}
     assert carry_skipped(fresh, {"cost"}, tmp_path / "missing.json") == {}
+
+
+def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_the_teacher_changed(tmp_path):
+    from scripts.benchmark import keep_others
+    from scripts.benchmark_report import markdown
+
+    previous = tmp_path / "results.json"
+    teacher = {"heun": {"1": {"rmse": 0.5}}}
+    old = {
+        "meta": {"written": "2026-01-02 10:00"},
+        "quality": {
+            "gmm": {"teacher": teacher, "students": {"cd": {"nfe": {"1": {"rmse": 0.1}}}, "ctm": {"nfe": {}}}},
+            "aniso2d": {"teacher": {"heun": {"1": {"rmse": 0.7}}}, "students": {"cd": {"nfe": {}}}},
+        },
+        "cost": {"mlp": {"steps": {"fm": {"ratio": 1.0}, "cd": {"ratio": 1.9}, "ctm": {"ratio": 5.5}}}},
+        "plots": ["scatter_gmm.png"],
+    }
+    previous.write_text(json.dumps(old))
+    results = {
+        "meta": {"methods": ["ctm"]},
+        "quality": {
+            "gmm": {"teacher": {"heun": {"1": {"rmse": 0.5 + 1e-9}}}, "students": {"ctm": {"nfe": {"1": {}}}}},
+            "aniso2d": {"teacher": {"heun": {"1": {"rmse": 0.6}}}, "students": {"ctm": {"nfe": {}}}},  # changed
+        },
+        "cost": {"mlp": {"steps": {"fm": {"ratio": 1.0}, "ctm": {"ratio": 2.5}}}},
+    }
+    kept = keep_others(results, previous)
+    assert kept == {"quality": ["gmm/cd"], "cost": ["mlp/cd"]}
+    assert results["quality"]["gmm"]["students"]["cd"] == {"nfe": {"1": {"rmse": 0.1}}, "kept": "2026-01-02 10:00"}
+    assert results["quality"]["gmm"]["students"]["ctm"] == {"nfe": {"1": {}}}  # this run's row stays
+    assert set(results["quality"]["aniso2d"]["students"]) == {"ctm"}  # another teacher: nothing kept
+    steps = results["cost"]["mlp"]["steps"]
+    assert steps["ctm"]["ratio"] == 2.5 and steps["cd"] == {"ratio": 1.9, "kept": "2026-01-02 10:00"}
+    assert results["plots"] == ["scatter_gmm.png"]
+    meta = {"budget": "full", "machine": "x", "cpu_count": 2, "threads": 1, "device": "cpu"}
+    meta.update(torch="t", python="p")
+    text = markdown({"meta": {**meta, **results["meta"]}, "quality": {}, "cost": {}, "peer": {}}, [])
+    assert "Kept from the run of 2026-01-02 10:00" in text and "gmm/cd, cost mlp/cd" in text
+    assert keep_others({"meta": {"methods": []}, "quality": {}}, tmp_path / "missing.json") == {}

@@ -108,6 +108,69 @@ def test_end_share_ends_the_first_rows_at_the_data_and_keeps_the_exact_map_at_ze
             build_objective({"name": "ctm", "end_share": bad})
 
 
+class RowCounter(torch.nn.Module):
+    """A student that counts the rows of every call it serves (with grad or not)."""
+
+    def __init__(self, student: FlowMap) -> None:
+        super().__init__()
+        self.student, self.rows = student, []
+
+    def forward(self, x, s, t, cond=None):
+        self.rows.append(x.shape[0])
+        return self.student(x, s, t, cond)
+
+    def average_velocity(self, x, s, t, cond=None):
+        self.rows.append(x.shape[0])
+        return self.student.average_velocity(x, s, t, cond)
+
+
+def test_the_rows_that_end_at_the_data_skip_the_carries_and_the_loss_is_unchanged():
+    """X(., 0, 0) is the identity: carrying the end_share rows to t = 0 again changes nothing, so the two carries
+    (the target's and the frozen student's) run on the other rows only, with the same loss and gradient."""
+    torch.manual_seed(3)
+    teacher = preset_mixture("ring8")
+    x0 = teacher.sample(64, generator=torch.Generator().manual_seed(0))
+    obj = build_objective({"name": "ctm", "dsm_source": "teacher", "end_share": 0.5, "max_gap": 0.2})
+    student = RowCounter(mlp_student())
+    torch.manual_seed(0)
+    d = obj.draw(student, teacher, x0, None, 0)
+    outs, grads, rows = [], [], []
+    for skip in (True, False):
+        if not skip:  # the reference: every row carried (the end rows by the identity X(., 0, 0))
+            obj.end_rows = lambda batch: 0
+        student.rows.clear()
+        student.zero_grad()
+        out = obj.loss(d, student, teacher, student, 0)
+        out.loss.mean().backward()
+        outs.append(out.loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+        rows.append(sorted(student.rows))
+    print(f"student calls' rows with the skip: {rows[0]}, without: {rows[1]}")
+    assert rows[0] == [32, 32, 64, 64, 64]  # target jump, X_theta, diagonal: 64 rows; the two carries: 32
+    assert rows[1] == [64] * 5
+    assert torch.all(torch.isfinite(outs[0])) and float(outs[0].mean()) > 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_max_gap_bounds_the_teacher_segment():
+    """max_gap h: u ~ U[max(t, s - h), s], so s - u <= h on every row and u >= t; the loss still vanishes at the exact
+    map with a one-step teacher segment that is exact for a Gaussian's linear-in-time path up to Heun's error."""
+    obj = build_objective({"name": "ctm", "solver_steps": 8, "dsm_source": "teacher", "max_gap": 0.1})
+    x0 = torch.randn(256, 2, dtype=torch.float64)
+    torch.manual_seed(0)
+    s, t, extra = obj.times(256, x0, step=0)
+    u = extra["u"]
+    assert torch.all(s - u <= 0.1 + 1e-12) and torch.all(u >= t) and torch.all(u <= s)
+    assert float((s - u).max()) > 0.09  # the bound is reached, not a narrower law
+    flow = GaussianFlow(torch.tensor([1.0, -2.0], dtype=torch.float64), 0.7)
+    out = obj(student=flow, teacher=flow, target=flow, x0=flow.sample(64), cond=None, step=0)
+    assert out.logs["ctm"].max() < 1e-6
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="max_gap"):
+            build_objective({"name": "ctm", "max_gap": bad})
+
+
 def test_distillation_on_ring8_cuts_one_and_two_step_errors():
     """Same small student and budget as the AYF test (width 64, emb_dim 64, 1500 steps, lr 3e-3), DSM weight 0.3.
     Issue 8's acceptance: 1- and 2-NFE errors at most 1/5 of the untrained student's (the issue's bar itself);

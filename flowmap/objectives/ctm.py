@@ -24,7 +24,9 @@ student at t = s), while the teacher segment, the target and the frozen carry to
 ``dsm_extra`` rho keeps L_CTM on every row and appends round(rho B) diagonal rows (the first rows' (x_s, s) at t = s)
 to the same single with-grad call, their DSM term weighted lambda B / round(rho B): the same expected loss, no CTM row
 lost. ``compare_at='t'`` compares X_theta(x_s, s, t) with x_tgt at t, without the two carries to t = 0 (the same loss
-for t = 0; a different weighting of the error for t > 0). Evaluation counts and measured ratios: docs/ctm_cost.md.
+for t = 0; a different weighting of the error for t > 0). The rows that ``end_share`` ends at t = 0 skip the two
+carries (X(., 0, 0) is the identity: the same loss). ``max_gap`` h bounds the teacher's segment, u ~ U[max(t, s - h),
+s], so that a few solver steps stay accurate on every row. Evaluation counts and measured ratios: docs/ctm_cost.md.
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ class CTM(Objective):
             the DSM term (weight 1 / rho), L_CTM on every row (module docstring). At most one of dsm_share, dsm_extra.
         compare_at: ``"data"`` (paper Eq. 7: both ends carried to t = 0 by the frozen student) or ``"t"``.
         end_share: share of rows whose jump ends at the data, t = 0 (the first round(end_share B) rows); the
-            paper's law t ~ s U[0, 1] on the others (0: the paper's).
+            paper's law t ~ s U[0, 1] on the others (0: the paper's). L_CTM's carries to t = 0 skip these rows
+            (X(., 0, 0) is the identity).
+        max_gap: None (the paper's u ~ U[t, s]) or the longest teacher segment s - u: u ~ U[max(t, s - max_gap), s],
+            so that ``solver_steps`` cover at most max_gap of the path; longer jumps are bootstrapped from the target.
         target_ema: EMA decay of the target network (paper: 0.999).
         guidance, guidance_max: CFG scale of the teacher (a range trains a ``guidance_input`` student).
     """
@@ -116,6 +121,7 @@ class CTM(Objective):
         dsm_extra: float | None = None,
         compare_at: str = "data",
         end_share: float = 0.0,
+        max_gap: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -139,8 +145,11 @@ class CTM(Objective):
             raise ValueError(f"compare_at must be one of {list(COMPARE_AT)}, got {compare_at!r}")
         if not 0.0 <= end_share <= 1.0:
             raise ValueError(f"end_share must lie in [0, 1], got {end_share}")
+        if max_gap is not None and not 0.0 < max_gap <= 1.0:
+            raise ValueError(f"max_gap must be None or lie in (0, 1], got {max_gap}")
         self.solver, self.solver_steps = solver, int(solver_steps)
         self.end_share = float(end_share)
+        self.max_gap = None if max_gap is None else float(max_gap)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
         self.dsm_share = None if dsm_share is None else float(dsm_share)
@@ -148,14 +157,19 @@ class CTM(Objective):
         self.compare_at = compare_at
 
     def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor, dict]:
-        """s ~ U(0, 1], t ~ U[0, s] (t = 0 on the first round(end_share B) rows), u ~ U[t, s] (paper Sec. 4.2;
-        extra ``u``)."""
+        """s ~ U(0, 1], t ~ U[0, s] (t = 0 on the first round(end_share B) rows), u ~ U[t, s] (paper Sec. 4.2), or
+        u ~ U[max(t, s - max_gap), s]; extra ``u``."""
         s = times_like(1.0 - draw("uniform", batch, x0.device), x0)
         t = s * times_like(draw("uniform", batch, x0.device), x0)
-        k = round(batch * self.end_share)
+        k = self.end_rows(batch)
         t = torch.cat([torch.zeros_like(t[:k]), t[k:]])
-        u = t + (s - t) * times_like(draw("uniform", batch, x0.device), x0)
+        lo = t if self.max_gap is None else torch.maximum(t, s - self.max_gap)
+        u = lo + (s - lo) * times_like(draw("uniform", batch, x0.device), x0)
         return s, t, {"u": u}
+
+    def end_rows(self, batch: int) -> int:
+        """How many of the first rows of a batch of ``batch`` jump to t = 0 (``times``)."""
+        return round(batch * self.end_share)
 
     def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
         B, D = d.batch, d.x0[0].numel()
@@ -163,7 +177,8 @@ class CTM(Objective):
         m = 0 if self.dsm_extra is None or self.lambda_dsm == 0 else max(1, round(self.dsm_extra * B))
         at_data = self.compare_at == "data"
         c = d if n == B else d.rows(slice(0, n))
-        zero = torch.zeros_like(c.t)
+        k = min(self.end_rows(B), n)  # rows [0, k) end at t = 0 (``times``): their carry to t = 0 is the identity
+        late = c.rows(slice(k, n))
         v_s = self.velocity(teacher, d) if self.dsm_source == "teacher" else None  # v(x_s, s): DSM target, stage 1
         with torch.no_grad():
             x_u = teacher_segment(
@@ -171,8 +186,8 @@ class CTM(Objective):
                 None if v_s is None else v_s[:n],
             )  # fmt: skip
             y_tgt = c.X(target, x_u, c.extra["u"], c.t)  # sg(X_target(x_u, u, t))
-            if at_data:
-                y_tgt = c.X(student, y_tgt, c.t, zero)  # carried to t = 0 by sg(theta)
+            if at_data:  # carried to t = 0 by sg(theta)
+                y_tgt = carried(late, student, y_tgt, k)
         y_tgt, finite, n_bad = mask_nonfinite(y_tgt)
         v = d.eps - d.x0 if v_s is None else v_s
         v, finite_v, n_bad_v = mask_nonfinite(v)
@@ -189,7 +204,7 @@ class CTM(Objective):
                 u_all = d.u(student, d.x_s, d.s, equal_tail(d.s, d.t, self.dsm_share))
             x_st = c.x_s + expand_like(c.t - c.s, c.x_s) * u_all[:n]
             u_diag = u_all[n:]
-        y = c.X(lambda *a: frozen_call(student, *a), x_st, c.t, zero) if at_data else x_st  # X_sg(X_theta, t, 0)
+        y = carried(late, lambda *a: frozen_call(student, *a), x_st, k) if at_data else x_st  # X_sg(X_theta, t, 0)
         ctm = sq_norm(y - y_tgt) / D  # Eq. 6-7
         rows_dsm = slice(0, m) if m else slice(n, B)  # the rows of v that the diagonal rows share
         if u_diag is None:
@@ -215,6 +230,14 @@ class CTM(Objective):
                 "nonfinite_targets": (n_bad + n_bad_v).float(),
             },
         )
+
+
+def carried(late: Draw, model, y: Tensor, k: int) -> Tensor:
+    """y (n rows) with rows [k, n) carried to t = 0 by ``model`` from the times ``late.t`` (the draw's rows [k, n));
+    rows [0, k) end at t = 0 already and are kept."""
+    if late.batch == 0:
+        return y
+    return torch.cat([y[:k], late.X(model, y[k:], late.t, torch.zeros_like(late.t))])
 
 
 def with_diagonal_rows(d: Draw, m: int) -> Draw:
