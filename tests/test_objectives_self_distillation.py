@@ -30,6 +30,13 @@ class Bent(GaussianFlow):
         return 1.05 * super().flow(x, s, t, cond) - 0.05 * x
 
 
+class BentDiagonal(Bent):
+    """The bent map with its own diagonal: d/dt X(x, s, t) at t = s is 1.05 v(x, s), not the teacher's v."""
+
+    def velocity(self, x, t, cond=None, guidance=1.0):
+        return 1.05 * super().velocity(x, t, cond, guidance)
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"sd_warmup": 4, "sd_target_ema": 0.99, "psd_space": "velocity"}],
@@ -84,6 +91,46 @@ def test_teacher_source_vanishes_at_a_spread_flow_where_data_does_not(name):
         build_objective({"name": name, "source": "teacher"})(
             student=flow, teacher=None, target=None, x0=x0, cond=None, step=0
         )
+
+
+@pytest.mark.parametrize("gradient", ["full", "primal"])
+@pytest.mark.parametrize("name", ["fmsd_lagrangian", "fmsd_eulerian"])
+def test_teacher_velocity_in_the_self_distillation_target(name, gradient):
+    """``sd_velocity="teacher"``: the LSD / ESD residual takes the teacher's velocity instead of the student's own
+    diagonal. At the exact map it vanishes; at a bent map it equals the residual written out with the teacher's field,
+    dX/dt - v(X, t) (LSD) or dX/ds + dX/dx v(x, s) (ESD), and differs from the student-velocity one."""
+    from torch.func import jvp
+
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    flow, bent = GaussianFlow(mean, 0.7), BentDiagonal(mean, 0.7)
+    x0 = flow.sample(64, generator=torch.Generator().manual_seed(1))
+    config = {"name": name, "source": "teacher", "jvp_backend": "func", "sd_gradient": gradient}
+    obj = build_objective({**config, "sd_velocity": "teacher"})
+    torch.manual_seed(0)
+    exact = obj(student=flow, teacher=flow, target=None, x0=x0, cond=None, step=0)
+    assert exact.loss.max() < 1e-20
+    torch.manual_seed(0)
+    d = obj.draw(bent, flow, x0, None, 0)
+    got = obj.distillation(bent, d, bent, flow)
+    own = build_objective(config).distillation(bent, d, bent, flow)
+    if name == "fmsd_lagrangian":
+        X, dX = jvp(lambda t_: bent.flow(d.x_s, d.s, t_), (d.t,), (torch.ones_like(d.t),))
+        res = dX - flow.velocity(X, d.t)
+    else:
+        v = flow.velocity(d.x_s, d.s)
+        _, res = jvp(lambda x_, s_: bent.flow(x_, s_, d.t), (d.x_s, d.s), (v, torch.ones_like(d.s)))
+    want = res.pow(2).sum(1)
+    print(
+        f"{name} ({gradient}): sd {got.mean():.3e} (teacher's field), {want.mean():.3e} by hand, {own.mean():.3e} own"
+    )
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+    assert (got - own).abs().max() > 1e-4 * own.abs().max()
+    with pytest.raises(ValueError, match="needs source 'teacher'"):
+        build_objective({"name": name, "sd_velocity": "teacher"})
+    with pytest.raises(ValueError, match="sd_velocity"):
+        build_objective({**config, "sd_velocity": "exact"})
+    with pytest.raises(ValueError, match="PSD"):
+        build_objective({"name": "fmsd_progressive", "source": "teacher", "sd_velocity": "teacher"})
 
 
 @pytest.mark.parametrize("name", ["fmsd_lagrangian", "fmsd_eulerian"])

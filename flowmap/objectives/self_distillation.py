@@ -45,6 +45,10 @@ class FlowMapSelfDistillation(Objective):
     Args:
         source: ``"data"`` (default, the paper: flow matching onto eps - x0 or ``fm_target``) or ``"teacher"`` (the
             diagonal regresses onto the teacher's velocity; the self-distillation terms are unchanged).
+        sd_velocity: LSD and ESD. ``"student"`` (default, the paper) builds the self-distillation target from the
+            student's own diagonal sg(u(., tau, tau)); ``"teacher"`` (needs ``source="teacher"``) from the teacher's
+            velocity v(., tau) at the same point, so the diagonal's error does not enter the off-diagonal targets
+            (the field of Boffi et al.'s flow map matching, Eq. 3.6 / 3.8 with the teacher's b).
         time_dist, time_mean, time_std: distribution of the ordered pair (s, t); equal_share: share with s = t.
         lambda_sd: weight of the self-distillation term; p_uncond: label dropout.
         jvp_backend, fd_eps: ``"forward_ad"``, ``"func"`` or ``"fd"`` for the with-grad derivative (LSD, ESD).
@@ -94,6 +98,7 @@ class FlowMapSelfDistillation(Objective):
         psd_space: str = "map",
         sd_gradient: str = "full",
         sd_normalize: float = 0.0,
+        sd_velocity: str = "student",
         **kwargs,
     ) -> None:
         if not 0.0 <= sd_target_ema < 1.0:
@@ -118,6 +123,13 @@ class FlowMapSelfDistillation(Objective):
             raise ValueError(f"sd_normalize must be >= 0, got {sd_normalize}")
         if sd_normalize > 0 and sd_gradient != "primal":
             raise ValueError("sd_normalize normalizes the stop-gradient residual: it needs sd_gradient 'primal'")
+        if sd_velocity not in ("student", "teacher"):
+            raise ValueError(f"sd_velocity must be 'student' or 'teacher', got {sd_velocity!r}")
+        if sd_velocity == "teacher" and self.source != "teacher":
+            raise ValueError("sd_velocity 'teacher' takes the teacher's velocity: it needs source 'teacher'")
+        if sd_velocity == "teacher" and self.variant == "progressive":
+            raise ValueError("sd_velocity applies to the velocity of LSD and ESD; PSD's target has none")
+        self.sd_velocity = sd_velocity
         self.lambda_sd, self.fm_target = float(lambda_sd), fm_target
         self.sd_warmup, self.sd_target_ema, self.psd_space = sd_warmup, float(sd_target_ema), psd_space
         self.sd_gradient, self.sd_normalize = sd_gradient, float(sd_normalize)
@@ -137,22 +149,26 @@ class FlowMapSelfDistillation(Objective):
             extra["mid"] = times_like(torch.rand(batch, device=x0.device), x0)
         return s, t, extra
 
-    def distillation(self, student: nn.Module, d: Draw, sg: nn.Module) -> Tensor:
+    def field(self, d: Draw, sg: nn.Module, teacher, x: Tensor, tau: Tensor) -> Tensor:
+        """The velocity of the LSD / ESD targets at (x, tau), no grad: sg(u(x, tau, tau)) of ``sg``, or the
+        teacher's v(x, tau) (``sd_velocity="teacher"``)."""
+        with torch.no_grad():
+            return self.velocity(teacher, d, x, tau) if self.sd_velocity == "teacher" else d.u(sg, x, tau, tau)
+
+    def distillation(self, student: nn.Module, d: Draw, sg: nn.Module, teacher=None) -> Tensor:
         """Per-sample squared residual of the self-distillation term (B,); ``sg`` gives the stop-gradient
         quantities (the student itself, or its EMA target network)."""
         x_s, s, t = d.x_s, d.s, d.t
         if self.sd_gradient == "primal":  # LSD / ESD only (PSD rejects it)
-            res = self.primal_residual(student, d, sg)
+            res = self.primal_residual(student, d, sg, teacher)
         elif self.variant == "lagrangian":
             X, dX_dt = self.jvp(
                 lambda t_: d.X(student, x_s, s, t_), (t,), (torch.ones_like(t),), student, with_grad="both"
             )
-            with torch.no_grad():
-                v = d.u(sg, X.detach(), t, t)  # sg(v_theta(X, t))
+            v = self.field(d, sg, teacher, X.detach(), t)  # sg(v_theta(X, t))
             res = dX_dt - v
         elif self.variant == "eulerian":
-            with torch.no_grad():
-                v = d.u(sg, x_s, s, s)  # sg(v_theta(x_s, s))
+            v = self.field(d, sg, teacher, x_s, s)  # sg(v_theta(x_s, s))
             _, res = self.jvp(
                 lambda x_, s_: d.X(student, x_, s_, t), (x_s, s), (v, torch.ones_like(s)), student, with_grad="both"
             )
@@ -171,21 +187,19 @@ class FlowMapSelfDistillation(Objective):
                 res = d.X(student, x_s, s, t) - tgt
         return res.pow(2).flatten(1).sum(1)
 
-    def primal_residual(self, student: nn.Module, d: Draw, sg: nn.Module) -> Tensor:
+    def primal_residual(self, student: nn.Module, d: Draw, sg: nn.Module, teacher=None) -> Tensor:
         """u(x_s, s, t) - sg(target) (B, *D) for ``sd_gradient="primal"``: the derivative in a no-grad JVP pass, the
         gradient through the one with-grad forward of u."""
         x_s, s, t = d.x_s, d.s, d.t
         gap = expand_like(t - s, x_s)
         u = d.u(student, x_s, s, t)  # the one with-grad forward
         if self.variant == "eulerian":
-            with torch.no_grad():
-                v = d.u(sg, x_s, s, s)  # sg(v_theta(x_s, s))
+            v = self.field(d, sg, teacher, x_s, s)  # sg(v_theta(x_s, s))
             _, du = self.jvp(lambda x_, s_: d.u(student, x_, s_, t), (x_s, s), (v, torch.ones_like(s)), student)
             tgt = v + gap * du.to(v.dtype)  # u = v + (t - s) du/ds along v (MeanFlow identity)
         else:
             _, du = self.jvp(lambda t_: d.u(student, x_s, s, t_), (t,), (torch.ones_like(t),), student)
-            with torch.no_grad():
-                v = d.u(sg, x_s + gap * u.detach(), t, t)  # sg(v_theta(X, t))
+            v = self.field(d, sg, teacher, x_s + gap * u.detach(), t)  # sg(v_theta(X, t))
             tgt = v - gap * du.to(v.dtype)  # dX/dt = u + (t - s) du/dt = v(X, t)
         res = u - tgt.detach()
         if self.sd_normalize > 0:  # tangent normalization (Lu & Song 2024; AYF): res / (||res|| + c), grad through u
@@ -208,7 +222,7 @@ class FlowMapSelfDistillation(Objective):
         n = moving_rows(d.batch, self.equal_share) if weight > 0 else 0
         sd = torch.zeros_like(fm)
         if n:
-            sd_m = (self.distillation(student, d.rows(slice(0, n)), target) / D).to(sd.dtype)
+            sd_m = (self.distillation(student, d.rows(slice(0, n)), target, teacher) / D).to(sd.dtype)
             sd = sd_m if n == d.batch else torch.cat([sd_m, sd[n:]])
         return LossOutput(
             loss=fm + weight * sd, logs={"fm": fm.detach(), "sd": sd.detach(), "gap": (d.s - d.t).float()}
