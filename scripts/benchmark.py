@@ -1477,7 +1477,7 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
     kept: dict[str, list[str]] = {}
     for name, q in results["quality"].items():
         old_q = (old.get("quality") or {}).get(name) or {}
-        if not _same_numbers(q.get("teacher"), old_q.get("teacher")):
+        if not _same_numbers(json.loads(json.dumps(q.get("teacher"))), old_q.get("teacher")):  # NFE keys as JSON's
             log(f"--keep-others: {name}: the teacher evaluates differently from {when}'s: no row kept")
             continue
         for method, row in (old_q.get("students") or {}).items():
