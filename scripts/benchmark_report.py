@@ -544,6 +544,18 @@ def _row(d: dict, nfe: int):
     return d.get(nfe, d.get(str(nfe)))
 
 
+def _grouped(rows: list[str], prefix: str) -> list[str]:
+    """"set/method" rows as "sets: methods" groups, the sets that share one list of methods together."""
+    by_set: dict[str, list[str]] = {}
+    for row in rows:
+        where, _, method = row.partition("/")
+        by_set.setdefault(where, []).append(method)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for where, methods in by_set.items():
+        groups.setdefault(tuple(methods), []).append(where)
+    return [f"{prefix}{', '.join(sets)}: {', '.join(methods)}" for methods, sets in groups.items()]
+
+
 def markdown(results: dict, targets: list[dict]) -> str:
     meta = results["meta"]
     L: list[str] = ["# flowmap benchmark", ""]
@@ -567,10 +579,10 @@ def markdown(results: dict, targets: list[dict]) -> str:
         L += [f"The {part} table below comes from the run of {run}: this run skipped it.", ""]
     kept = meta.get("kept") or {}
     if kept:  # --keep-others: rows of the methods this run did not train, from an earlier run
-        rows = [*kept.get("quality", []), *(f"cost {r}" for r in kept.get("cost", []))]
+        parts = _grouped(kept.get("quality", []), "") + _grouped(kept.get("cost", []), "cost ")
         L += [
             f"Kept from the run of {kept['from']} (`--keep-others`: this run trained and timed only "
-            f"{', '.join(meta['methods'])}; the plots are that run's): {', '.join(rows) or 'nothing'}.",
+            f"{', '.join(meta['methods'])}; the plots are that run's): {'; '.join(parts) or 'nothing'}.",
             "",
         ]
     if meta["budget"] == "quick":

@@ -786,5 +786,5 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
     meta = {"budget": "full", "machine": "x", "cpu_count": 2, "threads": 1, "device": "cpu"}
     meta.update(torch="t", python="p")
     text = markdown({"meta": {**meta, **results["meta"]}, "quality": {}, "cost": {}, "peer": {}}, [])
-    assert "Kept from the run of 2026-01-02 10:00" in text and "gmm/cd, cost mlp/cd" in text
+    assert "Kept from the run of 2026-01-02 10:00" in text and "gmm: cd; cost mlp: cd." in text
     assert keep_others({"meta": {"methods": []}, "quality": {}}, tmp_path / "missing.json") == {}
