@@ -1477,7 +1477,7 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
     kept: dict[str, list[str]] = {}
     for name, q in results["quality"].items():
         old_q = (old.get("quality") or {}).get(name) or {}
-        if not _same_numbers(json.loads(json.dumps(q.get("teacher"))), old_q.get("teacher")):  # NFE keys as JSON's
+        if not _same_numbers(_fixed(q.get("teacher")), _fixed(old_q.get("teacher"))):
             log(f"--keep-others: {name}: the teacher evaluates differently from {when}'s: no row kept")
             continue
         for method, row in (old_q.get("students") or {}).items():
@@ -1496,6 +1496,14 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
     results["meta"]["kept"] = {"from": when, **kept}
     log(f"--keep-others: kept from {when}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in kept.items()))
     return kept
+
+
+def _fixed(rows):
+    """A teacher's evaluation rows as JSON writes them (NFE keys as strings), without the KID entries, whose random
+    subsets are not seeded: what a retrained teacher of the same code and seed reproduces."""
+    if isinstance(rows, dict):
+        return {str(k): _fixed(v) for k, v in rows.items() if not str(k).startswith("kid")}
+    return rows
 
 
 def _same_numbers(a, b, rtol: float = 1e-4) -> bool:

@@ -770,7 +770,7 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
     results = {
         "meta": {"methods": ["ctm"]},
         "quality": {
-            "gmm": {"teacher": {"heun": {1: {"rmse": 0.5 + 1e-9}}}, "students": {"ctm": {"nfe": {"1": {}}}}},
+            "gmm": {"teacher": {"heun": {1: {"rmse": 0.5 + 1e-9, "kid": 3}}}, "students": {"ctm": {"nfe": {"1": {}}}}},
             "aniso2d": {"teacher": {"heun": {"1": {"rmse": 0.6}}}, "students": {"ctm": {"nfe": {}}}},  # changed
         },
         "cost": {"mlp": {"steps": {"fm": {"ratio": 1.0}, "ctm": {"ratio": 2.5}}}},
