@@ -55,6 +55,41 @@ def test_exact_map_zero_except_finest_anchor(source, sigma0):
         assert max(finest_means) < 1e-24
 
 
+class OwnDiagonal(GaussianFlow):
+    """The exact map with a wrong diagonal: u(x, t, t) = 1.05 v(x, t)."""
+
+    def velocity(self, x, t, cond=None, guidance=1.0):
+        return 1.05 * super().velocity(x, t, cond, guidance)
+
+
+def test_teacher_anchor_takes_the_finest_half_steps_from_the_teacher():
+    """anchor 'teacher': the finest level's target is two Euler half steps of the teacher's velocity,
+    (v(x, s) + v(x - d v(x, s), s - d)) / 2, whatever the student's diagonal; anchor 'student' (the paper) takes the
+    target's own diagonal there. The coarser levels do not change."""
+    mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    flow, own = GaussianFlow(mean, 0.7), OwnDiagonal(mean, 0.7)
+    x0 = flow.sample(512, generator=torch.Generator().manual_seed(1))
+    config = {"name": "shortcut", "max_log2_steps": 3, "consistency_share": 1.0}
+    obj = build_objective({**config, "anchor": "teacher"})
+    torch.manual_seed(0)
+    d = obj.draw(own, flow, x0, None, 0)
+    got = obj.consistency_target(own, d, flow)
+    paper = build_objective(config).consistency_target(own, d, flow)
+    h = d.extra["d"][:, None]
+    finest = d.extra["d"] <= 2.0**-3 * (1 + 1e-6)
+    v1 = flow.velocity(d.x_s, d.s)
+    want = 0.5 * (v1 + flow.velocity(d.x_s - h * v1, d.s - d.extra["d"]))
+    print(f"finest rows {int(finest.sum())}: |teacher anchor - by hand| {(got - want)[finest].abs().max():.1e}")
+    assert finest.sum() > 0 and (~finest).sum() > 0
+    torch.testing.assert_close(got[finest], want[finest])
+    torch.testing.assert_close(got[~finest], paper[~finest])  # the coarser levels are the paper's
+    assert (got[finest] - paper[finest]).abs().max() > 1e-3  # the student's diagonal is 5% off
+    with pytest.raises(ValueError, match="needs source 'teacher'"):
+        build_objective({**config, "source": "data", "anchor": "teacher"})
+    with pytest.raises(ValueError, match="anchor"):
+        build_objective({**config, "anchor": "exact"})
+
+
 def test_exact_gmm_map_consistency_and_flow_matching_rows():
     teacher = preset_mixture("ring8")
     exact = ExactGMMMap(teacher, steps=40)

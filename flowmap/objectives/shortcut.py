@@ -35,6 +35,9 @@ class Shortcut(Objective):
         source: ``"teacher"`` (flow matching onto the teacher's velocity) or ``"data"`` (eps - x0).
         max_log2_steps: k; step sizes 2d in {1, 1/2, ..., 2^-(k-1)}, finest half step d = 2^-k (paper: k = 7).
         consistency_share: share of the batch with self-consistency targets (paper: 1/4).
+        anchor: ``"student"`` (the paper: the finest level's two half steps use the target's instantaneous velocity
+            u(., ., d = 0)) or ``"teacher"`` (needs ``source="teacher"``: they use the teacher's velocity, so the
+            diagonal's error does not enter the recursion's anchor; two teacher calls on the consistency rows).
         target_ema: EMA decay of the target network that makes the consistency targets.
         guidance, guidance_max, p_uncond: as in MeanFlow (CFG folded into a distilled velocity; label dropout).
     """
@@ -45,8 +48,15 @@ class Shortcut(Objective):
     shared = ("source", "target_ema", *GUIDANCE, "p_uncond")
     defaults = {"source": "teacher", "target_ema": 0.999}
 
-    def __init__(self, max_log2_steps: int = 7, consistency_share: float = 0.25, **kwargs) -> None:
+    def __init__(
+        self, max_log2_steps: int = 7, consistency_share: float = 0.25, anchor: str = "student", **kwargs
+    ) -> None:
         super().__init__(**kwargs)
+        if anchor not in ("student", "teacher"):
+            raise ValueError(f"anchor must be 'student' or 'teacher', got {anchor!r}")
+        if anchor == "teacher" and self.source != "teacher":
+            raise ValueError("anchor 'teacher' takes the teacher's velocity: it needs source 'teacher'")
+        self.anchor = anchor
         if not isinstance(max_log2_steps, int) or not 1 <= max_log2_steps <= 16:
             raise ValueError(f"max_log2_steps must be an int in [1, 16], got {max_log2_steps!r}")
         if not 0.0 <= consistency_share <= 1.0:
@@ -83,7 +93,8 @@ class Shortcut(Objective):
         c, fm = d.rows(slice(0, n_c)), d.rows(slice(n_c, None))
         with torch.no_grad():
             v = self.velocity(teacher, fm)  # flow matching at d = 0
-            u_tgt, finite, n_bad = mask_nonfinite(torch.cat([self.consistency_target(target, c).to(v.dtype), v]))
+            u_c = self.consistency_target(target, c, teacher).to(v.dtype)
+            u_tgt, finite, n_bad = mask_nonfinite(torch.cat([u_c, v]))
         u = d.u(student, d.x_s, d.s, d.t)  # the one with-grad forward, over the whole batch
         loss = sq_norm(u - u_tgt) / d.x0[0].numel() * finite
         return LossOutput(
@@ -97,15 +108,21 @@ class Shortcut(Objective):
         )
 
     @torch.no_grad()
-    def consistency_target(self, target: nn.Module, c: Draw) -> Tensor:
-        """sg[(u1 + u2) / 2] with two d-steps of the target; d = 0 queries at the finest level. (n, *data_shape)."""
+    def consistency_target(self, target: nn.Module, c: Draw, teacher=None) -> Tensor:
+        """sg[(u1 + u2) / 2] with two d-steps of the target; d = 0 queries at the finest level (the teacher's
+        velocity there with ``anchor="teacher"``). (n, *data_shape)."""
         x, s, d = c.x_s, c.s, c.extra["d"]
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
         finest = d <= 2.0**-self.max_log2_steps * (1 + 1e-6)
         d_query = torch.where(finest, torch.zeros_like(d), d)  # step size the target is asked for
+        fine = expand_like(finest, x).bool()
         u1 = c.u(target, x, s, s - d_query)
+        if self.anchor == "teacher":
+            u1 = torch.where(fine, self.velocity(teacher, c, x, s).to(u1.dtype), u1)
         x_mid = x - expand_like(d, x) * u1  # X(x, s, s - d)
         s_mid = (s - d).clamp_min(0)
         u2 = c.u(target, x_mid, s_mid, (s_mid - d_query).clamp_min(0))
+        if self.anchor == "teacher":
+            u2 = torch.where(fine, self.velocity(teacher, c, x_mid, s_mid).to(u2.dtype), u2)
         return 0.5 * (u1 + u2)
