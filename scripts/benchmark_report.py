@@ -582,7 +582,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
         parts = _grouped(kept.get("quality", []), "") + _grouped(kept.get("cost", []), "cost ")
         L += [
             f"Kept from the run of {kept['from']} (`--keep-others`: this run trained and timed only "
-            f"{', '.join(meta['methods'])}; the plots are that run's): {'; '.join(parts) or 'nothing'}.",
+            f"{', '.join(meta['methods'])}; the plots are kept with them): {'; '.join(parts) or 'nothing'}.",
             "",
         ]
     if meta["budget"] == "quick":
