@@ -6,6 +6,7 @@
     python scripts/benchmark.py --quick          # tiny nets and budgets, one seed, every table; run by the tests
     python scripts/benchmark.py --methods cd,meanflow --datasets checkerboard,gmm --out /tmp/bench
     python scripts/benchmark.py --datasets fromdata --seeds 1   # the teacher-free table alone, one seed
+    python scripts/benchmark.py --methods ctm --keep-others    # retrain one method; the others' rows stay (--out's)
 
 What it does, with fixed budgets and seeds (``BUDGETS``):
 
