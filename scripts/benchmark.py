@@ -1467,7 +1467,8 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
     """Fill in, from the previous run's ``results.json`` (the one this run is about to replace), the rows of the
     methods this run did not train: each data set's students whose teacher evaluates as it did then (a changed
     teacher keeps none), the cost tables' step rows, and the plots' list (the plots are not redrawn). Each kept row
-    is marked ``kept`` with that run's date; ``meta.kept`` lists them for the report. Returns {part: [rows]}."""
+    is marked ``kept`` with the date of the run that measured it; ``meta.kept`` lists them for the report. Returns
+    {part: [rows]}."""
     try:
         old = json.loads(previous.read_text())
         when = (old.get("meta") or {}).get("written", "an earlier run")
@@ -1483,7 +1484,7 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
             continue
         for method, row in (old_q.get("students") or {}).items():
             if method not in ran and method not in q["students"]:
-                q["students"][method] = {**row, "kept": when}
+                q["students"][method] = {**row, "kept": row.get("kept") or when}  # the run that measured it
                 kept.setdefault("quality", []).append(f"{name}/{method}")
     for net, table in (results.get("cost") or {}).items():
         old_steps = ((old.get("cost") or {}).get(net) or {}).get("steps") or {}
@@ -1491,10 +1492,12 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
             continue
         for method, row in old_steps.items():
             if method not in table["steps"]:
-                table["steps"][method] = {**row, "kept": when}
+                table["steps"][method] = {**row, "kept": row.get("kept") or when}
                 kept.setdefault("cost", []).append(f"{net}/{method}")
     results["plots"] = list(old.get("plots") or [])
-    results["meta"]["kept"] = {"from": when, **kept}
+    dates = {r.get("kept") for q in results["quality"].values() for r in q["students"].values()}
+    dates |= {r.get("kept") for t in (results.get("cost") or {}).values() for r in (t.get("steps") or {}).values()}
+    results["meta"]["kept"] = {"from": ", ".join(sorted(d for d in dates if d)) or when, **kept}
     log(f"--keep-others: kept from {when}: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in kept.items()))
     return kept
 

@@ -581,7 +581,7 @@ def markdown(results: dict, targets: list[dict]) -> str:
     if kept:  # --keep-others: rows of the methods this run did not train, from an earlier run
         parts = _grouped(kept.get("quality", []), "") + _grouped(kept.get("cost", []), "cost ")
         L += [
-            f"Kept from the run of {kept['from']} (`--keep-others`: this run trained and timed only "
+            f"Kept from the runs of {kept['from']} (`--keep-others`: this run trained and timed only "
             f"{', '.join(meta['methods'])}; the plots are kept with them): {'; '.join(parts) or 'nothing'}.",
             "",
         ]

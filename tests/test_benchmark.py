@@ -786,5 +786,12 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
     meta = {"budget": "full", "machine": "x", "cpu_count": 2, "threads": 1, "device": "cpu"}
     meta.update(torch="t", python="p")
     text = markdown({"meta": {**meta, **results["meta"]}, "quality": {}, "cost": {}, "peer": {}}, [])
-    assert "Kept from the run of 2026-01-02 10:00" in text and "gmm: cd; cost mlp: cd." in text
+    assert "Kept from the runs of 2026-01-02 10:00" in text and "gmm: cd; cost mlp: cd." in text
+    again = {"meta": {"methods": ["cd"]}, "quality": {"gmm": {"teacher": teacher, "students": {}}}}
+    (tmp_path / "next.json").write_text(json.dumps({**results, "meta": {"written": "2026-01-03 10:00"}}))
+    keep_others(again, tmp_path / "next.json")
+    assert again["quality"]["gmm"]["students"]["ctm"]["kept"] == "2026-01-03 10:00"  # measured by that run
+    again = {"meta": {"methods": ["ctm"]}, "quality": {"gmm": {"teacher": teacher, "students": {}}}}
+    keep_others(again, tmp_path / "next.json")
+    assert again["quality"]["gmm"]["students"]["cd"]["kept"] == "2026-01-02 10:00"  # the run that measured it
     assert keep_others({"meta": {"methods": []}, "quality": {}}, tmp_path / "missing.json") == {}
