@@ -1466,7 +1466,8 @@ def carry_skipped(results: dict, skip: set[str], previous: Path) -> dict[str, st
 def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
     """Fill in, from the previous run's ``results.json`` (the one this run is about to replace), the rows of the
     methods this run did not train: each data set's students whose teacher evaluates as it did then (a changed
-    teacher keeps none), the cost tables' step rows, and the plots' list (the plots are not redrawn). Each kept row
+    teacher keeps none), the data sets this run did not evaluate (whole), the cost tables' step rows, and the plots'
+    list (the plots are not redrawn). Each kept row
     is marked ``kept`` with the date of the run that measured it; ``meta.kept`` lists them for the report. Returns
     {part: [rows]}."""
     try:
@@ -1477,7 +1478,17 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
         return {}
     ran = set(results["meta"]["methods"])
     kept: dict[str, list[str]] = {}
+    for name, old_q in (old.get("quality") or {}).items():  # a data set this run did not evaluate: kept whole
+        if name not in results["quality"] and isinstance(old_q, dict):
+            students = {m: {**row, "kept": row.get("kept") or when} for m, row in (old_q.get("students") or {}).items()}
+            results["quality"][name] = {**old_q, "students": students}
+            kept.setdefault("quality", []).extend(f"{name}/{m}" for m in students)
+            for part in ("sets", "teacher_configs", "method_configs", "teacher_free"):  # the set's files, as run then
+                if name in ((old.get("meta") or {}).get(part) or {}):
+                    results["meta"].setdefault(part, {})[name] = old["meta"][part][name]
     for name, q in results["quality"].items():
+        if name not in results["meta"]["datasets"]:
+            continue
         old_q = (old.get("quality") or {}).get(name) or {}
         if not _same_numbers(_fixed(q.get("teacher")), _fixed(old_q.get("teacher"))):
             log(f"--keep-others: {name}: the teacher evaluates differently from {when}'s: no row kept")

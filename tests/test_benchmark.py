@@ -767,8 +767,10 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
         "plots": ["scatter_gmm.png"],
     }
     previous.write_text(json.dumps(old))
+    old["quality"]["scales16"] = {"teacher": {}, "students": {"cd": {"nfe": {"1": {"rmse": 0.2}}}}}
+    previous.write_text(json.dumps(old))
     results = {
-        "meta": {"methods": ["ctm"]},
+        "meta": {"methods": ["ctm"], "datasets": ["gmm", "aniso2d"]},
         "quality": {
             "gmm": {"teacher": {"heun": {1: {"rmse": 0.5 + 1e-9, "kid": 3}}}, "students": {"ctm": {"nfe": {"1": {}}}}},
             "aniso2d": {"teacher": {"heun": {"1": {"rmse": 0.6}}}, "students": {"ctm": {"nfe": {}}}},  # changed
@@ -776,7 +778,8 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
         "cost": {"mlp": {"steps": {"fm": {"ratio": 1.0}, "ctm": {"ratio": 2.5}}}},
     }
     kept = keep_others(results, previous)
-    assert kept == {"quality": ["gmm/cd"], "cost": ["mlp/cd"]}
+    assert kept == {"quality": ["scales16/cd", "gmm/cd"], "cost": ["mlp/cd"]}
+    assert results["quality"]["scales16"]["students"]["cd"]["kept"] == "2026-01-02 10:00"  # a set not run: kept whole
     assert results["quality"]["gmm"]["students"]["cd"] == {"nfe": {"1": {"rmse": 0.1}}, "kept": "2026-01-02 10:00"}
     assert results["quality"]["gmm"]["students"]["ctm"] == {"nfe": {"1": {}}}  # this run's row stays
     assert set(results["quality"]["aniso2d"]["students"]) == {"ctm"}  # another teacher: nothing kept
@@ -787,11 +790,16 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
     meta.update(torch="t", python="p")
     text = markdown({"meta": {**meta, **results["meta"]}, "quality": {}, "cost": {}, "peer": {}}, [])
     assert "Kept from the runs of 2026-01-02 10:00" in text and "gmm: cd; cost mlp: cd." in text
-    again = {"meta": {"methods": ["cd"]}, "quality": {"gmm": {"teacher": teacher, "students": {}}}}
+
+    def gmm_run(method: str) -> dict:
+        quality = {"gmm": {"teacher": teacher, "students": {}}}
+        return {"meta": {"methods": [method], "datasets": ["gmm"]}, "quality": quality}
+
+    again = gmm_run("cd")
     (tmp_path / "next.json").write_text(json.dumps({**results, "meta": {"written": "2026-01-03 10:00"}}))
     keep_others(again, tmp_path / "next.json")
     assert again["quality"]["gmm"]["students"]["ctm"]["kept"] == "2026-01-03 10:00"  # measured by that run
-    again = {"meta": {"methods": ["ctm"]}, "quality": {"gmm": {"teacher": teacher, "students": {}}}}
+    again = gmm_run("ctm")
     keep_others(again, tmp_path / "next.json")
     assert again["quality"]["gmm"]["students"]["cd"]["kept"] == "2026-01-02 10:00"  # the run that measured it
-    assert keep_others({"meta": {"methods": []}, "quality": {}}, tmp_path / "missing.json") == {}
+    assert keep_others({"meta": {"methods": [], "datasets": []}, "quality": {}}, tmp_path / "missing.json") == {}
