@@ -1486,6 +1486,8 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
             for part in ("sets", "teacher_configs", "method_configs", "teacher_free"):  # the set's files, as run then
                 if name in ((old.get("meta") or {}).get(part) or {}):
                     results["meta"].setdefault(part, {})[name] = old["meta"][part][name]
+    order = [*(old.get("quality") or {}), *results["quality"]]  # the previous run's order of the sets
+    results["quality"] = {k: results["quality"][k] for k in dict.fromkeys(order) if k in results["quality"]}
     for name, q in results["quality"].items():
         if name not in results["meta"]["datasets"]:
             continue

@@ -780,6 +780,7 @@ def test_keep_others_fills_in_the_methods_not_run_from_the_previous_run_unless_t
     kept = keep_others(results, previous)
     assert kept == {"quality": ["scales16/cd", "gmm/cd"], "cost": ["mlp/cd"]}
     assert results["quality"]["scales16"]["students"]["cd"]["kept"] == "2026-01-02 10:00"  # a set not run: kept whole
+    assert list(results["quality"]) == ["gmm", "aniso2d", "scales16"]  # in the previous run's order
     assert results["quality"]["gmm"]["students"]["cd"] == {"nfe": {"1": {"rmse": 0.1}}, "kept": "2026-01-02 10:00"}
     assert results["quality"]["gmm"]["students"]["ctm"] == {"nfe": {"1": {}}}  # this run's row stays
     assert set(results["quality"]["aniso2d"]["students"]) == {"ctm"}  # another teacher: nothing kept
