@@ -1467,45 +1467,45 @@ def keep_others(results: dict, previous: Path) -> dict[str, list[str]]:
     """Fill in, from the previous run's ``results.json`` (the one this run is about to replace), the rows of the
     methods this run did not train: each data set's students whose teacher evaluates as it did then (a changed
     teacher keeps none), the data sets this run did not evaluate (whole), the cost tables' step rows, and the plots'
-    list (the plots are not redrawn). Each kept row
-    is marked ``kept`` with the date of the run that measured it; ``meta.kept`` lists them for the report. Returns
-    {part: [rows]}."""
+    list (the plots are not redrawn). Each kept row is marked ``kept`` with the date of the run that measured it;
+    ``meta.kept`` lists them for the report. Returns {part: [rows]}."""
     try:
         old = json.loads(previous.read_text())
-        when = (old.get("meta") or {}).get("written", "an earlier run")
+        old_meta, old_quality = old.get("meta") or {}, old.get("quality") or {}
+        when = old_meta.get("written", "an earlier run")
     except (OSError, ValueError, AttributeError):
         log(f"--keep-others: no readable previous run in {previous}: nothing kept")
         return {}
+    mark = lambda row: {**row, "kept": row.get("kept") or when}  # noqa: E731 - the run that measured the row
     ran = set(results["meta"]["methods"])
     kept: dict[str, list[str]] = {}
-    for name, old_q in (old.get("quality") or {}).items():  # a data set this run did not evaluate: kept whole
+    for name, old_q in old_quality.items():  # a data set this run did not evaluate: kept whole
         if name not in results["quality"] and isinstance(old_q, dict):
-            students = {m: {**row, "kept": row.get("kept") or when} for m, row in (old_q.get("students") or {}).items()}
+            students = {m: mark(row) for m, row in (old_q.get("students") or {}).items()}
             results["quality"][name] = {**old_q, "students": students}
             kept.setdefault("quality", []).extend(f"{name}/{m}" for m in students)
             for part in ("sets", "teacher_configs", "method_configs", "teacher_free"):  # the set's files, as run then
-                if name in ((old.get("meta") or {}).get(part) or {}):
-                    results["meta"].setdefault(part, {})[name] = old["meta"][part][name]
-    order = [*(old.get("quality") or {}), *results["quality"]]  # the previous run's order of the sets
+                if name in (old_meta.get(part) or {}):
+                    results["meta"].setdefault(part, {})[name] = old_meta[part][name]
+    order = [*old_quality, *results["quality"]]  # the previous run's order of the sets
     results["quality"] = {k: results["quality"][k] for k in dict.fromkeys(order) if k in results["quality"]}
     for name, q in results["quality"].items():
-        if name not in results["meta"]["datasets"]:
+        if name not in results["meta"]["datasets"]:  # kept whole above
             continue
-        old_q = (old.get("quality") or {}).get(name) or {}
+        old_q = old_quality.get(name) or {}
         if not _same_numbers(_fixed(q.get("teacher")), _fixed(old_q.get("teacher"))):
             log(f"--keep-others: {name}: the teacher evaluates differently from {when}'s: no row kept")
             continue
         for method, row in (old_q.get("students") or {}).items():
             if method not in ran and method not in q["students"]:
-                q["students"][method] = {**row, "kept": row.get("kept") or when}  # the run that measured it
+                q["students"][method] = mark(row)
                 kept.setdefault("quality", []).append(f"{name}/{method}")
     for net, table in (results.get("cost") or {}).items():
-        old_steps = ((old.get("cost") or {}).get(net) or {}).get("steps") or {}
         if not isinstance(table, dict) or "steps" not in table:
             continue
-        for method, row in old_steps.items():
+        for method, row in (((old.get("cost") or {}).get(net) or {}).get("steps") or {}).items():
             if method not in table["steps"]:
-                table["steps"][method] = {**row, "kept": row.get("kept") or when}
+                table["steps"][method] = mark(row)
                 kept.setdefault("cost", []).append(f"{net}/{method}")
     results["plots"] = list(old.get("plots") or [])
     dates = {r.get("kept") for q in results["quality"].values() for r in q["students"].values()}

@@ -545,7 +545,7 @@ def _row(d: dict, nfe: int):
 
 
 def _grouped(rows: list[str], prefix: str) -> list[str]:
-    """"set/method" rows as "sets: methods" groups, the sets that share one list of methods together."""
+    """The "set/method" rows as "sets: methods" groups, the sets that share one list of methods together."""
     by_set: dict[str, list[str]] = {}
     for row in rows:
         where, _, method = row.partition("/")

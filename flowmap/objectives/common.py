@@ -51,6 +51,16 @@ def check_data_velocity(value: str, key: str = "data_velocity", source: str = "d
     return value
 
 
+def check_velocity_from(value: str, key: str, source: str) -> str:
+    """``"student"`` (a self-referential target takes the student's own diagonal velocity) or ``"teacher"`` (the
+    teacher's velocity instead, which needs ``source="teacher"``); ``key`` names the config key in the error."""
+    if value not in ("student", "teacher"):
+        raise ValueError(f"{key} must be 'student' or 'teacher', got {value!r}")
+    if value == "teacher" and source != "teacher":
+        raise ValueError(f"{key} 'teacher' takes the teacher's velocity: it needs source 'teacher'")
+    return value
+
+
 def stable_target(x_s: Tensor, s: Tensor, x0: Tensor, eps: Tensor, cond: Condition = None, null: int = -1) -> Tensor:
     """Flow-matching target with the batch as reference set (Xu et al. 2023, "Stable Target Field for Reduced
     Variance Score Estimation", Eq. 5), written for the linear path x_s = (1 - s) x0 + s eps:

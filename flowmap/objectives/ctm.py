@@ -178,7 +178,7 @@ class CTM(Objective):
         at_data = self.compare_at == "data"
         c = d if n == B else d.rows(slice(0, n))
         k = min(self.end_rows(B), n)  # rows [0, k) end at t = 0 (``times``): their carry to t = 0 is the identity
-        late = c.rows(slice(k, n))
+        late = c.rows(slice(k, n)) if at_data else None  # the rows the carries to t = 0 run on
         v_s = self.velocity(teacher, d) if self.dsm_source == "teacher" else None  # v(x_s, s): DSM target, stage 1
         with torch.no_grad():
             x_u = teacher_segment(

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import TIMES, Draw, Objective, normalized, sq_norm
-from flowmap.objectives.common import check_data_velocity, ramp, stable_target, times_like
+from flowmap.objectives.common import check_data_velocity, check_velocity_from, ramp, stable_target, times_like
 from flowmap.time_sampling import moving_rows
 from flowmap.types import LossOutput, expand_like, null_label
 
@@ -123,13 +123,9 @@ class FlowMapSelfDistillation(Objective):
             raise ValueError(f"sd_normalize must be >= 0, got {sd_normalize}")
         if sd_normalize > 0 and sd_gradient != "primal":
             raise ValueError("sd_normalize normalizes the stop-gradient residual: it needs sd_gradient 'primal'")
-        if sd_velocity not in ("student", "teacher"):
-            raise ValueError(f"sd_velocity must be 'student' or 'teacher', got {sd_velocity!r}")
-        if sd_velocity == "teacher" and self.source != "teacher":
-            raise ValueError("sd_velocity 'teacher' takes the teacher's velocity: it needs source 'teacher'")
-        if sd_velocity == "teacher" and self.variant == "progressive":
+        self.sd_velocity = check_velocity_from(sd_velocity, "sd_velocity", self.source)
+        if self.sd_velocity == "teacher" and self.variant == "progressive":
             raise ValueError("sd_velocity applies to the velocity of LSD and ESD; PSD's target has none")
-        self.sd_velocity = sd_velocity
         self.lambda_sd, self.fm_target = float(lambda_sd), fm_target
         self.sd_warmup, self.sd_target_ema, self.psd_space = sd_warmup, float(sd_target_ema), psd_space
         self.sd_gradient, self.sd_normalize = sd_gradient, float(sd_normalize)

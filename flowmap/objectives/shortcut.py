@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite, sq_norm
-from flowmap.objectives.common import times_like
+from flowmap.objectives.common import check_velocity_from, times_like
 from flowmap.types import LossOutput, expand_like
 
 
@@ -52,11 +52,7 @@ class Shortcut(Objective):
         self, max_log2_steps: int = 7, consistency_share: float = 0.25, anchor: str = "student", **kwargs
     ) -> None:
         super().__init__(**kwargs)
-        if anchor not in ("student", "teacher"):
-            raise ValueError(f"anchor must be 'student' or 'teacher', got {anchor!r}")
-        if anchor == "teacher" and self.source != "teacher":
-            raise ValueError("anchor 'teacher' takes the teacher's velocity: it needs source 'teacher'")
-        self.anchor = anchor
+        self.anchor = check_velocity_from(anchor, "anchor", self.source)
         if not isinstance(max_log2_steps, int) or not 1 <= max_log2_steps <= 16:
             raise ValueError(f"max_log2_steps must be an int in [1, 16], got {max_log2_steps!r}")
         if not 0.0 <= consistency_share <= 1.0:
@@ -116,13 +112,14 @@ class Shortcut(Objective):
             return x.new_zeros(x.shape)
         finest = d <= 2.0**-self.max_log2_steps * (1 + 1e-6)
         d_query = torch.where(finest, torch.zeros_like(d), d)  # step size the target is asked for
-        fine = expand_like(finest, x).bool()
+        anchored = self.anchor == "teacher"
+        fine = expand_like(finest, x).bool() if anchored else None
         u1 = c.u(target, x, s, s - d_query)
-        if self.anchor == "teacher":
+        if anchored:
             u1 = torch.where(fine, self.velocity(teacher, c, x, s).to(u1.dtype), u1)
         x_mid = x - expand_like(d, x) * u1  # X(x, s, s - d)
         s_mid = (s - d).clamp_min(0)
         u2 = c.u(target, x_mid, s_mid, (s_mid - d_query).clamp_min(0))
-        if self.anchor == "teacher":
+        if anchored:
             u2 = torch.where(fine, self.velocity(teacher, c, x_mid, s_mid).to(u2.dtype), u2)
         return 0.5 * (u1 + u2)
