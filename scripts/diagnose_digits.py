@@ -13,6 +13,7 @@ teacher with another net option, e.g. ``time_scale=10``; the student follows it)
 derivative.
 
     python scripts/diagnose_digits.py ctm --steps 400 --set target_ema=0.95
+    python scripts/diagnose_digits.py sct --dataset digits_dit --steps 400 --set data_velocity=stf
     python scripts/diagnose_digits.py fmsd_eulerian --teacher-net time_scale=10 --net time_scale=10 --init teacher
 """
 
@@ -42,6 +43,9 @@ from scripts.diagnose_student import key_values, student_recipe, train  # noqa: 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("method", help="objective name (flowmap.objectives.OBJECTIVES)")
+    p.add_argument(
+        "--dataset", choices=("digits", "digits_dit"), default="digits", help="the benchmark's set: UNet or DiT"
+    )
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the data config's max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="objective argument (repeatable)")
     p.add_argument("--net", action="append", default=[], metavar="K=V", help="student net option (repeatable)")
@@ -93,7 +97,7 @@ def tangent_probe(teacher, x0: torch.Tensor, y: torch.Tensor, h: float = 1e-2) -
 def digits_recipe(a: argparse.Namespace) -> dict:
     """The benchmark's digits recipe of ``a.method`` with the command line's overrides."""
     r = student_recipe(
-        "digits",
+        a.dataset,
         a.method,
         a.steps,
         key_values(a.set, "--set"),
@@ -117,7 +121,7 @@ def run(a: argparse.Namespace) -> dict:
     r = digits_recipe(a)  # bad overrides fail before the teacher loads
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    setting = B.Setting("digits", budget, torch.device("cpu"), cache, fresh=False)
+    setting = B.Setting(a.dataset, budget, torch.device("cpu"), cache, fresh=False)
     base_net = dict(setting.net_config)
     setting.net_config = {**setting.net_config, **tnet}  # the teacher's net (its cache key follows)
     teacher = setting.get_teacher()
@@ -128,7 +132,7 @@ def run(a: argparse.Namespace) -> dict:
         }
     extractor = B._feature_extractor(None, cache, budget)
     ev = B.Evaluator(setting, budget, extractor)
-    result: dict = {"method": a.method, "steps": r["options"]["steps"]}
+    result: dict = {"method": a.method, "dataset": a.dataset, "steps": r["options"]["steps"]}
     if a.teacher_fd:
         with torch.no_grad():
             x = solve(teacher, ev.noise, 16, "heun", cond=ev.cond)

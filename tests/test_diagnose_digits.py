@@ -49,6 +49,8 @@ def test_the_recipe_is_the_benchmarks_with_the_command_lines_overrides():
     assert r["objective"]["tangent_warmup"] == 150 and r["student"]["net"]["time_scale"] == 10
     assert r["options"]["ema"].halflife_steps(0) == 30  # the recipe's 10% of the run
     assert digits_recipe(parse(["sct", "--steps", "300", "--ema", "0.5"]))["options"]["ema"].halflife_steps(0) == 150
+    dit = digits_recipe(parse(["scd", "--dataset", "digits_dit"]))
+    assert dit == recipe("digits_dit", "scd", BUDGETS["full"]) and dit["student"]["net"]["name"] == "dit"
 
 
 @pytest.mark.slow
