@@ -302,7 +302,7 @@ def test_targets_are_read_with_their_margin():
     dit = next(v for k, v in by_text.items() if "MeanFlow step <= 2.2x" in k and "(DIT)" in k)
     assert dit["met"] is None
     tp = next(v for k, v in by_text.items() if "raw forward" in k and "MLP" in k)
-    assert tp["met"] is False
+    assert tp["met"] is False and any("1-NFE sampling >= 0.95x" in k for k in by_text)  # issue 23's line
     peer = [v for k, v in by_text.items() if k.startswith("peer")]
     assert len(peer) == 2 and all(p["met"] is None and "torchcfm is not installed" in p["margin"] for p in peer)
 
