@@ -9,11 +9,12 @@ in ``--cache`` is reused). Changed with ``--steps`` (default: the data config's 
 fractions follow), ``--set key=value`` (objective), ``--net key=value`` (the student's net; a net that is not the
 teacher's, up to its student-only inputs, starts from scratch), ``--teacher-net key=value`` (train, or reuse, a
 teacher with another net option, e.g. ``time_scale=10``; the student follows it), ``--lr``, ``--batch`` and ``--ema``
-(the evaluation EMA's half-life as a share of the run). ``--tangent-probe`` only measures the teacher's time
+(the evaluation EMA's half-life as a share of the run), ``--dataset digits_dit`` (the DiT set). ``--log-every N``
+prints the loss and the objective's logs every N steps. ``--tangent-probe`` only measures the teacher's time
 derivative.
 
     python scripts/diagnose_digits.py ctm --steps 400 --set target_ema=0.95
-    python scripts/diagnose_digits.py sct --dataset digits_dit --steps 400 --set data_velocity=stf
+    python scripts/diagnose_digits.py sct --dataset digits_dit --steps 400 --set data_velocity=stf --log-every 25
     python scripts/diagnose_digits.py fmsd_eulerian --teacher-net time_scale=10 --net time_scale=10 --init teacher
 """
 
@@ -61,6 +62,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default="/tmp/flowmap_diagnose", help="the benchmark cache folder (teacher, feature net)")
     p.add_argument("--teacher-fd", action="store_true", help="also score the teacher at 32 NFE (Heun)")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument(
+        "--log-every", type=int, default=0, metavar="N", help="print the loss and the objective's logs every N steps"
+    )
     p.add_argument(
         "--tangent-probe",
         action="store_true",
@@ -137,7 +141,7 @@ def run(a: argparse.Namespace) -> dict:
         with torch.no_grad():
             x = solve(teacher, ev.noise, 16, "heun", cond=ev.cond)
         result["teacher_fd32"] = round(ev.metrics(x)["fd"], 2)
-    t = train(setting, a.method, r, a.seed, a.init, a.batch)
+    t = train(setting, a.method, r, a.seed, a.init, a.batch, a.log_every)
     losses = t["losses"]
     tail = losses[-max(1, len(losses) // 10) :]
     net = r["student"]["net"]
@@ -156,6 +160,7 @@ def run(a: argparse.Namespace) -> dict:
         loss_last=round(sum(tail) / len(tail), 4) if all(math.isfinite(v) for v in tail) else float("nan"),
         ema=summary(ev.student_rows(t["ema"], gamma)[0]),
         raw=summary(ev.student_rows(t["student"], gamma)[0]),
+        **({"trace": t["trace"]} if t["trace"] else {}),
     )
     return result
 
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in (("--steps", a.steps), ("--batch", a.batch), ("--teacher-steps", a.teacher_steps)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if a.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0, got {a.log_every}")
     result = run(a)
     print(json.dumps(result))
     if a.json:

@@ -80,12 +80,22 @@ def key_values(items: list[str], flag: str) -> dict:
     return out
 
 
-def train(setting: Setting, method: str, r: dict, seed: int = 0, init: str = "auto", batch: int | None = None) -> dict:
+def train(
+    setting: Setting,
+    method: str,
+    r: dict,
+    seed: int = 0,
+    init: str = "auto",
+    batch: int | None = None,
+    log_every: int = 0,
+) -> dict:
     """Train the student of recipe ``r`` (``student_recipe``) on ``setting`` (its teacher loaded: ``get_teacher``),
     as ``Setting.train_student`` does; ``seed`` 0 draws the benchmark's seeds, another seed other ones.
 
     init: "auto" (the recipe's ``init_from_teacher``, else whether the student's net is the teacher's), "teacher"
-    or "scratch". batch: the recipe's (its data config's batch_size) when None.
+    or "scratch". batch: the recipe's (its data config's batch_size) when None. log_every: when > 0, the mean of the
+    loss and of each of the objective's logs over every ``log_every`` steps (a host read each step), returned as
+    "trace" and printed to stderr.
     Returns {"student" (raw weights), "ema" (the evaluation EMA, what the benchmark scores), "losses", "seconds",
     "init", "steps", "batch"}, both models in eval mode.
     """
@@ -104,7 +114,20 @@ def train(setting: Setting, method: str, r: dict, seed: int = 0, init: str = "au
     loop = TrainLoop(student, objective, teacher, **options)
     batches = setting.batches(seed_of("student-data", *parts), batch)
     t0 = time.time()
-    losses = torch.stack([loop.step(*batches(step))[0] for step in range(steps)]).tolist()
+    trace: list[dict] = []
+    if log_every > 0:
+        losses, window = [], {}
+        for step in range(steps):
+            loss, out = loop.step(*batches(step))
+            losses.append(float(loss))
+            for k, v in {"loss": loss, **out.logs}.items():
+                window.setdefault(k, []).append(float(v.float().mean()))
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                trace.append({"step": step + 1, **{k: round(sum(v) / len(v), 4) for k, v in window.items()}})
+                print(" ".join(f"{k} {v}" for k, v in trace[-1].items()), file=sys.stderr, flush=True)
+                window = {}
+    else:
+        losses = torch.stack([loop.step(*batches(step))[0] for step in range(steps)]).tolist()
     seconds = time.time() - t0
     ema = copy.deepcopy(student)
     ema.load_state_dict(loop.ema.state_dict())  # as the benchmark: the student with the evaluation EMA's weights
@@ -116,4 +139,5 @@ def train(setting: Setting, method: str, r: dict, seed: int = 0, init: str = "au
         "init": "teacher" if init_from else "scratch",
         "steps": steps,
         "batch": batch,
+        "trace": trace,
     }

@@ -78,3 +78,13 @@ def test_init_rule_is_the_benchmarks(quick_gmm):
     assert scaled["init"] == "teacher"  # a student-only input: still from the init net
     forced = train(setting, "sct", student_recipe("gmm", "sct", 2, budget=budget), init="teacher")
     assert forced["init"] == "teacher"
+
+
+def test_log_every_traces_the_objectives_logs_without_changing_the_run(quick_gmm):
+    setting, budget = quick_gmm
+    plain = train(setting, "scd", student_recipe("gmm", "scd", 5, budget=budget))
+    traced = train(setting, "scd", student_recipe("gmm", "scd", 5, budget=budget), log_every=2)
+    assert traced["losses"] == pytest.approx(plain["losses"], rel=1e-6) and plain["trace"] == []
+    assert [row["step"] for row in traced["trace"]] == [2, 4, 5]  # every 2 steps, and the last
+    assert traced["trace"][-1]["loss"] == pytest.approx(traced["losses"][-1], rel=1e-3)
+    assert {"tangent_norm", "logvar", "mse"} <= set(traced["trace"][0])  # the objective's own logs
