@@ -97,7 +97,7 @@ def train(
     loss and of each of the objective's logs over every ``log_every`` steps (a host read each step), returned as
     "trace" and printed to stderr.
     Returns {"student" (raw weights), "ema" (the evaluation EMA, what the benchmark scores), "losses", "seconds",
-    "init", "steps", "batch"}, both models in eval mode.
+    "init", "steps", "batch", "trace"}, both models in eval mode.
     """
     parts = (setting.name, method, *([seed] if seed else []))
     device = setting.device
@@ -114,20 +114,19 @@ def train(
     loop = TrainLoop(student, objective, teacher, **options)
     batches = setting.batches(seed_of("student-data", *parts), batch)
     t0 = time.time()
-    trace: list[dict] = []
-    if log_every > 0:
-        losses, window = [], {}
-        for step in range(steps):
-            loss, out = loop.step(*batches(step))
-            losses.append(float(loss))
-            for k, v in {"loss": loss, **out.logs}.items():
-                window.setdefault(k, []).append(float(v.float().mean()))
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                trace.append({"step": step + 1, **{k: round(sum(v) / len(v), 4) for k, v in window.items()}})
-                print(" ".join(f"{k} {v}" for k, v in trace[-1].items()), file=sys.stderr, flush=True)
-                window = {}
-    else:
-        losses = torch.stack([loop.step(*batches(step))[0] for step in range(steps)]).tolist()
+    losses, trace, window = [], [], {}
+    for step in range(steps):
+        loss, out = loop.step(*batches(step))
+        losses.append(loss)
+        if log_every <= 0:
+            continue
+        for k, v in {"loss": loss, **out.logs}.items():
+            window.setdefault(k, []).append(float(v.float().mean()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            trace.append({"step": step + 1, **{k: round(sum(v) / len(v), 4) for k, v in window.items()}})
+            print(" ".join(f"{k} {v}" for k, v in trace[-1].items()), file=sys.stderr, flush=True)
+            window = {}
+    losses = torch.stack(losses).tolist()
     seconds = time.time() - t0
     ema = copy.deepcopy(student)
     ema.load_state_dict(loop.ema.state_dict())  # as the benchmark: the student with the evaluation EMA's weights
