@@ -5,8 +5,6 @@
 The files are deep-merged in order (a mapping merges key by key, anything else is replaced; a mapping that names
 another ``class_path`` replaces the old one). Then:
 
-* ``configs/distill/overrides/<method>_<data>.yaml``, when it exists, is merged right after the method's file (the
-  few places where a method's hyperparameters differ on one data set);
 * the data config's top-level ``sigma_data`` (the data's per-coordinate RMS std) goes to the objective when the
   objective has a ``sigma_data`` hyperparameter and the method does not set one;
 * an objective hyperparameter counted in optimizer steps (``STEP_KEYS``) given as a float in (0, 1] is that fraction
@@ -68,31 +66,6 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def override_file(method_file: Path, data_file: Path) -> Path | None:
-    """``configs/distill/overrides/<method>_<data>.yaml`` for a method file in configs/distill and a data file in
-    configs/data, when it exists."""
-    if method_file.parent.resolve() != (CONFIGS / "distill").resolve():
-        return None
-    if data_file.parent.resolve() != (CONFIGS / "data").resolve():
-        return None
-    path = CONFIGS / "distill" / "overrides" / f"{method_file.stem}_{data_file.stem}.yaml"
-    return path if path.is_file() else None
-
-
-def with_overrides(paths: list[str | Path]) -> list[Path]:
-    """``paths`` with each method file's override for the data file among them inserted after it."""
-    paths = [Path(p) for p in paths]
-    data = [p for p in paths if p.parent.resolve() == (CONFIGS / "data").resolve()]
-    out = []
-    for p in paths:
-        out.append(p)
-        for d in data:
-            extra = override_file(p, d)
-            if extra is not None and extra not in paths:
-                out.append(extra)
-    return out
-
-
 def objective_accepts(name: str, key: str) -> bool:
     """Whether the objective ``name`` has the hyperparameter ``key`` (False for an unknown name: the CLI says why)."""
     from flowmap.objectives import objective_class
@@ -125,16 +98,16 @@ def resolve(cfg: dict, max_steps: int | None = None) -> dict:
 
 
 def compose(paths: list[str | Path], max_steps: int | None = None) -> dict:
-    """The config of ``paths`` merged in order (with their overrides) and resolved (``resolve``)."""
+    """The config of ``paths`` merged in order and resolved (``resolve``)."""
     cfg: dict = {}
-    for path in with_overrides(paths):
+    for path in paths:
         cfg = merge(cfg, load_yaml(path))
     return resolve(cfg, max_steps)
 
 
 def recipe_files(data: str, model: str, method: str) -> list[Path]:
     """The files of one recipe by name: configs/data/<data>.yaml, configs/model/<model>.yaml,
-    configs/distill/<method>.yaml (its override is added by ``compose``)."""
+    configs/distill/<method>.yaml."""
     paths = [
         CONFIGS / "data" / f"{data}.yaml",
         CONFIGS / "model" / f"{model}.yaml",
@@ -196,7 +169,7 @@ def train_options(cfg: dict, module: type | None = None) -> dict:
 
 
 def expand_config_flags(args: list[str]) -> list[str]:
-    """Command-line ``--config FILE`` flags (two or more, or one with an override) replaced by one ``--config`` with
+    """Command-line ``--config FILE`` flags (YAML files) replaced by one ``--config`` with
     their composed content (``compose``, with a ``--trainer.max_steps`` of the command line for step fractions).
     Flags that are not YAML files (a config given as a string) are left to LightningCLI."""
     found, rest, i = [], [], 0
@@ -223,9 +196,5 @@ def expand_config_flags(args: list[str]) -> list[str]:
             max_steps = int(rest[j + 1])
         elif a.startswith("--trainer.max_steps="):
             max_steps = int(a.split("=", 1)[1])
-    quiet = any(a.startswith("--print_config") for a in rest)  # its output must stay a YAML file
-    for extra in with_overrides(found):
-        if extra not in [Path(f) for f in found] and not quiet:
-            print(f"config: {extra} (this method's settings for this data) applied after the method", flush=True)
     cfg = compose(found, max_steps)
     return ["--config", yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None), *rest]

@@ -91,7 +91,7 @@ from flowmap.models import (  # noqa: E402
 from flowmap.nets import build_net  # noqa: E402
 from flowmap.objectives import OBJECTIVES, build_objective, sampler_defaults  # noqa: E402
 from flowmap.objectives.denoising import DenoisingLoss  # noqa: E402
-from flowmap.recipe import CONFIGS, compose, recipe_files, train_options, with_overrides  # noqa: E402
+from flowmap.recipe import CONFIGS, compose, recipe_files, train_options  # noqa: E402
 from flowmap.sampling import sample  # noqa: E402
 from flowmap.solvers import solve  # noqa: E402
 from flowmap.student import FlowMap  # noqa: E402
@@ -274,7 +274,7 @@ def recipe(name: str, method: str, budget: Budget) -> dict:
         "student": student,
         "init_from_teacher": cfg["model"].get("init_from_teacher"),
         "options": train_options(cfg),
-        "files": [str(p.relative_to(ROOT)) for p in with_overrides(files)],
+        "files": [str(p.relative_to(ROOT)) for p in files],
     }
 
 

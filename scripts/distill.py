@@ -6,9 +6,8 @@
         --export runs/cd/student.safetensors
 
 The ``--config`` files compose (``flowmap.recipe.compose``): a data config (the data and its training budget), a
-model config (the student net) and a method config (the objective only), deep-merged in order, with
-``configs/distill/overrides/<method>_<data>.yaml`` applied after the method where it exists; the benchmark trains
-the same recipe (``scripts/benchmark.py``).
+model config (the student net) and a method config (the objective only), deep-merged in order; a method's config is
+the same for every data set, and the benchmark trains the same recipe (``scripts/benchmark.py``).
 
 ``--teacher PATH`` accepts our safetensors or Lightning checkpoints and diffusers model folders; the
 script says what it found before training. A config that names no student net (``model.student.net``) gets

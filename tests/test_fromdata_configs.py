@@ -46,7 +46,6 @@ def test_fromdata_config_trains_without_a_teacher(path):
     cfg = compose([CONFIGS / "data" / "checkerboard.yaml", CONFIGS / "model" / "mlp2d.yaml", path])
     model = cfg["model"]
     assert "teacher" not in model and model["init_from_teacher"] is False
-    assert not list((CONFIGS / "distill" / "overrides").glob(f"{path.stem}_*.yaml"))  # generic: no per-set override
     objective = build_objective(dict(model["objective"]))
     assert objective.name == path.stem.removesuffix("_fromdata") and objective.needs_teacher is False
     assert (cfg["trainer"]["max_steps"], cfg["data"]["init_args"]["batch_size"]) == (4000, 1024)
