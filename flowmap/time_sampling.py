@@ -59,6 +59,19 @@ def equal_tail(s: Tensor, t: Tensor, equal_share: float) -> Tensor:
     return torch.cat([t[:n], s[n:]])
 
 
+def end_rows(batch: int, end_share: float) -> int:
+    """k: rows [0, k) of an ``end_head`` pair draw jump to the data, t = 0."""
+    return round(batch * end_share)
+
+
+def end_head(t: Tensor, end_share: float) -> Tensor:
+    """t with t = 0 on the first round(B * end_share) rows: a fixed share of the pairs trains the jump to the data
+    itself (s, 0), which a law of two sorted draws reaches with density ~0 at the long gaps the 1-step sampler asks for
+    (CTM's rows ending at the data, ``flowmap.objectives.ctm``, for every pair law)."""
+    k = end_rows(t.shape[0], end_share)
+    return torch.cat([torch.zeros_like(t[:k]), t[k:]])
+
+
 def fd_clamp(s: Tensor, t: Tensor, h: float, s_low: int = 1, t_low: int = 0, gap: int = 0) -> tuple[Tensor, Tensor]:
     """Times a central difference of step h perturbs, kept inside [0, 1] and ordered: s in [s_low h, 1 - h],
     t in [t_low h, s - gap h] (margins in units of h)."""
@@ -71,7 +84,8 @@ def fd_clamp(s: Tensor, t: Tensor, h: float, s_low: int = 1, t_low: int = 0, gap
 class PairSampler:
     """The (s, t) law of a flow-map objective, 1 >= s >= t >= 0 (B,) each: two sorted draws of ``kind``
     (``uniform``, ``logit_normal`` (mean, std), ``lognormal`` (P_mean, P_std): ``LAWS``) or ``gap_logit_normal``
-    (drawn by the gap). The share of pairs with s = t is the objective's (``equal_tail``), applied after its clamps."""
+    (drawn by the gap). The shares of pairs ending at the data (``end_head``) and with s = t (``equal_tail``) are the
+    objective's, applied around its clamps."""
 
     kind: str = "uniform"
     mean: float = 0.0

@@ -42,13 +42,14 @@ def test_loss_vanishes_at_exact_gmm_map_fd_backend():
     assert out_bent.logs["mse"].max() > 1e-6 * scale
 
 
-@pytest.mark.parametrize("source,sigma0", [("teacher", 0.7), ("data", 0.0)])
-def test_loss_vanishes_at_closed_form_map_func_backend(source, sigma0):
+@pytest.mark.parametrize("source,sigma0,end_share", [("teacher", 0.7, 0.0), ("data", 0.0, 0.0), ("teacher", 0.7, 0.25)])
+def test_loss_vanishes_at_closed_form_map_func_backend(source, sigma0, end_share):
     """Closed-form Gaussian flow (differentiable, func backend); from data the data is a point mass so the
-    conditional velocity is the marginal one."""
+    conditional velocity is the marginal one; with ``end_share`` a quarter of the pairs jump to t = 0."""
     flow = GaussianFlow(torch.tensor([1.0, -2.0], dtype=torch.float64), sigma0)
     x0 = flow.sample(64, generator=torch.Generator().manual_seed(1))
-    obj = build_objective({"name": "meanflow", "source": source, "equal_share": 0.25, "time_dist": "uniform"})
+    config = {"name": "meanflow", "source": source, "equal_share": 0.25, "time_dist": "uniform", "end_share": end_share}
+    obj = build_objective(config)
     torch.manual_seed(0)
     out = obj(student=flow, teacher=flow if source == "teacher" else None, target=None, x0=x0, cond=None, step=0)
     print(f"meanflow ({source}) at closed-form map: max mse {out.logs['mse'].max():.2e}, max loss {out.loss.max():.2e}")

@@ -63,3 +63,33 @@ def test_denoising_draws_its_times_from_the_law_it_is_given():
     assert DenoisingLoss(time_sampling="lognormal").times == PairSampler("lognormal", 0.0, 1.0)
     with pytest.raises(ValueError, match="unknown time distribution 'gap_logit_normal'"):
         DenoisingLoss(time_sampling="gap_logit_normal")
+
+
+@pytest.mark.parametrize("name", ["meanflow", "ayf_emd", "ayf_lmd", "fmsd_eulerian", "fmsd_progressive", "ctm"])
+def test_end_share_ends_the_first_rows_at_the_data_and_equal_share_keeps_the_last(name):
+    """``end_share`` 0.25 and ``equal_share`` 0.25 of a batch of 64: rows [0, 16) jump to t = 0 from the law's s,
+    rows [48, 64) have t = s, the middle keeps the law's ordered pairs; s is the law's on every row (the same draws
+    as without the shares, from the same seed)."""
+    from flowmap.objectives import build_objective
+
+    x0 = torch.randn(64, 2)
+    plain = build_objective({"name": name, "equal_share": 0.0} if name != "ctm" else {"name": name})
+    shared = {"name": name, "end_share": 0.25} | ({"equal_share": 0.25} if name != "ctm" else {})
+    obj = build_objective(shared)
+    torch.manual_seed(3)
+    s0, t0, _ = plain.sample_times(64, x0)
+    torch.manual_seed(3)
+    s, t, _ = obj.sample_times(64, x0)
+    assert obj.end_rows(64) == 16 and torch.equal(s, s0)
+    assert float(t[:16].abs().max()) == 0.0 and float(s[:16].min()) > 0.0
+    if name != "ctm":
+        assert torch.equal(t[48:], s[48:]) and torch.equal(t[16:48], t0[16:48])
+    assert bool((t <= s).all()) and bool((t[16:48] > 0).all())
+
+
+def test_end_share_must_leave_room_for_the_equal_share():
+    from flowmap.objectives import build_objective
+
+    for bad in ({"end_share": -0.1}, {"end_share": 1.5}, {"end_share": 0.5, "equal_share": 0.75}):
+        with pytest.raises(ValueError, match="end_share"):
+            build_objective({"name": "meanflow", **bad})

@@ -39,7 +39,8 @@ class AlignYourFlow(Objective):
     Args:
         time_dist, time_mean, time_std: distribution of the two times (``uniform``, ``logit_normal``, ``lognormal``: two
             sorted draws; ``gap_logit_normal``: the paper's Alg. 1, gap s - t ~ sigmoid(N(time_mean, time_std)) and
-            t ~ U[0, 1 - gap], which puts more weight on long jumps); equal_share: share with s = t.
+            t ~ U[0, 1 - gap], which puts more weight on long jumps); equal_share: share with s = t;
+            end_share: share ending at the data, t = 0 (``flowmap.time_sampling.end_head``).
         tangent_c: c of the tangent normalization g = T / (||T|| + c) (paper: 0.1); None turns it off.
         warmup_steps: steps over which the (t - s) du/d. term ramps in (0: no warm-up).
         guidance, guidance_max: CFG scale (a range trains a ``guidance_input`` student at

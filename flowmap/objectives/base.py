@@ -8,6 +8,7 @@ One training step of any method is
 ``Objective.forward`` (the public call) checks the inputs, builds the ``Draw`` and calls ``loss``. The draw:
 
     s, t   = times(B, x0, step)          a ``PairSampler`` by default; a method with its own times overrides ``times``
+    t      = 0 on the first rows          ``end_share`` (``flowmap.time_sampling.end_head``)
     s, t   = fd_clamp(s, t, h)            only with ``jvp_backend="fd"`` and a ``fd_margin`` (central differences)
     t      = s on the last rows           ``equal_share`` (``flowmap.time_sampling.equal_tail``)
     eps    ~ N(0, I),  x_s = (1 - s) x0 + s eps                              (the linear path, ``LinearPath.sample``)
@@ -31,13 +32,13 @@ from flowmap.jvp import FD_EPS, check_backend, compute_dtype, jvp, parse_fd_dtyp
 from flowmap.objectives.common import check_source, check_step, drop_labels, instantaneous_velocity, take, times_like
 from flowmap.objectives.guidance import check_guidance, guided_draw
 from flowmap.paths import LinearPath
-from flowmap.time_sampling import PairSampler, equal_tail, fd_clamp
+from flowmap.time_sampling import PairSampler, end_head, end_rows, equal_tail, fd_clamp
 from flowmap.types import LossOutput, expand_like, hot_path
 
 LINEAR = LinearPath()
 GUIDANCE = ("guidance", "guidance_max")  # groups of the base's hyperparameters (``Objective.shared``)
 JVP = ("jvp_backend", "fd_eps", "fd_dtype")
-TIMES = ("time_dist", "time_mean", "time_std", "equal_share")
+TIMES = ("time_dist", "time_mean", "time_std", "equal_share", "end_share")
 
 
 def shared_hyperparameters(
@@ -54,6 +55,7 @@ def shared_hyperparameters(
     time_mean: float = 0.0,
     time_std: float = 1.0,
     equal_share: float = 0.0,
+    end_share: float = 0.0,
 ) -> dict[str, Any]:
     """The hyperparameters ``Objective`` owns, their types and base defaults (one home; see ``Objective``)."""
     return dict(locals())
@@ -132,8 +134,9 @@ class Objective(nn.Module):
     * ``target_ema``: decay of the EMA target network (with ``uses_target``; 0 = the stop-gradient student);
     * ``jvp_backend``, ``fd_eps``, ``fd_dtype``: the JVP engine (``flowmap.jvp``); with ``"fd"`` the times keep
       the class's ``fd_margin`` = (s_low, t_low, gap) in units of the step (``flowmap.time_sampling.fd_clamp``);
-    * ``time_dist``, ``time_mean``, ``time_std``, ``equal_share``: the (s, t) law (``PairSampler``) and the share
-      of pairs with s = t. A method with other times overrides ``times(batch, x0, step)``.
+    * ``time_dist``, ``time_mean``, ``time_std``, ``equal_share``, ``end_share``: the (s, t) law (``PairSampler``),
+      the share of pairs with s = t (the last rows) and of pairs ending at the data, t = 0 (the first rows). A method
+      with other times overrides ``times(batch, x0, step)``.
 
     A method takes the shared ones it names in its signature (``super().__init__(**shared(locals()))``), or names
     them in the class attribute ``shared`` (the groups ``GUIDANCE``, ``JVP``, ``TIMES``) with its own ``defaults``
@@ -171,7 +174,9 @@ class Objective(nn.Module):
             raise TypeError(f"{type(self).__name__} got unexpected hyperparameter(s) {unknown}")
         hp = shared_hyperparameters(**{**{k: p.default for k, p in params.items() if k in SHARED}, **given})
         source, guidance, guidance_max, p_uncond, target_ema = (hp[k] for k in SHARED[:5])
-        jvp_backend, fd_eps, fd_dtype, time_dist, time_mean, time_std, equal_share = (hp[k] for k in SHARED[5:])
+        jvp_backend, fd_eps, fd_dtype, time_dist, time_mean, time_std, equal_share, end_share = (
+            hp[k] for k in SHARED[5:]
+        )
         if source is not None:
             self.source = check_source(source)
         check_guidance(self.source, guidance, guidance_max)
@@ -181,12 +186,20 @@ class Objective(nn.Module):
             raise ValueError(f"target_ema must lie in [0, 1), got {target_ema}")
         if not 0.0 <= equal_share <= 1.0:
             raise ValueError(f"equal_share must lie in [0, 1], got {equal_share}")
+        if not 0.0 <= end_share <= 1.0 or end_share + equal_share > 1.0:
+            raise ValueError(
+                f"end_share must lie in [0, 1] and leave room for equal_share, got {end_share} and {equal_share}"
+            )
         self.guidance, self.guidance_max = float(guidance), guidance_max
         self.p_uncond, self.target_ema = float(p_uncond), float(target_ema)
         self.jvp_backend, self.fd_eps, self.fd_dtype = check_backend(jvp_backend), fd_eps, parse_fd_dtype(fd_dtype)
         self.pairs = PairSampler(time_dist, float(time_mean), float(time_std))
         self.time_dist, self.time_mean, self.time_std = time_dist, float(time_mean), float(time_std)
-        self.equal_share = float(equal_share)
+        self.equal_share, self.end_share = float(equal_share), float(end_share)
+
+    def end_rows(self, batch: int) -> int:
+        """How many of the first rows of a batch of ``batch`` jump to the data, t = 0 (``end_share``)."""
+        return end_rows(batch, self.end_share)
 
     @property
     def needs_teacher(self) -> bool:
@@ -234,8 +247,11 @@ class Objective(nn.Module):
         return times_like(s, x0), times_like(t, x0)
 
     def sample_times(self, batch: int, x0: Tensor, step: int = 0) -> tuple[Tensor, Tensor, dict]:
-        """(s, t, extra) as the draw uses them: ``times``, the finite-difference clamp, the share with s = t."""
+        """(s, t, extra) as the draw uses them: ``times``, the share ending at t = 0, the finite-difference clamp, the
+        share with s = t."""
         s, t, *rest = self.times(batch, x0, step)
+        if self.end_share > 0:
+            t = end_head(t, self.end_share)
         if self.jvp_backend == "fd" and self.fd_margin is not None:
             s, t = fd_clamp(s, t, self.fd_step(s.dtype), *self.fd_margin)
         if self.equal_share > 0:

@@ -108,7 +108,7 @@ class CTM(Objective):
     name = "ctm"
     uses_target = True
 
-    shared = ("target_ema", *GUIDANCE)
+    shared = ("target_ema", "end_share", *GUIDANCE)
     defaults = {"target_ema": 0.999}
 
     def __init__(
@@ -120,7 +120,6 @@ class CTM(Objective):
         dsm_share: float | None = None,
         dsm_extra: float | None = None,
         compare_at: str = "data",
-        end_share: float = 0.0,
         max_gap: float | None = None,
         **kwargs,
     ) -> None:
@@ -143,12 +142,9 @@ class CTM(Objective):
             raise ValueError("dsm_share and dsm_extra are two ways to place the DSM rows: set at most one")
         if compare_at not in COMPARE_AT:
             raise ValueError(f"compare_at must be one of {list(COMPARE_AT)}, got {compare_at!r}")
-        if not 0.0 <= end_share <= 1.0:
-            raise ValueError(f"end_share must lie in [0, 1], got {end_share}")
         if max_gap is not None and not 0.0 < max_gap <= 1.0:
             raise ValueError(f"max_gap must be None or lie in (0, 1], got {max_gap}")
         self.solver, self.solver_steps = solver, int(solver_steps)
-        self.end_share = float(end_share)
         self.max_gap = None if max_gap is None else float(max_gap)
         self.lambda_dsm = float(lambda_dsm)
         self.dsm_source = check_source(dsm_source)
@@ -166,10 +162,6 @@ class CTM(Objective):
         lo = t if self.max_gap is None else torch.maximum(t, s - self.max_gap)
         u = lo + (s - lo) * times_like(draw("uniform", batch, x0.device), x0)
         return s, t, {"u": u}
-
-    def end_rows(self, batch: int) -> int:
-        """How many of the first rows of a batch of ``batch`` jump to t = 0 (``times``)."""
-        return round(batch * self.end_share)
 
     def loss(self, d: Draw, student: nn.Module, teacher, target: nn.Module, step: int) -> LossOutput:
         B, D = d.batch, d.x0[0].numel()

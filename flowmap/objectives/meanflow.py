@@ -45,7 +45,8 @@ class MeanFlow(Objective):
         data_velocity: from data, ``"conditional"`` (eps - x0, paper) or ``"stf"`` (its batch-posterior estimate,
             ``flowmap.objectives.common.stable_target``).
         time_dist, time_mean, time_std: distribution of the two times (paper: logit-normal(-0.4, 1.0)).
-        equal_share: share of pairs with s = t (paper, Table 1a: 75%, i.e. 25% with r != t).
+        equal_share: share of pairs with s = t (paper, Table 1a: 75%, i.e. 25% with r != t); end_share: share of
+            pairs ending at the data, t = 0 (``flowmap.time_sampling.end_head``; 0: the paper's law).
         p, c: adaptive weight 1 / (||delta||^2 + c)^p (paper: p = 1, c = 1e-3); p = 0 is plain L2.
         guidance, guidance_max: CFG scale folded into a distilled target (a range needs a student with
             ``guidance_input``); p_uncond: label dropout so the student also learns the null label.

@@ -49,7 +49,8 @@ class FlowMapSelfDistillation(Objective):
             student's own diagonal sg(u(., tau, tau)); ``"teacher"`` (needs ``source="teacher"``) from the teacher's
             velocity v(., tau) at the same point, so the diagonal's error does not enter the off-diagonal targets
             (the field of Boffi et al.'s flow map matching, Eq. 3.6 / 3.8 with the teacher's b).
-        time_dist, time_mean, time_std: distribution of the ordered pair (s, t); equal_share: share with s = t.
+        time_dist, time_mean, time_std: distribution of the ordered pair (s, t); equal_share: share with s = t;
+            end_share: share ending at the data, t = 0 (``flowmap.time_sampling.end_head``).
         lambda_sd: weight of the self-distillation term; p_uncond: label dropout.
         jvp_backend, fd_eps: ``"forward_ad"``, ``"func"`` or ``"fd"`` for the with-grad derivative (LSD, ESD).
         fm_target: ``"conditional"`` (eps - x0, paper Eq. 3.2) or ``"stf"`` (batch posterior mean, ``stable_target``).
