@@ -69,7 +69,7 @@ def end_head(t: Tensor, end_share: float) -> Tensor:
     itself (s, 0), which a law of two sorted draws reaches with density ~0 at the long gaps the 1-step sampler asks for
     (CTM's rows ending at the data, ``flowmap.objectives.ctm``, for every pair law)."""
     k = end_rows(t.shape[0], end_share)
-    return torch.cat([torch.zeros_like(t[:k]), t[k:]])
+    return torch.cat([torch.zeros_like(t[:k]), t[k:]]) if k else t
 
 
 def fd_clamp(s: Tensor, t: Tensor, h: float, s_low: int = 1, t_low: int = 0, gap: int = 0) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ from flowmap.io import load_matching  # noqa: E402
 from flowmap.models import build_student  # noqa: E402
 from flowmap.nets import build_net  # noqa: E402
 from flowmap.objectives import OBJECTIVES, build_objective  # noqa: E402
-from flowmap.recipe import CONFIGS, compose, expand_config_flags  # noqa: E402
+from flowmap.recipe import CONFIGS, STEP_KEYS, compose, expand_config_flags  # noqa: E402
 
 TEACHER = sorted((CONFIGS / "teacher").glob("*.yaml"))
 METHOD_FILES = sorted((CONFIGS / "distill").glob("*.yaml"))
@@ -64,8 +64,6 @@ def test_every_method_has_a_method_config():
 
 @pytest.mark.parametrize("path", [p for p in METHOD_FILES if not p.stem.endswith("_fromdata")], ids=lambda p: p.stem)
 def test_a_method_is_the_same_on_every_data_set(path):
-    from flowmap.recipe import STEP_KEYS
-
     seen = {}
     for data in sorted(DATA - {"webdataset"}):
         objective = compose([CONFIGS / "data" / f"{data}.yaml", path])["model"]["objective"]

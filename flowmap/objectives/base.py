@@ -7,8 +7,9 @@ One training step of any method is
 
 ``Objective.forward`` (the public call) checks the inputs, builds the ``Draw`` and calls ``loss``. The draw:
 
-    s, t   = times(B, x0, step)          a ``PairSampler`` by default; a method with its own times overrides ``times``
-    t      = 0 on the first rows          ``end_share`` (``flowmap.time_sampling.end_head``)
+    s, t   = times(B, x0, step)          a ``PairSampler`` by default, t = 0 on its first rows (``end_share``,
+                                          ``flowmap.time_sampling.end_head``); a method with its own times overrides
+                                          ``times`` (and applies ``end_share`` there when it takes one)
     s, t   = fd_clamp(s, t, h)            only with ``jvp_backend="fd"`` and a ``fd_margin`` (central differences)
     t      = s on the last rows           ``equal_share`` (``flowmap.time_sampling.equal_tail``)
     eps    ~ N(0, I),  x_s = (1 - s) x0 + s eps                              (the linear path, ``LinearPath.sample``)
@@ -242,16 +243,14 @@ class Objective(nn.Module):
 
     def times(self, batch: int, x0: Tensor, step: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict]:
         """(s, t) with s >= t, (B,) each in the times' dtype (``times_like``), and optionally a dict of further
-        draws (``Draw.extra``). Default: ``PairSampler(time_dist, time_mean, time_std)``."""
+        draws (``Draw.extra``). Default: ``PairSampler(time_dist, time_mean, time_std)``, with t = 0 on the first
+        ``end_rows(B)`` rows."""
         s, t = self.pairs.pair(batch, x0.device)
-        return times_like(s, x0), times_like(t, x0)
+        return times_like(s, x0), times_like(end_head(t, self.end_share), x0)
 
     def sample_times(self, batch: int, x0: Tensor, step: int = 0) -> tuple[Tensor, Tensor, dict]:
-        """(s, t, extra) as the draw uses them: ``times``, the share ending at t = 0, the finite-difference clamp, the
-        share with s = t."""
+        """(s, t, extra) as the draw uses them: ``times``, the finite-difference clamp, the share with s = t."""
         s, t, *rest = self.times(batch, x0, step)
-        if self.end_share > 0:
-            t = end_head(t, self.end_share)
         if self.jvp_backend == "fd" and self.fd_margin is not None:
             s, t = fd_clamp(s, t, self.fd_step(s.dtype), *self.fd_margin)
         if self.equal_share > 0:

@@ -43,7 +43,7 @@ from flowmap.objectives.base import GUIDANCE, Draw, Objective, mask_nonfinite, s
 from flowmap.objectives.common import check_solver, check_source, times_like
 from flowmap.objectives.guidance import teacher_velocity
 from flowmap.solvers import ode_step
-from flowmap.time_sampling import draw, equal_tail, moving_rows
+from flowmap.time_sampling import draw, end_head, equal_tail, moving_rows
 from flowmap.types import LossOutput, Teacher, expand_like
 
 
@@ -157,8 +157,7 @@ class CTM(Objective):
         u ~ U[max(t, s - max_gap), s]; extra ``u``."""
         s = times_like(1.0 - draw("uniform", batch, x0.device), x0)
         t = s * times_like(draw("uniform", batch, x0.device), x0)
-        k = self.end_rows(batch)
-        t = torch.cat([torch.zeros_like(t[:k]), t[k:]])
+        t = end_head(t, self.end_share)
         lo = t if self.max_gap is None else torch.maximum(t, s - self.max_gap)
         u = lo + (s - lo) * times_like(draw("uniform", batch, x0.device), x0)
         return s, t, {"u": u}
